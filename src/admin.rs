@@ -1,0 +1,210 @@
+//! The admin HTTP port (WORKER_METRICS_PORT): `/metrics` (Prometheus text), `/health`
+//! (liveness), `/ready` (503 while Redis is unreachable, before the first connection and while
+//! draining) and `/stats` (queue depths, counters, live workers, as JSON).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{HeaderValue, CONTENT_TYPE};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::metrics::Metrics;
+use crate::queue::{Queue, QueueError};
+
+/// What the worker tells the outside about itself.
+pub struct Health {
+    redis_up: AtomicBool,
+    connected_once: AtomicBool,
+    draining: AtomicBool,
+    started: Instant,
+    metrics: Arc<Metrics>,
+}
+
+impl Health {
+    pub fn new(metrics: Arc<Metrics>) -> Health {
+        metrics.set_redis_up(false);
+        Health {
+            redis_up: AtomicBool::new(false),
+            connected_once: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+            started: Instant::now(),
+            metrics,
+        }
+    }
+
+    /// Redis answered. Logs the recovery once when it had been unreachable.
+    pub fn redis_ok(&self) {
+        if !self.redis_up.swap(true, Ordering::AcqRel) {
+            self.metrics.set_redis_up(true);
+            if self.connected_once.swap(true, Ordering::AcqRel) {
+                info!("Redis is reachable again; resuming");
+            }
+        }
+    }
+
+    /// Redis could not be reached. Logs the outage once, not once per failed call.
+    pub fn redis_failed(&self, error: &QueueError) {
+        if self.redis_up.swap(false, Ordering::AcqRel) {
+            self.metrics.set_redis_up(false);
+            error!(error = %error, "Redis is unreachable; holding results and retrying with backoff");
+        }
+    }
+
+    pub fn redis_up(&self) -> bool {
+        self.redis_up.load(Ordering::Acquire)
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Ordering::Release);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// Why the worker is not ready, or `None` when it is.
+    pub fn not_ready_reason(&self) -> Option<&'static str> {
+        if self.draining() {
+            Some("draining")
+        } else if !self.connected_once.load(Ordering::Acquire) {
+            Some("connecting to Redis")
+        } else if !self.redis_up() {
+            Some("Redis unreachable")
+        } else {
+            None
+        }
+    }
+}
+
+/// What the admin handlers read.
+pub struct AdminState {
+    pub worker_id: String,
+    pub queue_name: String,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    /// Set once Redis is first connected.
+    pub queue: OnceLock<Queue>,
+}
+
+/// Binds the admin port; a port in use is a start-up error naming the setting.
+pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
+    TcpListener::bind(addr).await.map_err(|e| {
+        format!("metrics.port (WORKER_METRICS_PORT) = {}: cannot listen on {addr} ({e}); pick a free port or set WORKER_METRICS_ENABLED=false", addr.port())
+    })
+}
+
+/// Serves until `stop` is cancelled.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+    loop {
+        let (stream, _) = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait a moment rather than spin.
+                    warn!(error = %e, "Admin port could not accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let state = state.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let service = service_fn(move |request| {
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, request).await) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    if request.method() != Method::GET && request.method() != Method::HEAD {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+    }
+    match request.uri().path() {
+        "/metrics" => {
+            let mut response = text(StatusCode::OK, state.metrics.render());
+            response
+                .headers_mut()
+                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            response
+        }
+        "/health" => json(
+            StatusCode::OK,
+            serde_json::json!({
+                "status": "ok",
+                "worker_id": state.worker_id,
+                "uptime_seconds": state.health.started.elapsed().as_secs(),
+            }),
+        ),
+        "/ready" => match state.health.not_ready_reason() {
+            None => json(StatusCode::OK, serde_json::json!({"ready": true, "worker_id": state.worker_id})),
+            Some(reason) => json(
+                StatusCode::SERVICE_UNAVAILABLE,
+                serde_json::json!({"ready": false, "reason": reason, "worker_id": state.worker_id}),
+            ),
+        },
+        "/stats" => json(StatusCode::OK, stats(state).await),
+        "/" => text(StatusCode::OK, "courier: /metrics /health /ready /stats\n"),
+        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /health, /ready or /stats\n"),
+    }
+}
+
+async fn stats(state: &AdminState) -> serde_json::Value {
+    let mut stats = serde_json::json!({
+        "worker_id": state.worker_id,
+        "queue_name": state.queue_name,
+        "ready": state.health.not_ready_reason().is_none(),
+        "draining": state.health.draining(),
+        "redis_up": state.health.redis_up(),
+        "uptime_seconds": state.health.started.elapsed().as_secs(),
+        "counters": state.metrics.totals(),
+    });
+    let Some(queue) = state.queue.get() else {
+        stats["error"] = "not connected to Redis yet".into();
+        return stats;
+    };
+    let lookup = async { Ok::<_, QueueError>((queue.depths().await?, queue.workers().await?)) };
+    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+        Ok(Ok((depths, workers))) => {
+            stats["depths"] = serde_json::to_value(depths).unwrap_or_default();
+            stats["workers"] = workers
+                .into_iter()
+                .map(|(id, age)| serde_json::json!({"worker_id": id, "heartbeat_age_seconds": age.as_secs_f64()}))
+                .collect();
+        }
+        Ok(Err(e)) => stats["error"] = format!("Redis: {e}").into(),
+        Err(_) => stats["error"] = "Redis did not answer within 2 s".into(),
+    }
+    stats
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(body.into()));
+    *response.status_mut() = status;
+    response
+}
+
+fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = text(status, value.to_string());
+    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}

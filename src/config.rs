@@ -1,0 +1,606 @@
+//! Settings: the seed's defaults, an optional `config.yaml` with `${VAR}` / `${VAR:-default}`
+//! expanded, and the seed's environment variables on top. Everything is parsed and checked once,
+//! here; past `Settings::load` nothing re-checks.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use config::{Config, File, FileFormat, Value, ValueKind};
+use reqwest::Url;
+
+/// One known setting: its dotted key in config.yaml, the environment variable that overrides
+/// it, and the default that applies when neither sets it.
+struct Known {
+    key: &'static str,
+    env: &'static str,
+    default: &'static str,
+}
+
+/// Every setting courier reads. The first seventeen are the old worker's table, with its defaults.
+const KNOWN: &[Known] = &[
+    k("redis.host", "REDIS_HOST", "localhost"),
+    k("redis.port", "REDIS_PORT", "6379"),
+    k("redis.db", "REDIS_DB", "0"),
+    k("redis.password", "REDIS_PASSWORD", ""),
+    k("main_server.url", "MAIN_SERVER_URL", "https://localhost:8000"),
+    k("worker.id", "WORKER_ID", ""),
+    k("worker.concurrency", "WORKER_CONCURRENCY", "4"),
+    k("worker.retry_interval", "WORKER_RETRY_INTERVAL", "30"),
+    k("worker.max_attempts", "WORKER_MAX_ATTEMPTS", "10000"),
+    k("worker.batch_size", "WORKER_BATCH_SIZE", "10"),
+    k("metrics.enabled", "WORKER_METRICS_ENABLED", "true"),
+    k("metrics.port", "WORKER_METRICS_PORT", "9100"),
+    k("tls.cert_file", "WORKER_CERT_PATH", "certs/worker.crt"),
+    k("tls.key_file", "WORKER_KEY_PATH", "certs/worker.key"),
+    k("tls.ca_file", "CA_CERT_PATH", "certs/ca.crt"),
+    k("logging.level", "LOG_LEVEL", "INFO"),
+    k("logging.file_path", "LOG_FILE_PATH", "logs"),
+    // courier's own additions.
+    k("redis.queue_name", "REDIS_QUEUE_NAME", "message_queue"),
+    k("main_server.connect_timeout", "MAIN_SERVER_CONNECT_TIMEOUT", "5"),
+    k("main_server.request_timeout", "MAIN_SERVER_REQUEST_TIMEOUT", "30"),
+    k("worker.shutdown_grace", "WORKER_SHUTDOWN_GRACE", "25"),
+    k("worker.max_message_bytes", "WORKER_MAX_MESSAGE_BYTES", "1048576"),
+    k("worker.heartbeat_interval", "WORKER_HEARTBEAT_INTERVAL", "5"),
+    k("worker.dead_after", "WORKER_DEAD_AFTER", "30"),
+    k("tls.enabled", "TLS_ENABLED", "true"),
+    k("metrics.bind", "WORKER_METRICS_BIND", "0.0.0.0"),
+];
+
+const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
+    Known { key, env, default }
+}
+
+/// Why the configuration was refused. Each message is one line naming the setting.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config file {path}: {problem}")]
+    File { path: PathBuf, problem: String },
+    #[error("{0}")]
+    Setting(String),
+}
+
+/// A password: kept out of `Debug` output and logs.
+#[derive(Clone, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that must send it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
+    }
+}
+
+/// Everything courier needs to run, typed and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub redis: RedisSettings,
+    pub main_server: MainServerSettings,
+    pub worker: WorkerSettings,
+    pub tls: TlsSettings,
+    pub metrics: MetricsSettings,
+    pub logging: LoggingSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub host: String,
+    pub port: u16,
+    pub db: i64,
+    pub password: Secret,
+    pub queue_name: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MainServerSettings {
+    pub url: Url,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    pub id: String,
+    pub concurrency: usize,
+    pub retry_interval: Duration,
+    pub max_attempts: u32,
+    pub batch_size: usize,
+    pub shutdown_grace: Duration,
+    pub max_message_bytes: usize,
+    pub heartbeat_interval: Duration,
+    pub dead_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub enabled: bool,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+pub struct MetricsSettings {
+    pub enabled: bool,
+    pub bind: IpAddr,
+    pub port: u16,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggingSettings {
+    pub level: tracing::Level,
+    pub file_path: PathBuf,
+}
+
+/// Where settings come from: the environment is a parameter so tests need not mutate the
+/// process's own.
+pub trait Env {
+    fn var(&self, name: &str) -> Option<String>;
+}
+
+/// The real process environment.
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn var(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+}
+
+impl<F: Fn(&str) -> Option<String>> Env for F {
+    fn var(&self, name: &str) -> Option<String> {
+        self(name)
+    }
+}
+
+impl Settings {
+    /// The file to read when `--config` is not given: `config.yaml` in the working directory,
+    /// when there is one.
+    pub fn default_file() -> Option<PathBuf> {
+        Some(PathBuf::from("config.yaml")).filter(|p| p.is_file())
+    }
+
+    /// Loads settings: defaults, then `file` (which must exist), then the environment.
+    pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Settings, ConfigError> {
+        let file = file.map(Path::to_path_buf);
+        let mut builder = Config::builder();
+        for known in KNOWN {
+            builder = builder
+                .set_default(known.key, known.default)
+                .map_err(|e| ConfigError::Setting(e.to_string()))?;
+        }
+        if let Some(path) = &file {
+            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                problem: format!("cannot read it ({e}); pass an existing file to --config"),
+            })?;
+            let expanded = expand(&text, env).map_err(|problem| ConfigError::File {
+                path: path.clone(),
+                problem,
+            })?;
+            builder = builder.add_source(File::from_str(&expanded, FileFormat::Yaml));
+        }
+        for known in KNOWN {
+            if let Some(value) = env.var(known.env) {
+                builder = builder
+                    .set_override(known.key, value)
+                    .map_err(|e| ConfigError::Setting(e.to_string()))?;
+            }
+        }
+        let merged = builder.build().map_err(|e| match &file {
+            Some(path) => ConfigError::File {
+                path: path.clone(),
+                problem: format!("not valid YAML: {e}"),
+            },
+            None => ConfigError::Setting(e.to_string()),
+        })?;
+        let source = Source {
+            merged: &merged,
+            env,
+        };
+        source.refuse_unknown_keys()?;
+        source.settings()
+    }
+}
+
+/// The merged configuration, read key by key with errors that name the key and its variable.
+struct Source<'a> {
+    merged: &'a Config,
+    env: &'a dyn Env,
+}
+
+impl Source<'_> {
+    fn refuse_unknown_keys(&self) -> Result<(), ConfigError> {
+        let known: BTreeSet<&str> = KNOWN.iter().map(|k| k.key).collect();
+        let sections: BTreeSet<&str> = KNOWN.iter().filter_map(|k| k.key.split_once('.')).map(|(s, _)| s).collect();
+        let table = self
+            .merged
+            .cache
+            .clone()
+            .into_table()
+            .map_err(|e| ConfigError::Setting(format!("config file: top level must be a mapping ({e})")))?;
+        for (section, value) in table {
+            if !sections.contains(section.as_str()) {
+                return Err(ConfigError::Setting(format!(
+                    "unknown setting `{section}` in the config file; known sections: {}",
+                    sections.iter().copied().collect::<Vec<_>>().join(", ")
+                )));
+            }
+            let ValueKind::Table(entries) = value.kind else {
+                return Err(ConfigError::Setting(format!(
+                    "setting `{section}` must be a mapping of keys, not a single value"
+                )));
+            };
+            for name in entries.keys() {
+                let key = format!("{section}.{name}");
+                if !known.contains(key.as_str()) {
+                    let same_section: Vec<&str> = known
+                        .iter()
+                        .filter(|k| k.starts_with(&format!("{section}.")))
+                        .copied()
+                        .collect();
+                    return Err(ConfigError::Setting(format!(
+                        "unknown setting `{key}` in the config file; known in `{section}`: {}",
+                        same_section.join(", ")
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The setting's text, or an error naming it.
+    fn text(&self, key: &str) -> Result<String, ConfigError> {
+        let value: Value = self.merged.get(key).map_err(|e| self.invalid(key, &e.to_string()))?;
+        match value.kind {
+            ValueKind::Table(_) | ValueKind::Array(_) => Err(self.invalid(key, "expected a single value, found a list or mapping")),
+            ValueKind::Nil => Ok(String::new()),
+            _ => value.into_string().map_err(|e| self.invalid(key, &e.to_string())),
+        }
+    }
+
+    /// One line naming the setting, its variable, the offending value (never a password's) and
+    /// what was expected.
+    fn invalid(&self, key: &str, expected: &str) -> ConfigError {
+        let known = KNOWN.iter().find(|k| k.key == key);
+        let env = known.map(|k| k.env).unwrap_or("");
+        let value = if key.ends_with("password") {
+            String::new()
+        } else {
+            match self.merged.get_string(key) {
+                Ok(v) => format!(" = {v:?}"),
+                Err(_) => String::new(),
+            }
+        };
+        let origin = match self.env.var(env) {
+            Some(_) => format!(" (from environment variable {env})"),
+            None => format!(" (environment variable {env})"),
+        };
+        ConfigError::Setting(format!("invalid setting {key}{value}{origin}: {expected}"))
+    }
+
+    fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T, ConfigError> {
+        self.text(key)?.trim().parse().map_err(|_| self.invalid(key, expected))
+    }
+
+    fn number<T>(&self, key: &str, min: T, max: T) -> Result<T, ConfigError>
+    where
+        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
+    {
+        let expected = format!("expected a whole number from {min} to {max}");
+        let value: T = self.parse(key, &expected)?;
+        if value < min || value > max {
+            return Err(self.invalid(key, &expected));
+        }
+        Ok(value)
+    }
+
+    /// A duration in seconds; fractions allowed (`0.5`).
+    fn seconds(&self, key: &str, min: f64, max: f64) -> Result<Duration, ConfigError> {
+        let expected = format!("expected a number of seconds from {min} to {max}");
+        let value: f64 = self.parse(key, &expected)?;
+        if !(min..=max).contains(&value) {
+            return Err(self.invalid(key, &expected));
+        }
+        Ok(Duration::from_secs_f64(value))
+    }
+
+    fn flag(&self, key: &str) -> Result<bool, ConfigError> {
+        match self.text(key)?.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(self.invalid(key, "expected true or false")),
+        }
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf, ConfigError> {
+        let text = self.text(key)?;
+        if text.trim().is_empty() {
+            return Err(self.invalid(key, "expected a file path, found nothing"));
+        }
+        Ok(PathBuf::from(text.trim()))
+    }
+
+    fn settings(&self) -> Result<Settings, ConfigError> {
+        let tls = TlsSettings {
+            enabled: self.flag("tls.enabled")?,
+            cert_file: self.path("tls.cert_file")?,
+            key_file: self.path("tls.key_file")?,
+            ca_file: self.path("tls.ca_file")?,
+        };
+        let url_text = self.text("main_server.url")?;
+        let url = Url::parse(url_text.trim()).map_err(|e| self.invalid("main_server.url", &format!("not a URL ({e})")))?;
+        match (url.scheme(), tls.enabled) {
+            ("https", true) | ("http", false) => {}
+            ("http", true) => {
+                return Err(self.invalid(
+                    "main_server.url",
+                    "must start with https:// while TLS is enabled (set TLS_ENABLED=false only for a plain-HTTP test server)",
+                ))
+            }
+            ("https", false) => {
+                return Err(self.invalid(
+                    "main_server.url",
+                    "is https:// but TLS is disabled; enable tls.enabled or use http://",
+                ))
+            }
+            _ => return Err(self.invalid("main_server.url", "expected an https:// URL")),
+        }
+        if url.host_str().is_none() {
+            return Err(self.invalid("main_server.url", "has no host name"));
+        }
+
+        let queue_name = self.text("redis.queue_name")?.trim().to_string();
+        if queue_name.is_empty() || queue_name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.invalid("redis.queue_name", "expected a non-empty name without spaces"));
+        }
+        let host = self.text("redis.host")?.trim().to_string();
+        if host.is_empty() {
+            return Err(self.invalid("redis.host", "expected a host name or address"));
+        }
+        let redis = RedisSettings {
+            host,
+            port: self.number("redis.port", 1, u16::MAX)?,
+            db: self.number("redis.db", 0, 1_000_000)?,
+            password: Secret(self.text("redis.password")?),
+            queue_name,
+        };
+
+        let id = self.text("worker.id")?.trim().to_string();
+        let id = if id.is_empty() { format!("worker-{}", std::process::id()) } else { id };
+        if id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c)) {
+            return Err(self.invalid(
+                "worker.id",
+                "expected up to 200 letters, digits or - _ . : @ (it becomes part of a Redis key)",
+            ));
+        }
+        let retry_interval = self.seconds("worker.retry_interval", 0.01, 86_400.0)?;
+        let heartbeat_interval = self.seconds("worker.heartbeat_interval", 0.05, 3_600.0)?;
+        let dead_after = self.seconds("worker.dead_after", 0.1, 86_400.0)?;
+        if dead_after < heartbeat_interval * 2 {
+            return Err(self.invalid(
+                "worker.dead_after",
+                "must be at least twice worker.heartbeat_interval, or live workers would be reaped",
+            ));
+        }
+        let worker = WorkerSettings {
+            id,
+            concurrency: self.number("worker.concurrency", 1, 10_000)?,
+            retry_interval,
+            max_attempts: self.number("worker.max_attempts", 1, u32::MAX)?,
+            batch_size: self.number("worker.batch_size", 1, 1_000)?,
+            shutdown_grace: self.seconds("worker.shutdown_grace", 0.0, 3_600.0)?,
+            max_message_bytes: self.number("worker.max_message_bytes", 64, 512 * 1024 * 1024)?,
+            heartbeat_interval,
+            dead_after,
+        };
+
+        let main_server = MainServerSettings {
+            url,
+            connect_timeout: self.seconds("main_server.connect_timeout", 0.01, 600.0)?,
+            request_timeout: self.seconds("main_server.request_timeout", 0.01, 3_600.0)?,
+        };
+        let metrics = MetricsSettings {
+            enabled: self.flag("metrics.enabled")?,
+            bind: self.parse("metrics.bind", "expected an IP address such as 0.0.0.0 or 127.0.0.1")?,
+            port: self.number("metrics.port", 0, u16::MAX)?,
+        };
+        let level = parse_level(&self.text("logging.level")?)
+            .ok_or_else(|| self.invalid("logging.level", "expected DEBUG, INFO, WARNING or ERROR"))?;
+        let logging = LoggingSettings {
+            level,
+            file_path: self.path("logging.file_path")?,
+        };
+        Ok(Settings {
+            redis,
+            main_server,
+            worker,
+            tls,
+            metrics,
+            logging,
+        })
+    }
+}
+
+/// Python's level names as the old worker took them, plus TRACE and WARN.
+fn parse_level(text: &str) -> Option<tracing::Level> {
+    match text.trim().to_ascii_uppercase().as_str() {
+        "TRACE" => Some(tracing::Level::TRACE),
+        "DEBUG" => Some(tracing::Level::DEBUG),
+        "INFO" => Some(tracing::Level::INFO),
+        "WARNING" | "WARN" => Some(tracing::Level::WARN),
+        "ERROR" | "CRITICAL" => Some(tracing::Level::ERROR),
+        _ => None,
+    }
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` in a config file's text. An unset variable with no
+/// default takes the seed's default when it is one of the known variables (so the old worker's
+/// `config.yaml` works unchanged); any other unset variable is an error naming its line.
+pub fn expand(text: &str, env: &dyn Env) -> Result<String, String> {
+    let mut out = String::with_capacity(text.len());
+    for (number, line) in text.split_inclusive('\n').enumerate() {
+        let mut rest = line;
+        while let Some(start) = rest.find("${") {
+            out.push_str(&rest[..start]);
+            let after = &rest[start + 2..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("line {}: `${{` without a closing `}}`", number + 1))?;
+            let inner = &after[..end];
+            let (name, default) = match inner.split_once(":-") {
+                Some((name, default)) => (name, Some(default)),
+                None => (inner, None),
+            };
+            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(format!("line {}: `${{{inner}}}` is not a variable reference", number + 1));
+            }
+            let value = match (env.var(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+                (Some(value), _) => value,
+                (None, Some(default)) => default.to_string(),
+                (None, None) => match KNOWN.iter().find(|k| k.env == name) {
+                    Some(known) => known.default.to_string(),
+                    None => {
+                        return Err(format!(
+                            "line {}: ${{{name}}} is not set and has no default; set it or write ${{{name}:-value}}",
+                            number + 1
+                        ))
+                    }
+                },
+            };
+            out.push_str(&value);
+            rest = &after[end + 1..];
+        }
+        out.push_str(rest);
+    }
+    Ok(out)
+}
+
+/// The documented settings: key, environment variable and default, for `--help` and the README.
+pub fn known_settings() -> impl Iterator<Item = (&'static str, &'static str, &'static str)> {
+    KNOWN.iter().map(|k| (k.key, k.env, k.default))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |name: &str| map.get(name).cloned()
+    }
+
+    fn load_yaml(yaml: &str, vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        Settings::load(Some(&path), &env(vars))
+    }
+
+    #[test]
+    fn seed_defaults_apply_without_a_file_or_variables() {
+        let s = Settings::load(None, &env(&[])).unwrap_or_else(|e| panic!("defaults must load: {e}"));
+        assert_eq!(s.redis.host, "localhost");
+        assert_eq!(s.redis.port, 6379);
+        assert_eq!(s.redis.queue_name, "message_queue");
+        assert_eq!(s.main_server.url.as_str(), "https://localhost:8000/");
+        assert_eq!(s.worker.concurrency, 4);
+        assert_eq!(s.worker.retry_interval, Duration::from_secs(30));
+        assert_eq!(s.worker.max_attempts, 10_000);
+        assert_eq!(s.worker.batch_size, 10);
+        assert_eq!(s.worker.id, format!("worker-{}", std::process::id()));
+        assert_eq!(s.metrics.port, 9100);
+        assert!(s.metrics.enabled);
+        assert_eq!(s.tls.cert_file, PathBuf::from("certs/worker.crt"));
+        assert_eq!(s.logging.level, tracing::Level::INFO);
+        assert_eq!(s.logging.file_path, PathBuf::from("logs"));
+    }
+
+    #[test]
+    fn environment_overrides_the_file() {
+        let s = load_yaml(
+            "worker:\n  concurrency: 8\nmetrics:\n  port: 9100\n",
+            &[("WORKER_METRICS_PORT", "9102"), ("WORKER_ID", "worker-3"), ("LOG_LEVEL", "WARNING")],
+        )
+        .unwrap();
+        assert_eq!(s.worker.concurrency, 8);
+        assert_eq!(s.metrics.port, 9102);
+        assert_eq!(s.worker.id, "worker-3");
+        assert_eq!(s.logging.level, tracing::Level::WARN);
+    }
+
+    #[test]
+    fn the_seed_config_file_loads_with_its_bare_variables_unset() {
+        let seed = "redis:\n  host: \"${REDIS_HOST}\"\n  port: ${REDIS_PORT}\n  queue_name: \"message_queue\"\n\
+                    worker:\n  concurrency: ${WORKER_CONCURRENCY}\n  retry_interval: ${WORKER_RETRY_INTERVAL}\n  max_attempts: ${WORKER_MAX_ATTEMPTS}\n\
+                    tls:\n  enabled: true\n  cert_file: \"certs/worker.crt\"\n  key_file: \"certs/worker.key\"\n  ca_file: \"certs/ca.crt\"\n\
+                    metrics:\n  enabled: true\n  port: 9100\n";
+        let s = load_yaml(seed, &[("REDIS_HOST", "redis.internal")]).unwrap();
+        assert_eq!(s.redis.host, "redis.internal");
+        assert_eq!(s.redis.port, 6379);
+        assert_eq!(s.worker.max_attempts, 10_000);
+    }
+
+    #[test]
+    fn expansion_uses_defaults_and_refuses_unknown_unset_variables() {
+        let e = env(&[("SET", "yes"), ("EMPTY", "")]);
+        assert_eq!(expand("a: ${SET}\nb: ${NOPE:-x}\nc: ${EMPTY:-d}\n", &e).unwrap(), "a: yes\nb: x\nc: d\n");
+        let err = expand("a: 1\nb: ${NOT_A_SETTING}\n", &e).unwrap_err();
+        assert!(err.contains("line 2") && err.contains("NOT_A_SETTING"), "{err}");
+        assert!(expand("x: ${UNCLOSED\n", &e).unwrap_err().contains("closing"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let err = load_yaml("worker:\n  concurency: 4\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("worker.concurency"), "{err}");
+        let err = load_yaml("workers:\n  concurrency: 4\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("`workers`"), "{err}");
+    }
+
+    #[test]
+    fn bad_numbers_name_the_setting_and_the_variable() {
+        let err = load_yaml("", &[("WORKER_CONCURRENCY", "many")]).unwrap_err().to_string();
+        assert!(err.contains("worker.concurrency") && err.contains("WORKER_CONCURRENCY") && err.contains("\"many\""), "{err}");
+        let err = load_yaml("redis:\n  port: 70000\n", &[]).unwrap_err().to_string();
+        assert!(err.contains("redis.port") && err.contains("70000"), "{err}");
+        let err = load_yaml("", &[("WORKER_CONCURRENCY", "0")]).unwrap_err().to_string();
+        assert!(err.contains("from 1 to"), "{err}");
+    }
+
+    #[test]
+    fn plain_http_is_refused_while_tls_is_enabled() {
+        let err = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000")]).unwrap_err().to_string();
+        assert!(err.contains("main_server.url") && err.contains("https://"), "{err}");
+        let ok = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000"), ("TLS_ENABLED", "false")]).unwrap();
+        assert!(!ok.tls.enabled);
+    }
+
+    #[test]
+    fn passwords_never_appear_in_errors_or_debug_output() {
+        let s = load_yaml("", &[("REDIS_PASSWORD", "hunter2")]).unwrap();
+        assert_eq!(s.redis.password.expose(), "hunter2");
+        assert!(!format!("{s:?}").contains("hunter2"));
+        let err = load_yaml("redis:\n  password:\n    nested: hunter2\n", &[]).unwrap_err().to_string();
+        assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_config_file_is_named() {
+        let err = Settings::load(Some(Path::new("/nonexistent/courier.yaml")), &env(&[])).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/courier.yaml") && err.contains("--config"), "{err}");
+    }
+}

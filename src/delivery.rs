@@ -1,0 +1,356 @@
+//! HTTP to the main server: the delivery POST and the status PUT over one pooled keep-alive
+//! client, and the classification of every result into delivered, retry or reject.
+
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
+use reqwest::{Client, Url};
+
+use crate::config::MainServerSettings;
+use crate::message::Envelope;
+use crate::tls::ClientTls;
+
+/// The longest `Retry-After` courier honours; a longer one is cut to this.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What to do with a message after one attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Delivered,
+    /// Try again later; `after` is the server's `Retry-After`, if it gave one.
+    Retry { after: Option<Duration> },
+    /// The main server will never take this message.
+    Reject,
+}
+
+/// Why an attempt did not deliver.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum DeliveryError {
+    #[error("cannot connect to the main server: {0}")]
+    Connect(String),
+    #[error("TLS with the main server failed: {0}")]
+    Tls(String),
+    #[error("main server did not answer in time: {0}")]
+    Timeout(String),
+    #[error("main server answered HTTP {status}: {body}")]
+    Status {
+        status: u16,
+        retry_after: Option<Duration>,
+        body: String,
+    },
+    #[error("request to the main server failed: {0}")]
+    Other(String),
+}
+
+impl DeliveryError {
+    /// Retry or reject: connection problems, timeouts, TLS, 3xx, 408, 425, 429 and 5xx are worth
+    /// another attempt; other 4xx are permanent.
+    pub fn outcome(&self) -> Outcome {
+        match self {
+            DeliveryError::Status { status, retry_after, .. } => match *status {
+                400..=499 if !matches!(*status, 408 | 425 | 429) => Outcome::Reject,
+                _ => Outcome::Retry { after: *retry_after },
+            },
+            _ => Outcome::Retry { after: None },
+        }
+    }
+
+    /// A bounded label for the failure metric.
+    pub fn label(&self) -> &'static str {
+        match self {
+            DeliveryError::Connect(_) => "connect",
+            DeliveryError::Tls(_) => "tls",
+            DeliveryError::Timeout(_) => "timeout",
+            DeliveryError::Other(_) => "other",
+            DeliveryError::Status { status, .. } => match *status {
+                429 => "http_429",
+                500..=599 => "http_5xx",
+                400..=499 => "http_4xx",
+                _ => "http_other",
+            },
+        }
+    }
+
+    /// The HTTP status class, when the server answered at all.
+    pub fn status_class(&self) -> Option<&'static str> {
+        match self {
+            DeliveryError::Status { status, .. } => Some(status_class(*status)),
+            _ => None,
+        }
+    }
+
+    fn from_reqwest(error: &reqwest::Error) -> DeliveryError {
+        let text = chain(error);
+        if is_tls(error) {
+            DeliveryError::Tls(text)
+        } else if error.is_timeout() {
+            DeliveryError::Timeout(text)
+        } else if error.is_connect() {
+            DeliveryError::Connect(text)
+        } else {
+            DeliveryError::Other(text)
+        }
+    }
+}
+
+/// `2xx`, `4xx`, ...: the bounded label for responses.
+pub fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// An error and its causes on one line, without reqwest's repetition of the URL.
+fn chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
+}
+
+/// True when a rustls error sits anywhere in the chain (io errors hide theirs behind `get_ref`).
+fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if e.is::<rustls::Error>() {
+            return true;
+        }
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+            if inner.is::<rustls::Error>() || is_tls(inner) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
+}
+
+/// One attempt's result and timing.
+#[derive(Debug)]
+pub struct Attempt {
+    pub result: Result<(), DeliveryError>,
+    pub elapsed: Duration,
+}
+
+impl Attempt {
+    pub fn outcome(&self) -> Outcome {
+        match &self.result {
+            Ok(()) => Outcome::Delivered,
+            Err(e) => e.outcome(),
+        }
+    }
+}
+
+/// The status a message is reported in after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    /// Will be tried again.
+    Queued,
+    /// Given up: dead-lettered.
+    Failed,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Queued => "queued",
+            Status::Failed => "failed",
+        }
+    }
+}
+
+/// The client side of the main-server API.
+pub struct Deliverer {
+    client: RwLock<Client>,
+    base: Url,
+    deliver_url: Url,
+    worker_id_json: String,
+    settings: MainServerSettings,
+    pool_size: usize,
+}
+
+impl Deliverer {
+    /// A deliverer with a connection pool sized for `pool_size` concurrent requests. `tls` is
+    /// `None` only when TLS is disabled (plain-HTTP test servers).
+    pub fn new(settings: &MainServerSettings, tls: Option<&ClientTls>, worker_id: &str, pool_size: usize) -> Result<Deliverer, DeliveryError> {
+        let base = settings.url.clone();
+        let deliver_url = endpoint(&base, &["internal", "messages", "deliver"]);
+        Ok(Deliverer {
+            client: RwLock::new(build_client(settings, tls, pool_size)?),
+            base,
+            deliver_url,
+            worker_id_json: serde_json::to_string(worker_id).unwrap_or_else(|_| "\"\"".into()),
+            settings: settings.clone(),
+            pool_size,
+        })
+    }
+
+    /// Starts using new TLS material for new connections; requests under way finish on theirs.
+    pub fn replace_tls(&self, tls: &ClientTls) -> Result<(), DeliveryError> {
+        let client = build_client(&self.settings, Some(tls), self.pool_size)?;
+        *self.client.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+        Ok(())
+    }
+
+    fn client(&self) -> Client {
+        self.client.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// POSTs one message to `/internal/messages/deliver`.
+    pub async fn deliver(&self, envelope: &Envelope) -> Attempt {
+        let started = Instant::now();
+        let request = self
+            .client()
+            .post(self.deliver_url.clone())
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .header("Idempotency-Key", idempotency_key(envelope.message_id()))
+            .body(envelope.delivery_body(&self.worker_id_json));
+        let result = send(request).await;
+        Attempt {
+            result,
+            elapsed: started.elapsed(),
+        }
+    }
+
+    /// PUTs a message's status to `/internal/messages/{id}/status`.
+    pub async fn update_status(&self, message_id: &str, status: Status, attempt_count: u32, error: &str) -> Result<(), DeliveryError> {
+        let url = endpoint(&self.base, &["internal", "messages", message_id, "status"]);
+        let body = serde_json::json!({
+            "status": status.as_str(),
+            "attempt_count": attempt_count,
+            "error_message": error,
+        });
+        let request = self
+            .client()
+            .put(url)
+            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
+            .body(body.to_string());
+        send(request).await
+    }
+}
+
+/// Sends a request and reads the whole answer (so the connection goes back to the pool).
+async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
+    let response = request.send().await.map_err(|e| DeliveryError::from_reqwest(&e))?;
+    let status = response.status();
+    if status.is_success() {
+        // The server has recorded the message; a broken body after that changes nothing.
+        let _ = response.bytes().await;
+        return Ok(());
+    }
+    let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
+    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let body = response.bytes().await.unwrap_or_default();
+    let mut text: String = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
+    if let (true, Some(location)) = (status.is_redirection(), location) {
+        text = format!("redirect to {location}; check MAIN_SERVER_URL");
+    }
+    if text.is_empty() {
+        text = status.canonical_reason().unwrap_or("no reason given").to_string();
+    }
+    Err(DeliveryError::Status {
+        status: status.as_u16(),
+        retry_after,
+        body: text,
+    })
+}
+
+/// The message id as a header value; `Envelope::parse` refused control characters already.
+fn idempotency_key(id: &str) -> HeaderValue {
+    HeaderValue::from_bytes(id.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// `base` with path segments appended, each percent-encoded.
+fn endpoint(base: &Url, segments: &[&str]) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty().extend(segments);
+    }
+    url
+}
+
+/// `Retry-After` as seconds or an HTTP date, capped at an hour.
+fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+    let text = value.to_str().ok()?.trim();
+    let after = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => {
+            let at = chrono::DateTime::parse_from_rfc2822(text).ok()?;
+            (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().unwrap_or_default()
+        }
+    };
+    Some(after.min(MAX_RETRY_AFTER))
+}
+
+/// The pooled client: trusts only the configured CA, presents the worker's certificate, keeps
+/// connections alive, never follows redirects and never uses a proxy.
+pub fn build_client(settings: &MainServerSettings, tls: Option<&ClientTls>, pool_size: usize) -> Result<Client, DeliveryError> {
+    let mut builder = Client::builder()
+        .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
+        .connect_timeout(settings.connect_timeout)
+        .timeout(settings.request_timeout)
+        .pool_max_idle_per_host(pool_size.max(1))
+        .pool_idle_timeout(Duration::from_secs(90))
+        .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy();
+    if let Some(tls) = tls {
+        builder = builder.tls_backend_preconfigured(tls.config.clone()).https_only(true);
+    }
+    builder.build().map_err(|e| DeliveryError::Other(chain(&e)))
+}
+
+/// Shared by the worker's tasks.
+pub type SharedDeliverer = Arc<Deliverer>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(status: u16) -> DeliveryError {
+        DeliveryError::Status {
+            status,
+            retry_after: None,
+            body: String::new(),
+        }
+    }
+
+    #[test]
+    fn classifies_statuses_as_the_contract_says() {
+        for retryable in [408, 425, 429, 500, 502, 503, 504, 302] {
+            assert_eq!(status(retryable).outcome(), Outcome::Retry { after: None }, "{retryable}");
+        }
+        for permanent in [400, 401, 403, 404, 409, 410, 422] {
+            assert_eq!(status(permanent).outcome(), Outcome::Reject, "{permanent}");
+        }
+        assert_eq!(DeliveryError::Connect("x".into()).outcome(), Outcome::Retry { after: None });
+        assert_eq!(DeliveryError::Tls("x".into()).outcome(), Outcome::Retry { after: None });
+    }
+
+    #[test]
+    fn retry_after_takes_seconds_and_dates_and_is_capped() {
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("120")), Some(Duration::from_secs(120)));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("99999")), Some(MAX_RETRY_AFTER));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT")), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn endpoints_keep_a_base_path_and_encode_ids() {
+        let base = Url::parse("https://main:8000/api/").unwrap();
+        assert_eq!(endpoint(&base, &["internal", "messages", "a/b c", "status"]).as_str(), "https://main:8000/api/internal/messages/a%2Fb%20c/status");
+        let base = Url::parse("https://main:8000").unwrap();
+        assert_eq!(endpoint(&base, &["internal", "messages", "deliver"]).as_str(), "https://main:8000/internal/messages/deliver");
+    }
+}

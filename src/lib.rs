@@ -1,0 +1,17 @@
+//! courier: delivers JSON messages from a Redis list to a main server over mutual TLS, with
+//! retries, dead letters and metrics, and loses none of them on a crash.
+//!
+//! `worker` composes the parts; each other module owns one concern (see DESIGN.md).
+
+pub mod admin;
+pub mod config;
+pub mod delivery;
+pub mod message;
+pub mod metrics;
+pub mod pki;
+pub mod queue;
+pub mod shutdown;
+pub mod sink;
+pub mod telemetry;
+pub mod tls;
+pub mod worker;

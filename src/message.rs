@@ -1,0 +1,308 @@
+//! Queue items: parsing raw bytes from Redis into an `Envelope` once, the delivery body, the
+//! retried copy (only `attempt_count` changes; every other byte is kept), and dead-letter records.
+
+use std::ops::Range;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// A queue item that is a valid message.
+#[derive(Debug, Clone)]
+pub struct Envelope {
+    raw: Vec<u8>,
+    message_id: String,
+    /// The message id as JSON text (quoted, escapes kept), for building bodies without re-escaping.
+    id_json: Range<usize>,
+    attempt_count: u32,
+    /// Where the `attempt_count` value stands in `raw`, if it is there.
+    attempt_span: Option<Range<usize>>,
+    payload: Option<Range<usize>>,
+    queued_at: Option<SystemTime>,
+}
+
+/// Why a queue item is not a message. The label is a bounded metric label value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Malformed {
+    #[error("message is {size} bytes, over the {limit}-byte limit (worker.max_message_bytes)")]
+    TooLarge { size: usize, limit: usize },
+    #[error("message is not valid JSON: {0}")]
+    InvalidJson(String),
+    #[error("message has no message_id string")]
+    MissingId,
+    #[error("message_id is invalid: {0}")]
+    InvalidId(String),
+    #[error("attempt_count is invalid: {0}")]
+    InvalidAttemptCount(String),
+}
+
+impl Malformed {
+    /// The reason label for metrics and dead letters.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Malformed::TooLarge { .. } => "too_large",
+            Malformed::InvalidJson(_) => "invalid_json",
+            Malformed::MissingId | Malformed::InvalidId(_) => "invalid_message_id",
+            Malformed::InvalidAttemptCount(_) => "invalid_attempt_count",
+        }
+    }
+}
+
+/// The fields courier reads; everything else is skipped and kept byte-for-byte in `raw`.
+#[derive(Deserialize)]
+struct Fields<'a> {
+    #[serde(borrow)]
+    message_id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    attempt_count: Option<&'a RawValue>,
+    #[serde(borrow)]
+    payload: Option<&'a RawValue>,
+    #[serde(borrow)]
+    queued_at: Option<&'a RawValue>,
+}
+
+impl Envelope {
+    /// Parses a raw queue item. On failure the raw bytes come back with the reason, so nothing
+    /// is lost.
+    pub fn parse(raw: Vec<u8>, max_bytes: usize) -> Result<Envelope, (Vec<u8>, Malformed)> {
+        if raw.len() > max_bytes {
+            let size = raw.len();
+            return Err((raw, Malformed::TooLarge { size, limit: max_bytes }));
+        }
+        match Self::fields(&raw) {
+            Ok(parts) => Ok(Envelope { raw, ..parts }),
+            Err(reason) => Err((raw, reason)),
+        }
+    }
+
+    fn fields(raw: &[u8]) -> Result<Envelope, Malformed> {
+        let text = std::str::from_utf8(raw).map_err(|e| Malformed::InvalidJson(format!("not UTF-8 ({e})")))?;
+        if !text.trim_start().starts_with('{') {
+            return Err(Malformed::InvalidJson("not a JSON object".into()));
+        }
+        let fields: Fields = serde_json::from_str(text).map_err(|e| Malformed::InvalidJson(e.to_string()))?;
+        let span = |value: &RawValue| {
+            let start = value.get().as_ptr() as usize - text.as_ptr() as usize;
+            start..start + value.get().len()
+        };
+
+        let id_raw = fields.message_id.ok_or(Malformed::MissingId)?;
+        let message_id: String = serde_json::from_str(id_raw.get()).map_err(|_| Malformed::MissingId)?;
+        if message_id.is_empty() {
+            return Err(Malformed::InvalidId("it is empty".into()));
+        }
+        if message_id.len() > 512 {
+            return Err(Malformed::InvalidId("it is longer than 512 bytes".into()));
+        }
+        if message_id.chars().any(char::is_control) {
+            // It travels in the Idempotency-Key header, where control characters are not allowed.
+            return Err(Malformed::InvalidId("it contains control characters".into()));
+        }
+
+        let attempt_count = match fields.attempt_count {
+            None => 0,
+            Some(value) if value.get() == "null" => 0,
+            Some(value) => serde_json::from_str::<u32>(value.get())
+                .map_err(|_| Malformed::InvalidAttemptCount(format!("{} is not a whole number >= 0", value.get())))?,
+        };
+        let queued_at = fields.queued_at.and_then(|value| parse_time(value.get()));
+
+        Ok(Envelope {
+            raw: Vec::new(),
+            message_id,
+            id_json: span(id_raw),
+            attempt_count,
+            attempt_span: fields.attempt_count.map(span),
+            payload: fields.payload.map(span),
+            queued_at,
+        })
+    }
+
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    pub fn message_id(&self) -> &str {
+        &self.message_id
+    }
+
+    /// Failed attempts so far.
+    pub fn attempt_count(&self) -> u32 {
+        self.attempt_count
+    }
+
+    /// How long the message waited between `queued_at` and `now`, when it says when it was queued.
+    pub fn waited(&self, now: SystemTime) -> Option<Duration> {
+        now.duration_since(self.queued_at?).ok()
+    }
+
+    /// The POST body: `{"message_id","worker_id","attempt","payload"?}`. `worker_id_json` is the
+    /// worker id already encoded as a JSON string.
+    pub fn delivery_body(&self, worker_id_json: &str) -> Vec<u8> {
+        let id = &self.raw[self.id_json.clone()];
+        let payload = self.payload.clone().map(|r| &self.raw[r]);
+        let mut body = Vec::with_capacity(64 + id.len() + payload.map_or(0, <[u8]>::len));
+        body.extend_from_slice(b"{\"message_id\":");
+        body.extend_from_slice(id);
+        body.extend_from_slice(b",\"worker_id\":");
+        body.extend_from_slice(worker_id_json.as_bytes());
+        body.extend_from_slice(b",\"attempt\":");
+        body.extend_from_slice((u64::from(self.attempt_count) + 1).to_string().as_bytes());
+        if let Some(payload) = payload {
+            body.extend_from_slice(b",\"payload\":");
+            body.extend_from_slice(payload);
+        }
+        body.push(b'}');
+        body
+    }
+
+    /// The same message with `attempt_count` set to `count`; every other byte is unchanged.
+    pub fn with_attempt_count(&self, count: u32) -> Vec<u8> {
+        let count = count.to_string();
+        match &self.attempt_span {
+            Some(span) => {
+                let mut out = Vec::with_capacity(self.raw.len() + count.len());
+                out.extend_from_slice(&self.raw[..span.start]);
+                out.extend_from_slice(count.as_bytes());
+                out.extend_from_slice(&self.raw[span.end..]);
+                out
+            }
+            None => {
+                // `parse` saw an object with a message_id, so there is a `{` and a field after it.
+                let open = self.raw.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+                let mut out = Vec::with_capacity(self.raw.len() + count.len() + 18);
+                out.extend_from_slice(&self.raw[..open]);
+                out.extend_from_slice(b"\"attempt_count\":");
+                out.extend_from_slice(count.as_bytes());
+                out.push(b',');
+                out.extend_from_slice(&self.raw[open..]);
+                out
+            }
+        }
+    }
+}
+
+/// `queued_at` as epoch seconds (integer or fraction) or an RFC 3339 string.
+fn parse_time(json: &str) -> Option<SystemTime> {
+    if let Ok(seconds) = json.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(seconds));
+    }
+    let text: String = serde_json::from_str(json).ok()?;
+    let time = chrono::DateTime::parse_from_rfc3339(&text).ok()?;
+    let nanos = time.timestamp_nanos_opt()?;
+    u64::try_from(nanos).ok().map(|n| UNIX_EPOCH + Duration::from_nanos(n))
+}
+
+/// Why a message went to the dead-letter list. The label is a bounded metric label value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadReason {
+    /// Not a message at all; carries the `Malformed` label.
+    Malformed(&'static str),
+    /// The main server answered with a permanent 4xx.
+    Rejected,
+    /// `attempt_count` reached `max_attempts`.
+    Exhausted,
+}
+
+impl DeadReason {
+    pub fn label(self) -> &'static str {
+        match self {
+            DeadReason::Malformed(label) => label,
+            DeadReason::Rejected => "rejected",
+            DeadReason::Exhausted => "exhausted",
+        }
+    }
+}
+
+/// A dead-letter record: JSON with the reason, the error, who and when, and the original item
+/// exactly as it was (`message`, or `message_base64` when it was not UTF-8).
+pub fn dead_letter(raw: &[u8], reason: DeadReason, error: &str, worker_id: &str, message_id: Option<&str>) -> Vec<u8> {
+    let mut record = serde_json::Map::new();
+    record.insert("reason".into(), reason.label().into());
+    record.insert("error".into(), error.into());
+    record.insert("worker_id".into(), worker_id.into());
+    record.insert("dead_at".into(), chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true).into());
+    if let Some(id) = message_id {
+        record.insert("message_id".into(), id.into());
+    }
+    match std::str::from_utf8(raw) {
+        Ok(text) => record.insert("message".into(), text.into()),
+        Err(_) => record.insert("message_base64".into(), BASE64.encode(raw).into()),
+    };
+    serde_json::to_vec(&serde_json::Value::Object(record)).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Envelope {
+        Envelope::parse(text.as_bytes().to_vec(), 1 << 20).unwrap_or_else(|(_, e)| panic!("{text}: {e}"))
+    }
+
+    fn reason(bytes: &[u8]) -> Malformed {
+        Envelope::parse(bytes.to_vec(), 64).unwrap_err().1
+    }
+
+    #[test]
+    fn reads_id_attempts_payload_and_queue_time() {
+        let e = parse(r#"{"message_id":"m-1","attempt_count":3,"payload":{"a":[1,2]},"queued_at":1700000000.5}"#);
+        assert_eq!(e.message_id(), "m-1");
+        assert_eq!(e.attempt_count(), 3);
+        let waited = e.waited(UNIX_EPOCH + Duration::from_secs(1_700_000_010)).unwrap();
+        assert_eq!(waited, Duration::from_millis(9_500));
+        let body: serde_json::Value = serde_json::from_slice(&e.delivery_body("\"w-1\"")).unwrap();
+        assert_eq!(body, serde_json::json!({"message_id":"m-1","worker_id":"w-1","attempt":4,"payload":{"a":[1,2]}}));
+    }
+
+    #[test]
+    fn rfc3339_queue_times_are_understood() {
+        let e = parse(r#"{"message_id":"m","queued_at":"2025-01-15T10:30:45Z"}"#);
+        assert_eq!(e.waited(UNIX_EPOCH + Duration::from_secs(1_736_937_046)), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn retried_copy_changes_only_the_attempt_count() {
+        let original = "{ \"message_id\" : \"m\\u0041\",\"attempt_count\": 7 , \"x\": 1.50e3, \"y\":\"\\n\" }";
+        let e = parse(original);
+        assert_eq!(e.message_id(), "mA");
+        let again = String::from_utf8(e.with_attempt_count(8)).unwrap();
+        assert_eq!(again, original.replace(": 7 ,", ": 8 ,"));
+
+        let e = parse(r#"  {"message_id":"m","x":1.50e3}"#);
+        let again = String::from_utf8(e.with_attempt_count(1)).unwrap();
+        assert_eq!(again, r#"  {"attempt_count":1,"message_id":"m","x":1.50e3}"#);
+        assert_eq!(parse(&again).attempt_count(), 1);
+    }
+
+    #[test]
+    fn malformed_items_are_named() {
+        assert_eq!(reason(b"not json").label(), "invalid_json");
+        assert_eq!(reason(b"[1,2]").label(), "invalid_json");
+        assert_eq!(reason(b"\xff\xfe{}").label(), "invalid_json");
+        assert_eq!(reason(br#"{"id":"x"}"#), Malformed::MissingId);
+        assert_eq!(reason(br#"{"message_id":42}"#), Malformed::MissingId);
+        assert_eq!(reason(br#"{"message_id":""}"#).label(), "invalid_message_id");
+        assert_eq!(reason(br#"{"message_id":"a\u0000"}"#).label(), "invalid_message_id");
+        assert_eq!(reason(br#"{"message_id":"a","attempt_count":-1}"#).label(), "invalid_attempt_count");
+        assert_eq!(reason(&[b'x'; 65]), Malformed::TooLarge { size: 65, limit: 64 });
+    }
+
+    #[test]
+    fn malformed_items_come_back_byte_for_byte() {
+        let (raw, _) = Envelope::parse(b"\x00\xffjunk".to_vec(), 64).unwrap_err();
+        assert_eq!(raw, b"\x00\xffjunk");
+    }
+
+    #[test]
+    fn dead_letters_keep_the_original_exactly() {
+        let record = dead_letter(b"not json", DeadReason::Malformed("invalid_json"), "boom", "w", None);
+        let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
+        assert_eq!(v["reason"], "invalid_json");
+        assert_eq!(v["message"], "not json");
+        let record = dead_letter(b"\xff\x00a", DeadReason::Malformed("invalid_json"), "e", "w", None);
+        let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
+        assert_eq!(v["message_base64"], "/wBh");
+    }
+}

@@ -1,0 +1,357 @@
+//! Redis: every key name and every script lives here. Each move of a message between keys is one
+//! command or one Lua script, so a crash at any instant leaves every message in exactly one key
+//! (or, around a crash, two: a duplicate, never a loss). Every script is safe to run twice.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{AsyncCommands, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
+
+use crate::config::RedisSettings;
+
+/// How long the idle claimer blocks in one BLMOVE before asking again.
+const BLOCK_SECONDS: f64 = 5.0;
+
+/// A failed Redis call, with the question the caller asks of it answered.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct QueueError(#[from] redis::RedisError);
+
+impl QueueError {
+    /// True when the error is about reaching Redis (down, restarting, cut off, timed out) rather
+    /// than about the command: the same call will succeed once Redis is back.
+    pub fn is_unavailable(&self) -> bool {
+        let e = &self.0;
+        e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || e.is_unrecoverable_error()
+            || matches!(e.code(), Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY"))
+    }
+
+    /// True when Redis refused our credentials: a configuration problem, not an outage.
+    pub fn is_auth(&self) -> bool {
+        matches!(self.0.kind(), redis::ErrorKind::AuthenticationFailed)
+            || matches!(self.0.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    }
+}
+
+/// The Redis keys of one queue. All start with the queue name, so a hash-tagged name
+/// (`{message_queue}`) keeps them in one cluster slot.
+#[derive(Debug, Clone)]
+pub struct Keys {
+    pub ready: String,
+    pub retry: String,
+    pub dead: String,
+    pub workers: String,
+    processing_prefix: String,
+}
+
+impl Keys {
+    pub fn new(queue: &str) -> Keys {
+        Keys {
+            ready: queue.to_string(),
+            retry: format!("{queue}:retry"),
+            dead: format!("{queue}:dead"),
+            workers: format!("{queue}:workers"),
+            processing_prefix: format!("{queue}:processing:"),
+        }
+    }
+
+    /// The list of messages a worker has claimed and not yet settled.
+    pub fn processing(&self, worker_id: &str) -> String {
+        format!("{}{worker_id}", self.processing_prefix)
+    }
+}
+
+/// Depths of the queue's keys.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Depths {
+    pub ready: u64,
+    pub processing: u64,
+    pub retry: u64,
+    pub dead: u64,
+}
+
+/// The result of one promoter pass.
+#[derive(Debug, Clone, Copy)]
+pub struct Promoted {
+    pub moved: usize,
+    /// How long until the next retry is due, if any is waiting.
+    pub next_due_in: Option<Duration>,
+}
+
+/// Lua scripts, loaded once and run by hash.
+struct Scripts {
+    claim: Script,
+    retry: Script,
+    dead: Script,
+    promote: Script,
+    give_back: Script,
+    heartbeat: Script,
+}
+
+impl Scripts {
+    fn new() -> Scripts {
+        Scripts {
+            // Moves up to ARGV[1] messages from the right of the ready list to the processing list.
+            claim: Script::new(
+                r"local items = redis.call('RPOP', KEYS[1], ARGV[1])
+                  if not items then return {} end
+                  redis.call('LPUSH', KEYS[2], unpack(items))
+                  return items",
+            ),
+            // Moves one message from processing to the retry set, due ARGV[3] ms from now (Redis
+            // time, so every worker agrees). A message no longer in processing (already settled,
+            // or reaped) is left alone: running this twice does nothing the second time.
+            retry: Script::new(
+                r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+                  local t = redis.call('TIME')
+                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
+                  return 1",
+            ),
+            // Moves one message from processing to the dead-letter list as its record ARGV[2].
+            dead: Script::new(
+                r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+                  redis.call('LPUSH', KEYS[2], ARGV[2])
+                  return 1",
+            ),
+            // Moves up to ARGV[1] due retries to the back of the ready list; returns how many and
+            // the ms until the next one is due (-1: none waiting).
+            promote: Script::new(
+                r"local t = redis.call('TIME')
+                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+                  if #due > 0 then
+                    redis.call('ZREM', KEYS[1], unpack(due))
+                    redis.call('LPUSH', KEYS[2], unpack(due))
+                  end
+                  local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
+                  if #next == 0 then return {#due, -1} end
+                  return {#due, math.max(0, tonumber(next[2]) - now)}",
+            ),
+            // Returns a processing list to the front of the ready list, oldest claim first in line.
+            give_back: Script::new(
+                r"local n = 0
+                  while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
+                  return n",
+            ),
+            heartbeat: Script::new(
+                r"local t = redis.call('TIME')
+                  redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+                  return 1",
+            ),
+        }
+    }
+}
+
+/// A worker's handle on its queue: a multiplexed, self-reconnecting connection for ordinary
+/// commands and a second one for the blocking wait, so a BLMOVE never delays a settle.
+#[derive(Clone)]
+pub struct Queue {
+    conn: ConnectionManager,
+    blocking: ConnectionManager,
+    keys: Keys,
+    processing: String,
+    worker_id: String,
+    scripts: std::sync::Arc<Scripts>,
+}
+
+/// Builds the Redis client from settings (password and database included).
+pub fn client(settings: &RedisSettings) -> Result<Client, QueueError> {
+    let mut redis = RedisConnectionInfo::default().set_db(settings.db);
+    if !settings.password.is_empty() {
+        redis = redis.set_password(settings.password.expose());
+    }
+    let info = ConnectionAddr::Tcp(settings.host.clone(), settings.port)
+        .into_connection_info()?
+        .set_redis_settings(redis);
+    Ok(Client::open(info)?)
+}
+
+impl Queue {
+    /// Connects both connections. Fails at once if Redis cannot be reached; the caller decides
+    /// whether to wait and try again.
+    pub async fn connect(client: &Client, queue_name: &str, worker_id: &str) -> Result<Queue, QueueError> {
+        let base = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = client
+            .get_connection_manager_with_config(base.clone().set_response_timeout(Some(Duration::from_secs(10))))
+            .await?;
+        // The blocking wait's replies come up to BLOCK_SECONDS late by design.
+        let blocking = client
+            .get_connection_manager_with_config(
+                base.set_response_timeout(Some(Duration::from_secs_f64(BLOCK_SECONDS + 5.0))),
+            )
+            .await?;
+        let keys = Keys::new(queue_name);
+        Ok(Queue {
+            conn,
+            blocking,
+            processing: keys.processing(worker_id),
+            keys,
+            worker_id: worker_id.to_string(),
+            scripts: std::sync::Arc::new(Scripts::new()),
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The Redis server's version, e.g. `7.0.15`.
+    pub async fn server_version(&self) -> Result<String, QueueError> {
+        let info: String = redis::cmd("INFO").arg("server").query_async(&mut self.conn.clone()).await?;
+        Ok(info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .unwrap_or("unknown")
+            .trim()
+            .to_string())
+    }
+
+    /// Claims up to `n` messages, oldest first, into this worker's processing list.
+    pub async fn claim(&self, n: usize) -> Result<Vec<Vec<u8>>, QueueError> {
+        let items: Vec<Vec<u8>> = self
+            .scripts
+            .claim
+            .key(&self.keys.ready)
+            .key(&self.processing)
+            .arg(n)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(items)
+    }
+
+    /// Waits until the ready list has something, or a few seconds pass. Claims nothing: the
+    /// wait moves the rightmost item onto the same end of the same list, so abandoning it can
+    /// never strand a message.
+    pub async fn wait_for_ready(&self) -> Result<bool, QueueError> {
+        let item: Option<Vec<u8>> = redis::cmd("BLMOVE")
+            .arg(&self.keys.ready)
+            .arg(&self.keys.ready)
+            .arg("RIGHT")
+            .arg("RIGHT")
+            .arg(BLOCK_SECONDS)
+            .query_async(&mut self.blocking.clone())
+            .await?;
+        Ok(item.is_some())
+    }
+
+    /// Removes a delivered message from the processing list.
+    pub async fn ack(&self, raw: &[u8]) -> Result<bool, QueueError> {
+        let removed: i64 = self.conn.clone().lrem(&self.processing, 1, raw).await?;
+        Ok(removed > 0)
+    }
+
+    /// Moves a message from processing to the retry set as `retried`, due after `delay`.
+    pub async fn retry(&self, raw: &[u8], retried: &[u8], delay: Duration) -> Result<bool, QueueError> {
+        let moved: i64 = self
+            .scripts
+            .retry
+            .key(&self.processing)
+            .key(&self.keys.retry)
+            .arg(raw)
+            .arg(retried)
+            .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(moved > 0)
+    }
+
+    /// Moves a message from processing to the dead-letter list as `record`.
+    pub async fn dead(&self, raw: &[u8], record: &[u8]) -> Result<bool, QueueError> {
+        let moved: i64 = self
+            .scripts
+            .dead
+            .key(&self.processing)
+            .key(&self.keys.dead)
+            .arg(raw)
+            .arg(record)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(moved > 0)
+    }
+
+    /// Moves up to `limit` due retries back to the ready list.
+    pub async fn promote_due(&self, limit: usize) -> Result<Promoted, QueueError> {
+        let (moved, next): (usize, i64) = self
+            .scripts
+            .promote
+            .key(&self.keys.retry)
+            .key(&self.keys.ready)
+            .arg(limit)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(Promoted {
+            moved,
+            next_due_in: u64::try_from(next).ok().map(Duration::from_millis),
+        })
+    }
+
+    /// Returns everything in a worker's processing list to the front of the ready list.
+    pub async fn give_back(&self, worker_id: &str) -> Result<usize, QueueError> {
+        let n: usize = self
+            .scripts
+            .give_back
+            .key(self.keys.processing(worker_id))
+            .key(&self.keys.ready)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(n)
+    }
+
+    /// Records that this worker is alive, in Redis time.
+    pub async fn heartbeat(&self) -> Result<(), QueueError> {
+        let _: i64 = self
+            .scripts
+            .heartbeat
+            .key(&self.keys.workers)
+            .arg(&self.worker_id)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
+    }
+
+    /// Removes this worker from the live set.
+    pub async fn deregister(&self) -> Result<(), QueueError> {
+        let _: i64 = self.conn.clone().zrem(&self.keys.workers, &self.worker_id).await?;
+        Ok(())
+    }
+
+    /// Live workers with the age of their last heartbeat, freshest first.
+    pub async fn workers(&self) -> Result<Vec<(String, Duration)>, QueueError> {
+        let mut conn = self.conn.clone();
+        let (time, entries): ((u64, u64), Vec<(String, f64)>) = redis::pipe()
+            .cmd("TIME")
+            .zrevrange_withscores(&self.keys.workers, 0, -1)
+            .query_async(&mut conn)
+            .await?;
+        let now_ms = time.0 * 1000 + time.1 / 1000;
+        Ok(entries
+            .into_iter()
+            .map(|(id, at)| (id, Duration::from_millis(now_ms.saturating_sub(at as u64))))
+            .collect())
+    }
+
+    /// Depths of ready, this worker's processing, retry and dead, in one round trip.
+    pub async fn depths(&self) -> Result<Depths, QueueError> {
+        let (ready, processing, retry, dead): (u64, u64, u64, u64) = redis::pipe()
+            .llen(&self.keys.ready)
+            .llen(&self.processing)
+            .zcard(&self.keys.retry)
+            .llen(&self.keys.dead)
+            .query_async(&mut self.conn.clone())
+            .await?;
+        Ok(Depths {
+            ready,
+            processing,
+            retry,
+            dead,
+        })
+    }
+}

@@ -1,0 +1,352 @@
+//! A reference main server: mutual TLS with a required client certificate, the two endpoints
+//! of the contract, scripted replies (status, Retry-After, delay, cut connection) and a record
+//! of every call that callers can wait on. The tests drive courier against it.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+/// Which endpoint a call hit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    Deliver,
+    Status,
+}
+
+/// One request the sink received.
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub endpoint: Endpoint,
+    pub message_id: String,
+    /// The delivery's `attempt` (1-based), or the status update's `attempt_count`.
+    pub attempt: u64,
+    pub body: serde_json::Value,
+    pub idempotency_key: Option<String>,
+    pub content_type: Option<String>,
+    /// The client certificate's subject.
+    pub client: String,
+    /// The status the sink answered (0: it cut the connection).
+    pub answered: u16,
+}
+
+/// How the sink answers a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reply {
+    pub status: u16,
+    pub retry_after: Option<u64>,
+    pub delay: Duration,
+    /// Close the connection without answering.
+    pub cut: bool,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            retry_after: None,
+            delay: Duration::ZERO,
+            cut: false,
+        }
+    }
+
+    pub fn cut() -> Reply {
+        Reply { cut: true, ..Reply::status(0) }
+    }
+}
+
+/// Decides each reply from the call (its endpoint, message id, attempt and body).
+pub type Behaviour = Arc<dyn Fn(&Call) -> Reply + Send + Sync>;
+
+/// Answers every call 200.
+pub fn always_ok() -> Behaviour {
+    Arc::new(|_| Reply::status(200))
+}
+
+/// Answers a message's first `n` delivery attempts with `status`, then 200.
+pub fn fail_first(n: u64, status: u16) -> Behaviour {
+    Arc::new(move |call| match call.endpoint {
+        Endpoint::Deliver if call.attempt <= n => Reply::status(status),
+        _ => Reply::status(200),
+    })
+}
+
+/// Everything the sink has seen.
+#[derive(Default)]
+pub struct Record {
+    calls: Mutex<Vec<Call>>,
+    handshake_failures: Mutex<Vec<String>>,
+    changes: AtomicU64,
+    notify: Option<watch::Sender<u64>>,
+}
+
+impl Record {
+    fn push(&self, call: Call) {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(call);
+        self.changed();
+    }
+
+    fn changed(&self) {
+        let n = self.changes.fetch_add(1, Ordering::AcqRel) + 1;
+        if let Some(notify) = &self.notify {
+            notify.send_replace(n);
+        }
+    }
+
+    /// Every call so far, in arrival order.
+    pub fn calls(&self) -> Vec<Call> {
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Delivery calls so far.
+    pub fn deliveries(&self) -> Vec<Call> {
+        self.calls().into_iter().filter(|c| c.endpoint == Endpoint::Deliver).collect()
+    }
+
+    /// Status updates so far.
+    pub fn statuses(&self) -> Vec<Call> {
+        self.calls().into_iter().filter(|c| c.endpoint == Endpoint::Status).collect()
+    }
+
+    /// Message ids of deliveries answered 2xx, in order, duplicates included.
+    pub fn delivered(&self) -> Vec<String> {
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|c| c.endpoint == Endpoint::Deliver && (200..300).contains(&c.answered))
+            .map(|c| c.message_id.clone())
+            .collect()
+    }
+
+    /// TLS handshakes the sink refused, with the reason.
+    pub fn handshake_failures(&self) -> Vec<String> {
+        self.handshake_failures.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// A running sink.
+pub struct Sink {
+    pub addr: SocketAddr,
+    pub record: Arc<Record>,
+    changes: watch::Receiver<u64>,
+    stop: CancellationToken,
+}
+
+/// The sink's TLS material, PEM.
+pub struct SinkTls {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// Client certificates must chain to this CA.
+    pub client_ca_pem: String,
+}
+
+impl SinkTls {
+    fn server_config(&self) -> Result<ServerConfig, String> {
+        let provider = crate::tls::provider();
+        let mut roots = RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(self.client_ca_pem.as_bytes()) {
+            roots.add(ca.map_err(|e| format!("client CA: {e}"))?).map_err(|e| format!("client CA: {e}"))?;
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| format!("client CA: {e}"))?;
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("server certificate: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| format!("server key: {e}"))?;
+        let mut config = ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(|e| format!("server certificate: {e}"))?;
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        Ok(config)
+    }
+}
+
+impl Sink {
+    /// Starts serving on `addr` (port 0 picks a free one) until stopped or dropped.
+    pub async fn start(addr: SocketAddr, tls: &SinkTls, behaviour: Behaviour) -> Result<Sink, String> {
+        let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
+        let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+        let (notify, changes) = watch::channel(0);
+        let record = Arc::new(Record {
+            notify: Some(notify),
+            ..Record::default()
+        });
+        let stop = CancellationToken::new();
+        tokio::spawn(accept(listener, acceptor, record.clone(), behaviour, stop.clone()));
+        Ok(Sink {
+            addr,
+            record,
+            changes,
+            stop,
+        })
+    }
+
+    /// The base URL to give courier as MAIN_SERVER_URL.
+    pub fn url(&self) -> String {
+        format!("https://localhost:{}", self.addr.port())
+    }
+
+    /// Waits until `done` holds for the record, or `timeout` passes (then returns false).
+    pub async fn wait_for(&self, timeout: Duration, done: impl Fn(&Record) -> bool) -> bool {
+        let mut changes = self.changes.clone();
+        let wait = async {
+            loop {
+                if done(&self.record) {
+                    return;
+                }
+                if changes.changed().await.is_err() {
+                    return;
+                }
+            }
+        };
+        tokio::time::timeout(timeout, wait).await.is_ok() && done(&self.record)
+    }
+
+    /// Stops accepting and closes connections.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn accept(listener: TcpListener, acceptor: TlsAcceptor, record: Arc<Record>, behaviour: Behaviour, stop: CancellationToken) {
+    loop {
+        let stream = tokio::select! {
+            _ = stop.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(_) => continue,
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let (acceptor, record, behaviour, stop) = (acceptor.clone(), record.clone(), behaviour.clone(), stop.clone());
+        tokio::spawn(async move {
+            let tls = match acceptor.accept(stream).await {
+                Ok(tls) => tls,
+                Err(e) => {
+                    record.handshake_failures.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+                    record.changed();
+                    return;
+                }
+            };
+            let client = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| crate::tls::validity(cert).ok())
+                .map(|(_, _, subject)| subject)
+                .unwrap_or_default();
+            let service = service_fn(move |request| {
+                let (record, behaviour, client) = (record.clone(), behaviour.clone(), client.clone());
+                async move { handle(request, &record, &behaviour, client).await }
+            });
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+            tokio::select! {
+                _ = connection => {}
+                _ = stop.cancelled() => {}
+            }
+        });
+    }
+}
+
+/// An error that makes hyper drop the connection without answering.
+#[derive(Debug)]
+struct Cut;
+
+impl std::fmt::Display for Cut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection cut on purpose")
+    }
+}
+
+impl std::error::Error for Cut {}
+
+async fn handle(request: Request<Incoming>, record: &Record, behaviour: &Behaviour, client: String) -> Result<Response<Full<Bytes>>, Cut> {
+    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let idempotency_key = header("idempotency-key");
+    let content_type = header("content-type");
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let body = match request.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(_) => return Err(Cut),
+    };
+    let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (endpoint, message_id, attempt) = match (&method, segments.as_slice()) {
+        (&Method::POST, ["internal", "messages", "deliver"]) => (
+            Endpoint::Deliver,
+            json["message_id"].as_str().unwrap_or_default().to_string(),
+            json["attempt"].as_u64().unwrap_or(0),
+        ),
+        (&Method::PUT, ["internal", "messages", id, "status"]) => (Endpoint::Status, percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned(), json["attempt_count"].as_u64().unwrap_or(0)),
+        _ => return Ok(respond(StatusCode::NOT_FOUND, None, r#"{"detail":"not found"}"#)),
+    };
+    if endpoint == Endpoint::Deliver && (message_id.is_empty() || json["worker_id"].as_str().is_none()) {
+        return Ok(respond(StatusCode::UNPROCESSABLE_ENTITY, None, r#"{"detail":"message_id and worker_id are required"}"#));
+    }
+    let mut call = Call {
+        endpoint,
+        message_id,
+        attempt,
+        body: json,
+        idempotency_key,
+        content_type,
+        client,
+        answered: 0,
+    };
+    let reply = behaviour(&call);
+    if !reply.delay.is_zero() {
+        tokio::time::sleep(reply.delay).await;
+    }
+    call.answered = if reply.cut { 0 } else { reply.status };
+    record.push(call);
+    if reply.cut {
+        return Err(Cut);
+    }
+    let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let body = match (endpoint, status.is_success()) {
+        (Endpoint::Deliver, true) => format!(r#"{{"status":"success","delivered_at":"{}"}}"#, chrono::Utc::now().to_rfc3339()),
+        (Endpoint::Status, true) => r#"{"status":"updated"}"#.to_string(),
+        (_, false) => format!(r#"{{"detail":"injected {}"}}"#, status.as_u16()),
+    };
+    Ok(respond(status, reply.retry_after, &body))
+}
+
+fn respond(status: StatusCode, retry_after: Option<u64>, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    if let Some(seconds) = retry_after {
+        response.headers_mut().insert(hyper::header::RETRY_AFTER, seconds.into());
+    }
+    response
+}

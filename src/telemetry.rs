@@ -1,0 +1,99 @@
+//! Logging in the old worker's line format, on stdout and in a daily-rotated file
+//! (`worker.YYYY-MM-DD.log` under LOG_FILE_PATH, seven files kept):
+//!
+//! `2025-01-15 10:30:45,123 - worker - INFO - [worker-1] - Message delivered message_id=...`
+
+use std::fmt::{self, Write as _};
+use std::path::Path;
+
+use tracing::field::{Field, Visit};
+use tracing::{Event, Level, Subscriber};
+use tracing_appender::non_blocking::WorkerGuard;
+use tracing_appender::rolling::{Builder, Rotation};
+use tracing_subscriber::filter::{LevelFilter, Targets};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::Layer;
+
+/// Keeps the background log writers running; drop it last, when the process exits.
+pub struct LogGuards(#[allow(dead_code)] Vec<WorkerGuard>);
+
+/// The seed's format: time, logger name, level (Python's names), worker id, message, then
+/// the event's fields as `key=value`.
+pub struct SeedFormat {
+    worker_id: String,
+}
+
+impl<S, N> FormatEvent<S, N> for SeedFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let level = match *event.metadata().level() {
+            Level::ERROR => "ERROR",
+            Level::WARN => "WARNING",
+            Level::INFO => "INFO",
+            Level::DEBUG => "DEBUG",
+            Level::TRACE => "TRACE",
+        };
+        let now = chrono::Local::now().format("%Y-%m-%d %H:%M:%S,%3f");
+        let mut fields = Fields::default();
+        event.record(&mut fields);
+        writeln!(writer, "{now} - worker - {level} - [{}] - {}{}", self.worker_id, fields.message, fields.rest)
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    message: String,
+    rest: String,
+}
+
+impl Visit for Fields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else if value.contains(char::is_whitespace) || value.is_empty() {
+            let _ = write!(self.rest, " {}={value:?}", field.name());
+        } else {
+            let _ = write!(self.rest, " {}={value}", field.name());
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            // Display-formatted fields (`%x`) arrive here too; quote them when they have spaces.
+            self.record_str(field, &format!("{value:?}"));
+        }
+    }
+}
+
+/// Starts logging at `level` to stdout and to a daily file in `dir`. Dependencies log at
+/// WARNING and above only, so a DEBUG run shows courier's own lines.
+pub fn init(level: Level, dir: &Path, worker_id: &str) -> Result<LogGuards, String> {
+    let file = Builder::new()
+        .rotation(Rotation::DAILY)
+        .filename_prefix("worker")
+        .filename_suffix("log")
+        .max_log_files(7)
+        .build(dir)
+        .map_err(|e| format!("logging.file_path (LOG_FILE_PATH) = {}: cannot write logs there ({e})", dir.display()))?;
+    let (file, file_guard) = tracing_appender::non_blocking(file);
+    let (stdout, stdout_guard) = tracing_appender::non_blocking(std::io::stdout());
+    let filter = Targets::new()
+        .with_default(LevelFilter::from_level(level).min(LevelFilter::WARN))
+        .with_target("courier", level);
+    let format = |id: &str| SeedFormat { worker_id: id.to_string() };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().event_format(format(worker_id)).with_writer(stdout).with_filter(filter.clone()))
+        .with(tracing_subscriber::fmt::layer().event_format(format(worker_id)).with_writer(file).with_filter(filter))
+        .try_init()
+        .map_err(|e| format!("logging could not start: {e}"))?;
+    Ok(LogGuards(vec![file_guard, stdout_guard]))
+}

@@ -1,0 +1,594 @@
+//! The worker: a claimer that takes only as many messages as there are free delivery slots, a
+//! pool of delivery tasks that settle each outcome atomically in Redis, a promoter that moves
+//! due retries back to the queue, a heartbeat, and an orderly drain on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn, Instrument};
+
+use crate::admin::{self, AdminState, Health};
+use crate::config::Settings;
+use crate::delivery::{Deliverer, Status};
+use crate::message::{dead_letter, DeadReason, Envelope};
+use crate::metrics::Metrics;
+use crate::queue::{self, Queue, QueueError};
+use crate::tls::ClientTls;
+
+/// Most due retries moved back to the queue by one promoter call.
+const PROMOTE_BATCH: usize = 1000;
+/// Status updates waiting to be sent; past this they are dropped (and counted).
+const STATUS_BACKLOG: usize = 4096;
+
+/// Why the worker could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Fixing the configuration is the only remedy (exit 78).
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// A status update for the main server, sent in the background.
+struct StatusReport {
+    message_id: String,
+    status: Status,
+    attempt_count: u32,
+    error: String,
+}
+
+/// What every delivery task needs.
+struct Context {
+    worker_id: String,
+    queue: Queue,
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    status: mpsc::Sender<StatusReport>,
+    max_attempts: u32,
+    retry_interval: Duration,
+    max_message_bytes: usize,
+}
+
+/// A started worker: its admin port is listening; `run` does the work.
+pub struct Worker {
+    settings: Settings,
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    admin: Arc<AdminState>,
+    admin_addr: Option<SocketAddr>,
+    /// Cancelled by the caller: stop claiming and drain.
+    shutdown: CancellationToken,
+    /// Cancelled by the worker itself once drained: stops the admin port and background tasks.
+    background: CancellationToken,
+}
+
+impl Worker {
+    /// Builds the HTTP client and opens the admin port. Nothing touches Redis yet.
+    pub async fn start(settings: Settings, tls: Option<ClientTls>, shutdown: CancellationToken) -> Result<Worker, RunError> {
+        let worker_id = settings.worker.id.clone();
+        let metrics = Arc::new(Metrics::new(&worker_id));
+        if let Some(tls) = &tls {
+            metrics.set_cert_expiry(tls.not_after);
+        }
+        let deliverer = Deliverer::new(&settings.main_server, tls.as_ref(), &worker_id, settings.worker.concurrency)
+            .map_err(|e| RunError::Config(format!("main_server: {e}")))?;
+        let health = Arc::new(Health::new(metrics.clone()));
+        let admin = Arc::new(AdminState {
+            worker_id: worker_id.clone(),
+            queue_name: settings.redis.queue_name.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            queue: OnceLock::new(),
+        });
+        let background = CancellationToken::new();
+        let mut admin_addr = None;
+        if settings.metrics.enabled {
+            let listener = admin::bind(SocketAddr::new(settings.metrics.bind, settings.metrics.port))
+                .await
+                .map_err(RunError::Config)?;
+            let addr = listener.local_addr().map_err(|e| RunError::Fatal(e.to_string()))?;
+            info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
+            tokio::spawn(admin::serve(listener, admin.clone(), background.clone()).instrument(tracing::info_span!("admin")));
+            admin_addr = Some(addr);
+        }
+        Ok(Worker {
+            settings,
+            deliverer: Arc::new(deliverer),
+            metrics,
+            health,
+            admin,
+            admin_addr,
+            shutdown,
+            background,
+        })
+    }
+
+    /// Where `/metrics` and friends are served, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// Connects to Redis (waiting for it if need be), recovers this worker's leftovers, then
+    /// claims and delivers until `shutdown` is cancelled, and drains.
+    pub async fn run(self) -> Result<(), RunError> {
+        let Worker {
+            settings,
+            deliverer,
+            metrics,
+            health,
+            admin,
+            admin_addr: _,
+            shutdown,
+            background,
+        } = self;
+        let Settings { redis, worker, .. } = settings;
+        info!(
+            queue = %redis.queue_name,
+            concurrency = worker.concurrency,
+            batch_size = worker.batch_size,
+            retry_interval = ?worker.retry_interval,
+            max_attempts = worker.max_attempts,
+            "Worker {} starting...", worker.id
+        );
+
+        let client = queue::client(&redis).map_err(|e| RunError::Config(format!("redis: {e}")))?;
+        let Some(queue) = connect(&client, &redis.queue_name, &worker.id, &health, &shutdown).await? else {
+            background.cancel();
+            return Ok(());
+        };
+        info!("Connected to Redis at {}:{}", redis.host, redis.port);
+        let _ = admin.queue.set(queue.clone());
+
+        let recovered = retry_redis(&health, &shutdown, || queue.give_back(&worker.id)).await.unwrap_or(0);
+        if recovered > 0 {
+            warn!(count = recovered, "Returned messages left in this worker's processing list to the queue");
+        }
+
+        let (status_tx, status_rx) = mpsc::channel(STATUS_BACKLOG);
+        let context = Arc::new(Context {
+            worker_id: worker.id.clone(),
+            queue: queue.clone(),
+            deliverer: deliverer.clone(),
+            metrics: metrics.clone(),
+            health: health.clone(),
+            status: status_tx,
+            max_attempts: worker.max_attempts,
+            retry_interval: worker.retry_interval,
+            max_message_bytes: worker.max_message_bytes,
+        });
+
+        let background_tasks = TaskTracker::new();
+        background_tasks.spawn(
+            heartbeat(context.clone(), worker.heartbeat_interval, worker.dead_after, background.clone())
+                .instrument(tracing::info_span!("heartbeat")),
+        );
+        background_tasks.spawn(
+            promote(context.clone(), worker.retry_interval, background.clone()).instrument(tracing::info_span!("promoter")),
+        );
+        let statuses = tokio::spawn(
+            report_statuses(deliverer, metrics.clone(), status_rx, worker.concurrency).instrument(tracing::info_span!("status")),
+        );
+
+        let deliveries = TaskTracker::new();
+        claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;
+
+        // Draining: no new claims; in-flight deliveries finish within the grace period.
+        health.set_draining();
+        deliveries.close();
+        info!(in_flight = deliveries.len(), grace = ?worker.shutdown_grace, "Stopping: no new claims; finishing in-flight deliveries");
+        if tokio::time::timeout(worker.shutdown_grace, deliveries.wait()).await.is_err() {
+            warn!(in_flight = deliveries.len(), "Grace period over; returning unfinished messages to the queue");
+        }
+        // Anything still in processing goes back to the front of the queue. A delivery still
+        // under way that settles after this finds its message gone and changes nothing.
+        match queue.give_back(&worker.id).await {
+            Ok(0) => {}
+            Ok(n) => info!(count = n, "Returned unfinished messages to the queue"),
+            Err(e) => error!(error = %e, "Could not return unfinished messages; they stay in processing and return at the next start"),
+        }
+        if let Err(e) = queue.deregister().await {
+            warn!(error = %e, "Could not remove this worker from the live set; it will be reaped");
+        }
+        background.cancel();
+        background_tasks.close();
+        background_tasks.wait().await;
+        drop(context);
+        // Best effort: give queued status updates a moment, never the whole grace again.
+        let _ = tokio::time::timeout(Duration::from_secs(2), statuses).await;
+        info!("Worker {} stopped", worker.id);
+        Ok(())
+    }
+}
+
+/// Connects to Redis, waiting with backoff while it is unreachable. `None`: shut down first.
+async fn connect(
+    client: &redis::Client,
+    queue_name: &str,
+    worker_id: &str,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<Option<Queue>, RunError> {
+    let mut backoff = Backoff::default();
+    loop {
+        match Queue::connect(client, queue_name, worker_id).await {
+            Ok(queue) => {
+                let version = queue.server_version().await.map_err(|e| RunError::Fatal(format!("Redis: {e}")))?;
+                if !version_at_least(&version, (6, 2)) {
+                    return Err(RunError::Config(format!(
+                        "redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)"
+                    )));
+                }
+                health.redis_ok();
+                return Ok(Some(queue));
+            }
+            Err(e) if e.is_auth() => {
+                return Err(RunError::Config(format!(
+                    "redis.password (REDIS_PASSWORD): Redis refused the credentials ({e}); set the right password"
+                )))
+            }
+            Err(e) => {
+                if backoff.attempts == 0 {
+                    error!(error = %e, "Cannot connect to Redis; will keep trying");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                }
+            }
+        }
+    }
+}
+
+fn version_at_least(version: &str, (major, minor): (u32, u32)) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    found >= (major, minor)
+}
+
+/// Claims messages while there are free slots, until shutdown.
+async fn claim(context: &Arc<Context>, deliveries: &TaskTracker, concurrency: usize, batch_size: usize, shutdown: &CancellationToken) {
+    let slots = Arc::new(Semaphore::new(concurrency));
+    let mut backoff = Backoff::default();
+    loop {
+        let first = tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            permit = slots.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => return,
+            },
+        };
+        let mut permits = vec![first];
+        while permits.len() < batch_size {
+            match slots.clone().try_acquire_owned() {
+                Ok(permit) => permits.push(permit),
+                Err(_) => break,
+            }
+        }
+        // Not interrupted by shutdown: it is one short script, and whatever it claims is either
+        // delivered here or given back by the drain.
+        let claimed = match context.queue.claim(permits.len()).await {
+            Ok(items) => {
+                context.health.redis_ok();
+                backoff.reset();
+                items
+            }
+            Err(e) => {
+                drop(permits);
+                context.redis_error(&e, "claim");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff.next()) => continue,
+                }
+            }
+        };
+        if claimed.is_empty() {
+            drop(permits);
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                waited = context.queue.wait_for_ready() => if let Err(e) = waited {
+                    context.redis_error(&e, "wait");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                    }
+                },
+            }
+            continue;
+        }
+        for (raw, permit) in claimed.into_iter().zip(permits) {
+            let context = context.clone();
+            deliveries.spawn(
+                async move {
+                    context.process(raw).await;
+                    drop(permit);
+                }
+                .instrument(tracing::debug_span!("message")),
+            );
+        }
+    }
+}
+
+impl Context {
+    fn redis_error(&self, error: &QueueError, during: &str) {
+        if error.is_unavailable() {
+            self.health.redis_failed(error);
+        } else {
+            error!(error = %error, during, "Redis refused a command");
+        }
+    }
+
+    /// Delivers one claimed item and settles the outcome.
+    async fn process(&self, raw: Vec<u8>) {
+        let envelope = match Envelope::parse(raw, self.max_message_bytes) {
+            Ok(envelope) => envelope,
+            Err((raw, malformed)) => {
+                let reason = DeadReason::Malformed(malformed.label());
+                self.metrics.invalid(malformed.label());
+                let record = dead_letter(&raw, reason, &malformed.to_string(), &self.worker_id, None);
+                if self.settle(|| self.queue.dead(&raw, &record)).await {
+                    self.metrics.dead(reason.label());
+                }
+                warn!(reason = reason.label(), error = %malformed, "Invalid message moved to the dead-letter list");
+                return;
+            }
+        };
+        if envelope.attempt_count() >= self.max_attempts {
+            let error = format!("attempt_count {} is already at max_attempts {}", envelope.attempt_count(), self.max_attempts);
+            self.give_up(&envelope, envelope.attempt_count(), DeadReason::Exhausted, &error).await;
+            return;
+        }
+        if envelope.attempt_count() == 0 {
+            if let Some(waited) = envelope.waited(SystemTime::now()) {
+                self.metrics.queue_wait(waited);
+            }
+        }
+
+        let _processing = self.metrics.processing();
+        let id = envelope.message_id();
+        debug!(message_id = id, "Processing message {id} (attempt {}/{})", envelope.attempt_count() + 1, self.max_attempts);
+        let attempt = self.deliverer.deliver(&envelope).await;
+        let Err(error) = attempt.result else {
+            self.metrics.delivered(attempt.elapsed);
+            self.settle(|| self.queue.ack(envelope.raw())).await;
+            debug!(message_id = id, elapsed = ?attempt.elapsed, "Message {id} delivered successfully");
+            return;
+        };
+
+        self.metrics.failed(error.label(), error.status_class(), attempt.elapsed);
+        let failures = envelope.attempt_count() + 1;
+        let text = error.to_string();
+        match error.outcome() {
+            crate::delivery::Outcome::Reject => self.give_up(&envelope, failures, DeadReason::Rejected, &text).await,
+            _ if failures >= self.max_attempts => self.give_up(&envelope, failures, DeadReason::Exhausted, &text).await,
+            crate::delivery::Outcome::Retry { after } => {
+                let delay = after.map_or(self.retry_interval, |after| after.max(self.retry_interval));
+                let retried = envelope.with_attempt_count(failures);
+                if self.settle(|| self.queue.retry(envelope.raw(), &retried, delay)).await {
+                    self.metrics.retried();
+                }
+                warn!(message_id = id, attempt = failures, max_attempts = self.max_attempts, retry_in = ?delay, error = %text, "Delivery failed; will retry");
+                self.report(id, Status::Queued, failures, text);
+            }
+            crate::delivery::Outcome::Delivered => {}
+        }
+    }
+
+    /// Dead-letters a message and reports it failed.
+    async fn give_up(&self, envelope: &Envelope, failures: u32, reason: DeadReason, error: &str) {
+        let id = envelope.message_id();
+        let record = dead_letter(&envelope.with_attempt_count(failures), reason, error, &self.worker_id, Some(id));
+        if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
+            self.metrics.dead(reason.label());
+        }
+        error!(message_id = id, reason = reason.label(), attempts = failures, error, "Message {id} moved to the dead-letter list");
+        self.report(id, Status::Failed, failures, error.to_string());
+    }
+
+    /// Runs a settle until Redis has recorded it. While Redis is unreachable the outcome is held
+    /// here (and the slot with it, so no new work is claimed). Returns whether the message was
+    /// still ours to settle.
+    async fn settle<F, Fut>(&self, op: F) -> bool
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<bool, QueueError>>,
+    {
+        let mut backoff = Backoff::default();
+        loop {
+            match op().await {
+                Ok(found) => {
+                    self.health.redis_ok();
+                    if !found {
+                        debug!("Message was no longer in this worker's processing list; another worker has it");
+                    }
+                    return found;
+                }
+                Err(e) if e.is_unavailable() => {
+                    self.health.redis_failed(&e);
+                    tokio::time::sleep(backoff.next()).await;
+                }
+                Err(e) => {
+                    error!(error = %e, "Redis refused to record an outcome; the message stays in processing and returns to the queue at the next start");
+                    return false;
+                }
+            }
+        }
+    }
+
+    /// Queues a best-effort status update; never waits.
+    fn report(&self, message_id: &str, status: Status, attempt_count: u32, error: String) {
+        let report = StatusReport {
+            message_id: message_id.to_string(),
+            status,
+            attempt_count,
+            error,
+        };
+        if self.status.try_send(report).is_err() {
+            self.metrics.status_update("dropped");
+        }
+    }
+}
+
+/// Runs a Redis call until it succeeds or shutdown; `None` on shutdown or a non-transient error.
+async fn retry_redis<T, F, Fut>(health: &Health, shutdown: &CancellationToken, op: F) -> Option<T>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, QueueError>>,
+{
+    let mut backoff = Backoff::default();
+    loop {
+        match op().await {
+            Ok(value) => {
+                health.redis_ok();
+                return Some(value);
+            }
+            Err(e) if e.is_unavailable() => {
+                health.redis_failed(&e);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                }
+            }
+            Err(e) => {
+                error!(error = %e, "Redis refused a command");
+                return None;
+            }
+        }
+    }
+}
+
+/// Sends status updates with at most `limit` under way at once.
+async fn report_statuses(deliverer: Arc<Deliverer>, metrics: Arc<Metrics>, mut reports: mpsc::Receiver<StatusReport>, limit: usize) {
+    let slots = Arc::new(Semaphore::new(limit));
+    let tasks = TaskTracker::new();
+    while let Some(report) = reports.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        let deliverer = deliverer.clone();
+        let metrics = metrics.clone();
+        tasks.spawn(async move {
+            let StatusReport {
+                message_id,
+                status,
+                attempt_count,
+                error,
+            } = report;
+            match deliverer.update_status(&message_id, status, attempt_count, &error).await {
+                Ok(()) => metrics.status_update("ok"),
+                Err(e) => {
+                    metrics.status_update("failed");
+                    warn!(message_id = %message_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+                }
+            }
+            drop(permit);
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Heartbeats, counts live workers and refreshes the queue-depth gauges.
+async fn heartbeat(context: Arc<Context>, every: Duration, dead_after: Duration, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let queue = &context.queue;
+        let beat = async {
+            queue.heartbeat().await?;
+            let workers = queue.workers().await?;
+            let depths = queue.depths().await?;
+            Ok::<_, QueueError>((workers, depths))
+        };
+        match beat.await {
+            Ok((workers, depths)) => {
+                context.health.redis_ok();
+                context.metrics.set_active_workers(workers.iter().filter(|(_, age)| *age < dead_after).count());
+                context.metrics.set_depths(depths);
+            }
+            Err(e) => context.redis_error(&e, "heartbeat"),
+        }
+    }
+}
+
+/// Moves due retries back to the queue, sleeping until the next one is due (at most a second,
+/// so retries other workers schedule are picked up promptly).
+async fn promote(context: Arc<Context>, retry_interval: Duration, stop: CancellationToken) {
+    let longest = retry_interval.min(Duration::from_secs(1));
+    let mut backoff = Backoff::default();
+    loop {
+        let wait = match context.queue.promote_due(PROMOTE_BATCH).await {
+            Ok(promoted) => {
+                backoff.reset();
+                if promoted.moved > 0 {
+                    debug!(count = promoted.moved, "Moved due retries back to the queue");
+                }
+                if promoted.moved == PROMOTE_BATCH {
+                    Duration::ZERO
+                } else {
+                    promoted.next_due_in.map_or(longest, |due| due.min(longest))
+                }
+            }
+            Err(e) => {
+                context.redis_error(&e, "promote");
+                backoff.next()
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// Capped exponential backoff: 100 ms doubling to 5 s.
+#[derive(Default)]
+struct Backoff {
+    attempts: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let delay = Duration::from_millis(100) * 2u32.saturating_pow(self.attempts.min(6));
+        self.attempts += 1;
+        delay.min(Duration::from_secs(5))
+    }
+
+    fn reset(&mut self) {
+        self.attempts = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_and_caps() {
+        let mut b = Backoff::default();
+        let delays: Vec<u64> = (0..8).map(|_| b.next().as_millis() as u64).collect();
+        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn redis_versions_compare_numerically() {
+        assert!(version_at_least("7.0.15", (6, 2)));
+        assert!(version_at_least("6.2.0", (6, 2)));
+        assert!(version_at_least("10.0", (6, 2)));
+        assert!(!version_at_least("6.0.9", (6, 2)));
+        assert!(!version_at_least("5.0.7", (6, 2)));
+    }
+}
