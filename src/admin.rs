@@ -126,7 +126,8 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, request).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}
                 _ = stop.cancelled() => {}
@@ -142,9 +143,10 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
     match request.uri().path() {
         "/metrics" => {
             let mut response = text(StatusCode::OK, state.metrics.render());
-            response
-                .headers_mut()
-                .insert(CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
             response
         }
         "/health" => json(
@@ -156,7 +158,10 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
             }),
         ),
         "/ready" => match state.health.not_ready_reason() {
-            None => json(StatusCode::OK, serde_json::json!({"ready": true, "worker_id": state.worker_id})),
+            None => json(
+                StatusCode::OK,
+                serde_json::json!({"ready": true, "worker_id": state.worker_id}),
+            ),
             Some(reason) => json(
                 StatusCode::SERVICE_UNAVAILABLE,
                 serde_json::json!({"ready": false, "reason": reason, "worker_id": state.worker_id}),
@@ -164,7 +169,10 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
         },
         "/stats" => json(StatusCode::OK, stats(state).await),
         "/" => text(StatusCode::OK, "courier: /metrics /health /ready /stats\n"),
-        _ => text(StatusCode::NOT_FOUND, "not found: try /metrics, /health, /ready or /stats\n"),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /metrics, /health, /ready or /stats\n",
+        ),
     }
 }
 
@@ -205,6 +213,8 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 
 fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = text(status, value.to_string());
-    response.headers_mut().insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }

@@ -25,7 +25,11 @@ const KNOWN: &[Known] = &[
     k("redis.port", "REDIS_PORT", "6379"),
     k("redis.db", "REDIS_DB", "0"),
     k("redis.password", "REDIS_PASSWORD", ""),
-    k("main_server.url", "MAIN_SERVER_URL", "https://localhost:8000"),
+    k(
+        "main_server.url",
+        "MAIN_SERVER_URL",
+        "https://localhost:8000",
+    ),
     k("worker.id", "WORKER_ID", ""),
     k("worker.concurrency", "WORKER_CONCURRENCY", "4"),
     k("worker.retry_interval", "WORKER_RETRY_INTERVAL", "30"),
@@ -40,11 +44,27 @@ const KNOWN: &[Known] = &[
     k("logging.file_path", "LOG_FILE_PATH", "logs"),
     // courier's own additions.
     k("redis.queue_name", "REDIS_QUEUE_NAME", "message_queue"),
-    k("main_server.connect_timeout", "MAIN_SERVER_CONNECT_TIMEOUT", "5"),
-    k("main_server.request_timeout", "MAIN_SERVER_REQUEST_TIMEOUT", "30"),
+    k(
+        "main_server.connect_timeout",
+        "MAIN_SERVER_CONNECT_TIMEOUT",
+        "5",
+    ),
+    k(
+        "main_server.request_timeout",
+        "MAIN_SERVER_REQUEST_TIMEOUT",
+        "30",
+    ),
     k("worker.shutdown_grace", "WORKER_SHUTDOWN_GRACE", "25"),
-    k("worker.max_message_bytes", "WORKER_MAX_MESSAGE_BYTES", "1048576"),
-    k("worker.heartbeat_interval", "WORKER_HEARTBEAT_INTERVAL", "5"),
+    k(
+        "worker.max_message_bytes",
+        "WORKER_MAX_MESSAGE_BYTES",
+        "1048576",
+    ),
+    k(
+        "worker.heartbeat_interval",
+        "WORKER_HEARTBEAT_INTERVAL",
+        "5",
+    ),
     k("worker.dead_after", "WORKER_DEAD_AFTER", "30"),
     k("tls.enabled", "TLS_ENABLED", "true"),
     k("metrics.bind", "WORKER_METRICS_BIND", "0.0.0.0"),
@@ -224,13 +244,14 @@ struct Source<'a> {
 impl Source<'_> {
     fn refuse_unknown_keys(&self) -> Result<(), ConfigError> {
         let known: BTreeSet<&str> = KNOWN.iter().map(|k| k.key).collect();
-        let sections: BTreeSet<&str> = KNOWN.iter().filter_map(|k| k.key.split_once('.')).map(|(s, _)| s).collect();
-        let table = self
-            .merged
-            .cache
-            .clone()
-            .into_table()
-            .map_err(|e| ConfigError::Setting(format!("config file: top level must be a mapping ({e})")))?;
+        let sections: BTreeSet<&str> = KNOWN
+            .iter()
+            .filter_map(|k| k.key.split_once('.'))
+            .map(|(s, _)| s)
+            .collect();
+        let table = self.merged.cache.clone().into_table().map_err(|e| {
+            ConfigError::Setting(format!("config file: top level must be a mapping ({e})"))
+        })?;
         for (section, value) in table {
             if !sections.contains(section.as_str()) {
                 return Err(ConfigError::Setting(format!(
@@ -263,11 +284,18 @@ impl Source<'_> {
 
     /// The setting's text, or an error naming it.
     fn text(&self, key: &str) -> Result<String, ConfigError> {
-        let value: Value = self.merged.get(key).map_err(|e| self.invalid(key, &e.to_string()))?;
+        let value: Value = self
+            .merged
+            .get(key)
+            .map_err(|e| self.invalid(key, &e.to_string()))?;
         match value.kind {
-            ValueKind::Table(_) | ValueKind::Array(_) => Err(self.invalid(key, "expected a single value, found a list or mapping")),
+            ValueKind::Table(_) | ValueKind::Array(_) => {
+                Err(self.invalid(key, "expected a single value, found a list or mapping"))
+            }
             ValueKind::Nil => Ok(String::new()),
-            _ => value.into_string().map_err(|e| self.invalid(key, &e.to_string())),
+            _ => value
+                .into_string()
+                .map_err(|e| self.invalid(key, &e.to_string())),
         }
     }
 
@@ -292,7 +320,10 @@ impl Source<'_> {
     }
 
     fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T, ConfigError> {
-        self.text(key)?.trim().parse().map_err(|_| self.invalid(key, expected))
+        self.text(key)?
+            .trim()
+            .parse()
+            .map_err(|_| self.invalid(key, expected))
     }
 
     fn number<T>(&self, key: &str, min: T, max: T) -> Result<T, ConfigError>
@@ -341,7 +372,8 @@ impl Source<'_> {
             ca_file: self.path("tls.ca_file")?,
         };
         let url_text = self.text("main_server.url")?;
-        let url = Url::parse(url_text.trim()).map_err(|e| self.invalid("main_server.url", &format!("not a URL ({e})")))?;
+        let url = Url::parse(url_text.trim())
+            .map_err(|e| self.invalid("main_server.url", &format!("not a URL ({e})")))?;
         match (url.scheme(), tls.enabled) {
             ("https", true) | ("http", false) => {}
             ("http", true) => {
@@ -363,8 +395,15 @@ impl Source<'_> {
         }
 
         let queue_name = self.text("redis.queue_name")?.trim().to_string();
-        if queue_name.is_empty() || queue_name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(self.invalid("redis.queue_name", "expected a non-empty name without spaces"));
+        if queue_name.is_empty()
+            || queue_name
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(self.invalid(
+                "redis.queue_name",
+                "expected a non-empty name without spaces",
+            ));
         }
         let host = self.text("redis.host")?.trim().to_string();
         if host.is_empty() {
@@ -379,8 +418,16 @@ impl Source<'_> {
         };
 
         let id = self.text("worker.id")?.trim().to_string();
-        let id = if id.is_empty() { format!("worker-{}", std::process::id()) } else { id };
-        if id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c)) {
+        let id = if id.is_empty() {
+            format!("worker-{}", std::process::id())
+        } else {
+            id
+        };
+        if id.len() > 200
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c))
+        {
             return Err(self.invalid(
                 "worker.id",
                 "expected up to 200 letters, digits or - _ . : @ (it becomes part of a Redis key)",
@@ -414,11 +461,15 @@ impl Source<'_> {
         };
         let metrics = MetricsSettings {
             enabled: self.flag("metrics.enabled")?,
-            bind: self.parse("metrics.bind", "expected an IP address such as 0.0.0.0 or 127.0.0.1")?,
+            bind: self.parse(
+                "metrics.bind",
+                "expected an IP address such as 0.0.0.0 or 127.0.0.1",
+            )?,
             port: self.number("metrics.port", 0, u16::MAX)?,
         };
-        let level = parse_level(&self.text("logging.level")?)
-            .ok_or_else(|| self.invalid("logging.level", "expected DEBUG, INFO, WARNING or ERROR"))?;
+        let level = parse_level(&self.text("logging.level")?).ok_or_else(|| {
+            self.invalid("logging.level", "expected DEBUG, INFO, WARNING or ERROR")
+        })?;
         let logging = LoggingSettings {
             level,
             file_path: self.path("logging.file_path")?,
@@ -465,7 +516,10 @@ pub fn expand(text: &str, env: &dyn Env) -> Result<String, String> {
                 None => (inner, None),
             };
             if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!("line {}: `${{{inner}}}` is not a variable reference", number + 1));
+                return Err(format!(
+                    "line {}: `${{{inner}}}` is not a variable reference",
+                    number + 1
+                ));
             }
             let value = match (env.var(name).filter(|v| !v.is_empty() || default.is_none()), default) {
                 (Some(value), _) => value,
@@ -499,7 +553,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let map: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |name: &str| map.get(name).cloned()
     }
 
@@ -512,7 +569,8 @@ mod tests {
 
     #[test]
     fn seed_defaults_apply_without_a_file_or_variables() {
-        let s = Settings::load(None, &env(&[])).unwrap_or_else(|e| panic!("defaults must load: {e}"));
+        let s =
+            Settings::load(None, &env(&[])).unwrap_or_else(|e| panic!("defaults must load: {e}"));
         assert_eq!(s.redis.host, "localhost");
         assert_eq!(s.redis.port, 6379);
         assert_eq!(s.redis.queue_name, "message_queue");
@@ -533,7 +591,11 @@ mod tests {
     fn environment_overrides_the_file() {
         let s = load_yaml(
             "worker:\n  concurrency: 8\nmetrics:\n  port: 9100\n",
-            &[("WORKER_METRICS_PORT", "9102"), ("WORKER_ID", "worker-3"), ("LOG_LEVEL", "WARNING")],
+            &[
+                ("WORKER_METRICS_PORT", "9102"),
+                ("WORKER_ID", "worker-3"),
+                ("LOG_LEVEL", "WARNING"),
+            ],
         )
         .unwrap();
         assert_eq!(s.worker.concurrency, 8);
@@ -557,35 +619,70 @@ mod tests {
     #[test]
     fn expansion_uses_defaults_and_refuses_unknown_unset_variables() {
         let e = env(&[("SET", "yes"), ("EMPTY", "")]);
-        assert_eq!(expand("a: ${SET}\nb: ${NOPE:-x}\nc: ${EMPTY:-d}\n", &e).unwrap(), "a: yes\nb: x\nc: d\n");
+        assert_eq!(
+            expand("a: ${SET}\nb: ${NOPE:-x}\nc: ${EMPTY:-d}\n", &e).unwrap(),
+            "a: yes\nb: x\nc: d\n"
+        );
         let err = expand("a: 1\nb: ${NOT_A_SETTING}\n", &e).unwrap_err();
-        assert!(err.contains("line 2") && err.contains("NOT_A_SETTING"), "{err}");
-        assert!(expand("x: ${UNCLOSED\n", &e).unwrap_err().contains("closing"));
+        assert!(
+            err.contains("line 2") && err.contains("NOT_A_SETTING"),
+            "{err}"
+        );
+        assert!(expand("x: ${UNCLOSED\n", &e)
+            .unwrap_err()
+            .contains("closing"));
     }
 
     #[test]
     fn unknown_keys_are_refused_by_name() {
-        let err = load_yaml("worker:\n  concurency: 4\n", &[]).unwrap_err().to_string();
+        let err = load_yaml("worker:\n  concurency: 4\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("worker.concurency"), "{err}");
-        let err = load_yaml("workers:\n  concurrency: 4\n", &[]).unwrap_err().to_string();
+        let err = load_yaml("workers:\n  concurrency: 4\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("`workers`"), "{err}");
     }
 
     #[test]
     fn bad_numbers_name_the_setting_and_the_variable() {
-        let err = load_yaml("", &[("WORKER_CONCURRENCY", "many")]).unwrap_err().to_string();
-        assert!(err.contains("worker.concurrency") && err.contains("WORKER_CONCURRENCY") && err.contains("\"many\""), "{err}");
-        let err = load_yaml("redis:\n  port: 70000\n", &[]).unwrap_err().to_string();
+        let err = load_yaml("", &[("WORKER_CONCURRENCY", "many")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("worker.concurrency")
+                && err.contains("WORKER_CONCURRENCY")
+                && err.contains("\"many\""),
+            "{err}"
+        );
+        let err = load_yaml("redis:\n  port: 70000\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("redis.port") && err.contains("70000"), "{err}");
-        let err = load_yaml("", &[("WORKER_CONCURRENCY", "0")]).unwrap_err().to_string();
+        let err = load_yaml("", &[("WORKER_CONCURRENCY", "0")])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("from 1 to"), "{err}");
     }
 
     #[test]
     fn plain_http_is_refused_while_tls_is_enabled() {
-        let err = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000")]).unwrap_err().to_string();
-        assert!(err.contains("main_server.url") && err.contains("https://"), "{err}");
-        let ok = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000"), ("TLS_ENABLED", "false")]).unwrap();
+        let err = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("main_server.url") && err.contains("https://"),
+            "{err}"
+        );
+        let ok = load_yaml(
+            "",
+            &[
+                ("MAIN_SERVER_URL", "http://main:8000"),
+                ("TLS_ENABLED", "false"),
+            ],
+        )
+        .unwrap();
         assert!(!ok.tls.enabled);
     }
 
@@ -594,13 +691,20 @@ mod tests {
         let s = load_yaml("", &[("REDIS_PASSWORD", "hunter2")]).unwrap();
         assert_eq!(s.redis.password.expose(), "hunter2");
         assert!(!format!("{s:?}").contains("hunter2"));
-        let err = load_yaml("redis:\n  password:\n    nested: hunter2\n", &[]).unwrap_err().to_string();
+        let err = load_yaml("redis:\n  password:\n    nested: hunter2\n", &[])
+            .unwrap_err()
+            .to_string();
         assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]
     fn a_missing_config_file_is_named() {
-        let err = Settings::load(Some(Path::new("/nonexistent/courier.yaml")), &env(&[])).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/courier.yaml") && err.contains("--config"), "{err}");
+        let err = Settings::load(Some(Path::new("/nonexistent/courier.yaml")), &env(&[]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("/nonexistent/courier.yaml") && err.contains("--config"),
+            "{err}"
+        );
     }
 }

@@ -19,7 +19,9 @@ const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 pub enum Outcome {
     Delivered,
     /// Try again later; `after` is the server's `Retry-After`, if it gave one.
-    Retry { after: Option<Duration> },
+    Retry {
+        after: Option<Duration>,
+    },
     /// The main server will never take this message.
     Reject,
 }
@@ -48,9 +50,15 @@ impl DeliveryError {
     /// another attempt; other 4xx are permanent.
     pub fn outcome(&self) -> Outcome {
         match self {
-            DeliveryError::Status { status, retry_after, .. } => match *status {
+            DeliveryError::Status {
+                status,
+                retry_after,
+                ..
+            } => match *status {
                 400..=499 if !matches!(*status, 408 | 425 | 429) => Outcome::Reject,
-                _ => Outcome::Retry { after: *retry_after },
+                _ => Outcome::Retry {
+                    after: *retry_after,
+                },
             },
             _ => Outcome::Retry { after: None },
         }
@@ -126,7 +134,10 @@ fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
         if e.is::<rustls::Error>() {
             return true;
         }
-        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
+        if let Some(inner) = e
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
             if inner.is::<rustls::Error>() || is_tls(inner) {
                 return true;
             }
@@ -183,7 +194,12 @@ pub struct Deliverer {
 impl Deliverer {
     /// A deliverer with a connection pool sized for `pool_size` concurrent requests. `tls` is
     /// `None` only when TLS is disabled (plain-HTTP test servers).
-    pub fn new(settings: &MainServerSettings, tls: Option<&ClientTls>, worker_id: &str, pool_size: usize) -> Result<Deliverer, DeliveryError> {
+    pub fn new(
+        settings: &MainServerSettings,
+        tls: Option<&ClientTls>,
+        worker_id: &str,
+        pool_size: usize,
+    ) -> Result<Deliverer, DeliveryError> {
         let base = settings.url.clone();
         let deliver_url = endpoint(&base, &["internal", "messages", "deliver"]);
         Ok(Deliverer {
@@ -199,12 +215,18 @@ impl Deliverer {
     /// Starts using new TLS material for new connections; requests under way finish on theirs.
     pub fn replace_tls(&self, tls: &ClientTls) -> Result<(), DeliveryError> {
         let client = build_client(&self.settings, Some(tls), self.pool_size)?;
-        *self.client.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+        *self
+            .client
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
         Ok(())
     }
 
     fn client(&self) -> Client {
-        self.client.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+        self.client
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
     }
 
     /// POSTs one message to `/internal/messages/deliver`.
@@ -224,7 +246,13 @@ impl Deliverer {
     }
 
     /// PUTs a message's status to `/internal/messages/{id}/status`.
-    pub async fn update_status(&self, message_id: &str, status: Status, attempt_count: u32, error: &str) -> Result<(), DeliveryError> {
+    pub async fn update_status(
+        &self,
+        message_id: &str,
+        status: Status,
+        attempt_count: u32,
+        error: &str,
+    ) -> Result<(), DeliveryError> {
         let url = endpoint(&self.base, &["internal", "messages", message_id, "status"]);
         let body = serde_json::json!({
             "status": status.as_str(),
@@ -242,22 +270,37 @@ impl Deliverer {
 
 /// Sends a request and reads the whole answer (so the connection goes back to the pool).
 async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
-    let response = request.send().await.map_err(|e| DeliveryError::from_reqwest(&e))?;
+    let response = request
+        .send()
+        .await
+        .map_err(|e| DeliveryError::from_reqwest(&e))?;
     let status = response.status();
     if status.is_success() {
         // The server has recorded the message; a broken body after that changes nothing.
         let _ = response.bytes().await;
         return Ok(());
     }
-    let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
-    let location = response.headers().get(reqwest::header::LOCATION).and_then(|v| v.to_str().ok()).map(str::to_string);
+    let retry_after = response
+        .headers()
+        .get(RETRY_AFTER)
+        .and_then(parse_retry_after);
+    let location = response
+        .headers()
+        .get(reqwest::header::LOCATION)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = response.bytes().await.unwrap_or_default();
-    let mut text: String = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
+    let mut text: String = String::from_utf8_lossy(&body[..body.len().min(200)])
+        .trim()
+        .to_string();
     if let (true, Some(location)) = (status.is_redirection(), location) {
         text = format!("redirect to {location}; check MAIN_SERVER_URL");
     }
     if text.is_empty() {
-        text = status.canonical_reason().unwrap_or("no reason given").to_string();
+        text = status
+            .canonical_reason()
+            .unwrap_or("no reason given")
+            .to_string();
     }
     Err(DeliveryError::Status {
         status: status.as_u16(),
@@ -287,7 +330,9 @@ fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
         Ok(seconds) => Duration::from_secs(seconds),
         Err(_) => {
             let at = chrono::DateTime::parse_from_rfc2822(text).ok()?;
-            (at.with_timezone(&chrono::Utc) - chrono::Utc::now()).to_std().unwrap_or_default()
+            (at.with_timezone(&chrono::Utc) - chrono::Utc::now())
+                .to_std()
+                .unwrap_or_default()
         }
     };
     Some(after.min(MAX_RETRY_AFTER))
@@ -295,7 +340,11 @@ fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
 
 /// The pooled client: trusts only the configured CA, presents the worker's certificate, keeps
 /// connections alive, never follows redirects and never uses a proxy.
-pub fn build_client(settings: &MainServerSettings, tls: Option<&ClientTls>, pool_size: usize) -> Result<Client, DeliveryError> {
+pub fn build_client(
+    settings: &MainServerSettings,
+    tls: Option<&ClientTls>,
+    pool_size: usize,
+) -> Result<Client, DeliveryError> {
     let mut builder = Client::builder()
         .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(settings.connect_timeout)
@@ -306,7 +355,9 @@ pub fn build_client(settings: &MainServerSettings, tls: Option<&ClientTls>, pool
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy();
     if let Some(tls) = tls {
-        builder = builder.tls_backend_preconfigured(tls.config.clone()).https_only(true);
+        builder = builder
+            .tls_backend_preconfigured(tls.config.clone())
+            .https_only(true);
     }
     builder.build().map_err(|e| DeliveryError::Other(chain(&e)))
 }
@@ -329,28 +380,53 @@ mod tests {
     #[test]
     fn classifies_statuses_as_the_contract_says() {
         for retryable in [408, 425, 429, 500, 502, 503, 504, 302] {
-            assert_eq!(status(retryable).outcome(), Outcome::Retry { after: None }, "{retryable}");
+            assert_eq!(
+                status(retryable).outcome(),
+                Outcome::Retry { after: None },
+                "{retryable}"
+            );
         }
         for permanent in [400, 401, 403, 404, 409, 410, 422] {
             assert_eq!(status(permanent).outcome(), Outcome::Reject, "{permanent}");
         }
-        assert_eq!(DeliveryError::Connect("x".into()).outcome(), Outcome::Retry { after: None });
-        assert_eq!(DeliveryError::Tls("x".into()).outcome(), Outcome::Retry { after: None });
+        assert_eq!(
+            DeliveryError::Connect("x".into()).outcome(),
+            Outcome::Retry { after: None }
+        );
+        assert_eq!(
+            DeliveryError::Tls("x".into()).outcome(),
+            Outcome::Retry { after: None }
+        );
     }
 
     #[test]
     fn retry_after_takes_seconds_and_dates_and_is_capped() {
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("120")), Some(Duration::from_secs(120)));
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("99999")), Some(MAX_RETRY_AFTER));
-        assert_eq!(parse_retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT")), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("120")),
+            Some(Duration::from_secs(120))
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("99999")),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT")),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
     }
 
     #[test]
     fn endpoints_keep_a_base_path_and_encode_ids() {
         let base = Url::parse("https://main:8000/api/").unwrap();
-        assert_eq!(endpoint(&base, &["internal", "messages", "a/b c", "status"]).as_str(), "https://main:8000/api/internal/messages/a%2Fb%20c/status");
+        assert_eq!(
+            endpoint(&base, &["internal", "messages", "a/b c", "status"]).as_str(),
+            "https://main:8000/api/internal/messages/a%2Fb%20c/status"
+        );
         let base = Url::parse("https://main:8000").unwrap();
-        assert_eq!(endpoint(&base, &["internal", "messages", "deliver"]).as_str(), "https://main:8000/internal/messages/deliver");
+        assert_eq!(
+            endpoint(&base, &["internal", "messages", "deliver"]).as_str(),
+            "https://main:8000/internal/messages/deliver"
+        );
     }
 }

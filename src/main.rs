@@ -15,7 +15,11 @@ use courier::worker::{RunError, Worker};
 const EXIT_CONFIG: u8 = 78;
 
 #[derive(Parser)]
-#[command(name = "courier", version, about = "Delivers JSON messages from a Redis list to a main server over mutual TLS, losing none")]
+#[command(
+    name = "courier",
+    version,
+    about = "Delivers JSON messages from a Redis list to a main server over mutual TLS, losing none"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -61,11 +65,18 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         },
         false => None,
     };
-    let _logs = match courier::telemetry::init(settings.logging.level, &settings.logging.file_path, &settings.worker.id) {
+    let _logs = match courier::telemetry::init(
+        settings.logging.level,
+        &settings.logging.file_path,
+        &settings.worker.id,
+    ) {
         Ok(guards) => guards,
         Err(e) => return config_error(e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("courier: cannot start the async runtime: {e}");

@@ -5,16 +5,38 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::queue::Depths;
 
 /// Label values for `worker_messages_failed_total{reason}`.
-pub const FAILURE_REASONS: &[&str] = &["connect", "tls", "timeout", "http_429", "http_5xx", "http_4xx", "http_other", "other"];
+pub const FAILURE_REASONS: &[&str] = &[
+    "connect",
+    "tls",
+    "timeout",
+    "http_429",
+    "http_5xx",
+    "http_4xx",
+    "http_other",
+    "other",
+];
 /// Label values for dead letters and invalid messages.
-pub const DEAD_REASONS: &[&str] = &["exhausted", "rejected", "invalid_json", "invalid_message_id", "invalid_attempt_count", "too_large"];
-const INVALID_REASONS: &[&str] = &["invalid_json", "invalid_message_id", "invalid_attempt_count", "too_large"];
+pub const DEAD_REASONS: &[&str] = &[
+    "exhausted",
+    "rejected",
+    "invalid_json",
+    "invalid_message_id",
+    "invalid_attempt_count",
+    "too_large",
+];
+const INVALID_REASONS: &[&str] = &[
+    "invalid_json",
+    "invalid_message_id",
+    "invalid_attempt_count",
+    "too_large",
+];
 const STATUS_CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
 const QUEUES: &[&str] = &["ready", "processing", "retry", "dead"];
 
@@ -41,14 +63,25 @@ pub struct Metrics {
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let metric = IntCounter::new(name, help).expect("metric names are valid");
-    registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
     metric
 }
 
 /// A counter with one label, every value pre-created so it exports 0 before the first event.
-fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str, values: &[&str]) -> IntCounterVec {
-    let metric = IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric names are valid");
-    registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> IntCounterVec {
+    let metric =
+        IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric names are valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
     for value in values {
         metric.with_label_values(&[value]);
     }
@@ -57,27 +90,38 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str, values:
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("metric names are valid");
-    registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
     metric
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("metric names are valid");
-    registry.register(Box::new(metric.clone())).expect("each metric is registered once");
+    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
+        .expect("metric names are valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
     metric
 }
 
 impl Metrics {
     pub fn new(worker_id: &str) -> Metrics {
         let labels = HashMap::from([("worker_id".to_string(), worker_id.to_string())]);
-        let registry = Registry::new_custom(None, Some(labels)).expect("the worker_id label is valid");
+        let registry =
+            Registry::new_custom(None, Some(labels)).expect("the worker_id label is valid");
         let r = &registry;
         let queue_depth = IntGaugeVec::new(
-            Opts::new("worker_queue_depth", "Messages in each Redis key of the queue (processing: this worker's)"),
+            Opts::new(
+                "worker_queue_depth",
+                "Messages in each Redis key of the queue (processing: this worker's)",
+            ),
             &["queue"],
         )
         .expect("metric names are valid");
-        registry.register(Box::new(queue_depth.clone())).expect("each metric is registered once");
+        registry
+            .register(Box::new(queue_depth.clone()))
+            .expect("each metric is registered once");
         for queue in QUEUES {
             queue_depth.with_label_values(&[queue]);
         }
@@ -86,30 +130,81 @@ impl Metrics {
             "When the client certificate in use expires, in seconds since the epoch",
         )
         .expect("metric names are valid");
-        registry.register(Box::new(cert_expiry.clone())).expect("each metric is registered once");
+        registry
+            .register(Box::new(cert_expiry.clone()))
+            .expect("each metric is registered once");
         Metrics {
-            processed: counter(r, "worker_messages_processed_total", "Total messages processed (taken off the queue and settled)"),
-            delivered: counter(r, "worker_messages_delivered_total", "Total messages delivered successfully"),
-            failed: counter_vec(r, "worker_messages_failed_total", "Total failed delivery attempts, by reason", "reason", FAILURE_REASONS),
-            retried: counter(r, "worker_messages_retried_total", "Total retries scheduled"),
+            processed: counter(
+                r,
+                "worker_messages_processed_total",
+                "Total messages processed (taken off the queue and settled)",
+            ),
+            delivered: counter(
+                r,
+                "worker_messages_delivered_total",
+                "Total messages delivered successfully",
+            ),
+            failed: counter_vec(
+                r,
+                "worker_messages_failed_total",
+                "Total failed delivery attempts, by reason",
+                "reason",
+                FAILURE_REASONS,
+            ),
+            retried: counter(
+                r,
+                "worker_messages_retried_total",
+                "Total retries scheduled",
+            ),
             delivery_duration: histogram(
                 r,
                 "worker_delivery_duration_seconds",
                 "Message delivery time (one POST to the main server)",
-                &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                &[
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                    30.0,
+                ],
             ),
             queue_wait: histogram(
                 r,
                 "worker_queue_wait_seconds",
                 "Time in queue before processing (queued_at to first claim)",
-                &[0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0],
+                &[
+                    0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+                ],
             ),
-            active_workers: gauge(r, "worker_active_workers", "Number of active workers (live heartbeats on this queue)"),
-            processing: gauge(r, "worker_processing_messages", "Currently processing messages"),
+            active_workers: gauge(
+                r,
+                "worker_active_workers",
+                "Number of active workers (live heartbeats on this queue)",
+            ),
+            processing: gauge(
+                r,
+                "worker_processing_messages",
+                "Currently processing messages",
+            ),
             queue_depth,
-            responses: counter_vec(r, "worker_responses_total", "Main-server responses to deliveries, by status class", "class", STATUS_CLASSES),
-            invalid: counter_vec(r, "worker_invalid_messages_total", "Queue items that were not valid messages, by reason", "reason", INVALID_REASONS),
-            dead_letters: counter_vec(r, "worker_dead_letters_total", "Messages moved to the dead-letter list, by reason", "reason", DEAD_REASONS),
+            responses: counter_vec(
+                r,
+                "worker_responses_total",
+                "Main-server responses to deliveries, by status class",
+                "class",
+                STATUS_CLASSES,
+            ),
+            invalid: counter_vec(
+                r,
+                "worker_invalid_messages_total",
+                "Queue items that were not valid messages, by reason",
+                "reason",
+                INVALID_REASONS,
+            ),
+            dead_letters: counter_vec(
+                r,
+                "worker_dead_letters_total",
+                "Messages moved to the dead-letter list, by reason",
+                "reason",
+                DEAD_REASONS,
+            ),
             status_updates: counter_vec(
                 r,
                 "worker_status_updates_total",
@@ -117,8 +212,16 @@ impl Metrics {
                 "result",
                 &["ok", "failed", "dropped"],
             ),
-            redis_up: gauge(r, "worker_redis_up", "1 while Redis answers, 0 while it is unreachable"),
-            reaped: counter(r, "worker_reaped_messages_total", "Messages returned to the queue from dead workers' processing lists"),
+            redis_up: gauge(
+                r,
+                "worker_redis_up",
+                "1 while Redis answers, 0 while it is unreachable",
+            ),
+            reaped: counter(
+                r,
+                "worker_reaped_messages_total",
+                "Messages returned to the queue from dead workers' processing lists",
+            ),
             cert_expiry,
             registry,
         }
@@ -183,13 +286,21 @@ impl Metrics {
             retry,
             dead,
         } = depths;
-        for (queue, value) in [("ready", ready), ("processing", processing), ("retry", retry), ("dead", dead)] {
-            self.queue_depth.with_label_values(&[queue]).set(i64::try_from(value).unwrap_or(i64::MAX));
+        for (queue, value) in [
+            ("ready", ready),
+            ("processing", processing),
+            ("retry", retry),
+            ("dead", dead),
+        ] {
+            self.queue_depth
+                .with_label_values(&[queue])
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 
     pub fn set_active_workers(&self, n: usize) {
-        self.active_workers.set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.active_workers
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn set_redis_up(&self, up: bool) {
@@ -201,13 +312,21 @@ impl Metrics {
     }
 
     pub fn set_cert_expiry(&self, at: std::time::SystemTime) {
-        let secs = at.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0);
+        let secs = at
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs_f64())
+            .unwrap_or(0.0);
         self.cert_expiry.set(secs);
     }
 
     /// Counter totals for `/stats`.
     pub fn totals(&self) -> serde_json::Value {
-        let sum = |vec: &IntCounterVec, values: &[&str]| -> u64 { values.iter().map(|v| vec.with_label_values(&[v]).get()).sum() };
+        let sum = |vec: &IntCounterVec, values: &[&str]| -> u64 {
+            values
+                .iter()
+                .map(|v| vec.with_label_values(&[v]).get())
+                .sum()
+        };
         serde_json::json!({
             "processed": self.processed.get(),
             "delivered": self.delivered.get(),

@@ -5,7 +5,9 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
+use redis::{
+    AsyncCommands, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script,
+};
 
 use crate::config::RedisSettings;
 
@@ -27,7 +29,10 @@ impl QueueError {
             || e.is_connection_refusal()
             || e.is_timeout()
             || e.is_unrecoverable_error()
-            || matches!(e.code(), Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY"))
+            || matches!(
+                e.code(),
+                Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
+            )
     }
 
     /// True when Redis refused our credentials: a configuration problem, not an outage.
@@ -174,13 +179,20 @@ pub fn client(settings: &RedisSettings) -> Result<Client, QueueError> {
 impl Queue {
     /// Connects both connections. Fails at once if Redis cannot be reached; the caller decides
     /// whether to wait and try again.
-    pub async fn connect(client: &Client, queue_name: &str, worker_id: &str) -> Result<Queue, QueueError> {
+    pub async fn connect(
+        client: &Client,
+        queue_name: &str,
+        worker_id: &str,
+    ) -> Result<Queue, QueueError> {
         let base = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
         let conn = client
-            .get_connection_manager_with_config(base.clone().set_response_timeout(Some(Duration::from_secs(10))))
+            .get_connection_manager_with_config(
+                base.clone()
+                    .set_response_timeout(Some(Duration::from_secs(10))),
+            )
             .await?;
         // The blocking wait's replies come up to BLOCK_SECONDS late by design.
         let blocking = client
@@ -205,7 +217,10 @@ impl Queue {
 
     /// The Redis server's version, e.g. `7.0.15`.
     pub async fn server_version(&self) -> Result<String, QueueError> {
-        let info: String = redis::cmd("INFO").arg("server").query_async(&mut self.conn.clone()).await?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.conn.clone())
+            .await?;
         Ok(info
             .lines()
             .find_map(|l| l.strip_prefix("redis_version:"))
@@ -249,7 +264,12 @@ impl Queue {
     }
 
     /// Moves a message from processing to the retry set as `retried`, due after `delay`.
-    pub async fn retry(&self, raw: &[u8], retried: &[u8], delay: Duration) -> Result<bool, QueueError> {
+    pub async fn retry(
+        &self,
+        raw: &[u8],
+        retried: &[u8],
+        delay: Duration,
+    ) -> Result<bool, QueueError> {
         let moved: i64 = self
             .scripts
             .retry
@@ -319,7 +339,11 @@ impl Queue {
 
     /// Removes this worker from the live set.
     pub async fn deregister(&self) -> Result<(), QueueError> {
-        let _: i64 = self.conn.clone().zrem(&self.keys.workers, &self.worker_id).await?;
+        let _: i64 = self
+            .conn
+            .clone()
+            .zrem(&self.keys.workers, &self.worker_id)
+            .await?;
         Ok(())
     }
 

@@ -12,7 +12,10 @@ mod imp {
 
     pub async fn requested() -> &'static str {
         // Installing a handler only fails when the OS refuses; then Ctrl+C via tokio still works.
-        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+        match (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) {
             (Ok(mut term), Ok(mut int)) => tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
@@ -30,7 +33,12 @@ mod imp {
     use tokio::signal::windows;
 
     pub async fn requested() -> &'static str {
-        match (windows::ctrl_c(), windows::ctrl_break(), windows::ctrl_close(), windows::ctrl_shutdown()) {
+        match (
+            windows::ctrl_c(),
+            windows::ctrl_break(),
+            windows::ctrl_close(),
+            windows::ctrl_shutdown(),
+        ) {
             (Ok(mut c), Ok(mut b), Ok(mut close), Ok(mut shutdown)) => tokio::select! {
                 _ = c.recv() => "Ctrl+C",
                 _ = b.recv() => "Ctrl+Break",

@@ -66,7 +66,10 @@ impl Reply {
     }
 
     pub fn cut() -> Reply {
-        Reply { cut: true, ..Reply::status(0) }
+        Reply {
+            cut: true,
+            ..Reply::status(0)
+        }
     }
 }
 
@@ -97,7 +100,10 @@ pub struct Record {
 
 impl Record {
     fn push(&self, call: Call) {
-        self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(call);
+        self.calls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(call);
         self.changed();
     }
 
@@ -115,12 +121,18 @@ impl Record {
 
     /// Delivery calls so far.
     pub fn deliveries(&self) -> Vec<Call> {
-        self.calls().into_iter().filter(|c| c.endpoint == Endpoint::Deliver).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.endpoint == Endpoint::Deliver)
+            .collect()
     }
 
     /// Status updates so far.
     pub fn statuses(&self) -> Vec<Call> {
-        self.calls().into_iter().filter(|c| c.endpoint == Endpoint::Status).collect()
+        self.calls()
+            .into_iter()
+            .filter(|c| c.endpoint == Endpoint::Status)
+            .collect()
     }
 
     /// Message ids of deliveries answered 2xx, in order, duplicates included.
@@ -136,7 +148,10 @@ impl Record {
 
     /// TLS handshakes the sink refused, with the reason.
     pub fn handshake_failures(&self) -> Vec<String> {
-        self.handshake_failures.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.handshake_failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -161,15 +176,19 @@ impl SinkTls {
         let provider = crate::tls::provider();
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(self.client_ca_pem.as_bytes()) {
-            roots.add(ca.map_err(|e| format!("client CA: {e}"))?).map_err(|e| format!("client CA: {e}"))?;
+            roots
+                .add(ca.map_err(|e| format!("client CA: {e}"))?)
+                .map_err(|e| format!("client CA: {e}"))?;
         }
-        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-            .build()
-            .map_err(|e| format!("client CA: {e}"))?;
+        let verifier =
+            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+                .build()
+                .map_err(|e| format!("client CA: {e}"))?;
         let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("server certificate: {e}"))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| format!("server key: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| format!("server key: {e}"))?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
@@ -183,9 +202,15 @@ impl SinkTls {
 
 impl Sink {
     /// Starts serving on `addr` (port 0 picks a free one) until stopped or dropped.
-    pub async fn start(addr: SocketAddr, tls: &SinkTls, behaviour: Behaviour) -> Result<Sink, String> {
+    pub async fn start(
+        addr: SocketAddr,
+        tls: &SinkTls,
+        behaviour: Behaviour,
+    ) -> Result<Sink, String> {
         let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
-        let listener = TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let addr = listener.local_addr().map_err(|e| e.to_string())?;
         let (notify, changes) = watch::channel(0);
         let record = Arc::new(Record {
@@ -193,7 +218,13 @@ impl Sink {
             ..Record::default()
         });
         let stop = CancellationToken::new();
-        tokio::spawn(accept(listener, acceptor, record.clone(), behaviour, stop.clone()));
+        tokio::spawn(accept(
+            listener,
+            acceptor,
+            record.clone(),
+            behaviour,
+            stop.clone(),
+        ));
         Ok(Sink {
             addr,
             record,
@@ -235,7 +266,13 @@ impl Drop for Sink {
     }
 }
 
-async fn accept(listener: TcpListener, acceptor: TlsAcceptor, record: Arc<Record>, behaviour: Behaviour, stop: CancellationToken) {
+async fn accept(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    record: Arc<Record>,
+    behaviour: Behaviour,
+    stop: CancellationToken,
+) {
     loop {
         let stream = tokio::select! {
             _ = stop.cancelled() => return,
@@ -245,12 +282,21 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, record: Arc<Record
             },
         };
         let _ = stream.set_nodelay(true);
-        let (acceptor, record, behaviour, stop) = (acceptor.clone(), record.clone(), behaviour.clone(), stop.clone());
+        let (acceptor, record, behaviour, stop) = (
+            acceptor.clone(),
+            record.clone(),
+            behaviour.clone(),
+            stop.clone(),
+        );
         tokio::spawn(async move {
             let tls = match acceptor.accept(stream).await {
                 Ok(tls) => tls,
                 Err(e) => {
-                    record.handshake_failures.lock().unwrap_or_else(|p| p.into_inner()).push(e.to_string());
+                    record
+                        .handshake_failures
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .push(e.to_string());
                     record.changed();
                     return;
                 }
@@ -264,10 +310,12 @@ async fn accept(listener: TcpListener, acceptor: TlsAcceptor, record: Arc<Record
                 .map(|(_, _, subject)| subject)
                 .unwrap_or_default();
             let service = service_fn(move |request| {
-                let (record, behaviour, client) = (record.clone(), behaviour.clone(), client.clone());
+                let (record, behaviour, client) =
+                    (record.clone(), behaviour.clone(), client.clone());
                 async move { handle(request, &record, &behaviour, client).await }
             });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+            let connection = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tls), service);
             tokio::select! {
                 _ = connection => {}
                 _ = stop.cancelled() => {}
@@ -288,8 +336,19 @@ impl std::fmt::Display for Cut {
 
 impl std::error::Error for Cut {}
 
-async fn handle(request: Request<Incoming>, record: &Record, behaviour: &Behaviour, client: String) -> Result<Response<Full<Bytes>>, Cut> {
-    let header = |name: &str| request.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+async fn handle(
+    request: Request<Incoming>,
+    record: &Record,
+    behaviour: &Behaviour,
+    client: String,
+) -> Result<Response<Full<Bytes>>, Cut> {
+    let header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
     let idempotency_key = header("idempotency-key");
     let content_type = header("content-type");
     let method = request.method().clone();
@@ -307,11 +366,29 @@ async fn handle(request: Request<Incoming>, record: &Record, behaviour: &Behavio
             json["message_id"].as_str().unwrap_or_default().to_string(),
             json["attempt"].as_u64().unwrap_or(0),
         ),
-        (&Method::PUT, ["internal", "messages", id, "status"]) => (Endpoint::Status, percent_encoding::percent_decode_str(id).decode_utf8_lossy().into_owned(), json["attempt_count"].as_u64().unwrap_or(0)),
-        _ => return Ok(respond(StatusCode::NOT_FOUND, None, r#"{"detail":"not found"}"#)),
+        (&Method::PUT, ["internal", "messages", id, "status"]) => (
+            Endpoint::Status,
+            percent_encoding::percent_decode_str(id)
+                .decode_utf8_lossy()
+                .into_owned(),
+            json["attempt_count"].as_u64().unwrap_or(0),
+        ),
+        _ => {
+            return Ok(respond(
+                StatusCode::NOT_FOUND,
+                None,
+                r#"{"detail":"not found"}"#,
+            ))
+        }
     };
-    if endpoint == Endpoint::Deliver && (message_id.is_empty() || json["worker_id"].as_str().is_none()) {
-        return Ok(respond(StatusCode::UNPROCESSABLE_ENTITY, None, r#"{"detail":"message_id and worker_id are required"}"#));
+    if endpoint == Endpoint::Deliver
+        && (message_id.is_empty() || json["worker_id"].as_str().is_none())
+    {
+        return Ok(respond(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            None,
+            r#"{"detail":"message_id and worker_id are required"}"#,
+        ));
     }
     let mut call = Call {
         endpoint,
@@ -334,7 +411,10 @@ async fn handle(request: Request<Incoming>, record: &Record, behaviour: &Behavio
     }
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let body = match (endpoint, status.is_success()) {
-        (Endpoint::Deliver, true) => format!(r#"{{"status":"success","delivered_at":"{}"}}"#, chrono::Utc::now().to_rfc3339()),
+        (Endpoint::Deliver, true) => format!(
+            r#"{{"status":"success","delivered_at":"{}"}}"#,
+            chrono::Utc::now().to_rfc3339()
+        ),
         (Endpoint::Status, true) => r#"{"status":"updated"}"#.to_string(),
         (_, false) => format!(r#"{{"detail":"injected {}"}}"#, status.as_u16()),
     };
@@ -344,9 +424,14 @@ async fn handle(request: Request<Incoming>, record: &Record, behaviour: &Behavio
 fn respond(status: StatusCode, retry_after: Option<u64>, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(body.to_string())));
     *response.status_mut() = status;
-    response.headers_mut().insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("application/json"));
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
     if let Some(seconds) = retry_after {
-        response.headers_mut().insert(hyper::header::RETRY_AFTER, seconds.into());
+        response
+            .headers_mut()
+            .insert(hyper::header::RETRY_AFTER, seconds.into());
     }
     response
 }

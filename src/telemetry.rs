@@ -32,7 +32,12 @@ where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
 {
-    fn format_event(&self, _ctx: &FmtContext<'_, S, N>, mut writer: Writer<'_>, event: &Event<'_>) -> fmt::Result {
+    fn format_event(
+        &self,
+        _ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
         let level = match *event.metadata().level() {
             Level::ERROR => "ERROR",
             Level::WARN => "WARNING",
@@ -43,7 +48,11 @@ where
         let now = chrono::Local::now().format("%Y-%m-%d %H:%M:%S,%3f");
         let mut fields = Fields::default();
         event.record(&mut fields);
-        writeln!(writer, "{now} - worker - {level} - [{}] - {}{}", self.worker_id, fields.message, fields.rest)
+        writeln!(
+            writer,
+            "{now} - worker - {level} - [{}] - {}{}",
+            self.worker_id, fields.message, fields.rest
+        )
     }
 }
 
@@ -83,16 +92,33 @@ pub fn init(level: Level, dir: &Path, worker_id: &str) -> Result<LogGuards, Stri
         .filename_suffix("log")
         .max_log_files(7)
         .build(dir)
-        .map_err(|e| format!("logging.file_path (LOG_FILE_PATH) = {}: cannot write logs there ({e})", dir.display()))?;
+        .map_err(|e| {
+            format!(
+                "logging.file_path (LOG_FILE_PATH) = {}: cannot write logs there ({e})",
+                dir.display()
+            )
+        })?;
     let (file, file_guard) = tracing_appender::non_blocking(file);
     let (stdout, stdout_guard) = tracing_appender::non_blocking(std::io::stdout());
     let filter = Targets::new()
         .with_default(LevelFilter::from_level(level).min(LevelFilter::WARN))
         .with_target("courier", level);
-    let format = |id: &str| SeedFormat { worker_id: id.to_string() };
+    let format = |id: &str| SeedFormat {
+        worker_id: id.to_string(),
+    };
     tracing_subscriber::registry()
-        .with(tracing_subscriber::fmt::layer().event_format(format(worker_id)).with_writer(stdout).with_filter(filter.clone()))
-        .with(tracing_subscriber::fmt::layer().event_format(format(worker_id)).with_writer(file).with_filter(filter))
+        .with(
+            tracing_subscriber::fmt::layer()
+                .event_format(format(worker_id))
+                .with_writer(stdout)
+                .with_filter(filter.clone()),
+        )
+        .with(
+            tracing_subscriber::fmt::layer()
+                .event_format(format(worker_id))
+                .with_writer(file)
+                .with_filter(filter),
+        )
         .try_init()
         .map_err(|e| format!("logging could not start: {e}"))?;
     Ok(LogGuards(vec![file_guard, stdout_guard]))

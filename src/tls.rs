@@ -54,13 +54,20 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Reads every certificate in a PEM file.
-pub fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_certs(
+    setting: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(setting, path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| TlsError::new(setting, path, format!("not a PEM certificate file ({e})")))?;
     if certs.is_empty() {
-        return Err(TlsError::new(setting, path, "holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)"));
+        return Err(TlsError::new(
+            setting,
+            path,
+            "holds no PEM certificate (expected -----BEGIN CERTIFICATE-----)",
+        ));
     }
     Ok(certs)
 }
@@ -68,15 +75,24 @@ pub fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateD
 /// Reads the first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub fn read_key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(setting, path)?;
-    PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| TlsError::new(setting, path, format!("holds no usable PEM private key ({e})")))
+    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
+        TlsError::new(
+            setting,
+            path,
+            format!("holds no usable PEM private key ({e})"),
+        )
+    })
 }
 
 fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| {
         let hint = match e.kind() {
-            std::io::ErrorKind::NotFound => "file not found; make one with `courier certs` or point the setting at it",
-            std::io::ErrorKind::PermissionDenied => "permission denied; let the worker's user read it",
+            std::io::ErrorKind::NotFound => {
+                "file not found; make one with `courier certs` or point the setting at it"
+            }
+            std::io::ErrorKind::PermissionDenied => {
+                "permission denied; let the worker's user read it"
+            }
             _ => "cannot be read",
         };
         TlsError::new(setting, path, format!("{hint} ({e})"))
@@ -85,7 +101,8 @@ fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// The validity period of a DER certificate, as (not_before, not_after, subject).
 pub fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime, String), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("not an X.509 certificate ({e})"))?;
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
+        .map_err(|e| format!("not an X.509 certificate ({e})"))?;
     let at = |t: x509_parser::time::ASN1Time| {
         let secs = t.timestamp();
         if secs >= 0 {
@@ -95,7 +112,11 @@ pub fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime, Str
         }
     };
     let validity = cert.validity();
-    Ok((at(validity.not_before), at(validity.not_after), cert.subject().to_string()))
+    Ok((
+        at(validity.not_before),
+        at(validity.not_after),
+        cert.subject().to_string(),
+    ))
 }
 
 impl ClientTls {
@@ -111,26 +132,37 @@ impl ClientTls {
 
         let mut roots = RootCertStore::empty();
         for ca in read_certs(CA, ca_file)? {
-            roots
-                .add(ca)
-                .map_err(|e| TlsError::new(CA, ca_file, format!("holds a certificate that cannot be used as a CA ({e})")))?;
+            roots.add(ca).map_err(|e| {
+                TlsError::new(
+                    CA,
+                    ca_file,
+                    format!("holds a certificate that cannot be used as a CA ({e})"),
+                )
+            })?;
         }
 
         let chain = read_certs(CERT, cert_file)?;
-        let (not_before, not_after, subject) = validity(&chain[0]).map_err(|e| TlsError::new(CERT, cert_file, e))?;
+        let (not_before, not_after, subject) =
+            validity(&chain[0]).map_err(|e| TlsError::new(CERT, cert_file, e))?;
         let now = SystemTime::now();
         if now > not_after {
             return Err(TlsError::new(
                 CERT,
                 cert_file,
-                format!("certificate expired on {}; issue a new one", rfc3339(not_after)),
+                format!(
+                    "certificate expired on {}; issue a new one",
+                    rfc3339(not_after)
+                ),
             ));
         }
         if now < not_before {
             return Err(TlsError::new(
                 CERT,
                 cert_file,
-                format!("certificate is not valid before {}; check the clock", rfc3339(not_before)),
+                format!(
+                    "certificate is not valid before {}; check the clock",
+                    rfc3339(not_before)
+                ),
             ));
         }
 
@@ -139,20 +171,31 @@ impl ClientTls {
             .key_provider
             .load_private_key(key.clone_key())
             .map_err(|e| TlsError::new(KEY, key_file, format!("unsupported private key ({e})")))?;
-        CertifiedKey::new(chain.clone(), signing_key).keys_match().map_err(|_| {
-            TlsError::new(
-                KEY,
-                key_file,
-                format!("private key does not match the certificate in {}", cert_file.display()),
-            )
-        })?;
+        CertifiedKey::new(chain.clone(), signing_key)
+            .keys_match()
+            .map_err(|_| {
+                TlsError::new(
+                    KEY,
+                    key_file,
+                    format!(
+                        "private key does not match the certificate in {}",
+                        cert_file.display()
+                    ),
+                )
+            })?;
 
         let mut config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::new(CA, ca_file, e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
-            .map_err(|e| TlsError::new(CERT, cert_file, format!("cannot be used as a client certificate ({e})")))?;
+            .map_err(|e| {
+                TlsError::new(
+                    CERT,
+                    cert_file,
+                    format!("cannot be used as a client certificate ({e})"),
+                )
+            })?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
 
         Ok(ClientTls {

@@ -72,14 +72,23 @@ pub struct Worker {
 
 impl Worker {
     /// Builds the HTTP client and opens the admin port. Nothing touches Redis yet.
-    pub async fn start(settings: Settings, tls: Option<ClientTls>, shutdown: CancellationToken) -> Result<Worker, RunError> {
+    pub async fn start(
+        settings: Settings,
+        tls: Option<ClientTls>,
+        shutdown: CancellationToken,
+    ) -> Result<Worker, RunError> {
         let worker_id = settings.worker.id.clone();
         let metrics = Arc::new(Metrics::new(&worker_id));
         if let Some(tls) = &tls {
             metrics.set_cert_expiry(tls.not_after);
         }
-        let deliverer = Deliverer::new(&settings.main_server, tls.as_ref(), &worker_id, settings.worker.concurrency)
-            .map_err(|e| RunError::Config(format!("main_server: {e}")))?;
+        let deliverer = Deliverer::new(
+            &settings.main_server,
+            tls.as_ref(),
+            &worker_id,
+            settings.worker.concurrency,
+        )
+        .map_err(|e| RunError::Config(format!("main_server: {e}")))?;
         let health = Arc::new(Health::new(metrics.clone()));
         let admin = Arc::new(AdminState {
             worker_id: worker_id.clone(),
@@ -91,12 +100,20 @@ impl Worker {
         let background = CancellationToken::new();
         let mut admin_addr = None;
         if settings.metrics.enabled {
-            let listener = admin::bind(SocketAddr::new(settings.metrics.bind, settings.metrics.port))
-                .await
-                .map_err(RunError::Config)?;
-            let addr = listener.local_addr().map_err(|e| RunError::Fatal(e.to_string()))?;
+            let listener = admin::bind(SocketAddr::new(
+                settings.metrics.bind,
+                settings.metrics.port,
+            ))
+            .await
+            .map_err(RunError::Config)?;
+            let addr = listener
+                .local_addr()
+                .map_err(|e| RunError::Fatal(e.to_string()))?;
             info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
-            tokio::spawn(admin::serve(listener, admin.clone(), background.clone()).instrument(tracing::info_span!("admin")));
+            tokio::spawn(
+                admin::serve(listener, admin.clone(), background.clone())
+                    .instrument(tracing::info_span!("admin")),
+            );
             admin_addr = Some(addr);
         }
         Ok(Worker {
@@ -140,16 +157,23 @@ impl Worker {
         );
 
         let client = queue::client(&redis).map_err(|e| RunError::Config(format!("redis: {e}")))?;
-        let Some(queue) = connect(&client, &redis.queue_name, &worker.id, &health, &shutdown).await? else {
+        let Some(queue) =
+            connect(&client, &redis.queue_name, &worker.id, &health, &shutdown).await?
+        else {
             background.cancel();
             return Ok(());
         };
         info!("Connected to Redis at {}:{}", redis.host, redis.port);
         let _ = admin.queue.set(queue.clone());
 
-        let recovered = retry_redis(&health, &shutdown, || queue.give_back(&worker.id)).await.unwrap_or(0);
+        let recovered = retry_redis(&health, &shutdown, || queue.give_back(&worker.id))
+            .await
+            .unwrap_or(0);
         if recovered > 0 {
-            warn!(count = recovered, "Returned messages left in this worker's processing list to the queue");
+            warn!(
+                count = recovered,
+                "Returned messages left in this worker's processing list to the queue"
+            );
         }
 
         let (status_tx, status_rx) = mpsc::channel(STATUS_BACKLOG);
@@ -167,32 +191,54 @@ impl Worker {
 
         let background_tasks = TaskTracker::new();
         background_tasks.spawn(
-            heartbeat(context.clone(), worker.heartbeat_interval, worker.dead_after, background.clone())
-                .instrument(tracing::info_span!("heartbeat")),
+            heartbeat(
+                context.clone(),
+                worker.heartbeat_interval,
+                worker.dead_after,
+                background.clone(),
+            )
+            .instrument(tracing::info_span!("heartbeat")),
         );
         background_tasks.spawn(
-            promote(context.clone(), worker.retry_interval, background.clone()).instrument(tracing::info_span!("promoter")),
+            promote(context.clone(), worker.retry_interval, background.clone())
+                .instrument(tracing::info_span!("promoter")),
         );
         let statuses = tokio::spawn(
-            report_statuses(deliverer, metrics.clone(), status_rx, worker.concurrency).instrument(tracing::info_span!("status")),
+            report_statuses(deliverer, metrics.clone(), status_rx, worker.concurrency)
+                .instrument(tracing::info_span!("status")),
         );
 
         let deliveries = TaskTracker::new();
-        claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;
+        claim(
+            &context,
+            &deliveries,
+            worker.concurrency,
+            worker.batch_size,
+            &shutdown,
+        )
+        .await;
 
         // Draining: no new claims; in-flight deliveries finish within the grace period.
         health.set_draining();
         deliveries.close();
         info!(in_flight = deliveries.len(), grace = ?worker.shutdown_grace, "Stopping: no new claims; finishing in-flight deliveries");
-        if tokio::time::timeout(worker.shutdown_grace, deliveries.wait()).await.is_err() {
-            warn!(in_flight = deliveries.len(), "Grace period over; returning unfinished messages to the queue");
+        if tokio::time::timeout(worker.shutdown_grace, deliveries.wait())
+            .await
+            .is_err()
+        {
+            warn!(
+                in_flight = deliveries.len(),
+                "Grace period over; returning unfinished messages to the queue"
+            );
         }
         // Anything still in processing goes back to the front of the queue. A delivery still
         // under way that settles after this finds its message gone and changes nothing.
         match queue.give_back(&worker.id).await {
             Ok(0) => {}
             Ok(n) => info!(count = n, "Returned unfinished messages to the queue"),
-            Err(e) => error!(error = %e, "Could not return unfinished messages; they stay in processing and return at the next start"),
+            Err(e) => {
+                error!(error = %e, "Could not return unfinished messages; they stay in processing and return at the next start")
+            }
         }
         if let Err(e) = queue.deregister().await {
             warn!(error = %e, "Could not remove this worker from the live set; it will be reaped");
@@ -254,7 +300,13 @@ fn version_at_least(version: &str, (major, minor): (u32, u32)) -> bool {
 }
 
 /// Claims messages while there are free slots, until shutdown.
-async fn claim(context: &Arc<Context>, deliveries: &TaskTracker, concurrency: usize, batch_size: usize, shutdown: &CancellationToken) {
+async fn claim(
+    context: &Arc<Context>,
+    deliveries: &TaskTracker,
+    concurrency: usize,
+    batch_size: usize,
+    shutdown: &CancellationToken,
+) {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut backoff = Backoff::default();
     loop {
@@ -334,7 +386,8 @@ impl Context {
             Err((raw, malformed)) => {
                 let reason = DeadReason::Malformed(malformed.label());
                 self.metrics.invalid(malformed.label());
-                let record = dead_letter(&raw, reason, &malformed.to_string(), &self.worker_id, None);
+                let record =
+                    dead_letter(&raw, reason, &malformed.to_string(), &self.worker_id, None);
                 if self.settle(|| self.queue.dead(&raw, &record)).await {
                     self.metrics.dead(reason.label());
                 }
@@ -343,8 +396,18 @@ impl Context {
             }
         };
         if envelope.attempt_count() >= self.max_attempts {
-            let error = format!("attempt_count {} is already at max_attempts {}", envelope.attempt_count(), self.max_attempts);
-            self.give_up(&envelope, envelope.attempt_count(), DeadReason::Exhausted, &error).await;
+            let error = format!(
+                "attempt_count {} is already at max_attempts {}",
+                envelope.attempt_count(),
+                self.max_attempts
+            );
+            self.give_up(
+                &envelope,
+                envelope.attempt_count(),
+                DeadReason::Exhausted,
+                &error,
+            )
+            .await;
             return;
         }
         if envelope.attempt_count() == 0 {
@@ -355,7 +418,12 @@ impl Context {
 
         let _processing = self.metrics.processing();
         let id = envelope.message_id();
-        debug!(message_id = id, "Processing message {id} (attempt {}/{})", envelope.attempt_count() + 1, self.max_attempts);
+        debug!(
+            message_id = id,
+            "Processing message {id} (attempt {}/{})",
+            envelope.attempt_count() + 1,
+            self.max_attempts
+        );
         let attempt = self.deliverer.deliver(&envelope).await;
         let Err(error) = attempt.result else {
             self.metrics.delivered(attempt.elapsed);
@@ -364,16 +432,27 @@ impl Context {
             return;
         };
 
-        self.metrics.failed(error.label(), error.status_class(), attempt.elapsed);
+        self.metrics
+            .failed(error.label(), error.status_class(), attempt.elapsed);
         let failures = envelope.attempt_count() + 1;
         let text = error.to_string();
         match error.outcome() {
-            crate::delivery::Outcome::Reject => self.give_up(&envelope, failures, DeadReason::Rejected, &text).await,
-            _ if failures >= self.max_attempts => self.give_up(&envelope, failures, DeadReason::Exhausted, &text).await,
+            crate::delivery::Outcome::Reject => {
+                self.give_up(&envelope, failures, DeadReason::Rejected, &text)
+                    .await
+            }
+            _ if failures >= self.max_attempts => {
+                self.give_up(&envelope, failures, DeadReason::Exhausted, &text)
+                    .await
+            }
             crate::delivery::Outcome::Retry { after } => {
-                let delay = after.map_or(self.retry_interval, |after| after.max(self.retry_interval));
+                let delay =
+                    after.map_or(self.retry_interval, |after| after.max(self.retry_interval));
                 let retried = envelope.with_attempt_count(failures);
-                if self.settle(|| self.queue.retry(envelope.raw(), &retried, delay)).await {
+                if self
+                    .settle(|| self.queue.retry(envelope.raw(), &retried, delay))
+                    .await
+                {
                     self.metrics.retried();
                 }
                 warn!(message_id = id, attempt = failures, max_attempts = self.max_attempts, retry_in = ?delay, error = %text, "Delivery failed; will retry");
@@ -386,11 +465,26 @@ impl Context {
     /// Dead-letters a message and reports it failed.
     async fn give_up(&self, envelope: &Envelope, failures: u32, reason: DeadReason, error: &str) {
         let id = envelope.message_id();
-        let record = dead_letter(&envelope.with_attempt_count(failures), reason, error, &self.worker_id, Some(id));
-        if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
+        let record = dead_letter(
+            &envelope.with_attempt_count(failures),
+            reason,
+            error,
+            &self.worker_id,
+            Some(id),
+        );
+        if self
+            .settle(|| self.queue.dead(envelope.raw(), &record))
+            .await
+        {
             self.metrics.dead(reason.label());
         }
-        error!(message_id = id, reason = reason.label(), attempts = failures, error, "Message {id} moved to the dead-letter list");
+        error!(
+            message_id = id,
+            reason = reason.label(),
+            attempts = failures,
+            error,
+            "Message {id} moved to the dead-letter list"
+        );
         self.report(id, Status::Failed, failures, error.to_string());
     }
 
@@ -467,11 +561,18 @@ where
 }
 
 /// Sends status updates with at most `limit` under way at once.
-async fn report_statuses(deliverer: Arc<Deliverer>, metrics: Arc<Metrics>, mut reports: mpsc::Receiver<StatusReport>, limit: usize) {
+async fn report_statuses(
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    mut reports: mpsc::Receiver<StatusReport>,
+    limit: usize,
+) {
     let slots = Arc::new(Semaphore::new(limit));
     let tasks = TaskTracker::new();
     while let Some(report) = reports.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else { break };
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
         let deliverer = deliverer.clone();
         let metrics = metrics.clone();
         tasks.spawn(async move {
@@ -496,7 +597,12 @@ async fn report_statuses(deliverer: Arc<Deliverer>, metrics: Arc<Metrics>, mut r
 }
 
 /// Heartbeats, counts live workers and refreshes the queue-depth gauges.
-async fn heartbeat(context: Arc<Context>, every: Duration, dead_after: Duration, stop: CancellationToken) {
+async fn heartbeat(
+    context: Arc<Context>,
+    every: Duration,
+    dead_after: Duration,
+    stop: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -514,7 +620,9 @@ async fn heartbeat(context: Arc<Context>, every: Duration, dead_after: Duration,
         match beat.await {
             Ok((workers, depths)) => {
                 context.health.redis_ok();
-                context.metrics.set_active_workers(workers.iter().filter(|(_, age)| *age < dead_after).count());
+                context.metrics.set_active_workers(
+                    workers.iter().filter(|(_, age)| *age < dead_after).count(),
+                );
                 context.metrics.set_depths(depths);
             }
             Err(e) => context.redis_error(&e, "heartbeat"),
@@ -532,7 +640,10 @@ async fn promote(context: Arc<Context>, retry_interval: Duration, stop: Cancella
             Ok(promoted) => {
                 backoff.reset();
                 if promoted.moved > 0 {
-                    debug!(count = promoted.moved, "Moved due retries back to the queue");
+                    debug!(
+                        count = promoted.moved,
+                        "Moved due retries back to the queue"
+                    );
                 }
                 if promoted.moved == PROMOTE_BATCH {
                     Duration::ZERO

@@ -1,0 +1,415 @@
+//! Test harness: a private redis-server per test, certificates made at test time, the reference
+//! mTLS main server, and ways to run the worker in-process or as the real binary.
+#![allow(dead_code)]
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use courier::config::Settings;
+use courier::pki::{Authority, Issued, Validity};
+use courier::sink::{Behaviour, Sink, SinkTls};
+use courier::tls::ClientTls;
+use courier::worker::{RunError, Worker};
+use redis::AsyncCommands;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+/// A redis-server of the test's own, on a free port, in a temp dir; killed on drop.
+pub struct RedisServer {
+    child: Option<Child>,
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    args: Vec<String>,
+}
+
+impl RedisServer {
+    pub async fn start() -> RedisServer {
+        Self::start_with(&["--appendonly", "no"]).await
+    }
+
+    /// Starts with extra arguments (e.g. `--appendonly yes`, `--requirepass x`).
+    pub async fn start_with(args: &[&str]) -> RedisServer {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut server = RedisServer {
+            child: None,
+            port: free_port(),
+            dir,
+            args: args.iter().map(|a| a.to_string()).collect(),
+        };
+        server.spawn().await;
+        server
+    }
+
+    async fn spawn(&mut self) {
+        let mut child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--logfile",
+                "",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .args(&self.args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("redis-server must be installed to run the tests");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let ready = async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if line.contains("Ready to accept connections") {
+                    return true;
+                }
+            }
+            false
+        };
+        assert!(
+            tokio::time::timeout(WAIT, ready).await.unwrap_or(false),
+            "redis-server did not start"
+        );
+        // Keep draining its output so it never blocks on a full pipe.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        self.child = Some(child);
+    }
+
+    /// Stops the server (SIGKILL) and waits for it to be gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill().await;
+        }
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to the test redis")
+    }
+}
+
+/// A throwaway PKI in a temp dir: a CA, a worker client certificate and a server certificate.
+pub struct Pki {
+    pub dir: tempfile::TempDir,
+    pub ca: Authority,
+    pub ca_file: PathBuf,
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub server: Issued,
+}
+
+impl Pki {
+    pub fn new() -> Pki {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca = Authority::new("courier test CA").expect("CA");
+        let client = ca
+            .issue_client("worker-test", Validity::default())
+            .expect("client cert");
+        let server = ca
+            .issue_server(&["localhost", "127.0.0.1"], Validity::default())
+            .expect("server cert");
+        let ca_file = dir.path().join("ca.crt");
+        let cert_file = dir.path().join("worker.crt");
+        let key_file = dir.path().join("worker.key");
+        std::fs::write(&ca_file, &ca.cert_pem).expect("write");
+        std::fs::write(&cert_file, &client.cert_pem).expect("write");
+        courier::pki::write_private(&key_file, &client.key_pem).expect("write");
+        Pki {
+            dir,
+            ca,
+            ca_file,
+            cert_file,
+            key_file,
+            server,
+        }
+    }
+
+    /// The sink's TLS: this PKI's server certificate, requiring clients of this CA.
+    pub fn sink_tls(&self) -> SinkTls {
+        SinkTls {
+            cert_pem: self.server.cert_pem.clone(),
+            key_pem: self.server.key_pem.clone(),
+            client_ca_pem: self.ca.cert_pem.clone(),
+        }
+    }
+
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path
+    }
+}
+
+pub async fn start_sink(pki: &Pki, behaviour: Behaviour) -> Sink {
+    Sink::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        &pki.sink_tls(),
+        behaviour,
+    )
+    .await
+    .expect("sink starts")
+}
+
+/// The environment a test worker runs with: everything pointed at the test's own parts.
+pub fn env(
+    redis: &RedisServer,
+    sink_url: &str,
+    pki: &Pki,
+    worker_id: &str,
+    extra: &[(&str, &str)],
+) -> HashMap<String, String> {
+    let mut vars: HashMap<String, String> = [
+        ("REDIS_HOST", "127.0.0.1".to_string()),
+        ("REDIS_PORT", redis.port.to_string()),
+        ("MAIN_SERVER_URL", sink_url.to_string()),
+        ("WORKER_ID", worker_id.to_string()),
+        ("WORKER_CERT_PATH", pki.cert_file.display().to_string()),
+        ("WORKER_KEY_PATH", pki.key_file.display().to_string()),
+        ("CA_CERT_PATH", pki.ca_file.display().to_string()),
+        ("WORKER_METRICS_PORT", "0".to_string()),
+        ("WORKER_METRICS_BIND", "127.0.0.1".to_string()),
+        ("WORKER_RETRY_INTERVAL", "0.2".to_string()),
+        ("WORKER_HEARTBEAT_INTERVAL", "0.2".to_string()),
+        ("WORKER_DEAD_AFTER", "2".to_string()),
+        (
+            "LOG_FILE_PATH",
+            pki.dir.path().join("logs").display().to_string(),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    for (k, v) in extra {
+        vars.insert(k.to_string(), v.to_string());
+    }
+    vars
+}
+
+pub fn settings(vars: &HashMap<String, String>) -> Settings {
+    let lookup = |name: &str| vars.get(name).cloned();
+    Settings::load(None, &lookup).unwrap_or_else(|e| panic!("test settings: {e}"))
+}
+
+/// A worker running in this process.
+pub struct InProcess {
+    pub shutdown: CancellationToken,
+    pub admin: Option<SocketAddr>,
+    pub task: tokio::task::JoinHandle<Result<(), RunError>>,
+}
+
+pub async fn start_worker(vars: &HashMap<String, String>) -> InProcess {
+    let settings = settings(vars);
+    let tls = ClientTls::load(&settings.tls).unwrap_or_else(|e| panic!("test TLS: {e}"));
+    let shutdown = CancellationToken::new();
+    let worker = Worker::start(settings, Some(tls), shutdown.clone())
+        .await
+        .expect("worker starts");
+    let admin = worker.admin_addr();
+    InProcess {
+        shutdown,
+        admin,
+        task: tokio::spawn(worker.run()),
+    }
+}
+
+impl InProcess {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        let result = tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task");
+        result.expect("worker ran cleanly");
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.admin.expect("admin port enabled"))
+    }
+}
+
+/// GET over plain HTTP (the admin port).
+pub async fn get(url: &str) -> (u16, String) {
+    // Plain reqwest clients need a process-wide crypto provider even for http://.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let response = reqwest::get(url).await.expect("admin port answers");
+    let status = response.status().as_u16();
+    (status, response.text().await.expect("body"))
+}
+
+/// Waits for a condition on state that announces no event (Redis contents), checking every
+/// 20 ms until WAIT runs out.
+pub async fn eventually<F, Fut>(check: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not met within {WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A message in the documented format.
+pub fn message(id: &str) -> String {
+    format!(
+        r#"{{"message_id":"{id}","payload":{{"n":"{id}"}},"queued_at":{}}}"#,
+        chrono::Utc::now().timestamp()
+    )
+}
+
+/// LPUSHes items in order (so the first is delivered first).
+pub async fn enqueue(redis: &RedisServer, queue: &str, items: &[String]) {
+    let mut conn = redis.conn().await;
+    for chunk in items.chunks(1000) {
+        let _: () = conn.lpush(queue, chunk).await.expect("LPUSH");
+    }
+}
+
+/// Message ids found in a list or sorted set of messages.
+pub async fn ids_in(redis: &RedisServer, key: &str) -> BTreeSet<String> {
+    let mut conn = redis.conn().await;
+    let kind: String = redis::cmd("TYPE")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("TYPE");
+    let items: Vec<String> = match kind.as_str() {
+        "list" => conn.lrange(key, 0, -1).await.expect("LRANGE"),
+        "zset" => conn.zrange(key, 0, -1).await.expect("ZRANGE"),
+        _ => Vec::new(),
+    };
+    items
+        .iter()
+        .filter_map(|item| serde_json::from_str::<serde_json::Value>(item).ok())
+        .filter_map(|v| v["message_id"].as_str().map(str::to_string))
+        .collect()
+}
+
+pub async fn len(redis: &RedisServer, key: &str) -> usize {
+    let mut conn = redis.conn().await;
+    let kind: String = redis::cmd("TYPE")
+        .arg(key)
+        .query_async(&mut conn)
+        .await
+        .expect("TYPE");
+    match kind.as_str() {
+        "list" => conn.llen(key).await.expect("LLEN"),
+        "zset" => conn.zcard(key).await.expect("ZCARD"),
+        _ => 0,
+    }
+}
+
+/// Dead-letter records, newest first.
+pub async fn dead_letters(redis: &RedisServer, queue: &str) -> Vec<serde_json::Value> {
+    let mut conn = redis.conn().await;
+    let items: Vec<Vec<u8>> = conn
+        .lrange(format!("{queue}:dead"), 0, -1)
+        .await
+        .expect("LRANGE");
+    items
+        .iter()
+        .map(|i| serde_json::from_slice(i).expect("dead letters are JSON"))
+        .collect()
+}
+
+/// The real binary, with only the given environment and a working directory of its own.
+pub fn courier(vars: &HashMap<String, String>, cwd: &Path) -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_courier"));
+    command
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(vars)
+        .current_dir(cwd)
+        .stdin(Stdio::null())
+        .kill_on_drop(true);
+    command
+}
+
+/// Sends a signal to a child process by pid.
+pub fn signal(child: &Child, name: &str) {
+    let pid = child.id().expect("child still running");
+    let status = std::process::Command::new("kill")
+        .args(["-s", name, &pid.to_string()])
+        .status()
+        .expect("kill runs");
+    assert!(status.success(), "kill -s {name} {pid}");
+}
+
+/// Reads a child's stdout line by line, keeping every line, until `done` matches one.
+pub struct Lines {
+    pub seen: Vec<String>,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Lines {
+    pub fn new(child: &mut Child) -> Lines {
+        Lines {
+            seen: Vec::new(),
+            lines: BufReader::new(child.stdout.take().expect("stdout piped")).lines(),
+        }
+    }
+
+    /// Waits for a line containing `needle`; returns it.
+    pub async fn wait_for(&mut self, needle: &str) -> String {
+        let found = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                self.seen.push(line.clone());
+                if line.contains(needle) {
+                    return Some(line);
+                }
+            }
+            None
+        })
+        .await;
+        match found {
+            Ok(Some(line)) => line,
+            _ => panic!(
+                "no line containing {needle:?}; saw:\n{}",
+                self.seen.join("\n")
+            ),
+        }
+    }
+
+    /// Reads the rest of the output.
+    pub async fn rest(&mut self) {
+        let _ = tokio::time::timeout(WAIT, async {
+            while let Ok(Some(line)) = self.lines.next_line().await {
+                self.seen.push(line);
+            }
+        })
+        .await;
+    }
+}
