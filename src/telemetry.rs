@@ -86,6 +86,13 @@ impl Visit for Fields {
 /// Starts logging at `level` to stdout and to a daily file in `dir`. Dependencies log at
 /// WARNING and above only, so a DEBUG run shows courier's own lines.
 pub fn init(level: Level, dir: &Path, worker_id: &str) -> Result<LogGuards, String> {
+    let unwritable = |e: &dyn std::fmt::Display| {
+        format!(
+            "logging.file_path (LOG_FILE_PATH) = {}: cannot write logs there ({e})",
+            dir.display()
+        )
+    };
+    std::fs::create_dir_all(dir).map_err(|e| unwritable(&e))?;
     let file = Builder::new()
         .rotation(Rotation::DAILY)
         .filename_prefix("worker")
