@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod config;
 pub mod delivery;
+pub mod demo;
 pub mod message;
 pub mod metrics;
 pub mod pki;

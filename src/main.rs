@@ -38,12 +38,63 @@ enum Command {
         #[arg(long, short, env = "COURIER_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Run the whole pipeline locally: throwaway certificates, a reference mTLS main server,
+    /// Redis (REDIS_URL, localhost, or a private redis-server), and the worker, with some
+    /// messages failing first. Cleans up after itself, also on Ctrl+C.
+    ///
+    /// Example: courier demo --messages 5000
+    Demo {
+        /// How many messages to send.
+        #[arg(long, default_value_t = 5000)]
+        messages: usize,
+        /// Share of messages whose first two attempts fail with 503.
+        #[arg(long, default_value_t = 0.1)]
+        flaky: f64,
+        /// Delivery slots.
+        #[arg(long, default_value_t = 32)]
+        concurrency: usize,
+        /// The Redis to use when it answers (its keys are left alone but for the demo's own queue).
+        #[arg(long, env = "REDIS_URL")]
+        redis_url: Option<String>,
+        /// Port for /metrics while the demo runs (0: any free port).
+        #[arg(long, default_value_t = 0)]
+        metrics_port: u16,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config } => run(config),
+        Command::Demo {
+            messages,
+            flaky,
+            concurrency,
+            redis_url,
+            metrics_port,
+        } => {
+            let options = courier::demo::DemoOptions {
+                messages,
+                flaky_share: flaky,
+                concurrency: concurrency.max(1),
+                redis_url,
+                metrics_port,
+            };
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("courier: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(courier::demo::run(options)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("courier demo: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 
