@@ -126,8 +126,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: Cancella
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, request).await) }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service);
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
             tokio::select! {
                 _ = connection => {}
                 _ = stop.cancelled() => {}

@@ -25,11 +25,7 @@ const KNOWN: &[Known] = &[
     k("redis.port", "REDIS_PORT", "6379"),
     k("redis.db", "REDIS_DB", "0"),
     k("redis.password", "REDIS_PASSWORD", ""),
-    k(
-        "main_server.url",
-        "MAIN_SERVER_URL",
-        "https://localhost:8000",
-    ),
+    k("main_server.url", "MAIN_SERVER_URL", "https://localhost:8000"),
     k("worker.id", "WORKER_ID", ""),
     k("worker.concurrency", "WORKER_CONCURRENCY", "4"),
     k("worker.retry_interval", "WORKER_RETRY_INTERVAL", "30"),
@@ -44,29 +40,14 @@ const KNOWN: &[Known] = &[
     k("logging.file_path", "LOG_FILE_PATH", "logs"),
     // courier's own additions.
     k("redis.queue_name", "REDIS_QUEUE_NAME", "message_queue"),
-    k(
-        "main_server.connect_timeout",
-        "MAIN_SERVER_CONNECT_TIMEOUT",
-        "5",
-    ),
-    k(
-        "main_server.request_timeout",
-        "MAIN_SERVER_REQUEST_TIMEOUT",
-        "30",
-    ),
+    k("main_server.connect_timeout", "MAIN_SERVER_CONNECT_TIMEOUT", "5"),
+    k("main_server.request_timeout", "MAIN_SERVER_REQUEST_TIMEOUT", "30"),
     k("worker.shutdown_grace", "WORKER_SHUTDOWN_GRACE", "25"),
-    k(
-        "worker.max_message_bytes",
-        "WORKER_MAX_MESSAGE_BYTES",
-        "1048576",
-    ),
-    k(
-        "worker.heartbeat_interval",
-        "WORKER_HEARTBEAT_INTERVAL",
-        "5",
-    ),
+    k("worker.max_message_bytes", "WORKER_MAX_MESSAGE_BYTES", "1048576"),
+    k("worker.heartbeat_interval", "WORKER_HEARTBEAT_INTERVAL", "5"),
     k("worker.dead_after", "WORKER_DEAD_AFTER", "30"),
     k("tls.enabled", "TLS_ENABLED", "true"),
+    k("tls.reload_interval", "TLS_RELOAD_INTERVAL", "60"),
     k("metrics.bind", "WORKER_METRICS_BIND", "0.0.0.0"),
 ];
 
@@ -146,6 +127,8 @@ pub struct WorkerSettings {
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
     pub enabled: bool,
+    /// How often the files are checked for changes (SIGHUP checks at once).
+    pub reload_interval: Duration,
     pub cert_file: PathBuf,
     pub key_file: PathBuf,
     pub ca_file: PathBuf,
@@ -226,10 +209,7 @@ impl Settings {
             },
             None => ConfigError::Setting(e.to_string()),
         })?;
-        let source = Source {
-            merged: &merged,
-            env,
-        };
+        let source = Source { merged: &merged, env };
         source.refuse_unknown_keys()?;
         source.settings()
     }
@@ -249,9 +229,12 @@ impl Source<'_> {
             .filter_map(|k| k.key.split_once('.'))
             .map(|(s, _)| s)
             .collect();
-        let table = self.merged.cache.clone().into_table().map_err(|e| {
-            ConfigError::Setting(format!("config file: top level must be a mapping ({e})"))
-        })?;
+        let table = self
+            .merged
+            .cache
+            .clone()
+            .into_table()
+            .map_err(|e| ConfigError::Setting(format!("config file: top level must be a mapping ({e})")))?;
         for (section, value) in table {
             if !sections.contains(section.as_str()) {
                 return Err(ConfigError::Setting(format!(
@@ -284,18 +267,13 @@ impl Source<'_> {
 
     /// The setting's text, or an error naming it.
     fn text(&self, key: &str) -> Result<String, ConfigError> {
-        let value: Value = self
-            .merged
-            .get(key)
-            .map_err(|e| self.invalid(key, &e.to_string()))?;
+        let value: Value = self.merged.get(key).map_err(|e| self.invalid(key, &e.to_string()))?;
         match value.kind {
             ValueKind::Table(_) | ValueKind::Array(_) => {
                 Err(self.invalid(key, "expected a single value, found a list or mapping"))
             }
             ValueKind::Nil => Ok(String::new()),
-            _ => value
-                .into_string()
-                .map_err(|e| self.invalid(key, &e.to_string())),
+            _ => value.into_string().map_err(|e| self.invalid(key, &e.to_string())),
         }
     }
 
@@ -320,10 +298,7 @@ impl Source<'_> {
     }
 
     fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T, ConfigError> {
-        self.text(key)?
-            .trim()
-            .parse()
-            .map_err(|_| self.invalid(key, expected))
+        self.text(key)?.trim().parse().map_err(|_| self.invalid(key, expected))
     }
 
     fn number<T>(&self, key: &str, min: T, max: T) -> Result<T, ConfigError>
@@ -367,13 +342,14 @@ impl Source<'_> {
     fn settings(&self) -> Result<Settings, ConfigError> {
         let tls = TlsSettings {
             enabled: self.flag("tls.enabled")?,
+            reload_interval: self.seconds("tls.reload_interval", 0.05, 86_400.0)?,
             cert_file: self.path("tls.cert_file")?,
             key_file: self.path("tls.key_file")?,
             ca_file: self.path("tls.ca_file")?,
         };
         let url_text = self.text("main_server.url")?;
-        let url = Url::parse(url_text.trim())
-            .map_err(|e| self.invalid("main_server.url", &format!("not a URL ({e})")))?;
+        let url =
+            Url::parse(url_text.trim()).map_err(|e| self.invalid("main_server.url", &format!("not a URL ({e})")))?;
         match (url.scheme(), tls.enabled) {
             ("https", true) | ("http", false) => {}
             ("http", true) => {
@@ -395,15 +371,8 @@ impl Source<'_> {
         }
 
         let queue_name = self.text("redis.queue_name")?.trim().to_string();
-        if queue_name.is_empty()
-            || queue_name
-                .chars()
-                .any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(self.invalid(
-                "redis.queue_name",
-                "expected a non-empty name without spaces",
-            ));
+        if queue_name.is_empty() || queue_name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(self.invalid("redis.queue_name", "expected a non-empty name without spaces"));
         }
         let host = self.text("redis.host")?.trim().to_string();
         if host.is_empty() {
@@ -423,11 +392,7 @@ impl Source<'_> {
         } else {
             id
         };
-        if id.len() > 200
-            || !id
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c))
-        {
+        if id.len() > 200 || !id.chars().all(|c| c.is_ascii_alphanumeric() || "-_.:@".contains(c)) {
             return Err(self.invalid(
                 "worker.id",
                 "expected up to 200 letters, digits or - _ . : @ (it becomes part of a Redis key)",
@@ -461,15 +426,11 @@ impl Source<'_> {
         };
         let metrics = MetricsSettings {
             enabled: self.flag("metrics.enabled")?,
-            bind: self.parse(
-                "metrics.bind",
-                "expected an IP address such as 0.0.0.0 or 127.0.0.1",
-            )?,
+            bind: self.parse("metrics.bind", "expected an IP address such as 0.0.0.0 or 127.0.0.1")?,
             port: self.number("metrics.port", 0, u16::MAX)?,
         };
-        let level = parse_level(&self.text("logging.level")?).ok_or_else(|| {
-            self.invalid("logging.level", "expected DEBUG, INFO, WARNING or ERROR")
-        })?;
+        let level = parse_level(&self.text("logging.level")?)
+            .ok_or_else(|| self.invalid("logging.level", "expected DEBUG, INFO, WARNING or ERROR"))?;
         let logging = LoggingSettings {
             level,
             file_path: self.path("logging.file_path")?,
@@ -553,10 +514,7 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let map: HashMap<String, String> = pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
+        let map: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         move |name: &str| map.get(name).cloned()
     }
 
@@ -569,8 +527,7 @@ mod tests {
 
     #[test]
     fn seed_defaults_apply_without_a_file_or_variables() {
-        let s =
-            Settings::load(None, &env(&[])).unwrap_or_else(|e| panic!("defaults must load: {e}"));
+        let s = Settings::load(None, &env(&[])).unwrap_or_else(|e| panic!("defaults must load: {e}"));
         assert_eq!(s.redis.host, "localhost");
         assert_eq!(s.redis.port, 6379);
         assert_eq!(s.redis.queue_name, "message_queue");
@@ -624,24 +581,15 @@ mod tests {
             "a: yes\nb: x\nc: d\n"
         );
         let err = expand("a: 1\nb: ${NOT_A_SETTING}\n", &e).unwrap_err();
-        assert!(
-            err.contains("line 2") && err.contains("NOT_A_SETTING"),
-            "{err}"
-        );
-        assert!(expand("x: ${UNCLOSED\n", &e)
-            .unwrap_err()
-            .contains("closing"));
+        assert!(err.contains("line 2") && err.contains("NOT_A_SETTING"), "{err}");
+        assert!(expand("x: ${UNCLOSED\n", &e).unwrap_err().contains("closing"));
     }
 
     #[test]
     fn unknown_keys_are_refused_by_name() {
-        let err = load_yaml("worker:\n  concurency: 4\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load_yaml("worker:\n  concurency: 4\n", &[]).unwrap_err().to_string();
         assert!(err.contains("worker.concurency"), "{err}");
-        let err = load_yaml("workers:\n  concurrency: 4\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load_yaml("workers:\n  concurrency: 4\n", &[]).unwrap_err().to_string();
         assert!(err.contains("`workers`"), "{err}");
     }
 
@@ -651,18 +599,12 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("worker.concurrency")
-                && err.contains("WORKER_CONCURRENCY")
-                && err.contains("\"many\""),
+            err.contains("worker.concurrency") && err.contains("WORKER_CONCURRENCY") && err.contains("\"many\""),
             "{err}"
         );
-        let err = load_yaml("redis:\n  port: 70000\n", &[])
-            .unwrap_err()
-            .to_string();
+        let err = load_yaml("redis:\n  port: 70000\n", &[]).unwrap_err().to_string();
         assert!(err.contains("redis.port") && err.contains("70000"), "{err}");
-        let err = load_yaml("", &[("WORKER_CONCURRENCY", "0")])
-            .unwrap_err()
-            .to_string();
+        let err = load_yaml("", &[("WORKER_CONCURRENCY", "0")]).unwrap_err().to_string();
         assert!(err.contains("from 1 to"), "{err}");
     }
 
@@ -671,18 +613,8 @@ mod tests {
         let err = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000")])
             .unwrap_err()
             .to_string();
-        assert!(
-            err.contains("main_server.url") && err.contains("https://"),
-            "{err}"
-        );
-        let ok = load_yaml(
-            "",
-            &[
-                ("MAIN_SERVER_URL", "http://main:8000"),
-                ("TLS_ENABLED", "false"),
-            ],
-        )
-        .unwrap();
+        assert!(err.contains("main_server.url") && err.contains("https://"), "{err}");
+        let ok = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000"), ("TLS_ENABLED", "false")]).unwrap();
         assert!(!ok.tls.enabled);
     }
 

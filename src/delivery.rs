@@ -51,14 +51,10 @@ impl DeliveryError {
     pub fn outcome(&self) -> Outcome {
         match self {
             DeliveryError::Status {
-                status,
-                retry_after,
-                ..
+                status, retry_after, ..
             } => match *status {
                 400..=499 if !matches!(*status, 408 | 425 | 429) => Outcome::Reject,
-                _ => Outcome::Retry {
-                    after: *retry_after,
-                },
+                _ => Outcome::Retry { after: *retry_after },
             },
             _ => Outcome::Retry { after: None },
         }
@@ -134,10 +130,7 @@ fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
         if e.is::<rustls::Error>() {
             return true;
         }
-        if let Some(inner) = e
-            .downcast_ref::<std::io::Error>()
-            .and_then(|io| io.get_ref())
-        {
+        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
             if inner.is::<rustls::Error>() || is_tls(inner) {
                 return true;
             }
@@ -215,10 +208,7 @@ impl Deliverer {
     /// Starts using new TLS material for new connections; requests under way finish on theirs.
     pub fn replace_tls(&self, tls: &ClientTls) -> Result<(), DeliveryError> {
         let client = build_client(&self.settings, Some(tls), self.pool_size)?;
-        *self
-            .client
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+        *self.client.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
         Ok(())
     }
 
@@ -270,37 +260,26 @@ impl Deliverer {
 
 /// Sends a request and reads the whole answer (so the connection goes back to the pool).
 async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
-    let response = request
-        .send()
-        .await
-        .map_err(|e| DeliveryError::from_reqwest(&e))?;
+    let response = request.send().await.map_err(|e| DeliveryError::from_reqwest(&e))?;
     let status = response.status();
     if status.is_success() {
         // The server has recorded the message; a broken body after that changes nothing.
         let _ = response.bytes().await;
         return Ok(());
     }
-    let retry_after = response
-        .headers()
-        .get(RETRY_AFTER)
-        .and_then(parse_retry_after);
+    let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
     let location = response
         .headers()
         .get(reqwest::header::LOCATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
     let body = response.bytes().await.unwrap_or_default();
-    let mut text: String = String::from_utf8_lossy(&body[..body.len().min(200)])
-        .trim()
-        .to_string();
+    let mut text: String = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
     if let (true, Some(location)) = (status.is_redirection(), location) {
         text = format!("redirect to {location}; check MAIN_SERVER_URL");
     }
     if text.is_empty() {
-        text = status
-            .canonical_reason()
-            .unwrap_or("no reason given")
-            .to_string();
+        text = status.canonical_reason().unwrap_or("no reason given").to_string();
     }
     Err(DeliveryError::Status {
         status: status.as_u16(),
@@ -355,9 +334,7 @@ pub fn build_client(
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy();
     if let Some(tls) = tls {
-        builder = builder
-            .tls_backend_preconfigured(tls.config.clone())
-            .https_only(true);
+        builder = builder.tls_backend_preconfigured(tls.config.clone()).https_only(true);
     }
     builder.build().map_err(|e| DeliveryError::Other(chain(&e)))
 }
@@ -393,10 +370,7 @@ mod tests {
             DeliveryError::Connect("x".into()).outcome(),
             Outcome::Retry { after: None }
         );
-        assert_eq!(
-            DeliveryError::Tls("x".into()).outcome(),
-            Outcome::Retry { after: None }
-        );
+        assert_eq!(DeliveryError::Tls("x".into()).outcome(), Outcome::Retry { after: None });
     }
 
     #[test]

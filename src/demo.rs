@@ -41,8 +41,7 @@ struct OwnRedis {
 /// Runs the demo until every message is delivered or dead-lettered, or Ctrl+C.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let work = tempfile::tempdir().context("Failed to make a temporary directory")?;
-    let (redis_host, redis_port, own_redis) =
-        find_or_start_redis(options.redis_url.as_deref(), work.path()).await?;
+    let (redis_host, redis_port, own_redis) = find_or_start_redis(options.redis_url.as_deref(), work.path()).await?;
     let queue = format!("courier-demo-{}", std::process::id());
     println!(
         "courier demo: {} messages on queue {queue} at redis {redis_host}:{redis_port}",
@@ -76,9 +75,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             .unwrap_or(1);
         match call.endpoint {
             Endpoint::Deliver if n % 500 == 499 => Reply::status(422),
-            Endpoint::Deliver if flaky_every > 0 && n % flaky_every == 0 && call.attempt <= 2 => {
-                Reply::status(503)
-            }
+            Endpoint::Deliver if flaky_every > 0 && n % flaky_every == 0 && call.attempt <= 2 => Reply::status(503),
             _ => Reply::status(200),
         }
     });
@@ -104,10 +101,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         ("WORKER_KEY_PATH", key_file.display().to_string()),
         ("CA_CERT_PATH", ca_file.display().to_string()),
         ("WORKER_METRICS_PORT", options.metrics_port.to_string()),
-        (
-            "LOG_FILE_PATH",
-            work.path().join("logs").display().to_string(),
-        ),
+        ("LOG_FILE_PATH", work.path().join("logs").display().to_string()),
     ]);
     let lookup = |name: &str| vars.get(name).cloned();
     let settings = Settings::load(None, &lookup)?;
@@ -146,7 +140,11 @@ async fn drive(
     let total = options.messages;
     let now = chrono::Utc::now().timestamp();
     let items: Vec<String> = (0..total)
-        .map(|i| format!(r#"{{"message_id":"demo-{i}","payload":{{"order":{i},"text":"hello from courier"}},"queued_at":{now}}}"#))
+        .map(|i| {
+            format!(
+                r#"{{"message_id":"demo-{i}","payload":{{"order":{i},"text":"hello from courier"}},"queued_at":{now}}}"#
+            )
+        })
         .collect();
     for chunk in items.chunks(1000) {
         let _: () = conn.lpush(queue, chunk).await?;
@@ -164,8 +162,7 @@ async fn drive(
 
     // A live line on a terminal; a plain line every two seconds in a log.
     let terminal = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    let mut ticker =
-        tokio::time::interval(Duration::from_millis(if terminal { 250 } else { 2000 }));
+    let mut ticker = tokio::time::interval(Duration::from_millis(if terminal { 250 } else { 2000 }));
     let interrupted = loop {
         tokio::select! {
             _ = tokio::signal::ctrl_c() => break true,
@@ -178,7 +175,8 @@ async fn drive(
             .query_async(conn)
             .await?;
         let rate = delivered as f64 / started.elapsed().as_secs_f64().max(0.001);
-        let line = format!("  delivered {delivered:>7}/{total}  retrying {retrying:>5}  dead {dead:>4}  {rate:>8.0} msg/s ");
+        let line =
+            format!("  delivered {delivered:>7}/{total}  retrying {retrying:>5}  dead {dead:>4}  {rate:>8.0} msg/s ");
         if terminal {
             print!("\r{line}");
             let _ = std::io::stdout().flush();
@@ -202,11 +200,7 @@ async fn drive(
     println!("  {:<28}{:>10}", "delivered", unique.len());
     println!("  {:<28}{:>10}", "dead-lettered (HTTP 422)", dead);
     println!("  {:<28}{:>10}", "delivery attempts", attempts);
-    println!(
-        "  {:<28}{:>10}",
-        "duplicates",
-        delivered.len() - unique.len()
-    );
+    println!("  {:<28}{:>10}", "duplicates", delivered.len() - unique.len());
     println!("  {:<28}{:>10.2}", "seconds", elapsed.as_secs_f64());
     if let Some(url) = metrics_url {
         println!("\n  metrics were served at {url} while the demo ran");
@@ -219,10 +213,7 @@ async fn drive(
 
 /// Uses the Redis at `url` (or localhost:6379) when it answers PING, else starts a private
 /// redis-server on a free port in `dir`.
-async fn find_or_start_redis(
-    url: Option<&str>,
-    dir: &Path,
-) -> anyhow::Result<(String, u16, Option<OwnRedis>)> {
+async fn find_or_start_redis(url: Option<&str>, dir: &Path) -> anyhow::Result<(String, u16, Option<OwnRedis>)> {
     let url = url.unwrap_or("redis://127.0.0.1:6379/");
     if let Ok(client) = redis::Client::open(url) {
         let ping = async {
@@ -235,11 +226,20 @@ async fn find_or_start_redis(
             }
         }
     }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut child = tokio::process::Command::new("redis-server")
-        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--logfile", ""])
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--logfile",
+            "",
+        ])
         .arg("--dir")
         .arg(dir)
         .stdout(std::process::Stdio::piped())

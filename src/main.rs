@@ -116,18 +116,12 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         },
         false => None,
     };
-    let _logs = match courier::telemetry::init(
-        settings.logging.level,
-        &settings.logging.file_path,
-        &settings.worker.id,
-    ) {
+    let _logs = match courier::telemetry::init(settings.logging.level, &settings.logging.file_path, &settings.worker.id)
+    {
         Ok(guards) => guards,
         Err(e) => return config_error(e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("courier: cannot start the async runtime: {e}");

@@ -68,13 +68,7 @@ impl Envelope {
     pub fn parse(raw: Vec<u8>, max_bytes: usize) -> Result<Envelope, (Vec<u8>, Malformed)> {
         if raw.len() > max_bytes {
             let size = raw.len();
-            return Err((
-                raw,
-                Malformed::TooLarge {
-                    size,
-                    limit: max_bytes,
-                },
-            ));
+            return Err((raw, Malformed::TooLarge { size, limit: max_bytes }));
         }
         match Self::fields(&raw) {
             Ok(parts) => Ok(Envelope { raw, ..parts }),
@@ -83,21 +77,18 @@ impl Envelope {
     }
 
     fn fields(raw: &[u8]) -> Result<Envelope, Malformed> {
-        let text = std::str::from_utf8(raw)
-            .map_err(|e| Malformed::InvalidJson(format!("not UTF-8 ({e})")))?;
+        let text = std::str::from_utf8(raw).map_err(|e| Malformed::InvalidJson(format!("not UTF-8 ({e})")))?;
         if !text.trim_start().starts_with('{') {
             return Err(Malformed::InvalidJson("not a JSON object".into()));
         }
-        let fields: Fields =
-            serde_json::from_str(text).map_err(|e| Malformed::InvalidJson(e.to_string()))?;
+        let fields: Fields = serde_json::from_str(text).map_err(|e| Malformed::InvalidJson(e.to_string()))?;
         let span = |value: &RawValue| {
             let start = value.get().as_ptr() as usize - text.as_ptr() as usize;
             start..start + value.get().len()
         };
 
         let id_raw = fields.message_id.ok_or(Malformed::MissingId)?;
-        let message_id: String =
-            serde_json::from_str(id_raw.get()).map_err(|_| Malformed::MissingId)?;
+        let message_id: String = serde_json::from_str(id_raw.get()).map_err(|_| Malformed::MissingId)?;
         if message_id.is_empty() {
             return Err(Malformed::InvalidId("it is empty".into()));
         }
@@ -106,20 +97,14 @@ impl Envelope {
         }
         if message_id.chars().any(char::is_control) {
             // It travels in the Idempotency-Key header, where control characters are not allowed.
-            return Err(Malformed::InvalidId(
-                "it contains control characters".into(),
-            ));
+            return Err(Malformed::InvalidId("it contains control characters".into()));
         }
 
         let attempt_count = match fields.attempt_count {
             None => 0,
             Some(value) if value.get() == "null" => 0,
-            Some(value) => serde_json::from_str::<u32>(value.get()).map_err(|_| {
-                Malformed::InvalidAttemptCount(format!(
-                    "{} is not a whole number >= 0",
-                    value.get()
-                ))
-            })?,
+            Some(value) => serde_json::from_str::<u32>(value.get())
+                .map_err(|_| Malformed::InvalidAttemptCount(format!("{} is not a whole number >= 0", value.get())))?,
         };
         let queued_at = fields.queued_at.and_then(|value| parse_time(value.get()));
 
@@ -185,11 +170,7 @@ impl Envelope {
             }
             None => {
                 // `parse` saw an object with a message_id, so there is a `{` and a field after it.
-                let open = self
-                    .raw
-                    .iter()
-                    .position(|&b| b == b'{')
-                    .map_or(0, |i| i + 1);
+                let open = self.raw.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
                 let mut out = Vec::with_capacity(self.raw.len() + count.len() + 18);
                 out.extend_from_slice(&self.raw[..open]);
                 out.extend_from_slice(b"\"attempt_count\":");
@@ -205,15 +186,12 @@ impl Envelope {
 /// `queued_at` as epoch seconds (integer or fraction) or an RFC 3339 string.
 fn parse_time(json: &str) -> Option<SystemTime> {
     if let Ok(seconds) = json.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0)
-            .then(|| UNIX_EPOCH + Duration::from_secs_f64(seconds));
+        return (seconds.is_finite() && seconds >= 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(seconds));
     }
     let text: String = serde_json::from_str(json).ok()?;
     let time = chrono::DateTime::parse_from_rfc3339(&text).ok()?;
     let nanos = time.timestamp_nanos_opt()?;
-    u64::try_from(nanos)
-        .ok()
-        .map(|n| UNIX_EPOCH + Duration::from_nanos(n))
+    u64::try_from(nanos).ok().map(|n| UNIX_EPOCH + Duration::from_nanos(n))
 }
 
 /// Why a message went to the dead-letter list. The label is a bounded metric label value.
@@ -239,13 +217,7 @@ impl DeadReason {
 
 /// A dead-letter record: JSON with the reason, the error, who and when, and the original item
 /// exactly as it was (`message`, or `message_base64` when it was not UTF-8).
-pub fn dead_letter(
-    raw: &[u8],
-    reason: DeadReason,
-    error: &str,
-    worker_id: &str,
-    message_id: Option<&str>,
-) -> Vec<u8> {
+pub fn dead_letter(raw: &[u8], reason: DeadReason, error: &str, worker_id: &str, message_id: Option<&str>) -> Vec<u8> {
     let mut record = serde_json::Map::new();
     record.insert("reason".into(), reason.label().into());
     record.insert("error".into(), error.into());
@@ -271,8 +243,7 @@ mod tests {
     use super::*;
 
     fn parse(text: &str) -> Envelope {
-        Envelope::parse(text.as_bytes().to_vec(), 1 << 20)
-            .unwrap_or_else(|(_, e)| panic!("{text}: {e}"))
+        Envelope::parse(text.as_bytes().to_vec(), 1 << 20).unwrap_or_else(|(_, e)| panic!("{text}: {e}"))
     }
 
     fn reason(bytes: &[u8]) -> Malformed {
@@ -281,14 +252,10 @@ mod tests {
 
     #[test]
     fn reads_id_attempts_payload_and_queue_time() {
-        let e = parse(
-            r#"{"message_id":"m-1","attempt_count":3,"payload":{"a":[1,2]},"queued_at":1700000000.5}"#,
-        );
+        let e = parse(r#"{"message_id":"m-1","attempt_count":3,"payload":{"a":[1,2]},"queued_at":1700000000.5}"#);
         assert_eq!(e.message_id(), "m-1");
         assert_eq!(e.attempt_count(), 3);
-        let waited = e
-            .waited(UNIX_EPOCH + Duration::from_secs(1_700_000_010))
-            .unwrap();
+        let waited = e.waited(UNIX_EPOCH + Duration::from_secs(1_700_000_010)).unwrap();
         assert_eq!(waited, Duration::from_millis(9_500));
         let body: serde_json::Value = serde_json::from_slice(&e.delivery_body("\"w-1\"")).unwrap();
         assert_eq!(
@@ -308,8 +275,7 @@ mod tests {
 
     #[test]
     fn retried_copy_changes_only_the_attempt_count() {
-        let original =
-            "{ \"message_id\" : \"m\\u0041\",\"attempt_count\": 7 , \"x\": 1.50e3, \"y\":\"\\n\" }";
+        let original = "{ \"message_id\" : \"m\\u0041\",\"attempt_count\": 7 , \"x\": 1.50e3, \"y\":\"\\n\" }";
         let e = parse(original);
         assert_eq!(e.message_id(), "mA");
         let again = String::from_utf8(e.with_attempt_count(8)).unwrap();
@@ -317,10 +283,7 @@ mod tests {
 
         let e = parse(r#"  {"message_id":"m","x":1.50e3}"#);
         let again = String::from_utf8(e.with_attempt_count(1)).unwrap();
-        assert_eq!(
-            again,
-            r#"  {"attempt_count":1,"message_id":"m","x":1.50e3}"#
-        );
+        assert_eq!(again, r#"  {"attempt_count":1,"message_id":"m","x":1.50e3}"#);
         assert_eq!(parse(&again).attempt_count(), 1);
     }
 
@@ -331,25 +294,13 @@ mod tests {
         assert_eq!(reason(b"\xff\xfe{}").label(), "invalid_json");
         assert_eq!(reason(br#"{"id":"x"}"#), Malformed::MissingId);
         assert_eq!(reason(br#"{"message_id":42}"#), Malformed::MissingId);
-        assert_eq!(
-            reason(br#"{"message_id":""}"#).label(),
-            "invalid_message_id"
-        );
-        assert_eq!(
-            reason(br#"{"message_id":"a\u0000"}"#).label(),
-            "invalid_message_id"
-        );
+        assert_eq!(reason(br#"{"message_id":""}"#).label(), "invalid_message_id");
+        assert_eq!(reason(br#"{"message_id":"a\u0000"}"#).label(), "invalid_message_id");
         assert_eq!(
             reason(br#"{"message_id":"a","attempt_count":-1}"#).label(),
             "invalid_attempt_count"
         );
-        assert_eq!(
-            reason(&[b'x'; 65]),
-            Malformed::TooLarge {
-                size: 65,
-                limit: 64
-            }
-        );
+        assert_eq!(reason(&[b'x'; 65]), Malformed::TooLarge { size: 65, limit: 64 });
     }
 
     #[test]
@@ -360,23 +311,11 @@ mod tests {
 
     #[test]
     fn dead_letters_keep_the_original_exactly() {
-        let record = dead_letter(
-            b"not json",
-            DeadReason::Malformed("invalid_json"),
-            "boom",
-            "w",
-            None,
-        );
+        let record = dead_letter(b"not json", DeadReason::Malformed("invalid_json"), "boom", "w", None);
         let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
         assert_eq!(v["reason"], "invalid_json");
         assert_eq!(v["message"], "not json");
-        let record = dead_letter(
-            b"\xff\x00a",
-            DeadReason::Malformed("invalid_json"),
-            "e",
-            "w",
-            None,
-        );
+        let record = dead_letter(b"\xff\x00a", DeadReason::Malformed("invalid_json"), "e", "w", None);
         let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
         assert_eq!(v["message_base64"], "/wBh");
     }

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    TextEncoder,
 };
 
 use crate::queue::Depths;
@@ -70,15 +70,8 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
 }
 
 /// A counter with one label, every value pre-created so it exports 0 before the first event.
-fn counter_vec(
-    registry: &Registry,
-    name: &str,
-    help: &str,
-    label: &str,
-    values: &[&str],
-) -> IntCounterVec {
-    let metric =
-        IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric names are valid");
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str, values: &[&str]) -> IntCounterVec {
+    let metric = IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric names are valid");
     registry
         .register(Box::new(metric.clone()))
         .expect("each metric is registered once");
@@ -97,8 +90,8 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
 }
 
 fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    let metric = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
-        .expect("metric names are valid");
+    let metric =
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("metric names are valid");
     registry
         .register(Box::new(metric.clone()))
         .expect("each metric is registered once");
@@ -108,8 +101,7 @@ fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Hi
 impl Metrics {
     pub fn new(worker_id: &str) -> Metrics {
         let labels = HashMap::from([("worker_id".to_string(), worker_id.to_string())]);
-        let registry =
-            Registry::new_custom(None, Some(labels)).expect("the worker_id label is valid");
+        let registry = Registry::new_custom(None, Some(labels)).expect("the worker_id label is valid");
         let r = &registry;
         let queue_depth = IntGaugeVec::new(
             Opts::new(
@@ -151,18 +143,13 @@ impl Metrics {
                 "reason",
                 FAILURE_REASONS,
             ),
-            retried: counter(
-                r,
-                "worker_messages_retried_total",
-                "Total retries scheduled",
-            ),
+            retried: counter(r, "worker_messages_retried_total", "Total retries scheduled"),
             delivery_duration: histogram(
                 r,
                 "worker_delivery_duration_seconds",
                 "Message delivery time (one POST to the main server)",
                 &[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-                    30.0,
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
                 ],
             ),
             queue_wait: histogram(
@@ -178,11 +165,7 @@ impl Metrics {
                 "worker_active_workers",
                 "Number of active workers (live heartbeats on this queue)",
             ),
-            processing: gauge(
-                r,
-                "worker_processing_messages",
-                "Currently processing messages",
-            ),
+            processing: gauge(r, "worker_processing_messages", "Currently processing messages"),
             queue_depth,
             responses: counter_vec(
                 r,
@@ -212,11 +195,7 @@ impl Metrics {
                 "result",
                 &["ok", "failed", "dropped"],
             ),
-            redis_up: gauge(
-                r,
-                "worker_redis_up",
-                "1 while Redis answers, 0 while it is unreachable",
-            ),
+            redis_up: gauge(r, "worker_redis_up", "1 while Redis answers, 0 while it is unreachable"),
             reaped: counter(
                 r,
                 "worker_reaped_messages_total",
@@ -299,8 +278,7 @@ impl Metrics {
     }
 
     pub fn set_active_workers(&self, n: usize) {
-        self.active_workers
-            .set(i64::try_from(n).unwrap_or(i64::MAX));
+        self.active_workers.set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn set_redis_up(&self, up: bool) {
@@ -322,10 +300,7 @@ impl Metrics {
     /// Counter totals for `/stats`.
     pub fn totals(&self) -> serde_json::Value {
         let sum = |vec: &IntCounterVec, values: &[&str]| -> u64 {
-            values
-                .iter()
-                .map(|v| vec.with_label_values(&[v]).get())
-                .sum()
+            values.iter().map(|v| vec.with_label_values(&[v]).get()).sum()
         };
         serde_json::json!({
             "processed": self.processed.get(),

@@ -5,8 +5,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
 };
 use time::OffsetDateTime;
 
@@ -41,19 +41,14 @@ impl Default for Validity {
     }
 }
 
-fn params(
-    common_name: &str,
-    names: Vec<String>,
-    validity: Validity,
-) -> Result<CertificateParams, rcgen::Error> {
+fn params(common_name: &str, names: Vec<String>, validity: Validity) -> Result<CertificateParams, rcgen::Error> {
     let mut params = CertificateParams::new(names)?;
     let mut dn = DistinguishedName::new();
     dn.push(DnType::CommonName, common_name);
     params.distinguished_name = dn;
     let start = OffsetDateTime::now_utc() - time::Duration::seconds(validity.starts_ago);
     params.not_before = start;
-    params.not_after = start
-        + time::Duration::seconds(i64::try_from(validity.lasts.as_secs()).unwrap_or(i64::MAX / 2));
+    params.not_after = start + time::Duration::seconds(i64::try_from(validity.lasts.as_secs()).unwrap_or(i64::MAX / 2));
     Ok(params)
 }
 
@@ -112,10 +107,7 @@ impl Authority {
     }
 
     fn sign(&self, mut params: CertificateParams) -> Result<Issued, rcgen::Error> {
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Issued {

@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{
-    AsyncCommands, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script,
-};
+use redis::{AsyncCommands, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
 
 use crate::config::RedisSettings;
 
@@ -28,7 +26,6 @@ impl QueueError {
             || e.is_connection_dropped()
             || e.is_connection_refusal()
             || e.is_timeout()
-            || e.is_unrecoverable_error()
             || matches!(
                 e.code(),
                 Some("LOADING" | "BUSY" | "TRYAGAIN" | "MASTERDOWN" | "READONLY")
@@ -50,6 +47,8 @@ pub struct Keys {
     pub retry: String,
     pub dead: String,
     pub workers: String,
+    /// Worker id -> the process holding it (`host|pid|started_ms`).
+    pub owners: String,
     processing_prefix: String,
 }
 
@@ -60,6 +59,7 @@ impl Keys {
             retry: format!("{queue}:retry"),
             dead: format!("{queue}:dead"),
             workers: format!("{queue}:workers"),
+            owners: format!("{queue}:owners"),
             processing_prefix: format!("{queue}:processing:"),
         }
     }
@@ -94,7 +94,10 @@ struct Scripts {
     dead: Script,
     promote: Script,
     give_back: Script,
+    register: Script,
     heartbeat: Script,
+    reap: Script,
+    deregister: Script,
 }
 
 impl Scripts {
@@ -143,9 +146,54 @@ impl Scripts {
                   while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
                   return n",
             ),
-            heartbeat: Script::new(
+            // Takes worker id ARGV[1] for process ARGV[2], unless another process holds it with a
+            // heartbeat younger than ARGV[3] ms (and is not ARGV[4], a holder known to be dead).
+            // Returns {1, '', 0} or {0, holder, heartbeat age in ms}.
+            register: Script::new(
                 r"local t = redis.call('TIME')
+                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                  local holder = redis.call('HGET', KEYS[2], ARGV[1])
+                  local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
+                  if holder and holder ~= ARGV[2] and holder ~= ARGV[4] and beat
+                     and now - tonumber(beat) < tonumber(ARGV[3]) then
+                    return {0, holder, now - tonumber(beat)}
+                  end
+                  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+                  redis.call('ZADD', KEYS[1], now, ARGV[1])
+                  return {1, '', 0}",
+            ),
+            // Refreshes the heartbeat in Redis time, unless another process has taken the id
+            // (returns 0 then).
+            heartbeat: Script::new(
+                r"local holder = redis.call('HGET', KEYS[2], ARGV[1])
+                  if holder and holder ~= ARGV[2] then return 0 end
+                  if not holder then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
+                  local t = redis.call('TIME')
                   redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+                  return 1",
+            ),
+            // Reaps worker ARGV[1] if its heartbeat is still older than ARGV[2] ms: its processing
+            // list KEYS[3] goes to the front of the queue KEYS[4], oldest first, and it leaves
+            // the live set. Returns the messages moved, or -1 when there was nothing to reap
+            // (another worker got there first, or it came back).
+            reap: Script::new(
+                r"local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
+                  if not beat then return -1 end
+                  local t = redis.call('TIME')
+                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+                  if now - tonumber(beat) < tonumber(ARGV[2]) then return -1 end
+                  local n = 0
+                  while redis.call('LMOVE', KEYS[3], KEYS[4], 'LEFT', 'RIGHT') do n = n + 1 end
+                  redis.call('ZREM', KEYS[1], ARGV[1])
+                  redis.call('HDEL', KEYS[2], ARGV[1])
+                  return n",
+            ),
+            // Leaves the live set, if the id is still this process's.
+            deregister: Script::new(
+                r"local holder = redis.call('HGET', KEYS[2], ARGV[1])
+                  if holder and holder ~= ARGV[2] then return 0 end
+                  redis.call('HDEL', KEYS[2], ARGV[1])
+                  redis.call('ZREM', KEYS[1], ARGV[1])
                   return 1",
             ),
         }
@@ -161,7 +209,62 @@ pub struct Queue {
     keys: Keys,
     processing: String,
     worker_id: String,
+    /// This process, as recorded against its worker id: `host|pid|started_ms`.
+    token: String,
     scripts: std::sync::Arc<Scripts>,
+}
+
+/// Who holds a worker id, from `register`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub host: String,
+    pub pid: u32,
+    pub token: String,
+    pub heartbeat_age: Duration,
+}
+
+impl Holder {
+    fn parse(token: String, age_ms: u64) -> Holder {
+        let mut parts = token.splitn(3, '|');
+        let host = parts.next().unwrap_or_default().to_string();
+        let pid = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        Holder {
+            host,
+            pid,
+            token,
+            heartbeat_age: Duration::from_millis(age_ms),
+        }
+    }
+}
+
+impl std::fmt::Display for Holder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "pid {} on host {} (heartbeat {:.1} s ago)",
+            self.pid,
+            self.host,
+            self.heartbeat_age.as_secs_f64()
+        )
+    }
+}
+
+/// The token identifying this process against its worker id.
+pub fn process_token() -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_millis();
+    format!("{}|{}|{started}", this_host(), std::process::id())
+}
+
+/// This machine's host name.
+pub fn this_host() -> String {
+    gethostname::gethostname().to_string_lossy().replace('|', "_")
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Builds the Redis client from settings (password and database included).
@@ -179,20 +282,13 @@ pub fn client(settings: &RedisSettings) -> Result<Client, QueueError> {
 impl Queue {
     /// Connects both connections. Fails at once if Redis cannot be reached; the caller decides
     /// whether to wait and try again.
-    pub async fn connect(
-        client: &Client,
-        queue_name: &str,
-        worker_id: &str,
-    ) -> Result<Queue, QueueError> {
+    pub async fn connect(client: &Client, queue_name: &str, worker_id: &str) -> Result<Queue, QueueError> {
         let base = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
         let conn = client
-            .get_connection_manager_with_config(
-                base.clone()
-                    .set_response_timeout(Some(Duration::from_secs(10))),
-            )
+            .get_connection_manager_with_config(base.clone().set_response_timeout(Some(Duration::from_secs(10))))
             .await?;
         // The blocking wait's replies come up to BLOCK_SECONDS late by design.
         let blocking = client
@@ -207,6 +303,7 @@ impl Queue {
             processing: keys.processing(worker_id),
             keys,
             worker_id: worker_id.to_string(),
+            token: process_token(),
             scripts: std::sync::Arc::new(Scripts::new()),
         })
     }
@@ -264,12 +361,7 @@ impl Queue {
     }
 
     /// Moves a message from processing to the retry set as `retried`, due after `delay`.
-    pub async fn retry(
-        &self,
-        raw: &[u8],
-        retried: &[u8],
-        delay: Duration,
-    ) -> Result<bool, QueueError> {
+    pub async fn retry(&self, raw: &[u8], retried: &[u8], delay: Duration) -> Result<bool, QueueError> {
         let moved: i64 = self
             .scripts
             .retry
@@ -277,7 +369,7 @@ impl Queue {
             .key(&self.keys.retry)
             .arg(raw)
             .arg(retried)
-            .arg(u64::try_from(delay.as_millis()).unwrap_or(u64::MAX))
+            .arg(millis(delay))
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(moved > 0)
@@ -325,24 +417,72 @@ impl Queue {
         Ok(n)
     }
 
-    /// Records that this worker is alive, in Redis time.
-    pub async fn heartbeat(&self) -> Result<(), QueueError> {
-        let _: i64 = self
+    /// Takes this worker's id. `Err(holder)` when a live process holds it. `dead_holder` is a
+    /// holder token known to belong to a process that no longer exists.
+    pub async fn register(
+        &self,
+        dead_after: Duration,
+        dead_holder: Option<&str>,
+    ) -> Result<Result<(), Holder>, QueueError> {
+        let reply: (i64, Option<String>, Option<u64>) = self
+            .scripts
+            .register
+            .key(&self.keys.workers)
+            .key(&self.keys.owners)
+            .arg(&self.worker_id)
+            .arg(&self.token)
+            .arg(millis(dead_after))
+            .arg(dead_holder.unwrap_or(""))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(match reply {
+            (1, _, _) => Ok(()),
+            (_, holder, age) => Err(Holder::parse(holder.unwrap_or_default(), age.unwrap_or(0))),
+        })
+    }
+
+    /// Records that this worker is alive, in Redis time. `false`: another process has taken
+    /// this worker's id.
+    pub async fn heartbeat(&self) -> Result<bool, QueueError> {
+        let kept: i64 = self
             .scripts
             .heartbeat
             .key(&self.keys.workers)
+            .key(&self.keys.owners)
             .arg(&self.worker_id)
+            .arg(&self.token)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(())
+        Ok(kept == 1)
     }
 
-    /// Removes this worker from the live set.
+    /// Reaps `worker_id` if its heartbeat is older than `dead_after`; returns the messages
+    /// returned to the queue, `None` if another worker reaped it first or it came back.
+    pub async fn reap(&self, worker_id: &str, dead_after: Duration) -> Result<Option<usize>, QueueError> {
+        let moved: i64 = self
+            .scripts
+            .reap
+            .key(&self.keys.workers)
+            .key(&self.keys.owners)
+            .key(self.keys.processing(worker_id))
+            .key(&self.keys.ready)
+            .arg(worker_id)
+            .arg(millis(dead_after))
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(usize::try_from(moved).ok())
+    }
+
+    /// Removes this worker from the live set, if the id is still this process's.
     pub async fn deregister(&self) -> Result<(), QueueError> {
         let _: i64 = self
-            .conn
-            .clone()
-            .zrem(&self.keys.workers, &self.worker_id)
+            .scripts
+            .deregister
+            .key(&self.keys.workers)
+            .key(&self.keys.owners)
+            .arg(&self.worker_id)
+            .arg(&self.token)
+            .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(())
     }

@@ -1,5 +1,38 @@
 //! Signals, portably: SIGTERM and SIGINT on Unix; Ctrl+C, Ctrl+Break, console close and system
-//! shutdown on Windows (what NSSM sends a console application it is stopping).
+//! shutdown on Windows (what NSSM sends a console application it is stopping). SIGHUP (Unix
+//! only) asks for the TLS files to be read again; Windows relies on the periodic check.
+
+/// Requests to reload the TLS files: SIGHUP on Unix; never on Windows.
+pub struct ReloadRequests {
+    #[cfg(unix)]
+    hangup: Option<tokio::signal::unix::Signal>,
+}
+
+impl ReloadRequests {
+    pub fn new() -> ReloadRequests {
+        ReloadRequests {
+            #[cfg(unix)]
+            hangup: tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok(),
+        }
+    }
+
+    /// Waits for the next request.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        if let Some(hangup) = &mut self.hangup {
+            if hangup.recv().await.is_some() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    }
+}
+
+impl Default for ReloadRequests {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// Waits for the first request to stop and returns its name.
 pub async fn requested() -> &'static str {
@@ -12,10 +45,7 @@ mod imp {
 
     pub async fn requested() -> &'static str {
         // Installing a handler only fails when the OS refuses; then Ctrl+C via tokio still works.
-        match (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) {
+        match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(mut term), Ok(mut int)) => tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",

@@ -100,10 +100,7 @@ pub struct Record {
 
 impl Record {
     fn push(&self, call: Call) {
-        self.calls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(call);
+        self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(call);
         self.changed();
     }
 
@@ -161,6 +158,14 @@ pub struct Sink {
     pub record: Arc<Record>,
     changes: watch::Receiver<u64>,
     stop: CancellationToken,
+    tls: Arc<Mutex<Served>>,
+}
+
+/// The TLS the sink serves new connections with, and the token that closes the connections
+/// made under it.
+struct Served {
+    acceptor: TlsAcceptor,
+    connections: CancellationToken,
 }
 
 /// The sink's TLS material, PEM.
@@ -180,15 +185,13 @@ impl SinkTls {
                 .add(ca.map_err(|e| format!("client CA: {e}"))?)
                 .map_err(|e| format!("client CA: {e}"))?;
         }
-        let verifier =
-            WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-                .build()
-                .map_err(|e| format!("client CA: {e}"))?;
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .map_err(|e| format!("client CA: {e}"))?;
         let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("server certificate: {e}"))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
-            .map_err(|e| format!("server key: {e}"))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| format!("server key: {e}"))?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| e.to_string())?
@@ -202,11 +205,7 @@ impl SinkTls {
 
 impl Sink {
     /// Starts serving on `addr` (port 0 picks a free one) until stopped or dropped.
-    pub async fn start(
-        addr: SocketAddr,
-        tls: &SinkTls,
-        behaviour: Behaviour,
-    ) -> Result<Sink, String> {
+    pub async fn start(addr: SocketAddr, tls: &SinkTls, behaviour: Behaviour) -> Result<Sink, String> {
         let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
         let listener = TcpListener::bind(addr)
             .await
@@ -218,9 +217,13 @@ impl Sink {
             ..Record::default()
         });
         let stop = CancellationToken::new();
+        let served = Arc::new(Mutex::new(Served {
+            acceptor,
+            connections: stop.child_token(),
+        }));
         tokio::spawn(accept(
             listener,
-            acceptor,
+            served.clone(),
             record.clone(),
             behaviour,
             stop.clone(),
@@ -230,7 +233,21 @@ impl Sink {
             record,
             changes,
             stop,
+            tls: served,
         })
+    }
+
+    /// Serves new connections with `tls` from now on and closes every open connection, so
+    /// only clients that pass the new checks get through.
+    pub fn replace_tls(&self, tls: &SinkTls) -> Result<(), String> {
+        let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
+        let mut served = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        served.connections.cancel();
+        *served = Served {
+            acceptor,
+            connections: self.stop.child_token(),
+        };
+        Ok(())
     }
 
     /// The base URL to give courier as MAIN_SERVER_URL.
@@ -268,7 +285,7 @@ impl Drop for Sink {
 
 async fn accept(
     listener: TcpListener,
-    acceptor: TlsAcceptor,
+    served: Arc<Mutex<Served>>,
     record: Arc<Record>,
     behaviour: Behaviour,
     stop: CancellationToken,
@@ -282,12 +299,11 @@ async fn accept(
             },
         };
         let _ = stream.set_nodelay(true);
-        let (acceptor, record, behaviour, stop) = (
-            acceptor.clone(),
-            record.clone(),
-            behaviour.clone(),
-            stop.clone(),
-        );
+        let (acceptor, closed) = {
+            let served = served.lock().unwrap_or_else(|p| p.into_inner());
+            (served.acceptor.clone(), served.connections.clone())
+        };
+        let (record, behaviour) = (record.clone(), behaviour.clone());
         tokio::spawn(async move {
             let tls = match acceptor.accept(stream).await {
                 Ok(tls) => tls,
@@ -310,15 +326,13 @@ async fn accept(
                 .map(|(_, _, subject)| subject)
                 .unwrap_or_default();
             let service = service_fn(move |request| {
-                let (record, behaviour, client) =
-                    (record.clone(), behaviour.clone(), client.clone());
+                let (record, behaviour, client) = (record.clone(), behaviour.clone(), client.clone());
                 async move { handle(request, &record, &behaviour, client).await }
             });
-            let connection = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(tls), service);
+            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
             tokio::select! {
                 _ = connection => {}
-                _ = stop.cancelled() => {}
+                _ = closed.cancelled() => {}
             }
         });
     }
@@ -373,17 +387,9 @@ async fn handle(
                 .into_owned(),
             json["attempt_count"].as_u64().unwrap_or(0),
         ),
-        _ => {
-            return Ok(respond(
-                StatusCode::NOT_FOUND,
-                None,
-                r#"{"detail":"not found"}"#,
-            ))
-        }
+        _ => return Ok(respond(StatusCode::NOT_FOUND, None, r#"{"detail":"not found"}"#)),
     };
-    if endpoint == Endpoint::Deliver
-        && (message_id.is_empty() || json["worker_id"].as_str().is_none())
-    {
+    if endpoint == Endpoint::Deliver && (message_id.is_empty() || json["worker_id"].as_str().is_none()) {
         return Ok(respond(
             StatusCode::UNPROCESSABLE_ENTITY,
             None,

@@ -54,10 +54,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Reads every certificate in a PEM file.
-pub fn read_certs(
-    setting: &'static str,
-    path: &Path,
-) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+pub fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(setting, path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
@@ -75,24 +72,15 @@ pub fn read_certs(
 /// Reads the first private key in a PEM file (PKCS#8, PKCS#1 or SEC1).
 pub fn read_key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(setting, path)?;
-    PrivateKeyDer::from_pem_slice(&bytes).map_err(|e| {
-        TlsError::new(
-            setting,
-            path,
-            format!("holds no usable PEM private key ({e})"),
-        )
-    })
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| TlsError::new(setting, path, format!("holds no usable PEM private key ({e})")))
 }
 
 fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| {
         let hint = match e.kind() {
-            std::io::ErrorKind::NotFound => {
-                "file not found; make one with `courier certs` or point the setting at it"
-            }
-            std::io::ErrorKind::PermissionDenied => {
-                "permission denied; let the worker's user read it"
-            }
+            std::io::ErrorKind::NotFound => "file not found; make one with `courier certs` or point the setting at it",
+            std::io::ErrorKind::PermissionDenied => "permission denied; let the worker's user read it",
             _ => "cannot be read",
         };
         TlsError::new(setting, path, format!("{hint} ({e})"))
@@ -101,8 +89,8 @@ fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
 
 /// The validity period of a DER certificate, as (not_before, not_after, subject).
 pub fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime, String), String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref())
-        .map_err(|e| format!("not an X.509 certificate ({e})"))?;
+    let (_, cert) =
+        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("not an X.509 certificate ({e})"))?;
     let at = |t: x509_parser::time::ASN1Time| {
         let secs = t.timestamp();
         if secs >= 0 {
@@ -142,17 +130,13 @@ impl ClientTls {
         }
 
         let chain = read_certs(CERT, cert_file)?;
-        let (not_before, not_after, subject) =
-            validity(&chain[0]).map_err(|e| TlsError::new(CERT, cert_file, e))?;
+        let (not_before, not_after, subject) = validity(&chain[0]).map_err(|e| TlsError::new(CERT, cert_file, e))?;
         let now = SystemTime::now();
         if now > not_after {
             return Err(TlsError::new(
                 CERT,
                 cert_file,
-                format!(
-                    "certificate expired on {}; issue a new one",
-                    rfc3339(not_after)
-                ),
+                format!("certificate expired on {}; issue a new one", rfc3339(not_after)),
             ));
         }
         if now < not_before {
@@ -177,10 +161,7 @@ impl ClientTls {
                 TlsError::new(
                     KEY,
                     key_file,
-                    format!(
-                        "private key does not match the certificate in {}",
-                        cert_file.display()
-                    ),
+                    format!("private key does not match the certificate in {}", cert_file.display()),
                 )
             })?;
 
@@ -189,13 +170,7 @@ impl ClientTls {
             .map_err(|e| TlsError::new(CA, ca_file, e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
-            .map_err(|e| {
-                TlsError::new(
-                    CERT,
-                    cert_file,
-                    format!("cannot be used as a client certificate ({e})"),
-                )
-            })?;
+            .map_err(|e| TlsError::new(CERT, cert_file, format!("cannot be used as a client certificate ({e})")))?;
         config.alpn_protocols = vec![b"http/1.1".to_vec()];
 
         Ok(ClientTls {
@@ -205,6 +180,14 @@ impl ClientTls {
             files: [cert_file.clone(), key_file.clone(), ca_file.clone()],
         })
     }
+}
+
+/// The current contents of the three files (empty where unreadable), to notice a change.
+pub fn snapshot(settings: &TlsSettings) -> Vec<Vec<u8>> {
+    [&settings.cert_file, &settings.key_file, &settings.ca_file]
+        .iter()
+        .map(|path| std::fs::read(path).unwrap_or_default())
+        .collect()
 }
 
 /// A time as RFC 3339 UTC, for messages.

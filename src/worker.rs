@@ -13,7 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
 use crate::admin::{self, AdminState, Health};
-use crate::config::Settings;
+use crate::config::{Settings, TlsSettings, WorkerSettings};
 use crate::delivery::{Deliverer, Status};
 use crate::message::{dead_letter, DeadReason, Envelope};
 use crate::metrics::Metrics;
@@ -56,9 +56,13 @@ struct Context {
     max_message_bytes: usize,
 }
 
+/// Within this long of its expiry, the client certificate draws a daily warning.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
 /// A started worker: its admin port is listening; `run` does the work.
 pub struct Worker {
     settings: Settings,
+    tls: Option<ClientTls>,
     deliverer: Arc<Deliverer>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
@@ -100,24 +104,19 @@ impl Worker {
         let background = CancellationToken::new();
         let mut admin_addr = None;
         if settings.metrics.enabled {
-            let listener = admin::bind(SocketAddr::new(
-                settings.metrics.bind,
-                settings.metrics.port,
-            ))
-            .await
-            .map_err(RunError::Config)?;
-            let addr = listener
-                .local_addr()
-                .map_err(|e| RunError::Fatal(e.to_string()))?;
+            let listener = admin::bind(SocketAddr::new(settings.metrics.bind, settings.metrics.port))
+                .await
+                .map_err(RunError::Config)?;
+            let addr = listener.local_addr().map_err(|e| RunError::Fatal(e.to_string()))?;
             info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
             tokio::spawn(
-                admin::serve(listener, admin.clone(), background.clone())
-                    .instrument(tracing::info_span!("admin")),
+                admin::serve(listener, admin.clone(), background.clone()).instrument(tracing::info_span!("admin")),
             );
             admin_addr = Some(addr);
         }
         Ok(Worker {
             settings,
+            tls,
             deliverer: Arc::new(deliverer),
             metrics,
             health,
@@ -138,6 +137,7 @@ impl Worker {
     pub async fn run(self) -> Result<(), RunError> {
         let Worker {
             settings,
+            tls,
             deliverer,
             metrics,
             health,
@@ -146,7 +146,12 @@ impl Worker {
             shutdown,
             background,
         } = self;
-        let Settings { redis, worker, .. } = settings;
+        let Settings {
+            redis,
+            worker,
+            tls: tls_settings,
+            ..
+        } = settings;
         info!(
             queue = %redis.queue_name,
             concurrency = worker.concurrency,
@@ -157,14 +162,16 @@ impl Worker {
         );
 
         let client = queue::client(&redis).map_err(|e| RunError::Config(format!("redis: {e}")))?;
-        let Some(queue) =
-            connect(&client, &redis.queue_name, &worker.id, &health, &shutdown).await?
-        else {
+        let Some(queue) = connect(&client, &redis.queue_name, &worker.id, &health, &shutdown).await? else {
             background.cancel();
             return Ok(());
         };
         info!("Connected to Redis at {}:{}", redis.host, redis.port);
         let _ = admin.queue.set(queue.clone());
+        if !take_id(&queue, &worker, &health, &shutdown).await? {
+            background.cancel();
+            return Ok(());
+        }
 
         let recovered = retry_redis(&health, &shutdown, || queue.give_back(&worker.id))
             .await
@@ -195,6 +202,7 @@ impl Worker {
                 context.clone(),
                 worker.heartbeat_interval,
                 worker.dead_after,
+                shutdown.clone(),
                 background.clone(),
             )
             .instrument(tracing::info_span!("heartbeat")),
@@ -203,20 +211,25 @@ impl Worker {
             promote(context.clone(), worker.retry_interval, background.clone())
                 .instrument(tracing::info_span!("promoter")),
         );
+        if let Some(tls) = tls {
+            background_tasks.spawn(
+                watch_tls(
+                    deliverer.clone(),
+                    metrics.clone(),
+                    tls_settings,
+                    tls,
+                    background.clone(),
+                )
+                .instrument(tracing::info_span!("tls")),
+            );
+        }
         let statuses = tokio::spawn(
             report_statuses(deliverer, metrics.clone(), status_rx, worker.concurrency)
                 .instrument(tracing::info_span!("status")),
         );
 
         let deliveries = TaskTracker::new();
-        claim(
-            &context,
-            &deliveries,
-            worker.concurrency,
-            worker.batch_size,
-            &shutdown,
-        )
-        .await;
+        claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;
 
         // Draining: no new claims; in-flight deliveries finish within the grace period.
         health.set_draining();
@@ -266,7 +279,10 @@ async fn connect(
     loop {
         match Queue::connect(client, queue_name, worker_id).await {
             Ok(queue) => {
-                let version = queue.server_version().await.map_err(|e| RunError::Fatal(format!("Redis: {e}")))?;
+                let version = queue
+                    .server_version()
+                    .await
+                    .map_err(|e| RunError::Fatal(format!("Redis: {e}")))?;
                 if !version_at_least(&version, (6, 2)) {
                     return Err(RunError::Config(format!(
                         "redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)"
@@ -293,6 +309,65 @@ async fn connect(
     }
 }
 
+/// Takes this worker's id in Redis. A live process holding it is given `dead_after` to go
+/// quiet (a crashed holder elsewhere does); a holder on this host whose process is gone is
+/// taken over at once. `false`: shut down while waiting.
+async fn take_id(
+    queue: &Queue,
+    worker: &WorkerSettings,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<bool, RunError> {
+    let mut waited_since: Option<tokio::time::Instant> = None;
+    let mut dead_holder: Option<String> = None;
+    loop {
+        let Some(taken) = retry_redis(health, shutdown, || {
+            queue.register(worker.dead_after, dead_holder.as_deref())
+        })
+        .await
+        else {
+            return Ok(false);
+        };
+        let holder = match taken {
+            Ok(()) => return Ok(true),
+            Err(holder) => holder,
+        };
+        if holder.host == queue::this_host() && !process_alive(holder.pid) {
+            info!(holder = %holder, "Taking over worker id {} from a process that no longer runs", worker.id);
+            dead_holder = Some(holder.token);
+            continue;
+        }
+        let since = *waited_since.get_or_insert_with(|| {
+            warn!(holder = %holder, "Worker id {} is held by another process; waiting up to {:?} for it to go quiet", worker.id, worker.dead_after);
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() >= worker.dead_after {
+            return Err(RunError::Config(format!(
+                "worker.id (WORKER_ID) = {}: already in use by a live worker, {holder}; give each process its own WORKER_ID",
+                worker.id
+            )));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(worker.heartbeat_interval) => {}
+        }
+    }
+}
+
+/// Whether a process with this pid runs on this machine. Where that cannot be told, assume it
+/// does: the caller then waits for its heartbeat to go stale instead.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
+}
+
 fn version_at_least(version: &str, (major, minor): (u32, u32)) -> bool {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
     let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
@@ -309,7 +384,37 @@ async fn claim(
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut backoff = Backoff::default();
+    // Set when a claim failed: its reply may have been lost after Redis ran it, leaving claimed
+    // messages in processing that no task holds. Once every slot is free, anything left in
+    // processing is such an orphan and goes back to the queue.
+    let mut sweep = false;
     loop {
+        if sweep {
+            let all = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                permits = slots.clone().acquire_many_owned(concurrency as u32) => match permits {
+                    Ok(permits) => permits,
+                    Err(_) => return,
+                },
+            };
+            match context.queue.give_back(&context.worker_id).await {
+                Ok(n) => {
+                    sweep = false;
+                    if n > 0 {
+                        warn!(count = n, "Returned messages whose claim reply was lost to the queue");
+                    }
+                }
+                Err(e) => {
+                    context.redis_error(&e, "sweep");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        _ = tokio::time::sleep(backoff.next()) => {}
+                    }
+                }
+            }
+            drop(all);
+            continue;
+        }
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
@@ -335,6 +440,7 @@ async fn claim(
             }
             Err(e) => {
                 drop(permits);
+                sweep = true;
                 context.redis_error(&e, "claim");
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
@@ -386,8 +492,7 @@ impl Context {
             Err((raw, malformed)) => {
                 let reason = DeadReason::Malformed(malformed.label());
                 self.metrics.invalid(malformed.label());
-                let record =
-                    dead_letter(&raw, reason, &malformed.to_string(), &self.worker_id, None);
+                let record = dead_letter(&raw, reason, &malformed.to_string(), &self.worker_id, None);
                 if self.settle(|| self.queue.dead(&raw, &record)).await {
                     self.metrics.dead(reason.label());
                 }
@@ -401,13 +506,8 @@ impl Context {
                 envelope.attempt_count(),
                 self.max_attempts
             );
-            self.give_up(
-                &envelope,
-                envelope.attempt_count(),
-                DeadReason::Exhausted,
-                &error,
-            )
-            .await;
+            self.give_up(&envelope, envelope.attempt_count(), DeadReason::Exhausted, &error)
+                .await;
             return;
         }
         if envelope.attempt_count() == 0 {
@@ -437,22 +537,12 @@ impl Context {
         let failures = envelope.attempt_count() + 1;
         let text = error.to_string();
         match error.outcome() {
-            crate::delivery::Outcome::Reject => {
-                self.give_up(&envelope, failures, DeadReason::Rejected, &text)
-                    .await
-            }
-            _ if failures >= self.max_attempts => {
-                self.give_up(&envelope, failures, DeadReason::Exhausted, &text)
-                    .await
-            }
+            crate::delivery::Outcome::Reject => self.give_up(&envelope, failures, DeadReason::Rejected, &text).await,
+            _ if failures >= self.max_attempts => self.give_up(&envelope, failures, DeadReason::Exhausted, &text).await,
             crate::delivery::Outcome::Retry { after } => {
-                let delay =
-                    after.map_or(self.retry_interval, |after| after.max(self.retry_interval));
+                let delay = after.map_or(self.retry_interval, |after| after.max(self.retry_interval));
                 let retried = envelope.with_attempt_count(failures);
-                if self
-                    .settle(|| self.queue.retry(envelope.raw(), &retried, delay))
-                    .await
-                {
+                if self.settle(|| self.queue.retry(envelope.raw(), &retried, delay)).await {
                     self.metrics.retried();
                 }
                 warn!(message_id = id, attempt = failures, max_attempts = self.max_attempts, retry_in = ?delay, error = %text, "Delivery failed; will retry");
@@ -472,10 +562,7 @@ impl Context {
             &self.worker_id,
             Some(id),
         );
-        if self
-            .settle(|| self.queue.dead(envelope.raw(), &record))
-            .await
-        {
+        if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
             self.metrics.dead(reason.label());
         }
         error!(
@@ -596,11 +683,13 @@ async fn report_statuses(
     tasks.wait().await;
 }
 
-/// Heartbeats, counts live workers and refreshes the queue-depth gauges.
+/// Heartbeats, reaps workers whose heartbeat is older than `dead_after`, counts live workers
+/// and refreshes the queue-depth gauges. Stops the worker if another process takes its id.
 async fn heartbeat(
     context: Arc<Context>,
     every: Duration,
     dead_after: Duration,
+    shutdown: CancellationToken,
     stop: CancellationToken,
 ) {
     let mut ticker = tokio::time::interval(every);
@@ -612,20 +701,85 @@ async fn heartbeat(
         }
         let queue = &context.queue;
         let beat = async {
-            queue.heartbeat().await?;
+            let kept = queue.heartbeat().await?;
             let workers = queue.workers().await?;
+            let mut live = 0;
+            for (id, age) in &workers {
+                if *age < dead_after || *id == context.worker_id {
+                    live += 1;
+                } else if let Some(moved) = queue.reap(id, dead_after).await? {
+                    context.metrics.reaped(moved);
+                    warn!(reaped = %id, count = moved, heartbeat_age = ?age, "Reaped a dead worker: its claimed messages are back at the front of the queue");
+                }
+            }
             let depths = queue.depths().await?;
-            Ok::<_, QueueError>((workers, depths))
+            Ok::<_, QueueError>((kept, live, depths))
         };
         match beat.await {
-            Ok((workers, depths)) => {
+            Ok((kept, live, depths)) => {
                 context.health.redis_ok();
-                context.metrics.set_active_workers(
-                    workers.iter().filter(|(_, age)| *age < dead_after).count(),
-                );
+                context.metrics.set_active_workers(live);
                 context.metrics.set_depths(depths);
+                if !kept && !shutdown.is_cancelled() {
+                    error!(
+                        "Another process has taken worker id {}; stopping. Give each process its own WORKER_ID",
+                        context.worker_id
+                    );
+                    shutdown.cancel();
+                }
             }
             Err(e) => context.redis_error(&e, "heartbeat"),
+        }
+    }
+}
+
+/// Reloads the TLS files on SIGHUP and when they change (checked every `reload_interval`).
+/// A set that does not load is refused with an error and the current one stays in use;
+/// deliveries under way finish on their connections. Warns daily when the certificate in use
+/// is within 14 days of expiry.
+async fn watch_tls(
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    settings: TlsSettings,
+    current: ClientTls,
+    stop: CancellationToken,
+) {
+    let mut seen = crate::tls::snapshot(&settings);
+    let mut not_after = current.not_after;
+    let mut warned: Option<tokio::time::Instant> = None;
+    let mut reloads = crate::shutdown::ReloadRequests::new();
+    loop {
+        let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        if remaining < EXPIRY_WARNING && warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(86_400)) {
+            warn!(
+                expires = %crate::tls::rfc3339(not_after),
+                days_left = remaining.as_secs() / 86_400,
+                "Client certificate expires soon; install a new one and send SIGHUP"
+            );
+            warned = Some(tokio::time::Instant::now());
+        }
+        let asked = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = reloads.recv() => true,
+            _ = tokio::time::sleep(settings.reload_interval) => false,
+        };
+        let now_seen = crate::tls::snapshot(&settings);
+        if !asked && now_seen == seen {
+            continue;
+        }
+        seen = now_seen;
+        let loaded = ClientTls::load(&settings).map_err(|e| e.to_string()).and_then(|tls| {
+            deliverer.replace_tls(&tls).map_err(|e| e.to_string())?;
+            Ok(tls)
+        });
+        match loaded {
+            Ok(tls) => {
+                metrics.set_cert_expiry(tls.not_after);
+                not_after = tls.not_after;
+                warned = None;
+                info!(subject = %tls.subject, expires = %crate::tls::rfc3339(tls.not_after), "Reloaded the TLS files; new connections use them");
+            }
+            Err(e) => error!(error = %e, "Refused the new TLS files; still using the previous ones"),
         }
     }
 }
@@ -640,10 +794,7 @@ async fn promote(context: Arc<Context>, retry_interval: Duration, stop: Cancella
             Ok(promoted) => {
                 backoff.reset();
                 if promoted.moved > 0 {
-                    debug!(
-                        count = promoted.moved,
-                        "Moved due retries back to the queue"
-                    );
+                    debug!(count = promoted.moved, "Moved due retries back to the queue");
                 }
                 if promoted.moved == PROMOTE_BATCH {
                     Duration::ZERO

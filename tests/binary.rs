@@ -51,10 +51,7 @@ async fn a_server_certificate_from_another_ca_is_refused_and_the_message_kept() 
         .expect("exits")
         .expect("status");
     assert!(status.success(), "{status}");
-    assert!(
-        sink.record.calls().is_empty(),
-        "nothing reached the untrusted server"
-    );
+    assert!(sink.record.calls().is_empty(), "nothing reached the untrusted server");
     assert!(
         !sink.record.handshake_failures().is_empty(),
         "the worker aborted the handshake"
@@ -87,14 +84,8 @@ async fn the_test_server_refuses_a_client_without_a_certificate() {
         .body("{}")
         .send()
         .await;
-    assert!(
-        refused.is_err(),
-        "a client without a certificate must be refused"
-    );
-    assert!(
-        sink.wait_for(WAIT, |r| !r.handshake_failures().is_empty())
-            .await
-    );
+    assert!(refused.is_err(), "a client without a certificate must be refused");
+    assert!(sink.wait_for(WAIT, |r| !r.handshake_failures().is_empty()).await);
     assert!(
         sink.record.handshake_failures()[0]
             .to_lowercase()
@@ -134,16 +125,8 @@ async fn sigterm_mid_load_loses_nothing_and_exits_zero() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     // Slow enough that SIGTERM lands mid-run; one message in ten fails its first attempt.
     let behaviour: sink::Behaviour = Arc::new(|call| {
-        let n: u64 = call
-            .message_id
-            .trim_start_matches("load-")
-            .parse()
-            .unwrap_or(0);
-        let status = if n % 10 == 0 && call.attempt == 1 {
-            503
-        } else {
-            200
-        };
+        let n: u64 = call.message_id.trim_start_matches("load-").parse().unwrap_or(0);
+        let status = if n % 10 == 0 && call.attempt == 1 { 503 } else { 200 };
         Reply {
             delay: Duration::from_millis(2),
             ..Reply::status(status)
@@ -151,22 +134,14 @@ async fn sigterm_mid_load_loses_nothing_and_exits_zero() {
     });
     let sink = start_sink(&pki, behaviour).await;
     let all: Vec<String> = (0..3000).map(|i| format!("load-{i}")).collect();
-    enqueue(
-        &redis,
-        Q,
-        &all.iter().map(|id| message(id)).collect::<Vec<_>>(),
-    )
-    .await;
+    enqueue(&redis, Q, &all.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
 
     let vars = env(
         &redis,
         &sink.url(),
         &pki,
         "w-term",
-        &[
-            ("WORKER_CONCURRENCY", "16"),
-            ("WORKER_RETRY_INTERVAL", "30"),
-        ],
+        &[("WORKER_CONCURRENCY", "16"), ("WORKER_RETRY_INTERVAL", "30")],
     );
     let mut child = courier(&vars, pki.dir.path())
         .arg("run")
@@ -195,27 +170,15 @@ async fn sigterm_mid_load_loses_nothing_and_exits_zero() {
         delivered.len()
     );
     assert!(!retry.is_empty(), "some messages were waiting for a retry");
-    let accounted: BTreeSet<String> = delivered
-        .iter()
-        .chain(&ready)
-        .chain(&retry)
-        .cloned()
-        .collect();
+    let accounted: BTreeSet<String> = delivered.iter().chain(&ready).chain(&retry).cloned().collect();
     let expected: BTreeSet<String> = all.into_iter().collect();
-    assert_eq!(
-        accounted, expected,
-        "Q + retry + delivered = everything enqueued"
-    );
+    assert_eq!(accounted, expected, "Q + retry + delivered = everything enqueued");
     assert_eq!(
         len(&redis, &format!("{Q}:processing:w-term")).await,
         0,
         "nothing left claimed"
     );
-    assert_eq!(
-        len(&redis, &format!("{Q}:workers")).await,
-        0,
-        "the worker deregistered"
-    );
+    assert_eq!(len(&redis, &format!("{Q}:workers")).await, 0, "the worker deregistered");
 
     // The log file has the seed's format, and INFO hides the per-message DEBUG lines.
     let logs: Vec<_> = std::fs::read_dir(pki.dir.path().join("logs"))
@@ -224,10 +187,7 @@ async fn sigterm_mid_load_loses_nothing_and_exits_zero() {
         .collect();
     assert_eq!(logs.len(), 1);
     let name = logs[0].file_name().to_string_lossy().to_string();
-    assert!(
-        name.starts_with("worker.") && name.ends_with(".log"),
-        "{name}"
-    );
+    assert!(name.starts_with("worker.") && name.ends_with(".log"), "{name}");
     let text = std::fs::read_to_string(logs[0].path()).expect("log file");
     let first = text.lines().next().expect("a line");
     let (stamp, rest) = first.split_at(23);
@@ -235,10 +195,7 @@ async fn sigterm_mid_load_loses_nothing_and_exits_zero() {
         chrono::NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S,%3f").is_ok(),
         "{first}"
     );
-    assert!(
-        rest.starts_with(" - worker - INFO - [w-term] - "),
-        "{first}"
-    );
+    assert!(rest.starts_with(" - worker - INFO - [w-term] - "), "{first}");
     assert!(
         text.contains("Worker w-term starting...") && text.contains("Worker w-term stopped"),
         "{text}"
@@ -255,13 +212,7 @@ async fn log_level_debug_shows_each_delivery() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
     enqueue(&redis, Q, &[message("chatty")]).await;
-    let vars = env(
-        &redis,
-        &sink.url(),
-        &pki,
-        "w-debug",
-        &[("LOG_LEVEL", "DEBUG")],
-    );
+    let vars = env(&redis, &sink.url(), &pki, "w-debug", &[("LOG_LEVEL", "DEBUG")]);
     let mut child = courier(&vars, pki.dir.path())
         .arg("run")
         .stdout(std::process::Stdio::piped())
@@ -279,21 +230,13 @@ async fn log_level_debug_shows_each_delivery() {
 }
 
 /// Runs the binary expecting a configuration error; returns its stderr.
-async fn refused(
-    vars: &std::collections::HashMap<String, String>,
-    dir: &std::path::Path,
-    args: &[&str],
-) -> String {
+async fn refused(vars: &std::collections::HashMap<String, String>, dir: &std::path::Path, args: &[&str]) -> String {
     let output = tokio::time::timeout(WAIT, courier(vars, dir).args(["run"]).args(args).output())
         .await
         .expect("exits")
         .expect("runs");
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
-    assert_eq!(
-        output.status.code(),
-        Some(78),
-        "exit 78 (EX_CONFIG); stderr: {stderr}"
-    );
+    assert_eq!(output.status.code(), Some(78), "exit 78 (EX_CONFIG); stderr: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
     stderr
@@ -328,28 +271,15 @@ async fn bad_configuration_stops_the_start_with_one_line_naming_the_setting() {
         "{err}"
     );
 
-    let err = refused(
-        &with(&[("WORKER_CERT_PATH", "/nonexistent/worker.crt")]),
-        dir,
-        &[],
-    )
-    .await;
-    assert!(
-        err.contains("WORKER_CERT_PATH") && err.contains("not found"),
-        "{err}"
-    );
+    let err = refused(&with(&[("WORKER_CERT_PATH", "/nonexistent/worker.crt")]), dir, &[]).await;
+    assert!(err.contains("WORKER_CERT_PATH") && err.contains("not found"), "{err}");
 
     let other = Authority::new("other")
         .unwrap()
         .issue_client("x", Validity::default())
         .unwrap();
     let wrong_key = pki.write("wrong.key", &other.key_pem);
-    let err = refused(
-        &with(&[("WORKER_KEY_PATH", wrong_key.to_str().unwrap())]),
-        dir,
-        &[],
-    )
-    .await;
+    let err = refused(&with(&[("WORKER_KEY_PATH", wrong_key.to_str().unwrap())]), dir, &[]).await;
     assert!(
         err.contains("WORKER_KEY_PATH") && err.contains("does not match"),
         "{err}"
@@ -378,21 +308,10 @@ async fn bad_configuration_stops_the_start_with_one_line_naming_the_setting() {
         &[],
     )
     .await;
-    assert!(
-        err.contains("WORKER_CERT_PATH") && err.contains("expired"),
-        "{err}"
-    );
+    assert!(err.contains("WORKER_CERT_PATH") && err.contains("expired"), "{err}");
 
-    let err = refused(
-        &with(&[("MAIN_SERVER_URL", "http://localhost:8000")]),
-        dir,
-        &[],
-    )
-    .await;
-    assert!(
-        err.contains("MAIN_SERVER_URL") && err.contains("https://"),
-        "{err}"
-    );
+    let err = refused(&with(&[("MAIN_SERVER_URL", "http://localhost:8000")]), dir, &[]).await;
+    assert!(err.contains("MAIN_SERVER_URL") && err.contains("https://"), "{err}");
 
     let missing = dir.join("absent.yaml");
     let err = refused(&base, dir, &["--config", missing.to_str().unwrap()]).await;
@@ -400,10 +319,7 @@ async fn bad_configuration_stops_the_start_with_one_line_naming_the_setting() {
 
     assert!(!err.contains("hunter2"));
     let err = refused(&with(&[("REDIS_PORT", "not-a-port")]), dir, &[]).await;
-    assert!(
-        !err.contains("hunter2") && err.contains("REDIS_PORT"),
-        "{err}"
-    );
+    assert!(!err.contains("hunter2") && err.contains("REDIS_PORT"), "{err}");
 }
 
 #[tokio::test]

@@ -19,12 +19,7 @@ async fn delivers_a_batch_in_fifo_order_with_the_contract_body_and_headers() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
     let expected = ids("fifo", 40);
-    enqueue(
-        &redis,
-        Q,
-        &expected.iter().map(|id| message(id)).collect::<Vec<_>>(),
-    )
-    .await;
+    enqueue(&redis, Q, &expected.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
 
     let worker = start_worker(&env(
         &redis,
@@ -38,11 +33,7 @@ async fn delivers_a_batch_in_fifo_order_with_the_contract_body_and_headers() {
         sink.wait_for(WAIT, |r| r.delivered().len() == 40).await,
         "all 40 delivered"
     );
-    assert_eq!(
-        sink.record.delivered(),
-        expected,
-        "delivered in the order enqueued"
-    );
+    assert_eq!(sink.record.delivered(), expected, "delivered in the order enqueued");
 
     let first = &sink.record.deliveries()[0];
     assert_eq!(first.idempotency_key.as_deref(), Some("fifo-0000"));
@@ -55,10 +46,7 @@ async fn delivers_a_batch_in_fifo_order_with_the_contract_body_and_headers() {
         "the worker presented its certificate: {}",
         first.client
     );
-    assert!(
-        sink.record.statuses().is_empty(),
-        "no status update after a success"
-    );
+    assert!(sink.record.statuses().is_empty(), "no status update after a success");
 
     worker.stop().await;
     assert_eq!(len(&redis, Q).await, 0);
@@ -85,10 +73,7 @@ async fn never_claims_more_than_there_are_free_slots() {
     enqueue(
         &redis,
         Q,
-        &ids("slot", 10)
-            .iter()
-            .map(|id| message(id))
-            .collect::<Vec<_>>(),
+        &ids("slot", 10).iter().map(|id| message(id)).collect::<Vec<_>>(),
     )
     .await;
     let worker = start_worker(&env(
@@ -110,11 +95,7 @@ async fn never_claims_more_than_there_are_free_slots() {
         3,
         "claimed only as many as there are slots"
     );
-    assert_eq!(
-        len(&redis, Q).await,
-        7,
-        "the rest wait in the queue, not in the worker"
-    );
+    assert_eq!(len(&redis, Q).await, 7, "the rest wait in the queue, not in the worker");
     worker.stop().await;
     assert_eq!(sink.record.delivered().len() + len(&redis, Q).await, 10);
 }
@@ -127,8 +108,7 @@ async fn retries_503_then_delivers_with_attempt_counts_and_status_updates() {
     let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-retry", &[])).await;
 
     assert!(
-        sink.wait_for(WAIT, |r| r.delivered().len() == 1
-            && r.statuses().len() == 2)
+        sink.wait_for(WAIT, |r| r.delivered().len() == 1 && r.statuses().len() == 2)
             .await
     );
     let attempts: Vec<u64> = sink.record.deliveries().iter().map(|c| c.attempt).collect();
@@ -157,11 +137,7 @@ async fn retries_503_then_delivers_with_attempt_counts_and_status_updates() {
         statuses[0].2
     );
     assert_eq!((statuses[1].0.as_str(), statuses[1].1), ("queued", 2));
-    assert!(sink
-        .record
-        .statuses()
-        .iter()
-        .all(|c| c.message_id == "retry-me"));
+    assert!(sink.record.statuses().iter().all(|c| c.message_id == "retry-me"));
 
     worker.stop().await;
     assert_eq!(len(&redis, &format!("{Q}:retry")).await, 0);
@@ -209,27 +185,15 @@ async fn dead_letters_at_max_attempts_keeping_every_other_byte() {
     .await;
 
     assert!(
-        sink.wait_for(WAIT, |r| r
-            .statuses()
-            .iter()
-            .any(|c| c.body["status"] == "failed"))
+        sink.wait_for(WAIT, |r| r.statuses().iter().any(|c| c.body["status"] == "failed"))
             .await
     );
-    assert_eq!(
-        sink.record.deliveries().len(),
-        3,
-        "exactly max_attempts tries"
-    );
+    assert_eq!(sink.record.deliveries().len(), 3, "exactly max_attempts tries");
     let statuses: Vec<(String, u64)> = sink
         .record
         .statuses()
         .iter()
-        .map(|c| {
-            (
-                c.body["status"].as_str().unwrap_or("").to_string(),
-                c.attempt,
-            )
-        })
+        .map(|c| (c.body["status"].as_str().unwrap_or("").to_string(), c.attempt))
         .collect();
     assert_eq!(
         statuses,
@@ -251,10 +215,7 @@ async fn dead_letters_at_max_attempts_keeping_every_other_byte() {
         format!(r#"{{"attempt_count":3,{}"#, &original[1..]),
         "only attempt_count changed"
     );
-    assert_eq!(
-        len(&redis, &format!("{Q}:retry")).await + len(&redis, Q).await,
-        0
-    );
+    assert_eq!(len(&redis, &format!("{Q}:retry")).await + len(&redis, Q).await, 0);
 }
 
 #[tokio::test]
@@ -269,11 +230,7 @@ async fn dead_letters_a_400_at_once() {
     assert_eq!(status.body["status"], "failed");
     assert_eq!(status.body["attempt_count"], 1);
     worker.stop().await;
-    assert_eq!(
-        sink.record.deliveries().len(),
-        1,
-        "a permanent 4xx is not retried"
-    );
+    assert_eq!(sink.record.deliveries().len(), 1, "a permanent 4xx is not retried");
     let dead = dead_letters(&redis, Q).await;
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0]["reason"], "rejected");
@@ -284,10 +241,7 @@ async fn dead_letters_a_400_at_once() {
 async fn malformed_items_are_dead_lettered_while_good_ones_keep_flowing() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
-    let huge = format!(
-        r#"{{"message_id":"huge","payload":"{}"}}"#,
-        "x".repeat(2000)
-    );
+    let huge = format!(r#"{{"message_id":"huge","payload":"{}"}}"#, "x".repeat(2000));
     let bad = [
         "not json at all".to_string(),
         r#"{"id":"no-message-id"}"#.to_string(),
@@ -317,10 +271,7 @@ async fn malformed_items_are_dead_lettered_while_good_ones_keep_flowing() {
     worker.stop().await;
     let mut dead = dead_letters(&redis, Q).await;
     dead.reverse();
-    let reasons: Vec<&str> = dead
-        .iter()
-        .map(|d| d["reason"].as_str().unwrap_or(""))
-        .collect();
+    let reasons: Vec<&str> = dead.iter().map(|d| d["reason"].as_str().unwrap_or("")).collect();
     assert_eq!(reasons, ["invalid_json", "invalid_message_id", "too_large"]);
     for (record, original) in dead.iter().zip(&bad) {
         assert_eq!(
@@ -336,14 +287,11 @@ async fn malformed_items_are_dead_lettered_while_good_ones_keep_flowing() {
 #[tokio::test]
 async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
-    let behaviour: sink::Behaviour =
-        Arc::new(
-            |call| match (call.endpoint, call.message_id.as_str(), call.attempt) {
-                (Endpoint::Deliver, "flaky", 1) => Reply::status(503),
-                (Endpoint::Deliver, "refused", _) => Reply::status(400),
-                _ => Reply::status(200),
-            },
-        );
+    let behaviour: sink::Behaviour = Arc::new(|call| match (call.endpoint, call.message_id.as_str(), call.attempt) {
+        (Endpoint::Deliver, "flaky", 1) => Reply::status(503),
+        (Endpoint::Deliver, "refused", _) => Reply::status(400),
+        _ => Reply::status(200),
+    });
     let sink = start_sink(&pki, behaviour).await;
     let mut items: Vec<String> = ids("ok", 5).iter().map(|id| message(id)).collect();
     items.push(message("flaky"));
@@ -352,8 +300,7 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
     enqueue(&redis, Q, &items).await;
     let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-metrics", &[])).await;
     assert!(
-        sink.wait_for(WAIT, |r| r.delivered().len() == 6
-            && r.statuses().len() == 2)
+        sink.wait_for(WAIT, |r| r.delivered().len() == 6 && r.statuses().len() == 2)
             .await
     );
     eventually(|| async { len(&redis, &format!("{Q}:dead")).await == 2 }).await;
@@ -362,28 +309,18 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
     assert_eq!(status, 200);
     let value = |series: &str| -> f64 {
         text.lines()
-            .find_map(|l| {
-                l.strip_prefix(series)
-                    .and_then(|rest| rest.trim().parse().ok())
-            })
+            .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
             .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
     };
     let w = r#"worker_id="w-metrics""#;
-    assert_eq!(
-        value(&format!("worker_messages_delivered_total{{{w}}}")),
-        6.0
-    );
+    assert_eq!(value(&format!("worker_messages_delivered_total{{{w}}}")), 6.0);
     assert_eq!(value(&format!("worker_messages_retried_total{{{w}}}")), 1.0);
     assert_eq!(
-        value(&format!(
-            r#"worker_messages_failed_total{{reason="http_5xx",{w}}}"#
-        )),
+        value(&format!(r#"worker_messages_failed_total{{reason="http_5xx",{w}}}"#)),
         1.0
     );
     assert_eq!(
-        value(&format!(
-            r#"worker_messages_failed_total{{reason="http_4xx",{w}}}"#
-        )),
+        value(&format!(r#"worker_messages_failed_total{{reason="http_4xx",{w}}}"#)),
         1.0
     );
     assert_eq!(
@@ -391,10 +328,7 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
         9.0,
         "6 delivered + 1 retried + 2 dead"
     );
-    assert_eq!(
-        value(&format!("worker_delivery_duration_seconds_count{{{w}}}")),
-        8.0
-    );
+    assert_eq!(value(&format!("worker_delivery_duration_seconds_count{{{w}}}")), 8.0);
     assert_eq!(
         value(&format!("worker_queue_wait_seconds_count{{{w}}}")),
         7.0,
@@ -402,15 +336,11 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
     );
     assert_eq!(value(&format!("worker_processing_messages{{{w}}}")), 0.0);
     assert_eq!(
-        value(&format!(
-            r#"worker_dead_letters_total{{reason="rejected",{w}}}"#
-        )),
+        value(&format!(r#"worker_dead_letters_total{{reason="rejected",{w}}}"#)),
         1.0
     );
     assert_eq!(
-        value(&format!(
-            r#"worker_dead_letters_total{{reason="invalid_json",{w}}}"#
-        )),
+        value(&format!(r#"worker_dead_letters_total{{reason="invalid_json",{w}}}"#)),
         1.0
     );
     assert_eq!(
@@ -419,18 +349,9 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
         )),
         1.0
     );
-    assert_eq!(
-        value(&format!(r#"worker_responses_total{{class="2xx",{w}}}"#)),
-        6.0
-    );
-    assert_eq!(
-        value(&format!(r#"worker_responses_total{{class="5xx",{w}}}"#)),
-        1.0
-    );
-    assert_eq!(
-        value(&format!(r#"worker_responses_total{{class="4xx",{w}}}"#)),
-        1.0
-    );
+    assert_eq!(value(&format!(r#"worker_responses_total{{class="2xx",{w}}}"#)), 6.0);
+    assert_eq!(value(&format!(r#"worker_responses_total{{class="5xx",{w}}}"#)), 1.0);
+    assert_eq!(value(&format!(r#"worker_responses_total{{class="4xx",{w}}}"#)), 1.0);
     assert_eq!(value(&format!("worker_redis_up{{{w}}}")), 1.0);
     for (name, kind) in [
         ("worker_messages_processed_total", "counter"),
@@ -444,15 +365,10 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
         ("worker_queue_depth", "gauge"),
         ("worker_client_cert_expiry_timestamp_seconds", "gauge"),
     ] {
-        assert!(
-            text.contains(&format!("# TYPE {name} {kind}")),
-            "{name} is a {kind}"
-        );
+        assert!(text.contains(&format!("# TYPE {name} {kind}")), "{name} is a {kind}");
     }
     assert!(
-        value(&format!(
-            "worker_client_cert_expiry_timestamp_seconds{{{w}}}"
-        )) > chrono::Utc::now().timestamp() as f64
+        value(&format!("worker_client_cert_expiry_timestamp_seconds{{{w}}}")) > chrono::Utc::now().timestamp() as f64
     );
 
     let (status, stats) = get(&worker.url("/stats")).await;

@@ -170,13 +170,9 @@ impl Pki {
 }
 
 pub async fn start_sink(pki: &Pki, behaviour: Behaviour) -> Sink {
-    Sink::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        &pki.sink_tls(),
-        behaviour,
-    )
-    .await
-    .expect("sink starts")
+    Sink::start("127.0.0.1:0".parse().expect("addr"), &pki.sink_tls(), behaviour)
+        .await
+        .expect("sink starts")
 }
 
 /// The environment a test worker runs with: everything pointed at the test's own parts.
@@ -200,10 +196,7 @@ pub fn env(
         ("WORKER_RETRY_INTERVAL", "0.2".to_string()),
         ("WORKER_HEARTBEAT_INTERVAL", "0.2".to_string()),
         ("WORKER_DEAD_AFTER", "2".to_string()),
-        (
-            "LOG_FILE_PATH",
-            pki.dir.path().join("logs").display().to_string(),
-        ),
+        ("LOG_FILE_PATH", pki.dir.path().join("logs").display().to_string()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_string(), v))
@@ -301,11 +294,7 @@ pub async fn enqueue(redis: &RedisServer, queue: &str, items: &[String]) {
 /// Message ids found in a list or sorted set of messages.
 pub async fn ids_in(redis: &RedisServer, key: &str) -> BTreeSet<String> {
     let mut conn = redis.conn().await;
-    let kind: String = redis::cmd("TYPE")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .expect("TYPE");
+    let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut conn).await.expect("TYPE");
     let items: Vec<String> = match kind.as_str() {
         "list" => conn.lrange(key, 0, -1).await.expect("LRANGE"),
         "zset" => conn.zrange(key, 0, -1).await.expect("ZRANGE"),
@@ -320,11 +309,7 @@ pub async fn ids_in(redis: &RedisServer, key: &str) -> BTreeSet<String> {
 
 pub async fn len(redis: &RedisServer, key: &str) -> usize {
     let mut conn = redis.conn().await;
-    let kind: String = redis::cmd("TYPE")
-        .arg(key)
-        .query_async(&mut conn)
-        .await
-        .expect("TYPE");
+    let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut conn).await.expect("TYPE");
     match kind.as_str() {
         "list" => conn.llen(key).await.expect("LLEN"),
         "zset" => conn.zcard(key).await.expect("ZCARD"),
@@ -335,10 +320,7 @@ pub async fn len(redis: &RedisServer, key: &str) -> usize {
 /// Dead-letter records, newest first.
 pub async fn dead_letters(redis: &RedisServer, queue: &str) -> Vec<serde_json::Value> {
     let mut conn = redis.conn().await;
-    let items: Vec<Vec<u8>> = conn
-        .lrange(format!("{queue}:dead"), 0, -1)
-        .await
-        .expect("LRANGE");
+    let items: Vec<Vec<u8>> = conn.lrange(format!("{queue}:dead"), 0, -1).await.expect("LRANGE");
     items
         .iter()
         .map(|i| serde_json::from_slice(i).expect("dead letters are JSON"))
@@ -396,10 +378,7 @@ impl Lines {
         .await;
         match found {
             Ok(Some(line)) => line,
-            _ => panic!(
-                "no line containing {needle:?}; saw:\n{}",
-                self.seen.join("\n")
-            ),
+            _ => panic!("no line containing {needle:?}; saw:\n{}", self.seen.join("\n")),
         }
     }
 
