@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,8 @@ use crate::queue::{Queue, QueueError};
 /// What the worker tells the outside about itself.
 pub struct Health {
     redis_up: AtomicBool,
+    /// When the current outage was noticed, in ns since `started`.
+    down_at: AtomicU64,
     connected_once: AtomicBool,
     draining: AtomicBool,
     started: Instant,
@@ -36,6 +38,7 @@ impl Health {
         metrics.set_redis_up(false);
         Health {
             redis_up: AtomicBool::new(false),
+            down_at: AtomicU64::new(0),
             connected_once: AtomicBool::new(false),
             draining: AtomicBool::new(false),
             started: Instant::now(),
@@ -43,8 +46,16 @@ impl Health {
         }
     }
 
-    /// Redis answered. Logs the recovery once when it had been unreachable.
-    pub fn redis_ok(&self) {
+    /// A Redis call that started at `started` succeeded. Logs the recovery once when Redis had
+    /// been unreachable; a late reply to a call that began before the outage was noticed
+    /// proves nothing and is ignored.
+    pub fn redis_ok(&self, started: Instant) {
+        if self.redis_up.load(Ordering::Acquire) {
+            return;
+        }
+        if self.since_start(started) < self.down_at.load(Ordering::Acquire) {
+            return;
+        }
         if !self.redis_up.swap(true, Ordering::AcqRel) {
             self.metrics.set_redis_up(true);
             if self.connected_once.swap(true, Ordering::AcqRel) {
@@ -56,9 +67,14 @@ impl Health {
     /// Redis could not be reached. Logs the outage once, not once per failed call.
     pub fn redis_failed(&self, error: &QueueError) {
         if self.redis_up.swap(false, Ordering::AcqRel) {
+            self.down_at.store(self.since_start(Instant::now()), Ordering::Release);
             self.metrics.set_redis_up(false);
             error!(error = %error, "Redis is unreachable; holding results and retrying with backoff");
         }
+    }
+
+    fn since_start(&self, at: Instant) -> u64 {
+        u64::try_from(at.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX)
     }
 
     pub fn redis_up(&self) -> bool {

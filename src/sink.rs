@@ -330,9 +330,11 @@ async fn accept(
                 async move { handle(request, &record, &behaviour, client).await }
             });
             let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+            // Closing wins over serving: once its TLS set is replaced a connection serves no more.
             tokio::select! {
-                _ = connection => {}
+                biased;
                 _ = closed.cancelled() => {}
+                _ = connection => {}
             }
         });
     }

@@ -46,6 +46,8 @@ pub struct ClientTls {
     /// The client certificate's subject, for logs.
     pub subject: String,
     pub files: [PathBuf; 3],
+    /// The files' contents when this set was loaded, to notice when they change.
+    pub snapshot: Vec<Vec<u8>>,
 }
 
 /// The crypto provider courier uses everywhere (ring).
@@ -117,6 +119,8 @@ impl ClientTls {
             ..
         } = settings;
         let provider = provider();
+        // Taken first: a change while loading shows up as a difference at the next check.
+        let snapshot = snapshot(settings);
 
         let mut roots = RootCertStore::empty();
         for ca in read_certs(CA, ca_file)? {
@@ -178,6 +182,7 @@ impl ClientTls {
             not_after,
             subject,
             files: [cert_file.clone(), key_file.clone(), ca_file.clone()],
+            snapshot,
         })
     }
 }

@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -277,6 +277,7 @@ async fn connect(
 ) -> Result<Option<Queue>, RunError> {
     let mut backoff = Backoff::default();
     loop {
+        let started = Instant::now();
         match Queue::connect(client, queue_name, worker_id).await {
             Ok(queue) => {
                 let version = queue
@@ -288,7 +289,7 @@ async fn connect(
                         "redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)"
                     )));
                 }
-                health.redis_ok();
+                health.redis_ok(started);
                 return Ok(Some(queue));
             }
             Err(e) if e.is_auth() => {
@@ -432,9 +433,10 @@ async fn claim(
         }
         // Not interrupted by shutdown: it is one short script, and whatever it claims is either
         // delivered here or given back by the drain.
+        let started = Instant::now();
         let claimed = match context.queue.claim(permits.len()).await {
             Ok(items) => {
-                context.health.redis_ok();
+                context.health.redis_ok(started);
                 backoff.reset();
                 items
             }
@@ -454,7 +456,10 @@ async fn claim(
                 biased;
                 _ = shutdown.cancelled() => return,
                 waited = context.queue.wait_for_ready() => if let Err(e) = waited {
-                    context.redis_error(&e, "wait");
+                    // The wait has a connection of its own, which finds out about an outage on
+                    // its own schedule; health follows the main connection, which the next
+                    // claim uses.
+                    debug!(error = %e, "Waiting for messages failed; claiming again");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
                         _ = tokio::time::sleep(backoff.next()) => {}
@@ -585,9 +590,10 @@ impl Context {
     {
         let mut backoff = Backoff::default();
         loop {
+            let started = Instant::now();
             match op().await {
                 Ok(found) => {
-                    self.health.redis_ok();
+                    self.health.redis_ok(started);
                     if !found {
                         debug!("Message was no longer in this worker's processing list; another worker has it");
                     }
@@ -627,9 +633,10 @@ where
 {
     let mut backoff = Backoff::default();
     loop {
+        let started = Instant::now();
         match op().await {
             Ok(value) => {
-                health.redis_ok();
+                health.redis_ok(started);
                 return Some(value);
             }
             Err(e) if e.is_unavailable() => {
@@ -700,6 +707,7 @@ async fn heartbeat(
             _ = ticker.tick() => {}
         }
         let queue = &context.queue;
+        let started = Instant::now();
         let beat = async {
             let kept = queue.heartbeat().await?;
             let workers = queue.workers().await?;
@@ -717,7 +725,7 @@ async fn heartbeat(
         };
         match beat.await {
             Ok((kept, live, depths)) => {
-                context.health.redis_ok();
+                context.health.redis_ok(started);
                 context.metrics.set_active_workers(live);
                 context.metrics.set_depths(depths);
                 if !kept && !shutdown.is_cancelled() {
@@ -744,7 +752,7 @@ async fn watch_tls(
     current: ClientTls,
     stop: CancellationToken,
 ) {
-    let mut seen = crate::tls::snapshot(&settings);
+    let mut seen = current.snapshot.clone();
     let mut not_after = current.not_after;
     let mut warned: Option<tokio::time::Instant> = None;
     let mut reloads = crate::shutdown::ReloadRequests::new();

@@ -1,0 +1,110 @@
+//! The Redis scripts on their own, against a real redis-server: races the worker cannot stage.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use common::*;
+use courier::queue::{self, Queue};
+use redis::AsyncCommands;
+
+const Q: &str = "message_queue";
+
+async fn queue_for(redis: &RedisServer, worker_id: &str) -> Queue {
+    let client = redis::Client::open(redis.url()).expect("client");
+    Queue::connect(&client, Q, worker_id).await.expect("connect")
+}
+
+#[tokio::test]
+async fn racing_reapers_return_each_message_exactly_once() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    let items: Vec<String> = (0..200).map(|i| message(&format!("held-{i}"))).collect();
+    let _: () = conn
+        .lpush(format!("{Q}:processing:dead-worker"), &items)
+        .await
+        .expect("LPUSH");
+    // A heartbeat from long ago.
+    let _: () = conn
+        .zadd(format!("{Q}:workers"), "dead-worker", 1_000)
+        .await
+        .expect("ZADD");
+
+    let mut reapers = Vec::new();
+    for i in 0..8 {
+        let queue = queue_for(&redis, &format!("reaper-{i}")).await;
+        reapers.push(tokio::spawn(async move {
+            queue.reap("dead-worker", Duration::from_secs(30)).await.expect("reap")
+        }));
+    }
+    let mut results = Vec::new();
+    for reaper in reapers {
+        results.push(reaper.await.expect("task"));
+    }
+    let winners: Vec<usize> = results.iter().flatten().copied().collect();
+    assert_eq!(
+        winners,
+        [200],
+        "one reaper moved everything, the others nothing: {results:?}"
+    );
+
+    let ready: Vec<String> = conn.lrange(Q, 0, -1).await.expect("LRANGE");
+    assert_eq!(ready.len(), 200, "no message duplicated");
+    assert_eq!(ready.iter().collect::<BTreeSet<_>>().len(), 200);
+    // Oldest claim (rightmost in processing) is first in line (rightmost in the queue).
+    assert_eq!(ready.last(), items.first());
+    let workers: Vec<String> = conn.zrange(format!("{Q}:workers"), 0, -1).await.expect("ZRANGE");
+    assert!(workers.is_empty());
+}
+
+#[tokio::test]
+async fn a_live_worker_is_not_reaped() {
+    let redis = RedisServer::start().await;
+    let live = queue_for(&redis, "alive").await;
+    assert_eq!(
+        live.register(Duration::from_secs(30), None).await.expect("register"),
+        Ok(())
+    );
+    let _: () = redis
+        .conn()
+        .await
+        .lpush(format!("{Q}:processing:alive"), message("mine"))
+        .await
+        .expect("LPUSH");
+    let other = queue_for(&redis, "other").await;
+    assert_eq!(other.reap("alive", Duration::from_secs(30)).await.expect("reap"), None);
+    assert_eq!(len(&redis, &format!("{Q}:processing:alive")).await, 1);
+}
+
+#[tokio::test]
+async fn an_id_held_by_a_live_process_is_refused_and_a_dead_holder_can_be_taken_over() {
+    let redis = RedisServer::start().await;
+    let first = queue_for(&redis, "worker-1").await;
+    let second = queue_for(&redis, "worker-1").await;
+    assert_eq!(
+        first.register(Duration::from_secs(30), None).await.expect("register"),
+        Ok(())
+    );
+    let holder = second
+        .register(Duration::from_secs(30), None)
+        .await
+        .expect("register")
+        .expect_err("refused");
+    assert_eq!(holder.host, queue::this_host());
+    assert_eq!(holder.pid, std::process::id());
+    assert!(holder.to_string().contains("heartbeat"));
+    // Told the holder is dead, the second takes the id; the first then learns it lost it.
+    assert_eq!(
+        second
+            .register(Duration::from_secs(30), Some(&holder.token))
+            .await
+            .expect("register"),
+        Ok(())
+    );
+    assert!(
+        !first.heartbeat().await.expect("heartbeat"),
+        "the first sees its id taken"
+    );
+    assert!(second.heartbeat().await.expect("heartbeat"));
+}
