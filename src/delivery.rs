@@ -84,7 +84,8 @@ impl DeliveryError {
         }
     }
 
-    fn from_reqwest(error: &reqwest::Error) -> DeliveryError {
+    /// Classifies a failed request: TLS, timeout, connect, or other.
+    pub fn classify(error: &reqwest::Error) -> DeliveryError {
         let text = chain(error);
         if is_tls(error) {
             DeliveryError::Tls(text)
@@ -260,7 +261,7 @@ impl Deliverer {
 
 /// Sends a request and reads the whole answer (so the connection goes back to the pool).
 async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
-    let response = request.send().await.map_err(|e| DeliveryError::from_reqwest(&e))?;
+    let response = request.send().await.map_err(|e| DeliveryError::classify(&e))?;
     let status = response.status();
     if status.is_success() {
         // The server has recorded the message; a broken body after that changes nothing.

@@ -40,6 +40,13 @@ struct OwnRedis {
 
 /// Runs the demo until every message is delivered or dead-lettered, or Ctrl+C.
 pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+    // Listen for Ctrl+C from the start, so an early one still cleans up.
+    let interrupted = CancellationToken::new();
+    let on_signal = interrupted.clone();
+    tokio::spawn(async move {
+        crate::shutdown::requested().await;
+        on_signal.cancel();
+    });
     let work = tempfile::tempdir().context("Failed to make a temporary directory")?;
     let (redis_host, redis_port, own_redis) = find_or_start_redis(options.redis_url.as_deref(), work.path()).await?;
     let queue = format!("courier-demo-{}", std::process::id());
@@ -109,7 +116,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
 
     let redis = redis::Client::open(format!("redis://{redis_host}:{redis_port}/"))?;
     let mut conn = redis.get_multiplexed_async_connection().await?;
-    let result = drive(&options, &queue, settings, tls, &sink, &mut conn).await;
+    let result = drive(&options, &queue, settings, tls, &sink, &mut conn, &interrupted).await;
 
     // Leave nothing behind: our queue's keys, and the redis-server if we started it.
     let keys = crate::queue::Keys::new(&queue);
@@ -136,6 +143,7 @@ async fn drive(
     tls: ClientTls,
     sink: &Sink,
     conn: &mut redis::aio::MultiplexedConnection,
+    interrupt: &CancellationToken,
 ) -> anyhow::Result<()> {
     let total = options.messages;
     let now = chrono::Utc::now().timestamp();
@@ -165,7 +173,7 @@ async fn drive(
     let mut ticker = tokio::time::interval(Duration::from_millis(if terminal { 250 } else { 2000 }));
     let interrupted = loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => break true,
+            _ = interrupt.cancelled() => break true,
             _ = ticker.tick() => {}
         }
         let delivered = sink.record.delivered().len();
@@ -175,8 +183,11 @@ async fn drive(
             .query_async(conn)
             .await?;
         let rate = delivered as f64 / started.elapsed().as_secs_f64().max(0.001);
-        let line =
-            format!("  delivered {delivered:>7}/{total}  retrying {retrying:>5}  dead {dead:>4}  {rate:>8.0} msg/s ");
+        let done = (delivered + dead) * 30 / total.max(1);
+        let bar: String = (0..30).map(|i| if i < done { '#' } else { '.' }).collect();
+        let line = format!(
+            "  [{bar}] delivered {delivered:>7}/{total}  retrying {retrying:>5}  dead {dead:>4}  {rate:>8.0} msg/s "
+        );
         if terminal {
             print!("\r{line}");
             let _ = std::io::stdout().flush();

@@ -4,11 +4,13 @@
 //! `worker` composes the parts; each other module owns one concern (see DESIGN.md).
 
 pub mod admin;
+pub mod check;
 pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod message;
 pub mod metrics;
+pub mod ops;
 pub mod pki;
 pub mod queue;
 pub mod shutdown;

@@ -60,6 +60,190 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         metrics_port: u16,
     },
+    /// Check a configuration: TLS files, key match, chain, expiry, key permissions, Redis,
+    /// and a real mutual-TLS request to the main server. Exits 0 only when all pass.
+    ///
+    /// Example: WORKER_ID=worker-1 courier check --config /etc/courier/config.yaml
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Make certificates: a CA, server certificates and worker client certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Run the reference main server (mutual TLS, the two endpoints), printing each call.
+    /// Failure injection for smoke tests: a share of 503s, failing first attempts, delays.
+    ///
+    /// Example: courier sink --listen 127.0.0.1:8443 --cert certs/server.crt --key certs/server.key --client-ca certs/ca.crt --fail-share 0.1
+    Sink {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// Server certificate (PEM).
+        #[arg(long)]
+        cert: PathBuf,
+        /// Server private key (PEM).
+        #[arg(long)]
+        key: PathBuf,
+        /// CA that client certificates must chain to (PEM).
+        #[arg(long)]
+        client_ca: PathBuf,
+        /// Share of delivery attempts answered 503 (0 to 1), chosen by a hash of id and attempt.
+        #[arg(long, default_value_t = 0.0)]
+        fail_share: f64,
+        /// Answer the first N attempts of every message with 503.
+        #[arg(long, default_value_t = 0)]
+        fail_first: u64,
+        /// Wait this many milliseconds before answering.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+        /// Print nothing per call.
+        #[arg(long)]
+        quiet: bool,
+    },
+    /// Push messages onto the queue in the documented format.
+    ///
+    /// Examples: courier enqueue --id order-42 --payload '{"total": 12.5}'
+    ///           courier enqueue --count 10000 --prefix load
+    Enqueue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The message_id of one message.
+        #[arg(long, conflicts_with = "count")]
+        id: Option<String>,
+        /// How many messages to generate (ids PREFIX-0, PREFIX-1, ...).
+        #[arg(long, required_unless_present = "id")]
+        count: Option<usize>,
+        /// Prefix of generated ids.
+        #[arg(long, default_value = "msg")]
+        prefix: String,
+        /// The payload, as JSON.
+        #[arg(long)]
+        payload: Option<String>,
+    },
+    /// Show the queue: ready (and the oldest's age), processing per worker, retry (next due),
+    /// dead by reason, live workers with heartbeat age.
+    ///
+    /// Example: courier stats --watch
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every two seconds until Ctrl+C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Inspect and requeue dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// The configuration file option shared by commands that read settings.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The config file; without it, ./config.yaml is read when present.
+    #[arg(long, short, env = "COURIER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a new CA: DIR/ca.crt and DIR/ca.key (0600).
+    ///
+    /// Example: courier certs init --out certs
+    Init {
+        /// Directory to write to (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "courier CA")]
+        name: String,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a server certificate (--server NAMES) or a worker client certificate (--client NAME)
+    /// from the CA in --ca DIR.
+    ///
+    /// Examples: courier certs issue --ca certs --server main.internal,10.0.0.5 --out certs
+    ///           courier certs issue --ca certs --client worker-1 --out certs
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Server DNS names and IP addresses, comma-separated; writes server.crt and server.key.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "client",
+            conflicts_with = "client"
+        )]
+        server: Vec<String>,
+        /// Worker name; writes NAME.crt and NAME.key.
+        #[arg(long)]
+        client: Option<String>,
+        /// Directory to write to.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 825)]
+        days: u64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, newest first.
+    ///
+    /// Example: courier dlq list --limit 20
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON lines (the stored records).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the dead letters of one message id in full.
+    ///
+    /// Example: courier dlq show order-42
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The message_id.
+        id: String,
+    },
+    /// Move dead letters back to the queue with attempt_count reset to 0 and the reason dropped.
+    ///
+    /// Examples: courier dlq requeue order-42 order-43
+    ///           courier dlq requeue --all
+    Requeue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Message ids to requeue.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Requeue every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every dead letter. Needs --yes.
+    ///
+    /// Example: courier dlq purge --yes
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Really delete them.
+        #[arg(long)]
+        yes: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -95,7 +279,94 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Check { config } => {
+            let file = config.config.or_else(Settings::default_file);
+            let runtime = match tokio::runtime::Runtime::new() {
+                Ok(runtime) => runtime,
+                Err(e) => {
+                    eprintln!("courier: cannot start the async runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let checks = runtime.block_on(courier::check::run(file.as_deref()));
+            for check in &checks {
+                println!("{}", check.render());
+            }
+            let failed = checks
+                .iter()
+                .filter(|c| c.verdict == courier::check::Verdict::Fail)
+                .count();
+            if failed == 0 {
+                println!("all checks passed");
+                ExitCode::SUCCESS
+            } else {
+                println!("{failed} check(s) failed");
+                ExitCode::FAILURE
+            }
+        }
+        Command::Certs(command) => match commands::certs(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("courier: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Sink {
+            listen,
+            cert,
+            key,
+            client_ca,
+            fail_share,
+            fail_first,
+            delay_ms,
+            quiet,
+        } => oneshot(commands::sink(
+            listen, &cert, &key, &client_ca, fail_share, fail_first, delay_ms, quiet,
+        )),
+        Command::Enqueue {
+            config,
+            id,
+            count,
+            prefix,
+            payload,
+        } => match settings(config) {
+            Ok(settings) => oneshot(async move {
+                let n = courier::ops::enqueue(&settings.redis, id, count, &prefix, payload.as_deref()).await?;
+                println!("enqueued {n} message(s) on {}", settings.redis.queue_name);
+                Ok(())
+            }),
+            Err(code) => code,
+        },
+        Command::Stats { config, json, watch } => match settings(config) {
+            Ok(settings) => oneshot(commands::stats(settings, json, watch)),
+            Err(code) => code,
+        },
+        Command::Dlq(command) => commands::dlq(command),
     }
+}
+
+/// Runs a one-shot command on a fresh runtime; its error is one line, exit 1.
+fn oneshot<F: std::future::Future<Output = anyhow::Result<()>>>(work: F) -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("courier: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("courier: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads settings for an operator command; a bad configuration exits 78.
+fn settings(config: ConfigArg) -> Result<Settings, ExitCode> {
+    let file = config.config.or_else(Settings::default_file);
+    Settings::load(file.as_deref(), &ProcessEnv).map_err(config_error)
 }
 
 fn config_error(message: impl std::fmt::Display) -> ExitCode {
@@ -157,3 +428,5 @@ fn run(config: Option<PathBuf>) -> ExitCode {
         }
     }
 }
+
+mod commands;

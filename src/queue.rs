@@ -519,3 +519,146 @@ impl Queue {
         })
     }
 }
+
+/// A plain connection for one-shot operator commands (`enqueue`, `stats`, `dlq`).
+pub async fn connect_once(settings: &RedisSettings) -> Result<redis::aio::MultiplexedConnection, QueueError> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_response_timeout(Some(Duration::from_secs(30)));
+    Ok(client(settings)?
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
+/// Pushes messages onto the ready list in order (the first is delivered first), pipelined.
+pub async fn enqueue(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    items: &[Vec<u8>],
+) -> Result<usize, QueueError> {
+    for chunk in items.chunks(1000) {
+        let _: usize = conn.lpush(&keys.ready, chunk).await?;
+    }
+    Ok(items.len())
+}
+
+/// Everything `courier stats` shows, read in a few round trips.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Snapshot {
+    pub ready: u64,
+    /// The next message in line (the oldest), if any.
+    pub oldest_ready: Option<Vec<u8>>,
+    /// Worker id -> messages it has claimed.
+    pub processing: Vec<(String, u64)>,
+    pub retry: u64,
+    /// How long until the next retry is due (negative: overdue).
+    pub next_retry_in_ms: Option<i64>,
+    /// Dead-letter records (newest first), at most `dead_limit` of them.
+    #[serde(skip)]
+    pub dead: Vec<Vec<u8>>,
+    pub dead_total: u64,
+    /// Worker id -> heartbeat age in ms.
+    pub workers: Vec<(String, u64)>,
+}
+
+/// The pipelined reply `snapshot` reads: TIME, LLEN, LINDEX, ZCARD, ZRANGE, LLEN, LRANGE, ZRANGE.
+type SnapshotReply = (
+    (u64, u64),
+    u64,
+    Option<Vec<u8>>,
+    u64,
+    Vec<(Vec<u8>, f64)>,
+    u64,
+    Vec<Vec<u8>>,
+    Vec<(String, f64)>,
+);
+
+/// Reads a snapshot of the queue's keys.
+pub async fn snapshot(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    dead_limit: usize,
+) -> Result<Snapshot, QueueError> {
+    let ((secs, micros), ready, oldest, retry, next, dead_total, dead, workers): SnapshotReply = redis::pipe()
+        .cmd("TIME")
+        .llen(&keys.ready)
+        .lindex(&keys.ready, -1)
+        .zcard(&keys.retry)
+        .zrange_withscores(&keys.retry, 0, 0)
+        .llen(&keys.dead)
+        .lrange(&keys.dead, 0, isize::try_from(dead_limit).unwrap_or(isize::MAX) - 1)
+        .zrange_withscores(&keys.workers, 0, -1)
+        .query_async(conn)
+        .await?;
+    let now_ms = secs * 1000 + micros / 1000;
+    let mut processing = Vec::new();
+    let pattern = format!("{}*", keys.processing_prefix);
+    let mut found: Vec<String> = Vec::new();
+    {
+        let mut iter: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
+        while let Some(key) = iter.next_item().await {
+            found.push(key?);
+        }
+    }
+    found.sort();
+    for key in found {
+        let n: u64 = conn.llen(&key).await?;
+        processing.push((key[keys.processing_prefix.len()..].to_string(), n));
+    }
+    Ok(Snapshot {
+        ready,
+        oldest_ready: oldest,
+        processing,
+        retry,
+        next_retry_in_ms: next.first().map(|(_, due)| *due as i64 - now_ms as i64),
+        dead,
+        dead_total,
+        workers: workers
+            .into_iter()
+            .map(|(id, at)| (id, now_ms.saturating_sub(at as u64)))
+            .collect(),
+    })
+}
+
+/// Every dead-letter record, newest first.
+pub async fn dead_letters(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+) -> Result<Vec<Vec<u8>>, QueueError> {
+    Ok(conn.lrange(&keys.dead, 0, -1).await?)
+}
+
+/// Moves one dead-letter record back to the queue (at the back, like a new message) as
+/// `message`, in one script:
+/// either the record leaves the dead list and the message joins the queue, or nothing changes.
+/// `false`: the record was no longer there (requeued or purged meanwhile).
+pub async fn requeue_dead(
+    conn: &mut redis::aio::MultiplexedConnection,
+    keys: &Keys,
+    record: &[u8],
+    message: &[u8],
+) -> Result<bool, QueueError> {
+    let moved: i64 = Script::new(
+        r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+          redis.call('LPUSH', KEYS[2], ARGV[2])
+          return 1",
+    )
+    .key(&keys.dead)
+    .key(&keys.ready)
+    .arg(record)
+    .arg(message)
+    .invoke_async(conn)
+    .await?;
+    Ok(moved == 1)
+}
+
+/// Deletes the dead-letter list; returns how many records it held.
+pub async fn purge_dead(conn: &mut redis::aio::MultiplexedConnection, keys: &Keys) -> Result<u64, QueueError> {
+    let (n, _): (u64, i64) = redis::pipe()
+        .atomic()
+        .llen(&keys.dead)
+        .del(&keys.dead)
+        .query_async(conn)
+        .await?;
+    Ok(n)
+}

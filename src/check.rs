@@ -1,0 +1,327 @@
+//! `courier check`: validates a configuration the way `run` would use it, one line per check
+//! with a fix on failure: config, TLS files, key match, chain, expiry, key permissions, Redis
+//! (reachable, password, version) and a real mutual-TLS request to the main server.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::RootCertStore;
+use rustls_pki_types::UnixTime;
+
+use crate::config::{ProcessEnv, Settings};
+use crate::delivery::{build_client, DeliveryError};
+use crate::tls::{self, ClientTls};
+
+/// One check's verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    /// Passes, with something to know.
+    Warn,
+    Fail,
+}
+
+/// One line of `courier check`.
+#[derive(Debug, Clone)]
+pub struct Check {
+    pub name: &'static str,
+    pub verdict: Verdict,
+    pub detail: String,
+    pub fix: Option<String>,
+}
+
+impl Check {
+    fn pass(name: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            verdict: Verdict::Pass,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
+    fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
+        Check {
+            name,
+            verdict: Verdict::Fail,
+            detail: detail.into(),
+            fix: Some(fix.into()),
+        }
+    }
+
+    /// `OK    name   detail`, and a `fix:` line under a failure.
+    pub fn render(&self) -> String {
+        let label = match self.verdict {
+            Verdict::Pass => "OK  ",
+            Verdict::Warn => "WARN",
+            Verdict::Fail => "FAIL",
+        };
+        let mut line = format!("{label}  {:<14} {}", self.name, self.detail);
+        if let Some(fix) = &self.fix {
+            line.push_str(&format!("\n      fix: {fix}"));
+        }
+        line
+    }
+}
+
+/// Runs every check that can run; later checks that depend on a failed one are skipped.
+pub async fn run(file: Option<&Path>) -> Vec<Check> {
+    let mut checks = Vec::new();
+    let settings = match Settings::load(file, &ProcessEnv) {
+        Ok(settings) => {
+            let source = file.map_or("defaults and environment (no config file)".to_string(), |f| {
+                f.display().to_string()
+            });
+            checks.push(Check::pass("config", format!("loaded {source}")));
+            settings
+        }
+        Err(e) => {
+            checks.push(Check::fail("config", e.to_string(), "correct the setting named above"));
+            return checks;
+        }
+    };
+
+    let tls = if settings.tls.enabled {
+        tls_checks(&settings, &mut checks)
+    } else {
+        None
+    };
+    checks.push(redis_check(&settings).await);
+    if settings.tls.enabled {
+        match &tls {
+            Some(tls) => checks.push(main_server_check(&settings, tls).await),
+            None => checks.push(Check::fail(
+                "main server",
+                "not tried: the TLS files are not usable",
+                "fix the TLS checks above first",
+            )),
+        }
+    }
+    checks
+}
+
+/// File, key, chain, expiry and permission checks; the loaded set when they pass.
+fn tls_checks(settings: &Settings, checks: &mut Vec<Check>) -> Option<ClientTls> {
+    let t = &settings.tls;
+    let mut files_ok = true;
+    let certs = tls::read_certs("tls.cert_file (WORKER_CERT_PATH)", &t.cert_file);
+    let cas = tls::read_certs("tls.ca_file (CA_CERT_PATH)", &t.ca_file);
+    let key = tls::read_key("tls.key_file (WORKER_KEY_PATH)", &t.key_file);
+    for (name, result, fix) in [
+        (
+            "certificate",
+            certs
+                .as_ref()
+                .map(|c| format!("{} ({} in chain)", t.cert_file.display(), c.len()))
+                .map_err(ToString::to_string),
+            "point WORKER_CERT_PATH at the worker's PEM certificate",
+        ),
+        (
+            "CA",
+            cas.as_ref()
+                .map(|c| format!("{} ({} certificates)", t.ca_file.display(), c.len()))
+                .map_err(ToString::to_string),
+            "point CA_CERT_PATH at the PEM CA that signed the main server's certificate",
+        ),
+        (
+            "key",
+            key.as_ref()
+                .map(|_| t.key_file.display().to_string())
+                .map_err(ToString::to_string),
+            "point WORKER_KEY_PATH at the worker's PEM private key",
+        ),
+    ] {
+        match result {
+            Ok(detail) => checks.push(Check::pass(name, format!("readable: {detail}"))),
+            Err(e) => {
+                files_ok = false;
+                checks.push(Check::fail(name, e, fix));
+            }
+        }
+    }
+    checks.push(key_permissions(&t.key_file));
+    if !files_ok {
+        return None;
+    }
+
+    let loaded = match ClientTls::load(t) {
+        Ok(loaded) => {
+            checks.push(Check::pass("key match", "the private key matches the certificate"));
+            loaded
+        }
+        Err(e) => {
+            checks.push(Check::fail(
+                "key match",
+                e.to_string(),
+                "install the key that belongs to this certificate, or issue a new pair",
+            ));
+            return None;
+        }
+    };
+
+    if let (Ok(certs), Ok(cas)) = (&certs, &cas) {
+        checks.push(chain_check(certs, cas));
+    }
+
+    let left = loaded.not_after.duration_since(SystemTime::now()).unwrap_or_default();
+    let days = left.as_secs() / 86_400;
+    let expires = format!(
+        "expires {} ({days} days left); {}",
+        tls::rfc3339(loaded.not_after),
+        loaded.subject
+    );
+    checks.push(if left < Duration::from_secs(14 * 86_400) {
+        Check {
+            name: "expiry",
+            verdict: Verdict::Warn,
+            detail: expires,
+            fix: Some("issue a new certificate, replace the files and send SIGHUP".into()),
+        }
+    } else {
+        Check::pass("expiry", expires)
+    });
+    Some(loaded)
+}
+
+/// Whether the worker's certificate chains to the configured CA. A main server with a
+/// separate client CA would fail this and still accept the worker: the fix says so.
+fn chain_check(
+    certs: &[rustls_pki_types::CertificateDer<'static>],
+    cas: &[rustls_pki_types::CertificateDer<'static>],
+) -> Check {
+    let mut roots = RootCertStore::empty();
+    for ca in cas {
+        let _ = roots.add(ca.clone());
+    }
+    let verified = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), tls::provider())
+        .build()
+        .map_err(|e| e.to_string())
+        .and_then(|verifier| {
+            verifier
+                .verify_client_cert(&certs[0], &certs[1..], UnixTime::now())
+                .map_err(|e| e.to_string())
+        });
+    match verified {
+        Ok(_) => Check::pass("chain", "the certificate verifies against CA_CERT_PATH"),
+        Err(e) => Check::fail(
+            "chain",
+            format!("the certificate does not verify against CA_CERT_PATH ({e})"),
+            "issue the worker certificate from the main server's CA (or, if the main server trusts a separate client CA, check with that one)",
+        ),
+    }
+}
+
+#[cfg(unix)]
+fn key_permissions(path: &Path) -> Check {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.permissions().mode() & 0o077 == 0 => Check::pass(
+            "key access",
+            format!(
+                "mode {:o}: only its owner can read it",
+                meta.permissions().mode() & 0o777
+            ),
+        ),
+        Ok(meta) => Check::fail(
+            "key access",
+            format!(
+                "mode {:o}: other users can read the private key",
+                meta.permissions().mode() & 0o777
+            ),
+            format!("chmod 600 {}", path.display()),
+        ),
+        Err(e) => Check::fail(
+            "key access",
+            format!("cannot stat {} ({e})", path.display()),
+            "see the key check",
+        ),
+    }
+}
+
+#[cfg(not(unix))]
+fn key_permissions(path: &Path) -> Check {
+    // Windows ACLs are not mode bits; NSSM services run as a dedicated account whose ACLs the
+    // install script sets.
+    Check::pass(
+        "key access",
+        format!("{}: not checked on this platform (use NTFS ACLs)", path.display()),
+    )
+}
+
+async fn redis_check(settings: &Settings) -> Check {
+    let r = &settings.redis;
+    let conn = crate::ops::connect(r).await;
+    let mut conn = match conn {
+        Ok(conn) => conn,
+        Err(e) => {
+            return Check::fail(
+                "redis",
+                e.to_string(),
+                "start Redis or correct REDIS_HOST, REDIS_PORT and REDIS_PASSWORD",
+            )
+        }
+    };
+    let info: Result<String, _> = redis::cmd("INFO").arg("server").query_async(&mut conn).await;
+    match info {
+        Ok(info) => {
+            let version = info
+                .lines()
+                .find_map(|l| l.strip_prefix("redis_version:"))
+                .unwrap_or("unknown")
+                .trim()
+                .to_string();
+            let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+            if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 2) {
+                Check::pass(
+                    "redis",
+                    format!("{}:{} answers, version {version}, database {}", r.host, r.port, r.db),
+                )
+            } else {
+                Check::fail(
+                    "redis",
+                    format!("{}:{} runs Redis {version}", r.host, r.port),
+                    "upgrade to Redis 6.2 or newer (courier uses LMOVE and BLMOVE)",
+                )
+            }
+        }
+        Err(e) => Check::fail(
+            "redis",
+            format!("{}:{}: {e}", r.host, r.port),
+            "check REDIS_PASSWORD and the user's permissions",
+        ),
+    }
+}
+
+/// A real request over mutual TLS: any HTTP answer proves the handshake (both ways) works.
+async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
+    let url = &settings.main_server.url;
+    let client = match build_client(&settings.main_server, Some(tls), 1) {
+        Ok(client) => client,
+        Err(e) => return Check::fail("main server", e.to_string(), "see the TLS checks above"),
+    };
+    match client.get(url.clone()).send().await {
+        Ok(response) => Check::pass(
+            "main server",
+            format!(
+                "mutual TLS with {url} works (HTTP {} for GET /)",
+                response.status().as_u16()
+            ),
+        ),
+        Err(e) => {
+            let error = DeliveryError::classify(&e);
+            let text = error.to_string();
+            let fix = match &error {
+                DeliveryError::Tls(t) if t.contains("UnknownIssuer") => "the main server's certificate is not signed by CA_CERT_PATH: point CA_CERT_PATH at its CA".to_string(),
+                DeliveryError::Tls(t) if t.contains("NotValidForName") => format!("the main server's certificate does not name {}: use the name it was issued for in MAIN_SERVER_URL", url.host_str().unwrap_or("")),
+                DeliveryError::Tls(t) if t.contains("InvalidContentType") || t.contains("corrupt") => "the main server does not speak TLS on that port: check MAIN_SERVER_URL's port, or whether it serves plain HTTP".to_string(),
+                DeliveryError::Tls(_) => "the main server refused the worker certificate or the handshake: check that it trusts the CA that issued WORKER_CERT_PATH".to_string(),
+                DeliveryError::Connect(_) => "start the main server or correct MAIN_SERVER_URL".to_string(),
+                DeliveryError::Timeout(_) => "the main server did not answer in time: check the host, port and firewall".to_string(),
+                _ => "check MAIN_SERVER_URL".to_string(),
+            };
+            Check::fail("main server", text, fix)
+        }
+    }
+}

@@ -1,0 +1,262 @@
+//! Glue between the command line and the library for the operator commands.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+
+use courier::config::Settings;
+use courier::pki::{write_private, Authority, Validity};
+use courier::sink::{Endpoint, Reply, Sink, SinkTls};
+
+use crate::{oneshot, settings, CertsCommand, DlqCommand};
+
+/// Writes a file, refusing to overwrite unless `force`.
+fn write_new(path: &Path, text: &str, private: bool, force: bool) -> anyhow::Result<()> {
+    if path.exists() && !force {
+        bail!("{} exists; pass --force to overwrite it", path.display());
+    }
+    if private {
+        write_private(path, text)
+    } else {
+        std::fs::write(path, text)
+    }
+    .with_context(|| format!("Failed to write {}", path.display()))?;
+    println!("wrote {}{}", path.display(), if private { " (mode 0600)" } else { "" });
+    Ok(())
+}
+
+fn read(path: &Path, what: &str) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read the {what} {}", path.display()))
+}
+
+/// `courier certs init|issue`.
+pub fn certs(command: CertsCommand) -> anyhow::Result<()> {
+    match command {
+        CertsCommand::Init { out, name, force } => {
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let ca = Authority::new(&name).context("Failed to make the CA")?;
+            write_new(&out.join("ca.crt"), &ca.cert_pem, false, force)?;
+            write_new(&out.join("ca.key"), &ca.key_pem, true, force)?;
+            println!("keep ca.key offline; give ca.crt to workers (CA_CERT_PATH) and to the main server");
+            Ok(())
+        }
+        CertsCommand::Issue {
+            ca,
+            server,
+            client,
+            out,
+            days,
+            force,
+        } => {
+            let authority = Authority::from_pem(
+                &read(&ca.join("ca.crt"), "CA certificate")?,
+                &read(&ca.join("ca.key"), "CA key")?,
+            )
+            .context("the files in --ca are not a CA certificate and its key")?;
+            let validity = Validity {
+                starts_ago: 3600,
+                lasts: Duration::from_secs(days.saturating_mul(86_400)),
+            };
+            std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+            let (name, issued) = match client {
+                Some(name) => {
+                    if name.is_empty() || name.contains(['/', '\\']) {
+                        bail!("--client {name:?}: give a plain name such as worker-1");
+                    }
+                    let issued = authority
+                        .issue_client(&name, validity)
+                        .context("Failed to issue the client certificate")?;
+                    (name, issued)
+                }
+                None => {
+                    let names: Vec<&str> = server.iter().map(String::as_str).filter(|n| !n.is_empty()).collect();
+                    if names.is_empty() {
+                        bail!("--server needs at least one DNS name or IP address");
+                    }
+                    let issued = authority
+                        .issue_server(&names, validity)
+                        .with_context(|| format!("Failed to issue a server certificate for {names:?}"))?;
+                    ("server".to_string(), issued)
+                }
+            };
+            write_new(&out.join(format!("{name}.crt")), &issued.cert_pem, false, force)?;
+            write_new(&out.join(format!("{name}.key")), &issued.key_pem, true, force)?;
+            Ok(())
+        }
+    }
+}
+
+/// Whether this attempt falls in the failing share, decided by a hash of id and attempt so a
+/// run is repeatable.
+fn in_share(message_id: &str, attempt: u64, share: f64) -> bool {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (message_id, attempt).hash(&mut hasher);
+    (hasher.finish() % 10_000) < (share.clamp(0.0, 1.0) * 10_000.0) as u64
+}
+
+/// `courier sink`: serves until Ctrl+C.
+#[allow(clippy::too_many_arguments)]
+pub async fn sink(
+    listen: SocketAddr,
+    cert: &Path,
+    key: &Path,
+    client_ca: &Path,
+    fail_share: f64,
+    fail_first: u64,
+    delay_ms: u64,
+    quiet: bool,
+) -> anyhow::Result<()> {
+    if !(0.0..=1.0).contains(&fail_share) {
+        bail!("--fail-share {fail_share}: give a share from 0 to 1, e.g. 0.1");
+    }
+    let tls = SinkTls {
+        cert_pem: read(cert, "server certificate")?,
+        key_pem: read(key, "server key")?,
+        client_ca_pem: read(client_ca, "client CA")?,
+    };
+    let delay = Duration::from_millis(delay_ms);
+    let behaviour: courier::sink::Behaviour = Arc::new(move |call| {
+        let status = match call.endpoint {
+            Endpoint::Deliver if call.attempt <= fail_first || in_share(&call.message_id, call.attempt, fail_share) => {
+                503
+            }
+            _ => 200,
+        };
+        if !quiet {
+            let what = match call.endpoint {
+                Endpoint::Deliver => format!("POST deliver {} attempt={}", call.message_id, call.attempt),
+                Endpoint::Status => format!(
+                    "PUT status {} {} attempt_count={}",
+                    call.message_id,
+                    call.body["status"].as_str().unwrap_or("?"),
+                    call.attempt
+                ),
+            };
+            println!(
+                "{} {what} client={} -> {status}",
+                chrono::Local::now().format("%H:%M:%S%.3f"),
+                call.client
+            );
+        }
+        Reply {
+            delay,
+            ..Reply::status(status)
+        }
+    });
+    let sink = Sink::start(listen, &tls, behaviour).await.map_err(anyhow::Error::msg)?;
+    println!(
+        "courier sink listening on https://{} (client certificates required); Ctrl+C stops",
+        sink.addr
+    );
+    courier::shutdown::requested().await;
+    println!("stopping; {} calls served", sink.record.calls().len());
+    Ok(())
+}
+
+/// `courier stats`, once or every two seconds.
+pub async fn stats(settings: Settings, json: bool, watch: bool) -> anyhow::Result<()> {
+    loop {
+        let stats = courier::ops::stats(&settings.redis).await?;
+        if json {
+            println!("{stats}");
+        } else {
+            if watch {
+                // Clear the screen and go home, like `watch`.
+                print!("\x1b[2J\x1b[H");
+            }
+            print!("{}", courier::ops::render_stats(&stats));
+        }
+        if !watch {
+            return Ok(());
+        }
+        tokio::select! {
+            _ = courier::shutdown::requested() => return Ok(()),
+            _ = tokio::time::sleep(courier::ops::WATCH_EVERY) => {}
+        }
+    }
+}
+
+/// `courier dlq ...`.
+pub fn dlq(command: DlqCommand) -> ExitCode {
+    match command {
+        DlqCommand::List { config, limit, json } => match settings(config) {
+            Ok(settings) => oneshot(async move {
+                let letters = courier::ops::dead_letters(&settings.redis).await?;
+                if !json {
+                    println!(
+                        "{} dead letter(s) on {}:dead, newest first",
+                        letters.len(),
+                        settings.redis.queue_name
+                    );
+                }
+                for letter in letters.iter().take(limit) {
+                    if json {
+                        println!("{}", String::from_utf8_lossy(&letter.record));
+                        continue;
+                    }
+                    let f = &letter.fields;
+                    let mut error = f["error"].as_str().unwrap_or("").to_string();
+                    if error.len() > 80 {
+                        error.truncate(77);
+                        error.push_str("...");
+                    }
+                    println!(
+                        "{:<24} {:<20} {:<25} {error}",
+                        letter.message_id().unwrap_or("(no message_id)"),
+                        f["reason"].as_str().unwrap_or("?"),
+                        f["dead_at"].as_str().unwrap_or("")
+                    );
+                }
+                Ok(())
+            }),
+            Err(code) => code,
+        },
+        DlqCommand::Show { config, id } => match settings(config) {
+            Ok(settings) => oneshot(async move {
+                let letters = courier::ops::dead_letters(&settings.redis).await?;
+                let matching: Vec<_> = letters.iter().filter(|l| l.message_id() == Some(id.as_str())).collect();
+                if matching.is_empty() {
+                    bail!("no dead letter with message_id {id:?}; `courier dlq list` shows what there is");
+                }
+                for letter in matching {
+                    println!("{}", serde_json::to_string_pretty(&letter.fields).unwrap_or_default());
+                }
+                Ok(())
+            }),
+            Err(code) => code,
+        },
+        DlqCommand::Requeue { config, ids, all } => match settings(config) {
+            Ok(settings) => oneshot(async move {
+                let (moved, missing) = courier::ops::requeue(&settings.redis, &ids, all).await?;
+                println!(
+                    "requeued {moved} message(s) onto {} with attempt_count 0",
+                    settings.redis.queue_name
+                );
+                if !missing.is_empty() {
+                    bail!("not in the dead-letter list: {}", missing.join(", "));
+                }
+                Ok(())
+            }),
+            Err(code) => code,
+        },
+        DlqCommand::Purge { config, yes } => {
+            if !yes {
+                eprintln!("courier: purge deletes every dead letter for good; pass --yes to do it");
+                return ExitCode::FAILURE;
+            }
+            match settings(config) {
+                Ok(settings) => oneshot(async move {
+                    let n = courier::ops::purge(&settings.redis).await?;
+                    println!("deleted {n} dead letter(s) from {}:dead", settings.redis.queue_name);
+                    Ok(())
+                }),
+                Err(code) => code,
+            }
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The operator commands, each run as the real binary: certs, enqueue, stats, dlq, check, sink,
+//! demo, and what they say about bad input.
+
+mod common;
+
+use std::collections::HashMap;
+use std::process::{Output, Stdio};
+use std::time::Duration;
+
+use common::*;
+use courier::message::{dead_letter, DeadReason};
+use courier::sink;
+use redis::AsyncCommands;
+
+const Q: &str = "message_queue";
+
+async fn run(vars: &HashMap<String, String>, dir: &std::path::Path, args: &[&str]) -> Output {
+    tokio::time::timeout(WAIT, courier(vars, dir).args(args).output())
+        .await
+        .expect("exits in time")
+        .expect("runs")
+}
+
+fn text(output: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&output.stdout).to_string(),
+        String::from_utf8_lossy(&output.stderr).to_string(),
+    )
+}
+
+fn redis_vars(redis: &RedisServer) -> HashMap<String, String> {
+    HashMap::from([
+        ("REDIS_HOST".into(), "127.0.0.1".into()),
+        ("REDIS_PORT".into(), redis.port.to_string()),
+    ])
+}
+
+#[tokio::test]
+async fn certs_init_and_issue_make_a_set_the_worker_and_server_accept() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let none = HashMap::new();
+    for args in [
+        vec!["certs", "init", "--out", "pki"],
+        vec![
+            "certs",
+            "issue",
+            "--ca",
+            "pki",
+            "--server",
+            "localhost,127.0.0.1",
+            "--out",
+            "pki",
+        ],
+        vec!["certs", "issue", "--ca", "pki", "--client", "worker-1", "--out", "pki"],
+    ] {
+        let output = run(&none, d, &args).await;
+        assert!(output.status.success(), "{args:?}: {:?}", text(&output));
+    }
+    #[cfg(unix)]
+    for key in ["ca.key", "server.key", "worker-1.key"] {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(d.join("pki").join(key)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{key}");
+    }
+    // The worker loads the client set, and the reference server accepts it with the server set.
+    let tls = courier::tls::ClientTls::load(&courier::config::TlsSettings {
+        enabled: true,
+        reload_interval: Duration::from_secs(60),
+        cert_file: d.join("pki/worker-1.crt"),
+        key_file: d.join("pki/worker-1.key"),
+        ca_file: d.join("pki/ca.crt"),
+    })
+    .expect("the issued client set loads");
+    assert!(tls.subject.contains("worker-1"));
+    let read = |f: &str| std::fs::read_to_string(d.join("pki").join(f)).unwrap();
+    let server_tls = sink::SinkTls {
+        cert_pem: read("server.crt"),
+        key_pem: read("server.key"),
+        client_ca_pem: read("ca.crt"),
+    };
+    let server = sink::Sink::start("127.0.0.1:0".parse().unwrap(), &server_tls, sink::always_ok())
+        .await
+        .expect("server set works");
+    let settings = courier::config::MainServerSettings {
+        url: server.url().parse().unwrap(),
+        connect_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_secs(5),
+    };
+    let client = courier::delivery::build_client(&settings, Some(&tls), 1).unwrap();
+    let answer = client.get(server.url()).send().await.expect("mutual TLS works");
+    assert_eq!(answer.status(), 404);
+
+    let again = run(&none, d, &["certs", "init", "--out", "pki"]).await;
+    let (_, err) = text(&again);
+    assert!(
+        !again.status.success() && err.contains("exists") && err.contains("--force"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn enqueue_and_stats_show_every_part_of_the_queue() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = redis_vars(&redis);
+    let out = run(
+        &vars,
+        dir.path(),
+        &["enqueue", "--count", "5", "--prefix", "load", "--payload", r#"{"k":1}"#],
+    )
+    .await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let out = run(&vars, dir.path(), &["enqueue", "--id", "single"]).await;
+    assert!(out.status.success());
+    let mut conn = redis.conn().await;
+    let first: String = conn.lindex(Q, -1).await.unwrap();
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["message_id"], "load-0");
+    assert_eq!(first["payload"], serde_json::json!({"k": 1}));
+    assert!(first["queued_at"].as_f64().is_some());
+
+    let _: () = conn
+        .lpush(format!("{Q}:processing:worker-9"), message("claimed"))
+        .await
+        .unwrap();
+    let _: () = conn
+        .zadd(format!("{Q}:retry"), message("later"), 99_999_999_999_999i64)
+        .await
+        .unwrap();
+    for reason in [DeadReason::Exhausted, DeadReason::Rejected, DeadReason::Rejected] {
+        let _: () = conn
+            .lpush(format!("{Q}:dead"), dead_letter(b"{}", reason, "e", "w", Some("d")))
+            .await
+            .unwrap();
+    }
+    let _: () = conn
+        .zadd(
+            format!("{Q}:workers"),
+            "worker-9",
+            chrono::Utc::now().timestamp_millis(),
+        )
+        .await
+        .unwrap();
+
+    let out = run(&vars, dir.path(), &["stats", "--json"]).await;
+    let stats: serde_json::Value = serde_json::from_str(&text(&out).0).expect("JSON");
+    assert_eq!(stats["ready"], 6);
+    assert!(stats["oldest_ready_age_seconds"].as_f64().is_some());
+    assert_eq!(stats["processing"]["worker-9"], 1);
+    assert_eq!(stats["retry"], 1);
+    assert!(stats["next_retry_in_seconds"].as_f64().unwrap() > 1e9);
+    assert_eq!(stats["dead"], 3);
+    assert_eq!(
+        stats["dead_by_reason"],
+        serde_json::json!({"exhausted": 1, "rejected": 2})
+    );
+    assert_eq!(stats["workers"][0]["worker_id"], "worker-9");
+
+    let out = run(&vars, dir.path(), &["stats"]).await;
+    let (human, _) = text(&out);
+    for needle in [
+        "ready                     6",
+        "  worker-9",
+        "  rejected                2",
+        "heartbeat",
+    ] {
+        assert!(human.contains(needle), "{needle:?} in\n{human}");
+    }
+}
+
+#[tokio::test]
+async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = redis_vars(&redis);
+    let mut conn = redis.conn().await;
+    let exhausted = r#"{"attempt_count":5,"message_id":"tired", "payload":{"x":1}}"#;
+    let records = [
+        dead_letter(
+            exhausted.as_bytes(),
+            DeadReason::Exhausted,
+            "HTTP 503",
+            "w",
+            Some("tired"),
+        ),
+        dead_letter(
+            br#"{"message_id":"nope"}"#,
+            DeadReason::Rejected,
+            "HTTP 422",
+            "w",
+            Some("nope"),
+        ),
+        dead_letter(b"garbage", DeadReason::Malformed("invalid_json"), "not JSON", "w", None),
+    ];
+    for record in &records {
+        let _: () = conn.lpush(format!("{Q}:dead"), record).await.unwrap();
+    }
+
+    let (list, _) = text(&run(&vars, dir.path(), &["dlq", "list"]).await);
+    assert!(list.starts_with("3 dead letter(s)"), "{list}");
+    assert!(
+        list.contains("tired") && list.contains("exhausted") && list.contains("(no message_id)"),
+        "{list}"
+    );
+    let (show, _) = text(&run(&vars, dir.path(), &["dlq", "show", "tired"]).await);
+    assert!(show.contains("\"reason\": \"exhausted\""), "{show}");
+    let missing = run(&vars, dir.path(), &["dlq", "show", "ghost"]).await;
+    assert!(!missing.status.success() && text(&missing).1.contains("ghost"));
+
+    let out = run(&vars, dir.path(), &["dlq", "requeue", "tired"]).await;
+    assert!(out.status.success(), "{:?}", text(&out));
+    let ready: Vec<String> = conn.lrange(Q, 0, -1).await.unwrap();
+    assert_eq!(
+        ready,
+        [exhausted.replace(":5,", ":0,")],
+        "attempt_count reset, every other byte kept"
+    );
+    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 2);
+
+    let out = run(&vars, dir.path(), &["dlq", "requeue", "--all"]).await;
+    assert!(out.status.success());
+    let ready: Vec<String> = conn.lrange(Q, 0, -1).await.unwrap();
+    assert_eq!(ready.len(), 3);
+    assert!(
+        ready.contains(&"garbage".to_string()),
+        "a malformed original goes back as it was"
+    );
+    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 0);
+
+    let _: () = conn.lpush(format!("{Q}:dead"), &records[1]).await.unwrap();
+    let refused = run(&vars, dir.path(), &["dlq", "purge"]).await;
+    assert!(!refused.status.success() && text(&refused).1.contains("--yes"));
+    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 1);
+    assert!(run(&vars, dir.path(), &["dlq", "purge", "--yes"])
+        .await
+        .status
+        .success());
+    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 0);
+    let out = run(&vars, dir.path(), &["dlq", "requeue", "ghost"]).await;
+    assert!(!out.status.success() && text(&out).1.contains("ghost"));
+}
+
+#[tokio::test]
+async fn check_passes_on_a_good_setup_and_names_each_failure_with_a_fix() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let vars = env(&redis, &sink.url(), &pki, "w-check", &[]);
+    let out = run(&vars, pki.dir.path(), &["check"]).await;
+    let (stdout, _) = text(&out);
+    assert!(out.status.success(), "{stdout}");
+    for name in [
+        "config",
+        "certificate",
+        "CA",
+        "key",
+        "key access",
+        "key match",
+        "chain",
+        "expiry",
+        "redis",
+        "main server",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.starts_with("OK") && l[6..].starts_with(name)),
+            "{name} passes:\n{stdout}"
+        );
+    }
+
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pki.key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let out = run(&vars, pki.dir.path(), &["check"]).await;
+        let (stdout, _) = text(&out);
+        assert!(!out.status.success());
+        assert!(
+            stdout.contains("FAIL  key access") && stdout.contains("chmod 600"),
+            "{stdout}"
+        );
+        std::fs::set_permissions(&pki.key_file, std::fs::Permissions::from_mode(0o600)).unwrap();
+    }
+
+    // A main server that is not TLS, and a Redis that is not there.
+    let plain = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let plain_port = plain.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = plain.accept().await {
+            use tokio::io::AsyncWriteExt;
+            let _ = stream
+                .write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+                .await;
+        }
+    });
+    let mut broken = vars.clone();
+    broken.insert("MAIN_SERVER_URL".into(), format!("https://localhost:{plain_port}"));
+    broken.insert("REDIS_PORT".into(), free_port().to_string());
+    let out = run(&broken, pki.dir.path(), &["check"]).await;
+    let (stdout, _) = text(&out);
+    assert!(!out.status.success());
+    assert!(
+        stdout.contains("FAIL  redis") && stdout.contains("REDIS_PORT"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("FAIL  main server") && stdout.contains("does not speak TLS"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("2 check(s) failed"), "{stdout}");
+}
+
+#[tokio::test]
+async fn the_sink_command_serves_a_worker_and_prints_each_call() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let (cert, key) = (
+        pki.write("server.crt", &pki.server.cert_pem),
+        pki.write("server.key", &pki.server.key_pem),
+    );
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = [
+        "sink",
+        "--listen",
+        &listen,
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        key.to_str().unwrap(),
+        "--client-ca",
+        pki.ca_file.to_str().unwrap(),
+        "--fail-first",
+        "1",
+    ];
+    let mut child = courier(&HashMap::new(), pki.dir.path())
+        .args(args)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = Lines::new(&mut child);
+    out.wait_for("listening on").await;
+
+    enqueue(&redis, Q, &[message("via-cli-sink")]).await;
+    let worker = start_worker(&env(&redis, &format!("https://localhost:{port}"), &pki, "w-sink", &[])).await;
+    let first = out.wait_for("POST deliver via-cli-sink attempt=1").await;
+    assert!(first.ends_with("-> 503") && first.contains("worker-test"), "{first}");
+    out.wait_for("PUT status via-cli-sink queued attempt_count=1").await;
+    let second = out.wait_for("POST deliver via-cli-sink attempt=2").await;
+    assert!(second.ends_with("-> 200"), "{second}");
+    worker.stop().await;
+    signal(&child, "INT");
+    assert!(tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap()
+        .success());
+}
+
+#[tokio::test]
+async fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = HashMap::from([("REDIS_URL".to_string(), redis.url())]);
+    let out = run(&vars, dir.path(), &["demo", "--messages", "600"]).await;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("delivered                          599"), "{stdout}");
+    assert!(stdout.contains("dead-lettered (HTTP 422)             1"), "{stdout}");
+    let keys: Vec<String> = redis.conn().await.keys("*").await.unwrap();
+    assert!(keys.is_empty(), "the demo removed its keys: {keys:?}");
+}
+
+#[tokio::test]
+async fn the_demo_cleans_up_on_ctrl_c() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let vars = HashMap::from([("REDIS_URL".to_string(), redis.url())]);
+    let mut child = courier(&vars, dir.path())
+        .args(["demo", "--messages", "500000"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = Lines::new(&mut child);
+    out.wait_for("reference main server").await;
+    signal(&child, "INT");
+    let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+    assert!(!status.success(), "an interrupted demo says so");
+    let keys: Vec<String> = redis.conn().await.keys("*").await.unwrap();
+    assert!(keys.is_empty(), "the demo removed its keys: {keys:?}");
+}
+
+#[tokio::test]
+async fn bad_input_gets_one_line_and_a_non_zero_exit() {
+    let redis = RedisServer::start_with(&["--requirepass", "sesame"]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut vars = redis_vars(&redis);
+    vars.insert("REDIS_PASSWORD".into(), "wrong".into());
+    let cases: [(&[&str], &str); 4] = [
+        (&["stats"], "REDIS_PASSWORD"),
+        (&["enqueue", "--id", "x", "--payload", "{oops"], "not valid JSON"),
+        (
+            &["certs", "issue", "--ca", "/nonexistent", "--client", "w"],
+            "/nonexistent",
+        ),
+        (
+            &["sink", "--cert", "/nonexistent.crt", "--key", "k", "--client-ca", "c"],
+            "/nonexistent.crt",
+        ),
+    ];
+    for (args, needle) in cases {
+        let out = run(&vars, dir.path(), args).await;
+        let (_, err) = text(&out);
+        assert!(!out.status.success(), "{args:?}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(
+            err.contains(needle) && !err.contains("panicked") && !err.contains("wrong"),
+            "{args:?}: {err}"
+        );
+    }
+    vars.insert("REDIS_PORT".into(), free_port().to_string());
+    let (_, err) = text(&run(&vars, dir.path(), &["dlq", "list"]).await);
+    assert!(
+        err.contains("cannot reach Redis") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+    let out = run(&vars, dir.path(), &["stats", "--bogus"]).await;
+    assert_eq!(out.status.code(), Some(2), "clap refuses unknown flags");
+    assert!(text(&out).1.contains("--bogus"));
+}
