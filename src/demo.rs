@@ -163,6 +163,9 @@ async fn drive(
     let metrics_url = worker
         .admin_addr()
         .map(|a| format!("http://127.0.0.1:{}/metrics", a.port()));
+    if let Some(url) = &metrics_url {
+        println!("worker metrics while it runs: {url}");
+    }
     let running = tokio::spawn(worker.run());
     let started = Instant::now();
     let dead_key = format!("{queue}:dead");
