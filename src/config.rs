@@ -162,6 +162,23 @@ impl Env for ProcessEnv {
     }
 }
 
+/// The environment of a systemd instance `worker@N` run with `--instance N`: WORKER_ID defaults
+/// to `worker-N` and WORKER_METRICS_PORT to 9100 + N - 1; set either variable to override it.
+pub struct InstanceEnv<E: Env> {
+    pub instance: u32,
+    pub env: E,
+}
+
+impl<E: Env> Env for InstanceEnv<E> {
+    fn var(&self, name: &str) -> Option<String> {
+        self.env.var(name).or_else(|| match name {
+            "WORKER_ID" => Some(format!("worker-{}", self.instance)),
+            "WORKER_METRICS_PORT" => Some((9099 + u64::from(self.instance)).to_string()),
+            _ => None,
+        })
+    }
+}
+
 impl<F: Fn(&str) -> Option<String>> Env for F {
     fn var(&self, name: &str) -> Option<String> {
         self(name)
@@ -627,6 +644,22 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(!err.contains("hunter2"), "{err}");
+    }
+
+    #[test]
+    fn an_instance_number_derives_id_and_port_unless_the_environment_says_otherwise() {
+        let derived = InstanceEnv {
+            instance: 3,
+            env: env(&[]),
+        };
+        let s = Settings::load(None, &derived).unwrap();
+        assert_eq!((s.worker.id.as_str(), s.metrics.port), ("worker-3", 9102));
+        let overridden = InstanceEnv {
+            instance: 3,
+            env: env(&[("WORKER_METRICS_PORT", "9200"), ("WORKER_ID", "special")]),
+        };
+        let s = Settings::load(None, &overridden).unwrap();
+        assert_eq!((s.worker.id.as_str(), s.metrics.port), ("special", 9200));
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod ops;
 pub mod pki;
 pub mod queue;
+pub mod service;
 pub mod shutdown;
 pub mod sink;
 pub mod telemetry;

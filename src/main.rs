@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use courier::config::{ProcessEnv, Settings};
+use courier::config::{InstanceEnv, ProcessEnv, Settings};
 use courier::tls::ClientTls;
 use courier::worker::{RunError, Worker};
 
@@ -37,6 +37,10 @@ enum Command {
         /// The config file; without it, ./config.yaml is read when present.
         #[arg(long, short, env = "COURIER_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Instance number N of a systemd template unit (worker@N): WORKER_ID defaults to
+        /// worker-N and WORKER_METRICS_PORT to 9100+N-1 (the variables override both).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=55000))]
+        instance: Option<u32>,
     },
     /// Run the whole pipeline locally: throwaway certificates, a reference mTLS main server,
     /// Redis (REDIS_URL, localhost, or a private redis-server), and the worker, with some
@@ -249,7 +253,7 @@ enum DlqCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Run { config } => run(config),
+        Command::Run { config, instance } => run(config, instance),
         Command::Demo {
             messages,
             flaky,
@@ -374,9 +378,19 @@ fn config_error(message: impl std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-fn run(config: Option<PathBuf>) -> ExitCode {
+fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
     let file = config.or_else(Settings::default_file);
-    let settings = match Settings::load(file.as_deref(), &ProcessEnv) {
+    let loaded = match instance {
+        Some(instance) => Settings::load(
+            file.as_deref(),
+            &InstanceEnv {
+                instance,
+                env: ProcessEnv,
+            },
+        ),
+        None => Settings::load(file.as_deref(), &ProcessEnv),
+    };
+    let settings = match loaded {
         Ok(settings) => settings,
         Err(e) => return config_error(e),
     };

@@ -228,10 +228,25 @@ impl Worker {
                 .instrument(tracing::info_span!("status")),
         );
 
+        if let Some(every) = crate::service::watchdog_interval() {
+            let stop = background.clone();
+            background_tasks.spawn(async move {
+                let mut ticker = tokio::time::interval(every / 2);
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = ticker.tick() => crate::service::watchdog_ping(),
+                    }
+                }
+            });
+        }
+        crate::service::ready(&format!("Delivering from {} as {}", redis.queue_name, worker.id));
+
         let deliveries = TaskTracker::new();
         claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;
 
         // Draining: no new claims; in-flight deliveries finish within the grace period.
+        crate::service::stopping();
         health.set_draining();
         deliveries.close();
         info!(in_flight = deliveries.len(), grace = ?worker.shutdown_grace, "Stopping: no new claims; finishing in-flight deliveries");
@@ -728,6 +743,10 @@ async fn heartbeat(
                 context.health.redis_ok(started);
                 context.metrics.set_active_workers(live);
                 context.metrics.set_depths(depths);
+                crate::service::status(&format!(
+                    "ready {} | processing {} | retry {} | dead {} | {live} live workers",
+                    depths.ready, depths.processing, depths.retry, depths.dead
+                ));
                 if !kept && !shutdown.is_cancelled() {
                     error!(
                         "Another process has taken worker id {}; stopping. Give each process its own WORKER_ID",
