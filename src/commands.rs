@@ -110,6 +110,7 @@ pub async fn sink(
     fail_first: u64,
     delay_ms: u64,
     quiet: bool,
+    report_latency: bool,
 ) -> anyhow::Result<()> {
     if !(0.0..=1.0).contains(&fail_share) {
         bail!("--fail-share {fail_share}: give a share from 0 to 1, e.g. 0.1");
@@ -120,6 +121,10 @@ pub async fn sink(
         client_ca_pem: read(client_ca, "client CA")?,
     };
     let delay = Duration::from_millis(delay_ms);
+    // Enqueue-to-delivery latencies, from the `t` (epoch microseconds) that `courier bench` puts
+    // in each payload.
+    let latencies: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let seen = latencies.clone();
     let behaviour: courier::sink::Behaviour = Arc::new(move |call| {
         let status = match call.endpoint {
             Endpoint::Deliver if call.attempt <= fail_first || in_share(&call.message_id, call.attempt, fail_share) => {
@@ -127,6 +132,14 @@ pub async fn sink(
             }
             _ => 200,
         };
+        if report_latency && status == 200 {
+            if let Some(sent) = call.body["payload"]["t"].as_u64() {
+                let now = chrono::Utc::now().timestamp_micros() as u64;
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(now.saturating_sub(sent));
+            }
+        }
         if !quiet {
             let what = match call.endpoint {
                 Endpoint::Deliver => format!("POST deliver {} attempt={}", call.message_id, call.attempt),
@@ -148,13 +161,31 @@ pub async fn sink(
             ..Reply::status(status)
         }
     });
-    let sink = Sink::start(listen, &tls, behaviour).await.map_err(anyhow::Error::msg)?;
+    let sink = Sink::start_with(listen, &tls, behaviour, false)
+        .await
+        .map_err(anyhow::Error::msg)?;
     println!(
         "courier sink listening on https://{} (client certificates required); Ctrl+C stops",
         sink.addr
     );
     courier::shutdown::requested().await;
-    println!("stopping; {} calls served", sink.record.calls().len());
+    if report_latency {
+        let mut all = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        all.sort_unstable();
+        let at = |q: f64| {
+            all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        println!(
+            "latency_us n={} p50={} p99={} max={}",
+            all.len(),
+            at(0.5),
+            at(0.99),
+            all.last().copied().unwrap_or(0)
+        );
+    }
+    println!("stopping; {} calls served", sink.record.served());
     Ok(())
 }
 

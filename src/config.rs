@@ -46,6 +46,7 @@ const KNOWN: &[Known] = &[
     k("worker.max_message_bytes", "WORKER_MAX_MESSAGE_BYTES", "1048576"),
     k("worker.heartbeat_interval", "WORKER_HEARTBEAT_INTERVAL", "5"),
     k("worker.dead_after", "WORKER_DEAD_AFTER", "30"),
+    k("worker.threads", "WORKER_THREADS", "1"),
     k("tls.enabled", "TLS_ENABLED", "true"),
     k("tls.reload_interval", "TLS_RELOAD_INTERVAL", "60"),
     k("metrics.bind", "WORKER_METRICS_BIND", "0.0.0.0"),
@@ -122,6 +123,8 @@ pub struct WorkerSettings {
     pub max_message_bytes: usize,
     pub heartbeat_interval: Duration,
     pub dead_after: Duration,
+    /// Runtime threads: 1 (one thread), N, or 0 for one per core.
+    pub threads: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -434,6 +437,7 @@ impl Source<'_> {
             max_message_bytes: self.number("worker.max_message_bytes", 64, 512 * 1024 * 1024)?,
             heartbeat_interval,
             dead_after,
+            threads: self.number("worker.threads", 0, 1024)?,
         };
 
         let main_server = MainServerSettings {

@@ -325,6 +325,7 @@ pub fn build_client(
     tls: Option<&ClientTls>,
     pool_size: usize,
 ) -> Result<Client, DeliveryError> {
+    crate::tls::install_default_provider();
     let mut builder = Client::builder()
         .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(settings.connect_timeout)
@@ -389,6 +390,17 @@ mod tests {
             Some(Duration::ZERO)
         );
         assert_eq!(parse_retry_after(&HeaderValue::from_static("soon")), None);
+    }
+
+    #[test]
+    fn a_plain_http_client_builds_without_tls_material() {
+        let settings = MainServerSettings {
+            url: Url::parse("http://main:8000").unwrap(),
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(1),
+        };
+        assert!(build_client(&settings, None, 4).is_ok());
+        assert!(Deliverer::new(&settings, None, "w", 4).is_ok());
     }
 
     #[test]

@@ -33,9 +33,9 @@ pub struct DemoOptions {
 }
 
 /// A redis-server the demo started, stopped when dropped.
-struct OwnRedis {
-    child: tokio::process::Child,
-    port: u16,
+pub(crate) struct OwnRedis {
+    pub child: tokio::process::Child,
+    pub port: u16,
 }
 
 /// Runs the demo until every message is delivered or dead-lettered, or Ctrl+C.
@@ -55,19 +55,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         options.messages
     );
 
-    // A throwaway PKI: CA, server certificate for localhost, worker client certificate.
-    let ca = Authority::new("courier demo CA")?;
-    let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::default())?;
-    let client = ca.issue_client("worker-demo", Validity::default())?;
-    let (ca_file, cert_file, key_file) = (
-        work.path().join("ca.crt"),
-        work.path().join("worker.crt"),
-        work.path().join("worker.key"),
-    );
-    std::fs::write(&ca_file, &ca.cert_pem)?;
-    std::fs::write(&cert_file, &client.cert_pem)?;
-    write_private(&key_file, &client.key_pem)?;
-
+    let pki = throwaway_pki(work.path())?;
     let flaky_every = if options.flaky_share > 0.0 {
         (1.0 / options.flaky_share).round().max(1.0) as u64
     } else {
@@ -87,9 +75,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         }
     });
     let sink_tls = SinkTls {
-        cert_pem: server.cert_pem,
-        key_pem: server.key_pem,
-        client_ca_pem: ca.cert_pem.clone(),
+        cert_pem: pki.server.cert_pem.clone(),
+        key_pem: pki.server.key_pem.clone(),
+        client_ca_pem: pki.ca_pem.clone(),
     };
     let sink = Sink::start("127.0.0.1:0".parse()?, &sink_tls, behaviour)
         .await
@@ -104,9 +92,9 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         ("WORKER_ID", "demo".to_string()),
         ("WORKER_CONCURRENCY", options.concurrency.to_string()),
         ("WORKER_RETRY_INTERVAL", "1".to_string()),
-        ("WORKER_CERT_PATH", cert_file.display().to_string()),
-        ("WORKER_KEY_PATH", key_file.display().to_string()),
-        ("CA_CERT_PATH", ca_file.display().to_string()),
+        ("WORKER_CERT_PATH", pki.cert_file.display().to_string()),
+        ("WORKER_KEY_PATH", pki.key_file.display().to_string()),
+        ("CA_CERT_PATH", pki.ca_file.display().to_string()),
         ("WORKER_METRICS_PORT", options.metrics_port.to_string()),
         ("LOG_FILE_PATH", work.path().join("logs").display().to_string()),
     ]);
@@ -119,16 +107,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     let result = drive(&options, &queue, settings, tls, &sink, &mut conn, &interrupted).await;
 
     // Leave nothing behind: our queue's keys, and the redis-server if we started it.
-    let keys = crate::queue::Keys::new(&queue);
-    let _: Result<(), _> = conn
-        .del(&[
-            keys.ready.clone(),
-            keys.retry.clone(),
-            keys.dead.clone(),
-            keys.workers.clone(),
-            keys.processing("demo"),
-        ])
-        .await;
+    let _: Result<(), _> = conn.del(crate::queue::Keys::new(&queue).all("demo")).await;
     if let Some(mut own) = own_redis {
         let _ = own.child.kill().await;
         println!("stopped the private redis-server on port {}", own.port);
@@ -240,6 +219,15 @@ async fn find_or_start_redis(url: Option<&str>, dir: &Path) -> anyhow::Result<(S
             }
         }
     }
+    let own = start_redis(dir).await?;
+    let port = own.port;
+    println!("no Redis answered at {url}; started a private redis-server on port {port}");
+    Ok(("127.0.0.1".into(), port, Some(own)))
+}
+
+/// Starts a private redis-server on a free port, keeping nothing on disk; it stops when the
+/// returned value is dropped.
+pub(crate) async fn start_redis(dir: &Path) -> anyhow::Result<OwnRedis> {
     let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let mut child = tokio::process::Command::new("redis-server")
         .args([
@@ -276,6 +264,38 @@ async fn find_or_start_redis(url: Option<&str>, dir: &Path) -> anyhow::Result<(S
         bail!("redis-server did not become ready on port {port}");
     }
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    println!("no Redis answered at {url}; started a private redis-server on port {port}");
-    Ok(("127.0.0.1".into(), port, Some(OwnRedis { child, port })))
+    Ok(OwnRedis { child, port })
+}
+
+/// A throwaway PKI written to a directory: CA, a server certificate for localhost, and a
+/// worker client certificate.
+pub(crate) struct ThrowawayPki {
+    pub ca_pem: String,
+    pub server: crate::pki::Issued,
+    pub ca_file: std::path::PathBuf,
+    pub cert_file: std::path::PathBuf,
+    pub key_file: std::path::PathBuf,
+    pub server_cert_file: std::path::PathBuf,
+    pub server_key_file: std::path::PathBuf,
+}
+
+pub(crate) fn throwaway_pki(dir: &Path) -> anyhow::Result<ThrowawayPki> {
+    let ca = Authority::new("courier throwaway CA")?;
+    let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::default())?;
+    let client = ca.issue_client("worker", Validity::default())?;
+    let path = |name: &str| dir.join(name);
+    std::fs::write(path("ca.crt"), &ca.cert_pem)?;
+    std::fs::write(path("worker.crt"), &client.cert_pem)?;
+    write_private(&path("worker.key"), &client.key_pem)?;
+    std::fs::write(path("server.crt"), &server.cert_pem)?;
+    write_private(&path("server.key"), &server.key_pem)?;
+    Ok(ThrowawayPki {
+        ca_pem: ca.cert_pem,
+        server,
+        ca_file: path("ca.crt"),
+        cert_file: path("worker.crt"),
+        key_file: path("worker.key"),
+        server_cert_file: path("server.crt"),
+        server_key_file: path("server.key"),
+    })
 }

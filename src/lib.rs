@@ -4,6 +4,7 @@
 //! `worker` composes the parts; each other module owns one concern (see DESIGN.md).
 
 pub mod admin;
+pub mod bench;
 pub mod check;
 pub mod config;
 pub mod delivery;

@@ -64,6 +64,37 @@ enum Command {
         #[arg(long, default_value_t = 0)]
         metrics_port: u16,
     },
+    /// Measure throughput, CPU per message, peak RSS, idle CPU and enqueue-to-delivery latency:
+    /// the real worker as its own process against a private redis-server and the reference
+    /// mTLS main server in another process. Linux only.
+    ///
+    /// Example: courier bench --messages 200000 --concurrency 64
+    Bench {
+        /// Messages to drain.
+        #[arg(long, default_value_t = 200_000)]
+        messages: usize,
+        /// WORKER_CONCURRENCY for the run.
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        /// WORKER_BATCH_SIZE for the run.
+        #[arg(long, default_value_t = 10)]
+        batch_size: usize,
+        /// Approximate bytes per queued message.
+        #[arg(long, default_value_t = 200)]
+        message_bytes: usize,
+        /// Share of delivery attempts the main server answers 503 (0 to 1).
+        #[arg(long, default_value_t = 0.0)]
+        fail_share: f64,
+        /// Messages per second in the latency phase (0 skips it).
+        #[arg(long, default_value_t = 2000)]
+        latency_rate: usize,
+        /// Seconds the latency phase lasts.
+        #[arg(long, default_value_t = 5)]
+        latency_seconds: u64,
+        /// Seconds of idle-CPU measurement with the queue empty.
+        #[arg(long, default_value_t = 5)]
+        idle_seconds: u64,
+    },
     /// Check a configuration: TLS files, key match, chain, expiry, key permissions, Redis,
     /// and a real mutual-TLS request to the main server. Exits 0 only when all pass.
     ///
@@ -104,6 +135,9 @@ enum Command {
         /// Print nothing per call.
         #[arg(long)]
         quiet: bool,
+        /// On exit, print enqueue-to-delivery latency percentiles (payloads from `courier bench`).
+        #[arg(long)]
+        report_latency: bool,
     },
     /// Push messages onto the queue in the documented format.
     ///
@@ -283,6 +317,25 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Bench {
+            messages,
+            concurrency,
+            batch_size,
+            message_bytes,
+            fail_share,
+            latency_rate,
+            latency_seconds,
+            idle_seconds,
+        } => oneshot(courier::bench::run(courier::bench::BenchOptions {
+            messages,
+            concurrency: concurrency.max(1),
+            batch_size: batch_size.clamp(1, 1000),
+            message_bytes,
+            fail_share: fail_share.clamp(0.0, 1.0),
+            latency_rate,
+            latency_seconds,
+            idle_seconds,
+        })),
         Command::Check { config } => {
             let file = config.config.or_else(Settings::default_file);
             let runtime = match tokio::runtime::Runtime::new() {
@@ -324,8 +377,17 @@ fn main() -> ExitCode {
             fail_first,
             delay_ms,
             quiet,
+            report_latency,
         } => oneshot(commands::sink(
-            listen, &cert, &key, &client_ca, fail_share, fail_first, delay_ms, quiet,
+            listen,
+            &cert,
+            &key,
+            &client_ca,
+            fail_share,
+            fail_first,
+            delay_ms,
+            quiet,
+            report_latency,
         )),
         Command::Enqueue {
             config,
@@ -406,7 +468,17 @@ fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
         Ok(guards) => guards,
         Err(e) => return config_error(e),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread by default: on a machine shared with Redis and the main server, cross-thread
+    // wake-ups cost more than a second thread gains (README, "Performance").
+    let runtime = match settings.worker.threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("courier: cannot start the async runtime: {e}");

@@ -64,6 +64,18 @@ impl Keys {
         }
     }
 
+    /// Every key of this queue that a worker with this id writes.
+    pub fn all(&self, worker_id: &str) -> Vec<String> {
+        vec![
+            self.ready.clone(),
+            self.retry.clone(),
+            self.dead.clone(),
+            self.workers.clone(),
+            self.owners.clone(),
+            self.processing(worker_id),
+        ]
+    }
+
     /// The list of messages a worker has claimed and not yet settled.
     pub fn processing(&self, worker_id: &str) -> String {
         format!("{}{worker_id}", self.processing_prefix)

@@ -92,6 +92,9 @@ pub fn fail_first(n: u64, status: u16) -> Behaviour {
 /// Everything the sink has seen.
 #[derive(Default)]
 pub struct Record {
+    /// Whether to keep each call; a long benchmark only counts them.
+    keep_calls: bool,
+    served: AtomicU64,
     calls: Mutex<Vec<Call>>,
     handshake_failures: Mutex<Vec<String>>,
     changes: AtomicU64,
@@ -100,8 +103,16 @@ pub struct Record {
 
 impl Record {
     fn push(&self, call: Call) {
-        self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(call);
-        self.changed();
+        self.served.fetch_add(1, Ordering::Relaxed);
+        if self.keep_calls {
+            self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(call);
+            self.changed();
+        }
+    }
+
+    /// Calls answered so far (kept or not).
+    pub fn served(&self) -> u64 {
+        self.served.load(Ordering::Relaxed)
     }
 
     fn changed(&self) {
@@ -206,6 +217,16 @@ impl SinkTls {
 impl Sink {
     /// Starts serving on `addr` (port 0 picks a free one) until stopped or dropped.
     pub async fn start(addr: SocketAddr, tls: &SinkTls, behaviour: Behaviour) -> Result<Sink, String> {
+        Self::start_with(addr, tls, behaviour, true).await
+    }
+
+    /// Like `start`; with `keep_calls` false the record only counts calls (for long runs).
+    pub async fn start_with(
+        addr: SocketAddr,
+        tls: &SinkTls,
+        behaviour: Behaviour,
+        keep_calls: bool,
+    ) -> Result<Sink, String> {
         let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
         let listener = TcpListener::bind(addr)
             .await
@@ -214,6 +235,7 @@ impl Sink {
         let (notify, changes) = watch::channel(0);
         let record = Arc::new(Record {
             notify: Some(notify),
+            keep_calls,
             ..Record::default()
         });
         let stop = CancellationToken::new();

@@ -55,6 +55,12 @@ pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// Makes ring the process-wide default provider, for clients built without our own TLS
+/// configuration (plain-HTTP test servers, the admin scrapes of `courier bench`). Idempotent.
+pub fn install_default_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 /// Reads every certificate in a PEM file.
 pub fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let bytes = read(setting, path)?;

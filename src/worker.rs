@@ -261,19 +261,31 @@ impl Worker {
         }
         // Anything still in processing goes back to the front of the queue. A delivery still
         // under way that settles after this finds its message gone and changes nothing.
-        match queue.give_back(&worker.id).await {
-            Ok(0) => {}
-            Ok(n) => info!(count = n, "Returned unfinished messages to the queue"),
-            Err(e) => {
-                error!(error = %e, "Could not return unfinished messages; they stay in processing and return at the next start")
+        let returned = match queue.give_back(&worker.id).await {
+            Ok(n) => {
+                if n > 0 {
+                    info!(count = n, "Returned unfinished messages to the queue");
+                }
+                true
             }
-        }
-        if let Err(e) = queue.deregister().await {
-            warn!(error = %e, "Could not remove this worker from the live set; it will be reaped");
-        }
+            Err(e) => {
+                error!(
+                    error = %e,
+                    "Could not return unfinished messages; they stay in processing until a worker with this id starts or a live worker reaps this one"
+                );
+                false
+            }
+        };
+        // Stop the heartbeat before leaving the live set, or a late tick would rejoin it.
         background.cancel();
         background_tasks.close();
         background_tasks.wait().await;
+        // Leave only once nothing is left in processing: a worker that has left is never reaped.
+        if returned {
+            if let Err(e) = queue.deregister().await {
+                warn!(error = %e, "Could not remove this worker from the live set; it will be reaped");
+            }
+        }
         drop(context);
         // Best effort: give queued status updates a moment, never the whole grace again.
         let _ = tokio::time::timeout(Duration::from_secs(2), statuses).await;
