@@ -456,16 +456,19 @@ impl Queue {
     /// Records that this worker is alive, in Redis time. `false`: another process has taken
     /// this worker's id.
     pub async fn heartbeat(&self) -> Result<bool, QueueError> {
-        let kept: i64 = self
-            .scripts
-            .heartbeat
+        Ok(self.on_own_entry(&self.scripts.heartbeat).await? == 1)
+    }
+
+    /// Runs a script on this worker's own entry: KEYS `workers`, `owners`; ARGV worker id and
+    /// this process's token.
+    async fn on_own_entry(&self, script: &Script) -> Result<i64, QueueError> {
+        Ok(script
             .key(&self.keys.workers)
             .key(&self.keys.owners)
             .arg(&self.worker_id)
             .arg(&self.token)
             .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(kept == 1)
+            .await?)
     }
 
     /// Reaps `worker_id` if its heartbeat is older than `dead_after`; returns the messages
@@ -487,15 +490,7 @@ impl Queue {
 
     /// Removes this worker from the live set, if the id is still this process's.
     pub async fn deregister(&self) -> Result<(), QueueError> {
-        let _: i64 = self
-            .scripts
-            .deregister
-            .key(&self.keys.workers)
-            .key(&self.keys.owners)
-            .arg(&self.worker_id)
-            .arg(&self.token)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
+        self.on_own_entry(&self.scripts.deregister).await?;
         Ok(())
     }
 

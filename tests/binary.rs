@@ -32,11 +32,7 @@ async fn a_server_certificate_from_another_ca_is_refused_and_the_message_kept() 
     enqueue(&redis, Q, &[message("guarded")]).await;
 
     let vars = env(&redis, &sink.url(), &pki, "w-rogue", &[]);
-    let mut child = courier(&vars, pki.dir.path())
-        .arg("run")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_worker(&vars, pki.dir.path());
     let mut out = Lines::new(&mut child);
     let line = out.wait_for("Delivery failed; will retry").await;
     assert!(line.contains(" - WARNING - [w-rogue] - "), "{line}");
@@ -143,11 +139,7 @@ async fn sigterm_mid_load_loses_nothing_and_exits_zero() {
         "w-term",
         &[("WORKER_CONCURRENCY", "16"), ("WORKER_RETRY_INTERVAL", "30")],
     );
-    let mut child = courier(&vars, pki.dir.path())
-        .arg("run")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_worker(&vars, pki.dir.path());
     let mut out = Lines::new(&mut child);
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() >= 300).await,
@@ -213,11 +205,7 @@ async fn log_level_debug_shows_each_delivery() {
     let sink = start_sink(&pki, sink::always_ok()).await;
     enqueue(&redis, Q, &[message("chatty")]).await;
     let vars = env(&redis, &sink.url(), &pki, "w-debug", &[("LOG_LEVEL", "DEBUG")]);
-    let mut child = courier(&vars, pki.dir.path())
-        .arg("run")
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawn");
+    let mut child = spawn_worker(&vars, pki.dir.path());
     let mut out = Lines::new(&mut child);
     let line = out.wait_for("Message chatty delivered successfully").await;
     assert!(line.contains(" - DEBUG - [w-debug] - "), "{line}");

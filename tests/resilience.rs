@@ -5,8 +5,7 @@
 
 mod common;
 
-use std::collections::{BTreeSet, HashMap};
-use std::process::Stdio;
+use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,23 +70,6 @@ async fn assert_settled(scenario: &str, redis: &RedisServer, sink: &Sink, n: usi
     );
 }
 
-fn spawn(vars: &HashMap<String, String>, dir: &std::path::Path) -> tokio::process::Child {
-    courier(vars, dir)
-        .arg("run")
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn courier")
-}
-
-async fn stop(mut child: tokio::process::Child) {
-    signal(&child, "TERM");
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
-    assert!(status.success(), "{status}");
-}
-
 fn slow_ok(delay_ms: u64) -> sink::Behaviour {
     Arc::new(move |_| Reply {
         delay: Duration::from_millis(delay_ms),
@@ -103,7 +85,7 @@ async fn kill_9_mid_run_then_a_restart_with_the_same_id_loses_nothing() {
     enqueue(&redis, Q, &items).await;
     let vars = env(&redis, &sink.url(), &pki, "worker-1", &[("WORKER_CONCURRENCY", "32")]);
 
-    let mut first = spawn(&vars, pki.dir.path());
+    let mut first = spawn_worker(&vars, pki.dir.path());
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 1000).await);
     first.kill().await.expect("SIGKILL");
     let in_processing = len(&redis, &format!("{Q}:processing:worker-1")).await;
@@ -111,9 +93,9 @@ async fn kill_9_mid_run_then_a_restart_with_the_same_id_loses_nothing() {
 
     // systemd restarts worker@1 with the same id at once: it takes over from the dead process
     // and returns its processing list before claiming.
-    let second = spawn(&vars, pki.dir.path());
+    let second = spawn_worker(&vars, pki.dir.path());
     all_delivered(&sink, &ids).await;
-    stop(second).await;
+    stop_worker(second).await;
     assert_settled("kill -9 + restart", &redis, &sink, ids.len()).await;
 }
 
@@ -140,8 +122,8 @@ async fn kill_9_of_one_of_two_workers_is_reaped_by_the_survivor() {
     let mut survivor_vars = vars("worker-b");
     survivor_vars.insert("WORKER_METRICS_PORT".into(), port.clone());
 
-    let mut victim = spawn(&vars("worker-a"), pki.dir.path());
-    let survivor = spawn(&survivor_vars, pki.dir.path());
+    let mut victim = spawn_worker(&vars("worker-a"), pki.dir.path());
+    let survivor = spawn_worker(&survivor_vars, pki.dir.path());
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 800).await);
     victim.kill().await.expect("SIGKILL");
     assert!(
@@ -163,7 +145,7 @@ async fn kill_9_of_one_of_two_workers_is_reaped_by_the_survivor() {
         .and_then(|v| v.parse().ok())
         .expect("reaped counter");
     assert!(reaped > 0.0, "the survivor counted what it reaped");
-    stop(survivor).await;
+    stop_worker(survivor).await;
     assert_settled("kill -9 of one of two", &redis, &sink, ids.len()).await;
 }
 
@@ -182,7 +164,7 @@ async fn a_redis_restart_mid_run_loses_nothing_and_is_logged_once_each_way() {
         "w-aof",
         &[("WORKER_CONCURRENCY", "16"), ("WORKER_METRICS_PORT", &port)],
     );
-    let mut child = spawn(&vars, pki.dir.path());
+    let mut child = spawn_worker(&vars, pki.dir.path());
     let mut out = Lines::new(&mut child);
 
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 500).await);
@@ -290,7 +272,7 @@ async fn certificate_rotation_with_sighup_switches_new_connections_to_the_new_ce
         "w-rot",
         &[("WORKER_CONCURRENCY", "8"), ("TLS_RELOAD_INTERVAL", "3600")],
     );
-    let mut child = spawn(&vars, pki.dir.path());
+    let mut child = spawn_worker(&vars, pki.dir.path());
     let mut out = Lines::new(&mut child);
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 500).await);
 
@@ -311,7 +293,7 @@ async fn certificate_rotation_with_sighup_switches_new_connections_to_the_new_ce
     let swapped_at = sink.record.calls().len();
 
     all_delivered(&sink, &ids).await;
-    stop(child).await;
+    stop_worker(child).await;
     let after: Vec<String> = sink.record.calls()[swapped_at..]
         .iter()
         .map(|c| c.client.clone())
@@ -337,7 +319,7 @@ async fn a_new_certificate_set_that_does_not_match_is_refused_and_the_old_one_ke
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
     let vars = env(&redis, &sink.url(), &pki, "w-badrot", &[("TLS_RELOAD_INTERVAL", "0.1")]);
-    let mut child = spawn(&vars, pki.dir.path());
+    let mut child = spawn_worker(&vars, pki.dir.path());
     let mut out = Lines::new(&mut child);
     out.wait_for("Connected to Redis").await;
 
@@ -357,7 +339,7 @@ async fn a_new_certificate_set_that_does_not_match_is_refused_and_the_old_one_ke
         sink.record.calls().iter().all(|c| c.client.contains("worker-test")),
         "the old set stayed in use"
     );
-    stop(child).await;
+    stop_worker(child).await;
 }
 
 #[tokio::test]
@@ -365,7 +347,7 @@ async fn a_second_live_process_with_the_same_id_refuses_to_start() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
     let vars = env(&redis, &sink.url(), &pki, "worker-7", &[]);
-    let mut first = spawn(&vars, pki.dir.path());
+    let mut first = spawn_worker(&vars, pki.dir.path());
     Lines::new(&mut first).wait_for("Connected to Redis").await;
 
     let output = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("run").output())
@@ -379,7 +361,7 @@ async fn a_second_live_process_with_the_same_id_refuses_to_start() {
         stderr.contains("worker-7") && stderr.contains(&pid),
         "names the id and the holder: {stderr}"
     );
-    stop(first).await;
+    stop_worker(first).await;
 }
 
 #[tokio::test]
@@ -406,7 +388,7 @@ async fn a_certificate_near_expiry_draws_a_warning_and_its_expiry_is_exported() 
         "w-expiring",
         &[("WORKER_METRICS_PORT", &port)],
     );
-    let mut child = spawn(&vars, pki.dir.path());
+    let mut child = spawn_worker(&vars, pki.dir.path());
     let line = Lines::new(&mut child).wait_for("Client certificate expires soon").await;
     assert!(line.contains(" - WARNING - ") && line.contains("days_left=4"), "{line}");
     let (_, metrics) = get(&format!("http://127.0.0.1:{port}/metrics")).await;
@@ -417,7 +399,7 @@ async fn a_certificate_near_expiry_draws_a_warning_and_its_expiry_is_exported() 
         .expect("expiry gauge");
     let days = (expiry - chrono::Utc::now().timestamp() as f64) / 86_400.0;
     assert!((4.9..5.0).contains(&days), "expires in {days} days");
-    stop(child).await;
+    stop_worker(child).await;
 }
 
 #[tokio::test]

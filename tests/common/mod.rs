@@ -340,6 +340,25 @@ pub fn courier(vars: &HashMap<String, String>, cwd: &Path) -> Command {
     command
 }
 
+/// Starts `courier run` as its own process, stdout piped for `Lines`.
+pub fn spawn_worker(vars: &HashMap<String, String>, dir: &Path) -> Child {
+    courier(vars, dir)
+        .arg("run")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn courier")
+}
+
+/// SIGTERM, then asserts a clean exit (0) within WAIT.
+pub async fn stop_worker(mut child: Child) {
+    signal(&child, "TERM");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+}
+
 /// Sends a signal to a child process by pid.
 pub fn signal(child: &Child, name: &str) {
     let pid = child.id().expect("child still running");
