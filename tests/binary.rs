@@ -332,3 +332,48 @@ async fn a_wrong_redis_password_is_a_configuration_error() {
         "{stderr}"
     );
 }
+
+/// The next sd_notify datagram.
+#[cfg(unix)]
+async fn notification(socket: &tokio::net::UnixDatagram) -> String {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, socket.recv(&mut buf))
+        .await
+        .expect("a notification")
+        .expect("recv");
+    String::from_utf8_lossy(&buf[..n]).to_string()
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn under_systemd_it_reports_ready_status_and_stopping_and_instance_n_sets_id_and_port() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let socket_path = pki.dir.path().join("notify.sock");
+    let socket = tokio::net::UnixDatagram::bind(&socket_path).expect("notify socket");
+    let mut vars = env(&redis, &sink.url(), &pki, "unused", &[]);
+    // What `worker@4242` gets: no WORKER_ID or port of its own, only the instance number.
+    vars.remove("WORKER_ID");
+    vars.remove("WORKER_METRICS_PORT");
+    vars.insert("NOTIFY_SOCKET".into(), socket_path.display().to_string());
+    let mut child = courier(&vars, pki.dir.path())
+        .args(["run", "--instance", "4242"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut out = Lines::new(&mut child);
+
+    let ready = notification(&socket).await;
+    assert!(ready.contains("READY=1") && ready.contains("as worker-4242"), "{ready}");
+    let status = notification(&socket).await;
+    assert!(status.starts_with("STATUS=ready "), "{status}");
+    out.wait_for("metrics server started on port 13341").await;
+
+    signal(&child, "TERM");
+    while !notification(&socket).await.contains("STOPPING=1") {}
+    assert!(tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits")
+        .expect("status")
+        .success());
+}
