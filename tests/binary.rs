@@ -41,12 +41,7 @@ async fn a_server_certificate_from_another_ca_is_refused_and_the_message_kept() 
         "the error names the TLS failure: {line}"
     );
 
-    signal(&child, "TERM");
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exits")
-        .expect("status");
-    assert!(status.success(), "{status}");
+    stop_worker(child).await;
     assert!(sink.record.calls().is_empty(), "nothing reached the untrusted server");
     assert!(
         !sink.record.handshake_failures().is_empty(),
