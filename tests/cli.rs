@@ -426,3 +426,47 @@ async fn bad_input_gets_one_line_and_a_non_zero_exit() {
     assert_eq!(out.status.code(), Some(2), "clap refuses unknown flags");
     assert!(text(&out).1.contains("--bogus"));
 }
+
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn the_bench_reports_every_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let args = [
+        "bench",
+        "--messages",
+        "2000",
+        "--concurrency",
+        "8",
+        "--latency-rate",
+        "200",
+        "--latency-seconds",
+        "1",
+        "--idle-seconds",
+        "1",
+    ];
+    let output = tokio::time::timeout(
+        Duration::from_secs(120),
+        courier(&HashMap::new(), dir.path()).args(args).output(),
+    )
+    .await
+    .expect("finishes")
+    .expect("runs");
+    let (stdout, stderr) = text(&output);
+    assert!(output.status.success(), "{stdout}\n{stderr}");
+    for figure in [
+        "drain",
+        "first 90%",
+        "worker CPU",
+        "worker syscalls",
+        "worker peak RSS",
+        "worker idle CPU",
+        "enqueue→delivery",
+    ] {
+        assert!(
+            stdout.lines().any(|l| l.trim_start().starts_with(figure)),
+            "{figure} in:\n{stdout}"
+        );
+    }
+    assert!(stdout.contains("(2000 delivered in"), "{stdout}");
+    assert!(stdout.contains("(n=2"), "latencies were measured: {stdout}");
+}
