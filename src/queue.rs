@@ -261,13 +261,16 @@ impl std::fmt::Display for Holder {
     }
 }
 
-/// The token identifying this process against its worker id.
+/// The token identifying this handle against its worker id: host, pid, start time, and a
+/// counter so that two handles made in the same millisecond still differ.
 pub fn process_token() -> String {
+    static HANDLES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = HANDLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let started = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    format!("{}|{}|{started}", this_host(), std::process::id())
+    format!("{}|{}|{started}.{n}", this_host(), std::process::id())
 }
 
 /// This machine's host name.
