@@ -43,6 +43,8 @@ pub struct Call {
     pub client: String,
     /// The status the sink answered (0: it cut the connection).
     pub answered: u16,
+    /// When the request arrived (before any scripted delay).
+    pub arrived: std::time::Instant,
 }
 
 /// How the sink answers a call.
@@ -380,6 +382,7 @@ async fn handle(
     behaviour: &Behaviour,
     client: String,
 ) -> Result<Response<Full<Bytes>>, Cut> {
+    let arrived = std::time::Instant::now();
     let header = |name: &str| {
         request
             .headers()
@@ -429,6 +432,7 @@ async fn handle(
         content_type,
         client,
         answered: 0,
+        arrived,
     };
     let reply = behaviour(&call);
     if !reply.delay.is_zero() {
