@@ -263,17 +263,9 @@ async fn redis_check(settings: &Settings) -> Check {
             )
         }
     };
-    let info: Result<String, _> = redis::cmd("INFO").arg("server").query_async(&mut conn).await;
-    match info {
-        Ok(info) => {
-            let version = info
-                .lines()
-                .find_map(|l| l.strip_prefix("redis_version:"))
-                .unwrap_or("unknown")
-                .trim()
-                .to_string();
-            let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-            if (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= (6, 2) {
+    match crate::queue::server_version(&mut conn).await {
+        Ok(version) => {
+            if crate::queue::supported_version(&version) {
                 Check::pass(
                     "redis",
                     format!("{}:{} answers, version {version}, database {}", r.host, r.port, r.db),

@@ -278,6 +278,26 @@ pub fn this_host() -> String {
     gethostname::gethostname().to_string_lossy().replace('|', "_")
 }
 
+/// The oldest Redis courier runs on: LMOVE, BLMOVE and RPOP with a count need 6.2.
+pub const MIN_REDIS: (u32, u32) = (6, 2);
+
+/// The version a Redis server reports in `INFO server`, e.g. `7.0.15`.
+pub async fn server_version(conn: &mut impl redis::aio::ConnectionLike) -> Result<String, QueueError> {
+    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    Ok(info
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_version:"))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string())
+}
+
+/// Whether `version` (`major.minor...`) is at least `MIN_REDIS`.
+pub fn supported_version(version: &str) -> bool {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= MIN_REDIS
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -329,16 +349,7 @@ impl Queue {
 
     /// The Redis server's version, e.g. `7.0.15`.
     pub async fn server_version(&self) -> Result<String, QueueError> {
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut self.conn.clone())
-            .await?;
-        Ok(info
-            .lines()
-            .find_map(|l| l.strip_prefix("redis_version:"))
-            .unwrap_or("unknown")
-            .trim()
-            .to_string())
+        server_version(&mut self.conn.clone()).await
     }
 
     /// Claims up to `n` messages, oldest first, into this worker's processing list.
@@ -671,4 +682,19 @@ pub async fn purge_dead(conn: &mut redis::aio::MultiplexedConnection, keys: &Key
         .query_async(conn)
         .await?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_versions_compare_numerically() {
+        assert!(supported_version("7.0.15"));
+        assert!(supported_version("6.2.0"));
+        assert!(supported_version("10.0"));
+        assert!(!supported_version("6.0.9"));
+        assert!(!supported_version("5.0.7"));
+        assert!(!supported_version("unknown"));
+    }
 }

@@ -311,7 +311,7 @@ async fn connect(
                     .server_version()
                     .await
                     .map_err(|e| RunError::Fatal(format!("Redis: {e}")))?;
-                if !version_at_least(&version, (6, 2)) {
+                if !queue::supported_version(&version) {
                     return Err(RunError::Config(format!(
                         "redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)"
                     )));
@@ -394,12 +394,6 @@ fn process_alive(pid: u32) -> bool {
         let _ = pid;
         true
     }
-}
-
-fn version_at_least(version: &str, (major, minor): (u32, u32)) -> bool {
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let found = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    found >= (major, minor)
 }
 
 /// Claims messages while there are free slots, until shutdown.
@@ -882,14 +876,5 @@ mod tests {
         assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         b.reset();
         assert_eq!(b.next(), Duration::from_millis(100));
-    }
-
-    #[test]
-    fn redis_versions_compare_numerically() {
-        assert!(version_at_least("7.0.15", (6, 2)));
-        assert!(version_at_least("6.2.0", (6, 2)));
-        assert!(version_at_least("10.0", (6, 2)));
-        assert!(!version_at_least("6.0.9", (6, 2)));
-        assert!(!version_at_least("5.0.7", (6, 2)));
     }
 }
