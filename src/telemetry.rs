@@ -4,6 +4,7 @@
 //! `2025-01-15 10:30:45,123 - worker - INFO - [worker-1] - Message delivered message_id=...`
 
 use std::fmt::{self, Write as _};
+use std::io::{BufWriter, Write};
 use std::path::Path;
 
 use tracing::field::{Field, Visit};
@@ -18,8 +19,8 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
-/// Keeps the background log writers running; drop it last, when the process exits.
-pub struct LogGuards(#[allow(dead_code)] Vec<WorkerGuard>);
+/// Keeps the background log writer running; drop it last, when the process exits.
+pub struct LogGuards(#[allow(dead_code)] WorkerGuard);
 
 /// The seed's format: time, logger name, level (Python's names), worker id, message, then
 /// the event's fields as `key=value`.
@@ -100,28 +101,48 @@ pub fn init(level: Level, dir: &Path, worker_id: &str) -> Result<LogGuards, Stri
                 dir.display()
             )
         })?;
-    let (file, file_guard) = tracing_appender::non_blocking(file);
-    let (stdout, stdout_guard) = tracing_appender::non_blocking(std::io::stdout());
+    // One line is formatted once and handed to one background thread, which writes it to
+    // both places: at thousands of retry lines a second, a second formatter and a second
+    // thread to wake cost the worker measurably.
+    let (writer, guard) = tracing_appender::non_blocking(Tee {
+        stdout: BufWriter::new(std::io::stdout()),
+        file: BufWriter::new(file),
+    });
     let filter = Targets::new()
         .with_default(LevelFilter::from_level(level).min(LevelFilter::WARN))
         .with_target("courier", level);
-    let format = |id: &str| SeedFormat {
-        worker_id: id.to_string(),
-    };
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
-                .event_format(format(worker_id))
-                .with_writer(stdout)
-                .with_filter(filter.clone()),
-        )
-        .with(
-            tracing_subscriber::fmt::layer()
-                .event_format(format(worker_id))
-                .with_writer(file)
+                .event_format(SeedFormat {
+                    worker_id: worker_id.to_string(),
+                })
+                .with_writer(writer)
                 .with_filter(filter),
         )
         .try_init()
         .map_err(|e| format!("logging could not start: {e}"))?;
-    Ok(LogGuards(vec![file_guard, stdout_guard]))
+    Ok(LogGuards(guard))
+}
+
+/// Writes each line to stdout and to the log file. A closed stdout (nothing reading it) does
+/// not stop the file, which is the record that matters. Both are buffered: the background
+/// thread flushes as soon as it has written every line waiting, so a burst of lines costs one
+/// write per output, and no line waits for more to come.
+struct Tee<F: std::io::Write> {
+    stdout: BufWriter<std::io::Stdout>,
+    file: BufWriter<F>,
+}
+
+impl<F: std::io::Write> Write for Tee<F> {
+    fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
+        let _ = self.stdout.write_all(line);
+        self.file.write_all(line)?;
+        Ok(line.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = self.stdout.flush();
+        self.file.flush()
+    }
 }
