@@ -33,6 +33,8 @@ pub struct BenchOptions {
     pub latency_rate: usize,
     pub latency_seconds: u64,
     pub idle_seconds: u64,
+    /// The worker offers HTTP/2 (MAIN_SERVER_HTTP2), which the main server takes.
+    pub http2: bool,
 }
 
 /// CPU time (user + system) a process has used, from /proc/PID/stat.
@@ -69,6 +71,24 @@ fn syscalls(pid: u32) -> u64 {
         .filter_map(|l| l.strip_prefix("syscr:").or_else(|| l.strip_prefix("syscw:")))
         .filter_map(|v| v.trim().parse::<u64>().ok())
         .sum()
+}
+
+/// Busy and stolen ticks of the whole machine, from the first line of /proc/stat. Steal is time
+/// the hypervisor gave this machine's CPUs to someone else; a run with much of it is noise.
+fn machine_ticks() -> (u64, u64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let get = |i: usize| fields.get(i).copied().unwrap_or(0);
+    // user nice system idle iowait irq softirq steal
+    let total: u64 = fields.iter().take(8).sum();
+    (total, get(7))
 }
 
 fn ticks_per_second() -> f64 {
@@ -180,6 +200,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         .env("REDIS_PORT", redis.port.to_string())
         .env("MAIN_SERVER_URL", format!("https://localhost:{sink_port}"))
         .env("WORKER_ID", "bench")
+        .env("MAIN_SERVER_HTTP2", options.http2.to_string())
         .env("WORKER_CONCURRENCY", options.concurrency.to_string())
         .env("WORKER_BATCH_SIZE", options.batch_size.to_string())
         .env("WORKER_RETRY_INTERVAL", "1")
@@ -197,6 +218,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let pid = worker.id().context("worker exited at once")?;
     let started = Instant::now();
     let ticks = ticks_per_second();
+    let (sink_pid, redis_pid) = (sink.id().unwrap_or(0), redis.child.id().unwrap_or(0));
+    let (sink_from, redis_from) = (cpu_time(sink_pid, ticks)?, cpu_time(redis_pid, ticks)?);
+    let machine_from = machine_ticks();
     let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     crate::tls::install_default_provider();
     let http = reqwest::Client::builder().no_proxy().build()?;
@@ -211,6 +235,10 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let drain_cpu = cpu_time(pid, ticks)?;
     let drain_rss = peak_rss(pid)?;
     let drain_syscalls = syscalls(pid);
+    let sink_cpu = cpu_time(sink_pid, ticks)? - sink_from;
+    let redis_cpu = cpu_time(redis_pid, ticks)? - redis_from;
+    let machine_to = machine_ticks();
+    let steal_share = (machine_to.1 - machine_from.1) as f64 / (machine_to.0 - machine_from.0).max(1) as f64;
 
     let idle_from = cpu_time(pid, ticks)?;
     tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
@@ -252,11 +280,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
 
     let rate = n as f64 / drain.as_secs_f64();
     println!(
-        "courier bench: {} messages of {item_bytes} bytes, concurrency {}, batch {}, {:.0}% answered 503",
+        "courier bench: {} messages of {item_bytes} bytes, concurrency {}, batch {}, {:.0}% answered 503, {}",
         options.messages,
         options.concurrency,
         options.batch_size,
-        options.fail_share * 100.0
+        options.fail_share * 100.0,
+        if options.http2 { "HTTP/2" } else { "HTTP/1.1" }
     );
     println!(
         "  {:<22}{:>10.0} msg/s   ({} in {:.2} s)",
@@ -286,6 +315,18 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         "  {:<22}{:>10.2} per msg (read + write system calls)",
         "worker syscalls",
         drain_syscalls as f64 / n as f64
+    );
+    println!(
+        "  {:<22}{:>10.1} µs/msg   (main server {:.1}, redis-server {:.1})",
+        "other CPU",
+        (sink_cpu + redis_cpu).as_secs_f64() * 1e6 / n as f64,
+        sink_cpu.as_secs_f64() * 1e6 / n as f64,
+        redis_cpu.as_secs_f64() * 1e6 / n as f64
+    );
+    println!(
+        "  {:<22}{:>10.1} %      (CPU time the hypervisor gave away during the drain)",
+        "machine steal",
+        steal_share * 100.0
     );
     println!("  {:<22}{:>10.1} MB", "worker peak RSS", drain_rss as f64 / 1_048_576.0);
     println!(

@@ -2,7 +2,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
@@ -99,26 +99,63 @@ fn in_share(message_id: &str, attempt: u64, share: f64) -> bool {
     (hasher.finish() % 10_000) < (share.clamp(0.0, 1.0) * 10_000.0) as u64
 }
 
+/// `courier sink`'s options.
+#[derive(Debug, clap::Args)]
+pub struct SinkArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Server certificate (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (PEM).
+    #[arg(long)]
+    pub client_ca: PathBuf,
+    /// Share of delivery attempts answered 503 (0 to 1), chosen by a hash of id and attempt.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_share: f64,
+    /// Answer the first N attempts of every message with 503.
+    #[arg(long, default_value_t = 0)]
+    pub fail_first: u64,
+    /// Wait this many milliseconds before answering.
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Offer only HTTP/1.1 in the TLS handshake, like a server without HTTP/2.
+    #[arg(long)]
+    pub http1_only: bool,
+    /// Print nothing per call.
+    #[arg(long)]
+    pub quiet: bool,
+    /// On exit, print enqueue-to-delivery latency percentiles (payloads from `courier bench`).
+    #[arg(long)]
+    pub report_latency: bool,
+}
+
 /// `courier sink`: serves until Ctrl+C.
-#[allow(clippy::too_many_arguments)]
-pub async fn sink(
-    listen: SocketAddr,
-    cert: &Path,
-    key: &Path,
-    client_ca: &Path,
-    fail_share: f64,
-    fail_first: u64,
-    delay_ms: u64,
-    quiet: bool,
-    report_latency: bool,
-) -> anyhow::Result<()> {
+pub async fn sink(args: SinkArgs) -> anyhow::Result<()> {
+    let SinkArgs {
+        listen,
+        cert,
+        key,
+        client_ca,
+        fail_share,
+        fail_first,
+        delay_ms,
+        http1_only,
+        quiet,
+        report_latency,
+    } = args;
     if !(0.0..=1.0).contains(&fail_share) {
         bail!("--fail-share {fail_share}: give a share from 0 to 1, e.g. 0.1");
     }
     let tls = SinkTls {
-        cert_pem: read(cert, "server certificate")?,
-        key_pem: read(key, "server key")?,
-        client_ca_pem: read(client_ca, "client CA")?,
+        cert_pem: read(&cert, "server certificate")?,
+        key_pem: read(&key, "server key")?,
+        client_ca_pem: read(&client_ca, "client CA")?,
+        http2: !http1_only,
     };
     let delay = Duration::from_millis(delay_ms);
     // Enqueue-to-delivery latencies, from the `t` (epoch microseconds) that `courier bench` puts

@@ -42,6 +42,7 @@ const KNOWN: &[Known] = &[
     k("redis.queue_name", "REDIS_QUEUE_NAME", "message_queue"),
     k("main_server.connect_timeout", "MAIN_SERVER_CONNECT_TIMEOUT", "5"),
     k("main_server.request_timeout", "MAIN_SERVER_REQUEST_TIMEOUT", "30"),
+    k("main_server.http2", "MAIN_SERVER_HTTP2", "false"),
     k("worker.shutdown_grace", "WORKER_SHUTDOWN_GRACE", "25"),
     k("worker.max_message_bytes", "WORKER_MAX_MESSAGE_BYTES", "1048576"),
     k("worker.heartbeat_interval", "WORKER_HEARTBEAT_INTERVAL", "5"),
@@ -110,6 +111,8 @@ pub struct MainServerSettings {
     pub url: Url,
     pub connect_timeout: Duration,
     pub request_timeout: Duration,
+    /// Offer HTTP/2 in the TLS handshake; HTTP/1.1 is used when the server does not take it.
+    pub http2: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -444,6 +447,7 @@ impl Source<'_> {
             url,
             connect_timeout: self.seconds("main_server.connect_timeout", 0.01, 600.0)?,
             request_timeout: self.seconds("main_server.request_timeout", 0.01, 3_600.0)?,
+            http2: self.flag("main_server.http2")?,
         };
         let metrics = MetricsSettings {
             enabled: self.flag("metrics.enabled")?,

@@ -78,6 +78,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         cert_pem: pki.server.cert_pem.clone(),
         key_pem: pki.server.key_pem.clone(),
         client_ca_pem: pki.ca_pem.clone(),
+        http2: true,
     };
     let sink = Sink::start("127.0.0.1:0".parse()?, &sink_tls, behaviour)
         .await

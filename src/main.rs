@@ -94,6 +94,9 @@ enum Command {
         /// Seconds of idle-CPU measurement with the queue empty.
         #[arg(long, default_value_t = 5)]
         idle_seconds: u64,
+        /// Run the worker with MAIN_SERVER_HTTP2=true (the main server offers both).
+        #[arg(long)]
+        http2: bool,
     },
     /// Check a configuration: TLS files, key match, chain, expiry, key permissions, Redis,
     /// and a real mutual-TLS request to the main server. Exits 0 only when all pass.
@@ -110,35 +113,7 @@ enum Command {
     /// Failure injection for smoke tests: a share of 503s, failing first attempts, delays.
     ///
     /// Example: courier sink --listen 127.0.0.1:8443 --cert certs/server.crt --key certs/server.key --client-ca certs/ca.crt --fail-share 0.1
-    Sink {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:8443")]
-        listen: std::net::SocketAddr,
-        /// Server certificate (PEM).
-        #[arg(long)]
-        cert: PathBuf,
-        /// Server private key (PEM).
-        #[arg(long)]
-        key: PathBuf,
-        /// CA that client certificates must chain to (PEM).
-        #[arg(long)]
-        client_ca: PathBuf,
-        /// Share of delivery attempts answered 503 (0 to 1), chosen by a hash of id and attempt.
-        #[arg(long, default_value_t = 0.0)]
-        fail_share: f64,
-        /// Answer the first N attempts of every message with 503.
-        #[arg(long, default_value_t = 0)]
-        fail_first: u64,
-        /// Wait this many milliseconds before answering.
-        #[arg(long, default_value_t = 0)]
-        delay_ms: u64,
-        /// Print nothing per call.
-        #[arg(long)]
-        quiet: bool,
-        /// On exit, print enqueue-to-delivery latency percentiles (payloads from `courier bench`).
-        #[arg(long)]
-        report_latency: bool,
-    },
+    Sink(commands::SinkArgs),
     /// Push messages onto the queue in the documented format.
     ///
     /// Examples: courier enqueue --id order-42 --payload '{"total": 12.5}'
@@ -326,6 +301,7 @@ fn main() -> ExitCode {
             latency_rate,
             latency_seconds,
             idle_seconds,
+            http2,
         } => oneshot(courier::bench::run(courier::bench::BenchOptions {
             messages,
             concurrency: concurrency.max(1),
@@ -335,6 +311,7 @@ fn main() -> ExitCode {
             latency_rate,
             latency_seconds,
             idle_seconds,
+            http2,
         })),
         Command::Check { config } => {
             let file = config.config.or_else(Settings::default_file);
@@ -368,27 +345,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Sink {
-            listen,
-            cert,
-            key,
-            client_ca,
-            fail_share,
-            fail_first,
-            delay_ms,
-            quiet,
-            report_latency,
-        } => oneshot(commands::sink(
-            listen,
-            &cert,
-            &key,
-            &client_ca,
-            fail_share,
-            fail_first,
-            delay_ms,
-            quiet,
-            report_latency,
-        )),
+        Command::Sink(args) => oneshot(commands::sink(args)),
         Command::Enqueue {
             config,
             id,

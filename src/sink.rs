@@ -12,7 +12,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -45,6 +45,8 @@ pub struct Call {
     pub answered: u16,
     /// When the request arrived (before any scripted delay).
     pub arrived: std::time::Instant,
+    /// HTTP/1.1 or HTTP/2.
+    pub version: hyper::Version,
 }
 
 /// How the sink answers a call.
@@ -187,6 +189,8 @@ pub struct SinkTls {
     pub key_pem: String,
     /// Client certificates must chain to this CA.
     pub client_ca_pem: String,
+    /// Offer HTTP/2 in the handshake (as well as HTTP/1.1), like most TLS front ends.
+    pub http2: bool,
 }
 
 impl SinkTls {
@@ -211,7 +215,11 @@ impl SinkTls {
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
             .map_err(|e| format!("server certificate: {e}"))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        config.alpn_protocols = if self.http2 {
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        } else {
+            vec![b"http/1.1".to_vec()]
+        };
         Ok(config)
     }
 }
@@ -353,7 +361,9 @@ async fn accept(
                 let (record, behaviour, client) = (record.clone(), behaviour.clone(), client.clone());
                 async move { handle(request, &record, &behaviour, client).await }
             });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(tls), service);
+            // HTTP/2 when the handshake chose it, else HTTP/1.1.
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let connection = builder.serve_connection(TokioIo::new(tls), service);
             // Closing wins over serving: once its TLS set is replaced a connection serves no more.
             tokio::select! {
                 biased;
@@ -393,6 +403,7 @@ async fn handle(
     let idempotency_key = header("idempotency-key");
     let content_type = header("content-type");
     let method = request.method().clone();
+    let version = request.version();
     let path = request.uri().path().to_string();
     let body = match request.into_body().collect().await {
         Ok(body) => body.to_bytes(),
@@ -433,6 +444,7 @@ async fn handle(
         client,
         answered: 0,
         arrived,
+        version,
     };
     let reply = behaviour(&call);
     if !reply.delay.is_zero() {

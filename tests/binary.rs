@@ -25,6 +25,7 @@ async fn a_server_certificate_from_another_ca_is_refused_and_the_message_kept() 
         cert_pem: rogue_server.cert_pem,
         key_pem: rogue_server.key_pem,
         client_ca_pem: pki.ca.cert_pem.clone(),
+        http2: true,
     };
     let sink = Sink::start("127.0.0.1:0".parse().unwrap(), &tls, sink::always_ok())
         .await

@@ -78,6 +78,7 @@ async fn certs_init_and_issue_make_a_set_the_worker_and_server_accept() {
         cert_pem: read("server.crt"),
         key_pem: read("server.key"),
         client_ca_pem: read("ca.crt"),
+        http2: true,
     };
     let server = sink::Sink::start("127.0.0.1:0".parse().unwrap(), &server_tls, sink::always_ok())
         .await
@@ -86,6 +87,7 @@ async fn certs_init_and_issue_make_a_set_the_worker_and_server_accept() {
         url: server.url().parse().unwrap(),
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(5),
+        http2: true,
     };
     let client = courier::delivery::build_client(&settings, Some(&tls), 1).unwrap();
     let answer = client.get(server.url()).send().await.expect("mutual TLS works");

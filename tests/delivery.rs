@@ -426,3 +426,49 @@ async fn disabling_metrics_opens_no_port() {
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 1).await);
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn speaks_http2_only_when_asked_and_the_server_offers_it() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let offers_both = start_sink(&pki, sink::always_ok()).await;
+    let http1_only = sink::Sink::start(
+        "127.0.0.1:0".parse().unwrap(),
+        &sink::SinkTls {
+            http2: false,
+            ..pki.sink_tls()
+        },
+        sink::always_ok(),
+    )
+    .await
+    .expect("sink");
+
+    // (server, MAIN_SERVER_HTTP2, the protocol the deliveries must arrive in)
+    let cases = [
+        (&offers_both, "false", hyper::Version::HTTP_11),
+        (&offers_both, "true", hyper::Version::HTTP_2),
+        (&http1_only, "true", hyper::Version::HTTP_11),
+    ];
+    for (n, (server, http2, expected)) in cases.into_iter().enumerate() {
+        let before = server.record.delivered().len();
+        let batch = ids(&format!("h{n}"), 20);
+        enqueue(&redis, Q, &batch.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
+        let worker = start_worker(&env(
+            &redis,
+            &server.url(),
+            &pki,
+            &format!("w-h{n}"),
+            &[("WORKER_CONCURRENCY", "8"), ("MAIN_SERVER_HTTP2", http2)],
+        ))
+        .await;
+        assert!(
+            server.wait_for(WAIT, |r| r.delivered().len() == before + 20).await,
+            "case {n}: all 20 delivered"
+        );
+        worker.stop().await;
+        let versions: Vec<_> = server.record.deliveries()[before..].iter().map(|c| c.version).collect();
+        assert!(
+            versions.iter().all(|v| *v == expected),
+            "case {n}: MAIN_SERVER_HTTP2={http2} gave {versions:?}, expected {expected:?}"
+        );
+    }
+}

@@ -159,6 +159,7 @@ impl Pki {
             cert_pem: self.server.cert_pem.clone(),
             key_pem: self.server.key_pem.clone(),
             client_ca_pem: self.ca.cert_pem.clone(),
+            http2: true,
         }
     }
 
