@@ -22,6 +22,11 @@ use crate::tls::ClientTls;
 
 /// Most due retries moved back to the queue by one promoter call.
 const PROMOTE_BATCH: usize = 1000;
+/// The shortest pause between two promotions that leave retries waiting. Retries fall due
+/// continuously under a steady failure rate; without a floor the promoter would wake for
+/// every millisecond's one or two, a script call each. 20 ms late is nothing next to a
+/// retry interval of seconds.
+const PROMOTE_GAP: Duration = Duration::from_millis(20);
 /// Status updates waiting to be sent; past this they are dropped (and counted).
 const STATUS_BACKLOG: usize = 4096;
 
@@ -829,11 +834,7 @@ async fn promote(context: Arc<Context>, retry_interval: Duration, stop: Cancella
                 if promoted.moved > 0 {
                     debug!(count = promoted.moved, "Moved due retries back to the queue");
                 }
-                if promoted.moved == PROMOTE_BATCH {
-                    Duration::ZERO
-                } else {
-                    promoted.next_due_in.map_or(longest, |due| due.min(longest))
-                }
+                next_promotion(promoted.moved, promoted.next_due_in, longest)
             }
             Err(e) => {
                 context.redis_error(&e, "promote");
@@ -845,6 +846,15 @@ async fn promote(context: Arc<Context>, retry_interval: Duration, stop: Cancella
             _ = tokio::time::sleep(wait) => {}
         }
     }
+}
+
+/// How long the promoter sleeps after moving `moved` retries: not at all after a full batch
+/// (more are due), else until the next is due, but at least PROMOTE_GAP and at most `longest`.
+fn next_promotion(moved: usize, next_due_in: Option<Duration>, longest: Duration) -> Duration {
+    if moved == PROMOTE_BATCH {
+        return Duration::ZERO;
+    }
+    next_due_in.map_or(longest, |due| due.clamp(PROMOTE_GAP.min(longest), longest))
 }
 
 /// Capped exponential backoff: 100 ms doubling to 5 s.
@@ -876,5 +886,33 @@ mod tests {
         assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
         b.reset();
         assert_eq!(b.next(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn the_promoter_batches_retries_that_fall_due_continuously() {
+        let second = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        assert_eq!(
+            next_promotion(PROMOTE_BATCH, Some(ms(0)), second),
+            Duration::ZERO,
+            "full batch: go on"
+        );
+        assert_eq!(
+            next_promotion(2, Some(ms(1)), second),
+            PROMOTE_GAP,
+            "one due every ms: wait the gap"
+        );
+        assert_eq!(
+            next_promotion(0, Some(ms(300)), second),
+            ms(300),
+            "sleeps until the next is due"
+        );
+        assert_eq!(next_promotion(0, Some(ms(9_000)), second), second, "at most a second");
+        assert_eq!(next_promotion(0, None, second), second, "nothing waiting");
+        assert_eq!(
+            next_promotion(0, Some(ms(1)), ms(5)),
+            ms(5),
+            "a retry interval under the gap wins"
+        );
     }
 }
