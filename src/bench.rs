@@ -7,6 +7,12 @@
 //! 3. latency: messages enqueued at a steady rate while the worker runs; the main server
 //!    measures enqueue-to-delivery time from a timestamp in each payload (p50, p99).
 //!
+//! With `--repeat N` the drain runs N times (a fresh worker each time) and each figure is the
+//! median; with `--paired` and a failing share, a clean drain against a second main server
+//! precedes each failing one, and the ratio of their rates is reported per pair. Runs on this
+//! kind of machine differ by a third from one minute to the next (the hypervisor's steal is
+//! printed), so pairs compare like with like.
+//!
 //! Linux only: it reads /proc.
 
 use std::process::Stdio;
@@ -35,6 +41,11 @@ pub struct BenchOptions {
     pub idle_seconds: u64,
     /// The worker offers HTTP/2 (MAIN_SERVER_HTTP2), which the main server takes.
     pub http2: bool,
+    /// Drains to run; figures are the median.
+    pub repeat: usize,
+    /// With a failing share: before each failing drain, a clean one, and the ratio of their
+    /// first-90% rates.
+    pub paired: bool,
 }
 
 /// CPU time (user + system) a process has used, from /proc/PID/stat.
@@ -135,6 +146,176 @@ fn signal(child: &Child, name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A reference main server process.
+struct SinkProcess {
+    child: Child,
+    lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
+    port: u16,
+}
+
+async fn start_sink(
+    exe: &std::path::Path,
+    pki: &crate::demo::ThrowawayPki,
+    fail_share: f64,
+) -> anyhow::Result<SinkProcess> {
+    let port = free_port()?;
+    let mut child = Command::new(exe)
+        .args([
+            "sink",
+            "--quiet",
+            "--report-latency",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .arg("--cert")
+        .arg(&pki.server_cert_file)
+        .arg("--key")
+        .arg(&pki.server_key_file)
+        .arg("--client-ca")
+        .arg(&pki.ca_file)
+        .args(["--fail-share", &fail_share.to_string()])
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .context("cannot start the reference main server")?;
+    let mut lines = BufReader::new(child.stdout.take().context("sink output")?).lines();
+    while let Some(line) = lines.next_line().await? {
+        if line.contains("listening") {
+            break;
+        }
+    }
+    Ok(SinkProcess { child, lines, port })
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// What one drain measured.
+#[derive(Debug, Clone, Copy)]
+struct Drain {
+    /// Whether the main server answered a share 503 in this drain.
+    failing: bool,
+    rate: f64,
+    first_ninety_rate: f64,
+    seconds: f64,
+    first_ninety_seconds: f64,
+    cpu_us: f64,
+    cpu_seconds: f64,
+    syscalls: f64,
+    sink_cpu_us: f64,
+    redis_cpu_us: f64,
+    steal: f64,
+    rss_mb: f64,
+}
+
+/// The parts every drain uses.
+struct Rig {
+    exe: std::path::PathBuf,
+    work: tempfile::TempDir,
+    pki: crate::demo::ThrowawayPki,
+    redis_port: u16,
+    redis_pid: u32,
+    conn: redis::aio::MultiplexedConnection,
+    metrics_port: u16,
+    ticks: f64,
+    http: reqwest::Client,
+}
+
+impl Rig {
+    fn metrics_url(&self) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
+    }
+
+    /// Enqueues `n` messages of about `bytes` bytes; returns the rate and one item's size.
+    async fn fill(&mut self, n: usize, bytes: usize) -> anyhow::Result<(f64, usize)> {
+        let pad = "x".repeat(bytes.saturating_sub(90));
+        let started = Instant::now();
+        for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
+            let items: Vec<String> = chunk
+                .iter()
+                .map(|i| {
+                    format!(
+                        r#"{{"message_id":"bench-{i}","payload":{{"pad":"{pad}"}},"queued_at":{}}}"#,
+                        micros_now() / 1_000_000
+                    )
+                })
+                .collect();
+            let _: () = self.conn.lpush("message_queue", items).await?;
+        }
+        let rate = n as f64 / started.elapsed().as_secs_f64();
+        let first: Option<String> = self.conn.lindex("message_queue", 0).await?;
+        Ok((rate, first.map_or(0, |i| i.len())))
+    }
+
+    /// Starts a worker against `sink` and waits until it has delivered all `n` queued messages.
+    /// Returns the figures and the worker, still running.
+    async fn drain(&self, options: &BenchOptions, sink: &SinkProcess, failing: bool) -> anyhow::Result<(Drain, Child)> {
+        let worker = Command::new(&self.exe)
+            .arg("run")
+            .env("REDIS_HOST", "127.0.0.1")
+            .env("REDIS_PORT", self.redis_port.to_string())
+            .env("MAIN_SERVER_URL", format!("https://localhost:{}", sink.port))
+            .env("WORKER_ID", "bench")
+            .env("MAIN_SERVER_HTTP2", options.http2.to_string())
+            .env("WORKER_CONCURRENCY", options.concurrency.to_string())
+            .env("WORKER_BATCH_SIZE", options.batch_size.to_string())
+            .env("WORKER_RETRY_INTERVAL", "1")
+            .env("WORKER_METRICS_PORT", self.metrics_port.to_string())
+            .env("WORKER_METRICS_BIND", "127.0.0.1")
+            .env("WORKER_CERT_PATH", &self.pki.cert_file)
+            .env("WORKER_KEY_PATH", &self.pki.key_file)
+            .env("CA_CERT_PATH", &self.pki.ca_file)
+            .env("LOG_FILE_PATH", self.work.path().join("logs"))
+            .current_dir(self.work.path())
+            .stdout(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("cannot start the worker")?;
+        let pid = worker.id().context("worker exited at once")?;
+        let started = Instant::now();
+        let (sink_pid, ticks) = (sink.child.id().unwrap_or(0), self.ticks);
+        let (sink_from, redis_from) = (cpu_time(sink_pid, ticks)?, cpu_time(self.redis_pid, ticks)?);
+        let machine_from = machine_ticks();
+        let n = options.messages as u64;
+        // The time to the first 90% is the rate of the messages that did not fail: with a 10%
+        // failing share it leaves out the retries' wait, which the full drain includes.
+        let ninety = n * 9 / 10;
+        let url = self.metrics_url();
+        wait_delivered(&self.http, &url, ninety, Duration::from_secs(1800)).await?;
+        let first_ninety = started.elapsed();
+        wait_delivered(&self.http, &url, n, Duration::from_secs(1800)).await?;
+        let seconds = started.elapsed().as_secs_f64();
+        let cpu = cpu_time(pid, ticks)?;
+        let sink_cpu = cpu_time(sink_pid, ticks)? - sink_from;
+        let redis_cpu = cpu_time(self.redis_pid, ticks)? - redis_from;
+        let machine_to = machine_ticks();
+        let per_message = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+        let figures = Drain {
+            failing,
+            rate: n as f64 / seconds,
+            first_ninety_rate: ninety as f64 / first_ninety.as_secs_f64(),
+            seconds,
+            first_ninety_seconds: first_ninety.as_secs_f64(),
+            cpu_us: per_message(cpu),
+            cpu_seconds: cpu.as_secs_f64(),
+            syscalls: syscalls(pid) as f64 / n as f64,
+            sink_cpu_us: per_message(sink_cpu),
+            redis_cpu_us: per_message(redis_cpu),
+            steal: (machine_to.1 - machine_from.1) as f64 / (machine_to.0 - machine_from.0).max(1) as f64,
+            rss_mb: peak_rss(pid)? as f64 / 1_048_576.0,
+        };
+        Ok((figures, worker))
+    }
+}
+
+/// Stops a worker and waits for it to exit.
+async fn stop(mut worker: Child) -> anyhow::Result<()> {
+    signal(&worker, "TERM")?;
+    let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
+    Ok(())
+}
+
 /// Runs the benchmark and prints its figures.
 pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     if !cfg!(target_os = "linux") {
@@ -144,105 +325,55 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let work = tempfile::tempdir()?;
     let pki = throwaway_pki(work.path())?;
     let redis = start_redis(work.path()).await?;
-    let free = || -> anyhow::Result<u16> { Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port()) };
-    let (sink_port, metrics_port) = (free()?, free()?);
-
-    let mut sink = Command::new(&exe)
-        .args([
-            "sink",
-            "--quiet",
-            "--report-latency",
-            "--listen",
-            &format!("127.0.0.1:{sink_port}"),
-        ])
-        .arg("--cert")
-        .arg(&pki.server_cert_file)
-        .arg("--key")
-        .arg(&pki.server_key_file)
-        .arg("--client-ca")
-        .arg(&pki.ca_file)
-        .args(["--fail-share", &options.fail_share.to_string()])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the reference main server")?;
-    let mut sink_out = BufReader::new(sink.stdout.take().context("sink output")?).lines();
-    while let Some(line) = sink_out.next_line().await? {
-        if line.contains("listening") {
-            break;
-        }
-    }
-
-    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}/", redis.port))?
+    let mut sink = start_sink(&exe, &pki, options.fail_share).await?;
+    // With --paired, a clean main server for the clean drain of each pair.
+    let clean = match options.paired && options.fail_share > 0.0 {
+        true => Some(start_sink(&exe, &pki, 0.0).await?),
+        false => None,
+    };
+    let conn = redis::Client::open(format!("redis://127.0.0.1:{}/", redis.port))?
         .get_multiplexed_async_connection()
         .await?;
-    let pad = "x".repeat(options.message_bytes.saturating_sub(90));
-    let started = Instant::now();
-    for chunk in (0..options.messages).collect::<Vec<_>>().chunks(10_000) {
-        let items: Vec<String> = chunk
-            .iter()
-            .map(|i| {
-                format!(
-                    r#"{{"message_id":"bench-{i}","payload":{{"pad":"{pad}"}},"queued_at":{}}}"#,
-                    micros_now() / 1_000_000
-                )
-            })
-            .collect();
-        let _: () = conn.lpush("message_queue", items).await?;
-    }
-    let enqueue_time = started.elapsed();
-    let first_item: Option<String> = conn.lindex("message_queue", 0).await?;
-    let item_bytes = first_item.map_or(0, |i| i.len());
-
-    let mut worker = Command::new(&exe)
-        .arg("run")
-        .env("REDIS_HOST", "127.0.0.1")
-        .env("REDIS_PORT", redis.port.to_string())
-        .env("MAIN_SERVER_URL", format!("https://localhost:{sink_port}"))
-        .env("WORKER_ID", "bench")
-        .env("MAIN_SERVER_HTTP2", options.http2.to_string())
-        .env("WORKER_CONCURRENCY", options.concurrency.to_string())
-        .env("WORKER_BATCH_SIZE", options.batch_size.to_string())
-        .env("WORKER_RETRY_INTERVAL", "1")
-        .env("WORKER_METRICS_PORT", metrics_port.to_string())
-        .env("WORKER_METRICS_BIND", "127.0.0.1")
-        .env("WORKER_CERT_PATH", &pki.cert_file)
-        .env("WORKER_KEY_PATH", &pki.key_file)
-        .env("CA_CERT_PATH", &pki.ca_file)
-        .env("LOG_FILE_PATH", work.path().join("logs"))
-        .current_dir(work.path())
-        .stdout(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the worker")?;
-    let pid = worker.id().context("worker exited at once")?;
-    let started = Instant::now();
-    let ticks = ticks_per_second();
-    let (sink_pid, redis_pid) = (sink.id().unwrap_or(0), redis.child.id().unwrap_or(0));
-    let (sink_from, redis_from) = (cpu_time(sink_pid, ticks)?, cpu_time(redis_pid, ticks)?);
-    let machine_from = machine_ticks();
-    let metrics_url = format!("http://127.0.0.1:{metrics_port}/metrics");
     crate::tls::install_default_provider();
-    let http = reqwest::Client::builder().no_proxy().build()?;
-    let n = options.messages as u64;
-    // The time to the first 90% is the rate of the messages that did not fail: with a 10%
-    // failing share it leaves out the retries' wait, which the full drain includes.
-    let ninety = n * 9 / 10;
-    wait_delivered(&http, &metrics_url, ninety, Duration::from_secs(1800)).await?;
-    let first_ninety = started.elapsed();
-    wait_delivered(&http, &metrics_url, n, Duration::from_secs(1800)).await?;
-    let drain = started.elapsed();
-    let drain_cpu = cpu_time(pid, ticks)?;
-    let drain_rss = peak_rss(pid)?;
-    let drain_syscalls = syscalls(pid);
-    let sink_cpu = cpu_time(sink_pid, ticks)? - sink_from;
-    let redis_cpu = cpu_time(redis_pid, ticks)? - redis_from;
-    let machine_to = machine_ticks();
-    let steal_share = (machine_to.1 - machine_from.1) as f64 / (machine_to.0 - machine_from.0).max(1) as f64;
+    let mut rig = Rig {
+        exe,
+        pki,
+        redis_port: redis.port,
+        redis_pid: redis.child.id().unwrap_or(0),
+        conn,
+        metrics_port: free_port()?,
+        ticks: ticks_per_second(),
+        http: reqwest::Client::builder().no_proxy().build()?,
+        work,
+    };
 
-    let idle_from = cpu_time(pid, ticks)?;
+    let n = options.messages as u64;
+    let repeat = options.repeat.max(1);
+    let mut drains = Vec::new();
+    let (mut enqueue_rate, mut item_bytes) = (0.0, 0);
+    let mut last = None;
+    for round in 0..repeat {
+        if let Some(clean) = &clean {
+            rig.fill(options.messages, options.message_bytes).await?;
+            let (figures, worker) = rig.drain(&options, clean, false).await?;
+            stop(worker).await?;
+            drains.push(figures);
+        }
+        (enqueue_rate, item_bytes) = rig.fill(options.messages, options.message_bytes).await?;
+        let (figures, worker) = rig.drain(&options, &sink, options.fail_share > 0.0).await?;
+        drains.push(figures);
+        if round + 1 == repeat {
+            last = Some(worker);
+        } else {
+            stop(worker).await?;
+        }
+    }
+    let worker = last.context("no drain ran")?;
+    let pid = worker.id().context("worker gone")?;
+
+    let idle_from = cpu_time(pid, rig.ticks)?;
     tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
-    let idle_cpu = cpu_time(pid, ticks)? - idle_from;
+    let idle_cpu = cpu_time(pid, rig.ticks)? - idle_from;
 
     let mut latency_sent = 0u64;
     if options.latency_rate > 0 {
@@ -260,25 +391,30 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
                     )
                 })
                 .collect();
-            let _: () = conn.lpush("message_queue", items).await?;
+            let _: () = rig.conn.lpush("message_queue", items).await?;
             latency_sent += per_tick as u64;
         }
-        wait_delivered(&http, &metrics_url, n + latency_sent, Duration::from_secs(120)).await?;
+        wait_delivered(
+            &rig.http,
+            &rig.metrics_url(),
+            n + latency_sent,
+            Duration::from_secs(120),
+        )
+        .await?;
     }
 
-    signal(&worker, "TERM")?;
-    let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
-    signal(&sink, "INT")?;
+    stop(worker).await?;
+    signal(&sink.child, "INT")?;
     let mut latency = String::from("not measured");
-    while let Ok(Some(line)) = sink_out.next_line().await {
+    while let Ok(Some(line)) = sink.lines.next_line().await {
         if let Some(rest) = line.strip_prefix("latency_us ") {
             latency = render_latency(rest);
         }
     }
-    let _ = sink.wait().await;
+    let _ = sink.child.wait().await;
+    drop(clean);
     drop(redis);
 
-    let rate = n as f64 / drain.as_secs_f64();
     println!(
         "courier bench: {} messages of {item_bytes} bytes, concurrency {}, batch {}, {:.0}% answered 503, {}",
         options.messages,
@@ -287,48 +423,57 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         options.fail_share * 100.0,
         if options.http2 { "HTTP/2" } else { "HTTP/1.1" }
     );
+    println!("  {:<22}{enqueue_rate:>10.0} msg/s", "enqueue (pipelined)");
+    if drains.len() > 1 {
+        print_rounds(&drains);
+    }
+    let failing: Vec<Drain> = drains
+        .iter()
+        .copied()
+        .filter(|d| d.failing == (options.fail_share > 0.0))
+        .collect();
+    let d = median_drain(&failing);
+    let of = if failing.len() > 1 {
+        format!("median of {}, ", failing.len())
+    } else {
+        String::new()
+    };
     println!(
-        "  {:<22}{:>10.0} msg/s   ({} in {:.2} s)",
-        "enqueue (pipelined)",
-        n as f64 / enqueue_time.as_secs_f64(),
-        n,
-        enqueue_time.as_secs_f64()
+        "  {:<22}{:>10.0} msg/s   ({of}{n} delivered in {:.2} s)",
+        "drain", d.rate, d.seconds
     );
     println!(
-        "  {:<22}{rate:>10.0} msg/s   ({n} delivered in {:.2} s)",
-        "drain",
-        drain.as_secs_f64()
-    );
-    println!(
-        "  {:<22}{:>10.0} msg/s   (first {ninety} delivered in {:.2} s)",
+        "  {:<22}{:>10.0} msg/s   ({of}first {} delivered in {:.2} s)",
         "first 90%",
-        ninety as f64 / first_ninety.as_secs_f64(),
-        first_ninety.as_secs_f64()
+        d.first_ninety_rate,
+        n * 9 / 10,
+        d.first_ninety_seconds
     );
     println!(
-        "  {:<22}{:>10.1} µs/msg   ({:.2} s user+system)",
-        "worker CPU",
-        drain_cpu.as_secs_f64() * 1e6 / n as f64,
-        drain_cpu.as_secs_f64()
+        "  {:<22}{:>10.1} µs/msg   ({of}{:.2} s user+system)",
+        "worker CPU", d.cpu_us, d.cpu_seconds
     );
     println!(
         "  {:<22}{:>10.2} per msg (read + write system calls)",
-        "worker syscalls",
-        drain_syscalls as f64 / n as f64
+        "worker syscalls", d.syscalls
     );
     println!(
         "  {:<22}{:>10.1} µs/msg   (main server {:.1}, redis-server {:.1})",
         "other CPU",
-        (sink_cpu + redis_cpu).as_secs_f64() * 1e6 / n as f64,
-        sink_cpu.as_secs_f64() * 1e6 / n as f64,
-        redis_cpu.as_secs_f64() * 1e6 / n as f64
+        d.sink_cpu_us + d.redis_cpu_us,
+        d.sink_cpu_us,
+        d.redis_cpu_us
     );
     println!(
         "  {:<22}{:>10.1} %      (CPU time the hypervisor gave away during the drain)",
         "machine steal",
-        steal_share * 100.0
+        d.steal * 100.0
     );
-    println!("  {:<22}{:>10.1} MB", "worker peak RSS", drain_rss as f64 / 1_048_576.0);
+    println!(
+        "  {:<22}{:>10.1} MB",
+        "worker peak RSS",
+        drains.iter().map(|d| d.rss_mb).fold(0.0, f64::max)
+    );
     println!(
         "  {:<22}{:>10.2} %      (over {} s with the queue empty)",
         "worker idle CPU",
@@ -341,7 +486,71 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             "enqueue→delivery", options.latency_rate, options.latency_seconds
         );
     }
+    if options.paired && options.fail_share > 0.0 {
+        let ratios: Vec<f64> = drains
+            .chunks(2)
+            .filter_map(|pair| match pair {
+                [clean, failing] => Some(failing.first_ninety_rate / clean.first_ninety_rate),
+                _ => None,
+            })
+            .collect();
+        let rendered: Vec<String> = ratios.iter().map(|r| format!("{:.0}%", r * 100.0)).collect();
+        println!(
+            "  {:<22}{:>10.0} %      (first 90% with failures / clean, per pair: {})",
+            "failing vs clean",
+            median(&ratios) * 100.0,
+            rendered.join(" ")
+        );
+    }
     Ok(())
+}
+
+/// One line per drain, for --repeat and --paired.
+fn print_rounds(drains: &[Drain]) {
+    println!(
+        "  {:<8}{:>10}{:>12}{:>10}{:>10}{:>9}",
+        "run", "msg/s", "first 90%", "µs/msg", "other", "steal"
+    );
+    for (i, d) in drains.iter().enumerate() {
+        println!(
+            "  {:<8}{:>10.0}{:>12.0}{:>10.1}{:>10.1}{:>8.1}%",
+            format!("{}{}", i + 1, if d.failing { " 503" } else { "" }),
+            d.rate,
+            d.first_ninety_rate,
+            d.cpu_us,
+            d.sink_cpu_us + d.redis_cpu_us,
+            d.steal * 100.0
+        );
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// Each figure's median over the drains.
+fn median_drain(drains: &[Drain]) -> Drain {
+    let of = |f: fn(&Drain) -> f64| median(&drains.iter().map(f).collect::<Vec<_>>());
+    Drain {
+        failing: drains.first().is_some_and(|d| d.failing),
+        rate: of(|d| d.rate),
+        first_ninety_rate: of(|d| d.first_ninety_rate),
+        seconds: of(|d| d.seconds),
+        first_ninety_seconds: of(|d| d.first_ninety_seconds),
+        cpu_us: of(|d| d.cpu_us),
+        cpu_seconds: of(|d| d.cpu_seconds),
+        syscalls: of(|d| d.syscalls),
+        sink_cpu_us: of(|d| d.sink_cpu_us),
+        redis_cpu_us: of(|d| d.redis_cpu_us),
+        steal: of(|d| d.steal),
+        rss_mb: of(|d| d.rss_mb),
+    }
 }
 
 /// `n=… p50=… p99=… max=…` in µs, as the sink prints it, in milliseconds.

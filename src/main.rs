@@ -97,6 +97,13 @@ enum Command {
         /// Run the worker with MAIN_SERVER_HTTP2=true (the main server offers both).
         #[arg(long)]
         http2: bool,
+        /// Drain this many times (a fresh worker each time) and report each figure's median.
+        #[arg(long, default_value_t = 1)]
+        repeat: usize,
+        /// With --fail-share: run a clean drain before each failing one and report the ratio
+        /// of their first-90% rates, so that both halves of each pair see the same machine.
+        #[arg(long)]
+        paired: bool,
     },
     /// Check a configuration: TLS files, key match, chain, expiry, key permissions, Redis,
     /// and a real mutual-TLS request to the main server. Exits 0 only when all pass.
@@ -302,6 +309,8 @@ fn main() -> ExitCode {
             latency_seconds,
             idle_seconds,
             http2,
+            repeat,
+            paired,
         } => oneshot(courier::bench::run(courier::bench::BenchOptions {
             messages,
             concurrency: concurrency.max(1),
@@ -312,6 +321,8 @@ fn main() -> ExitCode {
             latency_seconds,
             idle_seconds,
             http2,
+            repeat: repeat.clamp(1, 100),
+            paired,
         })),
         Command::Check { config } => {
             let file = config.config.or_else(Settings::default_file);

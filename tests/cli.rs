@@ -445,6 +445,11 @@ async fn the_bench_reports_every_figure() {
         "1",
         "--idle-seconds",
         "1",
+        "--fail-share",
+        "0.1",
+        "--paired",
+        "--repeat",
+        "2",
     ];
     let output = tokio::time::timeout(
         Duration::from_secs(120),
@@ -460,6 +465,8 @@ async fn the_bench_reports_every_figure() {
         "first 90%",
         "worker CPU",
         "worker syscalls",
+        "other CPU",
+        "machine steal",
         "worker peak RSS",
         "worker idle CPU",
         "enqueue→delivery",
@@ -469,6 +476,21 @@ async fn the_bench_reports_every_figure() {
             "{figure} in:\n{stdout}"
         );
     }
-    assert!(stdout.contains("(2000 delivered in"), "{stdout}");
+    assert!(stdout.contains("(median of 2, 2000 delivered in"), "{stdout}");
+    // Two pairs: a clean drain, then one with failures, each on its own line.
+    let runs: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(runs.len(), 4, "{stdout}");
+    assert!(
+        runs[1].contains(" 503") && runs[3].contains(" 503") && !runs[0].contains(" 503"),
+        "{stdout}"
+    );
+    let ratio = stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with("failing vs clean"))
+        .unwrap_or_else(|| panic!("a failing-vs-clean ratio in:\n{stdout}"));
+    assert!(ratio.contains("per pair:"), "{ratio}");
     assert!(stdout.contains("(n=2"), "latencies were measured: {stdout}");
 }
