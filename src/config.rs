@@ -551,6 +551,20 @@ mod tests {
     }
 
     #[test]
+    fn the_shipped_config_yaml_loads_and_variables_still_win() {
+        let shipped = include_str!("../config.yaml");
+        let s = load_yaml(shipped, &[]).unwrap_or_else(|e| panic!("config.yaml must load: {e}"));
+        assert!(!s.main_server.http2, "HTTP/1.1 unless asked");
+        assert_eq!(s.worker.concurrency, 4);
+        let s = load_yaml(shipped, &[("MAIN_SERVER_HTTP2", "true")]).unwrap();
+        assert!(s.main_server.http2, "the variable overrides the file");
+        let err = load_yaml(shipped, &[("MAIN_SERVER_HTTP2", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("MAIN_SERVER_HTTP2"), "{err}");
+    }
+
+    #[test]
     fn seed_defaults_apply_without_a_file_or_variables() {
         let s = Settings::load(None, &env(&[])).unwrap_or_else(|e| panic!("defaults must load: {e}"));
         assert_eq!(s.redis.host, "localhost");
