@@ -7,6 +7,7 @@ use std::fmt::{self, Write as _};
 use std::io::{BufWriter, Write};
 use std::path::Path;
 
+use chrono::{Datelike, Timelike};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::WorkerGuard;
@@ -41,13 +42,23 @@ where
             Level::DEBUG => "DEBUG",
             Level::TRACE => "TRACE",
         };
-        let now = chrono::Local::now().format("%Y-%m-%d %H:%M:%S,%3f");
+        // Written field by field: chrono's `format` interprets its pattern on every call.
+        let now = chrono::Local::now();
         let mut fields = Fields::default();
         event.record(&mut fields);
         writeln!(
             writer,
-            "{now} - worker - {level} - [{}] - {}{}",
-            self.worker_id, fields.message, fields.rest
+            "{:04}-{:02}-{:02} {:02}:{:02}:{:02},{:03} - worker - {level} - [{}] - {}{}",
+            now.year(),
+            now.month(),
+            now.day(),
+            now.hour(),
+            now.minute(),
+            now.second(),
+            now.timestamp_subsec_millis().min(999),
+            self.worker_id,
+            fields.message,
+            fields.rest
         )
     }
 }
@@ -63,7 +74,9 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message.push_str(value);
         } else if value.contains(char::is_whitespace) || value.is_empty() {
-            let _ = write!(self.rest, " {}={value:?}", field.name());
+            let _ = write!(self.rest, " {}=\"", field.name());
+            quote_into(&mut self.rest, value);
+            self.rest.push('"');
         } else {
             let _ = write!(self.rest, " {}={value}", field.name());
         }
@@ -75,6 +88,21 @@ impl Visit for Fields {
         } else {
             // Display-formatted fields (`%x`) arrive here too; quote them when they have spaces.
             self.record_str(field, &format!("{value:?}"));
+        }
+    }
+}
+
+/// `value` with `\\`, `"` and control characters escaped, as Rust's `{:?}` would write them,
+/// but without its per-character Unicode checks.
+fn quote_into(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '"' | '\\' => {
+                out.push('\\');
+                out.push(c);
+            }
+            c if c.is_control() => out.extend(c.escape_debug()),
+            c => out.push(c),
         }
     }
 }
@@ -144,5 +172,26 @@ impl<F: std::io::Write> Write for Tee<F> {
     fn flush(&mut self) -> std::io::Result<()> {
         let _ = self.stdout.flush();
         self.file.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_matches_rusts_debug_for_log_values() {
+        for value in [
+            "main server answered HTTP 503: injected 503",
+            "say \"hi\" \\ bye",
+            "line one\nline two\ttab\r",
+            "naïve café ✓",
+            "",
+        ] {
+            let mut quoted = String::from("\"");
+            quote_into(&mut quoted, value);
+            quoted.push('"');
+            assert_eq!(quoted, format!("{value:?}"));
+        }
     }
 }
