@@ -175,13 +175,13 @@ impl ClientTls {
                 )
             })?;
 
-        let mut config = ClientConfig::builder_with_provider(provider)
+        // ALPN is the HTTP client's business: `delivery::build_client` sets it.
+        let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::new(CA, ca_file, e.to_string()))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
             .map_err(|e| TlsError::new(CERT, cert_file, format!("cannot be used as a client certificate ({e})")))?;
-        config.alpn_protocols = vec![b"http/1.1".to_vec()];
 
         Ok(ClientTls {
             config,
