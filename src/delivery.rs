@@ -259,13 +259,14 @@ impl Deliverer {
     }
 }
 
-/// Sends a request and reads the whole answer (so the connection goes back to the pool).
+/// Sends a request and reads the answer up to `MAX_RESPONSE_BODY` (a whole small answer lets
+/// the connection go back to the pool; a larger one is cut off by closing the connection).
 async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
-    let response = request.send().await.map_err(|e| DeliveryError::classify(&e))?;
+    let mut response = request.send().await.map_err(|e| DeliveryError::classify(&e))?;
     let status = response.status();
     if status.is_success() {
-        // The server has recorded the message; a broken body after that changes nothing.
-        let _ = response.bytes().await;
+        // The server has recorded the message; a broken or oversized body changes nothing.
+        let _ = read_capped(&mut response).await;
         return Ok(());
     }
     let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
@@ -274,8 +275,8 @@ async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
         .get(reqwest::header::LOCATION)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = response.bytes().await.unwrap_or_default();
-    let mut text: String = String::from_utf8_lossy(&body[..body.len().min(200)]).trim().to_string();
+    let body = read_capped(&mut response).await;
+    let mut text = error_text(&body);
     if let (true, Some(location)) = (status.is_redirection(), location) {
         text = format!("redirect to {location}; check MAIN_SERVER_URL");
     }
@@ -287,6 +288,37 @@ async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
         retry_after,
         body: text,
     })
+}
+
+/// The most of a response body courier reads. Only an error's text is of use, and the first
+/// 200 characters of it at that: a main server that answers with megabytes costs 64 KiB.
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// Reads at most `MAX_RESPONSE_BODY` bytes of the body. Dropping the response with the rest
+/// unread closes that connection, so nothing more is received.
+async fn read_capped(response: &mut reqwest::Response) -> Vec<u8> {
+    let mut body = Vec::new();
+    while let Ok(Some(chunk)) = response.chunk().await {
+        let room = MAX_RESPONSE_BODY.saturating_sub(body.len());
+        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+        if chunk.len() >= room {
+            break;
+        }
+    }
+    body
+}
+
+/// An error body as one short line: the first 200 characters, control characters replaced,
+/// so a hostile answer can neither break a log line nor reach a terminal as escape codes.
+pub fn error_text(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let text: String = text
+        .trim()
+        .chars()
+        .take(200)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    text.trim().to_string()
 }
 
 /// The message id as a header value; `Envelope::parse` refused control characters already.
@@ -416,6 +448,14 @@ mod tests {
     }
 
     #[test]
+    fn error_texts_are_one_short_clean_line() {
+        assert_eq!(error_text(b"  {\"detail\":\"bad\"}\n"), "{\"detail\":\"bad\"}");
+        assert_eq!(error_text(b"a\x1b[31mred\r\nb"), "a [31mred  b");
+        assert_eq!(error_text("é".repeat(500).as_bytes()).chars().count(), 200);
+        assert_eq!(error_text(b"\xff\xfe"), "\u{fffd}\u{fffd}");
+    }
+
+    #[test]
     fn endpoints_keep_a_base_path_and_encode_ids() {
         let base = Url::parse("https://main:8000/api/").unwrap();
         assert_eq!(
@@ -427,5 +467,14 @@ mod tests {
             endpoint(&base, &["internal", "messages", "deliver"]).as_str(),
             "https://main:8000/internal/messages/deliver"
         );
+        for (id, segment) in [
+            ("...", "..."),
+            ("%2e%2e", "%252e%252e"),
+            ("a?b#c", "a%3Fb%23c"),
+            ("a\\b", "a%5Cb"),
+        ] {
+            let url = endpoint(&base, &["internal", "messages", id, "status"]);
+            assert_eq!(url.path(), format!("/internal/messages/{segment}/status"), "{id}");
+        }
     }
 }

@@ -267,6 +267,9 @@ enum DlqCommand {
 }
 
 fn main() -> ExitCode {
+    // Before anything else: SIGHUP (`systemctl reload`) must never kill the process, whatever
+    // state it is in. The worker's own listener takes over once its runtime runs.
+    courier::shutdown::ignore_hangup();
     let cli = Cli::parse();
     match cli.command {
         Command::Run { config, instance } => run(config, instance),

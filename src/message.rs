@@ -5,13 +5,16 @@ use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
 /// A queue item that is a valid message.
 #[derive(Debug, Clone)]
 pub struct Envelope {
-    raw: Vec<u8>,
+    /// The item exactly as claimed; cheap to clone, so the worker can keep a handle on it for
+    /// dead-lettering should the delivery task fail in a way nobody foresaw.
+    raw: Bytes,
     message_id: String,
     /// The message id as JSON text (quoted, escapes kept), for building bodies without re-escaping.
     id_json: Range<usize>,
@@ -65,7 +68,8 @@ struct Fields<'a> {
 impl Envelope {
     /// Parses a raw queue item. On failure the raw bytes come back with the reason, so nothing
     /// is lost.
-    pub fn parse(raw: Vec<u8>, max_bytes: usize) -> Result<Envelope, (Vec<u8>, Malformed)> {
+    pub fn parse(raw: impl Into<Bytes>, max_bytes: usize) -> Result<Envelope, (Bytes, Malformed)> {
+        let raw = raw.into();
         if raw.len() > max_bytes {
             let size = raw.len();
             return Err((raw, Malformed::TooLarge { size, limit: max_bytes }));
@@ -99,6 +103,14 @@ impl Envelope {
             // It travels in the Idempotency-Key header, where control characters are not allowed.
             return Err(Malformed::InvalidId("it contains control characters".into()));
         }
+        if message_id == "." || message_id == ".." {
+            // As a path segment of the status URL these would be resolved away by the URL parser
+            // or the main server, steering the PUT to another path. Every other id is
+            // percent-encoded into exactly one segment.
+            return Err(Malformed::InvalidId(format!(
+                "{message_id:?} cannot be one segment of a URL path"
+            )));
+        }
 
         let attempt_count = match fields.attempt_count {
             None => 0,
@@ -109,7 +121,7 @@ impl Envelope {
         let queued_at = fields.queued_at.and_then(|value| parse_time(value.get()));
 
         Ok(Envelope {
-            raw: Vec::new(),
+            raw: Bytes::new(),
             message_id,
             id_json: span(id_raw),
             attempt_count,
@@ -183,15 +195,18 @@ impl Envelope {
     }
 }
 
-/// `queued_at` as epoch seconds (integer or fraction) or an RFC 3339 string.
-fn parse_time(json: &str) -> Option<SystemTime> {
+/// `queued_at` as epoch seconds (integer or fraction) or an RFC 3339 string. A value that is
+/// not a time this machine can represent (negative, `1e308`, NaN) is `None`: the message is
+/// delivered as usual and only left out of the queue-wait metric.
+pub fn parse_time(json: &str) -> Option<SystemTime> {
     if let Ok(seconds) = json.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| UNIX_EPOCH + Duration::from_secs_f64(seconds));
+        let since_epoch = Duration::try_from_secs_f64(seconds).ok()?;
+        return UNIX_EPOCH.checked_add(since_epoch);
     }
     let text: String = serde_json::from_str(json).ok()?;
     let time = chrono::DateTime::parse_from_rfc3339(&text).ok()?;
     let nanos = time.timestamp_nanos_opt()?;
-    u64::try_from(nanos).ok().map(|n| UNIX_EPOCH + Duration::from_nanos(n))
+    UNIX_EPOCH.checked_add(Duration::from_nanos(u64::try_from(nanos).ok()?))
 }
 
 /// Why a message went to the dead-letter list. The label is a bounded metric label value.
@@ -203,6 +218,8 @@ pub enum DeadReason {
     Rejected,
     /// `attempt_count` reached `max_attempts`.
     Exhausted,
+    /// courier itself failed while handling the message (a bug): kept here, never lost.
+    InternalError,
 }
 
 impl DeadReason {
@@ -211,31 +228,79 @@ impl DeadReason {
             DeadReason::Malformed(label) => label,
             DeadReason::Rejected => "rejected",
             DeadReason::Exhausted => "exhausted",
+            DeadReason::InternalError => "internal_error",
         }
     }
 }
 
-/// A dead-letter record: JSON with the reason, the error, who and when, and the original item
-/// exactly as it was (`message`, or `message_base64` when it was not UTF-8).
+/// A dead-letter record: one line of JSON with the reason, the error, who and when, then a
+/// newline, then the original item exactly as it was. The item is stored as it is, not
+/// escaped into the JSON, so a record is never much larger than the message it keeps (JSON
+/// escaping can make control bytes six times their size). `parse_dead_letter` reads it back.
 pub fn dead_letter(raw: &[u8], reason: DeadReason, error: &str, worker_id: &str, message_id: Option<&str>) -> Vec<u8> {
-    let mut record = serde_json::Map::new();
-    record.insert("reason".into(), reason.label().into());
-    record.insert("error".into(), error.into());
-    record.insert("worker_id".into(), worker_id.into());
-    record.insert(
-        "dead_at".into(),
-        chrono::Utc::now()
-            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-            .into(),
-    );
+    let mut header = serde_json::Map::new();
+    header.insert("reason".into(), reason.label().into());
+    header.insert("error".into(), error.into());
+    header.insert("worker_id".into(), worker_id.into());
+    header.insert("dead_at".into(), dead_at_now().into());
     if let Some(id) = message_id {
-        record.insert("message_id".into(), id.into());
+        header.insert("message_id".into(), id.into());
     }
-    match std::str::from_utf8(raw) {
-        Ok(text) => record.insert("message".into(), text.into()),
-        Err(_) => record.insert("message_base64".into(), BASE64.encode(raw).into()),
-    };
-    serde_json::to_vec(&serde_json::Value::Object(record)).unwrap_or_default()
+    header.insert("size".into(), raw.len().into());
+    // Compact JSON escapes every newline inside strings, so the first newline ends the header.
+    let mut record = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_else(|_| b"{}".to_vec());
+    record.reserve(raw.len() + 1);
+    record.push(b'\n');
+    record.extend_from_slice(raw);
+    record
+}
+
+/// The time a dead letter is written, as it appears in its `dead_at`.
+pub fn dead_at_now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// A dead-letter record read back: its header fields and the original item.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadRecord {
+    /// `reason`, `error`, `worker_id`, `dead_at`, `message_id`, ...; `Null` when the record
+    /// is not one courier wrote.
+    pub fields: serde_json::Value,
+    /// The queue item exactly as it was when it died.
+    pub message: Vec<u8>,
+}
+
+/// Reads a dead-letter record of any shape: the header-and-item form courier writes now, the
+/// all-JSON form earlier versions wrote (`message`, or `message_base64` when the item was not
+/// UTF-8), or anything else, which is kept whole as the message. Never fails, never panics.
+pub fn parse_dead_letter(record: &[u8]) -> DeadRecord {
+    let is_record = |v: &serde_json::Value| v.get("reason").is_some_and(serde_json::Value::is_string);
+    if let Some(newline) = record.iter().position(|&b| b == b'\n') {
+        if let Ok(fields) = serde_json::from_slice::<serde_json::Value>(&record[..newline]) {
+            if is_record(&fields) {
+                return DeadRecord {
+                    fields,
+                    message: record[newline + 1..].to_vec(),
+                };
+            }
+        }
+    }
+    if let Ok(fields) = serde_json::from_slice::<serde_json::Value>(record) {
+        if is_record(&fields) {
+            let message = match (&fields["message"], &fields["message_base64"]) {
+                (serde_json::Value::String(text), _) => Some(text.as_bytes().to_vec()),
+                (_, serde_json::Value::String(b64)) => BASE64.decode(b64).ok(),
+                _ => None,
+            };
+            if let Some(message) = message {
+                return DeadRecord { fields, message };
+            }
+        }
+    }
+    DeadRecord {
+        fields: serde_json::Value::Null,
+        message: record.to_vec(),
+    }
 }
 
 #[cfg(test)]
@@ -306,17 +371,72 @@ mod tests {
     #[test]
     fn malformed_items_come_back_byte_for_byte() {
         let (raw, _) = Envelope::parse(b"\x00\xffjunk".to_vec(), 64).unwrap_err();
-        assert_eq!(raw, b"\x00\xffjunk");
+        assert_eq!(&raw[..], b"\x00\xffjunk");
     }
 
     #[test]
     fn dead_letters_keep_the_original_exactly() {
-        let record = dead_letter(b"not json", DeadReason::Malformed("invalid_json"), "boom", "w", None);
-        let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
-        assert_eq!(v["reason"], "invalid_json");
-        assert_eq!(v["message"], "not json");
-        let record = dead_letter(b"\xff\x00a", DeadReason::Malformed("invalid_json"), "e", "w", None);
-        let v: serde_json::Value = serde_json::from_slice(&record).unwrap();
-        assert_eq!(v["message_base64"], "/wBh");
+        for raw in [
+            &b"not json"[..],
+            b"\xff\x00a",
+            b"{\"message_id\":\"m\"}\n\n\x01\x1b[31m",
+        ] {
+            let record = dead_letter(raw, DeadReason::Malformed("invalid_json"), "boom\nline", "w", Some("m"));
+            let read = parse_dead_letter(&record);
+            assert_eq!(read.message, raw);
+            assert_eq!(read.fields["reason"], "invalid_json");
+            assert_eq!(read.fields["error"], "boom\nline");
+            assert_eq!(read.fields["size"], raw.len());
+        }
+    }
+
+    #[test]
+    fn dead_letters_are_not_amplified_by_escaping() {
+        let raw = vec![1u8; 100_000];
+        let record = dead_letter(&raw, DeadReason::Malformed("too_large"), "e", "w", None);
+        assert!(record.len() < raw.len() + 300, "{} bytes", record.len());
+    }
+
+    #[test]
+    fn earlier_all_json_records_and_foreign_items_still_read() {
+        let old = br#"{"reason":"exhausted","error":"e","message":"{\"message_id\":\"x\"}"}"#;
+        let read = parse_dead_letter(old);
+        assert_eq!(read.message, br#"{"message_id":"x"}"#);
+        assert_eq!(read.fields["reason"], "exhausted");
+        let old = br#"{"reason":"invalid_json","message_base64":"/wBh"}"#;
+        assert_eq!(parse_dead_letter(old).message, b"\xff\x00a");
+        for foreign in [&b"garbage"[..], b"{\"a\":1}\nrest", b"", b"\n"] {
+            let read = parse_dead_letter(foreign);
+            assert_eq!(read.message, foreign);
+            assert!(read.fields.is_null());
+        }
+    }
+
+    #[test]
+    fn absurd_queue_times_are_ignored_not_fatal() {
+        for t in [
+            "1e20",
+            "1e308",
+            "-1",
+            "\"NaN\"",
+            "18446744073709551616",
+            "\"9999-12-31T23:59:59Z\"",
+        ] {
+            let e = parse(&format!(r#"{{"message_id":"p","queued_at":{t}}}"#));
+            let _ = e.waited(SystemTime::now());
+        }
+        let e = parse(r#"{"message_id":"p","queued_at":1e20}"#);
+        assert_eq!(e.waited(SystemTime::now()), None);
+    }
+
+    #[test]
+    fn dot_segments_are_not_message_ids() {
+        assert_eq!(reason(br#"{"message_id":"."}"#).label(), "invalid_message_id");
+        assert_eq!(reason(br#"{"message_id":".."}"#).label(), "invalid_message_id");
+        assert_eq!(
+            reason(br#"{"message_id":"\u002e\u002e"}"#).label(),
+            "invalid_message_id"
+        );
+        assert_eq!(parse(r#"{"message_id":"..."}"#).message_id(), "...");
     }
 }

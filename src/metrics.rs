@@ -30,6 +30,7 @@ pub const DEAD_REASONS: &[&str] = &[
     "invalid_message_id",
     "invalid_attempt_count",
     "too_large",
+    "internal_error",
 ];
 const INVALID_REASONS: &[&str] = &[
     "invalid_json",

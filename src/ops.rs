@@ -5,10 +5,9 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _};
-use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 
 use crate::config::RedisSettings;
-use crate::message::Envelope;
+use crate::message::{parse_dead_letter, DeadRecord, Envelope};
 use crate::queue::{self, Keys};
 
 /// Connects for a one-shot command, with an error that says where and what to check.
@@ -74,10 +73,9 @@ pub async fn stats(settings: &RedisSettings) -> anyhow::Result<serde_json::Value
     let snapshot = queue::snapshot(&mut conn, &keys, 100_000).await?;
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
     for record in &snapshot.dead {
-        let reason = serde_json::from_slice::<serde_json::Value>(record)
-            .ok()
-            .and_then(|v| v["reason"].as_str().map(str::to_string))
-            .unwrap_or_else(|| "unknown".into());
+        let reason = parse_dead_letter(record).fields["reason"]
+            .as_str()
+            .map_or_else(|| "unknown".to_string(), str::to_string);
         *by_reason.entry(reason).or_default() += 1;
     }
     let oldest_age = snapshot.oldest_ready.as_ref().and_then(|raw| {
@@ -156,13 +154,7 @@ pub struct DeadLetter {
 
 impl DeadLetter {
     fn parse(record: Vec<u8>) -> DeadLetter {
-        let fields: serde_json::Value = serde_json::from_slice(&record).unwrap_or(serde_json::Value::Null);
-        let message = match (&fields["message"], &fields["message_base64"]) {
-            (serde_json::Value::String(text), _) => text.as_bytes().to_vec(),
-            (_, serde_json::Value::String(b64)) => BASE64.decode(b64).unwrap_or_default(),
-            // Not a courier record: keep the whole thing as the message.
-            _ => record.clone(),
-        };
+        let DeadRecord { fields, message } = parse_dead_letter(&record);
         DeadLetter {
             record,
             fields,
@@ -175,11 +167,11 @@ impl DeadLetter {
     }
 
     /// The message as it goes back to the queue: `attempt_count` reset to 0 when it is a valid
-    /// message, otherwise the original bytes unchanged.
+    /// message that has failed attempts, otherwise the original bytes unchanged.
     pub fn requeued(&self) -> Vec<u8> {
         match Envelope::parse(self.message.clone(), usize::MAX) {
-            Ok(envelope) => envelope.with_attempt_count(0),
-            Err(_) => self.message.clone(),
+            Ok(envelope) if envelope.attempt_count() > 0 => envelope.with_attempt_count(0),
+            _ => self.message.clone(),
         }
     }
 }

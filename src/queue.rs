@@ -91,6 +91,15 @@ pub struct Depths {
     pub dead: u64,
 }
 
+/// The result of one claim.
+#[derive(Debug, Default)]
+pub struct Claimed {
+    /// Items now in this worker's processing list, oldest first.
+    pub items: Vec<Vec<u8>>,
+    /// Items over the size limit, moved to the dead-letter list without leaving Redis.
+    pub too_large: usize,
+}
+
 /// The result of one promoter pass.
 #[derive(Debug, Clone, Copy)]
 pub struct Promoted {
@@ -115,12 +124,28 @@ struct Scripts {
 impl Scripts {
     fn new() -> Scripts {
         Scripts {
-            // Moves up to ARGV[1] messages from the right of the ready list to the processing list.
+            // Moves up to ARGV[1] messages from the right of the ready list to the processing
+            // list. An item over ARGV[2] bytes never travels to the worker: it goes straight to
+            // the dead-letter list KEYS[3] as a record (header line, then the item as it is;
+            // the same form as `message::dead_letter`). ARGV[3] is the worker id as a JSON
+            // string, ARGV[4] the time for `dead_at`. Returns {claimed items, moved aside}.
             claim: Script::new(
-                r"local items = redis.call('RPOP', KEYS[1], ARGV[1])
-                  if not items then return {} end
-                  redis.call('LPUSH', KEYS[2], unpack(items))
-                  return items",
+                r#"local items = redis.call('RPOP', KEYS[1], ARGV[1])
+                  if not items then return {{}, 0} end
+                  local limit = tonumber(ARGV[2])
+                  local keep, big = {}, 0
+                  for _, item in ipairs(items) do
+                    if #item > limit then
+                      big = big + 1
+                      redis.call('LPUSH', KEYS[3], '{"reason":"too_large","error":"message is ' .. #item
+                        .. ' bytes, over the ' .. ARGV[2] .. '-byte limit (worker.max_message_bytes)","worker_id":'
+                        .. ARGV[3] .. ',"dead_at":"' .. ARGV[4] .. '","size":' .. #item .. '}\n' .. item)
+                    else
+                      keep[#keep + 1] = item
+                    end
+                  end
+                  if #keep > 0 then redis.call('LPUSH', KEYS[2], unpack(keep)) end
+                  return {keep, big}"#,
             ),
             // Moves one message from processing to the retry set, due ARGV[3] ms from now (Redis
             // time, so every worker agrees). A message no longer in processing (already settled,
@@ -221,6 +246,8 @@ pub struct Queue {
     keys: Keys,
     processing: String,
     worker_id: String,
+    /// The worker id as a JSON string, for records the claim script writes.
+    worker_id_json: String,
     /// This process, as recorded against its worker id: `host|pid|started_ms`.
     token: String,
     scripts: std::sync::Arc<Scripts>,
@@ -298,6 +325,26 @@ pub fn supported_version(version: &str) -> bool {
     (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= MIN_REDIS
 }
 
+/// Redis `TIME` (seconds, microseconds) in ms since the epoch.
+fn time_ms((secs, micros): (u64, u64)) -> u64 {
+    secs.saturating_mul(1000).saturating_add(micros / 1000)
+}
+
+/// A sorted-set score that holds ms since the epoch. Anyone with write access can put any
+/// score there: NaN and negatives count as 0, and huge values as the far future.
+fn score_ms(score: f64) -> u64 {
+    if score.is_nan() || score <= 0.0 {
+        0
+    } else if score >= 1.8e19 {
+        u64::MAX
+    } else {
+        // In range and whole after `trunc`: the conversion is exact.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let ms = score.trunc() as u64;
+        ms
+    }
+}
+
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
@@ -338,6 +385,7 @@ impl Queue {
             processing: keys.processing(worker_id),
             keys,
             worker_id: worker_id.to_string(),
+            worker_id_json: serde_json::Value::from(worker_id).to_string(),
             token: process_token(),
             scripts: std::sync::Arc::new(Scripts::new()),
         })
@@ -352,17 +400,23 @@ impl Queue {
         server_version(&mut self.conn.clone()).await
     }
 
-    /// Claims up to `n` messages, oldest first, into this worker's processing list.
-    pub async fn claim(&self, n: usize) -> Result<Vec<Vec<u8>>, QueueError> {
-        let items: Vec<Vec<u8>> = self
+    /// Claims up to `n` messages, oldest first, into this worker's processing list. Items over
+    /// `max_bytes` are moved to the dead-letter list inside Redis instead (reason `too_large`),
+    /// so an oversized item costs the worker no memory; `Claimed::too_large` counts them.
+    pub async fn claim(&self, n: usize, max_bytes: usize) -> Result<Claimed, QueueError> {
+        let (items, too_large): (Vec<Vec<u8>>, usize) = self
             .scripts
             .claim
             .key(&self.keys.ready)
             .key(&self.processing)
+            .key(&self.keys.dead)
             .arg(n)
+            .arg(max_bytes)
+            .arg(&self.worker_id_json)
+            .arg(crate::message::dead_at_now())
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(items)
+        Ok(Claimed { items, too_large })
     }
 
     /// Waits until the ready list has something, or a few seconds pass. Claims nothing: the
@@ -516,10 +570,10 @@ impl Queue {
             .zrevrange_withscores(&self.keys.workers, 0, -1)
             .query_async(&mut conn)
             .await?;
-        let now_ms = time.0 * 1000 + time.1 / 1000;
+        let now_ms = time_ms(time);
         Ok(entries
             .into_iter()
-            .map(|(id, at)| (id, Duration::from_millis(now_ms.saturating_sub(at as u64))))
+            .map(|(id, at)| (id, Duration::from_millis(now_ms.saturating_sub(score_ms(at)))))
             .collect())
     }
 
@@ -611,7 +665,7 @@ pub async fn snapshot(
         .zrange_withscores(&keys.workers, 0, -1)
         .query_async(conn)
         .await?;
-    let now_ms = secs * 1000 + micros / 1000;
+    let now_ms = time_ms((secs, micros));
     let mut processing = Vec::new();
     let pattern = format!("{}*", keys.processing_prefix);
     let mut found: Vec<String> = Vec::new();
@@ -631,12 +685,19 @@ pub async fn snapshot(
         oldest_ready: oldest,
         processing,
         retry,
-        next_retry_in_ms: next.first().map(|(_, due)| *due as i64 - now_ms as i64),
+        next_retry_in_ms: next.first().map(|(_, due)| {
+            let due = score_ms(*due);
+            if due >= now_ms {
+                i64::try_from(due - now_ms).unwrap_or(i64::MAX)
+            } else {
+                i64::try_from(now_ms - due).map_or(i64::MIN, |late| -late)
+            }
+        }),
         dead,
         dead_total,
         workers: workers
             .into_iter()
-            .map(|(id, at)| (id, now_ms.saturating_sub(at as u64)))
+            .map(|(id, at)| (id, now_ms.saturating_sub(score_ms(at))))
             .collect(),
     })
 }
@@ -696,5 +757,15 @@ mod tests {
         assert!(!supported_version("6.0.9"));
         assert!(!supported_version("5.0.7"));
         assert!(!supported_version("unknown"));
+    }
+
+    #[test]
+    fn foreign_scores_and_times_never_overflow() {
+        assert_eq!(score_ms(f64::NAN), 0);
+        assert_eq!(score_ms(-5.0), 0);
+        assert_eq!(score_ms(f64::INFINITY), u64::MAX);
+        assert_eq!(score_ms(1_700_000_000_123.9), 1_700_000_000_123);
+        assert_eq!(time_ms((u64::MAX, 999_999)), u64::MAX);
+        assert_eq!(time_ms((2, 5_000)), 2_005);
     }
 }

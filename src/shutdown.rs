@@ -2,6 +2,17 @@
 //! shutdown on Windows (what NSSM sends a console application it is stopping). SIGHUP (Unix
 //! only) asks for the TLS files to be read again; Windows relies on the periodic check.
 
+/// Sets SIGHUP to be ignored, for the moments before the worker listens for it: its default
+/// action ends the process. A no-op on Windows, which has no SIGHUP.
+pub fn ignore_hangup() {
+    #[cfg(unix)]
+    // SAFETY: SIG_IGN is a valid disposition for SIGHUP, and `signal` is called from `main`
+    // before any other thread exists. tokio installs its own handler over it later.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+    }
+}
+
 /// Requests to reload the TLS files: SIGHUP on Unix; never on Windows.
 pub struct ReloadRequests {
     #[cfg(unix)]

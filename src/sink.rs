@@ -47,6 +47,8 @@ pub struct Call {
     pub arrived: std::time::Instant,
     /// HTTP/1.1 or HTTP/2.
     pub version: hyper::Version,
+    /// The request path exactly as it arrived (percent-encoding kept).
+    pub path: String,
 }
 
 /// How the sink answers a call.
@@ -57,6 +59,8 @@ pub struct Reply {
     pub delay: Duration,
     /// Close the connection without answering.
     pub cut: bool,
+    /// Answer with a body of this many bytes instead of the usual JSON (0: the usual).
+    pub body_len: usize,
 }
 
 impl Reply {
@@ -66,6 +70,7 @@ impl Reply {
             retry_after: None,
             delay: Duration::ZERO,
             cut: false,
+            body_len: 0,
         }
     }
 
@@ -445,6 +450,7 @@ async fn handle(
         answered: 0,
         arrived,
         version,
+        path: path.clone(),
     };
     let reply = behaviour(&call);
     if !reply.delay.is_zero() {
@@ -456,6 +462,11 @@ async fn handle(
         return Err(Cut);
     }
     let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if reply.body_len > 0 {
+        let mut response = respond(status, reply.retry_after, "");
+        *response.body_mut() = Full::new(Bytes::from(vec![b'x'; reply.body_len]));
+        return Ok(response);
+    }
     let body = match (endpoint, status.is_success()) {
         (Endpoint::Deliver, true) => format!(
             r#"{{"status":"success","delivered_at":"{}"}}"#,

@@ -100,12 +100,12 @@ pub fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime, Str
     let (_, cert) =
         x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("not an X.509 certificate ({e})"))?;
     let at = |t: x509_parser::time::ASN1Time| {
-        let secs = t.timestamp();
-        if secs >= 0 {
-            UNIX_EPOCH + Duration::from_secs(secs as u64)
-        } else {
-            UNIX_EPOCH
-        }
+        // A certificate may claim any year; one this machine cannot represent counts as the
+        // epoch (before) or the far future (after), never a panic.
+        let secs = u64::try_from(t.timestamp()).unwrap_or(0);
+        UNIX_EPOCH
+            .checked_add(Duration::from_secs(secs))
+            .unwrap_or(UNIX_EPOCH + Duration::from_secs(u64::from(u32::MAX)))
     };
     let validity = cert.validity();
     Ok((

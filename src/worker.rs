@@ -4,10 +4,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, Semaphore};
+use bytes::Bytes;
+use futures_util::FutureExt as _;
+use tokio::sync::{mpsc, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
@@ -77,6 +80,8 @@ pub struct Worker {
     shutdown: CancellationToken,
     /// Cancelled by the worker itself once drained: stops the admin port and background tasks.
     background: CancellationToken,
+    /// Notified on SIGHUP: read the TLS files again.
+    reload: Arc<Notify>,
 }
 
 impl Worker {
@@ -98,6 +103,11 @@ impl Worker {
             settings.worker.concurrency,
         )
         .map_err(|e| RunError::Config(format!("main_server: {e}")))?;
+        // SIGHUP is ours from here in every state (connecting, waiting for the id, running,
+        // draining): a reload request is remembered until the TLS watcher takes it.
+        let reload = Arc::new(Notify::new());
+        let background = CancellationToken::new();
+        tokio::spawn(forward_hangups(reload.clone(), tls.is_some(), background.clone()));
         let health = Arc::new(Health::new(metrics.clone()));
         let admin = Arc::new(AdminState {
             worker_id: worker_id.clone(),
@@ -106,7 +116,6 @@ impl Worker {
             health: health.clone(),
             queue: OnceLock::new(),
         });
-        let background = CancellationToken::new();
         let mut admin_addr = None;
         if settings.metrics.enabled {
             let listener = admin::bind(SocketAddr::new(settings.metrics.bind, settings.metrics.port))
@@ -129,6 +138,7 @@ impl Worker {
             admin_addr,
             shutdown,
             background,
+            reload,
         })
     }
 
@@ -150,6 +160,7 @@ impl Worker {
             admin_addr: _,
             shutdown,
             background,
+            reload,
         } = self;
         let Settings {
             redis,
@@ -223,6 +234,7 @@ impl Worker {
                     metrics.clone(),
                     tls_settings,
                     tls,
+                    reload,
                     background.clone(),
                 )
                 .instrument(tracing::info_span!("tls")),
@@ -460,11 +472,14 @@ async fn claim(
         // Not interrupted by shutdown: it is one short script, and whatever it claims is either
         // delivered here or given back by the drain.
         let started = Instant::now();
-        let claimed = match context.queue.claim(permits.len()).await {
-            Ok(items) => {
+        let claimed = match context.queue.claim(permits.len(), context.max_message_bytes).await {
+            Ok(claimed) => {
                 context.health.redis_ok(started);
                 backoff.reset();
-                items
+                if claimed.too_large > 0 {
+                    context.too_large(claimed.too_large);
+                }
+                claimed.items
             }
             Err(e) => {
                 drop(permits);
@@ -496,9 +511,15 @@ async fn claim(
         }
         for (raw, permit) in claimed.into_iter().zip(permits) {
             let context = context.clone();
+            let raw = Bytes::from(raw);
             deliveries.spawn(
                 async move {
-                    context.process(raw).await;
+                    // A panic anywhere in the delivery must not leave the message in processing
+                    // with no task to settle it: catch it here and dead-letter the message.
+                    let outcome = AssertUnwindSafe(context.process(raw.clone())).catch_unwind().await;
+                    if let Err(panic) = outcome {
+                        context.internal_error(&raw, &panic_text(panic.as_ref())).await;
+                    }
                     drop(permit);
                 }
                 .instrument(tracing::debug_span!("message")),
@@ -516,8 +537,27 @@ impl Context {
         }
     }
 
+    /// Counts and reports items the claim script moved to the dead-letter list for their size.
+    fn too_large(&self, count: usize) {
+        let label = "too_large";
+        for _ in 0..count {
+            self.metrics.invalid(label);
+            self.metrics.dead(label);
+        }
+        warn!(
+            count,
+            limit = self.max_message_bytes,
+            reason = label,
+            "Messages over worker.max_message_bytes moved to the dead-letter list without being read"
+        );
+    }
+
     /// Delivers one claimed item and settles the outcome.
-    async fn process(&self, raw: Vec<u8>) {
+    async fn process(&self, raw: Bytes) {
+        #[cfg(feature = "fault-injection")]
+        if raw.starts_with(b"{\"message_id\":\"courier-test-panic") {
+            panic!("fault injection: a delivery task panics");
+        }
         let envelope = match Envelope::parse(raw, self.max_message_bytes) {
             Ok(envelope) => envelope,
             Err((raw, malformed)) => {
@@ -581,6 +621,31 @@ impl Context {
             }
             crate::delivery::Outcome::Delivered => {}
         }
+    }
+
+    /// The second line of defence: a delivery task panicked. The message goes to the
+    /// dead-letter list exactly as it was claimed, with reason `internal_error`.
+    async fn internal_error(&self, raw: &Bytes, panic: &str) {
+        let reason = DeadReason::InternalError;
+        // Whatever panicked may be the parser itself: ask it again only behind a guard.
+        let id = std::panic::catch_unwind(|| {
+            Envelope::parse(raw.clone(), usize::MAX)
+                .ok()
+                .map(|e| e.message_id().to_string())
+        })
+        .ok()
+        .flatten();
+        let error = format!("courier failed while handling this message: {panic}");
+        let record = dead_letter(raw, reason, &error, &self.worker_id, id.as_deref());
+        if self.settle(|| self.queue.dead(raw, &record)).await {
+            self.metrics.dead(reason.label());
+        }
+        error!(
+            message_id = id.as_deref().unwrap_or("(unreadable)"),
+            reason = reason.label(),
+            error = %error,
+            "A delivery task failed unexpectedly; message moved to the dead-letter list. Please report this as a bug"
+        );
     }
 
     /// Dead-letters a message and reports it failed.
@@ -771,6 +836,23 @@ async fn heartbeat(
     }
 }
 
+/// Turns each SIGHUP into a reload request for the TLS watcher, logging it, until `stop`.
+async fn forward_hangups(reload: Arc<Notify>, tls: bool, stop: CancellationToken) {
+    let mut hangups = crate::shutdown::ReloadRequests::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hangups.recv() => {}
+        }
+        if tls {
+            info!("SIGHUP received: the TLS files will be read again");
+            reload.notify_one();
+        } else {
+            info!("SIGHUP received: TLS is disabled, so there is nothing to reload");
+        }
+    }
+}
+
 /// Reloads the TLS files on SIGHUP and when they change (checked every `reload_interval`).
 /// A set that does not load is refused with an error and the current one stays in use;
 /// deliveries under way finish on their connections. Warns daily when the certificate in use
@@ -780,12 +862,12 @@ async fn watch_tls(
     metrics: Arc<Metrics>,
     settings: TlsSettings,
     current: ClientTls,
+    reload: Arc<Notify>,
     stop: CancellationToken,
 ) {
     let mut seen = current.snapshot.clone();
     let mut not_after = current.not_after;
     let mut warned: Option<tokio::time::Instant> = None;
-    let mut reloads = crate::shutdown::ReloadRequests::new();
     loop {
         let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
         if remaining < EXPIRY_WARNING && warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(86_400)) {
@@ -798,7 +880,7 @@ async fn watch_tls(
         }
         let asked = tokio::select! {
             _ = stop.cancelled() => return,
-            _ = reloads.recv() => true,
+            _ = reload.notified() => true,
             _ = tokio::time::sleep(settings.reload_interval) => false,
         };
         let now_seen = crate::tls::snapshot(&settings);
@@ -855,6 +937,15 @@ fn next_promotion(moved: usize, next_due_in: Option<Duration>, longest: Duration
         return Duration::ZERO;
     }
     next_due_in.map_or(longest, |due| due.clamp(PROMOTE_GAP.min(longest), longest))
+}
+
+/// The text a panic was raised with, when it was a string.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".to_string())
 }
 
 /// Capped exponential backoff: 100 ms doubling to 5 s.

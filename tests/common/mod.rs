@@ -318,14 +318,26 @@ pub async fn len(redis: &RedisServer, key: &str) -> usize {
     }
 }
 
-/// Dead-letter records, newest first.
+/// Dead-letter records, newest first: each record's header fields, with the original item
+/// under `message` (lossily as text; `raw_dead_letters` has the bytes).
 pub async fn dead_letters(redis: &RedisServer, queue: &str) -> Vec<serde_json::Value> {
+    raw_dead_letters(redis, queue)
+        .await
+        .into_iter()
+        .map(|record| {
+            assert!(record.fields.is_object(), "courier wrote this record: {record:?}");
+            let mut fields = record.fields;
+            fields["message"] = String::from_utf8_lossy(&record.message).into_owned().into();
+            fields
+        })
+        .collect()
+}
+
+/// Dead-letter records, newest first, read as `courier dlq` reads them.
+pub async fn raw_dead_letters(redis: &RedisServer, queue: &str) -> Vec<courier::message::DeadRecord> {
     let mut conn = redis.conn().await;
     let items: Vec<Vec<u8>> = conn.lrange(format!("{queue}:dead"), 0, -1).await.expect("LRANGE");
-    items
-        .iter()
-        .map(|i| serde_json::from_slice(i).expect("dead letters are JSON"))
-        .collect()
+    items.iter().map(|i| courier::message::parse_dead_letter(i)).collect()
 }
 
 /// The real binary, with only the given environment and a working directory of its own.

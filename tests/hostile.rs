@@ -1,0 +1,255 @@
+//! Hostile input and hostile peers: queue items, main-server answers and signals that must not
+//! panic the worker, steer a request, balloon its memory or strand a message.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use courier::sink::{self, Endpoint, Reply};
+use redis::AsyncCommands;
+
+const Q: &str = "message_queue";
+
+#[tokio::test]
+async fn absurd_queue_times_and_a_panicking_task_strand_nothing() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let panicking = r#"{"message_id":"courier-test-panic-1","payload":{"keep":"these bytes"}}"#;
+    let items = [
+        r#"{"message_id":"t-1e20","queued_at":1e20}"#.to_string(),
+        r#"{"message_id":"t-1e308","queued_at":1e308}"#.to_string(),
+        r#"{"message_id":"t-neg","queued_at":-5}"#.to_string(),
+        r#"{"message_id":"t-year","queued_at":"9999-12-31T23:59:59Z"}"#.to_string(),
+        panicking.to_string(),
+        message("after-the-panic"),
+    ];
+    enqueue(&redis, Q, &items).await;
+    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-panic", &[])).await;
+    assert!(
+        sink.wait_for(WAIT, |r| r.delivered().len() == 5).await,
+        "every message but the panicking one is delivered"
+    );
+    let mut delivered = sink.record.delivered();
+    delivered.sort();
+    assert_eq!(delivered, ["after-the-panic", "t-1e20", "t-1e308", "t-neg", "t-year"]);
+
+    eventually(|| async { len(&redis, &format!("{Q}:dead")).await == 1 }).await;
+    let dead = raw_dead_letters(&redis, Q).await;
+    assert_eq!(dead[0].fields["reason"], "internal_error");
+    assert_eq!(dead[0].fields["message_id"], "courier-test-panic-1");
+    assert_eq!(dead[0].message, panicking.as_bytes(), "the original bytes");
+    assert_eq!(
+        len(&redis, &format!("{Q}:processing:w-panic")).await,
+        0,
+        "nothing sits in processing"
+    );
+    let (_, metrics) = get(&worker.url("/metrics")).await;
+    assert!(
+        metrics.contains(r#"worker_dead_letters_total{reason="internal_error",worker_id="w-panic"} 1"#),
+        "{metrics}"
+    );
+    // The worker goes on after the panic.
+    enqueue(&redis, Q, &[message("later")]).await;
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 6).await);
+    worker.stop().await;
+}
+
+#[tokio::test]
+async fn message_ids_cannot_steer_the_status_request() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    // Every first attempt fails, so every message gets a status PUT naming its id in the path.
+    let sink = start_sink(&pki, sink::fail_first(1, 503)).await;
+    let steering = ["a/b", "%2e%2e", "..%2f..", "?x=1", "#frag", "...", "a\\b", "x y"];
+    let mut items: Vec<String> = steering
+        .iter()
+        .map(|id| serde_json::json!({ "message_id": id }).to_string())
+        .collect();
+    items.push(r#"{"message_id":".."}"#.to_string());
+    items.push(r#"{"message_id":"."}"#.to_string());
+    enqueue(&redis, Q, &items).await;
+    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-ids", &[])).await;
+    assert!(
+        sink.wait_for(WAIT, |r| r.delivered().len() == steering.len()
+            && r.statuses().len() == steering.len())
+            .await,
+        "each id delivered after one failure, with one status update"
+    );
+    worker.stop().await;
+
+    for call in sink.record.statuses() {
+        let segments: Vec<&str> = call.path.trim_start_matches('/').split('/').collect();
+        assert_eq!(segments.len(), 4, "one segment for the id: {}", call.path);
+        assert_eq!(
+            (segments[0], segments[1], segments[3]),
+            ("internal", "messages", "status")
+        );
+        let decoded = percent_encoding::percent_decode_str(segments[2]).decode_utf8_lossy();
+        assert_eq!(decoded, call.message_id, "the server reads back the id exactly");
+    }
+    let mut seen: Vec<String> = sink.record.statuses().into_iter().map(|c| c.message_id).collect();
+    seen.sort();
+    let mut expected: Vec<String> = steering.iter().map(|s| s.to_string()).collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+    assert!(
+        sink.record
+            .calls()
+            .iter()
+            .all(|c| c.path.starts_with("/internal/messages/")),
+        "no request left /internal/messages/"
+    );
+    let dead = dead_letters(&redis, Q).await;
+    assert_eq!(dead.len(), 2, "`.` and `..` are refused");
+    for record in dead {
+        assert_eq!(record["reason"], "invalid_message_id");
+    }
+}
+
+/// Peak resident memory of a process, from /proc (Linux).
+fn peak_rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmHWM");
+    kb * 1024
+}
+
+#[tokio::test]
+async fn a_10_mib_item_and_a_200_mb_answer_keep_the_worker_under_100_mb() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let huge_answer = 200 << 20;
+    let behaviour: sink::Behaviour = Arc::new(move |call| match (call.endpoint, call.message_id.as_str()) {
+        (Endpoint::Deliver, "big-answer") => Reply {
+            body_len: huge_answer,
+            ..Reply::status(200)
+        },
+        (Endpoint::Deliver, "big-error") if call.attempt == 1 => Reply {
+            body_len: huge_answer,
+            ..Reply::status(500)
+        },
+        _ => Reply::status(200),
+    });
+    let sink = start_sink(&pki, behaviour).await;
+    // Control bytes: JSON-escaped, each would become six.
+    let item: Vec<u8> = (0..10 << 20).map(|i| (i % 31 + 1) as u8).collect();
+    let mut conn = redis.conn().await;
+    let _: () = conn.lpush(Q, &item).await.expect("LPUSH");
+    enqueue(&redis, Q, &[message("big-answer"), message("big-error")]).await;
+
+    let vars = env(&redis, &sink.url(), &pki, "w-mem", &[]);
+    let mut child = spawn_worker(&vars, pki.dir.path());
+    let mut out = Lines::new(&mut child);
+    assert!(
+        sink.wait_for(WAIT, |r| r.delivered().len() == 2).await,
+        "both delivered despite their answers"
+    );
+    let failed = sink
+        .record
+        .deliveries()
+        .iter()
+        .any(|c| c.message_id == "big-error" && c.answered == 500);
+    assert!(failed, "the 200 MB error answer was sent");
+    out.wait_for("without being read").await;
+    let peak = peak_rss_bytes(child.id().expect("running"));
+    stop_worker(child).await;
+    assert!(peak < 100 << 20, "peak RSS {} MB", peak >> 20);
+
+    // The dead letter keeps the item as it was, unescaped, and requeue restores it exactly.
+    let records: Vec<Vec<u8>> = conn.lrange(format!("{Q}:dead"), 0, -1).await.expect("LRANGE");
+    assert_eq!(records.len(), 1);
+    assert!(
+        records[0].len() < item.len() + 1024,
+        "record is {} bytes",
+        records[0].len()
+    );
+    let record = courier::message::parse_dead_letter(&records[0]);
+    assert_eq!(record.fields["reason"], "too_large");
+    assert_eq!(record.message, item);
+    let requeued = courier(&vars, pki.dir.path())
+        .args(["dlq", "requeue", "--all"])
+        .output()
+        .await
+        .expect("dlq requeue runs");
+    assert!(requeued.status.success(), "{requeued:?}");
+    let back: Vec<Vec<u8>> = conn.lrange(Q, 0, -1).await.expect("LRANGE");
+    assert_eq!(back, vec![item], "restored byte for byte");
+}
+
+/// Starts the binary, waits for `state` in its output, sends SIGHUP, waits for the worker to
+/// say it took it, then stops it and expects a clean exit.
+async fn survives_sighup(vars: &std::collections::HashMap<String, String>, dir: &std::path::Path, state: &str) {
+    let mut child = spawn_worker(vars, dir);
+    let mut out = Lines::new(&mut child);
+    out.wait_for(state).await;
+    signal(&child, "HUP");
+    out.wait_for("SIGHUP received").await;
+    stop_worker(child).await;
+}
+
+#[tokio::test]
+async fn sighup_is_handled_while_connecting_waiting_for_the_id_running_and_with_tls_off() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let dir = pki.dir.path();
+
+    // Connecting: nothing listens on the Redis port.
+    let mut vars = env(&redis, &sink.url(), &pki, "w-hup", &[]);
+    vars.insert("REDIS_PORT".into(), free_port().to_string());
+    survives_sighup(&vars, dir, "Cannot connect to Redis").await;
+
+    // Running.
+    let vars = env(&redis, &sink.url(), &pki, "w-hup", &[]);
+    survives_sighup(&vars, dir, "Connected to Redis").await;
+
+    // Waiting for the id: a live holder on another host.
+    let mut conn = redis.conn().await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.expect("TIME");
+    let now_ms = secs * 1000 + micros / 1000;
+    let _: () = conn
+        .hset(format!("{Q}:owners"), "w-held", "elsewhere|1|0.0")
+        .await
+        .expect("HSET");
+    let _: () = conn.zadd(format!("{Q}:workers"), "w-held", now_ms).await.expect("ZADD");
+    let vars = env(&redis, &sink.url(), &pki, "w-held", &[("WORKER_DEAD_AFTER", "60")]);
+    survives_sighup(&vars, dir, "is held by another process").await;
+
+    // TLS off, against a plain-HTTP address (nothing needs to answer there).
+    let plain = format!("http://127.0.0.1:{}", free_port());
+    let vars = env(&redis, &plain, &pki, "w-plain", &[("TLS_ENABLED", "false")]);
+    let mut child = spawn_worker(&vars, dir);
+    let mut out = Lines::new(&mut child);
+    out.wait_for("Connected to Redis").await;
+    signal(&child, "HUP");
+    out.wait_for("nothing to reload").await;
+    stop_worker(child).await;
+}
+
+#[tokio::test]
+async fn sighup_while_draining_changes_nothing() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let behaviour: sink::Behaviour = Arc::new(|_| Reply {
+        delay: Duration::from_secs(2),
+        ..Reply::status(200)
+    });
+    let sink = start_sink(&pki, behaviour).await;
+    enqueue(&redis, Q, &[message("slow")]).await;
+    let vars = env(&redis, &sink.url(), &pki, "w-drain", &[]);
+    let mut child = spawn_worker(&vars, pki.dir.path());
+    let mut out = Lines::new(&mut child);
+    out.wait_for("Connected to Redis").await;
+    eventually(|| async { len(&redis, &format!("{Q}:processing:w-drain")).await == 1 }).await;
+    signal(&child, "TERM");
+    out.wait_for("finishing in-flight deliveries").await;
+    signal(&child, "HUP");
+    out.wait_for("SIGHUP received").await;
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert!(status.success(), "{status}");
+    assert_eq!(sink.record.delivered(), ["slow"], "the delivery in flight finished");
+}
