@@ -212,11 +212,18 @@ impl Settings {
                 path: path.clone(),
                 problem: format!("cannot read it ({e}); pass an existing file to --config"),
             })?;
-            let expanded = expand(&text, env).map_err(|problem| ConfigError::File {
+            let problem = |problem: String| ConfigError::File {
                 path: path.clone(),
                 problem,
-            })?;
-            builder = builder.add_source(File::from_str(&expanded, FileFormat::Yaml));
+            };
+            // Parse first, expand after: `${VAR}` is replaced inside values only, so a value
+            // may hold any character (quotes, backslashes, `#`), and comments stay comments.
+            let mut parsed = Config::builder()
+                .add_source(File::from_str(&text, FileFormat::Yaml))
+                .build()
+                .map_err(|e| problem(format!("not valid YAML: {e}")))?;
+            expand_values(&mut parsed.cache, "", env).map_err(problem)?;
+            builder = builder.add_source(parsed);
         }
         for known in KNOWN {
             if let Some(value) = env.var(known.env) {
@@ -483,48 +490,70 @@ fn parse_level(text: &str) -> Option<tracing::Level> {
     }
 }
 
-/// Expands `${VAR}` and `${VAR:-default}` in a config file's text. An unset variable with no
-/// default takes the seed's default when it is one of the known variables (so the old worker's
-/// `config.yaml` works unchanged); any other unset variable is an error naming its line.
+/// Expands `${VAR}` and `${VAR:-default}` in every string value of a parsed config file,
+/// naming the key of a reference that cannot be expanded.
+fn expand_values(value: &mut Value, key: &str, env: &dyn Env) -> Result<(), String> {
+    match &mut value.kind {
+        ValueKind::String(text) if text.contains("${") => {
+            *text = expand(text, env).map_err(|e| format!("`{key}`: {e}"))?;
+        }
+        ValueKind::Table(entries) => {
+            for (name, entry) in entries.iter_mut() {
+                let key = if key.is_empty() {
+                    name.clone()
+                } else {
+                    format!("{key}.{name}")
+                };
+                expand_values(entry, &key, env)?;
+            }
+        }
+        ValueKind::Array(items) => {
+            for (i, item) in items.iter_mut().enumerate() {
+                expand_values(item, &format!("{key}[{i}]"), env)?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// Expands `${VAR}` and `${VAR:-default}` in one value. An unset variable with no default
+/// takes courier's default when it is one of the known variables (so the old worker's
+/// `config.yaml` works unchanged); any other unset variable is an error. The variable's value
+/// is inserted as it is: it is never parsed again.
 pub fn expand(text: &str, env: &dyn Env) -> Result<String, String> {
     let mut out = String::with_capacity(text.len());
-    for (number, line) in text.split_inclusive('\n').enumerate() {
-        let mut rest = line;
-        while let Some(start) = rest.find("${") {
-            out.push_str(&rest[..start]);
-            let after = &rest[start + 2..];
-            let end = after
-                .find('}')
-                .ok_or_else(|| format!("line {}: `${{` without a closing `}}`", number + 1))?;
-            let inner = &after[..end];
-            let (name, default) = match inner.split_once(":-") {
-                Some((name, default)) => (name, Some(default)),
-                None => (inner, None),
-            };
-            if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                return Err(format!(
-                    "line {}: `${{{inner}}}` is not a variable reference",
-                    number + 1
-                ));
-            }
-            let value = match (env.var(name).filter(|v| !v.is_empty() || default.is_none()), default) {
-                (Some(value), _) => value,
-                (None, Some(default)) => default.to_string(),
-                (None, None) => match KNOWN.iter().find(|k| k.env == name) {
-                    Some(known) => known.default.to_string(),
-                    None => {
-                        return Err(format!(
-                            "line {}: ${{{name}}} is not set and has no default; set it or write ${{{name}:-value}}",
-                            number + 1
-                        ))
-                    }
-                },
-            };
-            out.push_str(&value);
-            rest = &after[end + 1..];
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after
+            .find('}')
+            .ok_or_else(|| "`${` without a closing `}`".to_string())?;
+        let inner = &after[..end];
+        let (name, default) = match inner.split_once(":-") {
+            Some((name, default)) => (name, Some(default)),
+            None => (inner, None),
+        };
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(format!("`${{{inner}}}` is not a variable reference"));
         }
-        out.push_str(rest);
+        let value = match (env.var(name).filter(|v| !v.is_empty() || default.is_none()), default) {
+            (Some(value), _) => value,
+            (None, Some(default)) => default.to_string(),
+            (None, None) => match KNOWN.iter().find(|k| k.env == name) {
+                Some(known) => known.default.to_string(),
+                None => {
+                    return Err(format!(
+                        "${{{name}}} is not set and has no default; set it or write ${{{name}:-value}}"
+                    ))
+                }
+            },
+        };
+        out.push_str(&value);
+        rest = &after[end + 1..];
     }
+    out.push_str(rest);
     Ok(out)
 }
 
@@ -619,9 +648,35 @@ mod tests {
             expand("a: ${SET}\nb: ${NOPE:-x}\nc: ${EMPTY:-d}\n", &e).unwrap(),
             "a: yes\nb: x\nc: d\n"
         );
-        let err = expand("a: 1\nb: ${NOT_A_SETTING}\n", &e).unwrap_err();
-        assert!(err.contains("line 2") && err.contains("NOT_A_SETTING"), "{err}");
-        assert!(expand("x: ${UNCLOSED\n", &e).unwrap_err().contains("closing"));
+        let err = load_yaml("redis:\n  host: 1\n  db: ${NOT_A_SETTING}\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("`redis.db`") && err.contains("NOT_A_SETTING"), "{err}");
+        assert!(expand("${UNCLOSED", &e).unwrap_err().contains("closing"));
+    }
+
+    #[test]
+    fn any_character_in_a_variable_works_and_comments_are_never_expanded() {
+        let shipped = include_str!("../config.yaml");
+        for password in [
+            "p\"q",
+            "ends\\",
+            "a: b # c",
+            "{x}",
+            "'single'",
+            "multi\nline",
+            "${NOT_A_VAR}",
+        ] {
+            let s = load_yaml(shipped, &[("REDIS_PASSWORD", password)])
+                .unwrap_or_else(|e| panic!("password {password:?}: {e}"));
+            assert_eq!(s.redis.password.expose(), password);
+        }
+        let s = load_yaml(
+            "# ${UNSET_IN_A_COMMENT}\nredis:\n  host: \"${H:-h}\" # ${ALSO_UNSET}\n",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(s.redis.host, "h");
     }
 
     #[test]

@@ -253,3 +253,43 @@ async fn sighup_while_draining_changes_nothing() {
     assert!(status.success(), "{status}");
     assert_eq!(sink.record.delivered(), ["slow"], "the delivery in flight finished");
 }
+
+#[tokio::test]
+async fn stats_and_the_shipped_config_take_hostile_values() {
+    // A password no YAML quoting survives when it is pasted into the text before parsing.
+    let password = "quote\"and # and\\";
+    let redis = RedisServer::start_with(&["--appendonly", "no", "--requirepass", password]).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("config.yaml");
+    std::fs::write(&config, include_str!("../config.yaml")).expect("write config");
+    let vars = std::collections::HashMap::from([
+        ("REDIS_HOST".to_string(), "127.0.0.1".to_string()),
+        ("REDIS_PORT".to_string(), redis.port.to_string()),
+        ("REDIS_PASSWORD".to_string(), password.to_string()),
+    ]);
+    let mut conn = redis::Client::open(
+        redis::IntoConnectionInfo::into_connection_info(redis::ConnectionAddr::Tcp("127.0.0.1".into(), redis.port))
+            .expect("address")
+            .set_redis_settings(redis::RedisConnectionInfo::default().set_password(password)),
+    )
+    .expect("client")
+    .get_multiplexed_async_connection()
+    .await
+    .expect("connect with the password");
+    // The oldest item claims to have been queued in the far future of float range.
+    let _: () = conn
+        .lpush(Q, r#"{"message_id":"p","queued_at":1e308}"#)
+        .await
+        .expect("LPUSH");
+    let out = courier(&vars, dir.path())
+        .args(["stats", "--json", "--config"])
+        .arg(&config)
+        .output()
+        .await
+        .expect("stats runs");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let stats: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+    assert_eq!(stats["ready"], 1);
+    assert!(stats["oldest_ready_age_seconds"].is_null(), "an absurd time is no age");
+}
