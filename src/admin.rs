@@ -14,8 +14,9 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, CONTENT_TYPE};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -111,6 +112,51 @@ pub struct AdminState {
     pub health: Arc<Health>,
     /// Set once Redis is first connected.
     pub queue: OnceLock<Queue>,
+    /// The Redis part of `/stats` and when it was read: a flood of requests reads Redis at
+    /// most once per `STATS_MAX_AGE`, and concurrent requests wait for the one read.
+    pub stats_cache: tokio::sync::Mutex<Option<(Instant, serde_json::Value)>>,
+}
+
+impl AdminState {
+    pub fn new(worker_id: String, queue_name: String, metrics: Arc<Metrics>, health: Arc<Health>) -> AdminState {
+        AdminState {
+            worker_id,
+            queue_name,
+            metrics,
+            health,
+            queue: OnceLock::new(),
+            stats_cache: tokio::sync::Mutex::new(None),
+        }
+    }
+}
+
+/// How old the Redis figures in `/stats` may be.
+const STATS_MAX_AGE: Duration = Duration::from_secs(1);
+
+/// What one client may hold of the admin port.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; one more is closed as soon as it is accepted.
+    pub max_connections: usize,
+    /// How long a client has to send a request's headers. hyper runs the same timer while a
+    /// keep-alive connection waits for its next request, so this is the idle timeout too.
+    pub header_timeout: Duration,
+    /// The longest a connection lives, however busy: a client that trickles a body or never
+    /// reads its answer is cut off here.
+    pub max_lifetime: Duration,
+    /// At most one log line per this interval about failed accepts, with their count.
+    pub accept_error_interval: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(5),
+            max_lifetime: Duration::from_secs(60),
+            accept_error_interval: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Binds the admin port; a port in use is a start-up error naming the setting.
@@ -120,33 +166,83 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     })
 }
 
-/// Serves until `stop` is cancelled.
-pub async fn serve(listener: TcpListener, state: Arc<AdminState>, stop: CancellationToken) {
+/// Counts repeated events and says when to log them: the first at once, then at most one line
+/// per interval with how many happened since the last line.
+#[derive(Debug)]
+pub struct Summary {
+    every: Duration,
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Summary {
+    pub fn new(every: Duration) -> Summary {
+        Summary {
+            every,
+            last: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Records one event at `now`; `Some(n)` when a line is due, covering `n` events.
+    pub fn record(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged = self.unlogged.saturating_add(1);
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// Serves until `stop` is cancelled, within `limits`.
+pub async fn serve(listener: TcpListener, state: Arc<AdminState>, limits: Limits, stop: CancellationToken) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut accept_errors = Summary::new(limits.accept_error_interval);
+    let mut refused = Summary::new(limits.accept_error_interval);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
     loop {
-        let (stream, _) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok(conn) => conn,
                 Err(e) => {
+                    if let Some(count) = accept_errors.record(Instant::now()) {
+                        warn!(error = %e, count, "Admin port could not accept connections");
+                    }
                     // Out of file descriptors and the like: wait a moment rather than spin.
-                    warn!(error = %e, "Admin port could not accept a connection");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
             },
         };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            if let Some(count) = refused.record(Instant::now()) {
+                warn!(count, limit = limits.max_connections, peer = %peer, "Admin port is at its connection limit; closed new connections at once");
+            }
+            continue;
+        };
         let state = state.clone();
         let stop = stop.clone();
-        tokio::spawn(async move {
-            let service = service_fn(move |request| {
+        let connection = http.serve_connection(
+            TokioIo::new(stream),
+            service_fn(move |request| {
                 let state = state.clone();
                 async move { Ok::<_, Infallible>(route(&state, request).await) }
-            });
-            let connection = hyper::server::conn::http1::Builder::new().serve_connection(TokioIo::new(stream), service);
+            }),
+        );
+        tokio::spawn(async move {
             tokio::select! {
                 _ = connection => {}
+                _ = tokio::time::sleep(limits.max_lifetime) => {}
                 _ = stop.cancelled() => {}
             }
+            drop(permit);
         });
     }
 }
@@ -205,19 +301,37 @@ async fn stats(state: &AdminState) -> serde_json::Value {
         stats["error"] = "not connected to Redis yet".into();
         return stats;
     };
-    let lookup = async { Ok::<_, QueueError>((queue.depths().await?, queue.workers().await?)) };
-    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
-        Ok(Ok((depths, workers))) => {
-            stats["depths"] = serde_json::to_value(depths).unwrap_or_default();
-            stats["workers"] = workers
-                .into_iter()
-                .map(|(id, age)| serde_json::json!({"worker_id": id, "heartbeat_age_seconds": age.as_secs_f64()}))
-                .collect();
+    let mut cache = state.stats_cache.lock().await;
+    let fresh = cache.as_ref().filter(|(at, _)| at.elapsed() < STATS_MAX_AGE);
+    let from_redis = match fresh {
+        Some((_, value)) => value.clone(),
+        None => {
+            let value = redis_stats(queue).await;
+            *cache = Some((Instant::now(), value.clone()));
+            value
         }
-        Ok(Err(e)) => stats["error"] = format!("Redis: {e}").into(),
-        Err(_) => stats["error"] = "Redis did not answer within 2 s".into(),
+    };
+    drop(cache);
+    if let (Some(stats), serde_json::Value::Object(from_redis)) = (stats.as_object_mut(), from_redis) {
+        stats.extend(from_redis);
     }
     stats
+}
+
+/// The part of `/stats` read from Redis: depths and live workers, or the error.
+async fn redis_stats(queue: &Queue) -> serde_json::Value {
+    let lookup = async { Ok::<_, QueueError>((queue.depths().await?, queue.workers().await?)) };
+    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+        Ok(Ok((depths, workers))) => serde_json::json!({
+            "depths": depths,
+            "workers": workers
+                .into_iter()
+                .map(|(id, age)| serde_json::json!({"worker_id": id, "heartbeat_age_seconds": age.as_secs_f64()}))
+                .collect::<Vec<_>>(),
+        }),
+        Ok(Err(e)) => serde_json::json!({"error": format!("Redis: {e}")}),
+        Err(_) => serde_json::json!({"error": "Redis did not answer within 2 s"}),
+    }
 }
 
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
@@ -232,4 +346,23 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn repeated_events_make_one_line_per_interval_with_a_count() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut summary = Summary::new(Duration::from_secs(10));
+        assert_eq!(summary.record(at(0)), Some(1), "the first at once");
+        for ms in 1..=99 {
+            assert_eq!(summary.record(at(ms * 100)), None, "quiet within the interval");
+        }
+        assert_eq!(summary.record(at(10_000)), Some(100), "then one line for all of them");
+        assert_eq!(summary.record(at(10_001)), None);
+        assert_eq!(summary.record(at(25_000)), Some(2));
+    }
 }

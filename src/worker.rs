@@ -5,7 +5,7 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
@@ -109,13 +109,12 @@ impl Worker {
         let background = CancellationToken::new();
         tokio::spawn(forward_hangups(reload.clone(), tls.is_some(), background.clone()));
         let health = Arc::new(Health::new(metrics.clone()));
-        let admin = Arc::new(AdminState {
-            worker_id: worker_id.clone(),
-            queue_name: settings.redis.queue_name.clone(),
-            metrics: metrics.clone(),
-            health: health.clone(),
-            queue: OnceLock::new(),
-        });
+        let admin = Arc::new(AdminState::new(
+            worker_id.clone(),
+            settings.redis.queue_name.clone(),
+            metrics.clone(),
+            health.clone(),
+        ));
         let mut admin_addr = None;
         if settings.metrics.enabled {
             let listener = admin::bind(SocketAddr::new(settings.metrics.bind, settings.metrics.port))
@@ -124,7 +123,8 @@ impl Worker {
             let addr = listener.local_addr().map_err(|e| RunError::Fatal(e.to_string()))?;
             info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
             tokio::spawn(
-                admin::serve(listener, admin.clone(), background.clone()).instrument(tracing::info_span!("admin")),
+                admin::serve(listener, admin.clone(), admin::Limits::default(), background.clone())
+                    .instrument(tracing::info_span!("admin")),
             );
             admin_addr = Some(addr);
         }

@@ -293,3 +293,162 @@ async fn stats_and_the_shipped_config_take_hostile_values() {
     assert_eq!(stats["ready"], 1);
     assert!(stats["oldest_ready_age_seconds"].is_null(), "an absurd time is no age");
 }
+
+/// An admin port of its own, on a free port, serving within `limits`.
+async fn admin_port(limits: courier::admin::Limits) -> std::net::SocketAddr {
+    let metrics = Arc::new(courier::metrics::Metrics::new("w-admin"));
+    let health = Arc::new(courier::admin::Health::new(metrics.clone()));
+    let state = Arc::new(courier::admin::AdminState::new(
+        "w-admin".into(),
+        Q.into(),
+        metrics,
+        health,
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(courier::admin::serve(
+        listener,
+        state,
+        limits,
+        tokio_util::sync::CancellationToken::new(),
+    ));
+    addr
+}
+
+/// Reads until the server closes the connection; panics if it is still open after WAIT.
+async fn closed_by_server(stream: &mut tokio::net::TcpStream) -> Vec<u8> {
+    use tokio::io::AsyncReadExt;
+    let mut seen = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => seen.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await
+    .expect("the server closed the connection");
+    seen
+}
+
+async fn half_sent(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .expect("write");
+    stream
+}
+
+#[tokio::test]
+async fn the_admin_port_closes_connections_over_its_cap_at_once() {
+    let addr = admin_port(courier::admin::Limits {
+        max_connections: 8,
+        header_timeout: Duration::from_secs(600),
+        ..Default::default()
+    })
+    .await;
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        held.push(half_sent(addr).await);
+    }
+    // The ninth is closed although its headers could still come: no slot is free.
+    for _ in 0..20 {
+        let mut extra = half_sent(addr).await;
+        assert!(closed_by_server(&mut extra).await.is_empty(), "closed unanswered");
+    }
+    // A slot frees when a held connection goes; then requests are served again.
+    drop(held.pop());
+    let served = tokio::time::timeout(WAIT, async {
+        loop {
+            use tokio::io::AsyncWriteExt;
+            let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+            let _ = stream
+                .write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let answer = closed_by_server(&mut stream).await;
+            if !answer.is_empty() {
+                return answer;
+            }
+        }
+    })
+    .await
+    .expect("served once a slot is free");
+    assert!(
+        served.starts_with(b"HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&served)
+    );
+}
+
+#[tokio::test]
+async fn the_admin_port_times_out_slow_headers_and_idle_keep_alive() {
+    use tokio::io::AsyncWriteExt;
+    let addr = admin_port(courier::admin::Limits {
+        header_timeout: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    let mut slow = half_sent(addr).await;
+    closed_by_server(&mut slow).await;
+
+    let mut idle = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .expect("write");
+    let answer = closed_by_server(&mut idle).await;
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "answered, then closed when idle");
+}
+
+#[tokio::test]
+async fn a_flood_of_stats_requests_reads_redis_about_once_a_second() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let worker = start_worker(&env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-stats",
+        &[("WORKER_HEARTBEAT_INTERVAL", "3600"), ("WORKER_DEAD_AFTER", "7200")],
+    ))
+    .await;
+    let zcard_calls = || async {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut redis.conn().await)
+            .await
+            .expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("cmdstat_zcard:calls="))
+            .and_then(|v| v.split(',').next())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    // The worker's first heartbeat reads the depths once; wait for it.
+    eventually(|| async { zcard_calls().await >= 1 }).await;
+    let before = zcard_calls().await;
+    let started = std::time::Instant::now();
+    // Ten scrapers at a time on keep-alive connections, within the connection cap.
+    let url = worker.url("/stats");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::new();
+    for _ in 0..20 {
+        let requests: Vec<_> = (0..10).map(|_| client.get(&url).send()).collect();
+        for response in futures_util::future::join_all(requests).await {
+            let response = response.expect("admin port answers");
+            assert_eq!(response.status(), 200);
+            let body = response.text().await.expect("body");
+            assert!(body.contains("\"depths\""), "{body}");
+        }
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    let reads = zcard_calls().await - before;
+    assert!(
+        reads <= seconds + 1,
+        "{reads} Redis reads for 200 requests in about {seconds} s"
+    );
+    worker.stop().await;
+}
