@@ -22,6 +22,7 @@ use tracing::{error, info, warn};
 
 use crate::metrics::Metrics;
 use crate::queue::{Queue, QueueError};
+use crate::telemetry::Summary;
 
 /// What the worker tells the outside about itself.
 pub struct Health {
@@ -164,38 +165,6 @@ pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
     TcpListener::bind(addr).await.map_err(|e| {
         format!("metrics.port (WORKER_METRICS_PORT) = {}: cannot listen on {addr} ({e}); pick a free port or set WORKER_METRICS_ENABLED=false", addr.port())
     })
-}
-
-/// Counts repeated events and says when to log them: the first at once, then at most one line
-/// per interval with how many happened since the last line.
-#[derive(Debug)]
-pub struct Summary {
-    every: Duration,
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl Summary {
-    pub fn new(every: Duration) -> Summary {
-        Summary {
-            every,
-            last: None,
-            unlogged: 0,
-        }
-    }
-
-    /// Records one event at `now`; `Some(n)` when a line is due, covering `n` events.
-    pub fn record(&mut self, now: Instant) -> Option<u64> {
-        self.unlogged = self.unlogged.saturating_add(1);
-        if self
-            .last
-            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
-        {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
 }
 
 /// Serves until `stop` is cancelled, within `limits`.
@@ -346,23 +315,4 @@ fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
         .headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn repeated_events_make_one_line_per_interval_with_a_count() {
-        let start = Instant::now();
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        let mut summary = Summary::new(Duration::from_secs(10));
-        assert_eq!(summary.record(at(0)), Some(1), "the first at once");
-        for ms in 1..=99 {
-            assert_eq!(summary.record(at(ms * 100)), None, "quiet within the interval");
-        }
-        assert_eq!(summary.record(at(10_000)), Some(100), "then one line for all of them");
-        assert_eq!(summary.record(at(10_001)), None);
-        assert_eq!(summary.record(at(25_000)), Some(2));
-    }
 }

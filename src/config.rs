@@ -51,6 +51,7 @@ const KNOWN: &[Known] = &[
     k("tls.enabled", "TLS_ENABLED", "true"),
     k("tls.reload_interval", "TLS_RELOAD_INTERVAL", "60"),
     k("metrics.bind", "WORKER_METRICS_BIND", "0.0.0.0"),
+    k("logging.max_file_mb", "LOG_MAX_FILE_MB", "100"),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -151,6 +152,8 @@ pub struct MetricsSettings {
 pub struct LoggingSettings {
     pub level: tracing::Level,
     pub file_path: PathBuf,
+    /// A log file rolls over to the next at this size (and at midnight UTC).
+    pub max_file_bytes: u64,
 }
 
 /// Where settings come from: the environment is a parameter so tests need not mutate the
@@ -463,9 +466,11 @@ impl Source<'_> {
         };
         let level = parse_level(&self.text("logging.level")?)
             .ok_or_else(|| self.invalid("logging.level", "expected DEBUG, INFO, WARNING or ERROR"))?;
+        let max_file_mb: u64 = self.number("logging.max_file_mb", 1, 1_000_000)?;
         let logging = LoggingSettings {
             level,
             file_path: self.path("logging.file_path")?,
+            max_file_bytes: max_file_mb.saturating_mul(1024 * 1024),
         };
         Ok(Settings {
             redis,

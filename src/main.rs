@@ -434,8 +434,12 @@ fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
         },
         false => None,
     };
-    let _logs = match courier::telemetry::init(settings.logging.level, &settings.logging.file_path, &settings.worker.id)
-    {
+    let _logs = match courier::telemetry::init(
+        settings.logging.level,
+        &settings.logging.file_path,
+        settings.logging.max_file_bytes,
+        &settings.worker.id,
+    ) {
         Ok(guards) => guards,
         Err(e) => return config_error(e),
     };

@@ -1,17 +1,18 @@
-//! Logging in the old worker's line format, on stdout and in a daily-rotated file
-//! (`worker.YYYY-MM-DD.log` under LOG_FILE_PATH, seven files kept):
+//! Logging in the old worker's line format, on stdout and in a file under LOG_FILE_PATH that
+//! rolls over daily and by size (`worker.YYYY-MM-DD.log`, `worker.YYYY-MM-DD.1.log`, ...;
+//! seven files kept):
 //!
 //! `2025-01-15 10:30:45,123 - worker - INFO - [worker-1] - Message delivered message_id=...`
 
 use std::fmt::{self, Write as _};
 use std::io::{BufWriter, Write};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use chrono::{Datelike, Timelike};
 use tracing::field::{Field, Visit};
 use tracing::{Event, Level, Subscriber};
 use tracing_appender::non_blocking::WorkerGuard;
-use tracing_appender::rolling::{Builder, Rotation};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::fmt::format::Writer;
 use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
@@ -107,34 +108,134 @@ fn quote_into(out: &mut String, value: &str) {
     }
 }
 
-/// Starts logging at `level` to stdout and to a daily file in `dir`. Dependencies log at
-/// WARNING and above only, so a DEBUG run shows courier's own lines.
-pub fn init(level: Level, dir: &Path, worker_id: &str) -> Result<LogGuards, String> {
-    let unwritable = |e: &dyn std::fmt::Display| {
+/// Counts repeated events and says when to log them: the first at once, then at most one line
+/// per interval with how many happened since the last line.
+#[derive(Debug)]
+pub struct Summary {
+    every: Duration,
+    last: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Summary {
+    pub fn new(every: Duration) -> Summary {
+        Summary {
+            every,
+            last: None,
+            unlogged: 0,
+        }
+    }
+
+    /// Events recorded and not yet covered by a line, when the interval since the last line is
+    /// over (or at once with `all`); they count as logged from then.
+    pub fn take_due(&mut self, now: Instant, all: bool) -> Option<u64> {
+        let over = self
+            .last
+            .is_none_or(|last| now.saturating_duration_since(last) >= self.every);
+        if self.unlogged == 0 || !(over || all) {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+
+    /// Records one event at `now`; `Some(n)` when a line is due, covering `n` events.
+    pub fn record(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged = self.unlogged.saturating_add(1);
+        if self
+            .last
+            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
+/// Repeated log lines of one kind per cause, summarised: the first in full at once, then at
+/// most one line per interval with how many there were and the latest in full. The metrics
+/// count every event; the log says what is going on without writing a line per message.
+pub struct Repeats {
+    every: std::time::Duration,
+    causes: std::sync::Mutex<std::collections::HashMap<(&'static str, &'static str), Pending>>,
+}
+
+struct Pending {
+    summary: Summary,
+    /// The latest event not yet logged: its message id and error.
+    latest: (String, String),
+}
+
+/// A summary line that is due: how many events, and the latest one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Due {
+    pub kind: &'static str,
+    pub cause: &'static str,
+    pub count: u64,
+    pub message_id: String,
+    pub error: String,
+}
+
+impl Repeats {
+    pub fn new(every: std::time::Duration) -> Repeats {
+        Repeats {
+            every,
+            causes: std::sync::Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Records one event; `Some(count)` when a line is due now (1: log it in full).
+    pub fn record(&self, kind: &'static str, cause: &'static str, message_id: &str, error: &str) -> Option<u64> {
+        let mut causes = self.causes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let pending = causes.entry((kind, cause)).or_insert_with(|| Pending {
+            summary: Summary::new(self.every),
+            latest: (String::new(), String::new()),
+        });
+        let due = pending.summary.record(std::time::Instant::now());
+        if due.is_none() {
+            pending.latest = (message_id.to_string(), error.to_string());
+        }
+        due
+    }
+
+    /// Lines for events not yet logged whose interval is over (all of them with `all`, at stop).
+    pub fn due(&self, all: bool) -> Vec<Due> {
+        let mut causes = self.causes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = std::time::Instant::now();
+        causes
+            .iter_mut()
+            .filter_map(|(&(kind, cause), pending)| {
+                let count = pending.summary.take_due(now, all)?;
+                let (message_id, error) = std::mem::take(&mut pending.latest);
+                Some(Due {
+                    kind,
+                    cause,
+                    count,
+                    message_id,
+                    error,
+                })
+            })
+            .collect()
+    }
+}
+
+/// Starts logging at `level` to stdout and to files in `dir` that roll over daily and at
+/// `max_file_bytes`, seven kept. Dependencies log at WARNING and above only, so a DEBUG run
+/// shows courier's own lines.
+pub fn init(level: Level, dir: &Path, max_file_bytes: u64, worker_id: &str) -> Result<LogGuards, String> {
+    let file = RollingFile::open(dir, max_file_bytes, KEEP_FILES).map_err(|e| {
         format!(
             "logging.file_path (LOG_FILE_PATH) = {}: cannot write logs there ({e})",
             dir.display()
         )
-    };
-    std::fs::create_dir_all(dir).map_err(|e| unwritable(&e))?;
-    let file = Builder::new()
-        .rotation(Rotation::DAILY)
-        .filename_prefix("worker")
-        .filename_suffix("log")
-        .max_log_files(7)
-        .build(dir)
-        .map_err(|e| {
-            format!(
-                "logging.file_path (LOG_FILE_PATH) = {}: cannot write logs there ({e})",
-                dir.display()
-            )
-        })?;
+    })?;
     // One line is formatted once and handed to one background thread, which writes it to
     // both places: at thousands of retry lines a second, a second formatter and a second
     // thread to wake cost the worker measurably.
     let (writer, guard) = tracing_appender::non_blocking(Tee {
         stdout: BufWriter::new(std::io::stdout()),
-        file: BufWriter::new(file),
+        file,
     });
     let filter = Targets::new()
         .with_default(LevelFilter::from_level(level).min(LevelFilter::WARN))
@@ -153,13 +254,140 @@ pub fn init(level: Level, dir: &Path, worker_id: &str) -> Result<LogGuards, Stri
     Ok(LogGuards(guard))
 }
 
+/// Log files kept: the one being written and the six before it.
+pub const KEEP_FILES: usize = 7;
+
+/// The log file: `worker.YYYY-MM-DD.log` (UTC date), then `worker.YYYY-MM-DD.1.log`, `.2.log`
+/// ... when a day's file reaches its size limit. Each new file removes the oldest beyond
+/// `keep`, so the directory never holds more than `keep` files of at most `max_bytes` (plus
+/// one line) each. Only whole lines are written to a file.
+pub struct RollingFile {
+    dir: std::path::PathBuf,
+    max_bytes: u64,
+    keep: usize,
+    file: BufWriter<std::fs::File>,
+    date: chrono::NaiveDate,
+    index: u32,
+    written: u64,
+}
+
+impl RollingFile {
+    /// Opens (or goes on with) today's newest file in `dir`, creating the directory.
+    pub fn open(dir: &Path, max_bytes: u64, keep: usize) -> std::io::Result<RollingFile> {
+        std::fs::create_dir_all(dir)?;
+        let date = chrono::Utc::now().date_naive();
+        let index = log_files(dir)?
+            .into_iter()
+            .filter(|(d, _, _)| *d == date)
+            .map(|(_, i, _)| i)
+            .max()
+            .unwrap_or(0);
+        let (file, written) = Self::append(dir, date, index)?;
+        let rolling = RollingFile {
+            dir: dir.to_path_buf(),
+            max_bytes: max_bytes.max(1),
+            keep: keep.max(1),
+            file,
+            date,
+            index,
+            written,
+        };
+        rolling.prune();
+        Ok(rolling)
+    }
+
+    fn append(dir: &Path, date: chrono::NaiveDate, index: u32) -> std::io::Result<(BufWriter<std::fs::File>, u64)> {
+        let path = dir.join(log_file_name(date, index));
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+        let written = file.metadata()?.len();
+        Ok((BufWriter::new(file), written))
+    }
+
+    /// Starts the next file when the day changed or `incoming` would take this one past its
+    /// limit (a file with nothing in it takes any line).
+    fn roll_if_due(&mut self, incoming: usize) -> std::io::Result<()> {
+        let today = chrono::Utc::now().date_naive();
+        let incoming = u64::try_from(incoming).unwrap_or(u64::MAX);
+        let full = self.written > 0 && self.written.saturating_add(incoming) > self.max_bytes;
+        if today == self.date && !full {
+            return Ok(());
+        }
+        self.file.flush()?;
+        let index = if today == self.date {
+            self.index.saturating_add(1)
+        } else {
+            0
+        };
+        let (file, written) = Self::append(&self.dir, today, index)?;
+        (self.file, self.date, self.index, self.written) = (file, today, index, written);
+        self.prune();
+        Ok(())
+    }
+
+    /// Removes the oldest log files beyond `keep`. Other files are never touched.
+    fn prune(&self) {
+        let Ok(mut files) = log_files(&self.dir) else {
+            return;
+        };
+        files.sort();
+        let excess = files.len().saturating_sub(self.keep);
+        for (_, _, path) in files.into_iter().take(excess) {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+impl Write for RollingFile {
+    fn write(&mut self, lines: &[u8]) -> std::io::Result<usize> {
+        self.roll_if_due(lines.len())?;
+        self.file.write_all(lines)?;
+        self.written = self
+            .written
+            .saturating_add(u64::try_from(lines.len()).unwrap_or(u64::MAX));
+        Ok(lines.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+}
+
+fn log_file_name(date: chrono::NaiveDate, index: u32) -> String {
+    match index {
+        0 => format!("worker.{date}.log"),
+        n => format!("worker.{date}.{n}.log"),
+    }
+}
+
+/// courier's log files in `dir`, as (date, index, path).
+fn log_files(dir: &Path) -> std::io::Result<Vec<(chrono::NaiveDate, u32, std::path::PathBuf)>> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let Some(middle) = name.strip_prefix("worker.").and_then(|n| n.strip_suffix(".log")) else {
+            continue;
+        };
+        let (date, index) = match middle.split_once('.') {
+            Some((date, index)) => (date, index.parse::<u32>().ok()),
+            None => (middle, Some(0)),
+        };
+        if let (Ok(date), Some(index)) = (chrono::NaiveDate::parse_from_str(date, "%Y-%m-%d"), index) {
+            found.push((date, index, path));
+        }
+    }
+    Ok(found)
+}
+
 /// Writes each line to stdout and to the log file. A closed stdout (nothing reading it) does
 /// not stop the file, which is the record that matters. Both are buffered: the background
 /// thread flushes as soon as it has written every line waiting, so a burst of lines costs one
 /// write per output, and no line waits for more to come.
 struct Tee<F: std::io::Write> {
     stdout: BufWriter<std::io::Stdout>,
-    file: BufWriter<F>,
+    file: F,
 }
 
 impl<F: std::io::Write> Write for Tee<F> {
@@ -193,5 +421,63 @@ mod tests {
             quoted.push('"');
             assert_eq!(quoted, format!("{value:?}"));
         }
+    }
+
+    #[test]
+    fn log_files_roll_by_size_and_keep_seven() {
+        let dir = tempfile::tempdir().unwrap();
+        // Someone else's file in the directory is left alone.
+        std::fs::write(dir.path().join("other.log"), "keep me").unwrap();
+        let mut line = vec![b'x'; 99];
+        line.push(b'\n');
+        let mut file = RollingFile::open(dir.path(), 1000, KEEP_FILES).unwrap();
+        for _ in 0..200 {
+            file.write_all(&line).unwrap();
+        }
+        file.flush().unwrap();
+        let files = log_files(dir.path()).unwrap();
+        assert_eq!(files.len(), KEEP_FILES);
+        for (_, _, path) in &files {
+            let len = std::fs::metadata(path).unwrap().len();
+            assert!(len <= 1000, "{} is {len} bytes", path.display());
+        }
+        let newest = files.iter().map(|(_, i, _)| *i).max().unwrap();
+        assert_eq!(newest, 19, "20 files of ten whole lines each were written");
+        assert!(dir.path().join("other.log").exists());
+
+        // A restart goes on with the newest file instead of starting over at .log.
+        drop(file);
+        let mut again = RollingFile::open(dir.path(), 1000, KEEP_FILES).unwrap();
+        assert_eq!(again.index, newest);
+        again.write_all(b"after restart\n").unwrap();
+    }
+
+    #[test]
+    fn repeated_events_make_one_line_per_interval_with_a_count() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut summary = Summary::new(Duration::from_secs(10));
+        assert_eq!(summary.record(at(0)), Some(1), "the first at once");
+        for ms in 1..=99 {
+            assert_eq!(summary.record(at(ms * 100)), None, "quiet within the interval");
+        }
+        assert_eq!(summary.record(at(10_000)), Some(100), "then one line for all of them");
+        assert_eq!(summary.record(at(10_001)), None);
+        assert_eq!(summary.record(at(25_000)), Some(2));
+    }
+
+    #[test]
+    fn a_quiet_spell_reports_what_is_left_and_stop_reports_everything() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        let mut summary = Summary::new(Duration::from_secs(10));
+        assert_eq!(summary.record(at(0)), Some(1));
+        assert_eq!(summary.record(at(1)), None);
+        assert_eq!(summary.take_due(at(5_000), false), None, "interval not over");
+        assert_eq!(summary.take_due(at(10_000), false), Some(1));
+        assert_eq!(summary.take_due(at(30_000), false), None, "nothing left");
+        assert_eq!(summary.record(at(30_001)), Some(1));
+        assert_eq!(summary.record(at(30_002)), None);
+        assert_eq!(summary.take_due(at(30_003), true), Some(1), "at stop");
     }
 }

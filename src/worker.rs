@@ -21,6 +21,7 @@ use crate::delivery::{Deliverer, Status};
 use crate::message::{dead_letter, DeadReason, Envelope};
 use crate::metrics::Metrics;
 use crate::queue::{self, Queue, QueueError};
+use crate::telemetry::{Due, Repeats};
 use crate::tls::ClientTls;
 
 /// Most due retries moved back to the queue by one promoter call.
@@ -30,6 +31,8 @@ const PROMOTE_BATCH: usize = 1000;
 /// every millisecond's one or two, a script call each. 20 ms late is nothing next to a
 /// retry interval of seconds.
 const PROMOTE_GAP: Duration = Duration::from_millis(20);
+/// At most one summary line per cause in this long (the first occurrence is logged at once).
+const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(10);
 /// Status updates waiting to be sent; past this they are dropped (and counted).
 const STATUS_BACKLOG: usize = 4096;
 
@@ -59,6 +62,8 @@ struct Context {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     status: mpsc::Sender<StatusReport>,
+    /// Retry, dead-letter and invalid-message lines, summarised per cause.
+    repeats: Repeats,
     max_attempts: u32,
     retry_interval: Duration,
     max_message_bytes: usize,
@@ -207,6 +212,7 @@ impl Worker {
             metrics: metrics.clone(),
             health: health.clone(),
             status: status_tx,
+            repeats: Repeats::new(LOG_SUMMARY_EVERY),
             max_attempts: worker.max_attempts,
             retry_interval: worker.retry_interval,
             max_message_bytes: worker.max_message_bytes,
@@ -275,6 +281,9 @@ impl Worker {
                 in_flight = deliveries.len(),
                 "Grace period over; returning unfinished messages to the queue"
             );
+        }
+        for due in context.repeats.due(true) {
+            log_summary(&due);
         }
         // Anything still in processing goes back to the front of the queue. A delivery still
         // under way that settles after this finds its message gone and changes nothing.
@@ -544,12 +553,31 @@ impl Context {
             self.metrics.invalid(label);
             self.metrics.dead(label);
         }
-        warn!(
-            count,
-            limit = self.max_message_bytes,
-            reason = label,
-            "Messages over worker.max_message_bytes moved to the dead-letter list without being read"
+        let error = format!(
+            "over the {}-byte limit (worker.max_message_bytes)",
+            self.max_message_bytes
         );
+        for _ in 0..count {
+            self.repeat("invalid", label, "(not read)", &error, || {
+                warn!(reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
+            });
+        }
+    }
+
+    /// Logs an event that can repeat for every message through the summary: `full` logs the
+    /// first in full; later ones within the interval are counted and reported together.
+    fn repeat(&self, kind: &'static str, cause: &'static str, message_id: &str, error: &str, full: impl FnOnce()) {
+        match self.repeats.record(kind, cause, message_id, error) {
+            Some(1) => full(),
+            Some(count) => log_summary(&Due {
+                kind,
+                cause,
+                count,
+                message_id: message_id.to_string(),
+                error: error.to_string(),
+            }),
+            None => {}
+        }
     }
 
     /// Delivers one claimed item and settles the outcome.
@@ -567,7 +595,10 @@ impl Context {
                 if self.settle(|| self.queue.dead(&raw, &record)).await {
                     self.metrics.dead(reason.label());
                 }
-                warn!(reason = reason.label(), error = %malformed, "Invalid message moved to the dead-letter list");
+                let error = malformed.to_string();
+                self.repeat("invalid", reason.label(), "(invalid)", &error, || {
+                    warn!(reason = reason.label(), error = %error, "Invalid message moved to the dead-letter list");
+                });
                 return;
             }
         };
@@ -616,7 +647,9 @@ impl Context {
                 if self.settle(|| self.queue.retry(envelope.raw(), &retried, delay)).await {
                     self.metrics.retried();
                 }
-                warn!(message_id = id, attempt = failures, max_attempts = self.max_attempts, retry_in = ?delay, error = %text, "Delivery failed; will retry");
+                self.repeat("retry", error.label(), id, &text, || {
+                    warn!(message_id = id, attempt = failures, max_attempts = self.max_attempts, retry_in = ?delay, error = %text, "Delivery failed; will retry");
+                });
                 self.report(id, Status::Queued, failures, text);
             }
             crate::delivery::Outcome::Delivered => {}
@@ -661,13 +694,15 @@ impl Context {
         if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
             self.metrics.dead(reason.label());
         }
-        error!(
-            message_id = id,
-            reason = reason.label(),
-            attempts = failures,
-            error,
-            "Message {id} moved to the dead-letter list"
-        );
+        self.repeat("dead", reason.label(), id, error, || {
+            error!(
+                message_id = id,
+                reason = reason.label(),
+                attempts = failures,
+                error,
+                "Message {id} moved to the dead-letter list"
+            );
+        });
         self.report(id, Status::Failed, failures, error.to_string());
     }
 
@@ -771,7 +806,9 @@ async fn report_statuses(
                 Ok(()) => metrics.status_update("ok"),
                 Err(e) => {
                     metrics.status_update("failed");
-                    warn!(message_id = %message_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+                    // Counted in worker_status_updates_total{result="failed"}; during an outage
+                    // every failed delivery brings one, so they stay out of the normal log.
+                    debug!(message_id = %message_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
                 }
             }
             drop(permit);
@@ -796,6 +833,9 @@ async fn heartbeat(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
+        }
+        for due in context.repeats.due(false) {
+            log_summary(&due);
         }
         let queue = &context.queue;
         let started = Instant::now();
@@ -937,6 +977,28 @@ fn next_promotion(moved: usize, next_due_in: Option<Duration>, longest: Duration
         return Duration::ZERO;
     }
     next_due_in.map_or(longest, |due| due.clamp(PROMOTE_GAP.min(longest), longest))
+}
+
+/// One summary line for events counted since the last line of their kind and cause.
+fn log_summary(due: &Due) {
+    let Due {
+        kind,
+        cause,
+        count,
+        message_id,
+        error,
+    } = due;
+    match *kind {
+        "retry" => {
+            warn!(cause, count, latest_message_id = %message_id, latest_error = %error, "Delivery failed {count} more times ({cause}) since the last report; each will be retried")
+        }
+        "dead" => {
+            error!(reason = cause, count, latest_message_id = %message_id, latest_error = %error, "{count} more messages moved to the dead-letter list ({cause}) since the last report")
+        }
+        _ => {
+            warn!(reason = cause, count, latest_error = %error, "{count} more invalid messages moved to the dead-letter list ({cause}) since the last report")
+        }
+    }
 }
 
 /// The text a panic was raised with, when it was a string.

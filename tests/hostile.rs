@@ -452,3 +452,64 @@ async fn a_flood_of_stats_requests_reads_redis_about_once_a_second() {
     );
     worker.stop().await;
 }
+
+#[tokio::test]
+async fn five_thousand_failures_write_a_few_lines_not_megabytes() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, Arc::new(|_| Reply::status(503))).await;
+    let all: Vec<String> = (0..2500).map(|i| message(&format!("out-{i}"))).collect();
+    enqueue(&redis, Q, &all).await;
+    // Each message fails twice: a retry, then a dead letter. 5,000 failed attempts in all.
+    let vars = env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-outage",
+        &[
+            ("WORKER_CONCURRENCY", "64"),
+            ("WORKER_MAX_ATTEMPTS", "2"),
+            ("WORKER_RETRY_INTERVAL", "0.05"),
+        ],
+    );
+    let mut child = spawn_worker(&vars, pki.dir.path());
+    let mut out = Lines::new(&mut child);
+    out.wait_for("Connected to Redis").await;
+    eventually(|| async { len(&redis, &format!("{Q}:dead")).await == 2500 }).await;
+    signal(&child, "TERM");
+    out.rest().await;
+    let status = child.wait().await.expect("status");
+    assert!(status.success(), "{status}");
+    assert_eq!(sink.record.deliveries().len(), 5000);
+
+    let count = |needle: &str| -> u64 {
+        out.seen
+            .iter()
+            .filter(|l| l.contains(needle))
+            .map(|l| {
+                l.split(" count=")
+                    .nth(1)
+                    .and_then(|c| c.split(' ').next())
+                    .and_then(|c| c.parse().ok())
+                    .unwrap_or(1)
+            })
+            .sum()
+    };
+    assert_eq!(count("Delivery failed"), 2500, "every retry is counted in the log");
+    assert_eq!(
+        count("dead-letter list"),
+        2500,
+        "every dead letter is counted in the log"
+    );
+    assert!(
+        !out.seen.iter().any(|l| l.contains("Status update failed")),
+        "status failures are DEBUG"
+    );
+    let stdout: usize = out.seen.iter().map(|l| l.len() + 1).sum();
+    let files: u64 = std::fs::read_dir(pki.dir.path().join("logs"))
+        .expect("log dir")
+        .flatten()
+        .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum();
+    assert!(stdout < 16 * 1024, "{stdout} bytes on stdout:\n{}", out.seen.join("\n"));
+    assert!(files < 16 * 1024, "{files} bytes in the log files");
+}
