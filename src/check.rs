@@ -11,7 +11,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::UnixTime;
 
 use crate::config::{ProcessEnv, Settings};
-use crate::delivery::{build_client, DeliveryError};
+use crate::delivery::{build_client, rustls_error, DeliveryError};
 use crate::tls::{self, ClientTls};
 
 /// One check's verdict.
@@ -213,25 +213,36 @@ fn chain_check(
     }
 }
 
+/// The key may be read by its owner, and by its group (the README installs it 0640
+/// root:courier, so the service reads it through its group and cannot change it); never by
+/// anyone else, and never changed by anyone but its owner.
 #[cfg(unix)]
 fn key_permissions(path: &Path) -> Check {
-    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
     match std::fs::metadata(path) {
-        Ok(meta) if meta.permissions().mode() & 0o077 == 0 => Check::pass(
-            "key access",
-            format!(
-                "mode {:o}: only its owner can read it",
-                meta.permissions().mode() & 0o777
-            ),
-        ),
-        Ok(meta) => Check::fail(
-            "key access",
-            format!(
-                "mode {:o}: other users can read the private key",
-                meta.permissions().mode() & 0o777
-            ),
-            format!("chmod 600 {}", path.display()),
-        ),
+        Ok(meta) => {
+            let mode = meta.permissions().mode() & 0o777;
+            if mode & 0o037 != 0 {
+                Check::fail(
+                    "key access",
+                    format!("mode {mode:o}: other users can read or change the private key"),
+                    format!(
+                        "chmod 600 {path} (or chmod 640 {path} with the service's own group)",
+                        path = path.display()
+                    ),
+                )
+            } else if mode & 0o040 != 0 {
+                Check::pass(
+                    "key access",
+                    format!(
+                        "mode {mode:o}: its owner and group {} can read it; keep that group to the service",
+                        meta.gid()
+                    ),
+                )
+            } else {
+                Check::pass("key access", format!("mode {mode:o}: only its owner can read it"))
+            }
+        }
         Err(e) => Check::fail(
             "key access",
             format!("cannot stat {} ({e})", path.display()),
@@ -303,17 +314,57 @@ async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
         ),
         Err(e) => {
             let error = DeliveryError::classify(&e);
-            let text = error.to_string();
-            let fix = match &error {
-                DeliveryError::Tls(t) if t.contains("UnknownIssuer") => "the main server's certificate is not signed by CA_CERT_PATH: point CA_CERT_PATH at its CA".to_string(),
-                DeliveryError::Tls(t) if t.contains("NotValidForName") => format!("the main server's certificate does not name {}: use the name it was issued for in MAIN_SERVER_URL", url.host_str().unwrap_or("")),
-                DeliveryError::Tls(t) if t.contains("InvalidContentType") || t.contains("corrupt") => "the main server does not speak TLS on that port: check MAIN_SERVER_URL's port, or whether it serves plain HTTP".to_string(),
-                DeliveryError::Tls(_) => "the main server refused the worker certificate or the handshake: check that it trusts the CA that issued WORKER_CERT_PATH".to_string(),
-                DeliveryError::Connect(_) => "start the main server or correct MAIN_SERVER_URL".to_string(),
-                DeliveryError::Timeout(_) => "the main server did not answer in time: check the host, port and firewall".to_string(),
-                _ => "check MAIN_SERVER_URL".to_string(),
+            let fix = match (rustls_error(&e), &error) {
+                (Some(tls), _) => tls_fix(tls, url.host_str().unwrap_or("")),
+                (None, DeliveryError::Connect(_)) => "start the main server or correct MAIN_SERVER_URL".to_string(),
+                (None, DeliveryError::Timeout(_)) => {
+                    "the main server did not answer in time: check the host, port and firewall".to_string()
+                }
+                (None, _) => "check MAIN_SERVER_URL".to_string(),
             };
-            Check::fail("main server", text, fix)
+            Check::fail("main server", error.to_string(), fix)
         }
+    }
+}
+
+/// What to do about a failed handshake with the main server, by what rustls says went wrong.
+fn tls_fix(error: &rustls::Error, host: &str) -> String {
+    use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
+    match error {
+        Error::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature) => {
+            "the main server's certificate is not signed by CA_CERT_PATH: point CA_CERT_PATH at its CA".to_string()
+        }
+        Error::InvalidCertificate(Cert::NotValidForName | Cert::NotValidForNameContext { .. }) => format!(
+            "the main server's certificate does not name {host}: use the name it was issued for in MAIN_SERVER_URL, or reissue it with {host} as a subject alternative name"
+        ),
+        Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
+            "the main server's certificate has expired: renew it on the main server (or check this machine's clock)"
+                .to_string()
+        }
+        Error::InvalidCertificate(Cert::NotValidYet | Cert::NotValidYetContext { .. }) => {
+            "the main server's certificate is not valid yet: check the clocks of both machines".to_string()
+        }
+        Error::InvalidCertificate(other) => {
+            format!("the main server's certificate was refused ({other:?}): reissue it from the CA in CA_CERT_PATH")
+        }
+        Error::AlertReceived(
+            Alert::BadCertificate
+            | Alert::UnknownCA
+            | Alert::CertificateRequired
+            | Alert::CertificateUnknown
+            | Alert::CertificateExpired
+            | Alert::CertificateRevoked
+            | Alert::UnsupportedCertificate
+            | Alert::AccessDenied
+            | Alert::DecryptError,
+        ) => "the main server refused the worker certificate: check that it trusts the CA that issued WORKER_CERT_PATH and that the certificate is current".to_string(),
+        Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => {
+            "the main server does not speak TLS on that port: check MAIN_SERVER_URL's port, or whether it serves plain HTTP"
+                .to_string()
+        }
+        Error::NoApplicationProtocol | Error::PeerIncompatible(_) => {
+            "the main server and courier share no TLS version, cipher or protocol: it needs TLS 1.2 or 1.3 and HTTP/1.1 or HTTP/2".to_string()
+        }
+        other => format!("the TLS handshake with the main server failed ({other}): check both sides' certificates"),
     }
 }

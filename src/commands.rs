@@ -10,20 +10,22 @@ use std::time::Duration;
 use anyhow::{bail, Context as _};
 
 use courier::config::Settings;
-use courier::pki::{write_private, Authority, Validity};
+use courier::ops::printable;
+use courier::pki::{write_private, write_replacing, Authority, Validity};
 use courier::sink::{Endpoint, Reply, Sink, SinkTls};
 
 use crate::{oneshot, settings, CertsCommand, DlqCommand};
 
 /// Writes a file, refusing to overwrite unless `force`.
 fn write_new(path: &Path, text: &str, private: bool, force: bool) -> anyhow::Result<()> {
-    if path.exists() && !force {
+    // symlink_metadata: a symlink counts as existing, even one that points nowhere.
+    if std::fs::symlink_metadata(path).is_ok() && !force {
         bail!("{} exists; pass --force to overwrite it", path.display());
     }
     if private {
         write_private(path, text)
     } else {
-        std::fs::write(path, text)
+        write_replacing(path, text.as_bytes(), 0o644)
     }
     .with_context(|| format!("Failed to write {}", path.display()))?;
     println!("wrote {}{}", path.display(), if private { " (mode 0600)" } else { "" });
@@ -264,20 +266,19 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
                 }
                 for letter in letters.iter().take(limit) {
                     if json {
-                        println!("{}", String::from_utf8_lossy(&letter.record));
+                        println!("{}", letter.to_json());
                         continue;
                     }
+                    // Everything here came from a queue item or the main server: escaped and
+                    // cut by characters before it reaches the terminal.
                     let f = &letter.fields;
-                    let mut error = f["error"].as_str().unwrap_or("").to_string();
-                    if error.len() > 80 {
-                        error.truncate(77);
-                        error.push_str("...");
-                    }
+                    let field = |name: &str, max: usize| printable(f[name].as_str().unwrap_or(""), max);
                     println!(
-                        "{:<24} {:<20} {:<25} {error}",
-                        letter.message_id().unwrap_or("(no message_id)"),
-                        f["reason"].as_str().unwrap_or("?"),
-                        f["dead_at"].as_str().unwrap_or("")
+                        "{:<24} {:<20} {:<25} {}",
+                        printable(letter.message_id().unwrap_or("(no message_id)"), 64),
+                        field("reason", 32),
+                        field("dead_at", 32),
+                        field("error", 80),
                     );
                 }
                 Ok(())
@@ -292,7 +293,10 @@ pub fn dlq(command: DlqCommand) -> ExitCode {
                     bail!("no dead letter with message_id {id:?}; `courier dlq list` shows what there is");
                 }
                 for letter in matching {
-                    println!("{}", serde_json::to_string_pretty(&letter.fields).unwrap_or_default());
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&letter.to_json()).unwrap_or_default()
+                    );
                 }
                 Ok(())
             }),

@@ -124,21 +124,27 @@ fn chain(error: &(dyn std::error::Error + 'static)) -> String {
     parts.join(": ")
 }
 
-/// True when a rustls error sits anywhere in the chain (io errors hide theirs behind `get_ref`).
+/// True when a rustls error sits anywhere in the chain.
 fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
+    rustls_error(error).is_some()
+}
+
+/// The rustls error anywhere in an error's chain (io errors hide theirs behind `get_ref`), so
+/// callers can tell TLS failures apart by variant rather than by message text.
+pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
     let mut next = Some(error);
     while let Some(e) = next {
-        if e.is::<rustls::Error>() {
-            return true;
+        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
+            return Some(tls);
         }
         if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-            if inner.is::<rustls::Error>() || is_tls(inner) {
-                return true;
+            if let Some(tls) = rustls_error(inner) {
+                return Some(tls);
             }
         }
         next = e.source();
     }
-    false
+    None
 }
 
 /// One attempt's result and timing.

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context as _};
+use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 
 use crate::config::RedisSettings;
 use crate::message::{parse_dead_letter, DeadRecord, Envelope};
@@ -99,7 +100,8 @@ pub async fn stats(settings: &RedisSettings) -> anyhow::Result<serde_json::Value
 pub fn render_stats(stats: &serde_json::Value) -> String {
     let mut out = String::new();
     let line = |out: &mut String, label: &str, value: String| out.push_str(&format!("{label:<26}{value}\n"));
-    line(&mut out, "queue", stats["queue"].as_str().unwrap_or("").to_string());
+    let safe = |v: &serde_json::Value| printable(v.as_str().unwrap_or(""), 64);
+    line(&mut out, "queue", safe(&stats["queue"]));
     let age = stats["oldest_ready_age_seconds"]
         .as_f64()
         .map(|a| format!(" (oldest waited {})", human(a)))
@@ -109,7 +111,7 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
     let total: u64 = processing.values().filter_map(|v| v.as_u64()).sum();
     line(&mut out, "processing", total.to_string());
     for (worker, n) in &processing {
-        line(&mut out, &format!("  {worker}"), n.to_string());
+        line(&mut out, &format!("  {}", printable(worker, 64)), n.to_string());
     }
     let next = stats["next_retry_in_seconds"]
         .as_f64()
@@ -118,7 +120,7 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
     line(&mut out, "retry", format!("{}{next}", stats["retry"]));
     line(&mut out, "dead", stats["dead"].to_string());
     for (reason, n) in stats["dead_by_reason"].as_object().cloned().unwrap_or_default() {
-        line(&mut out, &format!("  {reason}"), n.to_string());
+        line(&mut out, &format!("  {}", printable(&reason, 64)), n.to_string());
     }
     let workers = stats["workers"].as_array().cloned().unwrap_or_default();
     line(&mut out, "workers", workers.len().to_string());
@@ -126,9 +128,36 @@ pub fn render_stats(stats: &serde_json::Value) -> String {
         let age = w["heartbeat_age_seconds"].as_f64().unwrap_or(0.0);
         line(
             &mut out,
-            &format!("  {}", w["worker_id"].as_str().unwrap_or("")),
+            &format!("  {}", safe(&w["worker_id"])),
             format!("heartbeat {} ago", human(age)),
         );
+    }
+    out
+}
+
+/// Text from Redis or the main server made safe for a terminal: control characters (escape
+/// sequences among them) shown escaped as `\u{1b}`, `\n` and so on, and at most `max`
+/// characters, with `...` when cut. Cuts between characters, never inside one.
+pub fn printable(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max.saturating_mul(4)));
+    let mut shown = 0usize;
+    for c in text.chars() {
+        let piece: String = if c.is_control() {
+            c.escape_debug().collect()
+        } else {
+            c.to_string()
+        };
+        let width = piece.chars().count();
+        if shown + width > max {
+            let keep = max.saturating_sub(3);
+            while out.chars().count() > keep {
+                out.pop();
+            }
+            out.push_str("...");
+            return out;
+        }
+        shown += width;
+        out.push_str(&piece);
     }
     out
 }
@@ -160,6 +189,21 @@ impl DeadLetter {
             fields,
             message,
         }
+    }
+
+    /// The record as one JSON object for `--json` and `dlq show`: the header fields and the
+    /// original item as `message` (or `message_base64` when it is not UTF-8). JSON escapes
+    /// every control character, so this is safe to print.
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut json = match &self.fields {
+            serde_json::Value::Object(fields) => serde_json::Value::Object(fields.clone()),
+            _ => serde_json::json!({}),
+        };
+        match std::str::from_utf8(&self.message) {
+            Ok(text) => json["message"] = text.into(),
+            Err(_) => json["message_base64"] = BASE64.encode(&self.message).into(),
+        }
+        json
     }
 
     pub fn message_id(&self) -> Option<&str> {
@@ -216,3 +260,21 @@ pub async fn purge(settings: &RedisSettings) -> anyhow::Result<u64> {
 
 /// Waits between `stats --watch` refreshes.
 pub const WATCH_EVERY: Duration = Duration::from_secs(2);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn printable_escapes_control_characters_and_cuts_between_characters() {
+        assert_eq!(printable("plain", 10), "plain");
+        assert_eq!(printable("a\x1b[31mred\x07", 40), "a\\u{1b}[31mred\\u{7}");
+        assert_eq!(printable("line\nnext", 40), "line\\nnext");
+        // A multi-byte character straddling the cut: the old byte truncation panicked here.
+        let text = format!("{}é{}", "x".repeat(76), "y".repeat(10));
+        let cut = printable(&text, 80);
+        assert_eq!(cut.chars().count(), 80);
+        assert!(cut.ends_with("..."));
+        assert_eq!(printable(&"é".repeat(100), 10), format!("{}...", "é".repeat(7)));
+    }
+}

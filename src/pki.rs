@@ -117,15 +117,76 @@ impl Authority {
     }
 }
 
-/// Writes a private key readable by its owner only (0600 on Unix).
+/// Writes a private key readable by its owner only (0600 on Unix). See `write_replacing`.
 pub fn write_private(path: &std::path::Path, pem: &str) -> std::io::Result<()> {
+    write_replacing(path, pem.as_bytes(), 0o600)
+}
+
+/// Writes a file through a new file beside it and a rename: the result has exactly `mode`
+/// (on Unix) whatever the old file had, a symlink at `path` is replaced rather than followed,
+/// and a crash leaves the old file or the new one, never half of either.
+pub fn write_replacing(path: &std::path::Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::io::Write;
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path
+        .file_name()
+        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no file name"))?;
+    let n = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let mut temp_name = std::ffi::OsString::from(".");
+    temp_name.push(name);
+    temp_name.push(format!(".{}.{n}.tmp", std::process::id()));
+    let temp = path.with_file_name(temp_name);
     let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
+    // create_new: O_CREAT|O_EXCL, which never follows a symlink.
+    options.write(true).create_new(true);
     #[cfg(unix)]
     {
         use std::os::unix::fs::OpenOptionsExt;
-        options.mode(0o600);
+        options.mode(mode);
     }
-    use std::io::Write;
-    options.open(path)?.write_all(pem.as_bytes())
+    #[cfg(not(unix))]
+    let _ = mode;
+    let written = options.open(&temp).and_then(|mut file| {
+        file.write_all(bytes)?;
+        file.sync_all()
+    });
+    let renamed = written.and_then(|()| std::fs::rename(&temp, path));
+    if renamed.is_err() {
+        let _ = std::fs::remove_file(&temp);
+    }
+    renamed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn keys_are_written_0600_over_any_old_mode_and_never_through_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("worker.key");
+        std::fs::write(&key, "old").unwrap();
+        std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_private(&key, "new").unwrap();
+        assert_eq!(std::fs::read_to_string(&key).unwrap(), "new");
+        let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+
+        let target = dir.path().join("elsewhere");
+        std::fs::write(&target, "not yours").unwrap();
+        let link = dir.path().join("linked.key");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        write_private(&link, "key").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&target).unwrap(),
+            "not yours",
+            "the target is untouched"
+        );
+        assert!(!std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read_to_string(&link).unwrap(), "key");
+        let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
+        assert_eq!(leftovers, 3, "worker.key, elsewhere and linked.key; no temporary files");
+    }
 }

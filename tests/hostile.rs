@@ -513,3 +513,159 @@ async fn five_thousand_failures_write_a_few_lines_not_megabytes() {
     assert!(stdout < 16 * 1024, "{stdout} bytes on stdout:\n{}", out.seen.join("\n"));
     assert!(files < 16 * 1024, "{files} bytes in the log files");
 }
+
+/// Runs a courier command to completion.
+async fn courier_output(
+    vars: &std::collections::HashMap<String, String>,
+    dir: &std::path::Path,
+    args: &[&str],
+) -> std::process::Output {
+    tokio::time::timeout(WAIT, courier(vars, dir).args(args).output())
+        .await
+        .expect("exits in time")
+        .expect("runs")
+}
+
+#[tokio::test]
+async fn operator_commands_show_hostile_text_escaped_and_cut_by_characters() {
+    let redis = RedisServer::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vars = std::collections::HashMap::from([
+        ("REDIS_HOST".to_string(), "127.0.0.1".to_string()),
+        ("REDIS_PORT".to_string(), redis.port.to_string()),
+    ]);
+    let mut conn = redis.conn().await;
+    // An error text with a two-byte character across byte 77, and escape sequences everywhere.
+    let error = format!("{}é\x1b]0;owned\x07{}", "x".repeat(76), "y".repeat(40));
+    let record = courier::message::dead_letter(
+        b"{\"message_id\":\"evil\\u001b[2J\"}",
+        courier::message::DeadReason::Rejected,
+        &error,
+        "w\x1b[31m",
+        Some("evil\x1b[2J"),
+    );
+    let _: () = conn.lpush(format!("{Q}:dead"), record).await.expect("LPUSH");
+    let _: () = conn
+        .lpush(format!("{Q}:processing:w\x1b[2Jx"), message("held"))
+        .await
+        .expect("LPUSH");
+    let _: () = conn.zadd(format!("{Q}:workers"), "w\x1b[2Jx", 1).await.expect("ZADD");
+
+    for args in [
+        &["dlq", "list"][..],
+        &["dlq", "list", "--json"],
+        &["dlq", "show", "evil\x1b[2J"],
+        &["stats"],
+        &["stats", "--json"],
+    ] {
+        let out = courier_output(&vars, dir.path(), args).await;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+        assert!(
+            !out.stdout.contains(&0x1b) && !out.stdout.contains(&0x07),
+            "{args:?} printed a raw control character: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    let list = courier_output(&vars, dir.path(), &["dlq", "list"]).await;
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains("evil\\u{1b}[2J"), "{list}");
+    assert!(list.contains("...") && list.contains('é'), "cut after the é: {list}");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn certs_issue_force_writes_0600_keys_without_following_symlinks() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let none = std::collections::HashMap::new();
+    let d = dir.path();
+    assert!(courier_output(&none, d, &["certs", "init", "--out", "pki"])
+        .await
+        .status
+        .success());
+    let key = d.join("pki/w1.key");
+    std::fs::write(&key, "old").expect("write");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let target = d.join("not-a-key");
+    std::fs::write(&target, "precious").expect("write");
+    std::os::unix::fs::symlink(&target, d.join("pki/w1.crt")).expect("symlink");
+
+    let issue = ["certs", "issue", "--ca", "pki", "--client", "w1", "--out", "pki"];
+    let refused = courier_output(&none, d, &issue).await;
+    assert!(!refused.status.success(), "a symlink counts as an existing file");
+    let mut forced = issue.to_vec();
+    forced.push("--force");
+    let out = courier_output(&none, d, &forced).await;
+    assert!(out.status.success(), "{out:?}");
+    let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the old 0644 does not survive");
+    assert_eq!(std::fs::read_to_string(&target).expect("target"), "precious");
+    assert!(std::fs::read_to_string(d.join("pki/w1.crt"))
+        .expect("cert")
+        .contains("BEGIN CERTIFICATE"));
+}
+
+#[tokio::test]
+async fn check_names_the_tls_failure_by_what_went_wrong() {
+    use courier::pki::{Authority, Validity};
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let day = Duration::from_secs(86_400);
+    let serve = |server: courier::pki::Issued, client_ca: String| async move {
+        let tls = courier::sink::SinkTls {
+            cert_pem: server.cert_pem,
+            key_pem: server.key_pem,
+            client_ca_pem: client_ca,
+            http2: false,
+        };
+        courier::sink::Sink::start("127.0.0.1:0".parse().expect("addr"), &tls, sink::always_ok())
+            .await
+            .expect("sink starts")
+    };
+    let wrong_name = serve(
+        pki.ca
+            .issue_server(&["elsewhere.example"], Validity::default())
+            .expect("cert"),
+        pki.ca.cert_pem.clone(),
+    )
+    .await;
+    let expired = serve(
+        pki.ca
+            .issue_server(
+                &["localhost"],
+                Validity {
+                    starts_ago: 3 * 86_400,
+                    lasts: day,
+                },
+            )
+            .expect("cert"),
+        pki.ca.cert_pem.clone(),
+    )
+    .await;
+    let other_ca = Authority::new("someone else's CA").expect("CA");
+    let refuses_us = serve(
+        pki.ca.issue_server(&["localhost"], Validity::default()).expect("cert"),
+        other_ca.cert_pem.clone(),
+    )
+    .await;
+    // The README installs the key 0640 root:courier: that passes.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pki.key_file, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    }
+    for (sink, expected) in [
+        (&wrong_name, "does not name localhost"),
+        (&expired, "has expired"),
+        (&refuses_us, "refused the worker certificate"),
+    ] {
+        let vars = env(&redis, &sink.url(), &pki, "w-check", &[]);
+        let out = courier_output(&vars, pki.dir.path(), &["check"]).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{stdout}");
+        assert!(stdout.contains(expected), "{expected}:\n{stdout}");
+        assert!(
+            stdout.lines().any(|l| l.starts_with("OK    key access")),
+            "mode 640 passes:\n{stdout}"
+        );
+    }
+}
