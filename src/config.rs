@@ -203,18 +203,27 @@ impl Settings {
 
     /// Loads settings: defaults, then `file` (which must exist), then the environment.
     pub fn load(file: Option<&Path>, env: &dyn Env) -> Result<Settings, ConfigError> {
-        let file = file.map(Path::to_path_buf);
+        let Some(path) = file else {
+            return Settings::from_text(None, env);
+        };
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+            path: path.to_path_buf(),
+            problem: format!("cannot read it ({e}); pass an existing file to --config"),
+        })?;
+        Settings::from_text(Some((path, &text)), env)
+    }
+
+    /// Settings from a config file's text (named by its path in errors), if any, and the
+    /// environment: defaults, then the file, then the environment.
+    pub fn from_text(file: Option<(&Path, &str)>, env: &dyn Env) -> Result<Settings, ConfigError> {
         let mut builder = Config::builder();
         for known in KNOWN {
             builder = builder
                 .set_default(known.key, known.default)
                 .map_err(|e| ConfigError::Setting(e.to_string()))?;
         }
-        if let Some(path) = &file {
-            let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
-                path: path.clone(),
-                problem: format!("cannot read it ({e}); pass an existing file to --config"),
-            })?;
+        let file = file.map(|(path, text)| (path.to_path_buf(), text));
+        if let Some((path, text)) = &file {
             let problem = |problem: String| ConfigError::File {
                 path: path.clone(),
                 problem,
@@ -222,7 +231,7 @@ impl Settings {
             // Parse first, expand after: `${VAR}` is replaced inside values only, so a value
             // may hold any character (quotes, backslashes, `#`), and comments stay comments.
             let mut parsed = Config::builder()
-                .add_source(File::from_str(&text, FileFormat::Yaml))
+                .add_source(File::from_str(text, FileFormat::Yaml))
                 .build()
                 .map_err(|e| problem(format!("not valid YAML: {e}")))?;
             expand_values(&mut parsed.cache, "", env).map_err(problem)?;
@@ -236,7 +245,7 @@ impl Settings {
             }
         }
         let merged = builder.build().map_err(|e| match &file {
-            Some(path) => ConfigError::File {
+            Some((path, _)) => ConfigError::File {
                 path: path.clone(),
                 problem: format!("not valid YAML: {e}"),
             },

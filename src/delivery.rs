@@ -12,7 +12,7 @@ use crate::message::Envelope;
 use crate::tls::ClientTls;
 
 /// The longest `Retry-After` courier honours; a longer one is cut to this.
-const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// What to do with a message after one attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -250,7 +250,7 @@ impl Deliverer {
         attempt_count: u32,
         error: &str,
     ) -> Result<(), DeliveryError> {
-        let url = endpoint(&self.base, &["internal", "messages", message_id, "status"]);
+        let url = status_url(&self.base, message_id);
         let body = serde_json::json!({
             "status": status.as_str(),
             "attempt_count": attempt_count,
@@ -328,8 +328,13 @@ pub fn error_text(body: &[u8]) -> String {
 }
 
 /// The message id as a header value; `Envelope::parse` refused control characters already.
-fn idempotency_key(id: &str) -> HeaderValue {
+pub fn idempotency_key(id: &str) -> HeaderValue {
     HeaderValue::from_bytes(id.as_bytes()).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// `{base}/internal/messages/{message_id}/status`, the id percent-encoded as one segment.
+pub fn status_url(base: &Url, message_id: &str) -> Url {
+    endpoint(base, &["internal", "messages", message_id, "status"])
 }
 
 /// `base` with path segments appended, each percent-encoded.
@@ -342,7 +347,7 @@ fn endpoint(base: &Url, segments: &[&str]) -> Url {
 }
 
 /// `Retry-After` as seconds or an HTTP date, capped at an hour.
-fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
+pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
     let after = match text.parse::<u64>() {
         Ok(seconds) => Duration::from_secs(seconds),

@@ -9,6 +9,8 @@ pub mod check;
 pub mod config;
 pub mod delivery;
 pub mod demo;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod message;
 pub mod metrics;
 pub mod ops;

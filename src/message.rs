@@ -53,16 +53,24 @@ impl Malformed {
 }
 
 /// The fields courier reads; everything else is skipped and kept byte-for-byte in `raw`.
+/// `None` means absent; a JSON `null` is `Some("null")`, so that its place in `raw` is known
+/// (a plain `Option` would read `null` as absent, and the retried copy would then carry a
+/// second `attempt_count`, which no longer parses).
 #[derive(Deserialize)]
 struct Fields<'a> {
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     message_id: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     attempt_count: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     payload: Option<&'a RawValue>,
-    #[serde(borrow)]
+    #[serde(borrow, default, deserialize_with = "present")]
     queued_at: Option<&'a RawValue>,
+}
+
+/// A field that is there, whatever its value (`null` included).
+fn present<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue as Deserialize>::deserialize(deserializer).map(Some)
 }
 
 impl Envelope {
@@ -118,7 +126,10 @@ impl Envelope {
             Some(value) => serde_json::from_str::<u32>(value.get())
                 .map_err(|_| Malformed::InvalidAttemptCount(format!("{} is not a whole number >= 0", value.get())))?,
         };
-        let queued_at = fields.queued_at.and_then(|value| parse_time(value.get()));
+        let queued_at = fields
+            .queued_at
+            .filter(|value| value.get() != "null")
+            .and_then(|value| parse_time(value.get()));
 
         Ok(Envelope {
             raw: Bytes::new(),
@@ -350,6 +361,20 @@ mod tests {
         let again = String::from_utf8(e.with_attempt_count(1)).unwrap();
         assert_eq!(again, r#"  {"attempt_count":1,"message_id":"m","x":1.50e3}"#);
         assert_eq!(parse(&again).attempt_count(), 1);
+    }
+
+    #[test]
+    fn a_null_attempt_count_is_replaced_in_place() {
+        let e = parse(r#"{"message_id":"m","attempt_count":  null,"payload":null}"#);
+        assert_eq!(e.attempt_count(), 0);
+        let again = String::from_utf8(e.with_attempt_count(1)).unwrap();
+        assert_eq!(again, r#"{"message_id":"m","attempt_count":  1,"payload":null}"#);
+        let body: serde_json::Value = serde_json::from_slice(&e.delivery_body("\"w\"")).unwrap();
+        assert_eq!(
+            body.get("payload"),
+            Some(&serde_json::Value::Null),
+            "a null payload is forwarded"
+        );
     }
 
     #[test]

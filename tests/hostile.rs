@@ -156,6 +156,10 @@ async fn a_10_mib_item_and_a_200_mb_answer_keep_the_worker_under_100_mb() {
     out.wait_for("without being read").await;
     let peak = peak_rss_bytes(child.id().expect("running"));
     stop_worker(child).await;
+    eprintln!(
+        "peak RSS with a 10 MiB item and a 200 MB answer: {:.1} MB",
+        peak as f64 / 1048576.0
+    );
     assert!(peak < 100 << 20, "peak RSS {} MB", peak >> 20);
 
     // The dead letter keeps the item as it was, unescaped, and requeue restores it exactly.

@@ -1,0 +1,111 @@
+//! What must hold for any outside bytes, one function per parser: the cargo-fuzz targets in
+//! `fuzz/` and the property tests in `tests/properties.rs` call these same checks, so both
+//! hunt for the same failures. Each returns normally or panics with what broke.
+//! Built with the `fuzzing` feature only; nothing in the worker calls it.
+
+use crate::config::Settings;
+use crate::delivery::{idempotency_key, parse_retry_after, status_url, MAX_RETRY_AFTER};
+use crate::message::{dead_letter, parse_dead_letter, DeadReason, Envelope};
+
+/// A queue item: `Envelope::parse` through to the delivery body, the retried copy, the
+/// Idempotency-Key header and the status URL.
+pub fn queue_item(data: &[u8]) {
+    let envelope = match Envelope::parse(data.to_vec(), 1 << 20) {
+        Ok(envelope) => envelope,
+        Err((raw, _)) => {
+            assert_eq!(raw, data, "a refused item comes back byte for byte");
+            return;
+        }
+    };
+    let id = envelope.message_id();
+    // courier keeps unknown fields as raw bytes; serde_json's `Value` refuses some of them
+    // (numbers out of f64 range), so the comparisons by value apply only when it can read them.
+    let original: Option<serde_json::Value> = serde_json::from_slice(data).ok();
+
+    let body = envelope.delivery_body("\"w\"");
+    if let Some(original) = &original {
+        let body: serde_json::Value = serde_json::from_slice(&body).expect("the delivery body is JSON");
+        assert_eq!(body["message_id"], id, "the body carries the id");
+        assert_eq!(body["attempt"], u64::from(envelope.attempt_count()) + 1);
+        assert_eq!(body["worker_id"], "w");
+        assert_eq!(
+            body.get("payload"),
+            original.get("payload"),
+            "the payload is forwarded as it is"
+        );
+    }
+
+    if let Some(next) = envelope.attempt_count().checked_add(1) {
+        let retried = envelope.with_attempt_count(next);
+        let again = Envelope::parse(retried.clone(), usize::MAX).expect("a retried copy parses");
+        assert_eq!((again.message_id(), again.attempt_count()), (id, next));
+        if let Some(original) = &original {
+            let mut before = original.clone();
+            let mut after: serde_json::Value = serde_json::from_slice(&retried).expect("JSON");
+            for value in [&mut before, &mut after] {
+                if let Some(fields) = value.as_object_mut() {
+                    fields.remove("attempt_count");
+                }
+            }
+            assert_eq!(before, after, "only attempt_count changes");
+        }
+    }
+
+    assert_ne!(
+        idempotency_key(id),
+        "invalid",
+        "every accepted id is a valid header value"
+    );
+    let base = reqwest::Url::parse("https://main.example:8000/api/").expect("base");
+    let url = status_url(&base, id);
+    let segments: Vec<&str> = url.path().split('/').collect();
+    assert_eq!(segments.len(), 6, "one segment for the id: {}", url.path());
+    assert_eq!(
+        (segments[1], segments[2], segments[3], segments[5]),
+        ("api", "internal", "messages", "status")
+    );
+    let decoded = percent_encoding::percent_decode_str(segments[4]).decode_utf8_lossy();
+    assert_eq!(decoded, id, "the server reads back exactly the id");
+    assert!(url.query().is_none() && url.fragment().is_none(), "{url}");
+}
+
+/// A config file's text, with a few variables set: loads or is refused with one line.
+pub fn config_text(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let env = |name: &str| match name {
+        "REDIS_PASSWORD" => Some("p\"q\\ # ${X}".to_string()),
+        "SOME_VAR" => Some("value".to_string()),
+        _ => None,
+    };
+    if let Err(e) = Settings::from_text(Some((std::path::Path::new("fuzz.yaml"), text)), &env) {
+        let line = e.to_string();
+        assert!(!line.is_empty());
+        assert!(!line.contains("p\"q"), "the password never shows in an error: {line}");
+    }
+}
+
+/// A Retry-After header value: parsed or ignored, never more than the cap.
+pub fn retry_after(data: &[u8]) {
+    let Ok(value) = reqwest::header::HeaderValue::from_bytes(data) else {
+        return;
+    };
+    if let Some(after) = parse_retry_after(&value) {
+        assert!(after <= MAX_RETRY_AFTER, "{after:?}");
+    }
+}
+
+/// A dead-letter record as `courier dlq` reads it; and any item written as a record and read
+/// back is the same item.
+pub fn dead_letter_record(data: &[u8]) {
+    let read = parse_dead_letter(data);
+    if read.fields.is_null() {
+        assert_eq!(read.message, data, "a foreign record is kept whole");
+    }
+    let record = dead_letter(data, DeadReason::Rejected, "e\n\u{1b}", "w", Some("id\n"));
+    let back = parse_dead_letter(&record);
+    assert_eq!(back.message, data, "the item survives a round trip");
+    assert_eq!(back.fields["reason"], "rejected");
+    assert!(record.len() <= data.len() + 512, "no amplification");
+}

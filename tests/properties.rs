@@ -1,0 +1,115 @@
+//! Property tests over everything courier reads from outside: arbitrary bytes and
+//! near-valid inputs for each parser, checked by the same functions the fuzz targets use
+//! (`courier::fuzzing`). A few hundred cases each; the whole file runs in seconds.
+
+use courier::fuzzing;
+use proptest::prelude::*;
+
+/// Text that looks like a message id: often ordinary, sometimes slashes, dots, percent signs,
+/// quotes, Unicode and control characters.
+fn id_text() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "[a-z0-9-]{1,12}",
+        "[./%?#\\\\ \"]{1,6}",
+        "\\PC{0,8}",
+        any::<String>(),
+        Just(".".to_string()),
+        Just("..".to_string()),
+    ]
+}
+
+/// A JSON value that stands where a number or a time should.
+fn odd_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        any::<f64>()
+            .prop_filter("finite", |f| f.is_finite())
+            .prop_map(|f| f.to_string()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<u64>().prop_map(|n| n.to_string()),
+        Just("1e308".to_string()),
+        Just("-1e308".to_string()),
+        Just("1e20".to_string()),
+        Just("null".to_string()),
+        any::<String>().prop_map(|s| serde_json::Value::from(s).to_string()),
+        Just("\"9999-12-31T23:59:59Z\"".to_string()),
+        Just("\"-0001-01-01T00:00:00Z\"".to_string()),
+    ]
+}
+
+/// A queue item close to the documented format, fields in any combination.
+fn near_message() -> impl Strategy<Value = Vec<u8>> {
+    (
+        id_text(),
+        proptest::option::of(odd_value()),
+        proptest::option::of(odd_value()),
+        proptest::option::of("\\PC{0,20}"),
+        " {0,2}",
+    )
+        .prop_map(|(id, attempts, queued_at, payload, space)| {
+            let mut fields = vec![format!("\"message_id\":{}", serde_json::Value::from(id))];
+            if let Some(a) = attempts {
+                fields.push(format!("\"attempt_count\":{space}{a}"));
+            }
+            if let Some(q) = queued_at {
+                fields.push(format!("\"queued_at\":{q}"));
+            }
+            if let Some(p) = payload {
+                fields.push(format!("\"payload\":{}", serde_json::Value::from(p)));
+            }
+            format!("{space}{{{}}}", fields.join(",")).into_bytes()
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn queue_items_near_the_format_never_panic_and_keep_their_contract(item in near_message()) {
+        fuzzing::queue_item(&item);
+    }
+
+    #[test]
+    fn arbitrary_queue_items_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fuzzing::queue_item(&bytes);
+    }
+
+    #[test]
+    fn dead_letter_records_of_any_bytes_read_back(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fuzzing::dead_letter_record(&bytes);
+    }
+
+    #[test]
+    fn earlier_and_foreign_dead_letter_shapes_read(text in "\\{\"reason\":\"[a-z]{0,5}\"(,\"message\":\"\\PC{0,10}\")?\\}(\n\\PC{0,10})?") {
+        fuzzing::dead_letter_record(text.as_bytes());
+    }
+
+    #[test]
+    fn retry_after_values_are_parsed_or_ignored_never_over_the_cap(
+        text in prop_oneof![any::<u64>().prop_map(|n| n.to_string()), "\\PC{0,40}", "[A-Z][a-z]{2}, [0-9]{2} [A-Z][a-z]{2} [0-9]{4} [0-9]{2}:[0-9]{2}:[0-9]{2} GMT"]
+    ) {
+        fuzzing::retry_after(text.as_bytes());
+    }
+
+    #[test]
+    fn config_files_load_or_are_refused_with_one_line(
+        section in "redis|worker|tls|metrics|logging|[a-z]{1,6}",
+        key in "port|password|concurrency|host|level|max_message_bytes|[a-z_]{1,8}",
+        value in prop_oneof!["\\PC{0,20}", odd_value(), Just("\"${SOME_VAR}\"".to_string()), Just("${REDIS_PASSWORD}".to_string()), Just("\"${UNSET_VAR}\"".to_string())],
+    ) {
+        fuzzing::config_text(format!("{section}:\n  {key}: {value}\n").as_bytes());
+    }
+
+    #[test]
+    fn arbitrary_config_text_never_panics(text in "\\PC{0,80}") {
+        fuzzing::config_text(text.as_bytes());
+    }
+}
+
+/// Inputs the fuzzers and these properties found, kept as regressions.
+#[test]
+fn inputs_found_by_fuzzing_stay_fixed() {
+    // `"attempt_count": null` read as absent: the retried copy carried two attempt_counts.
+    fuzzing::queue_item(br#"  {"message_id":"m","attempt_count":  null,"payload":"x"}"#);
+    // A number out of f64 range in a field courier does not read: kept and forwarded as is.
+    fuzzing::queue_item(b"{\"message_id\":\"m-1\",\"anv\"\t\t\t\t\t\t:9e004005}");
+}
