@@ -754,6 +754,19 @@ mod tests {
     }
 
     #[test]
+    fn every_setting_is_documented_in_the_readme_and_the_shipped_config() {
+        let readme = include_str!("../README.md");
+        let shipped = include_str!("../config.yaml");
+        for (key, env, _default) in known_settings() {
+            let row = format!("| `{env}` | `{key}` | ");
+            assert!(readme.contains(&row), "README lacks the row for {env}");
+        }
+        assert!(shipped.contains("${LOG_MAX_FILE_MB:-100}"));
+        let s = load_yaml(shipped, &[("LOG_MAX_FILE_MB", "2")]).unwrap();
+        assert_eq!(s.logging.max_file_bytes, 2 * 1024 * 1024);
+    }
+
+    #[test]
     fn a_missing_config_file_is_named() {
         let err = Settings::load(Some(Path::new("/nonexistent/courier.yaml")), &env(&[]))
             .unwrap_err()
