@@ -112,4 +112,6 @@ fn inputs_found_by_fuzzing_stay_fixed() {
     fuzzing::queue_item(br#"  {"message_id":"m","attempt_count":  null,"payload":"x"}"#);
     // A number out of f64 range in a field courier does not read: kept and forwarded as is.
     fuzzing::queue_item(b"{\"message_id\":\"m-1\",\"anv\"\t\t\t\t\t\t:9e004005}");
+    // An id that happens to be the text of the header fallback.
+    fuzzing::queue_item(br#"{"message_id":"invalid","queouc,ut":null}"#);
 }
