@@ -183,14 +183,19 @@ async fn a_10_mib_item_and_a_200_mb_answer_keep_the_worker_under_100_mb() {
     assert_eq!(back, vec![item], "restored byte for byte");
 }
 
-/// Starts the binary, waits for `state` in its output, sends SIGHUP, waits for the worker to
-/// say it took it, then stops it and expects a clean exit.
-async fn survives_sighup(vars: &std::collections::HashMap<String, String>, dir: &std::path::Path, state: &str) {
+/// Starts the binary, waits for `state` in its output, sends SIGHUP, waits for `answer` (the
+/// worker saying it took it), then stops it and expects a clean exit.
+async fn survives_sighup(
+    vars: &std::collections::HashMap<String, String>,
+    dir: &std::path::Path,
+    state: &str,
+    answer: &str,
+) {
     let mut child = spawn_worker(vars, dir);
     let mut out = Lines::new(&mut child);
     out.wait_for(state).await;
     signal(&child, "HUP");
-    out.wait_for("SIGHUP received").await;
+    out.wait_for(answer).await;
     stop_worker(child).await;
 }
 
@@ -203,11 +208,11 @@ async fn sighup_is_handled_while_connecting_waiting_for_the_id_running_and_with_
     // Connecting: nothing listens on the Redis port.
     let mut vars = env(&redis, &sink.url(), &pki, "w-hup", &[]);
     vars.insert("REDIS_PORT".into(), free_port().to_string());
-    survives_sighup(&vars, dir, "Cannot connect to Redis").await;
+    survives_sighup(&vars, dir, "Cannot connect to Redis", "SIGHUP received: the TLS files").await;
 
     // Running.
     let vars = env(&redis, &sink.url(), &pki, "w-hup", &[]);
-    survives_sighup(&vars, dir, "Connected to Redis").await;
+    survives_sighup(&vars, dir, "Connected to Redis", "Reloaded the TLS files").await;
 
     // Waiting for the id: a live holder on another host.
     let mut conn = redis.conn().await;
@@ -219,17 +224,24 @@ async fn sighup_is_handled_while_connecting_waiting_for_the_id_running_and_with_
         .expect("HSET");
     let _: () = conn.zadd(format!("{Q}:workers"), "w-held", now_ms).await.expect("ZADD");
     let vars = env(&redis, &sink.url(), &pki, "w-held", &[("WORKER_DEAD_AFTER", "60")]);
-    survives_sighup(&vars, dir, "is held by another process").await;
+    survives_sighup(
+        &vars,
+        dir,
+        "is held by another process",
+        "SIGHUP received: the TLS files",
+    )
+    .await;
 
     // TLS off, against a plain-HTTP address (nothing needs to answer there).
     let plain = format!("http://127.0.0.1:{}", free_port());
     let vars = env(&redis, &plain, &pki, "w-plain", &[("TLS_ENABLED", "false")]);
-    let mut child = spawn_worker(&vars, dir);
-    let mut out = Lines::new(&mut child);
-    out.wait_for("Connected to Redis").await;
-    signal(&child, "HUP");
-    out.wait_for("nothing to reload").await;
-    stop_worker(child).await;
+    survives_sighup(
+        &vars,
+        dir,
+        "Connected to Redis",
+        "TLS is disabled, so there is nothing to reload",
+    )
+    .await;
 }
 
 #[tokio::test]
