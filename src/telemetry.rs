@@ -158,7 +158,18 @@ impl Summary {
 /// count every event; the log says what is going on without writing a line per message.
 pub struct Repeats {
     every: std::time::Duration,
-    causes: std::sync::Mutex<std::collections::HashMap<(&'static str, &'static str), Pending>>,
+    causes: std::sync::Mutex<std::collections::HashMap<(Repeat, &'static str), Pending>>,
+}
+
+/// The kinds of line that can repeat for every message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Repeat {
+    /// A failed delivery that will be retried.
+    Retry,
+    /// A message moved to the dead-letter list.
+    DeadLetter,
+    /// A queue item that is not a message.
+    Invalid,
 }
 
 struct Pending {
@@ -170,7 +181,7 @@ struct Pending {
 /// A summary line that is due: how many events, and the latest one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Due {
-    pub kind: &'static str,
+    pub kind: Repeat,
     pub cause: &'static str,
     pub count: u64,
     pub message_id: String,
@@ -186,7 +197,7 @@ impl Repeats {
     }
 
     /// Records one event; `Some(count)` when a line is due now (1: log it in full).
-    pub fn record(&self, kind: &'static str, cause: &'static str, message_id: &str, error: &str) -> Option<u64> {
+    pub fn record(&self, kind: Repeat, cause: &'static str, message_id: &str, error: &str) -> Option<u64> {
         let mut causes = self.causes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let pending = causes.entry((kind, cause)).or_insert_with(|| Pending {
             summary: Summary::new(self.every),

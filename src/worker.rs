@@ -21,7 +21,7 @@ use crate::delivery::{Deliverer, Status};
 use crate::message::{dead_letter, DeadReason, Envelope};
 use crate::metrics::Metrics;
 use crate::queue::{self, Queue, QueueError};
-use crate::telemetry::{Due, Repeats};
+use crate::telemetry::{Due, Repeat, Repeats};
 use crate::tls::ClientTls;
 
 /// Most due retries moved back to the queue by one promoter call.
@@ -549,16 +549,14 @@ impl Context {
     /// Counts and reports items the claim script moved to the dead-letter list for their size.
     fn too_large(&self, count: usize) {
         let label = "too_large";
-        for _ in 0..count {
-            self.metrics.invalid(label);
-            self.metrics.dead(label);
-        }
         let error = format!(
             "over the {}-byte limit (worker.max_message_bytes)",
             self.max_message_bytes
         );
         for _ in 0..count {
-            self.repeat("invalid", label, "(not read)", &error, || {
+            self.metrics.invalid(label);
+            self.metrics.dead(label);
+            self.repeat(Repeat::Invalid, label, "(not read)", &error, || {
                 warn!(reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
             });
         }
@@ -566,7 +564,7 @@ impl Context {
 
     /// Logs an event that can repeat for every message through the summary: `full` logs the
     /// first in full; later ones within the interval are counted and reported together.
-    fn repeat(&self, kind: &'static str, cause: &'static str, message_id: &str, error: &str, full: impl FnOnce()) {
+    fn repeat(&self, kind: Repeat, cause: &'static str, message_id: &str, error: &str, full: impl FnOnce()) {
         match self.repeats.record(kind, cause, message_id, error) {
             Some(1) => full(),
             Some(count) => log_summary(&Due {
@@ -596,7 +594,7 @@ impl Context {
                     self.metrics.dead(reason.label());
                 }
                 let error = malformed.to_string();
-                self.repeat("invalid", reason.label(), "(invalid)", &error, || {
+                self.repeat(Repeat::Invalid, reason.label(), "(invalid)", &error, || {
                     warn!(reason = reason.label(), error = %error, "Invalid message moved to the dead-letter list");
                 });
                 return;
@@ -647,7 +645,7 @@ impl Context {
                 if self.settle(|| self.queue.retry(envelope.raw(), &retried, delay)).await {
                     self.metrics.retried();
                 }
-                self.repeat("retry", error.label(), id, &text, || {
+                self.repeat(Repeat::Retry, error.label(), id, &text, || {
                     warn!(message_id = id, attempt = failures, max_attempts = self.max_attempts, retry_in = ?delay, error = %text, "Delivery failed; will retry");
                 });
                 self.report(id, Status::Queued, failures, text);
@@ -694,7 +692,7 @@ impl Context {
         if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
             self.metrics.dead(reason.label());
         }
-        self.repeat("dead", reason.label(), id, error, || {
+        self.repeat(Repeat::DeadLetter, reason.label(), id, error, || {
             error!(
                 message_id = id,
                 reason = reason.label(),
@@ -988,14 +986,14 @@ fn log_summary(due: &Due) {
         message_id,
         error,
     } = due;
-    match *kind {
-        "retry" => {
+    match kind {
+        Repeat::Retry => {
             warn!(cause, count, latest_message_id = %message_id, latest_error = %error, "Delivery failed {count} more times ({cause}) since the last report; each will be retried")
         }
-        "dead" => {
+        Repeat::DeadLetter => {
             error!(reason = cause, count, latest_message_id = %message_id, latest_error = %error, "{count} more messages moved to the dead-letter list ({cause}) since the last report")
         }
-        _ => {
+        Repeat::Invalid => {
             warn!(reason = cause, count, latest_error = %error, "{count} more invalid messages moved to the dead-letter list ({cause}) since the last report")
         }
     }
