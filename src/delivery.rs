@@ -11,21 +11,6 @@ use crate::config::MainServerSettings;
 use crate::message::Envelope;
 use crate::tls::ClientTls;
 
-/// The longest `Retry-After` courier honours; a longer one is cut to this.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
-
-/// What to do with a message after one attempt.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Outcome {
-    Delivered,
-    /// Try again later; `after` is the server's `Retry-After`, if it gave one.
-    Retry {
-        after: Option<Duration>,
-    },
-    /// The main server will never take this message.
-    Reject,
-}
-
 /// Why an attempt did not deliver.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DeliveryError {
@@ -46,20 +31,6 @@ pub enum DeliveryError {
 }
 
 impl DeliveryError {
-    /// Retry or reject: connection problems, timeouts, TLS, 3xx, 408, 425, 429 and 5xx are worth
-    /// another attempt; other 4xx are permanent.
-    pub fn outcome(&self) -> Outcome {
-        match self {
-            DeliveryError::Status {
-                status, retry_after, ..
-            } => match *status {
-                400..=499 if !matches!(*status, 408 | 425 | 429) => Outcome::Reject,
-                _ => Outcome::Retry { after: *retry_after },
-            },
-            _ => Outcome::Retry { after: None },
-        }
-    }
-
     /// A bounded label for the failure metric.
     pub fn label(&self) -> &'static str {
         match self {
@@ -152,15 +123,6 @@ pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<
 pub struct Attempt {
     pub result: Result<(), DeliveryError>,
     pub elapsed: Duration,
-}
-
-impl Attempt {
-    pub fn outcome(&self) -> Outcome {
-        match &self.result {
-            Ok(()) => Outcome::Delivered,
-            Err(e) => e.outcome(),
-        }
-    }
 }
 
 /// The status a message is reported in after a failed attempt.
@@ -346,7 +308,8 @@ fn endpoint(base: &Url, segments: &[&str]) -> Url {
     url
 }
 
-/// `Retry-After` as seconds or an HTTP date, capped at an hour.
+/// `Retry-After` as seconds or an HTTP date (one in the past is zero). What it means for the
+/// message, and how long courier honours it, `policy` decides.
 pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     let text = value.to_str().ok()?.trim();
     let after = match text.parse::<u64>() {
@@ -358,7 +321,7 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
                 .unwrap_or_default()
         }
     };
-    Some(after.min(MAX_RETRY_AFTER))
+    Some(after)
 }
 
 /// The pooled client: trusts only the configured CA, presents the worker's certificate, keeps
@@ -402,42 +365,15 @@ pub type SharedDeliverer = Arc<Deliverer>;
 mod tests {
     use super::*;
 
-    fn status(status: u16) -> DeliveryError {
-        DeliveryError::Status {
-            status,
-            retry_after: None,
-            body: String::new(),
-        }
-    }
-
     #[test]
-    fn classifies_statuses_as_the_contract_says() {
-        for retryable in [408, 425, 429, 500, 502, 503, 504, 302] {
-            assert_eq!(
-                status(retryable).outcome(),
-                Outcome::Retry { after: None },
-                "{retryable}"
-            );
-        }
-        for permanent in [400, 401, 403, 404, 409, 410, 422] {
-            assert_eq!(status(permanent).outcome(), Outcome::Reject, "{permanent}");
-        }
-        assert_eq!(
-            DeliveryError::Connect("x".into()).outcome(),
-            Outcome::Retry { after: None }
-        );
-        assert_eq!(DeliveryError::Tls("x".into()).outcome(), Outcome::Retry { after: None });
-    }
-
-    #[test]
-    fn retry_after_takes_seconds_and_dates_and_is_capped() {
+    fn retry_after_takes_seconds_and_dates() {
         assert_eq!(
             parse_retry_after(&HeaderValue::from_static("120")),
             Some(Duration::from_secs(120))
         );
         assert_eq!(
             parse_retry_after(&HeaderValue::from_static("99999")),
-            Some(MAX_RETRY_AFTER)
+            Some(Duration::from_secs(99_999))
         );
         assert_eq!(
             parse_retry_after(&HeaderValue::from_static("Sun, 06 Nov 1994 08:49:37 GMT")),

@@ -4,8 +4,9 @@
 //! Built with the `fuzzing` feature only; nothing in the worker calls it.
 
 use crate::config::Settings;
-use crate::delivery::{idempotency_key, parse_retry_after, status_url, MAX_RETRY_AFTER};
+use crate::delivery::{idempotency_key, parse_retry_after, status_url, DeliveryError};
 use crate::message::{dead_letter, parse_dead_letter, DeadReason, Envelope};
+use crate::policy::{decide, Policy, Settle, MAX_RETRY_AFTER};
 
 /// A queue item: `Envelope::parse` through to the delivery body, the retried copy, the
 /// Idempotency-Key header and the status URL.
@@ -86,13 +87,25 @@ pub fn config_text(data: &[u8]) {
     }
 }
 
-/// A Retry-After header value: parsed or ignored, never more than the cap.
+/// A Retry-After header value: parsed or ignored, and the wait it leads to is never longer
+/// than the retry interval or the cap, whichever is longer.
 pub fn retry_after(data: &[u8]) {
     let Ok(value) = reqwest::header::HeaderValue::from_bytes(data) else {
         return;
     };
-    if let Some(after) = parse_retry_after(&value) {
-        assert!(after <= MAX_RETRY_AFTER, "{after:?}");
+    let policy = Policy {
+        max_attempts: 10,
+        retry_interval: std::time::Duration::from_secs(30),
+        max_retry_after: MAX_RETRY_AFTER,
+    };
+    let answer = Err(DeliveryError::Status {
+        status: 503,
+        retry_after: parse_retry_after(&value),
+        body: String::new(),
+    });
+    match decide(&answer, 0, &policy) {
+        Settle::Retry { delay, failures: 1 } => assert!(delay <= MAX_RETRY_AFTER, "{delay:?}"),
+        other => panic!("a 503 is retried: {other:?}"),
     }
 }
 

@@ -15,6 +15,7 @@ pub mod message;
 pub mod metrics;
 pub mod ops;
 pub mod pki;
+pub mod policy;
 pub mod queue;
 pub mod service;
 pub mod shutdown;

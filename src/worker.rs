@@ -20,6 +20,7 @@ use crate::config::{Settings, TlsSettings, WorkerSettings};
 use crate::delivery::{Deliverer, Status};
 use crate::message::{dead_letter, DeadReason, Envelope};
 use crate::metrics::Metrics;
+use crate::policy::{self, Policy, Settle};
 use crate::queue::{self, Queue, QueueError};
 use crate::telemetry::{Due, Repeat, Repeats};
 use crate::tls::ClientTls;
@@ -64,8 +65,8 @@ struct Context {
     status: mpsc::Sender<StatusReport>,
     /// Retry, dead-letter and invalid-message lines, summarised per cause.
     repeats: Repeats,
-    max_attempts: u32,
-    retry_interval: Duration,
+    /// What each attempt's result means.
+    policy: Policy,
     max_message_bytes: usize,
 }
 
@@ -213,8 +214,11 @@ impl Worker {
             health: health.clone(),
             status: status_tx,
             repeats: Repeats::new(LOG_SUMMARY_EVERY),
-            max_attempts: worker.max_attempts,
-            retry_interval: worker.retry_interval,
+            policy: Policy {
+                max_attempts: worker.max_attempts,
+                retry_interval: worker.retry_interval,
+                max_retry_after: policy::MAX_RETRY_AFTER,
+            },
             max_message_bytes: worker.max_message_bytes,
         });
 
@@ -600,14 +604,13 @@ impl Context {
                 return;
             }
         };
-        if envelope.attempt_count() >= self.max_attempts {
+        if let Some(settle) = policy::before_attempt(envelope.attempt_count(), &self.policy) {
             let error = format!(
                 "attempt_count {} is already at max_attempts {}",
                 envelope.attempt_count(),
-                self.max_attempts
+                self.policy.max_attempts
             );
-            self.give_up(&envelope, envelope.attempt_count(), DeadReason::Exhausted, &error)
-                .await;
+            self.carry_out(&envelope, settle, "", &error).await;
             return;
         }
         if envelope.attempt_count() == 0 {
@@ -621,36 +624,66 @@ impl Context {
         debug!(
             message_id = id,
             "Processing message {id} (attempt {}/{})",
-            envelope.attempt_count() + 1,
-            self.max_attempts
+            u64::from(envelope.attempt_count()) + 1,
+            self.policy.max_attempts
         );
         let attempt = self.deliverer.deliver(&envelope).await;
-        let Err(error) = attempt.result else {
-            self.metrics.delivered(attempt.elapsed);
-            self.settle(|| self.queue.ack(envelope.raw())).await;
-            debug!(message_id = id, elapsed = ?attempt.elapsed, "Message {id} delivered successfully");
-            return;
+        let (cause, error) = match &attempt.result {
+            Ok(()) => {
+                self.metrics.delivered(attempt.elapsed);
+                ("", String::new())
+            }
+            Err(e) => {
+                self.metrics.failed(e.label(), e.status_class(), attempt.elapsed);
+                (e.label(), e.to_string())
+            }
         };
+        let settle = policy::decide(&attempt.result, envelope.attempt_count(), &self.policy);
+        self.carry_out(&envelope, settle, cause, &error).await;
+    }
 
-        self.metrics
-            .failed(error.label(), error.status_class(), attempt.elapsed);
-        let failures = envelope.attempt_count() + 1;
-        let text = error.to_string();
-        match error.outcome() {
-            crate::delivery::Outcome::Reject => self.give_up(&envelope, failures, DeadReason::Rejected, &text).await,
-            _ if failures >= self.max_attempts => self.give_up(&envelope, failures, DeadReason::Exhausted, &text).await,
-            crate::delivery::Outcome::Retry { after } => {
-                let delay = after.map_or(self.retry_interval, |after| after.max(self.retry_interval));
+    /// Carries out a decision: the one place that settles a message in Redis, records what was
+    /// decided in the metrics, writes the log line and queues the status update. `cause` is
+    /// the failure's metric label, `error` its text.
+    async fn carry_out(&self, envelope: &Envelope, settle: Settle, cause: &'static str, error: &str) {
+        let id = envelope.message_id();
+        match settle {
+            Settle::Ack => {
+                self.settle(|| self.queue.ack(envelope.raw())).await;
+                debug!(message_id = id, "Message {id} delivered successfully");
+            }
+            Settle::Retry { delay, failures } => {
                 let retried = envelope.with_attempt_count(failures);
                 if self.settle(|| self.queue.retry(envelope.raw(), &retried, delay)).await {
                     self.metrics.retried();
                 }
-                self.repeat(Repeat::Retry, error.label(), id, &text, || {
-                    warn!(message_id = id, attempt = failures, max_attempts = self.max_attempts, retry_in = ?delay, error = %text, "Delivery failed; will retry");
+                self.repeat(Repeat::Retry, cause, id, error, || {
+                    warn!(message_id = id, attempt = failures, max_attempts = self.policy.max_attempts, retry_in = ?delay, error, "Delivery failed; will retry");
                 });
-                self.report(id, Status::Queued, failures, text);
+                self.report(id, Status::Queued, failures, error.to_string());
             }
-            crate::delivery::Outcome::Delivered => {}
+            Settle::Dead { reason, failures } => {
+                let record = dead_letter(
+                    &envelope.with_attempt_count(failures),
+                    reason,
+                    error,
+                    &self.worker_id,
+                    Some(id),
+                );
+                if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
+                    self.metrics.dead(reason.label());
+                }
+                self.repeat(Repeat::DeadLetter, reason.label(), id, error, || {
+                    error!(
+                        message_id = id,
+                        reason = reason.label(),
+                        attempts = failures,
+                        error,
+                        "Message {id} moved to the dead-letter list"
+                    );
+                });
+                self.report(id, Status::Failed, failures, error.to_string());
+            }
         }
     }
 
@@ -677,31 +710,6 @@ impl Context {
             error = %error,
             "A delivery task failed unexpectedly; message moved to the dead-letter list. Please report this as a bug"
         );
-    }
-
-    /// Dead-letters a message and reports it failed.
-    async fn give_up(&self, envelope: &Envelope, failures: u32, reason: DeadReason, error: &str) {
-        let id = envelope.message_id();
-        let record = dead_letter(
-            &envelope.with_attempt_count(failures),
-            reason,
-            error,
-            &self.worker_id,
-            Some(id),
-        );
-        if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
-            self.metrics.dead(reason.label());
-        }
-        self.repeat(Repeat::DeadLetter, reason.label(), id, error, || {
-            error!(
-                message_id = id,
-                reason = reason.label(),
-                attempts = failures,
-                error,
-                "Message {id} moved to the dead-letter list"
-            );
-        });
-        self.report(id, Status::Failed, failures, error.to_string());
     }
 
     /// Runs a settle until Redis has recorded it. While Redis is unreachable the outcome is held

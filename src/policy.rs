@@ -1,0 +1,209 @@
+//! The retry policy: what the result of one delivery attempt means for the message. Pure: no
+//! I/O, no clock; `worker` carries out the decision and records it.
+//!
+//! | result of the POST | decision |
+//! |---|---|
+//! | 2xx | `Ack` |
+//! | connect, timeout, TLS, other transport errors, 3xx, 408, 425, 429, 5xx | `Retry` after the interval (a longer `Retry-After`, up to the cap, wins) |
+//! | other 4xx | `Dead(rejected)` |
+//! | any failure that brings the count to `max_attempts` | `Dead(exhausted)` |
+
+use std::time::Duration;
+
+use crate::delivery::DeliveryError;
+use crate::message::DeadReason;
+
+/// The settings the decision depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Policy {
+    /// Attempts before a message is dead-lettered as `exhausted`.
+    pub max_attempts: u32,
+    /// The wait before the next attempt.
+    pub retry_interval: Duration,
+    /// The longest `Retry-After` honoured; a longer one is cut to this.
+    pub max_retry_after: Duration,
+}
+
+/// The longest `Retry-After` courier honours unless told otherwise.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+/// What to do with a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Settle {
+    /// Delivered: remove it from processing.
+    Ack,
+    /// Try again after `delay`, with `failures` as its new `attempt_count`.
+    Retry { delay: Duration, failures: u32 },
+    /// Give up: dead-letter it with `failures` as its final `attempt_count`.
+    Dead { reason: DeadReason, failures: u32 },
+}
+
+/// Before an attempt: a message whose `attempt_count` is already at `max_attempts` is
+/// dead-lettered without one.
+pub fn before_attempt(attempt_count: u32, policy: &Policy) -> Option<Settle> {
+    (attempt_count >= policy.max_attempts).then_some(Settle::Dead {
+        reason: DeadReason::Exhausted,
+        failures: attempt_count,
+    })
+}
+
+/// After an attempt of a message that had failed `attempt_count` times before.
+pub fn decide(result: &Result<(), DeliveryError>, attempt_count: u32, policy: &Policy) -> Settle {
+    let Err(error) = result else {
+        return Settle::Ack;
+    };
+    let failures = attempt_count.saturating_add(1);
+    let retry_after = match error {
+        DeliveryError::Status { status, .. } if is_permanent(*status) => {
+            return Settle::Dead {
+                reason: DeadReason::Rejected,
+                failures,
+            }
+        }
+        DeliveryError::Status { retry_after, .. } => *retry_after,
+        _ => None,
+    };
+    if failures >= policy.max_attempts {
+        return Settle::Dead {
+            reason: DeadReason::Exhausted,
+            failures,
+        };
+    }
+    let delay = retry_after.map_or(policy.retry_interval, |after| {
+        after.min(policy.max_retry_after).max(policy.retry_interval)
+    });
+    Settle::Retry { delay, failures }
+}
+
+/// A 4xx the main server will answer the same way however often it is asked. 408 (timeout),
+/// 425 (too early) and 429 (too many requests) are about the moment, not the message.
+fn is_permanent(status: u16) -> bool {
+    (400..=499).contains(&status) && !matches!(status, 408 | 425 | 429)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: Policy = Policy {
+        max_attempts: 5,
+        retry_interval: Duration::from_secs(30),
+        max_retry_after: MAX_RETRY_AFTER,
+    };
+
+    fn status(status: u16, retry_after: Option<u64>) -> Result<(), DeliveryError> {
+        Err(DeliveryError::Status {
+            status,
+            retry_after: retry_after.map(Duration::from_secs),
+            body: String::new(),
+        })
+    }
+
+    fn retry(seconds: u64, failures: u32) -> Settle {
+        Settle::Retry {
+            delay: Duration::from_secs(seconds),
+            failures,
+        }
+    }
+
+    fn dead(reason: DeadReason, failures: u32) -> Settle {
+        Settle::Dead { reason, failures }
+    }
+
+    /// One row per line of the README's outcomes table, and the edges around them.
+    #[test]
+    fn every_outcome_in_the_readme_table() {
+        use DeadReason::{Exhausted, Rejected};
+        let transport = |e: DeliveryError| Err::<(), _>(e);
+        let rows: Vec<(&str, Result<(), DeliveryError>, u32, Settle)> = vec![
+            ("2xx", Ok(()), 0, Settle::Ack),
+            ("2xx on the last attempt", Ok(()), 4, Settle::Ack),
+            (
+                "connection refused",
+                transport(DeliveryError::Connect("refused".into())),
+                0,
+                retry(30, 1),
+            ),
+            (
+                "timeout",
+                transport(DeliveryError::Timeout("slow".into())),
+                1,
+                retry(30, 2),
+            ),
+            (
+                "TLS failure",
+                transport(DeliveryError::Tls("bad".into())),
+                0,
+                retry(30, 1),
+            ),
+            (
+                "other transport error",
+                transport(DeliveryError::Other("reset".into())),
+                0,
+                retry(30, 1),
+            ),
+            ("302", status(302, None), 0, retry(30, 1)),
+            ("408", status(408, None), 0, retry(30, 1)),
+            ("425", status(425, None), 0, retry(30, 1)),
+            ("429", status(429, None), 2, retry(30, 3)),
+            ("500", status(500, None), 0, retry(30, 1)),
+            ("503", status(503, None), 0, retry(30, 1)),
+            ("503, longer Retry-After wins", status(503, Some(120)), 0, retry(120, 1)),
+            ("429, shorter Retry-After loses", status(429, Some(5)), 0, retry(30, 1)),
+            (
+                "503, Retry-After over the cap",
+                status(503, Some(86_400)),
+                0,
+                retry(3600, 1),
+            ),
+            ("400", status(400, None), 0, dead(Rejected, 1)),
+            ("401", status(401, None), 3, dead(Rejected, 4)),
+            ("404", status(404, None), 0, dead(Rejected, 1)),
+            ("422", status(422, None), 0, dead(Rejected, 1)),
+            ("422 with Retry-After", status(422, Some(60)), 0, dead(Rejected, 1)),
+            (
+                "503 bringing the count to max",
+                status(503, None),
+                4,
+                dead(Exhausted, 5),
+            ),
+            (
+                "timeout bringing the count to max",
+                transport(DeliveryError::Timeout("t".into())),
+                4,
+                dead(Exhausted, 5),
+            ),
+            (
+                "400 on the last attempt is still rejected",
+                status(400, None),
+                4,
+                dead(Rejected, 5),
+            ),
+            (
+                "count beyond any limit",
+                status(503, None),
+                u32::MAX,
+                dead(Exhausted, u32::MAX),
+            ),
+        ];
+        for (name, result, attempt_count, expected) in rows {
+            assert_eq!(decide(&result, attempt_count, &POLICY), expected, "{name}");
+        }
+    }
+
+    #[test]
+    fn a_message_already_at_max_attempts_is_dead_without_an_attempt() {
+        assert_eq!(before_attempt(4, &POLICY), None);
+        assert_eq!(before_attempt(5, &POLICY), Some(dead(DeadReason::Exhausted, 5)));
+        assert_eq!(before_attempt(9, &POLICY), Some(dead(DeadReason::Exhausted, 9)));
+    }
+
+    #[test]
+    fn a_retry_interval_longer_than_the_cap_still_applies() {
+        let policy = Policy {
+            retry_interval: Duration::from_secs(7200),
+            ..POLICY
+        };
+        assert_eq!(decide(&status(503, Some(60)), 0, &policy), retry(7200, 1));
+    }
+}
