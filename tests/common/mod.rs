@@ -49,11 +49,27 @@ impl RedisServer {
             dir,
             args: args.iter().map(|a| a.to_string()).collect(),
         };
-        server.spawn().await;
-        server
+        // The port was free when chosen; another process may take it before redis-server
+        // binds it. Then it exits at once, and a fresh port is tried.
+        for _ in 0..5 {
+            if server.try_spawn().await {
+                return server;
+            }
+            server.port = free_port();
+        }
+        panic!("redis-server did not start on five free ports");
     }
 
     async fn spawn(&mut self) {
+        assert!(
+            self.try_spawn().await,
+            "redis-server did not start on port {}",
+            self.port
+        );
+    }
+
+    /// Starts redis-server on `self.port`; false when it exited before it was ready.
+    async fn try_spawn(&mut self) -> bool {
         let mut child = Command::new("redis-server")
             .args([
                 "--port",
@@ -82,13 +98,13 @@ impl RedisServer {
             }
             false
         };
-        assert!(
-            tokio::time::timeout(WAIT, ready).await.unwrap_or(false),
-            "redis-server did not start"
-        );
+        if !tokio::time::timeout(WAIT, ready).await.unwrap_or(false) {
+            return false;
+        }
         // Keep draining its output so it never blocks on a full pipe.
         tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
         self.child = Some(child);
+        true
     }
 
     /// Stops the server (SIGKILL) and waits for it to be gone.
