@@ -1,0 +1,358 @@
+//! What runs beside the deliveries: the heartbeat (which also reaps dead workers and refreshes
+//! the depth gauges), the promoter of due retries, the TLS watcher and its SIGHUP listener,
+//! the status reporter and the systemd watchdog.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{mpsc, Notify, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, error, info, warn, Instrument};
+
+use super::retry::Backoff;
+use super::settle::{log_summary, Context, StatusReport};
+use crate::config::{TlsSettings, WorkerSettings};
+use crate::delivery::Deliverer;
+use crate::metrics::Metrics;
+use crate::queue::QueueError;
+use crate::tls::ClientTls;
+
+/// Most due retries moved back to the queue by one promoter call.
+const PROMOTE_BATCH: usize = 1000;
+/// The shortest pause between two promotions that leave retries waiting. Retries fall due
+/// continuously under a steady failure rate; without a floor the promoter would wake for
+/// every millisecond's one or two, a script call each. 20 ms late is nothing next to a
+/// retry interval of seconds.
+const PROMOTE_GAP: Duration = Duration::from_millis(20);
+/// Within this long of its expiry, the client certificate draws a daily warning.
+const EXPIRY_WARNING: Duration = Duration::from_secs(14 * 86_400);
+
+/// The background tasks of a running worker.
+pub(super) struct Background {
+    tasks: TaskTracker,
+    statuses: tokio::task::JoinHandle<()>,
+    stop: CancellationToken,
+}
+
+/// The TLS material to watch, when TLS is on.
+pub(super) struct TlsWatch {
+    pub(super) settings: TlsSettings,
+    pub(super) current: ClientTls,
+    pub(super) reload: Arc<Notify>,
+}
+
+impl Background {
+    /// Starts every background task. `shutdown` is cancelled by the heartbeat when another
+    /// process takes this worker's id; `stop` ends the tasks.
+    pub(super) fn start(
+        context: &Arc<Context>,
+        statuses: mpsc::Receiver<StatusReport>,
+        worker: &WorkerSettings,
+        tls: Option<TlsWatch>,
+        shutdown: &CancellationToken,
+        stop: CancellationToken,
+    ) -> Background {
+        let tasks = TaskTracker::new();
+        tasks.spawn(
+            heartbeat(
+                context.clone(),
+                worker.heartbeat_interval,
+                worker.dead_after,
+                shutdown.clone(),
+                stop.clone(),
+            )
+            .instrument(tracing::info_span!("heartbeat")),
+        );
+        tasks.spawn(
+            promote(context.clone(), worker.retry_interval, stop.clone()).instrument(tracing::info_span!("promoter")),
+        );
+        if let Some(TlsWatch {
+            settings,
+            current,
+            reload,
+        }) = tls
+        {
+            tasks.spawn(
+                watch_tls(
+                    context.deliverer.clone(),
+                    context.metrics.clone(),
+                    settings,
+                    current,
+                    reload,
+                    stop.clone(),
+                )
+                .instrument(tracing::info_span!("tls")),
+            );
+        }
+        if let Some(every) = crate::service::watchdog_interval() {
+            tasks.spawn(watchdog(every, stop.clone()));
+        }
+        let statuses = tokio::spawn(
+            report_statuses(
+                context.deliverer.clone(),
+                context.metrics.clone(),
+                statuses,
+                worker.concurrency,
+            )
+            .instrument(tracing::info_span!("status")),
+        );
+        Background { tasks, statuses, stop }
+    }
+
+    /// Stops the heartbeat, promoter, TLS watcher and watchdog, and waits for them.
+    pub(super) async fn stop(&self) {
+        self.stop.cancel();
+        self.tasks.close();
+        self.tasks.wait().await;
+    }
+
+    /// Gives the status updates still queued a moment (never the whole grace again); they
+    /// end once every sender (the delivery context) is gone.
+    pub(super) async fn flush_statuses(self) {
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.statuses).await;
+    }
+}
+
+/// Pings the systemd watchdog at half its interval.
+async fn watchdog(every: Duration, stop: CancellationToken) {
+    let mut ticker = tokio::time::interval(every / 2);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => crate::service::watchdog_ping(),
+        }
+    }
+}
+
+/// Sends status updates with at most `limit` under way at once.
+async fn report_statuses(
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    mut reports: mpsc::Receiver<StatusReport>,
+    limit: usize,
+) {
+    let slots = Arc::new(Semaphore::new(limit));
+    let tasks = TaskTracker::new();
+    while let Some(report) = reports.recv().await {
+        let Ok(permit) = slots.clone().acquire_owned().await else {
+            break;
+        };
+        let deliverer = deliverer.clone();
+        let metrics = metrics.clone();
+        tasks.spawn(async move {
+            let StatusReport {
+                message_id,
+                status,
+                attempt_count,
+                error,
+            } = report;
+            match deliverer.update_status(&message_id, status, attempt_count, &error).await {
+                Ok(()) => metrics.status_update("ok"),
+                Err(e) => {
+                    metrics.status_update("failed");
+                    // Counted in worker_status_updates_total{result="failed"}; during an outage
+                    // every failed delivery brings one, so they stay out of the normal log.
+                    debug!(message_id = %message_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+                }
+            }
+            drop(permit);
+        });
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// Heartbeats, reaps workers whose heartbeat is older than `dead_after`, counts live workers
+/// and refreshes the queue-depth gauges. Stops the worker if another process takes its id.
+async fn heartbeat(
+    context: Arc<Context>,
+    every: Duration,
+    dead_after: Duration,
+    shutdown: CancellationToken,
+    stop: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        for due in context.repeats.due(false) {
+            log_summary(&due);
+        }
+        let queue = &context.queue;
+        let started = Instant::now();
+        let beat = async {
+            let kept = queue.heartbeat().await?;
+            let workers = queue.workers().await?;
+            let mut live = 0;
+            for (id, age) in &workers {
+                if *age < dead_after || *id == context.worker_id {
+                    live += 1;
+                } else if let Some(moved) = queue.reap(id, dead_after).await? {
+                    context.metrics.reaped(moved);
+                    warn!(reaped = %id, count = moved, heartbeat_age = ?age, "Reaped a dead worker: its claimed messages are back at the front of the queue");
+                }
+            }
+            let depths = queue.depths().await?;
+            Ok::<_, QueueError>((kept, live, depths))
+        };
+        match beat.await {
+            Ok((kept, live, depths)) => {
+                context.health.redis_ok(started);
+                context.metrics.set_active_workers(live);
+                context.metrics.set_depths(depths);
+                crate::service::status(&format!(
+                    "ready {} | processing {} | retry {} | dead {} | {live} live workers",
+                    depths.ready, depths.processing, depths.retry, depths.dead
+                ));
+                if !kept && !shutdown.is_cancelled() {
+                    error!(
+                        "Another process has taken worker id {}; stopping. Give each process its own WORKER_ID",
+                        context.worker_id
+                    );
+                    shutdown.cancel();
+                }
+            }
+            Err(e) => context.redis_error(&e, "heartbeat"),
+        }
+    }
+}
+
+/// Turns each SIGHUP into a reload request for the TLS watcher, logging it, until `stop`.
+pub(super) async fn forward_hangups(reload: Arc<Notify>, tls: bool, stop: CancellationToken) {
+    let mut hangups = crate::shutdown::ReloadRequests::new();
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hangups.recv() => {}
+        }
+        if tls {
+            info!("SIGHUP received: the TLS files will be read again");
+            reload.notify_one();
+        } else {
+            info!("SIGHUP received: TLS is disabled, so there is nothing to reload");
+        }
+    }
+}
+
+/// Reloads the TLS files on SIGHUP and when they change (checked every `reload_interval`).
+/// A set that does not load is refused with an error and the current one stays in use;
+/// deliveries under way finish on their connections. Warns daily when the certificate in use
+/// is within 14 days of expiry.
+async fn watch_tls(
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    settings: TlsSettings,
+    current: ClientTls,
+    reload: Arc<Notify>,
+    stop: CancellationToken,
+) {
+    let mut seen = current.snapshot.clone();
+    let mut not_after = current.not_after;
+    let mut warned: Option<tokio::time::Instant> = None;
+    loop {
+        let remaining = not_after.duration_since(SystemTime::now()).unwrap_or_default();
+        if remaining < EXPIRY_WARNING && warned.is_none_or(|at| at.elapsed() >= Duration::from_secs(86_400)) {
+            warn!(
+                expires = %crate::tls::rfc3339(not_after),
+                days_left = remaining.as_secs() / 86_400,
+                "Client certificate expires soon; install a new one and send SIGHUP"
+            );
+            warned = Some(tokio::time::Instant::now());
+        }
+        let asked = tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = reload.notified() => true,
+            _ = tokio::time::sleep(settings.reload_interval) => false,
+        };
+        let now_seen = crate::tls::snapshot(&settings);
+        if !asked && now_seen == seen {
+            continue;
+        }
+        seen = now_seen;
+        let loaded = ClientTls::load(&settings).map_err(|e| e.to_string()).and_then(|tls| {
+            deliverer.replace_tls(&tls).map_err(|e| e.to_string())?;
+            Ok(tls)
+        });
+        match loaded {
+            Ok(tls) => {
+                metrics.set_cert_expiry(tls.not_after);
+                not_after = tls.not_after;
+                warned = None;
+                info!(subject = %tls.subject, expires = %crate::tls::rfc3339(tls.not_after), "Reloaded the TLS files; new connections use them");
+            }
+            Err(e) => error!(error = %e, "Refused the new TLS files; still using the previous ones"),
+        }
+    }
+}
+
+/// Moves due retries back to the queue, sleeping until the next one is due (at most a second,
+/// so retries other workers schedule are picked up promptly).
+async fn promote(context: Arc<Context>, retry_interval: Duration, stop: CancellationToken) {
+    let longest = retry_interval.min(Duration::from_secs(1));
+    let mut backoff = Backoff::default();
+    loop {
+        let wait = match context.queue.promote_due(PROMOTE_BATCH).await {
+            Ok(promoted) => {
+                backoff.reset();
+                if promoted.moved > 0 {
+                    debug!(count = promoted.moved, "Moved due retries back to the queue");
+                }
+                next_promotion(promoted.moved, promoted.next_due_in, longest)
+            }
+            Err(e) => {
+                context.redis_error(&e, "promote");
+                backoff.next()
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
+/// How long the promoter sleeps after moving `moved` retries: not at all after a full batch
+/// (more are due), else until the next is due, but at least PROMOTE_GAP and at most `longest`.
+fn next_promotion(moved: usize, next_due_in: Option<Duration>, longest: Duration) -> Duration {
+    if moved == PROMOTE_BATCH {
+        return Duration::ZERO;
+    }
+    next_due_in.map_or(longest, |due| due.clamp(PROMOTE_GAP.min(longest), longest))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_promoter_batches_retries_that_fall_due_continuously() {
+        let second = Duration::from_secs(1);
+        let ms = Duration::from_millis;
+        assert_eq!(
+            next_promotion(PROMOTE_BATCH, Some(ms(0)), second),
+            Duration::ZERO,
+            "full batch: go on"
+        );
+        assert_eq!(
+            next_promotion(2, Some(ms(1)), second),
+            PROMOTE_GAP,
+            "one due every ms: wait the gap"
+        );
+        assert_eq!(
+            next_promotion(0, Some(ms(300)), second),
+            ms(300),
+            "sleeps until the next is due"
+        );
+        assert_eq!(next_promotion(0, Some(ms(9_000)), second), second, "at most a second");
+        assert_eq!(next_promotion(0, None, second), second, "nothing waiting");
+        assert_eq!(
+            next_promotion(0, Some(ms(1)), ms(5)),
+            ms(5),
+            "a retry interval under the gap wins"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! The worker: the life of one worker process, from joining the queue to leaving it.
+//!
+//! `startup` connects, takes the worker id and recovers leftovers; `claim` takes messages
+//! while delivery slots are free; `settle` delivers one message and carries out what
+//! `policy` decides; `background` runs the heartbeat and reaper, the promoter, the TLS
+//! watcher and the status reporter; `drain` finishes in-flight work on shutdown; `retry`
+//! is the one way a Redis operation is retried.
+
+mod background;
+mod claim;
+mod drain;
+mod retry;
+mod settle;
+mod startup;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, Instrument};
+
+use self::background::{forward_hangups, Background, TlsWatch};
+use self::settle::{Context, LOG_SUMMARY_EVERY};
+use crate::admin::{self, AdminState, Health};
+use crate::config::Settings;
+use crate::delivery::Deliverer;
+use crate::metrics::Metrics;
+use crate::policy::{self, Policy};
+use crate::queue;
+use crate::telemetry::Repeats;
+use crate::tls::ClientTls;
+
+/// Status updates waiting to be sent; past this they are dropped (and counted).
+const STATUS_BACKLOG: usize = 4096;
+
+/// Why the worker could not start or run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Fixing the configuration is the only remedy (exit 78).
+    #[error("{0}")]
+    Config(String),
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// A started worker: its admin port is listening; `run` does the work.
+pub struct Worker {
+    settings: Settings,
+    tls: Option<ClientTls>,
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    admin: Arc<AdminState>,
+    admin_addr: Option<SocketAddr>,
+    /// Cancelled by the caller: stop claiming and drain.
+    shutdown: CancellationToken,
+    /// Cancelled by the worker itself once drained: stops the admin port and background tasks.
+    background: CancellationToken,
+    /// Notified on SIGHUP: read the TLS files again.
+    reload: Arc<Notify>,
+}
+
+impl Worker {
+    /// Builds the HTTP client and opens the admin port. Nothing touches Redis yet.
+    pub async fn start(
+        settings: Settings,
+        tls: Option<ClientTls>,
+        shutdown: CancellationToken,
+    ) -> Result<Worker, RunError> {
+        let worker_id = settings.worker.id.clone();
+        let metrics = Arc::new(Metrics::new(&worker_id));
+        if let Some(tls) = &tls {
+            metrics.set_cert_expiry(tls.not_after);
+        }
+        let deliverer = Deliverer::new(
+            &settings.main_server,
+            tls.as_ref(),
+            &worker_id,
+            settings.worker.concurrency,
+        )
+        .map_err(|e| RunError::Config(format!("main_server: {e}")))?;
+        // SIGHUP is ours from here in every state (connecting, waiting for the id, running,
+        // draining): a reload request is remembered until the TLS watcher takes it.
+        let reload = Arc::new(Notify::new());
+        let background = CancellationToken::new();
+        tokio::spawn(forward_hangups(reload.clone(), tls.is_some(), background.clone()));
+        let health = Arc::new(Health::new(metrics.clone()));
+        let admin = Arc::new(AdminState::new(
+            worker_id.clone(),
+            settings.redis.queue_name.clone(),
+            metrics.clone(),
+            health.clone(),
+        ));
+        let mut admin_addr = None;
+        if settings.metrics.enabled {
+            let listener = admin::bind(SocketAddr::new(settings.metrics.bind, settings.metrics.port))
+                .await
+                .map_err(RunError::Config)?;
+            let addr = listener.local_addr().map_err(|e| RunError::Fatal(e.to_string()))?;
+            info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
+            tokio::spawn(
+                admin::serve(listener, admin.clone(), admin::Limits::default(), background.clone())
+                    .instrument(tracing::info_span!("admin")),
+            );
+            admin_addr = Some(addr);
+        }
+        Ok(Worker {
+            settings,
+            tls,
+            deliverer: Arc::new(deliverer),
+            metrics,
+            health,
+            admin,
+            admin_addr,
+            shutdown,
+            background,
+            reload,
+        })
+    }
+
+    /// Where `/metrics` and friends are served, when enabled.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin_addr
+    }
+
+    /// The life of a worker: join the queue, recover what this id left claimed, start the
+    /// background tasks, claim and deliver until `shutdown` is cancelled, then drain and leave.
+    pub async fn run(self) -> Result<(), RunError> {
+        let Worker {
+            settings,
+            tls,
+            deliverer,
+            metrics,
+            health,
+            admin,
+            admin_addr: _,
+            shutdown,
+            background,
+            reload,
+        } = self;
+        let Settings {
+            redis,
+            worker,
+            tls: tls_settings,
+            ..
+        } = settings;
+        info!(
+            queue = %redis.queue_name,
+            concurrency = worker.concurrency,
+            batch_size = worker.batch_size,
+            retry_interval = ?worker.retry_interval,
+            max_attempts = worker.max_attempts,
+            "Worker {} starting...", worker.id
+        );
+
+        let client = queue::client(&redis).map_err(|e| RunError::Config(format!("redis: {e}")))?;
+        let Some(queue) = startup::connect(&client, &redis.queue_name, &worker.id, &health, &shutdown).await? else {
+            background.cancel();
+            return Ok(());
+        };
+        info!("Connected to Redis at {}:{}", redis.host, redis.port);
+        let _ = admin.queue.set(queue.clone());
+        if !startup::take_id(&queue, &worker, &health, &shutdown).await? {
+            background.cancel();
+            return Ok(());
+        }
+        startup::recover(&queue, &worker.id, &health, &shutdown).await;
+
+        let (status_tx, status_rx) = mpsc::channel(STATUS_BACKLOG);
+        let context = Arc::new(Context {
+            worker_id: worker.id.clone(),
+            queue,
+            deliverer,
+            metrics,
+            health,
+            status: status_tx,
+            repeats: Repeats::new(LOG_SUMMARY_EVERY),
+            policy: Policy {
+                max_attempts: worker.max_attempts,
+                retry_interval: worker.retry_interval,
+                max_retry_after: policy::MAX_RETRY_AFTER,
+            },
+            max_message_bytes: worker.max_message_bytes,
+        });
+        let tls = tls.map(|current| TlsWatch {
+            settings: tls_settings,
+            current,
+            reload,
+        });
+        let tasks = Background::start(&context, status_rx, &worker, tls, &shutdown, background);
+        crate::service::ready(&format!("Delivering from {} as {}", redis.queue_name, worker.id));
+
+        let deliveries = TaskTracker::new();
+        claim::claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;
+        drain::drain(context, deliveries, worker.shutdown_grace, tasks).await;
+        info!("Worker {} stopped", worker.id);
+        Ok(())
+    }
+}

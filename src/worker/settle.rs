@@ -1,0 +1,277 @@
+//! Delivering one claimed message and settling the outcome: parse, ask the main server, let
+//! `policy` decide, and carry the decision out in Redis, the metrics, the log and a status
+//! update. A task that fails unexpectedly still settles its message, as `internal_error`.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tracing::{debug, error, warn};
+
+use super::retry::until_answered;
+use crate::admin::Health;
+use crate::delivery::{Deliverer, Status};
+use crate::message::{dead_letter, DeadReason, Envelope};
+use crate::metrics::Metrics;
+use crate::policy::{self, Policy, Settle};
+use crate::queue::{Queue, QueueError};
+use crate::telemetry::{Due, Repeat, Repeats};
+
+/// At most one summary line per cause in this long (the first occurrence is logged at once).
+pub(super) const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+
+/// A status update for the main server, sent in the background.
+pub(super) struct StatusReport {
+    pub(super) message_id: String,
+    pub(super) status: Status,
+    pub(super) attempt_count: u32,
+    pub(super) error: String,
+}
+
+/// What every delivery task needs.
+pub(super) struct Context {
+    pub(super) worker_id: String,
+    pub(super) queue: Queue,
+    pub(super) deliverer: Arc<Deliverer>,
+    pub(super) metrics: Arc<Metrics>,
+    pub(super) health: Arc<Health>,
+    pub(super) status: mpsc::Sender<StatusReport>,
+    /// Retry, dead-letter and invalid-message lines, summarised per cause.
+    pub(super) repeats: Repeats,
+    /// What each attempt's result means.
+    pub(super) policy: Policy,
+    pub(super) max_message_bytes: usize,
+}
+
+impl Context {
+    pub(super) fn redis_error(&self, error: &QueueError, during: &str) {
+        if error.is_unavailable() {
+            self.health.redis_failed(error);
+        } else {
+            error!(error = %error, during, "Redis refused a command");
+        }
+    }
+
+    /// Counts and reports items the claim script moved to the dead-letter list for their size.
+    pub(super) fn too_large(&self, count: usize) {
+        let label = "too_large";
+        let error = format!(
+            "over the {}-byte limit (worker.max_message_bytes)",
+            self.max_message_bytes
+        );
+        for _ in 0..count {
+            self.metrics.invalid(label);
+            self.metrics.dead(label);
+            self.repeat(Repeat::Invalid, label, "(not read)", &error, || {
+                warn!(reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
+            });
+        }
+    }
+
+    /// Logs an event that can repeat for every message through the summary: `full` logs the
+    /// first in full; later ones within the interval are counted and reported together.
+    fn repeat(&self, kind: Repeat, cause: &'static str, message_id: &str, error: &str, full: impl FnOnce()) {
+        match self.repeats.record(kind, cause, message_id, error) {
+            Some(1) => full(),
+            Some(count) => log_summary(&Due {
+                kind,
+                cause,
+                count,
+                message_id: message_id.to_string(),
+                error: error.to_string(),
+            }),
+            None => {}
+        }
+    }
+
+    /// Delivers one claimed item and settles the outcome.
+    pub(super) async fn process(&self, raw: Bytes) {
+        #[cfg(feature = "fault-injection")]
+        if raw.starts_with(b"{\"message_id\":\"courier-test-panic") {
+            panic!("fault injection: a delivery task panics");
+        }
+        let envelope = match Envelope::parse(raw, self.max_message_bytes) {
+            Ok(envelope) => envelope,
+            Err((raw, malformed)) => {
+                let reason = DeadReason::Malformed(malformed.label());
+                self.metrics.invalid(malformed.label());
+                let record = dead_letter(&raw, reason, &malformed.to_string(), &self.worker_id, None);
+                if self.settle(|| self.queue.dead(&raw, &record)).await {
+                    self.metrics.dead(reason.label());
+                }
+                let error = malformed.to_string();
+                self.repeat(Repeat::Invalid, reason.label(), "(invalid)", &error, || {
+                    warn!(reason = reason.label(), error = %error, "Invalid message moved to the dead-letter list");
+                });
+                return;
+            }
+        };
+        if let Some(settle) = policy::before_attempt(envelope.attempt_count(), &self.policy) {
+            let error = format!(
+                "attempt_count {} is already at max_attempts {}",
+                envelope.attempt_count(),
+                self.policy.max_attempts
+            );
+            self.carry_out(&envelope, settle, "", &error).await;
+            return;
+        }
+        if envelope.attempt_count() == 0 {
+            if let Some(waited) = envelope.waited(SystemTime::now()) {
+                self.metrics.queue_wait(waited);
+            }
+        }
+
+        let _processing = self.metrics.processing();
+        let id = envelope.message_id();
+        debug!(
+            message_id = id,
+            "Processing message {id} (attempt {}/{})",
+            u64::from(envelope.attempt_count()) + 1,
+            self.policy.max_attempts
+        );
+        let attempt = self.deliverer.deliver(&envelope).await;
+        let (cause, error) = match &attempt.result {
+            Ok(()) => {
+                self.metrics.delivered(attempt.elapsed);
+                ("", String::new())
+            }
+            Err(e) => {
+                self.metrics.failed(e.label(), e.status_class(), attempt.elapsed);
+                (e.label(), e.to_string())
+            }
+        };
+        let settle = policy::decide(&attempt.result, envelope.attempt_count(), &self.policy);
+        self.carry_out(&envelope, settle, cause, &error).await;
+    }
+
+    /// Carries out a decision: the one place that settles a message in Redis, records what was
+    /// decided in the metrics, writes the log line and queues the status update. `cause` is
+    /// the failure's metric label, `error` its text.
+    async fn carry_out(&self, envelope: &Envelope, settle: Settle, cause: &'static str, error: &str) {
+        let id = envelope.message_id();
+        match settle {
+            Settle::Ack => {
+                self.settle(|| self.queue.ack(envelope.raw())).await;
+                debug!(message_id = id, "Message {id} delivered successfully");
+            }
+            Settle::Retry { delay, failures } => {
+                let retried = envelope.with_attempt_count(failures);
+                if self.settle(|| self.queue.retry(envelope.raw(), &retried, delay)).await {
+                    self.metrics.retried();
+                }
+                self.repeat(Repeat::Retry, cause, id, error, || {
+                    warn!(message_id = id, attempt = failures, max_attempts = self.policy.max_attempts, retry_in = ?delay, error, "Delivery failed; will retry");
+                });
+                self.report(id, Status::Queued, failures, error.to_string());
+            }
+            Settle::Dead { reason, failures } => {
+                let record = dead_letter(
+                    &envelope.with_attempt_count(failures),
+                    reason,
+                    error,
+                    &self.worker_id,
+                    Some(id),
+                );
+                if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
+                    self.metrics.dead(reason.label());
+                }
+                self.repeat(Repeat::DeadLetter, reason.label(), id, error, || {
+                    error!(
+                        message_id = id,
+                        reason = reason.label(),
+                        attempts = failures,
+                        error,
+                        "Message {id} moved to the dead-letter list"
+                    );
+                });
+                self.report(id, Status::Failed, failures, error.to_string());
+            }
+        }
+    }
+
+    /// The second line of defence: a delivery task panicked. The message goes to the
+    /// dead-letter list exactly as it was claimed, with reason `internal_error`.
+    pub(super) async fn internal_error(&self, raw: &Bytes, panic: &str) {
+        let reason = DeadReason::InternalError;
+        // Whatever panicked may be the parser itself: ask it again only behind a guard.
+        let id = std::panic::catch_unwind(|| {
+            Envelope::parse(raw.clone(), usize::MAX)
+                .ok()
+                .map(|e| e.message_id().to_string())
+        })
+        .ok()
+        .flatten();
+        let error = format!("courier failed while handling this message: {panic}");
+        let record = dead_letter(raw, reason, &error, &self.worker_id, id.as_deref());
+        if self.settle(|| self.queue.dead(raw, &record)).await {
+            self.metrics.dead(reason.label());
+        }
+        error!(
+            message_id = id.as_deref().unwrap_or("(unreadable)"),
+            reason = reason.label(),
+            error = %error,
+            "A delivery task failed unexpectedly; message moved to the dead-letter list. Please report this as a bug"
+        );
+    }
+
+    /// Runs a settle until Redis has recorded it. While Redis is unreachable the outcome is held
+    /// here (and the slot with it, so no new work is claimed). Returns whether the message was
+    /// still ours to settle.
+    async fn settle<F, Fut>(&self, op: F) -> bool
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Result<bool, QueueError>>,
+    {
+        let refused = "Redis refused to record an outcome; the message stays in processing and returns to the queue at the next start";
+        let found = until_answered(&self.health, None, refused, op).await.unwrap_or(false);
+        if !found {
+            debug!("Message was not settled here: no longer in this worker's processing list, or Redis refused");
+        }
+        found
+    }
+
+    /// Queues a best-effort status update; never waits.
+    fn report(&self, message_id: &str, status: Status, attempt_count: u32, error: String) {
+        let report = StatusReport {
+            message_id: message_id.to_string(),
+            status,
+            attempt_count,
+            error,
+        };
+        if self.status.try_send(report).is_err() {
+            self.metrics.status_update("dropped");
+        }
+    }
+}
+
+/// One summary line for events counted since the last line of their kind and cause.
+pub(super) fn log_summary(due: &Due) {
+    let Due {
+        kind,
+        cause,
+        count,
+        message_id,
+        error,
+    } = due;
+    match kind {
+        Repeat::Retry => {
+            warn!(cause, count, latest_message_id = %message_id, latest_error = %error, "Delivery failed {count} more times ({cause}) since the last report; each will be retried")
+        }
+        Repeat::DeadLetter => {
+            error!(reason = cause, count, latest_message_id = %message_id, latest_error = %error, "{count} more messages moved to the dead-letter list ({cause}) since the last report")
+        }
+        Repeat::Invalid => {
+            warn!(reason = cause, count, latest_error = %error, "{count} more invalid messages moved to the dead-letter list ({cause}) since the last report")
+        }
+    }
+}
+
+/// The text a panic was raised with, when it was a string.
+pub(super) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".to_string())
+}

@@ -1,0 +1,135 @@
+//! Joining the queue: connect to Redis (waiting while it is down), take this worker's id (or
+//! wait for a holder to go quiet), and return what a previous process with this id left
+//! claimed.
+
+use std::time::Instant;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use super::retry::{until_answered, Backoff};
+use super::RunError;
+use crate::admin::Health;
+use crate::config::WorkerSettings;
+use crate::queue::{self, Queue};
+
+/// Messages a previous process with this id left in its processing list go back to the front
+/// of the queue before anything is claimed.
+pub(super) async fn recover(queue: &Queue, worker_id: &str, health: &Health, shutdown: &CancellationToken) {
+    let recovered = until_answered(
+        health,
+        Some(shutdown),
+        "Redis refused to return leftover messages",
+        || queue.give_back(worker_id),
+    )
+    .await
+    .unwrap_or(0);
+    if recovered > 0 {
+        warn!(
+            count = recovered,
+            "Returned messages left in this worker's processing list to the queue"
+        );
+    }
+}
+
+/// Connects to Redis, waiting with backoff while it is unreachable. `None`: shut down first.
+pub(super) async fn connect(
+    client: &redis::Client,
+    queue_name: &str,
+    worker_id: &str,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<Option<Queue>, RunError> {
+    let mut backoff = Backoff::default();
+    loop {
+        let started = Instant::now();
+        match Queue::connect(client, queue_name, worker_id).await {
+            Ok(queue) => {
+                let version = queue
+                    .server_version()
+                    .await
+                    .map_err(|e| RunError::Fatal(format!("Redis: {e}")))?;
+                if !queue::supported_version(&version) {
+                    return Err(RunError::Config(format!(
+                        "redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)"
+                    )));
+                }
+                health.redis_ok(started);
+                return Ok(Some(queue));
+            }
+            Err(e) if e.is_auth() => {
+                return Err(RunError::Config(format!(
+                    "redis.password (REDIS_PASSWORD): Redis refused the credentials ({e}); set the right password"
+                )))
+            }
+            Err(e) => {
+                if backoff.attempts == 0 {
+                    error!(error = %e, "Cannot connect to Redis; will keep trying");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(backoff.next()) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Takes this worker's id in Redis. A live process holding it is given `dead_after` to go
+/// quiet (a crashed holder elsewhere does); a holder on this host whose process is gone is
+/// taken over at once. `false`: shut down while waiting.
+pub(super) async fn take_id(
+    queue: &Queue,
+    worker: &WorkerSettings,
+    health: &Health,
+    shutdown: &CancellationToken,
+) -> Result<bool, RunError> {
+    let mut waited_since: Option<tokio::time::Instant> = None;
+    let mut dead_holder: Option<String> = None;
+    loop {
+        let Some(taken) = until_answered(health, Some(shutdown), "Redis refused to register this worker", || {
+            queue.register(worker.dead_after, dead_holder.as_deref())
+        })
+        .await
+        else {
+            return Ok(false);
+        };
+        let holder = match taken {
+            Ok(()) => return Ok(true),
+            Err(holder) => holder,
+        };
+        if holder.host == queue::this_host() && !process_alive(holder.pid) {
+            info!(holder = %holder, "Taking over worker id {} from a process that no longer runs", worker.id);
+            dead_holder = Some(holder.token);
+            continue;
+        }
+        let since = *waited_since.get_or_insert_with(|| {
+            warn!(holder = %holder, "Worker id {} is held by another process; waiting up to {:?} for it to go quiet", worker.id, worker.dead_after);
+            tokio::time::Instant::now()
+        });
+        if since.elapsed() >= worker.dead_after {
+            return Err(RunError::Config(format!(
+                "worker.id (WORKER_ID) = {}: already in use by a live worker, {holder}; give each process its own WORKER_ID",
+                worker.id
+            )));
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(false),
+            _ = tokio::time::sleep(worker.heartbeat_interval) => {}
+        }
+    }
+}
+
+/// Whether a process with this pid runs on this machine. Where that cannot be told, assume it
+/// does: the caller then waits for its heartbeat to go stale instead.
+fn process_alive(pid: u32) -> bool {
+    #[cfg(target_os = "linux")]
+    {
+        pid == std::process::id() || std::path::Path::new(&format!("/proc/{pid}")).exists()
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        let _ = pid;
+        true
+    }
+}
