@@ -4,22 +4,20 @@
 //! `worker` composes the parts; each other module owns one concern (see DESIGN.md).
 
 pub mod admin;
-pub mod bench;
-pub mod check;
+pub mod cli;
 pub mod config;
 pub mod delivery;
-pub mod demo;
+#[cfg(feature = "devtools")]
+pub mod devtools;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod message;
 pub mod metrics;
-pub mod ops;
 pub mod pki;
 pub mod policy;
 pub mod queue;
 pub mod service;
 pub mod shutdown;
-pub mod sink;
 pub mod telemetry;
 pub mod tls;
 pub mod worker;

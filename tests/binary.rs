@@ -8,8 +8,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use courier::devtools::sink::{self, Reply, Sink, SinkTls};
 use courier::pki::{Authority, Validity};
-use courier::sink::{self, Reply, Sink, SinkTls};
 
 const Q: &str = "message_queue";
 

@@ -8,8 +8,8 @@ use std::process::{Output, Stdio};
 use std::time::Duration;
 
 use common::*;
+use courier::devtools::sink;
 use courier::message::{dead_letter, DeadReason};
-use courier::sink;
 use redis::AsyncCommands;
 
 const Q: &str = "message_queue";

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use courier::sink::{self, Endpoint, Reply};
+use courier::devtools::sink::{self, Endpoint, Reply};
 
 const Q: &str = "message_queue";
 

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
-use courier::sink::{self, Endpoint, Reply};
+use courier::devtools::sink::{self, Endpoint, Reply};
 use redis::AsyncCommands;
 
 const Q: &str = "message_queue";
@@ -627,13 +627,13 @@ async fn check_names_the_tls_failure_by_what_went_wrong() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let day = Duration::from_secs(86_400);
     let serve = |server: courier::pki::Issued, client_ca: String| async move {
-        let tls = courier::sink::SinkTls {
+        let tls = courier::devtools::sink::SinkTls {
             cert_pem: server.cert_pem,
             key_pem: server.key_pem,
             client_ca_pem: client_ca,
             http2: false,
         };
-        courier::sink::Sink::start("127.0.0.1:0".parse().expect("addr"), &tls, sink::always_ok())
+        courier::devtools::sink::Sink::start("127.0.0.1:0".parse().expect("addr"), &tls, sink::always_ok())
             .await
             .expect("sink starts")
     };

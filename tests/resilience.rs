@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
+use courier::devtools::sink::{self, Endpoint, Reply, Sink};
 use courier::pki::{Authority, Validity};
-use courier::sink::{self, Endpoint, Reply, Sink};
 
 const Q: &str = "message_queue";
 

@@ -9,8 +9,8 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use courier::config::Settings;
+use courier::devtools::sink::{Behaviour, Sink, SinkTls};
 use courier::pki::{Authority, Issued, Validity};
-use courier::sink::{Behaviour, Sink, SinkTls};
 use courier::tls::ClientTls;
 use courier::worker::{RunError, Worker};
 use redis::AsyncCommands;

@@ -15,8 +15,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
+use crate::devtools::sink::{self, Endpoint, Reply, Sink, SinkTls};
 use crate::pki::{write_private, Authority, Validity};
-use crate::sink::{self, Endpoint, Reply, Sink, SinkTls};
 use crate::tls::ClientTls;
 use crate::worker::Worker;
 

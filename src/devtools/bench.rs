@@ -23,7 +23,7 @@ use redis::AsyncCommands;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::demo::{start_redis, throwaway_pki};
+use crate::devtools::demo::{start_redis, throwaway_pki};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -155,7 +155,7 @@ struct SinkProcess {
 
 async fn start_sink(
     exe: &std::path::Path,
-    pki: &crate::demo::ThrowawayPki,
+    pki: &crate::devtools::demo::ThrowawayPki,
     fail_share: f64,
 ) -> anyhow::Result<SinkProcess> {
     let port = free_port()?;
@@ -213,7 +213,7 @@ struct Drain {
 struct Rig {
     exe: std::path::PathBuf,
     work: tempfile::TempDir,
-    pki: crate::demo::ThrowawayPki,
+    pki: crate::devtools::demo::ThrowawayPki,
     redis_port: u16,
     redis_pid: u32,
     conn: redis::aio::MultiplexedConnection,

@@ -2,7 +2,8 @@
 //! with a fix on failure: config, TLS files, key match, chain, expiry, key permissions, Redis
 //! (reachable, password, version) and a real mutual-TLS request to the main server.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -63,6 +64,26 @@ impl Check {
             line.push_str(&format!("\n      fix: {fix}"));
         }
         line
+    }
+}
+
+/// `courier check`: prints one line per check; exits 0 only when all pass.
+pub(super) fn command(file: Option<PathBuf>) -> ExitCode {
+    let runtime = match super::runtime(0) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    let checks = runtime.block_on(run(file.as_deref()));
+    for check in &checks {
+        println!("{}", check.render());
+    }
+    let failed = checks.iter().filter(|c| c.verdict == Verdict::Fail).count();
+    if failed == 0 {
+        println!("all checks passed");
+        ExitCode::SUCCESS
+    } else {
+        println!("{failed} check(s) failed");
+        ExitCode::FAILURE
     }
 }
 
@@ -263,7 +284,7 @@ fn key_permissions(path: &Path) -> Check {
 
 async fn redis_check(settings: &Settings) -> Check {
     let r = &settings.redis;
-    let conn = crate::ops::connect(r).await;
+    let conn = super::connect(r).await;
     let mut conn = match conn {
         Ok(conn) => conn,
         Err(e) => {

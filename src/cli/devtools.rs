@@ -1,0 +1,276 @@
+//! The developer commands, built with the `devtools` feature: `courier sink` (the reference
+//! main server), `courier demo` and `courier bench`.
+
+use std::hash::{Hash, Hasher};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::bail;
+
+use super::certs::read;
+use super::{oneshot, runtime};
+use crate::devtools::sink::{Endpoint, Reply, Sink, SinkTls};
+
+/// Run the whole pipeline locally: throwaway certificates, a reference mTLS main server,
+/// Redis (REDIS_URL, localhost, or a private redis-server), and the worker, with some
+/// messages failing first. Cleans up after itself, also on Ctrl+C.
+///
+/// Example: courier demo --messages 5000
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// How many messages to send.
+    #[arg(long, default_value_t = 5000)]
+    pub messages: usize,
+    /// Share of messages whose first two attempts fail with 503.
+    #[arg(long, default_value_t = 0.1)]
+    pub flaky: f64,
+    /// Delivery slots.
+    #[arg(long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// The Redis to use when it answers (its keys are left alone but for the demo's own queue).
+    #[arg(long, env = "REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Port for /metrics while the demo runs (0: any free port).
+    #[arg(long, default_value_t = 0)]
+    pub metrics_port: u16,
+}
+
+/// Measure throughput, CPU per message, peak RSS, idle CPU and enqueue-to-delivery latency:
+/// the real worker as its own process against a private redis-server and the reference
+/// mTLS main server in another process. Linux only.
+///
+/// Example: courier bench --messages 200000 --concurrency 64
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// Messages to drain.
+    #[arg(long, default_value_t = 200_000)]
+    pub messages: usize,
+    /// WORKER_CONCURRENCY for the run.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// WORKER_BATCH_SIZE for the run.
+    #[arg(long, default_value_t = 10)]
+    pub batch_size: usize,
+    /// Approximate bytes per queued message.
+    #[arg(long, default_value_t = 200)]
+    pub message_bytes: usize,
+    /// Share of delivery attempts the main server answers 503 (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_share: f64,
+    /// Messages per second in the latency phase (0 skips it).
+    #[arg(long, default_value_t = 2000)]
+    pub latency_rate: usize,
+    /// Seconds the latency phase lasts.
+    #[arg(long, default_value_t = 5)]
+    pub latency_seconds: u64,
+    /// Seconds of idle-CPU measurement with the queue empty.
+    #[arg(long, default_value_t = 5)]
+    pub idle_seconds: u64,
+    /// Run the worker with MAIN_SERVER_HTTP2=true (the main server offers both).
+    #[arg(long)]
+    http2: bool,
+    /// Drain this many times (a fresh worker each time) and report each figure's median.
+    #[arg(long, default_value_t = 1)]
+    pub repeat: usize,
+    /// With --fail-share: run a clean drain before each failing one and report the ratio
+    /// of their first-90% rates, so that both halves of each pair see the same machine.
+    #[arg(long)]
+    pub paired: bool,
+}
+
+/// `courier demo`.
+pub(super) fn demo(args: DemoArgs) -> ExitCode {
+    let DemoArgs {
+        messages,
+        flaky,
+        concurrency,
+        redis_url,
+        metrics_port,
+    } = args;
+    let options = crate::devtools::demo::DemoOptions {
+        messages,
+        flaky_share: flaky,
+        concurrency: concurrency.max(1),
+        redis_url,
+        metrics_port,
+    };
+    let runtime = match runtime(0) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(crate::devtools::demo::run(options)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("courier demo: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `courier bench`.
+pub(super) fn bench(args: BenchArgs) -> ExitCode {
+    let BenchArgs {
+        messages,
+        concurrency,
+        batch_size,
+        message_bytes,
+        fail_share,
+        latency_rate,
+        latency_seconds,
+        idle_seconds,
+        http2,
+        repeat,
+        paired,
+    } = args;
+    oneshot(crate::devtools::bench::run(crate::devtools::bench::BenchOptions {
+        messages,
+        concurrency: concurrency.max(1),
+        batch_size: batch_size.clamp(1, 1000),
+        message_bytes,
+        fail_share: fail_share.clamp(0.0, 1.0),
+        latency_rate,
+        latency_seconds,
+        idle_seconds,
+        http2,
+        repeat: repeat.clamp(1, 100),
+        paired,
+    }))
+}
+
+/// Whether this attempt falls in the failing share, decided by a hash of id and attempt so a
+/// run is repeatable.
+fn in_share(message_id: &str, attempt: u64, share: f64) -> bool {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    (message_id, attempt).hash(&mut hasher);
+    (hasher.finish() % 10_000) < (share.clamp(0.0, 1.0) * 10_000.0) as u64
+}
+
+/// `courier sink`'s options.
+#[derive(Debug, clap::Args)]
+pub struct SinkArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8443")]
+    pub listen: SocketAddr,
+    /// Server certificate (PEM).
+    #[arg(long)]
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    #[arg(long)]
+    pub key: PathBuf,
+    /// CA that client certificates must chain to (PEM).
+    #[arg(long)]
+    pub client_ca: PathBuf,
+    /// Share of delivery attempts answered 503 (0 to 1), chosen by a hash of id and attempt.
+    #[arg(long, default_value_t = 0.0)]
+    pub fail_share: f64,
+    /// Answer the first N attempts of every message with 503.
+    #[arg(long, default_value_t = 0)]
+    pub fail_first: u64,
+    /// Wait this many milliseconds before answering.
+    #[arg(long, default_value_t = 0)]
+    pub delay_ms: u64,
+    /// Offer only HTTP/1.1 in the TLS handshake, like a server without HTTP/2.
+    #[arg(long)]
+    pub http1_only: bool,
+    /// Print nothing per call.
+    #[arg(long)]
+    pub quiet: bool,
+    /// On exit, print enqueue-to-delivery latency percentiles (payloads from `courier bench`).
+    #[arg(long)]
+    pub report_latency: bool,
+}
+
+/// `courier sink`: serves until Ctrl+C.
+pub(super) async fn sink(args: SinkArgs) -> anyhow::Result<()> {
+    let SinkArgs {
+        listen,
+        cert,
+        key,
+        client_ca,
+        fail_share,
+        fail_first,
+        delay_ms,
+        http1_only,
+        quiet,
+        report_latency,
+    } = args;
+    if !(0.0..=1.0).contains(&fail_share) {
+        bail!("--fail-share {fail_share}: give a share from 0 to 1, e.g. 0.1");
+    }
+    let tls = SinkTls {
+        cert_pem: read(&cert, "server certificate")?,
+        key_pem: read(&key, "server key")?,
+        client_ca_pem: read(&client_ca, "client CA")?,
+        http2: !http1_only,
+    };
+    let delay = Duration::from_millis(delay_ms);
+    // Enqueue-to-delivery latencies, from the `t` (epoch microseconds) that `courier bench` puts
+    // in each payload.
+    let latencies: Arc<std::sync::Mutex<Vec<u64>>> = Arc::default();
+    let seen = latencies.clone();
+    let behaviour: crate::devtools::sink::Behaviour = Arc::new(move |call| {
+        let status = match call.endpoint {
+            Endpoint::Deliver if call.attempt <= fail_first || in_share(&call.message_id, call.attempt, fail_share) => {
+                503
+            }
+            _ => 200,
+        };
+        if report_latency && status == 200 {
+            if let Some(sent) = call.body["payload"]["t"].as_u64() {
+                let now = chrono::Utc::now().timestamp_micros() as u64;
+                seen.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(now.saturating_sub(sent));
+            }
+        }
+        if !quiet {
+            let what = match call.endpoint {
+                Endpoint::Deliver => format!("POST deliver {} attempt={}", call.message_id, call.attempt),
+                Endpoint::Status => format!(
+                    "PUT status {} {} attempt_count={}",
+                    call.message_id,
+                    call.body["status"].as_str().unwrap_or("?"),
+                    call.attempt
+                ),
+            };
+            println!(
+                "{} {what} client={} -> {status}",
+                chrono::Local::now().format("%H:%M:%S%.3f"),
+                call.client
+            );
+        }
+        Reply {
+            delay,
+            ..Reply::status(status)
+        }
+    });
+    let sink = Sink::start_with(listen, &tls, behaviour, false)
+        .await
+        .map_err(anyhow::Error::msg)?;
+    println!(
+        "courier sink listening on https://{} (client certificates required); Ctrl+C stops",
+        sink.addr
+    );
+    crate::shutdown::requested().await;
+    if report_latency {
+        let mut all = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        all.sort_unstable();
+        let at = |q: f64| {
+            all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0)
+        };
+        println!(
+            "latency_us n={} p50={} p99={} max={}",
+            all.len(),
+            at(0.5),
+            at(0.99),
+            all.last().copied().unwrap_or(0)
+        );
+    }
+    println!("stopping; {} calls served", sink.record.served());
+    Ok(())
+}

@@ -1,0 +1,333 @@
+//! The command line: every command's options and what runs it. `main.rs` only parses and
+//! hands over to `main` here. One file per command family: `run` (the worker), `check`,
+//! `certs`, `enqueue`, `stats`, `dlq`, and, with the `devtools` feature, `devtools` (the
+//! reference main server, the demo and the benchmark).
+
+mod certs;
+pub mod check;
+#[cfg(feature = "devtools")]
+mod devtools;
+mod dlq;
+mod enqueue;
+mod run;
+mod stats;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::{ProcessEnv, RedisSettings, Settings};
+
+pub use self::dlq::printable;
+
+/// sysexits.h EX_CONFIG: the configuration is wrong; restarting will not help.
+pub const EXIT_CONFIG: u8 = 78;
+
+/// `courier`'s command line.
+#[derive(Parser)]
+#[command(
+    name = "courier",
+    version,
+    about = "Delivers JSON messages from a Redis list to a main server over mutual TLS, losing none"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker: claim messages from Redis and deliver them to the main server.
+    ///
+    /// Settings come from the seed's environment variables (REDIS_HOST, MAIN_SERVER_URL,
+    /// WORKER_ID, WORKER_CONCURRENCY, ...) over config.yaml over the defaults.
+    ///
+    /// Example: WORKER_ID=worker-1 MAIN_SERVER_URL=https://main:8000 courier run --config config.yaml
+    Run {
+        /// The config file; without it, ./config.yaml is read when present.
+        #[arg(long, short, env = "COURIER_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+        /// Instance number N of a systemd template unit (worker@N): WORKER_ID defaults to
+        /// worker-N and WORKER_METRICS_PORT to 9100+N-1 (the variables override both).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=55000))]
+        instance: Option<u32>,
+    },
+    /// Run the whole pipeline locally: throwaway certificates, a reference mTLS main server,
+    /// Redis (REDIS_URL, localhost, or a private redis-server), and the worker, with some
+    /// messages failing first. Cleans up after itself, also on Ctrl+C.
+    ///
+    /// Example: courier demo --messages 5000
+    #[cfg(feature = "devtools")]
+    Demo(devtools::DemoArgs),
+    /// Measure throughput, CPU per message, peak RSS, idle CPU and enqueue-to-delivery latency:
+    /// the real worker as its own process against a private redis-server and the reference
+    /// mTLS main server in another process. Linux only.
+    ///
+    /// Example: courier bench --messages 200000 --concurrency 64
+    #[cfg(feature = "devtools")]
+    Bench(devtools::BenchArgs),
+    /// Check a configuration: TLS files, key match, chain, expiry, key permissions, Redis,
+    /// and a real mutual-TLS request to the main server. Exits 0 only when all pass.
+    ///
+    /// Example: WORKER_ID=worker-1 courier check --config /etc/courier/config.yaml
+    Check {
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Make certificates: a CA, server certificates and worker client certificates.
+    #[command(subcommand)]
+    Certs(CertsCommand),
+    /// Run the reference main server (mutual TLS, the two endpoints), printing each call.
+    /// Failure injection for smoke tests: a share of 503s, failing first attempts, delays.
+    ///
+    /// Example: courier sink --listen 127.0.0.1:8443 --cert certs/server.crt --key certs/server.key --client-ca certs/ca.crt --fail-share 0.1
+    #[cfg(feature = "devtools")]
+    Sink(devtools::SinkArgs),
+    /// Push messages onto the queue in the documented format.
+    ///
+    /// Examples: courier enqueue --id order-42 --payload '{"total": 12.5}'
+    ///           courier enqueue --count 10000 --prefix load
+    Enqueue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The message_id of one message.
+        #[arg(long, conflicts_with = "count")]
+        id: Option<String>,
+        /// How many messages to generate (ids PREFIX-0, PREFIX-1, ...).
+        #[arg(long, required_unless_present = "id")]
+        count: Option<usize>,
+        /// Prefix of generated ids.
+        #[arg(long, default_value = "msg")]
+        prefix: String,
+        /// The payload, as JSON.
+        #[arg(long)]
+        payload: Option<String>,
+    },
+    /// Show the queue: ready (and the oldest's age), processing per worker, retry (next due),
+    /// dead by reason, live workers with heartbeat age.
+    ///
+    /// Example: courier stats --watch
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+        /// Refresh every two seconds until Ctrl+C.
+        #[arg(long)]
+        watch: bool,
+    },
+    /// Inspect and requeue dead letters.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
+}
+
+/// The configuration file option shared by commands that read settings.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The config file; without it, ./config.yaml is read when present.
+    #[arg(long, short, env = "COURIER_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+/// Runs the command. Errors are one line on stderr; a configuration error exits 78.
+pub fn main(cli: Cli) -> ExitCode {
+    match cli.command {
+        Command::Run { config, instance } => run::run(config, instance),
+        #[cfg(feature = "devtools")]
+        Command::Demo(args) => devtools::demo(args),
+        #[cfg(feature = "devtools")]
+        Command::Bench(args) => devtools::bench(args),
+        #[cfg(feature = "devtools")]
+        Command::Sink(args) => oneshot(devtools::sink(args)),
+        Command::Check { config } => check::command(config.config.or_else(Settings::default_file)),
+        Command::Certs(command) => match certs::certs(command) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("courier: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Enqueue {
+            config,
+            id,
+            count,
+            prefix,
+            payload,
+        } => match settings(config) {
+            Ok(settings) => oneshot(async move {
+                let n = enqueue::enqueue(&settings.redis, id, count, &prefix, payload.as_deref()).await?;
+                println!("enqueued {n} message(s) on {}", settings.redis.queue_name);
+                Ok(())
+            }),
+            Err(code) => code,
+        },
+        Command::Stats { config, json, watch } => match settings(config) {
+            Ok(settings) => oneshot(stats::command(settings, json, watch)),
+            Err(code) => code,
+        },
+        Command::Dlq(command) => dlq::command(command),
+    }
+}
+
+/// The tokio runtime, built in this one place: on the current thread for `threads == 1`, one
+/// thread per core for 0, else that many threads.
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime, ExitCode> {
+    let runtime = match threads {
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build(),
+    };
+    runtime.map_err(|e| {
+        eprintln!("courier: cannot start the async runtime: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+/// Runs a one-shot command on a fresh runtime; its error is one line, exit 1.
+fn oneshot<F: std::future::Future<Output = anyhow::Result<()>>>(work: F) -> ExitCode {
+    let runtime = match runtime(0) {
+        Ok(runtime) => runtime,
+        Err(code) => return code,
+    };
+    match runtime.block_on(work) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("courier: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Loads settings for an operator command; a bad configuration exits 78.
+fn settings(config: ConfigArg) -> Result<Settings, ExitCode> {
+    let file = config.config.or_else(Settings::default_file);
+    Settings::load(file.as_deref(), &ProcessEnv).map_err(config_error)
+}
+
+/// `anyhow` for the errors of one-shot commands.
+/// Connects for a one-shot command, with an error that says where and what to check.
+async fn connect(settings: &RedisSettings) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    crate::queue::connect_once(settings).await.map_err(|e| {
+        if e.is_auth() {
+            anyhow::anyhow!(
+                "Redis at {}:{} refused the password ({e}); check REDIS_PASSWORD",
+                settings.host,
+                settings.port
+            )
+        } else {
+            anyhow::anyhow!(
+                "cannot reach Redis at {}:{} ({e}); is it running? check REDIS_HOST and REDIS_PORT",
+                settings.host,
+                settings.port
+            )
+        }
+    })
+}
+
+fn config_error(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("courier: configuration error: {message}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+#[derive(Subcommand)]
+enum CertsCommand {
+    /// Make a new CA: DIR/ca.crt and DIR/ca.key (0600).
+    ///
+    /// Example: courier certs init --out certs
+    Init {
+        /// Directory to write to (created if missing).
+        #[arg(long)]
+        out: PathBuf,
+        /// The CA's common name.
+        #[arg(long, default_value = "courier CA")]
+        name: String,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue a server certificate (--server NAMES) or a worker client certificate (--client NAME)
+    /// from the CA in --ca DIR.
+    ///
+    /// Examples: courier certs issue --ca certs --server main.internal,10.0.0.5 --out certs
+    ///           courier certs issue --ca certs --client worker-1 --out certs
+    Issue {
+        /// Directory holding ca.crt and ca.key.
+        #[arg(long)]
+        ca: PathBuf,
+        /// Server DNS names and IP addresses, comma-separated; writes server.crt and server.key.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            required_unless_present = "client",
+            conflicts_with = "client"
+        )]
+        server: Vec<String>,
+        /// Worker name; writes NAME.crt and NAME.key.
+        #[arg(long)]
+        client: Option<String>,
+        /// Directory to write to.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+        /// Days the certificate is valid.
+        #[arg(long, default_value_t = 825)]
+        days: u64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DlqCommand {
+    /// List dead letters, newest first.
+    ///
+    /// Example: courier dlq list --limit 20
+    List {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Show at most this many.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Print JSON lines (the stored records).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show the dead letters of one message id in full.
+    ///
+    /// Example: courier dlq show order-42
+    Show {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The message_id.
+        id: String,
+    },
+    /// Move dead letters back to the queue with attempt_count reset to 0 and the reason dropped.
+    ///
+    /// Examples: courier dlq requeue order-42 order-43
+    ///           courier dlq requeue --all
+    Requeue {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Message ids to requeue.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<String>,
+        /// Requeue every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete every dead letter. Needs --yes.
+    ///
+    /// Example: courier dlq purge --yes
+    Purge {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Really delete them.
+        #[arg(long)]
+        yes: bool,
+    },
+}

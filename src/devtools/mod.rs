@@ -1,0 +1,7 @@
+//! Tools for developing and trying courier, built with the `devtools` feature (on by
+//! default; `--no-default-features` leaves them out of the production binary): `sink`, the
+//! reference main server; `demo`, the whole pipeline on one machine; `bench`, the benchmark.
+
+pub mod bench;
+pub mod demo;
+pub mod sink;
