@@ -1,5 +1,5 @@
 //! What must hold for any outside bytes, one function per parser: the cargo-fuzz targets in
-//! `fuzz/` and the property tests in `tests/properties.rs` call these same checks, so both
+//! `fuzz/` and the property tests in `tests/it/properties.rs` call these same checks, so both
 //! hunt for the same failures. Each returns normally or panics with what broke.
 //! Built with the `fuzzing` feature only; nothing in the worker calls it.
 

@@ -1,6 +1,5 @@
 //! Test harness: a private redis-server per test, certificates made at test time, the reference
 //! mTLS main server, and ways to run the worker in-process or as the real binary.
-#![allow(dead_code)]
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::{SocketAddr, TcpListener};
@@ -19,6 +18,14 @@ use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 pub const WAIT: Duration = Duration::from_secs(30);
+
+/// The queue every test uses (each test has a Redis of its own).
+pub const Q: &str = "message_queue";
+
+/// The Redis keys of `Q`, named as the worker names them.
+pub fn keys() -> courier::queue::Keys {
+    courier::queue::Keys::new(Q)
+}
 
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -352,7 +359,10 @@ pub async fn dead_letters(redis: &RedisServer, queue: &str) -> Vec<serde_json::V
 /// Dead-letter records, newest first, read as `courier dlq` reads them.
 pub async fn raw_dead_letters(redis: &RedisServer, queue: &str) -> Vec<courier::message::DeadRecord> {
     let mut conn = redis.conn().await;
-    let items: Vec<Vec<u8>> = conn.lrange(format!("{queue}:dead"), 0, -1).await.expect("LRANGE");
+    let items: Vec<Vec<u8>> = conn
+        .lrange(courier::queue::Keys::new(queue).dead, 0, -1)
+        .await
+        .expect("LRANGE");
     items.iter().map(|i| courier::message::parse_dead_letter(i)).collect()
 }
 

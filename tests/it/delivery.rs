@@ -1,14 +1,10 @@
 //! Claim, deliver and settle, against a real redis-server and the real mTLS reference server.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use courier::devtools::sink::{self, Endpoint, Reply};
-
-const Q: &str = "message_queue";
 
 fn ids(prefix: &str, n: usize) -> Vec<String> {
     (0..n).map(|i| format!("{prefix}-{i:04}")).collect()
@@ -51,7 +47,7 @@ async fn delivers_a_batch_in_fifo_order_with_the_contract_body_and_headers() {
     worker.stop().await;
     assert_eq!(len(&redis, Q).await, 0);
     assert_eq!(
-        len(&redis, &format!("{Q}:processing:w-fifo")).await,
+        len(&redis, &keys().processing("w-fifo")).await,
         0,
         "every delivered message was acked"
     );
@@ -91,7 +87,7 @@ async fn never_claims_more_than_there_are_free_slots() {
             .expect("a delivery arrives");
     }
     assert_eq!(
-        len(&redis, &format!("{Q}:processing:w-slots")).await,
+        len(&redis, &keys().processing("w-slots")).await,
         3,
         "claimed only as many as there are slots"
     );
@@ -140,8 +136,8 @@ async fn retries_503_then_delivers_with_attempt_counts_and_status_updates() {
     assert!(sink.record.statuses().iter().all(|c| c.message_id == "retry-me"));
 
     worker.stop().await;
-    assert_eq!(len(&redis, &format!("{Q}:retry")).await, 0);
-    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 0);
+    assert_eq!(len(&redis, &keys().retry).await, 0);
+    assert_eq!(len(&redis, &keys().dead).await, 0);
 }
 
 #[tokio::test]
@@ -216,7 +212,7 @@ async fn dead_letters_at_max_attempts_keeping_every_other_byte() {
         format!(r#"{{"attempt_count":3,{}"#, &original[1..]),
         "only attempt_count changed"
     );
-    assert_eq!(len(&redis, &format!("{Q}:retry")).await + len(&redis, Q).await, 0);
+    assert_eq!(len(&redis, &keys().retry).await + len(&redis, Q).await, 0);
 }
 
 #[tokio::test]
@@ -285,7 +281,7 @@ async fn malformed_items_are_dead_lettered_while_good_ones_keep_flowing() {
         );
         assert!(!record["error"].as_str().unwrap_or("").is_empty());
     }
-    assert_eq!(len(&redis, &format!("{Q}:processing:w-bad")).await, 0);
+    assert_eq!(len(&redis, &keys().processing("w-bad")).await, 0);
 }
 
 #[tokio::test]
@@ -307,7 +303,7 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
         sink.wait_for(WAIT, |r| r.delivered().len() == 6 && r.statuses().len() == 2)
             .await
     );
-    eventually(|| async { len(&redis, &format!("{Q}:dead")).await == 2 }).await;
+    eventually(|| async { len(&redis, &keys().dead).await == 2 }).await;
 
     let (status, text) = get(&worker.url("/metrics")).await;
     assert_eq!(status, 200);

@@ -1,17 +1,13 @@
 //! The real `courier` binary: TLS trust in both directions, SIGTERM under load, configuration
 //! errors and the log format.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use courier::devtools::sink::{self, Reply, Sink, SinkTls};
 use courier::pki::{Authority, Validity};
-
-const Q: &str = "message_queue";
 
 #[tokio::test]
 async fn a_server_certificate_from_another_ca_is_refused_and_the_message_kept() {
@@ -48,7 +44,7 @@ async fn a_server_certificate_from_another_ca_is_refused_and_the_message_kept() 
         !sink.record.handshake_failures().is_empty(),
         "the worker aborted the handshake"
     );
-    let retry = format!("{Q}:retry");
+    let retry = keys().retry;
     let kept: BTreeSet<String> = ids_in(&redis, &retry)
         .await
         .into_iter()
@@ -110,89 +106,6 @@ async fn the_test_server_refuses_a_client_without_a_certificate() {
         .await
         .expect("accepted");
     assert_eq!(accepted.status(), 200);
-}
-
-#[tokio::test]
-async fn sigterm_mid_load_loses_nothing_and_exits_zero() {
-    let (redis, pki) = (RedisServer::start().await, Pki::new());
-    // Slow enough that SIGTERM lands mid-run; one message in ten fails its first attempt.
-    let behaviour: sink::Behaviour = Arc::new(|call| {
-        let n: u64 = call.message_id.trim_start_matches("load-").parse().unwrap_or(0);
-        let status = if n % 10 == 0 && call.attempt == 1 { 503 } else { 200 };
-        Reply {
-            delay: Duration::from_millis(2),
-            ..Reply::status(status)
-        }
-    });
-    let sink = start_sink(&pki, behaviour).await;
-    let all: Vec<String> = (0..3000).map(|i| format!("load-{i}")).collect();
-    enqueue(&redis, Q, &all.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
-
-    let vars = env(
-        &redis,
-        &sink.url(),
-        &pki,
-        "w-term",
-        &[("WORKER_CONCURRENCY", "16"), ("WORKER_RETRY_INTERVAL", "30")],
-    );
-    let mut child = spawn_worker(&vars, pki.dir.path());
-    let mut out = Lines::new(&mut child);
-    assert!(
-        sink.wait_for(WAIT, |r| r.delivered().len() >= 300).await,
-        "deliveries under way"
-    );
-    signal(&child, "TERM");
-    let status = tokio::time::timeout(WAIT, child.wait())
-        .await
-        .expect("exits within the grace")
-        .expect("status");
-    out.rest().await;
-    assert!(status.success(), "exit status {status}");
-
-    let delivered: BTreeSet<String> = sink.record.delivered().into_iter().collect();
-    let ready = ids_in(&redis, Q).await;
-    let retry = ids_in(&redis, &format!("{Q}:retry")).await;
-    assert!(
-        delivered.len() < 3000,
-        "SIGTERM landed before the end ({} delivered)",
-        delivered.len()
-    );
-    assert!(!retry.is_empty(), "some messages were waiting for a retry");
-    let accounted: BTreeSet<String> = delivered.iter().chain(&ready).chain(&retry).cloned().collect();
-    let expected: BTreeSet<String> = all.into_iter().collect();
-    assert_eq!(accounted, expected, "Q + retry + delivered = everything enqueued");
-    assert_eq!(
-        len(&redis, &format!("{Q}:processing:w-term")).await,
-        0,
-        "nothing left claimed"
-    );
-    assert_eq!(len(&redis, &format!("{Q}:workers")).await, 0, "the worker deregistered");
-
-    // The log file has the seed's format, and INFO hides the per-message DEBUG lines.
-    let logs: Vec<_> = std::fs::read_dir(pki.dir.path().join("logs"))
-        .expect("log dir")
-        .flatten()
-        .collect();
-    assert_eq!(logs.len(), 1);
-    let name = logs[0].file_name().to_string_lossy().to_string();
-    assert!(name.starts_with("worker.") && name.ends_with(".log"), "{name}");
-    let text = std::fs::read_to_string(logs[0].path()).expect("log file");
-    let first = text.lines().next().expect("a line");
-    let (stamp, rest) = first.split_at(23);
-    assert!(
-        chrono::NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S,%3f").is_ok(),
-        "{first}"
-    );
-    assert!(rest.starts_with(" - worker - INFO - [w-term] - "), "{first}");
-    assert!(
-        text.contains("Worker w-term starting...") && text.contains("Worker w-term stopped"),
-        "{text}"
-    );
-    assert!(!text.contains(" - DEBUG - "));
-    assert!(
-        out.seen.iter().any(|l| l.contains("Shutdown requested")),
-        "stdout carries the same lines"
-    );
 }
 
 #[tokio::test]
@@ -372,4 +285,93 @@ async fn under_systemd_it_reports_ready_status_and_stopping_and_instance_n_sets_
         .expect("exits")
         .expect("status")
         .success());
+}
+
+/// Whole runs of thousands of messages, the demo and the benchmark: the bulk of the suite's
+/// time. `cargo test --test it -- --skip slow::` leaves them out.
+mod slow {
+    use super::*;
+
+    #[tokio::test]
+    async fn sigterm_mid_load_loses_nothing_and_exits_zero() {
+        let (redis, pki) = (RedisServer::start().await, Pki::new());
+        // Slow enough that SIGTERM lands mid-run; one message in ten fails its first attempt.
+        let behaviour: sink::Behaviour = Arc::new(|call| {
+            let n: u64 = call.message_id.trim_start_matches("load-").parse().unwrap_or(0);
+            let status = if n % 10 == 0 && call.attempt == 1 { 503 } else { 200 };
+            Reply {
+                delay: Duration::from_millis(2),
+                ..Reply::status(status)
+            }
+        });
+        let sink = start_sink(&pki, behaviour).await;
+        let all: Vec<String> = (0..3000).map(|i| format!("load-{i}")).collect();
+        enqueue(&redis, Q, &all.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
+
+        let vars = env(
+            &redis,
+            &sink.url(),
+            &pki,
+            "w-term",
+            &[("WORKER_CONCURRENCY", "16"), ("WORKER_RETRY_INTERVAL", "30")],
+        );
+        let mut child = spawn_worker(&vars, pki.dir.path());
+        let mut out = Lines::new(&mut child);
+        assert!(
+            sink.wait_for(WAIT, |r| r.delivered().len() >= 300).await,
+            "deliveries under way"
+        );
+        signal(&child, "TERM");
+        let status = tokio::time::timeout(WAIT, child.wait())
+            .await
+            .expect("exits within the grace")
+            .expect("status");
+        out.rest().await;
+        assert!(status.success(), "exit status {status}");
+
+        let delivered: BTreeSet<String> = sink.record.delivered().into_iter().collect();
+        let ready = ids_in(&redis, Q).await;
+        let retry = ids_in(&redis, &keys().retry).await;
+        assert!(
+            delivered.len() < 3000,
+            "SIGTERM landed before the end ({} delivered)",
+            delivered.len()
+        );
+        assert!(!retry.is_empty(), "some messages were waiting for a retry");
+        let accounted: BTreeSet<String> = delivered.iter().chain(&ready).chain(&retry).cloned().collect();
+        let expected: BTreeSet<String> = all.into_iter().collect();
+        assert_eq!(accounted, expected, "Q + retry + delivered = everything enqueued");
+        assert_eq!(
+            len(&redis, &keys().processing("w-term")).await,
+            0,
+            "nothing left claimed"
+        );
+        assert_eq!(len(&redis, &keys().workers).await, 0, "the worker deregistered");
+
+        // The log file has the seed's format, and INFO hides the per-message DEBUG lines.
+        let logs: Vec<_> = std::fs::read_dir(pki.dir.path().join("logs"))
+            .expect("log dir")
+            .flatten()
+            .collect();
+        assert_eq!(logs.len(), 1);
+        let name = logs[0].file_name().to_string_lossy().to_string();
+        assert!(name.starts_with("worker.") && name.ends_with(".log"), "{name}");
+        let text = std::fs::read_to_string(logs[0].path()).expect("log file");
+        let first = text.lines().next().expect("a line");
+        let (stamp, rest) = first.split_at(23);
+        assert!(
+            chrono::NaiveDateTime::parse_from_str(stamp, "%Y-%m-%d %H:%M:%S,%3f").is_ok(),
+            "{first}"
+        );
+        assert!(rest.starts_with(" - worker - INFO - [w-term] - "), "{first}");
+        assert!(
+            text.contains("Worker w-term starting...") && text.contains("Worker w-term stopped"),
+            "{text}"
+        );
+        assert!(!text.contains(" - DEBUG - "));
+        assert!(
+            out.seen.iter().any(|l| l.contains("Shutdown requested")),
+            "stdout carries the same lines"
+        );
+    }
 }

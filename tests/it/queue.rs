@@ -1,15 +1,11 @@
 //! The Redis scripts on their own, against a real redis-server: races the worker cannot stage.
 
-mod common;
-
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use courier::queue::{self, Queue};
 use redis::AsyncCommands;
-
-const Q: &str = "message_queue";
 
 async fn queue_for(redis: &RedisServer, worker_id: &str) -> Queue {
     let client = redis::Client::open(redis.url()).expect("client");
@@ -22,14 +18,11 @@ async fn racing_reapers_return_each_message_exactly_once() {
     let mut conn = redis.conn().await;
     let items: Vec<String> = (0..200).map(|i| message(&format!("held-{i}"))).collect();
     let _: () = conn
-        .lpush(format!("{Q}:processing:dead-worker"), &items)
+        .lpush(keys().processing("dead-worker"), &items)
         .await
         .expect("LPUSH");
     // A heartbeat from long ago.
-    let _: () = conn
-        .zadd(format!("{Q}:workers"), "dead-worker", 1_000)
-        .await
-        .expect("ZADD");
+    let _: () = conn.zadd(keys().workers, "dead-worker", 1_000).await.expect("ZADD");
 
     let mut reapers = Vec::new();
     for i in 0..8 {
@@ -54,7 +47,7 @@ async fn racing_reapers_return_each_message_exactly_once() {
     assert_eq!(ready.iter().collect::<BTreeSet<_>>().len(), 200);
     // Oldest claim (rightmost in processing) is first in line (rightmost in the queue).
     assert_eq!(ready.last(), items.first());
-    let workers: Vec<String> = conn.zrange(format!("{Q}:workers"), 0, -1).await.expect("ZRANGE");
+    let workers: Vec<String> = conn.zrange(keys().workers, 0, -1).await.expect("ZRANGE");
     assert!(workers.is_empty());
 }
 
@@ -69,12 +62,12 @@ async fn a_live_worker_is_not_reaped() {
     let _: () = redis
         .conn()
         .await
-        .lpush(format!("{Q}:processing:alive"), message("mine"))
+        .lpush(keys().processing("alive"), message("mine"))
         .await
         .expect("LPUSH");
     let other = queue_for(&redis, "other").await;
     assert_eq!(other.reap("alive", Duration::from_secs(30)).await.expect("reap"), None);
-    assert_eq!(len(&redis, &format!("{Q}:processing:alive")).await, 1);
+    assert_eq!(len(&redis, &keys().processing("alive")).await, 1);
 }
 
 #[tokio::test]

@@ -1,18 +1,14 @@
 //! The operator commands, each run as the real binary: certs, enqueue, stats, dlq, check, sink,
 //! demo, and what they say about bad input.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use courier::devtools::sink;
 use courier::message::{dead_letter, DeadReason};
 use redis::AsyncCommands;
-
-const Q: &str = "message_queue";
 
 async fn run(vars: &HashMap<String, String>, dir: &std::path::Path, args: &[&str]) -> Output {
     tokio::time::timeout(WAIT, courier(vars, dir).args(args).output())
@@ -123,25 +119,21 @@ async fn enqueue_and_stats_show_every_part_of_the_queue() {
     assert!(first["queued_at"].as_f64().is_some());
 
     let _: () = conn
-        .lpush(format!("{Q}:processing:worker-9"), message("claimed"))
+        .lpush(keys().processing("worker-9"), message("claimed"))
         .await
         .unwrap();
     let _: () = conn
-        .zadd(format!("{Q}:retry"), message("later"), 99_999_999_999_999i64)
+        .zadd(keys().retry, message("later"), 99_999_999_999_999i64)
         .await
         .unwrap();
     for reason in [DeadReason::Exhausted, DeadReason::Rejected, DeadReason::Rejected] {
         let _: () = conn
-            .lpush(format!("{Q}:dead"), dead_letter(b"{}", reason, "e", "w", Some("d")))
+            .lpush(keys().dead, dead_letter(b"{}", reason, "e", "w", Some("d")))
             .await
             .unwrap();
     }
     let _: () = conn
-        .zadd(
-            format!("{Q}:workers"),
-            "worker-9",
-            chrono::Utc::now().timestamp_millis(),
-        )
+        .zadd(keys().workers, "worker-9", chrono::Utc::now().timestamp_millis())
         .await
         .unwrap();
 
@@ -196,7 +188,7 @@ async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes()
         dead_letter(b"garbage", DeadReason::Malformed("invalid_json"), "not JSON", "w", None),
     ];
     for record in &records {
-        let _: () = conn.lpush(format!("{Q}:dead"), record).await.unwrap();
+        let _: () = conn.lpush(keys().dead, record).await.unwrap();
     }
 
     let (list, _) = text(&run(&vars, dir.path(), &["dlq", "list"]).await);
@@ -218,7 +210,7 @@ async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes()
         [exhausted.replace(":5,", ":0,")],
         "attempt_count reset, every other byte kept"
     );
-    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 2);
+    assert_eq!(len(&redis, &keys().dead).await, 2);
 
     let out = run(&vars, dir.path(), &["dlq", "requeue", "--all"]).await;
     assert!(out.status.success());
@@ -228,17 +220,17 @@ async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes()
         ready.contains(&"garbage".to_string()),
         "a malformed original goes back as it was"
     );
-    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 0);
+    assert_eq!(len(&redis, &keys().dead).await, 0);
 
-    let _: () = conn.lpush(format!("{Q}:dead"), &records[1]).await.unwrap();
+    let _: () = conn.lpush(keys().dead, &records[1]).await.unwrap();
     let refused = run(&vars, dir.path(), &["dlq", "purge"]).await;
     assert!(!refused.status.success() && text(&refused).1.contains("--yes"));
-    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 1);
+    assert_eq!(len(&redis, &keys().dead).await, 1);
     assert!(run(&vars, dir.path(), &["dlq", "purge", "--yes"])
         .await
         .status
         .success());
-    assert_eq!(len(&redis, &format!("{Q}:dead")).await, 0);
+    assert_eq!(len(&redis, &keys().dead).await, 0);
     let out = run(&vars, dir.path(), &["dlq", "requeue", "ghost"]).await;
     assert!(!out.status.success() && text(&out).1.contains("ghost"));
 }
@@ -358,39 +350,6 @@ async fn the_sink_command_serves_a_worker_and_prints_each_call() {
 }
 
 #[tokio::test]
-async fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let vars = HashMap::from([("REDIS_URL".to_string(), redis.url())]);
-    let out = run(&vars, dir.path(), &["demo", "--messages", "600"]).await;
-    let (stdout, stderr) = text(&out);
-    assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("delivered                          599"), "{stdout}");
-    assert!(stdout.contains("dead-lettered (HTTP 422)             1"), "{stdout}");
-    let keys: Vec<String> = redis.conn().await.keys("*").await.unwrap();
-    assert!(keys.is_empty(), "the demo removed its keys: {keys:?}");
-}
-
-#[tokio::test]
-async fn the_demo_cleans_up_on_ctrl_c() {
-    let redis = RedisServer::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let vars = HashMap::from([("REDIS_URL".to_string(), redis.url())]);
-    let mut child = courier(&vars, dir.path())
-        .args(["demo", "--messages", "500000"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn");
-    let mut out = Lines::new(&mut child);
-    out.wait_for("reference main server").await;
-    signal(&child, "INT");
-    let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
-    assert!(!status.success(), "an interrupted demo says so");
-    let keys: Vec<String> = redis.conn().await.keys("*").await.unwrap();
-    assert!(keys.is_empty(), "the demo removed its keys: {keys:?}");
-}
-
-#[tokio::test]
 async fn bad_input_gets_one_line_and_a_non_zero_exit() {
     let redis = RedisServer::start_with(&["--requirepass", "sesame"]).await;
     let dir = tempfile::tempdir().unwrap();
@@ -429,68 +388,107 @@ async fn bad_input_gets_one_line_and_a_non_zero_exit() {
     assert!(text(&out).1.contains("--bogus"));
 }
 
-#[cfg(target_os = "linux")]
-#[tokio::test]
-async fn the_bench_reports_every_figure() {
-    let dir = tempfile::tempdir().unwrap();
-    let args = [
-        "bench",
-        "--messages",
-        "2000",
-        "--concurrency",
-        "8",
-        "--latency-rate",
-        "200",
-        "--latency-seconds",
-        "1",
-        "--idle-seconds",
-        "1",
-        "--fail-share",
-        "0.1",
-        "--paired",
-        "--repeat",
-        "2",
-    ];
-    let output = tokio::time::timeout(
-        Duration::from_secs(120),
-        courier(&HashMap::new(), dir.path()).args(args).output(),
-    )
-    .await
-    .expect("finishes")
-    .expect("runs");
-    let (stdout, stderr) = text(&output);
-    assert!(output.status.success(), "{stdout}\n{stderr}");
-    for figure in [
-        "drain",
-        "first 90%",
-        "worker CPU",
-        "worker syscalls",
-        "other CPU",
-        "machine steal",
-        "worker peak RSS",
-        "worker idle CPU",
-        "enqueue→delivery",
-    ] {
+/// Whole runs of thousands of messages, the demo and the benchmark: the bulk of the suite's
+/// time. `cargo test --test it -- --skip slow::` leaves them out.
+mod slow {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_bench_reports_every_figure() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = [
+            "bench",
+            "--messages",
+            "2000",
+            "--concurrency",
+            "8",
+            "--latency-rate",
+            "200",
+            "--latency-seconds",
+            "1",
+            "--idle-seconds",
+            "1",
+            "--fail-share",
+            "0.1",
+            "--paired",
+            "--repeat",
+            "2",
+        ];
+        let output = tokio::time::timeout(
+            Duration::from_secs(120),
+            courier(&HashMap::new(), dir.path()).args(args).output(),
+        )
+        .await
+        .expect("finishes")
+        .expect("runs");
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        for figure in [
+            "drain",
+            "first 90%",
+            "worker CPU",
+            "worker syscalls",
+            "other CPU",
+            "machine steal",
+            "worker peak RSS",
+            "worker idle CPU",
+            "enqueue→delivery",
+        ] {
+            assert!(
+                stdout.lines().any(|l| l.trim_start().starts_with(figure)),
+                "{figure} in:\n{stdout}"
+            );
+        }
+        assert!(stdout.contains("(median of 2, 2000 delivered in"), "{stdout}");
+        // Two pairs: a clean drain, then one with failures, each on its own line.
+        let runs: Vec<&str> = stdout
+            .lines()
+            .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
+            .collect();
+        assert_eq!(runs.len(), 4, "{stdout}");
         assert!(
-            stdout.lines().any(|l| l.trim_start().starts_with(figure)),
-            "{figure} in:\n{stdout}"
+            runs[1].contains(" 503") && runs[3].contains(" 503") && !runs[0].contains(" 503"),
+            "{stdout}"
         );
+        let ratio = stdout
+            .lines()
+            .find(|l| l.trim_start().starts_with("failing vs clean"))
+            .unwrap_or_else(|| panic!("a failing-vs-clean ratio in:\n{stdout}"));
+        assert!(ratio.contains("per pair:"), "{ratio}");
+        assert!(stdout.contains("(n=2"), "latencies were measured: {stdout}");
     }
-    assert!(stdout.contains("(median of 2, 2000 delivered in"), "{stdout}");
-    // Two pairs: a clean drain, then one with failures, each on its own line.
-    let runs: Vec<&str> = stdout
-        .lines()
-        .filter(|l| l.trim_start().starts_with(|c: char| c.is_ascii_digit()))
-        .collect();
-    assert_eq!(runs.len(), 4, "{stdout}");
-    assert!(
-        runs[1].contains(" 503") && runs[3].contains(" 503") && !runs[0].contains(" 503"),
-        "{stdout}"
-    );
-    let ratio = stdout
-        .lines()
-        .find(|l| l.trim_start().starts_with("failing vs clean"))
-        .unwrap_or_else(|| panic!("a failing-vs-clean ratio in:\n{stdout}"));
-    assert!(ratio.contains("per pair:"), "{ratio}");
-    assert!(stdout.contains("(n=2"), "latencies were measured: {stdout}");
+
+    #[tokio::test]
+    async fn the_demo_runs_end_to_end_and_leaves_nothing_behind() {
+        let redis = RedisServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let vars = HashMap::from([("REDIS_URL".to_string(), redis.url())]);
+        let out = run(&vars, dir.path(), &["demo", "--messages", "600"]).await;
+        let (stdout, stderr) = text(&out);
+        assert!(out.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains("delivered                          599"), "{stdout}");
+        assert!(stdout.contains("dead-lettered (HTTP 422)             1"), "{stdout}");
+        let keys: Vec<String> = redis.conn().await.keys("*").await.unwrap();
+        assert!(keys.is_empty(), "the demo removed its keys: {keys:?}");
+    }
+
+    #[tokio::test]
+    async fn the_demo_cleans_up_on_ctrl_c() {
+        let redis = RedisServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let vars = HashMap::from([("REDIS_URL".to_string(), redis.url())]);
+        let mut child = courier(&vars, dir.path())
+            .args(["demo", "--messages", "500000"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let mut out = Lines::new(&mut child);
+        out.wait_for("reference main server").await;
+        signal(&child, "INT");
+        let status = tokio::time::timeout(WAIT, child.wait()).await.unwrap().unwrap();
+        assert!(!status.success(), "an interrupted demo says so");
+        let keys: Vec<String> = redis.conn().await.keys("*").await.unwrap();
+        assert!(keys.is_empty(), "the demo removed its keys: {keys:?}");
+    }
 }

@@ -1,16 +1,12 @@
 //! Hostile input and hostile peers: queue items, main-server answers and signals that must not
 //! panic the worker, steer a request, balloon its memory or strand a message.
 
-mod common;
-
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use courier::devtools::sink::{self, Endpoint, Reply};
 use redis::AsyncCommands;
-
-const Q: &str = "message_queue";
 
 #[tokio::test]
 async fn absurd_queue_times_and_a_panicking_task_strand_nothing() {
@@ -35,13 +31,13 @@ async fn absurd_queue_times_and_a_panicking_task_strand_nothing() {
     delivered.sort();
     assert_eq!(delivered, ["after-the-panic", "t-1e20", "t-1e308", "t-neg", "t-year"]);
 
-    eventually(|| async { len(&redis, &format!("{Q}:dead")).await == 1 }).await;
+    eventually(|| async { len(&redis, &keys().dead).await == 1 }).await;
     let dead = raw_dead_letters(&redis, Q).await;
     assert_eq!(dead[0].fields["reason"], "internal_error");
     assert_eq!(dead[0].fields["message_id"], "courier-test-panic-1");
     assert_eq!(dead[0].message, panicking.as_bytes(), "the original bytes");
     assert_eq!(
-        len(&redis, &format!("{Q}:processing:w-panic")).await,
+        len(&redis, &keys().processing("w-panic")).await,
         0,
         "nothing sits in processing"
     );
@@ -163,7 +159,7 @@ async fn a_10_mib_item_and_a_200_mb_answer_keep_the_worker_under_100_mb() {
     assert!(peak < 100 << 20, "peak RSS {} MB", peak >> 20);
 
     // The dead letter keeps the item as it was, unescaped, and requeue restores it exactly.
-    let records: Vec<Vec<u8>> = conn.lrange(format!("{Q}:dead"), 0, -1).await.expect("LRANGE");
+    let records: Vec<Vec<u8>> = conn.lrange(keys().dead, 0, -1).await.expect("LRANGE");
     assert_eq!(records.len(), 1);
     assert!(
         records[0].len() < item.len() + 1024,
@@ -219,10 +215,10 @@ async fn sighup_is_handled_while_connecting_waiting_for_the_id_running_and_with_
     let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.expect("TIME");
     let now_ms = secs * 1000 + micros / 1000;
     let _: () = conn
-        .hset(format!("{Q}:owners"), "w-held", "elsewhere|1|0.0")
+        .hset(keys().owners, "w-held", "elsewhere|1|0.0")
         .await
         .expect("HSET");
-    let _: () = conn.zadd(format!("{Q}:workers"), "w-held", now_ms).await.expect("ZADD");
+    let _: () = conn.zadd(keys().workers, "w-held", now_ms).await.expect("ZADD");
     let vars = env(&redis, &sink.url(), &pki, "w-held", &[("WORKER_DEAD_AFTER", "60")]);
     survives_sighup(
         &vars,
@@ -257,7 +253,7 @@ async fn sighup_while_draining_changes_nothing() {
     let mut child = spawn_worker(&vars, pki.dir.path());
     let mut out = Lines::new(&mut child);
     out.wait_for("Connected to Redis").await;
-    eventually(|| async { len(&redis, &format!("{Q}:processing:w-drain")).await == 1 }).await;
+    eventually(|| async { len(&redis, &keys().processing("w-drain")).await == 1 }).await;
     signal(&child, "TERM");
     out.wait_for("finishing in-flight deliveries").await;
     signal(&child, "HUP");
@@ -277,7 +273,7 @@ async fn stats_and_the_shipped_config_take_hostile_values() {
     let redis = RedisServer::start_with(&["--appendonly", "no", "--requirepass", password]).await;
     let dir = tempfile::tempdir().expect("temp dir");
     let config = dir.path().join("config.yaml");
-    std::fs::write(&config, include_str!("../config.yaml")).expect("write config");
+    std::fs::write(&config, include_str!("../../config.yaml")).expect("write config");
     let vars = std::collections::HashMap::from([
         ("REDIS_HOST".to_string(), "127.0.0.1".to_string()),
         ("REDIS_PORT".to_string(), redis.port.to_string()),
@@ -469,67 +465,6 @@ async fn a_flood_of_stats_requests_reads_redis_about_once_a_second() {
     worker.stop().await;
 }
 
-#[tokio::test]
-async fn five_thousand_failures_write_a_few_lines_not_megabytes() {
-    let (redis, pki) = (RedisServer::start().await, Pki::new());
-    let sink = start_sink(&pki, Arc::new(|_| Reply::status(503))).await;
-    let all: Vec<String> = (0..2500).map(|i| message(&format!("out-{i}"))).collect();
-    enqueue(&redis, Q, &all).await;
-    // Each message fails twice: a retry, then a dead letter. 5,000 failed attempts in all.
-    let vars = env(
-        &redis,
-        &sink.url(),
-        &pki,
-        "w-outage",
-        &[
-            ("WORKER_CONCURRENCY", "64"),
-            ("WORKER_MAX_ATTEMPTS", "2"),
-            ("WORKER_RETRY_INTERVAL", "0.05"),
-        ],
-    );
-    let mut child = spawn_worker(&vars, pki.dir.path());
-    let mut out = Lines::new(&mut child);
-    out.wait_for("Connected to Redis").await;
-    eventually(|| async { len(&redis, &format!("{Q}:dead")).await == 2500 }).await;
-    signal(&child, "TERM");
-    out.rest().await;
-    let status = child.wait().await.expect("status");
-    assert!(status.success(), "{status}");
-    assert_eq!(sink.record.deliveries().len(), 5000);
-
-    let count = |needle: &str| -> u64 {
-        out.seen
-            .iter()
-            .filter(|l| l.contains(needle))
-            .map(|l| {
-                l.split(" count=")
-                    .nth(1)
-                    .and_then(|c| c.split(' ').next())
-                    .and_then(|c| c.parse().ok())
-                    .unwrap_or(1)
-            })
-            .sum()
-    };
-    assert_eq!(count("Delivery failed"), 2500, "every retry is counted in the log");
-    assert_eq!(
-        count("dead-letter list"),
-        2500,
-        "every dead letter is counted in the log"
-    );
-    assert!(
-        !out.seen.iter().any(|l| l.contains("Status update failed")),
-        "status failures are DEBUG"
-    );
-    let stdout: usize = out.seen.iter().map(|l| l.len() + 1).sum();
-    let files: u64 = std::fs::read_dir(pki.dir.path().join("logs"))
-        .expect("log dir")
-        .flatten()
-        .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
-        .sum();
-    assert!(stdout < 16 * 1024, "{stdout} bytes on stdout:\n{}", out.seen.join("\n"));
-    assert!(files < 16 * 1024, "{files} bytes in the log files");
-}
-
 /// Runs a courier command to completion.
 async fn courier_output(
     vars: &std::collections::HashMap<String, String>,
@@ -560,12 +495,12 @@ async fn operator_commands_show_hostile_text_escaped_and_cut_by_characters() {
         "w\x1b[31m",
         Some("evil\x1b[2J"),
     );
-    let _: () = conn.lpush(format!("{Q}:dead"), record).await.expect("LPUSH");
+    let _: () = conn.lpush(keys().dead, record).await.expect("LPUSH");
     let _: () = conn
-        .lpush(format!("{Q}:processing:w\x1b[2Jx"), message("held"))
+        .lpush(keys().processing("w\x1b[2Jx"), message("held"))
         .await
         .expect("LPUSH");
-    let _: () = conn.zadd(format!("{Q}:workers"), "w\x1b[2Jx", 1).await.expect("ZADD");
+    let _: () = conn.zadd(keys().workers, "w\x1b[2Jx", 1).await.expect("ZADD");
 
     for args in [
         &["dlq", "list"][..],
@@ -683,5 +618,72 @@ async fn check_names_the_tls_failure_by_what_went_wrong() {
             stdout.lines().any(|l| l.starts_with("OK    key access")),
             "mode 640 passes:\n{stdout}"
         );
+    }
+}
+
+/// Whole runs of thousands of messages, the demo and the benchmark: the bulk of the suite's
+/// time. `cargo test --test it -- --skip slow::` leaves them out.
+mod slow {
+    use super::*;
+
+    #[tokio::test]
+    async fn five_thousand_failures_write_a_few_lines_not_megabytes() {
+        let (redis, pki) = (RedisServer::start().await, Pki::new());
+        let sink = start_sink(&pki, Arc::new(|_| Reply::status(503))).await;
+        let all: Vec<String> = (0..2500).map(|i| message(&format!("out-{i}"))).collect();
+        enqueue(&redis, Q, &all).await;
+        // Each message fails twice: a retry, then a dead letter. 5,000 failed attempts in all.
+        let vars = env(
+            &redis,
+            &sink.url(),
+            &pki,
+            "w-outage",
+            &[
+                ("WORKER_CONCURRENCY", "64"),
+                ("WORKER_MAX_ATTEMPTS", "2"),
+                ("WORKER_RETRY_INTERVAL", "0.05"),
+            ],
+        );
+        let mut child = spawn_worker(&vars, pki.dir.path());
+        let mut out = Lines::new(&mut child);
+        out.wait_for("Connected to Redis").await;
+        eventually(|| async { len(&redis, &keys().dead).await == 2500 }).await;
+        signal(&child, "TERM");
+        out.rest().await;
+        let status = child.wait().await.expect("status");
+        assert!(status.success(), "{status}");
+        assert_eq!(sink.record.deliveries().len(), 5000);
+
+        let count = |needle: &str| -> u64 {
+            out.seen
+                .iter()
+                .filter(|l| l.contains(needle))
+                .map(|l| {
+                    l.split(" count=")
+                        .nth(1)
+                        .and_then(|c| c.split(' ').next())
+                        .and_then(|c| c.parse().ok())
+                        .unwrap_or(1)
+                })
+                .sum()
+        };
+        assert_eq!(count("Delivery failed"), 2500, "every retry is counted in the log");
+        assert_eq!(
+            count("dead-letter list"),
+            2500,
+            "every dead letter is counted in the log"
+        );
+        assert!(
+            !out.seen.iter().any(|l| l.contains("Status update failed")),
+            "status failures are DEBUG"
+        );
+        let stdout: usize = out.seen.iter().map(|l| l.len() + 1).sum();
+        let files: u64 = std::fs::read_dir(pki.dir.path().join("logs"))
+            .expect("log dir")
+            .flatten()
+            .map(|f| f.metadata().map(|m| m.len()).unwrap_or(0))
+            .sum();
+        assert!(stdout < 16 * 1024, "{stdout} bytes on stdout:\n{}", out.seen.join("\n"));
+        assert!(files < 16 * 1024, "{files} bytes in the log files");
     }
 }

@@ -1,0 +1,15 @@
+//! The integration tests, one crate: each module drives the real thing (a redis-server of its
+//! own, certificates made at test time, the reference mTLS main server, the worker in-process
+//! or as the real binary). Tests in a `slow` module (kill runs of thousands of messages, the
+//! demo, the benchmark) take most of the time; `cargo test --test it -- --skip slow::` runs
+//! the rest in well under a minute.
+
+mod common;
+
+mod binary;
+mod cli;
+mod delivery;
+mod hostile;
+mod properties;
+mod queue;
+mod resilience;
