@@ -23,7 +23,7 @@ use redis::AsyncCommands;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::devtools::demo::{start_redis, throwaway_pki};
+use crate::devtools::harness::{free_port, Pki, RedisServer};
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -153,11 +153,7 @@ struct SinkProcess {
     port: u16,
 }
 
-async fn start_sink(
-    exe: &std::path::Path,
-    pki: &crate::devtools::demo::ThrowawayPki,
-    fail_share: f64,
-) -> anyhow::Result<SinkProcess> {
+async fn start_sink(exe: &std::path::Path, pki: &Pki, fail_share: f64) -> anyhow::Result<SinkProcess> {
     let port = free_port()?;
     let mut child = Command::new(exe)
         .args([
@@ -187,10 +183,6 @@ async fn start_sink(
     Ok(SinkProcess { child, lines, port })
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// What one drain measured.
 #[derive(Debug, Clone, Copy)]
 struct Drain {
@@ -213,7 +205,7 @@ struct Drain {
 struct Rig {
     exe: std::path::PathBuf,
     work: tempfile::TempDir,
-    pki: crate::devtools::demo::ThrowawayPki,
+    pki: Pki,
     redis_port: u16,
     redis_pid: u32,
     conn: redis::aio::MultiplexedConnection,
@@ -323,8 +315,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     }
     let exe = std::env::current_exe().context("cannot find the courier binary")?;
     let work = tempfile::tempdir()?;
-    let pki = throwaway_pki(work.path())?;
-    let redis = start_redis(work.path()).await?;
+    let pki = Pki::write(work.path(), "worker")?;
+    let redis = RedisServer::start(work.path(), &["--appendonly", "no"]).await?;
     let mut sink = start_sink(&exe, &pki, options.fail_share).await?;
     // With --paired, a clean main server for the clean drain of each pair.
     let clean = match options.paired && options.fail_share > 0.0 {
@@ -339,7 +331,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         exe,
         pki,
         redis_port: redis.port,
-        redis_pid: redis.child.id().unwrap_or(0),
+        redis_pid: redis.pid().unwrap_or(0),
         conn,
         metrics_port: free_port()?,
         ticks: ticks_per_second(),

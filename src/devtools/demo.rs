@@ -11,12 +11,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
 use redis::AsyncCommands;
-use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Settings;
-use crate::devtools::sink::{self, Endpoint, Reply, Sink, SinkTls};
-use crate::pki::{write_private, Authority, Validity};
+use crate::devtools::harness::{Pki, RedisServer};
+use crate::devtools::sink::{self, Endpoint, Reply, Sink};
 use crate::tls::ClientTls;
 use crate::worker::Worker;
 
@@ -30,12 +29,6 @@ pub struct DemoOptions {
     /// Where to look for Redis first; a private redis-server is started when it does not answer.
     pub redis_url: Option<String>,
     pub metrics_port: u16,
-}
-
-/// A redis-server the demo started, stopped when dropped.
-pub(crate) struct OwnRedis {
-    pub child: tokio::process::Child,
-    pub port: u16,
 }
 
 /// Runs the demo until every message is delivered or dead-lettered, or Ctrl+C.
@@ -55,7 +48,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
         options.messages
     );
 
-    let pki = throwaway_pki(work.path())?;
+    let pki = Pki::write(work.path(), "worker")?;
     let flaky_every = if options.flaky_share > 0.0 {
         (1.0 / options.flaky_share).round().max(1.0) as u64
     } else {
@@ -74,13 +67,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             _ => Reply::status(200),
         }
     });
-    let sink_tls = SinkTls {
-        cert_pem: pki.server.cert_pem.clone(),
-        key_pem: pki.server.key_pem.clone(),
-        client_ca_pem: pki.ca_pem.clone(),
-        http2: true,
-    };
-    let sink = Sink::start("127.0.0.1:0".parse()?, &sink_tls, behaviour)
+    let sink = Sink::start("127.0.0.1:0".parse()?, &pki.sink_tls(), behaviour)
         .await
         .map_err(anyhow::Error::msg)?;
     println!("reference main server (mTLS): {}", sink.url());
@@ -110,7 +97,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
     // Leave nothing behind: our queue's keys, and the redis-server if we started it.
     let _: Result<(), _> = conn.del(crate::queue::Keys::new(&queue).all("demo")).await;
     if let Some(mut own) = own_redis {
-        let _ = own.child.kill().await;
+        own.kill().await;
         println!("stopped the private redis-server on port {}", own.port);
     }
     result
@@ -207,7 +194,7 @@ async fn drive(
 
 /// Uses the Redis at `url` (or localhost:6379) when it answers PING, else starts a private
 /// redis-server on a free port in `dir`.
-async fn find_or_start_redis(url: Option<&str>, dir: &Path) -> anyhow::Result<(String, u16, Option<OwnRedis>)> {
+async fn find_or_start_redis(url: Option<&str>, dir: &Path) -> anyhow::Result<(String, u16, Option<RedisServer>)> {
     let url = url.unwrap_or("redis://127.0.0.1:6379/");
     if let Ok(client) = redis::Client::open(url) {
         let ping = async {
@@ -220,83 +207,10 @@ async fn find_or_start_redis(url: Option<&str>, dir: &Path) -> anyhow::Result<(S
             }
         }
     }
-    let own = start_redis(dir).await?;
+    let own = RedisServer::start(dir, &["--appendonly", "no"])
+        .await
+        .context("No Redis answered and none could be started; install redis-server or set REDIS_URL")?;
     let port = own.port;
     println!("no Redis answered at {url}; started a private redis-server on port {port}");
     Ok(("127.0.0.1".into(), port, Some(own)))
-}
-
-/// Starts a private redis-server on a free port, keeping nothing on disk; it stops when the
-/// returned value is dropped.
-pub(crate) async fn start_redis(dir: &Path) -> anyhow::Result<OwnRedis> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let mut child = tokio::process::Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--logfile",
-            "",
-        ])
-        .arg("--dir")
-        .arg(dir)
-        .stdout(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("No Redis answered and redis-server could not be started; install redis-server or set REDIS_URL")?;
-    let mut lines = BufReader::new(child.stdout.take().context("redis-server output")?).lines();
-    let ready = async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("Ready to accept connections") {
-                return true;
-            }
-        }
-        false
-    };
-    if !tokio::time::timeout(Duration::from_secs(10), ready)
-        .await
-        .unwrap_or(false)
-    {
-        bail!("redis-server did not become ready on port {port}");
-    }
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Ok(OwnRedis { child, port })
-}
-
-/// A throwaway PKI written to a directory: CA, a server certificate for localhost, and a
-/// worker client certificate.
-pub(crate) struct ThrowawayPki {
-    pub ca_pem: String,
-    pub server: crate::pki::Issued,
-    pub ca_file: std::path::PathBuf,
-    pub cert_file: std::path::PathBuf,
-    pub key_file: std::path::PathBuf,
-    pub server_cert_file: std::path::PathBuf,
-    pub server_key_file: std::path::PathBuf,
-}
-
-pub(crate) fn throwaway_pki(dir: &Path) -> anyhow::Result<ThrowawayPki> {
-    let ca = Authority::new("courier throwaway CA")?;
-    let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::default())?;
-    let client = ca.issue_client("worker", Validity::default())?;
-    let path = |name: &str| dir.join(name);
-    std::fs::write(path("ca.crt"), &ca.cert_pem)?;
-    std::fs::write(path("worker.crt"), &client.cert_pem)?;
-    write_private(&path("worker.key"), &client.key_pem)?;
-    std::fs::write(path("server.crt"), &server.cert_pem)?;
-    write_private(&path("server.key"), &server.key_pem)?;
-    Ok(ThrowawayPki {
-        ca_pem: ca.cert_pem,
-        server,
-        ca_file: path("ca.crt"),
-        cert_file: path("worker.crt"),
-        key_file: path("worker.key"),
-        server_cert_file: path("server.crt"),
-        server_key_file: path("server.key"),
-    })
 }

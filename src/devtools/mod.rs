@@ -1,7 +1,9 @@
 //! Tools for developing and trying courier, built with the `devtools` feature (on by
 //! default; `--no-default-features` leaves them out of the production binary): `sink`, the
-//! reference main server; `demo`, the whole pipeline on one machine; `bench`, the benchmark.
+//! reference main server; `demo`, the whole pipeline on one machine; `bench`, the benchmark; `harness`, the
+//! private redis-server and throwaway PKI that these and the integration tests run against.
 
 pub mod bench;
 pub mod demo;
+pub mod harness;
 pub mod sink;

@@ -1,15 +1,16 @@
-//! Test harness: a private redis-server per test, certificates made at test time, the reference
-//! mTLS main server, and ways to run the worker in-process or as the real binary.
+//! Test harness: `courier::devtools::harness` (a private redis-server per test, certificates
+//! made at test time) in temp dirs, the reference mTLS main server, and ways to run the worker
+//! in-process or as the real binary.
 
 use std::collections::{BTreeSet, HashMap};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use courier::config::Settings;
-use courier::devtools::sink::{Behaviour, Sink, SinkTls};
-use courier::pki::{Authority, Issued, Validity};
+use courier::devtools::harness;
+use courier::devtools::sink::{Behaviour, Sink};
 use courier::tls::ClientTls;
 use courier::worker::{RunError, Worker};
 use redis::AsyncCommands;
@@ -28,18 +29,21 @@ pub fn keys() -> courier::queue::Keys {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    harness::free_port().expect("a free port")
 }
 
-/// A redis-server of the test's own, on a free port, in a temp dir; killed on drop.
+/// A redis-server of the test's own (the harness the demo and bench use too), on a free port,
+/// in a temp dir; killed on drop.
 pub struct RedisServer {
-    child: Option<Child>,
-    pub port: u16,
-    pub dir: tempfile::TempDir,
-    args: Vec<String>,
+    server: harness::RedisServer,
+    _dir: tempfile::TempDir,
+}
+
+impl std::ops::Deref for RedisServer {
+    type Target = harness::RedisServer;
+    fn deref(&self) -> &harness::RedisServer {
+        &self.server
+    }
 }
 
 impl RedisServer {
@@ -50,85 +54,23 @@ impl RedisServer {
     /// Starts with extra arguments (e.g. `--appendonly yes`, `--requirepass x`).
     pub async fn start_with(args: &[&str]) -> RedisServer {
         let dir = tempfile::tempdir().expect("temp dir");
-        let mut server = RedisServer {
-            child: None,
-            port: free_port(),
-            dir,
-            args: args.iter().map(|a| a.to_string()).collect(),
-        };
-        // The port was free when chosen; another process may take it before redis-server
-        // binds it. Then it exits at once, and a fresh port is tried.
-        for _ in 0..5 {
-            if server.try_spawn().await {
-                return server;
-            }
-            server.port = free_port();
-        }
-        panic!("redis-server did not start on five free ports");
-    }
-
-    async fn spawn(&mut self) {
-        assert!(
-            self.try_spawn().await,
-            "redis-server did not start on port {}",
-            self.port
-        );
-    }
-
-    /// Starts redis-server on `self.port`; false when it exited before it was ready.
-    async fn try_spawn(&mut self) -> bool {
-        let mut child = Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--logfile",
-                "",
-            ])
-            .arg("--dir")
-            .arg(self.dir.path())
-            .args(&self.args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("redis-server must be installed to run the tests");
-        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-        let ready = async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("Ready to accept connections") {
-                    return true;
-                }
-            }
-            false
-        };
-        if !tokio::time::timeout(WAIT, ready).await.unwrap_or(false) {
-            return false;
-        }
-        // Keep draining its output so it never blocks on a full pipe.
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        self.child = Some(child);
-        true
+        let server = harness::RedisServer::start(dir.path(), args)
+            .await
+            .unwrap_or_else(|e| panic!("redis-server: {e:#}"));
+        RedisServer { server, _dir: dir }
     }
 
     /// Stops the server (SIGKILL) and waits for it to be gone.
     pub async fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill().await;
-        }
+        self.server.kill().await;
     }
 
     /// Starts the server again on the same port and directory.
     pub async fn restart(&mut self) {
-        self.kill().await;
-        self.spawn().await;
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
+        self.server
+            .restart()
+            .await
+            .unwrap_or_else(|e| panic!("redis-server: {e:#}"));
     }
 
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
@@ -140,50 +82,25 @@ impl RedisServer {
     }
 }
 
-/// A throwaway PKI in a temp dir: a CA, a worker client certificate and a server certificate.
+/// A throwaway PKI (the harness's) in a temp dir of its own, which tests also use for logs and
+/// other files.
 pub struct Pki {
+    pki: harness::Pki,
     pub dir: tempfile::TempDir,
-    pub ca: Authority,
-    pub ca_file: PathBuf,
-    pub cert_file: PathBuf,
-    pub key_file: PathBuf,
-    pub server: Issued,
+}
+
+impl std::ops::Deref for Pki {
+    type Target = harness::Pki;
+    fn deref(&self) -> &harness::Pki {
+        &self.pki
+    }
 }
 
 impl Pki {
     pub fn new() -> Pki {
         let dir = tempfile::tempdir().expect("temp dir");
-        let ca = Authority::new("courier test CA").expect("CA");
-        let client = ca
-            .issue_client("worker-test", Validity::default())
-            .expect("client cert");
-        let server = ca
-            .issue_server(&["localhost", "127.0.0.1"], Validity::default())
-            .expect("server cert");
-        let ca_file = dir.path().join("ca.crt");
-        let cert_file = dir.path().join("worker.crt");
-        let key_file = dir.path().join("worker.key");
-        std::fs::write(&ca_file, &ca.cert_pem).expect("write");
-        std::fs::write(&cert_file, &client.cert_pem).expect("write");
-        courier::pki::write_private(&key_file, &client.key_pem).expect("write");
-        Pki {
-            dir,
-            ca,
-            ca_file,
-            cert_file,
-            key_file,
-            server,
-        }
-    }
-
-    /// The sink's TLS: this PKI's server certificate, requiring clients of this CA.
-    pub fn sink_tls(&self) -> SinkTls {
-        SinkTls {
-            cert_pem: self.server.cert_pem.clone(),
-            key_pem: self.server.key_pem.clone(),
-            client_ca_pem: self.ca.cert_pem.clone(),
-            http2: true,
-        }
+        let pki = harness::Pki::write(dir.path(), "worker-test").expect("PKI");
+        Pki { pki, dir }
     }
 
     pub fn write(&self, name: &str, text: &str) -> PathBuf {
