@@ -10,7 +10,7 @@ use futures_util::FutureExt as _;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, warn};
 
 use super::retry::Backoff;
 use super::settle::{panic_text, Context};
@@ -114,18 +114,17 @@ pub(super) async fn claim(
         for (raw, permit) in claimed.into_iter().zip(permits) {
             let context = context.clone();
             let raw = Bytes::from(raw);
-            deliveries.spawn(
-                async move {
-                    // A panic anywhere in the delivery must not leave the message in processing
-                    // with no task to settle it: catch it here and dead-letter the message.
-                    let outcome = AssertUnwindSafe(context.process(raw.clone())).catch_unwind().await;
-                    if let Err(panic) = outcome {
-                        context.internal_error(&raw, &panic_text(panic.as_ref())).await;
-                    }
-                    drop(permit);
+            // No span per message: the log format does not print spans, and every event about
+            // a message carries its message_id already.
+            deliveries.spawn(async move {
+                // A panic anywhere in the delivery must not leave the message in processing
+                // with no task to settle it: catch it here and dead-letter the message.
+                let outcome = AssertUnwindSafe(context.process(raw.clone())).catch_unwind().await;
+                if let Err(panic) = outcome {
+                    context.internal_error(&raw, &panic_text(panic.as_ref())).await;
                 }
-                .instrument(tracing::debug_span!("message")),
-            );
+                drop(permit);
+            });
         }
     }
 }
