@@ -23,6 +23,9 @@ pub use self::dlq::printable;
 
 /// sysexits.h EX_CONFIG: the configuration is wrong; restarting will not help.
 pub const EXIT_CONFIG: u8 = 78;
+/// sysexits.h EX_TEMPFAIL: another process took this worker's id while it ran. A restart
+/// waits for that process to go quiet, and refuses (78) if it does not.
+pub const EXIT_ID_TAKEN: u8 = 75;
 
 /// `courier`'s command line.
 #[derive(Parser)]
@@ -40,7 +43,7 @@ pub struct Cli {
 enum Command {
     /// Run the worker: claim messages from Redis and deliver them to the main server.
     ///
-    /// Settings come from the seed's environment variables (REDIS_HOST, MAIN_SERVER_URL,
+    /// Settings come from the Python worker's environment variables (REDIS_HOST, MAIN_SERVER_URL,
     /// WORKER_ID, WORKER_CONCURRENCY, ...) over config.yaml over the defaults.
     ///
     /// Example: WORKER_ID=worker-1 MAIN_SERVER_URL=https://main:8000 courier run --config config.yaml

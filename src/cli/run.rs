@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{config_error, runtime};
+use super::{config_error, runtime, EXIT_ID_TAKEN};
 use crate::config::{InstanceEnv, ProcessEnv, Settings};
 use crate::tls::ClientTls;
 use crate::worker::{RunError, Worker};
@@ -76,6 +76,11 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
             tracing::error!("Fatal: {e}");
             eprintln!("courier: {e}");
             ExitCode::FAILURE
+        }
+        // The heartbeat logged it when it happened; the exit code tells the supervisor.
+        Err(e @ RunError::IdTaken { .. }) => {
+            eprintln!("courier: {e}; give each process its own WORKER_ID");
+            ExitCode::from(EXIT_ID_TAKEN)
         }
     }
 }

@@ -208,7 +208,7 @@ async fn heartbeat(
                     "ready {} | processing {} | retry {} | dead {} | {live} live workers",
                     depths.ready, depths.processing, depths.retry, depths.dead
                 ));
-                if !kept && !shutdown.is_cancelled() {
+                if !kept && !context.id_taken.swap(true, std::sync::atomic::Ordering::AcqRel) {
                     error!(
                         "Another process has taken worker id {}; stopping. Give each process its own WORKER_ID",
                         context.worker_id

@@ -14,6 +14,7 @@ mod settle;
 mod startup;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
@@ -43,6 +44,9 @@ pub enum RunError {
     Config(String),
     #[error("{0}")]
     Fatal(String),
+    /// Another process took this worker's id while it ran (exit 75); it stopped and drained.
+    #[error("another process has taken worker id {worker_id}")]
+    IdTaken { worker_id: String },
 }
 
 /// A started worker: its admin port is listening; `run` does the work.
@@ -183,6 +187,7 @@ impl Worker {
                 max_retry_after: policy::MAX_RETRY_AFTER,
             },
             max_message_bytes: worker.max_message_bytes,
+            id_taken: AtomicBool::new(false),
         });
         let tls = tls.map(|current| TlsWatch {
             settings: tls_settings,
@@ -194,8 +199,12 @@ impl Worker {
 
         let deliveries = TaskTracker::new();
         claim::claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;
+        let id_taken = context.id_taken.load(Ordering::Acquire);
         drain::drain(context, deliveries, worker.shutdown_grace, tasks).await;
         info!("Worker {} stopped", worker.id);
+        if id_taken {
+            return Err(RunError::IdTaken { worker_id: worker.id });
+        }
         Ok(())
     }
 }

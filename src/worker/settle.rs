@@ -42,6 +42,8 @@ pub(super) struct Context {
     /// What each attempt's result means.
     pub(super) policy: Policy,
     pub(super) max_message_bytes: usize,
+    /// Set by the heartbeat when another process has taken this worker's id.
+    pub(super) id_taken: std::sync::atomic::AtomicBool,
 }
 
 impl Context {

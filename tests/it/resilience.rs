@@ -425,3 +425,25 @@ mod slow {
         assert_settled("certificate rotation", &redis, &sink, ids.len()).await;
     }
 }
+
+#[tokio::test]
+async fn a_worker_whose_id_is_taken_stops_with_its_own_exit_code() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let vars = env(&redis, &sink.url(), &pki, "worker-8", &[]);
+    let mut child = spawn_worker(&vars, pki.dir.path());
+    let mut out = Lines::new(&mut child);
+    out.wait_for("Connected to Redis").await;
+    eventually(|| async { len(&redis, &keys().workers).await == 1 }).await;
+    // Another process takes the id, as a second worker started with it after this one was
+    // presumed dead would.
+    let _: () = redis::AsyncCommands::hset(&mut redis.conn().await, keys().owners, "worker-8", "elsewhere|1|0.0")
+        .await
+        .expect("HSET");
+    out.wait_for("Another process has taken worker id worker-8").await;
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .expect("exits")
+        .expect("status");
+    assert_eq!(status.code(), Some(75), "not the exit of a clean SIGTERM stop");
+}
