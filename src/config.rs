@@ -1,5 +1,5 @@
-//! Settings: the seed's defaults, an optional `config.yaml` with `${VAR}` / `${VAR:-default}`
-//! expanded, and the seed's environment variables on top. Everything is parsed and checked once,
+//! Settings: the Python worker's defaults, an optional `config.yaml` with `${VAR}` /
+//! `${VAR:-default}` expanded, and that worker's environment variables on top. Everything is parsed and checked once,
 //! here; past `Settings::load` nothing re-checks.
 
 use std::collections::BTreeSet;
@@ -608,7 +608,7 @@ mod tests {
     }
 
     #[test]
-    fn seed_defaults_apply_without_a_file_or_variables() {
+    fn the_old_workers_defaults_apply_without_a_file_or_variables() {
         let s = Settings::load(None, &env(&[])).unwrap_or_else(|e| panic!("defaults must load: {e}"));
         assert_eq!(s.redis.host, "localhost");
         assert_eq!(s.redis.port, 6379);
@@ -644,12 +644,12 @@ mod tests {
     }
 
     #[test]
-    fn the_seed_config_file_loads_with_its_bare_variables_unset() {
-        let seed = "redis:\n  host: \"${REDIS_HOST}\"\n  port: ${REDIS_PORT}\n  queue_name: \"message_queue\"\n\
+    fn the_old_workers_config_file_loads_with_its_bare_variables_unset() {
+        let old = "redis:\n  host: \"${REDIS_HOST}\"\n  port: ${REDIS_PORT}\n  queue_name: \"message_queue\"\n\
                     worker:\n  concurrency: ${WORKER_CONCURRENCY}\n  retry_interval: ${WORKER_RETRY_INTERVAL}\n  max_attempts: ${WORKER_MAX_ATTEMPTS}\n\
                     tls:\n  enabled: true\n  cert_file: \"certs/worker.crt\"\n  key_file: \"certs/worker.key\"\n  ca_file: \"certs/ca.crt\"\n\
                     metrics:\n  enabled: true\n  port: 9100\n";
-        let s = load_yaml(seed, &[("REDIS_HOST", "redis.internal")]).unwrap();
+        let s = load_yaml(old, &[("REDIS_HOST", "redis.internal")]).unwrap();
         assert_eq!(s.redis.host, "redis.internal");
         assert_eq!(s.redis.port, 6379);
         assert_eq!(s.worker.max_attempts, 10_000);

@@ -1,7 +1,21 @@
 //! courier: delivers JSON messages from a Redis list to a main server over mutual TLS, with
 //! retries, dead letters and metrics, and loses none of them on a crash.
 //!
-//! `worker` composes the parts; each other module owns one concern (see DESIGN.md).
+//! How a message moves through the modules:
+//!
+//! 1. `config` turns config.yaml and the environment into typed `Settings`, once.
+//! 2. `worker` composes the rest. Its claimer asks `queue` (which alone knows key names and
+//!    Lua) to move items from the queue to this worker's processing list, one script a batch.
+//! 3. `message` parses each item into an `Envelope` (or names why it is not a message).
+//! 4. `delivery` POSTs it to the main server over the client `tls` set up from the PEM files.
+//! 5. `policy` decides, purely, what the result means: `Ack`, `Retry { delay }` or `Dead`.
+//! 6. `worker` carries that out through `queue` (ack, retry set, dead-letter list), records it
+//!    in `metrics` and the log (`telemetry`), and queues the status PUT.
+//!
+//! Beside the pipeline: `admin` serves /metrics, /health, /ready and /stats; `shutdown` and
+//! `service` speak signals and systemd; `pki` makes certificates; `cli` is the command line;
+//! `devtools` (a feature) holds the reference main server, the demo and the benchmark. The
+//! Redis key protocol and why no message is lost: docs/design.md.
 
 pub mod admin;
 pub mod cli;

@@ -1,4 +1,4 @@
-//! Every metric courier exports, declared once with its help text. The seed's names come first;
+//! Every metric courier exports, declared once with its help text. The Python worker's names come first;
 //! every series carries a `worker_id` label. Code records events through the small methods here.
 
 use std::collections::HashMap;

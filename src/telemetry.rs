@@ -24,13 +24,13 @@ use tracing_subscriber::Layer;
 /// Keeps the background log writer running; drop it last, when the process exits.
 pub struct LogGuards(#[allow(dead_code)] WorkerGuard);
 
-/// The seed's format: time, logger name, level (Python's names), worker id, message, then
+/// The Python worker's line format: time, logger name, level (Python's names), worker id, message, then
 /// the event's fields as `key=value`.
-pub struct SeedFormat {
+pub struct LineFormat {
     worker_id: String,
 }
 
-impl<S, N> FormatEvent<S, N> for SeedFormat
+impl<S, N> FormatEvent<S, N> for LineFormat
 where
     S: Subscriber + for<'a> LookupSpan<'a>,
     N: for<'a> FormatFields<'a> + 'static,
@@ -254,7 +254,7 @@ pub fn init(level: Level, dir: &Path, max_file_bytes: u64, worker_id: &str) -> R
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
-                .event_format(SeedFormat {
+                .event_format(LineFormat {
                     worker_id: worker_id.to_string(),
                 })
                 .with_writer(writer)
