@@ -3,7 +3,6 @@
 //! draining) and `/stats` (queue depths, counters, live workers, as JSON).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
@@ -158,13 +157,6 @@ impl Default for Limits {
             accept_error_interval: Duration::from_secs(10),
         }
     }
-}
-
-/// Binds the admin port; a port in use is a start-up error naming the setting.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, String> {
-    TcpListener::bind(addr).await.map_err(|e| {
-        format!("metrics.port (WORKER_METRICS_PORT) = {}: cannot listen on {addr} ({e}); pick a free port or set WORKER_METRICS_ENABLED=false", addr.port())
-    })
 }
 
 /// Serves until `stop` is cancelled, within `limits`.

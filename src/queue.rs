@@ -14,7 +14,7 @@ const BLOCK_SECONDS: f64 = 5.0;
 
 /// A failed Redis call, with the question the caller asks of it answered.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
+#[error(transparent)]
 pub struct QueueError(#[from] redis::RedisError);
 
 impl QueueError {

@@ -66,21 +66,22 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
         });
         worker.run().await
     });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(RunError::Config(e)) => {
-            tracing::error!("Configuration error: {e}");
-            config_error(e)
-        }
-        Err(RunError::Fatal(e)) => {
-            tracing::error!("Fatal: {e}");
-            eprintln!("courier: {e}");
-            ExitCode::FAILURE
-        }
-        // The heartbeat logged it when it happened; the exit code tells the supervisor.
-        Err(e @ RunError::IdTaken { .. }) => {
-            eprintln!("courier: {e}; give each process its own WORKER_ID");
-            ExitCode::from(EXIT_ID_TAKEN)
-        }
+    let error = match result {
+        Ok(()) => return ExitCode::SUCCESS,
+        Err(error) => error,
+    };
+    // The error and its causes, on one line.
+    let (config, taken) = (error.is_config(), matches!(error, RunError::IdTaken { .. }));
+    let line = format!("{:#}", anyhow::Error::new(error));
+    if config {
+        tracing::error!("Configuration error: {line}");
+        return config_error(line);
+    }
+    tracing::error!("{line}");
+    eprintln!("courier: {line}");
+    if taken {
+        ExitCode::from(EXIT_ID_TAKEN)
+    } else {
+        ExitCode::FAILURE
     }
 }

@@ -36,17 +36,48 @@ use crate::tls::ClientTls;
 /// Status updates waiting to be sent; past this they are dropped (and counted).
 const STATUS_BACKLOG: usize = 4096;
 
-/// Why the worker could not start or run.
+/// Why the worker could not start or run. Each variant keeps its cause as `source()`; the
+/// command line renders the chain as one line.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// Fixing the configuration is the only remedy (exit 78).
-    #[error("{0}")]
-    Config(String),
-    #[error("{0}")]
-    Fatal(String),
+    #[error("main_server: the HTTP client cannot be built")]
+    MainServer(#[source] crate::delivery::DeliveryError),
+    #[error("metrics.port (WORKER_METRICS_PORT) = {}: pick a free port or set WORKER_METRICS_ENABLED=false; cannot listen on {addr}", addr.port())]
+    AdminPort {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("redis: the connection settings are not usable")]
+    RedisSettings(#[source] queue::QueueError),
+    #[error("redis.password (REDIS_PASSWORD): Redis refused the credentials; set the right password")]
+    RedisAuth(#[source] queue::QueueError),
+    #[error("redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)")]
+    RedisVersion { version: String },
+    #[error("worker.id (WORKER_ID) = {worker_id}: already in use by a live worker, {holder}; give each process its own WORKER_ID")]
+    IdInUse { worker_id: String, holder: queue::Holder },
     /// Another process took this worker's id while it ran (exit 75); it stopped and drained.
-    #[error("another process has taken worker id {worker_id}")]
+    #[error("another process has taken worker id {worker_id}; give each process its own WORKER_ID")]
     IdTaken { worker_id: String },
+    #[error("Redis failed")]
+    Redis(#[source] queue::QueueError),
+    #[error("the admin port failed")]
+    Io(#[source] std::io::Error),
+}
+
+impl RunError {
+    /// Only fixing the configuration helps (exit 78): restarting would fail the same way.
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self,
+            RunError::MainServer(_)
+                | RunError::AdminPort { .. }
+                | RunError::RedisSettings(_)
+                | RunError::RedisAuth(_)
+                | RunError::RedisVersion { .. }
+                | RunError::IdInUse { .. }
+        )
+    }
 }
 
 /// A started worker: its admin port is listening; `run` does the work.
@@ -84,7 +115,7 @@ impl Worker {
             &worker_id,
             settings.worker.concurrency,
         )
-        .map_err(|e| RunError::Config(format!("main_server: {e}")))?;
+        .map_err(RunError::MainServer)?;
         // SIGHUP is ours from here in every state (connecting, waiting for the id, running,
         // draining): a reload request is remembered until the TLS watcher takes it.
         let reload = Arc::new(Notify::new());
@@ -99,10 +130,11 @@ impl Worker {
         ));
         let mut admin_addr = None;
         if settings.metrics.enabled {
-            let listener = admin::bind(SocketAddr::new(settings.metrics.bind, settings.metrics.port))
+            let addr = SocketAddr::new(settings.metrics.bind, settings.metrics.port);
+            let listener = tokio::net::TcpListener::bind(addr)
                 .await
-                .map_err(RunError::Config)?;
-            let addr = listener.local_addr().map_err(|e| RunError::Fatal(e.to_string()))?;
+                .map_err(|source| RunError::AdminPort { addr, source })?;
+            let addr = listener.local_addr().map_err(RunError::Io)?;
             info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
             tokio::spawn(
                 admin::serve(listener, admin.clone(), admin::Limits::default(), background.clone())
@@ -159,7 +191,7 @@ impl Worker {
             "Worker {} starting...", worker.id
         );
 
-        let client = queue::client(&redis).map_err(|e| RunError::Config(format!("redis: {e}")))?;
+        let client = queue::client(&redis).map_err(RunError::RedisSettings)?;
         let Some(queue) = startup::connect(&client, &redis.queue_name, &worker.id, &health, &shutdown).await? else {
             background.cancel();
             return Ok(());

@@ -45,23 +45,14 @@ pub(super) async fn connect(
         let started = Instant::now();
         match Queue::connect(client, queue_name, worker_id).await {
             Ok(queue) => {
-                let version = queue
-                    .server_version()
-                    .await
-                    .map_err(|e| RunError::Fatal(format!("Redis: {e}")))?;
+                let version = queue.server_version().await.map_err(RunError::Redis)?;
                 if !queue::supported_version(&version) {
-                    return Err(RunError::Config(format!(
-                        "redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)"
-                    )));
+                    return Err(RunError::RedisVersion { version });
                 }
                 health.redis_ok(started);
                 return Ok(Some(queue));
             }
-            Err(e) if e.is_auth() => {
-                return Err(RunError::Config(format!(
-                    "redis.password (REDIS_PASSWORD): Redis refused the credentials ({e}); set the right password"
-                )))
-            }
+            Err(e) if e.is_auth() => return Err(RunError::RedisAuth(e)),
             Err(e) => {
                 if backoff.attempts == 0 {
                     error!(error = %e, "Cannot connect to Redis; will keep trying");
@@ -108,10 +99,10 @@ pub(super) async fn take_id(
             tokio::time::Instant::now()
         });
         if since.elapsed() >= worker.dead_after {
-            return Err(RunError::Config(format!(
-                "worker.id (WORKER_ID) = {}: already in use by a live worker, {holder}; give each process its own WORKER_ID",
-                worker.id
-            )));
+            return Err(RunError::IdInUse {
+                worker_id: worker.id.clone(),
+                holder,
+            });
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(false),
