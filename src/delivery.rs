@@ -57,7 +57,7 @@ impl DeliveryError {
 
     /// Classifies a failed request: TLS, timeout, connect, or other.
     pub fn classify(error: &reqwest::Error) -> DeliveryError {
-        let text = chain(error);
+        let text = crate::telemetry::one_line(error);
         if is_tls(error) {
             DeliveryError::Tls(text)
         } else if error.is_timeout() {
@@ -79,20 +79,6 @@ pub fn status_class(status: u16) -> &'static str {
         400..=499 => "4xx",
         _ => "5xx",
     }
-}
-
-/// An error and its causes on one line, without reqwest's repetition of the URL.
-fn chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    let mut next = Some(error);
-    while let Some(e) = next {
-        let text = e.to_string();
-        if !parts.iter().any(|p| p.contains(&text)) {
-            parts.push(text);
-        }
-        next = e.source();
-    }
-    parts.join(": ")
 }
 
 /// True when a rustls error sits anywhere in the chain.
@@ -355,7 +341,9 @@ pub fn build_client(
     if !settings.http2 {
         builder = builder.http1_only();
     }
-    builder.build().map_err(|e| DeliveryError::Other(chain(&e)))
+    builder
+        .build()
+        .map_err(|e| DeliveryError::Other(crate::telemetry::one_line(&e)))
 }
 
 /// Shared by the worker's tasks.

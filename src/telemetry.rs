@@ -234,12 +234,10 @@ impl Repeats {
 /// Starts logging at `level` to stdout and to files in `dir` that roll over daily and at
 /// `max_file_bytes`, seven kept. Dependencies log at WARNING and above only, so a DEBUG run
 /// shows courier's own lines.
-pub fn init(level: Level, dir: &Path, max_file_bytes: u64, worker_id: &str) -> Result<LogGuards, String> {
-    let file = RollingFile::open(dir, max_file_bytes, KEEP_FILES).map_err(|e| {
-        format!(
-            "logging.file_path (LOG_FILE_PATH) = {}: cannot write logs there ({e})",
-            dir.display()
-        )
+pub fn init(level: Level, dir: &Path, max_file_bytes: u64, worker_id: &str) -> Result<LogGuards, LogError> {
+    let file = RollingFile::open(dir, max_file_bytes, KEEP_FILES).map_err(|source| LogError::Directory {
+        dir: dir.to_path_buf(),
+        source,
     })?;
     // One line is formatted once and handed to one background thread, which writes it to
     // both places: at thousands of retry lines a second, a second formatter and a second
@@ -260,9 +258,36 @@ pub fn init(level: Level, dir: &Path, max_file_bytes: u64, worker_id: &str) -> R
                 .with_writer(writer)
                 .with_filter(filter),
         )
-        .try_init()
-        .map_err(|e| format!("logging could not start: {e}"))?;
+        .try_init()?;
     Ok(LogGuards(guard))
+}
+
+/// Why logging could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum LogError {
+    #[error("logging.file_path (LOG_FILE_PATH) = {}: cannot write logs there", dir.display())]
+    Directory {
+        dir: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("logging could not start")]
+    Subscriber(#[from] tracing_subscriber::util::TryInitError),
+}
+
+/// An error and its causes on one line, `a: b: c`, each cause once (reqwest and redis-rs
+/// repeat theirs). Where an error reaches a person: a log line, a status update, the exit.
+pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    let mut next = Some(error);
+    while let Some(e) = next {
+        let text = e.to_string();
+        if !parts.iter().any(|p| p.contains(&text)) {
+            parts.push(text);
+        }
+        next = e.source();
+    }
+    parts.join(": ")
 }
 
 /// Log files kept: the one being written and the six before it.

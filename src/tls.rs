@@ -14,13 +14,16 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::TlsSettings;
 
-/// Why the TLS material was refused; each names the setting and the file.
+/// Why the TLS material was refused; each names the setting and the file, and keeps the
+/// underlying error, if any, as its `source()`.
 #[derive(Debug, thiserror::Error)]
 #[error("{setting} = {path}: {problem}")]
 pub struct TlsError {
     setting: &'static str,
     path: String,
     problem: String,
+    #[source]
+    source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
 }
 
 impl TlsError {
@@ -29,9 +32,27 @@ impl TlsError {
             setting,
             path: path.display().to_string(),
             problem: problem.into(),
+            source: None,
+        }
+    }
+
+    fn caused(
+        setting: &'static str,
+        path: &Path,
+        problem: impl Into<String>,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> TlsError {
+        TlsError {
+            source: Some(Box::new(source)),
+            ..TlsError::new(setting, path, problem)
         }
     }
 }
+
+/// A certificate that x509-parser cannot read.
+#[derive(Debug, thiserror::Error)]
+#[error("not an X.509 certificate")]
+pub struct NotX509(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>);
 
 const CERT: &str = "tls.cert_file (WORKER_CERT_PATH)";
 const KEY: &str = "tls.key_file (WORKER_KEY_PATH)";
@@ -66,7 +87,7 @@ pub fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateD
     let bytes = read(setting, path)?;
     let certs = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| TlsError::new(setting, path, format!("not a PEM certificate file ({e})")))?;
+        .map_err(|e| TlsError::caused(setting, path, "not a PEM certificate file", e))?;
     if certs.is_empty() {
         return Err(TlsError::new(
             setting,
@@ -81,7 +102,7 @@ pub fn read_certs(setting: &'static str, path: &Path) -> Result<Vec<CertificateD
 pub fn read_key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
     let bytes = read(setting, path)?;
     PrivateKeyDer::from_pem_slice(&bytes)
-        .map_err(|e| TlsError::new(setting, path, format!("holds no usable PEM private key ({e})")))
+        .map_err(|e| TlsError::caused(setting, path, "holds no usable PEM private key", e))
 }
 
 fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -91,14 +112,13 @@ fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
             std::io::ErrorKind::PermissionDenied => "permission denied; let the worker's user read it",
             _ => "cannot be read",
         };
-        TlsError::new(setting, path, format!("{hint} ({e})"))
+        TlsError::caused(setting, path, hint, e)
     })
 }
 
 /// The validity period of a DER certificate, as (not_before, not_after, subject).
-pub fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime, String), String> {
-    let (_, cert) =
-        x509_parser::parse_x509_certificate(der.as_ref()).map_err(|e| format!("not an X.509 certificate ({e})"))?;
+pub fn validity(der: &CertificateDer<'_>) -> Result<(SystemTime, SystemTime, String), NotX509> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der.as_ref()).map_err(NotX509)?;
     let at = |t: x509_parser::time::ASN1Time| {
         // A certificate may claim any year; one this machine cannot represent counts as the
         // epoch (before) or the far future (after), never a panic.
@@ -140,7 +160,8 @@ impl ClientTls {
         }
 
         let chain = read_certs(CERT, cert_file)?;
-        let (not_before, not_after, subject) = validity(&chain[0]).map_err(|e| TlsError::new(CERT, cert_file, e))?;
+        let (not_before, not_after, subject) =
+            validity(&chain[0]).map_err(|e| TlsError::caused(CERT, cert_file, "cannot be read", e))?;
         let now = SystemTime::now();
         if now > not_after {
             return Err(TlsError::new(
@@ -164,7 +185,7 @@ impl ClientTls {
         let signing_key = provider
             .key_provider
             .load_private_key(key.clone_key())
-            .map_err(|e| TlsError::new(KEY, key_file, format!("unsupported private key ({e})")))?;
+            .map_err(|e| TlsError::caused(KEY, key_file, "unsupported private key", e))?;
         CertifiedKey::new(chain.clone(), signing_key)
             .keys_match()
             .map_err(|_| {
@@ -178,10 +199,10 @@ impl ClientTls {
         // ALPN is the HTTP client's business: `delivery::build_client` sets it.
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| TlsError::new(CA, ca_file, e.to_string()))?
+            .map_err(|e| TlsError::caused(CA, ca_file, "not a usable CA certificate", e))?
             .with_root_certificates(roots)
             .with_client_auth_cert(chain, key)
-            .map_err(|e| TlsError::new(CERT, cert_file, format!("cannot be used as a client certificate ({e})")))?;
+            .map_err(|e| TlsError::caused(CERT, cert_file, "cannot be used as a client certificate", e))?;
 
         Ok(ClientTls {
             config,

@@ -13,6 +13,7 @@ use rustls_pki_types::UnixTime;
 
 use crate::config::{ProcessEnv, Settings};
 use crate::delivery::{build_client, rustls_error, DeliveryError};
+use crate::telemetry::one_line;
 use crate::tls::{self, ClientTls};
 
 /// One check's verdict.
@@ -136,21 +137,21 @@ fn tls_checks(settings: &Settings, checks: &mut Vec<Check>) -> Option<ClientTls>
             certs
                 .as_ref()
                 .map(|c| format!("{} ({} in chain)", t.cert_file.display(), c.len()))
-                .map_err(ToString::to_string),
+                .map_err(|e| one_line(e)),
             "point WORKER_CERT_PATH at the worker's PEM certificate",
         ),
         (
             "CA",
             cas.as_ref()
                 .map(|c| format!("{} ({} certificates)", t.ca_file.display(), c.len()))
-                .map_err(ToString::to_string),
+                .map_err(|e| one_line(e)),
             "point CA_CERT_PATH at the PEM CA that signed the main server's certificate",
         ),
         (
             "key",
             key.as_ref()
                 .map(|_| t.key_file.display().to_string())
-                .map_err(ToString::to_string),
+                .map_err(|e| one_line(e)),
             "point WORKER_KEY_PATH at the worker's PEM private key",
         ),
     ] {
@@ -175,7 +176,7 @@ fn tls_checks(settings: &Settings, checks: &mut Vec<Check>) -> Option<ClientTls>
         Err(e) => {
             checks.push(Check::fail(
                 "key match",
-                e.to_string(),
+                one_line(&e),
                 "install the key that belongs to this certificate, or issue a new pair",
             ));
             return None;

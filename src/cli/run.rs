@@ -9,6 +9,7 @@ use tracing::{info, warn};
 
 use super::{config_error, runtime, EXIT_ID_TAKEN};
 use crate::config::{InstanceEnv, ProcessEnv, Settings};
+use crate::telemetry::one_line;
 use crate::tls::ClientTls;
 use crate::worker::{RunError, Worker};
 
@@ -31,7 +32,7 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
     let tls = match settings.tls.enabled {
         true => match ClientTls::load(&settings.tls) {
             Ok(tls) => Some(tls),
-            Err(e) => return config_error(e),
+            Err(e) => return config_error(one_line(&e)),
         },
         false => None,
     };
@@ -42,7 +43,7 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
         &settings.worker.id,
     ) {
         Ok(guards) => guards,
-        Err(e) => return config_error(e),
+        Err(e) => return config_error(one_line(&e)),
     };
     // One thread by default: on a machine shared with Redis and the main server, cross-thread
     // wake-ups cost more than a second thread gains (README, "Performance").
@@ -72,7 +73,7 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
     };
     // The error and its causes, on one line.
     let (config, taken) = (error.is_config(), matches!(error, RunError::IdTaken { .. }));
-    let line = format!("{:#}", anyhow::Error::new(error));
+    let line = one_line(&error);
     if config {
         tracing::error!("Configuration error: {line}");
         return config_error(line);

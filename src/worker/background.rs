@@ -16,6 +16,7 @@ use crate::config::{TlsSettings, WorkerSettings};
 use crate::delivery::Deliverer;
 use crate::metrics::Metrics;
 use crate::queue::QueueError;
+use crate::telemetry::one_line;
 use crate::tls::ClientTls;
 
 /// Most due retries moved back to the queue by one promoter call.
@@ -273,8 +274,8 @@ async fn watch_tls(
             continue;
         }
         seen = now_seen;
-        let loaded = ClientTls::load(&settings).map_err(|e| e.to_string()).and_then(|tls| {
-            deliverer.replace_tls(&tls).map_err(|e| e.to_string())?;
+        let loaded = ClientTls::load(&settings).map_err(|e| one_line(&e)).and_then(|tls| {
+            deliverer.replace_tls(&tls).map_err(|e| one_line(&e))?;
             Ok(tls)
         });
         match loaded {
