@@ -58,13 +58,42 @@ const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known
     Known { key, env, default }
 }
 
-/// Why the configuration was refused. Each message is one line naming the setting.
+/// Why the configuration was refused. Each names the setting or the file; a cause, where
+/// there is one, is the `source()` (render the whole with `telemetry::one_line`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("config file {path}: {problem}")]
-    File { path: PathBuf, problem: String },
+    #[error("config file {}: cannot read it; pass an existing file to --config", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {}: not valid YAML", path.display())]
+    Yaml {
+        path: PathBuf,
+        #[source]
+        source: config::ConfigError,
+    },
+    #[error("config file {}: `{key}`", path.display())]
+    Expand {
+        path: PathBuf,
+        key: String,
+        #[source]
+        source: ExpandError,
+    },
     #[error("{0}")]
     Setting(String),
+}
+
+/// Why a `${VAR}` in a config value could not be expanded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExpandError {
+    #[error("`${{` without a closing `}}`")]
+    Unclosed,
+    #[error("`${{{0}}}` is not a variable reference")]
+    NotAReference(String),
+    #[error("${{{0}}} is not set and has no default; set it or write ${{{0}:-value}}")]
+    Unset(String),
 }
 
 /// A password: kept out of `Debug` output and logs.
@@ -206,9 +235,9 @@ impl Settings {
         let Some(path) = file else {
             return Settings::from_text(None, env);
         };
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
-            problem: format!("cannot read it ({e}); pass an existing file to --config"),
+            source,
         })?;
         Settings::from_text(Some((path, &text)), env)
     }
@@ -224,17 +253,20 @@ impl Settings {
         }
         let file = file.map(|(path, text)| (path.to_path_buf(), text));
         if let Some((path, text)) = &file {
-            let problem = |problem: String| ConfigError::File {
-                path: path.clone(),
-                problem,
-            };
             // Parse first, expand after: `${VAR}` is replaced inside values only, so a value
             // may hold any character (quotes, backslashes, `#`), and comments stay comments.
             let mut parsed = Config::builder()
                 .add_source(File::from_str(text, FileFormat::Yaml))
                 .build()
-                .map_err(|e| problem(format!("not valid YAML: {e}")))?;
-            expand_values(&mut parsed.cache, "", env).map_err(problem)?;
+                .map_err(|source| ConfigError::Yaml {
+                    path: path.clone(),
+                    source,
+                })?;
+            expand_values(&mut parsed.cache, "", env).map_err(|(key, source)| ConfigError::Expand {
+                path: path.clone(),
+                key,
+                source,
+            })?;
             builder = builder.add_source(parsed);
         }
         for known in KNOWN {
@@ -244,12 +276,12 @@ impl Settings {
                     .map_err(|e| ConfigError::Setting(e.to_string()))?;
             }
         }
-        let merged = builder.build().map_err(|e| match &file {
-            Some((path, _)) => ConfigError::File {
+        let merged = builder.build().map_err(|source| match &file {
+            Some((path, _)) => ConfigError::Yaml {
                 path: path.clone(),
-                problem: format!("not valid YAML: {e}"),
+                source,
             },
-            None => ConfigError::Setting(e.to_string()),
+            None => ConfigError::Setting(source.to_string()),
         })?;
         let source = Source { merged: &merged, env };
         source.refuse_unknown_keys()?;
@@ -504,12 +536,12 @@ fn parse_level(text: &str) -> Option<tracing::Level> {
     }
 }
 
-/// Expands `${VAR}` and `${VAR:-default}` in every string value of a parsed config file,
-/// naming the key of a reference that cannot be expanded.
-fn expand_values(value: &mut Value, key: &str, env: &dyn Env) -> Result<(), String> {
+/// Expands `${VAR}` and `${VAR:-default}` in every string value of a parsed config file;
+/// on failure, the key of the value that could not be expanded and why.
+fn expand_values(value: &mut Value, key: &str, env: &dyn Env) -> Result<(), (String, ExpandError)> {
     match &mut value.kind {
         ValueKind::String(text) if text.contains("${") => {
-            *text = expand(text, env).map_err(|e| format!("`{key}`: {e}"))?;
+            *text = expand(text, env).map_err(|e| (key.to_string(), e))?;
         }
         ValueKind::Table(entries) => {
             for (name, entry) in entries.iter_mut() {
@@ -535,33 +567,27 @@ fn expand_values(value: &mut Value, key: &str, env: &dyn Env) -> Result<(), Stri
 /// takes courier's default when it is one of the known variables (so the old worker's
 /// `config.yaml` works unchanged); any other unset variable is an error. The variable's value
 /// is inserted as it is: it is never parsed again.
-pub fn expand(text: &str, env: &dyn Env) -> Result<String, String> {
+pub fn expand(text: &str, env: &dyn Env) -> Result<String, ExpandError> {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after
-            .find('}')
-            .ok_or_else(|| "`${` without a closing `}`".to_string())?;
+        let end = after.find('}').ok_or(ExpandError::Unclosed)?;
         let inner = &after[..end];
         let (name, default) = match inner.split_once(":-") {
             Some((name, default)) => (name, Some(default)),
             None => (inner, None),
         };
         if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-            return Err(format!("`${{{inner}}}` is not a variable reference"));
+            return Err(ExpandError::NotAReference(inner.to_string()));
         }
         let value = match (env.var(name).filter(|v| !v.is_empty() || default.is_none()), default) {
             (Some(value), _) => value,
             (None, Some(default)) => default.to_string(),
             (None, None) => match KNOWN.iter().find(|k| k.env == name) {
                 Some(known) => known.default.to_string(),
-                None => {
-                    return Err(format!(
-                        "${{{name}}} is not set and has no default; set it or write ${{{name}:-value}}"
-                    ))
-                }
+                None => return Err(ExpandError::Unset(name.to_string())),
             },
         };
         out.push_str(&value);
@@ -579,6 +605,7 @@ pub fn known_settings() -> impl Iterator<Item = (&'static str, &'static str, &'s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::telemetry::one_line;
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
@@ -602,8 +629,8 @@ mod tests {
         let s = load_yaml(shipped, &[("MAIN_SERVER_HTTP2", "true")]).unwrap();
         assert!(s.main_server.http2, "the variable overrides the file");
         let err = load_yaml(shipped, &[("MAIN_SERVER_HTTP2", "maybe")])
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(err.contains("MAIN_SERVER_HTTP2"), "{err}");
     }
 
@@ -663,10 +690,10 @@ mod tests {
             "a: yes\nb: x\nc: d\n"
         );
         let err = load_yaml("redis:\n  host: 1\n  db: ${NOT_A_SETTING}\n", &[])
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(err.contains("`redis.db`") && err.contains("NOT_A_SETTING"), "{err}");
-        assert!(expand("${UNCLOSED", &e).unwrap_err().contains("closing"));
+        assert_eq!(expand("${UNCLOSED", &e), Err(ExpandError::Unclosed));
     }
 
     #[test]
@@ -695,32 +722,40 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_by_name() {
-        let err = load_yaml("worker:\n  concurency: 4\n", &[]).unwrap_err().to_string();
+        let err = load_yaml("worker:\n  concurency: 4\n", &[])
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(err.contains("worker.concurency"), "{err}");
-        let err = load_yaml("workers:\n  concurrency: 4\n", &[]).unwrap_err().to_string();
+        let err = load_yaml("workers:\n  concurrency: 4\n", &[])
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(err.contains("`workers`"), "{err}");
     }
 
     #[test]
     fn bad_numbers_name_the_setting_and_the_variable() {
         let err = load_yaml("", &[("WORKER_CONCURRENCY", "many")])
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(
             err.contains("worker.concurrency") && err.contains("WORKER_CONCURRENCY") && err.contains("\"many\""),
             "{err}"
         );
-        let err = load_yaml("redis:\n  port: 70000\n", &[]).unwrap_err().to_string();
+        let err = load_yaml("redis:\n  port: 70000\n", &[])
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(err.contains("redis.port") && err.contains("70000"), "{err}");
-        let err = load_yaml("", &[("WORKER_CONCURRENCY", "0")]).unwrap_err().to_string();
+        let err = load_yaml("", &[("WORKER_CONCURRENCY", "0")])
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(err.contains("from 1 to"), "{err}");
     }
 
     #[test]
     fn plain_http_is_refused_while_tls_is_enabled() {
         let err = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000")])
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(err.contains("main_server.url") && err.contains("https://"), "{err}");
         let ok = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000"), ("TLS_ENABLED", "false")]).unwrap();
         assert!(!ok.tls.enabled);
@@ -732,8 +767,8 @@ mod tests {
         assert_eq!(s.redis.password.expose(), "hunter2");
         assert!(!format!("{s:?}").contains("hunter2"));
         let err = load_yaml("redis:\n  password:\n    nested: hunter2\n", &[])
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
     }
 
@@ -769,8 +804,8 @@ mod tests {
     #[test]
     fn a_missing_config_file_is_named() {
         let err = Settings::load(Some(Path::new("/nonexistent/courier.yaml")), &env(&[]))
-            .unwrap_err()
-            .to_string();
+            .map_err(|e| one_line(&e))
+            .unwrap_err();
         assert!(
             err.contains("/nonexistent/courier.yaml") && err.contains("--config"),
             "{err}"

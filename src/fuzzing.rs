@@ -81,7 +81,7 @@ pub fn config_text(data: &[u8]) {
         _ => None,
     };
     if let Err(e) = Settings::from_text(Some((std::path::Path::new("fuzz.yaml"), text)), &env) {
-        let line = e.to_string();
+        let line = crate::telemetry::one_line(&e);
         assert!(!line.is_empty());
         assert!(!line.contains("p\"q"), "the password never shows in an error: {line}");
     }

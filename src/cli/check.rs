@@ -100,7 +100,7 @@ pub async fn run(file: Option<&Path>) -> Vec<Check> {
             settings
         }
         Err(e) => {
-            checks.push(Check::fail("config", e.to_string(), "correct the setting named above"));
+            checks.push(Check::fail("config", one_line(&e), "correct the setting named above"));
             return checks;
         }
     };

@@ -209,7 +209,7 @@ fn oneshot<F: std::future::Future<Output = anyhow::Result<()>>>(work: F) -> Exit
 /// Loads settings for an operator command; a bad configuration exits 78.
 fn settings(config: ConfigArg) -> Result<Settings, ExitCode> {
     let file = config.config.or_else(Settings::default_file);
-    Settings::load(file.as_deref(), &ProcessEnv).map_err(config_error)
+    Settings::load(file.as_deref(), &ProcessEnv).map_err(|e| config_error(crate::telemetry::one_line(&e)))
 }
 
 /// `anyhow` for the errors of one-shot commands.

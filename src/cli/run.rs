@@ -27,7 +27,7 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
     };
     let settings = match loaded {
         Ok(settings) => settings,
-        Err(e) => return config_error(e),
+        Err(e) => return config_error(one_line(&e)),
     };
     let tls = match settings.tls.enabled {
         true => match ClientTls::load(&settings.tls) {
