@@ -11,23 +11,27 @@ use crate::config::MainServerSettings;
 use crate::message::Envelope;
 use crate::tls::ClientTls;
 
-/// Why an attempt did not deliver.
+/// The underlying error of a failed request, kept as the `source()`; shared, so that the
+/// error stays cheap to clone.
+pub type Cause = std::sync::Arc<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why an attempt did not deliver. Render it with `telemetry::one_line` to include the cause.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DeliveryError {
-    #[error("cannot connect to the main server: {0}")]
-    Connect(String),
-    #[error("TLS with the main server failed: {0}")]
-    Tls(String),
-    #[error("main server did not answer in time: {0}")]
-    Timeout(String),
+    #[error("cannot connect to the main server")]
+    Connect(#[source] Cause),
+    #[error("TLS with the main server failed")]
+    Tls(#[source] Cause),
+    #[error("main server did not answer in time")]
+    Timeout(#[source] Cause),
     #[error("main server answered HTTP {status}: {body}")]
     Status {
         status: u16,
         retry_after: Option<Duration>,
         body: String,
     },
-    #[error("request to the main server failed: {0}")]
-    Other(String),
+    #[error("request to the main server failed")]
+    Other(#[source] Cause),
 }
 
 impl DeliveryError {
@@ -56,17 +60,17 @@ impl DeliveryError {
     }
 
     /// Classifies a failed request: TLS, timeout, connect, or other.
-    pub fn classify(error: &reqwest::Error) -> DeliveryError {
-        let text = crate::telemetry::one_line(error);
-        if is_tls(error) {
-            DeliveryError::Tls(text)
+    pub fn classify(error: reqwest::Error) -> DeliveryError {
+        let kind = if is_tls(&error) {
+            DeliveryError::Tls
         } else if error.is_timeout() {
-            DeliveryError::Timeout(text)
+            DeliveryError::Timeout
         } else if error.is_connect() {
-            DeliveryError::Connect(text)
+            DeliveryError::Connect
         } else {
-            DeliveryError::Other(text)
-        }
+            DeliveryError::Other
+        };
+        kind(std::sync::Arc::new(error))
     }
 }
 
@@ -216,7 +220,7 @@ impl Deliverer {
 /// Sends a request and reads the answer up to `MAX_RESPONSE_BODY` (a whole small answer lets
 /// the connection go back to the pool; a larger one is cut off by closing the connection).
 async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
-    let mut response = request.send().await.map_err(|e| DeliveryError::classify(&e))?;
+    let mut response = request.send().await.map_err(DeliveryError::classify)?;
     let status = response.status();
     if status.is_success() {
         // The server has recorded the message; a broken or oversized body changes nothing.
@@ -343,7 +347,7 @@ pub fn build_client(
     }
     builder
         .build()
-        .map_err(|e| DeliveryError::Other(crate::telemetry::one_line(&e)))
+        .map_err(|e| DeliveryError::Other(std::sync::Arc::new(e)))
 }
 
 /// Shared by the worker's tasks.

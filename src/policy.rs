@@ -114,31 +114,23 @@ mod tests {
     #[test]
     fn every_outcome_in_the_readme_table() {
         use DeadReason::{Exhausted, Rejected};
-        let transport = |e: DeliveryError| Err::<(), _>(e);
+        let transport = |kind: fn(crate::delivery::Cause) -> DeliveryError, text: &str| {
+            Err::<(), _>(kind(std::sync::Arc::new(std::io::Error::other(text.to_string()))))
+        };
         let rows: Vec<(&str, Result<(), DeliveryError>, u32, Settle)> = vec![
             ("2xx", Ok(()), 0, Settle::Ack),
             ("2xx on the last attempt", Ok(()), 4, Settle::Ack),
             (
                 "connection refused",
-                transport(DeliveryError::Connect("refused".into())),
+                transport(DeliveryError::Connect, "refused"),
                 0,
                 retry(30, 1),
             ),
-            (
-                "timeout",
-                transport(DeliveryError::Timeout("slow".into())),
-                1,
-                retry(30, 2),
-            ),
-            (
-                "TLS failure",
-                transport(DeliveryError::Tls("bad".into())),
-                0,
-                retry(30, 1),
-            ),
+            ("timeout", transport(DeliveryError::Timeout, "slow"), 1, retry(30, 2)),
+            ("TLS failure", transport(DeliveryError::Tls, "bad"), 0, retry(30, 1)),
             (
                 "other transport error",
-                transport(DeliveryError::Other("reset".into())),
+                transport(DeliveryError::Other, "reset"),
                 0,
                 retry(30, 1),
             ),
@@ -169,7 +161,7 @@ mod tests {
             ),
             (
                 "timeout bringing the count to max",
-                transport(DeliveryError::Timeout("t".into())),
+                transport(DeliveryError::Timeout, "t"),
                 4,
                 dead(Exhausted, 5),
             ),

@@ -335,16 +335,17 @@ async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
             ),
         ),
         Err(e) => {
-            let error = DeliveryError::classify(&e);
-            let fix = match (rustls_error(&e), &error) {
-                (Some(tls), _) => tls_fix(tls, url.host_str().unwrap_or("")),
+            let tls = rustls_error(&e).map(|tls| tls_fix(tls, url.host_str().unwrap_or("")));
+            let error = DeliveryError::classify(e);
+            let fix = match (tls, &error) {
+                (Some(fix), _) => fix,
                 (None, DeliveryError::Connect(_)) => "start the main server or correct MAIN_SERVER_URL".to_string(),
                 (None, DeliveryError::Timeout(_)) => {
                     "the main server did not answer in time: check the host, port and firewall".to_string()
                 }
                 (None, _) => "check MAIN_SERVER_URL".to_string(),
             };
-            Check::fail("main server", error.to_string(), fix)
+            Check::fail("main server", one_line(&error), fix)
         }
     }
 }

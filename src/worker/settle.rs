@@ -140,7 +140,7 @@ impl Context {
             }
             Err(e) => {
                 self.metrics.failed(e.label(), e.status_class(), attempt.elapsed);
-                (e.label(), e.to_string())
+                (e.label(), crate::telemetry::one_line(e))
             }
         };
         let settle = policy::decide(&attempt.result, envelope.attempt_count(), &self.policy);
