@@ -247,9 +247,7 @@ pub(super) async fn sink(args: SinkArgs) -> anyhow::Result<()> {
             ..Reply::status(status)
         }
     });
-    let sink = Sink::start_with(listen, &tls, behaviour, false)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sink = Sink::start_with(listen, &tls, behaviour, false).await?;
     println!(
         "courier sink listening on https://{} (client certificates required); Ctrl+C stops",
         sink.addr

@@ -67,9 +67,7 @@ pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
             _ => Reply::status(200),
         }
     });
-    let sink = Sink::start("127.0.0.1:0".parse()?, &pki.sink_tls(), behaviour)
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let sink = Sink::start("127.0.0.1:0".parse()?, &pki.sink_tls(), behaviour).await?;
     println!("reference main server (mTLS): {}", sink.url());
 
     let vars: HashMap<&str, String> = HashMap::from([

@@ -198,28 +198,49 @@ pub struct SinkTls {
     pub http2: bool,
 }
 
+/// Why the reference main server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error("client CA: not a usable PEM certificate")]
+    ClientCaPem(#[source] rustls_pki_types::pem::Error),
+    #[error("client CA: not usable for verifying clients")]
+    ClientCa(#[source] rustls::Error),
+    #[error("client CA: no verifier can be built from it")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    #[error("server certificate or key: not PEM")]
+    ServerPem(#[source] rustls_pki_types::pem::Error),
+    #[error("server certificate or key: not usable")]
+    Server(#[source] rustls::Error),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 impl SinkTls {
-    fn server_config(&self) -> Result<ServerConfig, String> {
+    fn server_config(&self) -> Result<ServerConfig, SinkError> {
         let provider = crate::tls::provider();
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(self.client_ca_pem.as_bytes()) {
             roots
-                .add(ca.map_err(|e| format!("client CA: {e}"))?)
-                .map_err(|e| format!("client CA: {e}"))?;
+                .add(ca.map_err(SinkError::ClientCaPem)?)
+                .map_err(SinkError::ClientCa)?;
         }
         let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
-            .map_err(|e| format!("client CA: {e}"))?;
+            .map_err(SinkError::Verifier)?;
         let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("server certificate: {e}"))?;
-        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| format!("server key: {e}"))?;
+            .map_err(SinkError::ServerPem)?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(SinkError::ServerPem)?;
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
-            .map_err(|e| e.to_string())?
+            .map_err(SinkError::Server)?
             .with_client_cert_verifier(verifier)
             .with_single_cert(chain, key)
-            .map_err(|e| format!("server certificate: {e}"))?;
+            .map_err(SinkError::Server)?;
         config.alpn_protocols = if self.http2 {
             vec![b"h2".to_vec(), b"http/1.1".to_vec()]
         } else {
@@ -231,7 +252,7 @@ impl SinkTls {
 
 impl Sink {
     /// Starts serving on `addr` (port 0 picks a free one) until stopped or dropped.
-    pub async fn start(addr: SocketAddr, tls: &SinkTls, behaviour: Behaviour) -> Result<Sink, String> {
+    pub async fn start(addr: SocketAddr, tls: &SinkTls, behaviour: Behaviour) -> Result<Sink, SinkError> {
         Self::start_with(addr, tls, behaviour, true).await
     }
 
@@ -241,12 +262,14 @@ impl Sink {
         tls: &SinkTls,
         behaviour: Behaviour,
         keep_calls: bool,
-    ) -> Result<Sink, String> {
+    ) -> Result<Sink, SinkError> {
         let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
         let listener = TcpListener::bind(addr)
             .await
-            .map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        let addr = listener.local_addr().map_err(|e| e.to_string())?;
+            .map_err(|source| SinkError::Listen { addr, source })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| SinkError::Listen { addr, source })?;
         let (notify, changes) = watch::channel(0);
         let record = Arc::new(Record {
             notify: Some(notify),
@@ -276,7 +299,7 @@ impl Sink {
 
     /// Serves new connections with `tls` from now on and closes every open connection, so
     /// only clients that pass the new checks get through.
-    pub fn replace_tls(&self, tls: &SinkTls) -> Result<(), String> {
+    pub fn replace_tls(&self, tls: &SinkTls) -> Result<(), SinkError> {
         let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
         let mut served = self.tls.lock().unwrap_or_else(|p| p.into_inner());
         served.connections.cancel();
