@@ -324,30 +324,72 @@ async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
     let url = &settings.main_server.url;
     let client = match build_client(&settings.main_server, Some(tls), 1) {
         Ok(client) => client,
-        Err(e) => return Check::fail("main server", e.to_string(), "see the TLS checks above"),
+        Err(e) => return Check::fail("main server", one_line(&e), "see the TLS checks above"),
     };
-    match client.get(url.clone()).send().await {
-        Ok(response) => Check::pass(
-            "main server",
-            format!(
-                "mutual TLS with {url} works (HTTP {} for GET /)",
-                response.status().as_u16()
-            ),
-        ),
-        Err(e) => {
-            let tls = rustls_error(&e).map(|tls| tls_fix(tls, url.host_str().unwrap_or("")));
-            let error = DeliveryError::classify(e);
-            let fix = match (tls, &error) {
-                (Some(fix), _) => fix,
-                (None, DeliveryError::Connect(_)) => "start the main server or correct MAIN_SERVER_URL".to_string(),
-                (None, DeliveryError::Timeout(_)) => {
-                    "the main server did not answer in time: check the host, port and firewall".to_string()
+    // A server that refuses the worker's certificate says so in an alert after the TLS 1.3
+    // handshake; the client may see the connection close before it reads that alert. A few
+    // tries give the alert its chance to be read and named.
+    let mut failed = None;
+    for _ in 0..3 {
+        match client.get(url.clone()).send().await {
+            Ok(response) => {
+                return Check::pass(
+                    "main server",
+                    format!(
+                        "mutual TLS with {url} works (HTTP {} for GET /)",
+                        response.status().as_u16()
+                    ),
+                )
+            }
+            Err(e) => {
+                let named = rustls_error(&e).is_some();
+                failed = Some(e);
+                if named {
+                    break;
                 }
-                (None, _) => "check MAIN_SERVER_URL".to_string(),
-            };
-            Check::fail("main server", one_line(&error), fix)
+            }
         }
     }
+    let Some(e) = failed else {
+        return Check::fail("main server", "no answer", "check MAIN_SERVER_URL");
+    };
+    let tls = rustls_error(&e).map(|tls| tls_fix(tls, url.host_str().unwrap_or("")));
+    let closed = closed_without_answer(&e);
+    let error = DeliveryError::classify(e);
+    let fix = match (tls, &error) {
+        (Some(fix), _) => fix,
+        (None, DeliveryError::Connect(_)) => "start the main server or correct MAIN_SERVER_URL".to_string(),
+        (None, DeliveryError::Timeout(_)) => {
+            "the main server did not answer in time: check the host, port and firewall".to_string()
+        }
+        (None, _) if closed => "the main server closed the connection without answering: it most likely refused the worker certificate; check that it trusts the CA that issued WORKER_CERT_PATH, and MAIN_SERVER_URL".to_string(),
+        (None, _) => "check MAIN_SERVER_URL".to_string(),
+    };
+    Check::fail("main server", one_line(&error), fix)
+}
+
+/// Whether the connection closed before any answer came: what a TLS 1.3 server that refuses
+/// the client certificate looks like when its alert is not read in time.
+fn closed_without_answer(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(error);
+    while let Some(e) = next {
+        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+            if hyper.is_canceled() || hyper.is_incomplete_message() || hyper.is_closed() {
+                return true;
+            }
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+            if matches!(
+                io.kind(),
+                BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof
+            ) {
+                return true;
+            }
+        }
+        next = e.source();
+    }
+    false
 }
 
 /// What to do about a failed handshake with the main server, by what rustls says went wrong.

@@ -14,7 +14,7 @@ mod settle;
 mod startup;
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
@@ -23,14 +23,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, Instrument};
 
 use self::background::{forward_hangups, Background, TlsWatch};
-use self::settle::{Context, LOG_SUMMARY_EVERY};
+use self::settle::Context;
 use crate::admin::{self, AdminState, Health};
 use crate::config::Settings;
 use crate::delivery::Deliverer;
 use crate::metrics::Metrics;
-use crate::policy::{self, Policy};
 use crate::queue;
-use crate::telemetry::Repeats;
 use crate::tls::ClientTls;
 
 /// Status updates waiting to be sent; past this they are dropped (and counted).
@@ -182,45 +180,13 @@ impl Worker {
             tls: tls_settings,
             ..
         } = settings;
-        info!(
-            queue = %redis.queue_name,
-            concurrency = worker.concurrency,
-            batch_size = worker.batch_size,
-            retry_interval = ?worker.retry_interval,
-            max_attempts = worker.max_attempts,
-            "Worker {} starting...", worker.id
-        );
 
-        let client = queue::client(&redis).map_err(RunError::RedisSettings)?;
-        let Some(queue) = startup::connect(&client, &redis.queue_name, &worker.id, &health, &shutdown).await? else {
+        let Some(queue) = startup::join(&redis, &worker, &health, &admin, &shutdown).await? else {
             background.cancel();
             return Ok(());
         };
-        info!("Connected to Redis at {}:{}", redis.host, redis.port);
-        let _ = admin.queue.set(queue.clone());
-        if !startup::take_id(&queue, &worker, &health, &shutdown).await? {
-            background.cancel();
-            return Ok(());
-        }
-        startup::recover(&queue, &worker.id, &health, &shutdown).await;
-
         let (status_tx, status_rx) = mpsc::channel(STATUS_BACKLOG);
-        let context = Arc::new(Context {
-            worker_id: worker.id.clone(),
-            queue,
-            deliverer,
-            metrics,
-            health,
-            status: status_tx,
-            repeats: Repeats::new(LOG_SUMMARY_EVERY),
-            policy: Policy {
-                max_attempts: worker.max_attempts,
-                retry_interval: worker.retry_interval,
-                max_retry_after: policy::MAX_RETRY_AFTER,
-            },
-            max_message_bytes: worker.max_message_bytes,
-            id_taken: AtomicBool::new(false),
-        });
+        let context = Arc::new(Context::new(&worker, queue, deliverer, metrics, health, status_tx));
         let tls = tls.map(|current| TlsWatch {
             settings: tls_settings,
             current,
@@ -234,9 +200,9 @@ impl Worker {
         let id_taken = context.id_taken.load(Ordering::Acquire);
         drain::drain(context, deliveries, worker.shutdown_grace, tasks).await;
         info!("Worker {} stopped", worker.id);
-        if id_taken {
-            return Err(RunError::IdTaken { worker_id: worker.id });
+        match id_taken {
+            true => Err(RunError::IdTaken { worker_id: worker.id }),
+            false => Ok(()),
         }
-        Ok(())
     }
 }

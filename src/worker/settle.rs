@@ -11,6 +11,7 @@ use tracing::{debug, error, warn};
 
 use super::retry::until_answered;
 use crate::admin::Health;
+use crate::config::WorkerSettings;
 use crate::delivery::{Deliverer, Status};
 use crate::message::{dead_letter, DeadReason, Envelope};
 use crate::metrics::Metrics;
@@ -19,7 +20,7 @@ use crate::queue::{Queue, QueueError};
 use crate::telemetry::{Due, Repeat, Repeats};
 
 /// At most one summary line per cause in this long (the first occurrence is logged at once).
-pub(super) const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(10);
 
 /// A status update for the main server, sent in the background.
 pub(super) struct StatusReport {
@@ -47,6 +48,32 @@ pub(super) struct Context {
 }
 
 impl Context {
+    pub(super) fn new(
+        worker: &WorkerSettings,
+        queue: Queue,
+        deliverer: Arc<Deliverer>,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+        status: mpsc::Sender<StatusReport>,
+    ) -> Context {
+        Context {
+            worker_id: worker.id.clone(),
+            queue,
+            deliverer,
+            metrics,
+            health,
+            status,
+            repeats: Repeats::new(LOG_SUMMARY_EVERY),
+            policy: Policy {
+                max_attempts: worker.max_attempts,
+                retry_interval: worker.retry_interval,
+                max_retry_after: policy::MAX_RETRY_AFTER,
+            },
+            max_message_bytes: worker.max_message_bytes,
+            id_taken: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
     pub(super) fn redis_error(&self, error: &QueueError, during: &str) {
         if error.is_unavailable() {
             self.health.redis_failed(error);

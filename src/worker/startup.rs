@@ -9,13 +9,44 @@ use tracing::{error, info, warn};
 
 use super::retry::{until_answered, Backoff};
 use super::RunError;
-use crate::admin::Health;
-use crate::config::WorkerSettings;
+use crate::admin::{AdminState, Health};
+use crate::config::{RedisSettings, WorkerSettings};
 use crate::queue::{self, Queue};
+
+/// Joins the queue: connects (waiting while Redis is down), takes this worker's id (waiting
+/// for a live holder to go quiet) and returns what this id left claimed to the queue. `None`:
+/// asked to stop first.
+pub(super) async fn join(
+    redis: &RedisSettings,
+    worker: &WorkerSettings,
+    health: &Health,
+    admin: &AdminState,
+    shutdown: &CancellationToken,
+) -> Result<Option<Queue>, RunError> {
+    info!(
+        queue = %redis.queue_name,
+        concurrency = worker.concurrency,
+        batch_size = worker.batch_size,
+        retry_interval = ?worker.retry_interval,
+        max_attempts = worker.max_attempts,
+        "Worker {} starting...", worker.id
+    );
+    let client = queue::client(redis).map_err(RunError::RedisSettings)?;
+    let Some(queue) = connect(&client, &redis.queue_name, &worker.id, health, shutdown).await? else {
+        return Ok(None);
+    };
+    info!("Connected to Redis at {}:{}", redis.host, redis.port);
+    let _ = admin.queue.set(queue.clone());
+    if !take_id(&queue, worker, health, shutdown).await? {
+        return Ok(None);
+    }
+    recover(&queue, &worker.id, health, shutdown).await;
+    Ok(Some(queue))
+}
 
 /// Messages a previous process with this id left in its processing list go back to the front
 /// of the queue before anything is claimed.
-pub(super) async fn recover(queue: &Queue, worker_id: &str, health: &Health, shutdown: &CancellationToken) {
+async fn recover(queue: &Queue, worker_id: &str, health: &Health, shutdown: &CancellationToken) {
     let recovered = until_answered(
         health,
         Some(shutdown),
@@ -33,7 +64,7 @@ pub(super) async fn recover(queue: &Queue, worker_id: &str, health: &Health, shu
 }
 
 /// Connects to Redis, waiting with backoff while it is unreachable. `None`: shut down first.
-pub(super) async fn connect(
+async fn connect(
     client: &redis::Client,
     queue_name: &str,
     worker_id: &str,
@@ -69,7 +100,7 @@ pub(super) async fn connect(
 /// Takes this worker's id in Redis. A live process holding it is given `dead_after` to go
 /// quiet (a crashed holder elsewhere does); a holder on this host whose process is gone is
 /// taken over at once. `false`: shut down while waiting.
-pub(super) async fn take_id(
+async fn take_id(
     queue: &Queue,
     worker: &WorkerSettings,
     health: &Health,
