@@ -220,7 +220,7 @@ pub(super) async fn sink(args: SinkArgs) -> anyhow::Result<()> {
         };
         if report_latency && status == 200 {
             if let Some(sent) = call.body["payload"]["t"].as_u64() {
-                let now = chrono::Utc::now().timestamp_micros() as u64;
+                let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
                 seen.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(now.saturating_sub(sent));
