@@ -52,6 +52,8 @@ const KNOWN: &[Known] = &[
     k("tls.reload_interval", "TLS_RELOAD_INTERVAL", "60"),
     k("metrics.bind", "WORKER_METRICS_BIND", "0.0.0.0"),
     k("logging.max_file_mb", "LOG_MAX_FILE_MB", "100"),
+    k("redis.url", "REDIS_URL", ""),
+    k("redis.username", "REDIS_USERNAME", ""),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -132,6 +134,8 @@ pub struct RedisSettings {
     pub host: String,
     pub port: u16,
     pub db: i64,
+    /// An ACL user; empty: the default user.
+    pub username: String,
     pub password: Secret,
     pub queue_name: String,
 }
@@ -356,7 +360,8 @@ impl Source<'_> {
     fn invalid(&self, key: &str, expected: &str) -> ConfigError {
         let known = KNOWN.iter().find(|k| k.key == key);
         let env = known.map(|k| k.env).unwrap_or("");
-        let value = if key.ends_with("password") {
+        // A password never shows, nor a URL, which may carry one.
+        let value = if key.ends_with("password") || key == "redis.url" {
             String::new()
         } else {
             match self.merged.get_string(key) {
@@ -413,6 +418,56 @@ impl Source<'_> {
         Ok(PathBuf::from(text.trim()))
     }
 
+    /// `redis://[user[:password]@]host[:port][/db]`: replaces host, port and database, and the
+    /// user and password when it names them (percent-encoded characters allowed).
+    fn apply_redis_url(&self, text: &str, redis: &mut RedisSettings) -> Result<(), ConfigError> {
+        let key = "redis.url";
+        let url = Url::parse(text).map_err(|e| {
+            self.invalid(
+                key,
+                &format!("not a URL ({e}); expected redis://[user[:password]@]host[:port][/db]"),
+            )
+        })?;
+        match url.scheme() {
+            "redis" => {}
+            "rediss" => {
+                return Err(self.invalid(
+                    key,
+                    "rediss:// (TLS to Redis) is not supported by this version of courier; use redis://",
+                ))
+            }
+            other => return Err(self.invalid(key, &format!("scheme {other}:// is not redis://"))),
+        }
+        redis.host = match url.host_str() {
+            // An IPv6 address comes in brackets, which a socket address does not take.
+            Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']').to_string(),
+            _ => return Err(self.invalid(key, "has no host name")),
+        };
+        redis.port = url.port().unwrap_or(6379);
+        let db = url.path().trim_start_matches('/');
+        redis.db = if db.is_empty() {
+            0
+        } else {
+            db.parse()
+                .ok()
+                .filter(|n| (0..=1_000_000).contains(n))
+                .ok_or_else(|| self.invalid(key, "the path must be a database number, e.g. redis://host:6379/0"))?
+        };
+        let decode = |text: &str| {
+            percent_encoding::percent_decode_str(text)
+                .decode_utf8()
+                .map(|t| t.into_owned())
+                .map_err(|_| self.invalid(key, "the user or password is not UTF-8 after percent-decoding"))
+        };
+        if !url.username().is_empty() {
+            redis.username = decode(url.username())?;
+        }
+        if let Some(password) = url.password() {
+            redis.password = Secret(decode(password)?);
+        }
+        Ok(())
+    }
+
     fn settings(&self) -> Result<Settings, ConfigError> {
         let tls = TlsSettings {
             enabled: self.flag("tls.enabled")?,
@@ -452,13 +507,18 @@ impl Source<'_> {
         if host.is_empty() {
             return Err(self.invalid("redis.host", "expected a host name or address"));
         }
-        let redis = RedisSettings {
+        let mut redis = RedisSettings {
             host,
             port: self.number("redis.port", 1, u16::MAX)?,
             db: self.number("redis.db", 0, 1_000_000)?,
+            username: self.text("redis.username")?.trim().to_string(),
             password: Secret(self.text("redis.password")?),
             queue_name,
         };
+        let redis_url = self.text("redis.url")?;
+        if !redis_url.trim().is_empty() {
+            self.apply_redis_url(redis_url.trim(), &mut redis)?;
+        }
 
         let id = self.text("worker.id")?.trim().to_string();
         let id = if id.is_empty() {
@@ -799,6 +859,50 @@ mod tests {
         assert!(shipped.contains("${LOG_MAX_FILE_MB:-100}"));
         let s = load_yaml(shipped, &[("LOG_MAX_FILE_MB", "2")]).unwrap();
         assert_eq!(s.logging.max_file_bytes, 2 * 1024 * 1024);
+    }
+
+    #[test]
+    fn a_redis_url_replaces_host_port_database_and_credentials() {
+        let s = load_yaml(
+            "",
+            &[
+                ("REDIS_URL", "redis://courier:p%40ss%3Aw@redis.internal:6380/2"),
+                ("REDIS_HOST", "ignored"),
+                ("REDIS_PASSWORD", "ignored"),
+            ],
+        )
+        .unwrap();
+        let r = &s.redis;
+        assert_eq!((r.host.as_str(), r.port, r.db), ("redis.internal", 6380, 2));
+        assert_eq!((r.username.as_str(), r.password.expose()), ("courier", "p@ss:w"));
+
+        let s = load_yaml("", &[("REDIS_URL", "redis://[::1]"), ("REDIS_PASSWORD", "kept")]).unwrap();
+        assert_eq!((s.redis.host.as_str(), s.redis.port, s.redis.db), ("::1", 6379, 0));
+        assert_eq!(
+            s.redis.password.expose(),
+            "kept",
+            "a URL without a password keeps REDIS_PASSWORD"
+        );
+
+        let s = load_yaml("", &[("REDIS_USERNAME", "acl-user")]).unwrap();
+        assert_eq!(s.redis.username, "acl-user");
+    }
+
+    #[test]
+    fn a_bad_redis_url_is_named_without_its_password() {
+        for url in [
+            "rediss://u:hunter2@h:6379/0",
+            "redis://u:hunter2@h:6379/zero",
+            "http://u:hunter2@h/",
+            "redis://u:hunter2@:6379",
+            "not a url hunter2",
+        ] {
+            let err = load_yaml("", &[("REDIS_URL", url)])
+                .map_err(|e| one_line(&e))
+                .unwrap_err();
+            assert!(err.contains("REDIS_URL") && err.contains("redis.url"), "{url}: {err}");
+            assert!(!err.contains("hunter2"), "{url}: {err}");
+        }
     }
 
     #[test]

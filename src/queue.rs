@@ -352,6 +352,9 @@ fn millis(duration: Duration) -> u64 {
 /// Builds the Redis client from settings (password and database included).
 pub fn client(settings: &RedisSettings) -> Result<Client, QueueError> {
     let mut redis = RedisConnectionInfo::default().set_db(settings.db);
+    if !settings.username.is_empty() {
+        redis = redis.set_username(&settings.username);
+    }
     if !settings.password.is_empty() {
         redis = redis.set_password(settings.password.expose());
     }

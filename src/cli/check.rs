@@ -110,7 +110,7 @@ pub async fn run(file: Option<&Path>) -> Vec<Check> {
     } else {
         None
     };
-    checks.push(redis_check(&settings).await);
+    checks.extend(redis_checks(&settings).await);
     if settings.tls.enabled {
         match &tls {
             Some(tls) => checks.push(main_server_check(&settings, tls).await),
@@ -283,20 +283,87 @@ fn key_permissions(path: &Path) -> Check {
     )
 }
 
-async fn redis_check(settings: &Settings) -> Check {
+/// Reachable with the credentials and new enough; then whether it keeps what it is given.
+async fn redis_checks(settings: &Settings) -> Vec<Check> {
     let r = &settings.redis;
-    let conn = super::connect(r).await;
-    let mut conn = match conn {
+    let mut conn = match super::connect(r).await {
         Ok(conn) => conn,
         Err(e) => {
-            return Check::fail(
+            return vec![Check::fail(
                 "redis",
                 e.to_string(),
-                "start Redis or correct REDIS_HOST, REDIS_PORT and REDIS_PASSWORD",
-            )
+                "start Redis or correct REDIS_URL, or REDIS_HOST, REDIS_PORT, REDIS_USERNAME and REDIS_PASSWORD",
+            )]
         }
     };
-    match crate::queue::server_version(&mut conn).await {
+    let reachable = redis_check(r, &mut conn).await;
+    let passed = reachable.verdict == Verdict::Pass;
+    let mut checks = vec![reachable];
+    if passed {
+        checks.push(data_safety(&mut conn).await);
+    }
+    checks
+}
+
+/// Whether Redis could drop queued messages: an eviction policy other than `noeviction`, or
+/// no persistence at all. Read from `INFO` (which managed services allow) and `CONFIG GET
+/// save` where permitted. Warnings, not failures: a cache-only Redis may be a choice.
+async fn data_safety(conn: &mut redis::aio::MultiplexedConnection) -> Check {
+    let field = |info: &str, name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name).and_then(|v| v.strip_prefix(':')))
+            .map(|v| v.trim().to_string())
+    };
+    let memory: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    let persistence: String = redis::cmd("INFO")
+        .arg("persistence")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    let save: Option<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg("save")
+        .query_async::<Vec<String>>(conn)
+        .await
+        .ok()
+        .and_then(|reply| reply.get(1).cloned());
+    let mut problems = Vec::new();
+    let mut fixes = Vec::new();
+    match field(&memory, "maxmemory_policy").as_deref() {
+        Some("noeviction") | None => {}
+        Some(policy) => {
+            problems.push(format!(
+                "maxmemory-policy {policy} lets Redis evict queued messages when memory runs short"
+            ));
+            fixes.push("set maxmemory-policy noeviction".to_string());
+        }
+    }
+    let aof = field(&persistence, "aof_enabled").as_deref() == Some("1");
+    if !aof && save.as_deref().is_some_and(|s| s.trim().is_empty()) {
+        problems
+            .push("persistence is off (no AOF, no RDB snapshots): a Redis restart loses every queued message".into());
+        fixes.push("set appendonly yes (or RDB save points)".to_string());
+    }
+    if problems.is_empty() {
+        return Check::pass(
+            "redis data",
+            "no eviction; persistence on (or not readable with this user)",
+        );
+    }
+    Check {
+        name: "redis data",
+        verdict: Verdict::Warn,
+        detail: problems.join("; "),
+        fix: Some(fixes.join("; ")),
+    }
+}
+
+async fn redis_check(r: &crate::config::RedisSettings, conn: &mut redis::aio::MultiplexedConnection) -> Check {
+    match crate::queue::server_version(conn).await {
         Ok(version) => {
             if crate::queue::supported_version(&version) {
                 Check::pass(

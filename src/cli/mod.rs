@@ -218,13 +218,13 @@ async fn connect(settings: &RedisSettings) -> anyhow::Result<redis::aio::Multipl
     crate::queue::connect_once(settings).await.map_err(|e| {
         if e.is_auth() {
             anyhow::anyhow!(
-                "Redis at {}:{} refused the password ({e}); check REDIS_PASSWORD",
+                "Redis at {}:{} refused the credentials ({e}); check REDIS_USERNAME and REDIS_PASSWORD (or the user in REDIS_URL)",
                 settings.host,
                 settings.port
             )
         } else {
             anyhow::anyhow!(
-                "cannot reach Redis at {}:{} ({e}); is it running? check REDIS_HOST and REDIS_PORT",
+                "cannot reach Redis at {}:{} ({e}); is it running? check REDIS_URL, or REDIS_HOST and REDIS_PORT",
                 settings.host,
                 settings.port
             )

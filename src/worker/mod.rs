@@ -48,7 +48,7 @@ pub enum RunError {
     },
     #[error("redis: the connection settings are not usable")]
     RedisSettings(#[source] queue::QueueError),
-    #[error("redis.password (REDIS_PASSWORD): Redis refused the credentials; set the right password")]
+    #[error("redis.username and redis.password (REDIS_USERNAME, REDIS_PASSWORD, or the user in REDIS_URL): Redis refused the credentials; set the right user and password")]
     RedisAuth(#[source] queue::QueueError),
     #[error("redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)")]
     RedisVersion { version: String },

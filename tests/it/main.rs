@@ -10,6 +10,7 @@ mod binary;
 mod cli;
 mod delivery;
 mod hostile;
+mod production_redis;
 mod properties;
 mod queue;
 mod resilience;

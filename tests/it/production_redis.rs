@@ -1,0 +1,130 @@
+//! The Redis that production runs: ACL users, connection URLs, and `courier check`'s warnings
+//! about a Redis that could drop queued messages.
+
+use crate::common::*;
+use courier::devtools::sink;
+
+/// The permissions the README documents for courier's ACL user.
+const ACL_RULES: &[&str] = &[
+    "on",
+    ">s3cret:pw",
+    "resetkeys",
+    "~message_queue",
+    "~message_queue:*",
+    "-@all",
+    "+@list",
+    "+@sortedset",
+    "+@hash",
+    "+@scripting",
+    "+@connection",
+    "+info",
+    "+time",
+    "+scan",
+    "+del",
+];
+
+async fn acl_user(redis: &RedisServer, name: &str) {
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(name)
+        .arg(ACL_RULES)
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("ACL SETUSER");
+}
+
+#[tokio::test]
+async fn an_acl_user_with_only_the_documented_permissions_delivers() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    acl_user(&redis, "courier").await;
+    // Every first attempt fails: claims, retries, promotions and status updates all run.
+    let sink = start_sink(&pki, sink::fail_first(1, 503)).await;
+    let ids: Vec<String> = (0..50).map(|i| format!("acl-{i}")).collect();
+    enqueue(&redis, Q, &ids.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
+    // The URL names the user, a password with a percent-encoded colon, and the real port; the
+    // REDIS_PORT beside it is wrong, so only the URL can have been used.
+    let url = format!("redis://courier:s3cret%3Apw@127.0.0.1:{}/0", redis.port);
+    let worker = start_worker(&env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-acl",
+        &[("REDIS_URL", &url), ("REDIS_PORT", "1")],
+    ))
+    .await;
+    assert!(
+        sink.wait_for(WAIT, |r| r.delivered().len() == ids.len()).await,
+        "all delivered through the ACL user"
+    );
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("CLIENT LIST");
+    assert!(clients.contains("user=courier"), "{clients}");
+    worker.stop().await;
+    for key in [Q.to_string(), keys().retry, keys().processing("w-acl"), keys().workers] {
+        assert_eq!(len(&redis, &key).await, 0, "{key} ends empty");
+    }
+}
+
+#[tokio::test]
+async fn a_wrong_acl_password_is_a_configuration_error_naming_the_user_setting() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    acl_user(&redis, "courier").await;
+    let vars = env(
+        &redis,
+        "https://localhost:1",
+        &pki,
+        "w-acl-bad",
+        &[("REDIS_USERNAME", "courier"), ("REDIS_PASSWORD", "wrong")],
+    );
+    let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("run").output())
+        .await
+        .expect("exits")
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(78), "{stderr}");
+    assert!(
+        stderr.contains("REDIS_USERNAME") && stderr.trim().lines().count() == 1,
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn check_warns_about_a_redis_that_can_drop_queued_messages() {
+    let pki = Pki::new();
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let run_check = |redis: &RedisServer| {
+        let vars = env(redis, &sink.url(), &pki, "w-check-data", &[]);
+        let dir = pki.dir.path().to_path_buf();
+        async move {
+            let out = tokio::time::timeout(WAIT, courier(&vars, &dir).arg("check").output())
+                .await
+                .expect("exits")
+                .expect("runs");
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+        }
+    };
+
+    let risky = RedisServer::start_with(&["--appendonly", "no", "--maxmemory-policy", "allkeys-lru"]).await;
+    let (passed, stdout) = run_check(&risky).await;
+    assert!(passed, "warnings do not fail the check:\n{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("WARN  redis data"))
+        .unwrap_or_else(|| panic!("a warning:\n{stdout}"));
+    assert!(
+        line.contains("allkeys-lru") && line.contains("persistence is off"),
+        "{line}"
+    );
+    assert!(
+        stdout.contains("maxmemory-policy noeviction"),
+        "the fix is named:\n{stdout}"
+    );
+
+    let safe = RedisServer::start_with(&["--appendonly", "yes", "--maxmemory-policy", "noeviction"]).await;
+    let (passed, stdout) = run_check(&safe).await;
+    assert!(passed, "{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("OK    redis data")), "{stdout}");
+}
