@@ -54,6 +54,10 @@ const KNOWN: &[Known] = &[
     k("logging.max_file_mb", "LOG_MAX_FILE_MB", "100"),
     k("redis.url", "REDIS_URL", ""),
     k("redis.username", "REDIS_USERNAME", ""),
+    k("redis.tls", "REDIS_TLS", "false"),
+    k("redis.ca_file", "REDIS_CA_CERT_PATH", ""),
+    k("redis.cert_file", "REDIS_CERT_PATH", ""),
+    k("redis.key_file", "REDIS_KEY_PATH", ""),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -138,6 +142,16 @@ pub struct RedisSettings {
     pub username: String,
     pub password: Secret,
     pub queue_name: String,
+    /// TLS to Redis, when on.
+    pub tls: Option<RedisTls>,
+}
+
+/// TLS to Redis: which CA to trust (the system's when none is named) and, for a Redis with
+/// `tls-auth-clients yes`, the client certificate and key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisTls {
+    pub ca_file: Option<PathBuf>,
+    pub client: Option<(PathBuf, PathBuf)>,
 }
 
 #[derive(Debug, Clone)]
@@ -420,7 +434,43 @@ impl Source<'_> {
 
     /// `redis://[user[:password]@]host[:port][/db]`: replaces host, port and database, and the
     /// user and password when it names them (percent-encoded characters allowed).
-    fn apply_redis_url(&self, text: &str, redis: &mut RedisSettings) -> Result<(), ConfigError> {
+    /// The files for TLS to Redis, checked for consistency (present ones are read at start).
+    fn redis_tls(&self, on: bool) -> Result<Option<RedisTls>, ConfigError> {
+        let optional = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
+            let text = self.text(key)?;
+            Ok(Some(text.trim()).filter(|t| !t.is_empty()).map(PathBuf::from))
+        };
+        let ca_file = optional("redis.ca_file")?;
+        let client = match (optional("redis.cert_file")?, optional("redis.key_file")?) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(self.invalid(
+                    "redis.cert_file",
+                    "is set without redis.key_file (REDIS_KEY_PATH); give both, or neither",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(self.invalid(
+                    "redis.key_file",
+                    "is set without redis.cert_file (REDIS_CERT_PATH); give both, or neither",
+                ))
+            }
+        };
+        if !on {
+            if ca_file.is_some() || client.is_some() {
+                return Err(self.invalid(
+                    "redis.tls",
+                    "is off while REDIS_CA_CERT_PATH, REDIS_CERT_PATH or REDIS_KEY_PATH is set; set REDIS_TLS=true or use a rediss:// REDIS_URL",
+                ));
+            }
+            return Ok(None);
+        }
+        Ok(Some(RedisTls { ca_file, client }))
+    }
+
+    /// Applies a Redis URL; true when it asks for TLS (`rediss://`).
+    fn apply_redis_url(&self, text: &str, redis: &mut RedisSettings) -> Result<bool, ConfigError> {
         let key = "redis.url";
         let url = Url::parse(text).map_err(|e| {
             self.invalid(
@@ -428,16 +478,11 @@ impl Source<'_> {
                 &format!("not a URL ({e}); expected redis://[user[:password]@]host[:port][/db]"),
             )
         })?;
-        match url.scheme() {
-            "redis" => {}
-            "rediss" => {
-                return Err(self.invalid(
-                    key,
-                    "rediss:// (TLS to Redis) is not supported by this version of courier; use redis://",
-                ))
-            }
-            other => return Err(self.invalid(key, &format!("scheme {other}:// is not redis://"))),
-        }
+        let tls = match url.scheme() {
+            "redis" => false,
+            "rediss" => true,
+            other => return Err(self.invalid(key, &format!("scheme {other}:// is neither redis:// nor rediss://"))),
+        };
         redis.host = match url.host_str() {
             // An IPv6 address comes in brackets, which a socket address does not take.
             Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']').to_string(),
@@ -465,7 +510,7 @@ impl Source<'_> {
         if let Some(password) = url.password() {
             redis.password = Secret(decode(password)?);
         }
-        Ok(())
+        Ok(tls)
     }
 
     fn settings(&self) -> Result<Settings, ConfigError> {
@@ -514,11 +559,14 @@ impl Source<'_> {
             username: self.text("redis.username")?.trim().to_string(),
             password: Secret(self.text("redis.password")?),
             queue_name,
+            tls: None,
         };
+        let mut tls_on = self.flag("redis.tls")?;
         let redis_url = self.text("redis.url")?;
         if !redis_url.trim().is_empty() {
-            self.apply_redis_url(redis_url.trim(), &mut redis)?;
+            tls_on |= self.apply_redis_url(redis_url.trim(), &mut redis)?;
         }
+        redis.tls = self.redis_tls(tls_on)?;
 
         let id = self.text("worker.id")?.trim().to_string();
         let id = if id.is_empty() {
@@ -891,7 +939,7 @@ mod tests {
     #[test]
     fn a_bad_redis_url_is_named_without_its_password() {
         for url in [
-            "rediss://u:hunter2@h:6379/0",
+            "rediss://u:hunter2@h:6379/db",
             "redis://u:hunter2@h:6379/zero",
             "http://u:hunter2@h/",
             "redis://u:hunter2@:6379",

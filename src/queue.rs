@@ -14,14 +14,21 @@ const BLOCK_SECONDS: f64 = 5.0;
 
 /// A failed Redis call, with the question the caller asks of it answered.
 #[derive(Debug, thiserror::Error)]
-#[error(transparent)]
-pub struct QueueError(#[from] redis::RedisError);
+pub enum QueueError {
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+    /// The files for TLS to Redis could not be used.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+}
 
 impl QueueError {
     /// True when the error is about reaching Redis (down, restarting, cut off, timed out) rather
     /// than about the command: the same call will succeed once Redis is back.
     pub fn is_unavailable(&self) -> bool {
-        let e = &self.0;
+        let QueueError::Redis(e) = self else {
+            return false;
+        };
         e.is_io_error()
             || e.is_connection_dropped()
             || e.is_connection_refusal()
@@ -34,8 +41,16 @@ impl QueueError {
 
     /// True when Redis refused our credentials: a configuration problem, not an outage.
     pub fn is_auth(&self) -> bool {
-        matches!(self.0.kind(), redis::ErrorKind::AuthenticationFailed)
-            || matches!(self.0.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+        let QueueError::Redis(e) = self else {
+            return false;
+        };
+        matches!(e.kind(), redis::ErrorKind::AuthenticationFailed)
+            || matches!(e.code(), Some("NOAUTH" | "WRONGPASS" | "NOPERM"))
+    }
+
+    /// True when the TLS files for Redis are at fault: a configuration problem.
+    pub fn is_tls_files(&self) -> bool {
+        matches!(self, QueueError::Tls(_))
     }
 }
 
@@ -349,7 +364,9 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Builds the Redis client from settings (password and database included).
+/// Builds the Redis client from settings: user, password and database, and for TLS the CA
+/// to trust (the system's when none is named) and the client certificate, read and checked
+/// here so that a bad file is one line naming its setting.
 pub fn client(settings: &RedisSettings) -> Result<Client, QueueError> {
     let mut redis = RedisConnectionInfo::default().set_db(settings.db);
     if !settings.username.is_empty() {
@@ -358,11 +375,51 @@ pub fn client(settings: &RedisSettings) -> Result<Client, QueueError> {
     if !settings.password.is_empty() {
         redis = redis.set_password(settings.password.expose());
     }
-    let info = ConnectionAddr::Tcp(settings.host.clone(), settings.port)
-        .into_connection_info()?
-        .set_redis_settings(redis);
-    Ok(Client::open(info)?)
+    let Some(tls) = &settings.tls else {
+        let info = ConnectionAddr::Tcp(settings.host.clone(), settings.port)
+            .into_connection_info()?
+            .set_redis_settings(redis);
+        return Ok(Client::open(info)?);
+    };
+    crate::tls::install_default_provider();
+    let read = |setting: &'static str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| crate::tls::TlsError::unreadable(setting, path, e))
+    };
+    let root_cert = match &tls.ca_file {
+        Some(path) => {
+            crate::tls::read_certs(REDIS_CA, path)?;
+            Some(read(REDIS_CA, path)?)
+        }
+        None => None,
+    };
+    let client_tls = match &tls.client {
+        Some((cert, key)) => {
+            crate::tls::read_certs(REDIS_CERT, cert)?;
+            crate::tls::read_key(REDIS_KEY, key)?;
+            Some(redis::ClientTlsConfig {
+                client_cert: read(REDIS_CERT, cert)?,
+                client_key: read(REDIS_KEY, key)?,
+            })
+        }
+        None => None,
+    };
+    let info = ConnectionAddr::TcpTls {
+        host: settings.host.clone(),
+        port: settings.port,
+        insecure: false,
+        tls_params: None,
+    }
+    .into_connection_info()?
+    .set_redis_settings(redis);
+    Ok(Client::build_with_tls(
+        info,
+        redis::TlsCertificates { client_tls, root_cert },
+    )?)
 }
+
+const REDIS_CA: &str = "redis.ca_file (REDIS_CA_CERT_PATH)";
+const REDIS_CERT: &str = "redis.cert_file (REDIS_CERT_PATH)";
+const REDIS_KEY: &str = "redis.key_file (REDIS_KEY_PATH)";
 
 impl Queue {
     /// Connects both connections. Fails at once if Redis cannot be reached; the caller decides

@@ -36,6 +36,11 @@ impl TlsError {
         }
     }
 
+    /// A file that could not be read at all.
+    pub fn unreadable(setting: &'static str, path: &Path, source: std::io::Error) -> TlsError {
+        TlsError::caused(setting, path, "cannot be read", source)
+    }
+
     fn caused(
         setting: &'static str,
         path: &Path,

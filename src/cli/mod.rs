@@ -216,7 +216,9 @@ fn settings(config: ConfigArg) -> Result<Settings, ExitCode> {
 /// Connects for a one-shot command, with an error that says where and what to check.
 async fn connect(settings: &RedisSettings) -> anyhow::Result<redis::aio::MultiplexedConnection> {
     crate::queue::connect_once(settings).await.map_err(|e| {
-        if e.is_auth() {
+        if e.is_tls_files() {
+            anyhow::anyhow!("{}", crate::telemetry::one_line(&e))
+        } else if e.is_auth() {
             anyhow::anyhow!(
                 "Redis at {}:{} refused the credentials ({e}); check REDIS_USERNAME and REDIS_PASSWORD (or the user in REDIS_URL)",
                 settings.host,

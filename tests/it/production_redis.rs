@@ -128,3 +128,120 @@ async fn check_warns_about_a_redis_that_can_drop_queued_messages() {
     assert!(passed, "{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with("OK    redis data")), "{stdout}");
 }
+
+/// A redis-server that speaks only TLS on `tls_port` to clients with a certificate from the
+/// test CA (its plain port stays open for the test's own inspection).
+async fn tls_redis(pki: &Pki, tls_port: u16) -> RedisServer {
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (port, cert, key, ca) = (
+        tls_port.to_string(),
+        path(&pki.server_cert_file),
+        path(&pki.server_key_file),
+        path(&pki.ca_file),
+    );
+    RedisServer::start_with(&[
+        "--appendonly",
+        "no",
+        "--tls-port",
+        &port,
+        "--tls-cert-file",
+        &cert,
+        "--tls-key-file",
+        &key,
+        "--tls-ca-cert-file",
+        &ca,
+        "--tls-auth-clients",
+        "yes",
+    ])
+    .await
+}
+
+#[tokio::test]
+async fn delivers_over_tls_to_redis_with_a_client_certificate_and_a_private_ca() {
+    let pki = Pki::new();
+    let tls_port = free_port();
+    let redis = tls_redis(&pki, tls_port).await;
+    let sink = start_sink(&pki, sink::fail_first(1, 503)).await;
+    let ids: Vec<String> = (0..30).map(|i| format!("tls-{i}")).collect();
+    enqueue(&redis, Q, &ids.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
+    let ca = pki.ca_file.display().to_string();
+    let cert = pki.cert_file.display().to_string();
+    let key = pki.key_file.display().to_string();
+    let url = format!("rediss://localhost:{tls_port}/0");
+    let worker = start_worker(&env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-tls",
+        &[
+            ("REDIS_URL", &url),
+            ("REDIS_CA_CERT_PATH", &ca),
+            ("REDIS_CERT_PATH", &cert),
+            ("REDIS_KEY_PATH", &key),
+        ],
+    ))
+    .await;
+    assert!(
+        sink.wait_for(WAIT, |r| r.delivered().len() == ids.len()).await,
+        "all delivered over TLS"
+    );
+    worker.stop().await;
+    for key in [Q.to_string(), keys().retry, keys().processing("w-tls"), keys().workers] {
+        assert_eq!(len(&redis, &key).await, 0, "{key} ends empty");
+    }
+
+    // The same server refuses a client without a certificate, and one that does not trust
+    // the server's CA never completes the handshake: `courier stats` says which.
+    let mut vars = env(&redis, &sink.url(), &pki, "w-tls-cli", &[("REDIS_URL", &url)]);
+    vars.insert("REDIS_CA_CERT_PATH".into(), ca.clone());
+    let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("stats").output())
+        .await
+        .expect("exits")
+        .expect("runs");
+    assert!(!out.status.success(), "no client certificate, no entry");
+    vars.insert("REDIS_CERT_PATH".into(), cert.clone());
+    vars.insert("REDIS_KEY_PATH".into(), key.clone());
+    let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("stats").output())
+        .await
+        .expect("exits")
+        .expect("runs");
+    assert!(out.status.success(), "{out:?}");
+    vars.insert("REDIS_CA_CERT_PATH".into(), pki.cert_file.display().to_string());
+    let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("stats").output())
+        .await
+        .expect("exits")
+        .expect("runs");
+    assert!(
+        !out.status.success(),
+        "a CA that did not sign the server is not trusted"
+    );
+}
+
+#[tokio::test]
+async fn bad_redis_tls_settings_are_one_line_naming_the_setting() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let cases: [(&[(&str, &str)], &str); 3] = [
+        (
+            &[("REDIS_TLS", "true"), ("REDIS_CERT_PATH", "/x.crt")],
+            "REDIS_KEY_PATH",
+        ),
+        (&[("REDIS_CA_CERT_PATH", "/x.crt")], "REDIS_TLS"),
+        (
+            &[("REDIS_TLS", "true"), ("REDIS_CA_CERT_PATH", "/nonexistent/ca.crt")],
+            "REDIS_CA_CERT_PATH",
+        ),
+    ];
+    for (extra, named) in cases {
+        let vars = env(&redis, "https://localhost:1", &pki, "w-tls-bad", extra);
+        let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("run").output())
+            .await
+            .expect("exits")
+            .expect("runs");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{extra:?}: {stderr}");
+        assert!(
+            stderr.contains(named) && stderr.trim().lines().count() == 1,
+            "{extra:?}: {stderr}"
+        );
+    }
+}
