@@ -44,6 +44,15 @@ impl Check {
         }
     }
 
+    fn warn(name: &'static str, detail: impl Into<String>) -> Check {
+        Check {
+            name,
+            verdict: Verdict::Warn,
+            detail: detail.into(),
+            fix: None,
+        }
+    }
+
     fn fail(name: &'static str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
         Check {
             name,
@@ -300,9 +309,89 @@ async fn redis_checks(settings: &Settings) -> Vec<Check> {
     let passed = reachable.verdict == Verdict::Pass;
     let mut checks = vec![reachable];
     if passed {
+        checks.push(acl_check(&mut conn, &crate::queue::Keys::new(&r.queue_name)).await);
         checks.push(data_safety(&mut conn).await);
     }
     checks
+}
+
+/// Whether the Redis user may run every command courier uses on this queue's keys, asked of
+/// Redis itself with `ACL DRYRUN` (Redis 7). A user that may not ask is told so, not failed.
+async fn acl_check(conn: &mut redis::aio::MultiplexedConnection, keys: &crate::queue::Keys) -> Check {
+    let user: String = match redis::cmd("ACL").arg("WHOAMI").query_async(conn).await {
+        Ok(user) => user,
+        Err(e) => return Check::warn("redis acl", format!("not verified: ACL WHOAMI failed ({e})")),
+    };
+    let processing = keys.processing("check");
+    let (ready, retry, dead, workers, owners) = (
+        keys.ready.as_str(),
+        keys.retry.as_str(),
+        keys.dead.as_str(),
+        keys.workers.as_str(),
+        keys.owners.as_str(),
+    );
+    let sha = "0".repeat(40);
+    let commands: Vec<(&str, Vec<&str>)> = vec![
+        ("RPOP", vec![ready, "1"]),
+        ("LPUSH", vec![processing.as_str(), "m"]),
+        ("LREM", vec![processing.as_str(), "1", "m"]),
+        ("LMOVE", vec![processing.as_str(), ready, "LEFT", "RIGHT"]),
+        ("BLMOVE", vec![ready, ready, "RIGHT", "RIGHT", "1"]),
+        ("LLEN", vec![ready]),
+        ("LINDEX", vec![ready, "-1"]),
+        ("LRANGE", vec![dead, "0", "-1"]),
+        ("ZADD", vec![retry, "1", "m"]),
+        ("ZRANGEBYSCORE", vec![retry, "-inf", "1"]),
+        ("ZRANGE", vec![retry, "0", "0"]),
+        ("ZREM", vec![retry, "m"]),
+        ("ZCARD", vec![retry]),
+        ("ZSCORE", vec![workers, "w"]),
+        ("ZREVRANGE", vec![workers, "0", "-1"]),
+        ("HGET", vec![owners, "w"]),
+        ("HSET", vec![owners, "w", "v"]),
+        ("HDEL", vec![owners, "w"]),
+        ("EVALSHA", vec![sha.as_str(), "1", ready]),
+        ("SCRIPT", vec!["LOAD", "return 1"]),
+        ("TIME", vec![]),
+        ("INFO", vec!["server"]),
+        ("SCAN", vec!["0"]),
+        ("DEL", vec![dead]),
+    ];
+    let mut denied = Vec::new();
+    for (command, args) in &commands {
+        let answer: redis::RedisResult<String> = redis::cmd("ACL")
+            .arg("DRYRUN")
+            .arg(&user)
+            .arg(*command)
+            .arg(args)
+            .query_async(conn)
+            .await;
+        match answer {
+            Ok(text) if text == "OK" => {}
+            Ok(_) => denied.push(*command),
+            Err(e) => {
+                return Check::warn(
+                    "redis acl",
+                    format!("not verified: user {user} may not run ACL DRYRUN ({e}); README, \"The Redis courier runs on\", lists what it needs"),
+                )
+            }
+        }
+    }
+    if denied.is_empty() {
+        Check::pass(
+            "redis acl",
+            format!(
+                "user {user} may run the {} commands courier uses on {ready}*",
+                commands.len()
+            ),
+        )
+    } else {
+        Check::fail(
+            "redis acl",
+            format!("user {user} may not run {} on the queue's keys", denied.join(", ")),
+            "grant them (README, \"The Redis courier runs on\", has the ACL SETUSER line)",
+        )
+    }
 }
 
 /// Whether Redis could drop queued messages: an eviction policy other than `noeviction`, or

@@ -245,3 +245,49 @@ async fn bad_redis_tls_settings_are_one_line_naming_the_setting() {
         );
     }
 }
+
+#[tokio::test]
+async fn check_names_the_commands_an_acl_user_may_not_run() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    // Everything courier needs but hashes, and leave to ask Redis about its own permissions.
+    let mut rules: Vec<&str> = ACL_RULES.iter().copied().filter(|r| *r != "+@hash").collect();
+    rules.extend(["+acl|whoami", "+acl|dryrun"]);
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("limited")
+        .arg(&rules)
+        .query_async(&mut redis.conn().await)
+        .await
+        .expect("ACL SETUSER");
+    acl_user(&redis, "courier").await;
+    let check = |extra: Vec<(&'static str, &'static str)>| {
+        let vars = env(&redis, &sink.url(), &pki, "w-acl-check", &extra);
+        let dir = pki.dir.path().to_path_buf();
+        async move {
+            let out = tokio::time::timeout(WAIT, courier(&vars, &dir).arg("check").output())
+                .await
+                .expect("exits")
+                .expect("runs");
+            (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
+        }
+    };
+
+    let (passed, stdout) = check(vec![]).await;
+    assert!(passed, "{stdout}");
+    assert!(stdout.contains("OK    redis acl      user default may run"), "{stdout}");
+
+    let (passed, stdout) = check(vec![("REDIS_USERNAME", "limited"), ("REDIS_PASSWORD", "s3cret:pw")]).await;
+    assert!(!passed, "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("FAIL  redis acl"))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    assert!(line.contains("HGET, HSET, HDEL"), "{line}");
+    assert!(!line.contains("RPOP"), "only what is missing is named: {line}");
+
+    // The documented user may not ask Redis about ACLs: not verified, not failed.
+    let (passed, stdout) = check(vec![("REDIS_USERNAME", "courier"), ("REDIS_PASSWORD", "s3cret:pw")]).await;
+    assert!(passed, "{stdout}");
+    assert!(stdout.contains("WARN  redis acl      not verified"), "{stdout}");
+}
