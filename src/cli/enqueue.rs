@@ -9,12 +9,19 @@ use crate::config::RedisSettings;
 use crate::queue::{self, Keys};
 
 /// `courier enqueue`: one message with `id`, or `count` generated ones named `prefix-N`.
+/// How many replicas must have the messages before `enqueue` reports success.
+pub(super) struct Replicas {
+    pub(super) count: u32,
+    pub(super) timeout_ms: u64,
+}
+
 pub(super) async fn enqueue(
     settings: &RedisSettings,
     id: Option<String>,
     count: Option<usize>,
     prefix: &str,
     payload: Option<&str>,
+    replicas: Replicas,
 ) -> anyhow::Result<usize> {
     let payload = match payload {
         Some(text) => Some(serde_json::from_str::<serde_json::Value>(text).with_context(|| {
@@ -42,5 +49,22 @@ pub(super) async fn enqueue(
         })
         .collect();
     let mut conn = connect(settings).await?;
-    Ok(queue::enqueue(&mut conn, &Keys::new(&settings.queue_name), &items).await?)
+    let n = queue::enqueue(&mut conn, &Keys::new(&settings.queue_name), &items).await?;
+    if replicas.count > 0 {
+        // Redis replicates asynchronously: a push the master acknowledged but no replica has
+        // yet is lost if the master fails now. WAIT blocks until enough replicas have it.
+        let acked: u64 = redis::cmd("WAIT")
+            .arg(replicas.count)
+            .arg(replicas.timeout_ms)
+            .query_async(&mut conn)
+            .await?;
+        if acked < u64::from(replicas.count) {
+            bail!(
+                "enqueued {n} message(s) on the master, but only {acked} of {} replica(s) acknowledged them within {} ms; they could be lost in a failover until replicated",
+                replicas.count,
+                replicas.timeout_ms
+            );
+        }
+    }
+    Ok(n)
 }

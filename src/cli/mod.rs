@@ -106,6 +106,13 @@ enum Command {
         /// The payload, as JSON.
         #[arg(long)]
         payload: Option<String>,
+        /// After pushing, wait until this many replicas have the messages (Redis WAIT), so a
+        /// failover cannot lose them; fails when fewer acknowledge within --wait-timeout-ms.
+        #[arg(long, default_value_t = 0)]
+        wait_replicas: u32,
+        /// How long --wait-replicas waits.
+        #[arg(long, default_value_t = 5000)]
+        wait_timeout_ms: u64,
     },
     /// Show the queue: ready (and the oldest's age), processing per worker, retry (next due),
     /// dead by reason, live workers with heartbeat age.
@@ -158,9 +165,15 @@ pub fn main(cli: Cli) -> ExitCode {
             count,
             prefix,
             payload,
+            wait_replicas,
+            wait_timeout_ms,
         } => match settings(config) {
             Ok(settings) => oneshot(async move {
-                let n = enqueue::enqueue(&settings.redis, id, count, &prefix, payload.as_deref()).await?;
+                let replicas = enqueue::Replicas {
+                    count: wait_replicas,
+                    timeout_ms: wait_timeout_ms,
+                };
+                let n = enqueue::enqueue(&settings.redis, id, count, &prefix, payload.as_deref(), replicas).await?;
                 println!("enqueued {n} message(s) on {}", settings.redis.queue_name);
                 Ok(())
             }),

@@ -291,3 +291,52 @@ async fn check_names_the_commands_an_acl_user_may_not_run() {
     assert!(passed, "{stdout}");
     assert!(stdout.contains("WARN  redis acl      not verified"), "{stdout}");
 }
+
+#[tokio::test]
+async fn enqueue_waits_for_replicas_and_says_when_too_few_have_the_messages() {
+    let master = RedisServer::start().await;
+    let port = master.port.to_string();
+    let replica = RedisServer::start_with(&["--appendonly", "no", "--replicaof", "127.0.0.1", &port]).await;
+    // The replica is in sync once the master counts it as connected.
+    eventually(|| async {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut master.conn().await)
+            .await
+            .expect("INFO");
+        info.contains("connected_slaves:1") && info.contains("state=online")
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let vars = std::collections::HashMap::from([
+        ("REDIS_HOST".to_string(), "127.0.0.1".to_string()),
+        ("REDIS_PORT".to_string(), port.clone()),
+    ]);
+    let run = |args: &'static [&'static str]| {
+        let vars = vars.clone();
+        let dir = dir.path().to_path_buf();
+        async move {
+            tokio::time::timeout(WAIT, courier(&vars, &dir).args(args).output())
+                .await
+                .expect("exits")
+                .expect("runs")
+        }
+    };
+    let out = run(&["enqueue", "--count", "20", "--wait-replicas", "1"]).await;
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(len(&replica, Q).await, 20, "the replica has them when enqueue returns");
+
+    let out = run(&[
+        "enqueue",
+        "--id",
+        "x",
+        "--wait-replicas",
+        "2",
+        "--wait-timeout-ms",
+        "200",
+    ])
+    .await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("only 1 of 2 replica(s)"), "{stderr}");
+}
