@@ -128,10 +128,8 @@ async fn log_level_debug_shows_each_delivery() {
 
 /// Runs the binary expecting a configuration error; returns its stderr.
 async fn refused(vars: &std::collections::HashMap<String, String>, dir: &std::path::Path, args: &[&str]) -> String {
-    let output = tokio::time::timeout(WAIT, courier(vars, dir).args(["run"]).args(args).output())
-        .await
-        .expect("exits")
-        .expect("runs");
+    let args: Vec<&str> = std::iter::once("run").chain(args.iter().copied()).collect();
+    let output = run_courier(vars, dir, &args).await;
     let stderr = String::from_utf8_lossy(&output.stderr).to_string();
     assert_eq!(output.status.code(), Some(78), "exit 78 (EX_CONFIG); stderr: {stderr}");
     assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
@@ -230,10 +228,7 @@ async fn a_wrong_redis_password_is_a_configuration_error() {
         "w-auth",
         &[("REDIS_PASSWORD", "wrong-password")],
     );
-    let output = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("run").output())
-        .await
-        .expect("exits")
-        .expect("runs");
+    let output = run_courier(&vars, pki.dir.path(), &["run"]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(78), "{stderr}");
     assert!(

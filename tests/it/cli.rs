@@ -10,13 +10,6 @@ use courier::devtools::sink;
 use courier::message::{dead_letter, DeadReason};
 use redis::AsyncCommands;
 
-async fn run(vars: &HashMap<String, String>, dir: &std::path::Path, args: &[&str]) -> Output {
-    tokio::time::timeout(WAIT, courier(vars, dir).args(args).output())
-        .await
-        .expect("exits in time")
-        .expect("runs")
-}
-
 fn text(output: &Output) -> (String, String) {
     (
         String::from_utf8_lossy(&output.stdout).to_string(),
@@ -50,7 +43,7 @@ async fn certs_init_and_issue_make_a_set_the_worker_and_server_accept() {
         ],
         vec!["certs", "issue", "--ca", "pki", "--client", "worker-1", "--out", "pki"],
     ] {
-        let output = run(&none, d, &args).await;
+        let output = run_courier(&none, d, &args).await;
         assert!(output.status.success(), "{args:?}: {:?}", text(&output));
     }
     #[cfg(unix)]
@@ -89,7 +82,7 @@ async fn certs_init_and_issue_make_a_set_the_worker_and_server_accept() {
     let answer = client.get(server.url()).send().await.expect("mutual TLS works");
     assert_eq!(answer.status(), 404);
 
-    let again = run(&none, d, &["certs", "init", "--out", "pki"]).await;
+    let again = run_courier(&none, d, &["certs", "init", "--out", "pki"]).await;
     let (_, err) = text(&again);
     assert!(
         !again.status.success() && err.contains("exists") && err.contains("--force"),
@@ -102,14 +95,14 @@ async fn enqueue_and_stats_show_every_part_of_the_queue() {
     let redis = RedisServer::start().await;
     let dir = tempfile::tempdir().unwrap();
     let vars = redis_vars(&redis);
-    let out = run(
+    let out = run_courier(
         &vars,
         dir.path(),
         &["enqueue", "--count", "5", "--prefix", "load", "--payload", r#"{"k":1}"#],
     )
     .await;
     assert!(out.status.success(), "{:?}", text(&out));
-    let out = run(&vars, dir.path(), &["enqueue", "--id", "single"]).await;
+    let out = run_courier(&vars, dir.path(), &["enqueue", "--id", "single"]).await;
     assert!(out.status.success());
     let mut conn = redis.conn().await;
     let first: String = conn.lindex(Q, -1).await.unwrap();
@@ -137,7 +130,7 @@ async fn enqueue_and_stats_show_every_part_of_the_queue() {
         .await
         .unwrap();
 
-    let out = run(&vars, dir.path(), &["stats", "--json"]).await;
+    let out = run_courier(&vars, dir.path(), &["stats", "--json"]).await;
     let stats: serde_json::Value = serde_json::from_str(&text(&out).0).expect("JSON");
     assert_eq!(stats["ready"], 6);
     assert!(stats["oldest_ready_age_seconds"].as_f64().is_some());
@@ -151,7 +144,7 @@ async fn enqueue_and_stats_show_every_part_of_the_queue() {
     );
     assert_eq!(stats["workers"][0]["worker_id"], "worker-9");
 
-    let out = run(&vars, dir.path(), &["stats"]).await;
+    let out = run_courier(&vars, dir.path(), &["stats"]).await;
     let (human, _) = text(&out);
     for needle in [
         "ready                     6",
@@ -191,18 +184,18 @@ async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes()
         let _: () = conn.lpush(keys().dead, record).await.unwrap();
     }
 
-    let (list, _) = text(&run(&vars, dir.path(), &["dlq", "list"]).await);
+    let (list, _) = text(&run_courier(&vars, dir.path(), &["dlq", "list"]).await);
     assert!(list.starts_with("3 dead letter(s)"), "{list}");
     assert!(
         list.contains("tired") && list.contains("exhausted") && list.contains("(no message_id)"),
         "{list}"
     );
-    let (show, _) = text(&run(&vars, dir.path(), &["dlq", "show", "tired"]).await);
+    let (show, _) = text(&run_courier(&vars, dir.path(), &["dlq", "show", "tired"]).await);
     assert!(show.contains("\"reason\": \"exhausted\""), "{show}");
-    let missing = run(&vars, dir.path(), &["dlq", "show", "ghost"]).await;
+    let missing = run_courier(&vars, dir.path(), &["dlq", "show", "ghost"]).await;
     assert!(!missing.status.success() && text(&missing).1.contains("ghost"));
 
-    let out = run(&vars, dir.path(), &["dlq", "requeue", "tired"]).await;
+    let out = run_courier(&vars, dir.path(), &["dlq", "requeue", "tired"]).await;
     assert!(out.status.success(), "{:?}", text(&out));
     let ready: Vec<String> = conn.lrange(Q, 0, -1).await.unwrap();
     assert_eq!(
@@ -212,7 +205,7 @@ async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes()
     );
     assert_eq!(len(&redis, &keys().dead).await, 2);
 
-    let out = run(&vars, dir.path(), &["dlq", "requeue", "--all"]).await;
+    let out = run_courier(&vars, dir.path(), &["dlq", "requeue", "--all"]).await;
     assert!(out.status.success());
     let ready: Vec<String> = conn.lrange(Q, 0, -1).await.unwrap();
     assert_eq!(ready.len(), 3);
@@ -223,15 +216,15 @@ async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes()
     assert_eq!(len(&redis, &keys().dead).await, 0);
 
     let _: () = conn.lpush(keys().dead, &records[1]).await.unwrap();
-    let refused = run(&vars, dir.path(), &["dlq", "purge"]).await;
+    let refused = run_courier(&vars, dir.path(), &["dlq", "purge"]).await;
     assert!(!refused.status.success() && text(&refused).1.contains("--yes"));
     assert_eq!(len(&redis, &keys().dead).await, 1);
-    assert!(run(&vars, dir.path(), &["dlq", "purge", "--yes"])
+    assert!(run_courier(&vars, dir.path(), &["dlq", "purge", "--yes"])
         .await
         .status
         .success());
     assert_eq!(len(&redis, &keys().dead).await, 0);
-    let out = run(&vars, dir.path(), &["dlq", "requeue", "ghost"]).await;
+    let out = run_courier(&vars, dir.path(), &["dlq", "requeue", "ghost"]).await;
     assert!(!out.status.success() && text(&out).1.contains("ghost"));
 }
 
@@ -240,7 +233,7 @@ async fn check_passes_on_a_good_setup_and_names_each_failure_with_a_fix() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
     let vars = env(&redis, &sink.url(), &pki, "w-check", &[]);
-    let out = run(&vars, pki.dir.path(), &["check"]).await;
+    let out = run_courier(&vars, pki.dir.path(), &["check"]).await;
     let (stdout, _) = text(&out);
     assert!(out.status.success(), "{stdout}");
     for name in [
@@ -265,7 +258,7 @@ async fn check_passes_on_a_good_setup_and_names_each_failure_with_a_fix() {
     {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&pki.key_file, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let out = run(&vars, pki.dir.path(), &["check"]).await;
+        let out = run_courier(&vars, pki.dir.path(), &["check"]).await;
         let (stdout, _) = text(&out);
         assert!(!out.status.success());
         assert!(
@@ -289,7 +282,7 @@ async fn check_passes_on_a_good_setup_and_names_each_failure_with_a_fix() {
     let mut broken = vars.clone();
     broken.insert("MAIN_SERVER_URL".into(), format!("https://localhost:{plain_port}"));
     broken.insert("REDIS_PORT".into(), free_port().to_string());
-    let out = run(&broken, pki.dir.path(), &["check"]).await;
+    let out = run_courier(&broken, pki.dir.path(), &["check"]).await;
     let (stdout, _) = text(&out);
     assert!(!out.status.success());
     assert!(
@@ -368,7 +361,7 @@ async fn bad_input_gets_one_line_and_a_non_zero_exit() {
         ),
     ];
     for (args, needle) in cases {
-        let out = run(&vars, dir.path(), args).await;
+        let out = run_courier(&vars, dir.path(), args).await;
         let (_, err) = text(&out);
         assert!(!out.status.success(), "{args:?}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: one line: {err}");
@@ -378,12 +371,12 @@ async fn bad_input_gets_one_line_and_a_non_zero_exit() {
         );
     }
     vars.insert("REDIS_PORT".into(), free_port().to_string());
-    let (_, err) = text(&run(&vars, dir.path(), &["dlq", "list"]).await);
+    let (_, err) = text(&run_courier(&vars, dir.path(), &["dlq", "list"]).await);
     assert!(
         err.contains("cannot reach Redis") && err.trim().lines().count() == 1,
         "{err}"
     );
-    let out = run(&vars, dir.path(), &["stats", "--bogus"]).await;
+    let out = run_courier(&vars, dir.path(), &["stats", "--bogus"]).await;
     assert_eq!(out.status.code(), Some(2), "clap refuses unknown flags");
     assert!(text(&out).1.contains("--bogus"));
 }
@@ -464,7 +457,7 @@ mod slow {
         let redis = RedisServer::start().await;
         let dir = tempfile::tempdir().unwrap();
         let vars = HashMap::from([("REDIS_URL".to_string(), redis.url())]);
-        let out = run(&vars, dir.path(), &["demo", "--messages", "600"]).await;
+        let out = run_courier(&vars, dir.path(), &["demo", "--messages", "600"]).await;
         let (stdout, stderr) = text(&out);
         assert!(out.status.success(), "{stdout}\n{stderr}");
         assert!(stdout.contains("delivered                          599"), "{stdout}");

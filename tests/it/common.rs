@@ -296,6 +296,14 @@ pub fn courier(vars: &HashMap<String, String>, cwd: &Path) -> Command {
     command
 }
 
+/// Runs the real binary with `args` to completion; panics if it takes longer than WAIT.
+pub async fn run_courier(vars: &HashMap<String, String>, dir: &Path, args: &[&str]) -> std::process::Output {
+    tokio::time::timeout(WAIT, courier(vars, dir).args(args).output())
+        .await
+        .expect("exits in time")
+        .expect("runs")
+}
+
 /// Starts `courier run` as its own process, stdout piped for `Lines`.
 pub fn spawn_worker(vars: &HashMap<String, String>, dir: &Path) -> Child {
     courier(vars, dir)

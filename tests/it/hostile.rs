@@ -465,18 +465,6 @@ async fn a_flood_of_stats_requests_reads_redis_about_once_a_second() {
     worker.stop().await;
 }
 
-/// Runs a courier command to completion.
-async fn courier_output(
-    vars: &std::collections::HashMap<String, String>,
-    dir: &std::path::Path,
-    args: &[&str],
-) -> std::process::Output {
-    tokio::time::timeout(WAIT, courier(vars, dir).args(args).output())
-        .await
-        .expect("exits in time")
-        .expect("runs")
-}
-
 #[tokio::test]
 async fn operator_commands_show_hostile_text_escaped_and_cut_by_characters() {
     let redis = RedisServer::start().await;
@@ -509,7 +497,7 @@ async fn operator_commands_show_hostile_text_escaped_and_cut_by_characters() {
         &["stats"],
         &["stats", "--json"],
     ] {
-        let out = courier_output(&vars, dir.path(), args).await;
+        let out = run_courier(&vars, dir.path(), args).await;
         assert!(out.status.success(), "{args:?}: {out:?}");
         assert!(
             !out.stdout.contains(&0x1b) && !out.stdout.contains(&0x07),
@@ -517,7 +505,7 @@ async fn operator_commands_show_hostile_text_escaped_and_cut_by_characters() {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    let list = courier_output(&vars, dir.path(), &["dlq", "list"]).await;
+    let list = run_courier(&vars, dir.path(), &["dlq", "list"]).await;
     let list = String::from_utf8_lossy(&list.stdout);
     assert!(list.contains("evil\\u{1b}[2J"), "{list}");
     assert!(list.contains("...") && list.contains('é'), "cut after the é: {list}");
@@ -530,7 +518,7 @@ async fn certs_issue_force_writes_0600_keys_without_following_symlinks() {
     let dir = tempfile::tempdir().expect("temp dir");
     let none = std::collections::HashMap::new();
     let d = dir.path();
-    assert!(courier_output(&none, d, &["certs", "init", "--out", "pki"])
+    assert!(run_courier(&none, d, &["certs", "init", "--out", "pki"])
         .await
         .status
         .success());
@@ -542,11 +530,11 @@ async fn certs_issue_force_writes_0600_keys_without_following_symlinks() {
     std::os::unix::fs::symlink(&target, d.join("pki/w1.crt")).expect("symlink");
 
     let issue = ["certs", "issue", "--ca", "pki", "--client", "w1", "--out", "pki"];
-    let refused = courier_output(&none, d, &issue).await;
+    let refused = run_courier(&none, d, &issue).await;
     assert!(!refused.status.success(), "a symlink counts as an existing file");
     let mut forced = issue.to_vec();
     forced.push("--force");
-    let out = courier_output(&none, d, &forced).await;
+    let out = run_courier(&none, d, &forced).await;
     assert!(out.status.success(), "{out:?}");
     let mode = std::fs::metadata(&key).expect("key").permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "the old 0644 does not survive");
@@ -610,7 +598,7 @@ async fn check_names_the_tls_failure_by_what_went_wrong() {
         (&refuses_us, "refused the worker certificate"),
     ] {
         let vars = env(&redis, &sink.url(), &pki, "w-check", &[]);
-        let out = courier_output(&vars, pki.dir.path(), &["check"]).await;
+        let out = run_courier(&vars, pki.dir.path(), &["check"]).await;
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(!out.status.success(), "{stdout}");
         assert!(stdout.contains(expected), "{expected}:\n{stdout}");

@@ -79,10 +79,7 @@ async fn a_wrong_acl_password_is_a_configuration_error_naming_the_user_setting()
         "w-acl-bad",
         &[("REDIS_USERNAME", "courier"), ("REDIS_PASSWORD", "wrong")],
     );
-    let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("run").output())
-        .await
-        .expect("exits")
-        .expect("runs");
+    let out = run_courier(&vars, pki.dir.path(), &["run"]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(78), "{stderr}");
     assert!(
@@ -99,10 +96,7 @@ async fn check_warns_about_a_redis_that_can_drop_queued_messages() {
         let vars = env(redis, &sink.url(), &pki, "w-check-data", &[]);
         let dir = pki.dir.path().to_path_buf();
         async move {
-            let out = tokio::time::timeout(WAIT, courier(&vars, &dir).arg("check").output())
-                .await
-                .expect("exits")
-                .expect("runs");
+            let out = run_courier(&vars, &dir, &["check"]).await;
             (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
         }
     };
@@ -194,23 +188,14 @@ async fn delivers_over_tls_to_redis_with_a_client_certificate_and_a_private_ca()
     // the server's CA never completes the handshake: `courier stats` says which.
     let mut vars = env(&redis, &sink.url(), &pki, "w-tls-cli", &[("REDIS_URL", &url)]);
     vars.insert("REDIS_CA_CERT_PATH".into(), ca.clone());
-    let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("stats").output())
-        .await
-        .expect("exits")
-        .expect("runs");
+    let out = run_courier(&vars, pki.dir.path(), &["stats"]).await;
     assert!(!out.status.success(), "no client certificate, no entry");
     vars.insert("REDIS_CERT_PATH".into(), cert.clone());
     vars.insert("REDIS_KEY_PATH".into(), key.clone());
-    let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("stats").output())
-        .await
-        .expect("exits")
-        .expect("runs");
+    let out = run_courier(&vars, pki.dir.path(), &["stats"]).await;
     assert!(out.status.success(), "{out:?}");
     vars.insert("REDIS_CA_CERT_PATH".into(), pki.cert_file.display().to_string());
-    let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("stats").output())
-        .await
-        .expect("exits")
-        .expect("runs");
+    let out = run_courier(&vars, pki.dir.path(), &["stats"]).await;
     assert!(
         !out.status.success(),
         "a CA that did not sign the server is not trusted"
@@ -233,10 +218,7 @@ async fn bad_redis_tls_settings_are_one_line_naming_the_setting() {
     ];
     for (extra, named) in cases {
         let vars = env(&redis, "https://localhost:1", &pki, "w-tls-bad", extra);
-        let out = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("run").output())
-            .await
-            .expect("exits")
-            .expect("runs");
+        let out = run_courier(&vars, pki.dir.path(), &["run"]).await;
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{extra:?}: {stderr}");
         assert!(
@@ -265,10 +247,7 @@ async fn check_names_the_commands_an_acl_user_may_not_run() {
         let vars = env(&redis, &sink.url(), &pki, "w-acl-check", &extra);
         let dir = pki.dir.path().to_path_buf();
         async move {
-            let out = tokio::time::timeout(WAIT, courier(&vars, &dir).arg("check").output())
-                .await
-                .expect("exits")
-                .expect("runs");
+            let out = run_courier(&vars, &dir, &["check"]).await;
             (out.status.success(), String::from_utf8_lossy(&out.stdout).to_string())
         }
     };
@@ -315,12 +294,7 @@ async fn enqueue_waits_for_replicas_and_says_when_too_few_have_the_messages() {
     let run = |args: &'static [&'static str]| {
         let vars = vars.clone();
         let dir = dir.path().to_path_buf();
-        async move {
-            tokio::time::timeout(WAIT, courier(&vars, &dir).args(args).output())
-                .await
-                .expect("exits")
-                .expect("runs")
-        }
+        async move { run_courier(&vars, &dir, args).await }
     };
     let out = run(&["enqueue", "--count", "20", "--wait-replicas", "1"]).await;
     assert!(out.status.success(), "{out:?}");

@@ -101,10 +101,7 @@ async fn a_second_live_process_with_the_same_id_refuses_to_start() {
     let mut first = spawn_worker(&vars, pki.dir.path());
     Lines::new(&mut first).wait_for("Connected to Redis").await;
 
-    let output = tokio::time::timeout(WAIT, courier(&vars, pki.dir.path()).arg("run").output())
-        .await
-        .expect("exits")
-        .expect("runs");
+    let output = run_courier(&vars, pki.dir.path(), &["run"]).await;
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert_eq!(output.status.code(), Some(78), "{stderr}");
     let pid = first.id().expect("running").to_string();
