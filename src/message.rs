@@ -209,7 +209,7 @@ impl Envelope {
 /// `queued_at` as epoch seconds (integer or fraction) or an RFC 3339 string. A value that is
 /// not a time this machine can represent (negative, `1e308`, NaN) is `None`: the message is
 /// delivered as usual and only left out of the queue-wait metric.
-pub fn parse_time(json: &str) -> Option<SystemTime> {
+fn parse_time(json: &str) -> Option<SystemTime> {
     if let Ok(seconds) = json.parse::<f64>() {
         let since_epoch = Duration::try_from_secs_f64(seconds).ok()?;
         return UNIX_EPOCH.checked_add(since_epoch);
