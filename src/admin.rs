@@ -107,24 +107,25 @@ impl Health {
 /// What the admin handlers read.
 pub struct AdminState {
     pub worker_id: String,
-    pub queue_name: String,
+    /// The worker's queues, in its order.
+    pub queue_names: Vec<String>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     /// Set once Redis is first connected.
-    pub queue: OnceLock<Queue>,
+    pub queues: OnceLock<Vec<Queue>>,
     /// The Redis part of `/stats` and when it was read: a flood of requests reads Redis at
     /// most once per `STATS_MAX_AGE`, and concurrent requests wait for the one read.
     pub stats_cache: tokio::sync::Mutex<Option<(Instant, serde_json::Value)>>,
 }
 
 impl AdminState {
-    pub fn new(worker_id: String, queue_name: String, metrics: Arc<Metrics>, health: Arc<Health>) -> AdminState {
+    pub fn new(worker_id: String, queue_names: Vec<String>, metrics: Arc<Metrics>, health: Arc<Health>) -> AdminState {
         AdminState {
             worker_id,
-            queue_name,
+            queue_names,
             metrics,
             health,
-            queue: OnceLock::new(),
+            queues: OnceLock::new(),
             stats_cache: tokio::sync::Mutex::new(None),
         }
     }
@@ -251,14 +252,15 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
 async fn stats(state: &AdminState) -> serde_json::Value {
     let mut stats = serde_json::json!({
         "worker_id": state.worker_id,
-        "queue_name": state.queue_name,
+        "queue_name": state.queue_names.first(),
+        "queues": state.queue_names,
         "ready": state.health.not_ready_reason().is_none(),
         "draining": state.health.draining(),
         "redis_up": state.health.redis_up(),
         "uptime_seconds": state.health.started.elapsed().as_secs(),
         "counters": state.metrics.totals(),
     });
-    let Some(queue) = state.queue.get() else {
+    let Some(queues) = state.queues.get() else {
         stats["error"] = "not connected to Redis yet".into();
         return stats;
     };
@@ -267,7 +269,7 @@ async fn stats(state: &AdminState) -> serde_json::Value {
     let from_redis = match fresh {
         Some((_, value)) => value.clone(),
         None => {
-            let value = redis_stats(queue).await;
+            let value = redis_stats(queues).await;
             *cache = Some((Instant::now(), value.clone()));
             value
         }
@@ -279,17 +281,35 @@ async fn stats(state: &AdminState) -> serde_json::Value {
     stats
 }
 
-/// The part of `/stats` read from Redis: depths and live workers, or the error.
-async fn redis_stats(queue: &Queue) -> serde_json::Value {
-    let lookup = async { Ok::<_, QueueError>((queue.depths().await?, queue.workers().await?)) };
-    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
-        Ok(Ok((depths, workers))) => serde_json::json!({
-            "depths": depths,
-            "workers": workers
+/// The part of `/stats` read from Redis: for each queue its depths and live workers (the
+/// first queue's also at the top level, as before several queues), or the error.
+async fn redis_stats(queues: &[Queue]) -> serde_json::Value {
+    let lookup = async {
+        let mut each = Vec::with_capacity(queues.len());
+        for queue in queues {
+            let workers: Vec<serde_json::Value> = queue
+                .workers()
+                .await?
                 .into_iter()
                 .map(|(id, age)| serde_json::json!({"worker_id": id, "heartbeat_age_seconds": age.as_secs_f64()}))
-                .collect::<Vec<_>>(),
-        }),
+                .collect();
+            each.push(serde_json::json!({
+                "queue": queue.name(),
+                "depths": queue.depths().await?,
+                "workers": workers,
+            }));
+        }
+        Ok::<_, QueueError>(each)
+    };
+    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
+        Ok(Ok(each)) => {
+            let first = each.first().cloned().unwrap_or_default();
+            serde_json::json!({
+                "depths": first.get("depths"),
+                "workers": first.get("workers"),
+                "queues_detail": each,
+            })
+        }
         Ok(Err(e)) => serde_json::json!({"error": format!("Redis: {e}")}),
         Err(_) => serde_json::json!({"error": "Redis did not answer within 2 s"}),
     }

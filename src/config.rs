@@ -58,6 +58,13 @@ const KNOWN: &[Known] = &[
     k("redis.ca_file", "REDIS_CA_CERT_PATH", ""),
     k("redis.cert_file", "REDIS_CERT_PATH", ""),
     k("redis.key_file", "REDIS_KEY_PATH", ""),
+    k("redis.sentinels", "REDIS_SENTINELS", ""),
+    k("redis.sentinel_master", "REDIS_SENTINEL_MASTER", "mymaster"),
+    k("redis.sentinel_username", "REDIS_SENTINEL_USERNAME", ""),
+    k("redis.sentinel_password", "REDIS_SENTINEL_PASSWORD", ""),
+    k("redis.cluster_nodes", "REDIS_CLUSTER_NODES", ""),
+    k("redis.queue_names", "REDIS_QUEUE_NAMES", ""),
+    k("redis.queue_order", "REDIS_QUEUE_ORDER", "priority"),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -103,7 +110,7 @@ pub enum ExpandError {
 }
 
 /// A password: kept out of `Debug` output and logs.
-#[derive(Clone, Default)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Secret(String);
 
 impl Secret {
@@ -141,9 +148,72 @@ pub struct RedisSettings {
     /// An ACL user; empty: the default user.
     pub username: String,
     pub password: Secret,
-    pub queue_name: String,
-    /// TLS to Redis, when on.
+    /// The queues this worker takes messages from, in priority order; never empty.
+    pub queues: Vec<String>,
+    /// How the worker chooses among several queues.
+    pub order: QueueOrder,
+    /// One Redis, a Sentinel-watched master, or a cluster.
+    pub topology: Topology,
+    /// TLS to Redis (and to the sentinels), when on.
     pub tls: Option<RedisTls>,
+}
+
+impl RedisSettings {
+    /// The first queue: the one operator commands use unless told otherwise.
+    pub fn first_queue(&self) -> &str {
+        self.queues.first().map_or("message_queue", String::as_str)
+    }
+
+    /// Where Redis is, for a message: `Redis at host:port`, the sentinels or the cluster.
+    pub fn describe(&self) -> String {
+        let list = |a: &[(String, u16)]| a.iter().map(|(h, p)| format!("{h}:{p}")).collect::<Vec<_>>().join(",");
+        match &self.topology {
+            Topology::Single => format!("Redis at {}:{}", self.host, self.port),
+            Topology::Sentinel { sentinels, master, .. } => {
+                format!("Redis master {master} through the sentinels at {}", list(sentinels))
+            }
+            Topology::Cluster { nodes } => format!("the Redis Cluster at {}", list(nodes)),
+        }
+    }
+
+    /// The settings that say where Redis is, for a message.
+    pub fn where_settings(&self) -> &'static str {
+        match self.topology {
+            Topology::Single => "REDIS_URL, or REDIS_HOST and REDIS_PORT",
+            Topology::Sentinel { .. } => "REDIS_SENTINELS and REDIS_SENTINEL_MASTER",
+            Topology::Cluster { .. } => "REDIS_CLUSTER_NODES",
+        }
+    }
+
+    /// The queues joined for a log line.
+    pub fn queue_list(&self) -> String {
+        self.queues.join(",")
+    }
+}
+
+/// How a worker with several queues picks the next one to claim from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueOrder {
+    /// Always the first non-empty queue in the configured order.
+    Priority,
+    /// Each claim starts one queue further along: shards of one logical queue.
+    RoundRobin,
+}
+
+/// Where Redis is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Topology {
+    /// `host:port` (REDIS_HOST/REDIS_PORT or REDIS_URL).
+    Single,
+    /// Ask these sentinels for the master named `master`, and follow it through failovers.
+    Sentinel {
+        sentinels: Vec<(String, u16)>,
+        master: String,
+        username: String,
+        password: Secret,
+    },
+    /// A Redis Cluster, found from these seed nodes.
+    Cluster { nodes: Vec<(String, u16)> },
 }
 
 /// TLS to Redis: which CA to trust (the system's when none is named) and, for a Redis with
@@ -513,6 +583,107 @@ impl Source<'_> {
         Ok(tls)
     }
 
+    /// REDIS_QUEUE_NAMES when set (several queues, in priority order), else REDIS_QUEUE_NAME.
+    fn queue_names(&self) -> Result<Vec<String>, ConfigError> {
+        let listed = self.text("redis.queue_names")?;
+        let (key, names): (&str, Vec<String>) = if listed.trim().is_empty() {
+            (
+                "redis.queue_name",
+                vec![self.text("redis.queue_name")?.trim().to_string()],
+            )
+        } else {
+            (
+                "redis.queue_names",
+                listed.split(',').map(|n| n.trim().to_string()).collect(),
+            )
+        };
+        if names.len() > 64 {
+            return Err(self.invalid(key, "expected at most 64 queues"));
+        }
+        for name in &names {
+            if name.is_empty()
+                || name.len() > 200
+                || name.chars().any(|c| c.is_whitespace() || c.is_control() || c == ',')
+            {
+                return Err(self.invalid(
+                    key,
+                    "expected non-empty names of up to 200 characters without spaces, separated by commas",
+                ));
+            }
+        }
+        let mut seen = std::collections::HashSet::new();
+        if let Some(twice) = names.iter().find(|n| !seen.insert(n.as_str())) {
+            return Err(self.invalid(key, &format!("queue {twice:?} is listed twice")));
+        }
+        Ok(names)
+    }
+
+    /// `host:port,host:port`: an address list (sentinels, cluster seed nodes).
+    fn addresses(&self, key: &str) -> Result<Vec<(String, u16)>, ConfigError> {
+        let expected = "expected host:port[,host:port...], e.g. 10.0.0.1:26379,10.0.0.2:26379";
+        self.text(key)?
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|address| {
+                let (host, port) = address.rsplit_once(':').ok_or_else(|| self.invalid(key, expected))?;
+                let host = host.trim_start_matches('[').trim_end_matches(']');
+                match port.parse::<u16>() {
+                    Ok(port) if port > 0 && !host.is_empty() => Ok((host.to_string(), port)),
+                    _ => Err(self.invalid(key, expected)),
+                }
+            })
+            .collect()
+    }
+
+    /// Sentinel, Cluster or a single Redis; refuses settings that contradict each other.
+    fn topology(&self) -> Result<Topology, ConfigError> {
+        let sentinels = self.addresses("redis.sentinels")?;
+        let nodes = self.addresses("redis.cluster_nodes")?;
+        let url = !self.text("redis.url")?.trim().is_empty();
+        match (sentinels.is_empty(), nodes.is_empty()) {
+            (false, false) => Err(self.conflict(
+                "redis.sentinels",
+                "redis.cluster_nodes",
+                "Sentinel and Cluster exclude each other; set one",
+            )),
+            (false, true) if url => Err(self.conflict(
+                "redis.sentinels",
+                "redis.url",
+                "with sentinels the master's address comes from them; put user and password in REDIS_USERNAME and REDIS_PASSWORD and unset REDIS_URL",
+            )),
+            (true, false) if url => Err(self.conflict(
+                "redis.cluster_nodes",
+                "redis.url",
+                "in Cluster mode the nodes come from REDIS_CLUSTER_NODES; put user and password in REDIS_USERNAME and REDIS_PASSWORD and unset REDIS_URL",
+            )),
+            (false, true) => {
+                let master = self.text("redis.sentinel_master")?.trim().to_string();
+                if master.is_empty() || master.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(self.invalid("redis.sentinel_master", "expected the master's name as the sentinels know it, e.g. mymaster"));
+                }
+                Ok(Topology::Sentinel {
+                    sentinels,
+                    master,
+                    username: self.text("redis.sentinel_username")?.trim().to_string(),
+                    password: Secret(self.text("redis.sentinel_password")?),
+                })
+            }
+            (true, false) => Ok(Topology::Cluster { nodes }),
+            (true, true) => Ok(Topology::Single),
+        }
+    }
+
+    /// Two settings that cannot go together: one line naming both.
+    fn conflict(&self, first: &str, second: &str, why: &str) -> ConfigError {
+        let env = |key: &str| KNOWN.iter().find(|k| k.key == key).map(|k| k.env).unwrap_or("");
+        ConfigError::Setting(format!(
+            "conflicting settings {first} ({}) and {second} ({}): {why}",
+            env(first),
+            env(second)
+        ))
+    }
+
     fn settings(&self) -> Result<Settings, ConfigError> {
         let tls = TlsSettings {
             enabled: self.flag("tls.enabled")?,
@@ -544,10 +715,7 @@ impl Source<'_> {
             return Err(self.invalid("main_server.url", "has no host name"));
         }
 
-        let queue_name = self.text("redis.queue_name")?.trim().to_string();
-        if queue_name.is_empty() || queue_name.chars().any(|c| c.is_whitespace() || c.is_control()) {
-            return Err(self.invalid("redis.queue_name", "expected a non-empty name without spaces"));
-        }
+        let queues = self.queue_names()?;
         let host = self.text("redis.host")?.trim().to_string();
         if host.is_empty() {
             return Err(self.invalid("redis.host", "expected a host name or address"));
@@ -558,7 +726,13 @@ impl Source<'_> {
             db: self.number("redis.db", 0, 1_000_000)?,
             username: self.text("redis.username")?.trim().to_string(),
             password: Secret(self.text("redis.password")?),
-            queue_name,
+            queues,
+            order: match self.text("redis.queue_order")?.trim().to_ascii_lowercase().as_str() {
+                "priority" => QueueOrder::Priority,
+                "round_robin" | "round-robin" => QueueOrder::RoundRobin,
+                _ => return Err(self.invalid("redis.queue_order", "expected priority or round_robin")),
+            },
+            topology: self.topology()?,
             tls: None,
         };
         let mut tls_on = self.flag("redis.tls")?;
@@ -567,6 +741,21 @@ impl Source<'_> {
             tls_on |= self.apply_redis_url(redis_url.trim(), &mut redis)?;
         }
         redis.tls = self.redis_tls(tls_on)?;
+        if let Topology::Cluster { .. } = redis.topology {
+            if redis.db != 0 {
+                return Err(self.conflict(
+                    "redis.cluster_nodes",
+                    "redis.db",
+                    "a Redis Cluster has only database 0; leave REDIS_DB at 0",
+                ));
+            }
+            if let Some(name) = redis.queues.iter().find(|q| !crate::queue::cluster_safe_name(q)) {
+                return Err(self.invalid(
+                    "redis.queue_names",
+                    &format!("queue {name:?} has braces that are not a hash tag; in a cluster a queue name may contain {{...}} only as a non-empty hash tag"),
+                ));
+            }
+        }
 
         let id = self.text("worker.id")?.trim().to_string();
         let id = if id.is_empty() {
@@ -747,7 +936,7 @@ mod tests {
         let s = Settings::load(None, &env(&[])).unwrap_or_else(|e| panic!("defaults must load: {e}"));
         assert_eq!(s.redis.host, "localhost");
         assert_eq!(s.redis.port, 6379);
-        assert_eq!(s.redis.queue_name, "message_queue");
+        assert_eq!(s.redis.queues, ["message_queue"]);
         assert_eq!(s.main_server.url.as_str(), "https://localhost:8000/");
         assert_eq!(s.worker.concurrency, 4);
         assert_eq!(s.worker.retry_interval, Duration::from_secs(30));
@@ -934,6 +1123,77 @@ mod tests {
 
         let s = load_yaml("", &[("REDIS_USERNAME", "acl-user")]).unwrap();
         assert_eq!(s.redis.username, "acl-user");
+    }
+
+    #[test]
+    fn several_queues_sentinels_and_cluster_nodes_are_read_and_checked() {
+        let s = load_yaml(
+            "",
+            &[
+                ("REDIS_QUEUE_NAMES", "jobs.high, jobs.medium,jobs.low"),
+                ("REDIS_QUEUE_NAME", "ignored"),
+                ("REDIS_SENTINELS", "10.0.0.1:26379,[::1]:26380"),
+                ("REDIS_SENTINEL_PASSWORD", "s3cret"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.redis.queues, ["jobs.high", "jobs.medium", "jobs.low"]);
+        assert_eq!(s.redis.order, QueueOrder::Priority);
+        match &s.redis.topology {
+            Topology::Sentinel {
+                sentinels,
+                master,
+                password,
+                ..
+            } => {
+                assert_eq!(
+                    sentinels,
+                    &[("10.0.0.1".to_string(), 26379), ("::1".to_string(), 26380)]
+                );
+                assert_eq!(master, "mymaster");
+                assert_eq!(password.expose(), "s3cret");
+            }
+            other => panic!("{other:?}"),
+        }
+        let s = load_yaml(
+            "",
+            &[
+                ("REDIS_CLUSTER_NODES", "a:7000,b:7001"),
+                ("REDIS_QUEUE_ORDER", "round_robin"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(s.redis.order, QueueOrder::RoundRobin);
+        assert!(matches!(s.redis.topology, Topology::Cluster { ref nodes } if nodes.len() == 2));
+
+        let refused = |vars: &[(&str, &str)], names: &[&str]| {
+            let err = load_yaml("", vars).map_err(|e| one_line(&e)).unwrap_err();
+            for name in names {
+                assert!(err.contains(name), "{vars:?}: {err}");
+            }
+            assert!(!err.contains("hunter2"), "{err}");
+        };
+        refused(
+            &[("REDIS_SENTINELS", "a:1"), ("REDIS_CLUSTER_NODES", "b:2")],
+            &["REDIS_SENTINELS", "REDIS_CLUSTER_NODES"],
+        );
+        refused(
+            &[("REDIS_SENTINELS", "a:1"), ("REDIS_URL", "redis://u:hunter2@h:1")],
+            &["REDIS_SENTINELS", "REDIS_URL"],
+        );
+        refused(
+            &[("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_DB", "3")],
+            &["REDIS_CLUSTER_NODES", "REDIS_DB"],
+        );
+        refused(&[("REDIS_SENTINELS", "a")], &["REDIS_SENTINELS", "host:port"]);
+        refused(&[("REDIS_CLUSTER_NODES", "a:0")], &["REDIS_CLUSTER_NODES"]);
+        refused(&[("REDIS_QUEUE_NAMES", "a,,b")], &["REDIS_QUEUE_NAMES"]);
+        refused(&[("REDIS_QUEUE_NAMES", "a,b,a")], &["REDIS_QUEUE_NAMES", "twice"]);
+        refused(&[("REDIS_QUEUE_ORDER", "random")], &["REDIS_QUEUE_ORDER"]);
+        refused(
+            &[("REDIS_CLUSTER_NODES", "a:1"), ("REDIS_QUEUE_NAMES", "ok,bad{}name")],
+            &["REDIS_QUEUE_NAMES", "hash tag"],
+        );
     }
 
     #[test]

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
 };
 
 use crate::queue::Depths;
@@ -39,18 +39,20 @@ const INVALID_REASONS: &[&str] = &[
     "too_large",
 ];
 const STATUS_CLASSES: &[&str] = &["1xx", "2xx", "3xx", "4xx", "5xx"];
-const QUEUES: &[&str] = &["ready", "processing", "retry", "dead"];
+const KEYS: &[&str] = &["ready", "processing", "retry", "dead"];
 
-/// The worker's metrics.
+/// The worker's metrics. Everything about messages carries a `queue` label (the queue's name);
+/// methods take the queue's index in the worker's list.
 pub struct Metrics {
     registry: Registry,
-    processed: IntCounter,
-    delivered: IntCounter,
+    queues: Vec<String>,
+    /// The per-message series of each queue, looked up once.
+    per_queue: Vec<QueueSeries>,
+    processed: IntCounterVec,
+    delivered: IntCounterVec,
     failed: IntCounterVec,
-    retried: IntCounter,
-    delivery_duration: Histogram,
-    queue_wait: Histogram,
-    active_workers: IntGauge,
+    retried: IntCounterVec,
+    active_workers: IntGaugeVec,
     processing: IntGauge,
     queue_depth: IntGaugeVec,
     responses: IntCounterVec,
@@ -70,6 +72,16 @@ fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     metric
 }
 
+/// One queue's series that every message touches.
+struct QueueSeries {
+    processed: IntCounter,
+    delivered: IntCounter,
+    retried: IntCounter,
+    delivery_duration: Histogram,
+    queue_wait: Histogram,
+    responses_2xx: IntCounter,
+}
+
 /// A counter with one label, every value pre-created so it exports 0 before the first event.
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str, values: &[&str]) -> IntCounterVec {
     let metric = IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric names are valid");
@@ -82,6 +94,41 @@ fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str, values:
     metric
 }
 
+/// A counter with a `queue` label and optionally a second one, every combination pre-created.
+fn queue_counter(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    queues: &[String],
+    label: Option<(&str, &[&str])>,
+) -> IntCounterVec {
+    let labels: Vec<&str> = std::iter::once("queue").chain(label.map(|(l, _)| l)).collect();
+    let metric = IntCounterVec::new(Opts::new(name, help), &labels).expect("metric names are valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    for queue in queues {
+        match label {
+            Some((_, values)) => values.iter().for_each(|v| {
+                metric.with_label_values(&[queue.as_str(), v]);
+            }),
+            None => {
+                metric.with_label_values(&[queue.as_str()]);
+            }
+        }
+    }
+    metric
+}
+
+fn queue_histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> HistogramVec {
+    let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets.to_vec()), &["queue"])
+        .expect("metric names are valid");
+    registry
+        .register(Box::new(metric.clone()))
+        .expect("each metric is registered once");
+    metric
+}
+
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let metric = IntGauge::new(name, help).expect("metric names are valid");
     registry
@@ -90,33 +137,39 @@ fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     metric
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: &[f64]) -> Histogram {
-    let metric =
-        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec())).expect("metric names are valid");
-    registry
-        .register(Box::new(metric.clone()))
-        .expect("each metric is registered once");
-    metric
-}
-
 impl Metrics {
-    pub fn new(worker_id: &str) -> Metrics {
+    /// The metrics of a worker taking messages from `queues`.
+    pub fn new(worker_id: &str, queues: &[String]) -> Metrics {
         let labels = HashMap::from([("worker_id".to_string(), worker_id.to_string())]);
         let registry = Registry::new_custom(None, Some(labels)).expect("the worker_id label is valid");
         let r = &registry;
         let queue_depth = IntGaugeVec::new(
             Opts::new(
                 "worker_queue_depth",
-                "Messages in each Redis key of the queue (processing: this worker's)",
+                "Messages in each Redis key of a queue (processing: this worker's)",
             ),
-            &["queue"],
+            &["queue", "key"],
         )
         .expect("metric names are valid");
         registry
             .register(Box::new(queue_depth.clone()))
             .expect("each metric is registered once");
-        for queue in QUEUES {
-            queue_depth.with_label_values(&[queue]);
+        let active_workers = IntGaugeVec::new(
+            Opts::new(
+                "worker_active_workers",
+                "Number of active workers (live heartbeats on the queue)",
+            ),
+            &["queue"],
+        )
+        .expect("metric names are valid");
+        registry
+            .register(Box::new(active_workers.clone()))
+            .expect("each metric is registered once");
+        for queue in queues {
+            active_workers.with_label_values(&[queue.as_str()]);
+            for key in KEYS {
+                queue_depth.with_label_values(&[queue.as_str(), key]);
+            }
         }
         let cert_expiry = Gauge::new(
             "worker_client_cert_expiry_timestamp_seconds",
@@ -126,68 +179,91 @@ impl Metrics {
         registry
             .register(Box::new(cert_expiry.clone()))
             .expect("each metric is registered once");
+        let processed = queue_counter(
+            r,
+            "worker_messages_processed_total",
+            "Total messages processed (taken off the queue and settled)",
+            queues,
+            None,
+        );
+        let delivered = queue_counter(
+            r,
+            "worker_messages_delivered_total",
+            "Total messages delivered successfully",
+            queues,
+            None,
+        );
+        let retried = queue_counter(
+            r,
+            "worker_messages_retried_total",
+            "Total retries scheduled",
+            queues,
+            None,
+        );
+        let delivery_duration = queue_histogram(
+            r,
+            "worker_delivery_duration_seconds",
+            "Message delivery time (one POST to the main server)",
+            &[
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+            ],
+        );
+        let queue_wait = queue_histogram(
+            r,
+            "worker_queue_wait_seconds",
+            "Time in queue before processing (queued_at to first claim)",
+            &[
+                0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
+            ],
+        );
+        let responses = queue_counter(
+            r,
+            "worker_responses_total",
+            "Main-server responses to deliveries, by status class",
+            queues,
+            Some(("class", STATUS_CLASSES)),
+        );
+        let per_queue = queues
+            .iter()
+            .map(|q| QueueSeries {
+                processed: processed.with_label_values(&[q.as_str()]),
+                delivered: delivered.with_label_values(&[q.as_str()]),
+                retried: retried.with_label_values(&[q.as_str()]),
+                delivery_duration: delivery_duration.with_label_values(&[q.as_str()]),
+                queue_wait: queue_wait.with_label_values(&[q.as_str()]),
+                responses_2xx: responses.with_label_values(&[q.as_str(), "2xx"]),
+            })
+            .collect();
         Metrics {
-            processed: counter(
-                r,
-                "worker_messages_processed_total",
-                "Total messages processed (taken off the queue and settled)",
-            ),
-            delivered: counter(
-                r,
-                "worker_messages_delivered_total",
-                "Total messages delivered successfully",
-            ),
-            failed: counter_vec(
+            queues: queues.to_vec(),
+            per_queue,
+            processed,
+            delivered,
+            failed: queue_counter(
                 r,
                 "worker_messages_failed_total",
                 "Total failed delivery attempts, by reason",
-                "reason",
-                FAILURE_REASONS,
+                queues,
+                Some(("reason", FAILURE_REASONS)),
             ),
-            retried: counter(r, "worker_messages_retried_total", "Total retries scheduled"),
-            delivery_duration: histogram(
-                r,
-                "worker_delivery_duration_seconds",
-                "Message delivery time (one POST to the main server)",
-                &[
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-                ],
-            ),
-            queue_wait: histogram(
-                r,
-                "worker_queue_wait_seconds",
-                "Time in queue before processing (queued_at to first claim)",
-                &[
-                    0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0,
-                ],
-            ),
-            active_workers: gauge(
-                r,
-                "worker_active_workers",
-                "Number of active workers (live heartbeats on this queue)",
-            ),
+            retried,
+            active_workers,
             processing: gauge(r, "worker_processing_messages", "Currently processing messages"),
             queue_depth,
-            responses: counter_vec(
-                r,
-                "worker_responses_total",
-                "Main-server responses to deliveries, by status class",
-                "class",
-                STATUS_CLASSES,
-            ),
-            invalid: counter_vec(
+            responses,
+            invalid: queue_counter(
                 r,
                 "worker_invalid_messages_total",
                 "Queue items that were not valid messages, by reason",
-                "reason",
-                INVALID_REASONS,
+                queues,
+                Some(("reason", INVALID_REASONS)),
             ),
-            dead_letters: counter_vec(
+            dead_letters: queue_counter(
                 r,
                 "worker_dead_letters_total",
                 "Messages moved to the dead-letter list, by reason",
-                "reason",
-                DEAD_REASONS,
+                queues,
+                Some(("reason", DEAD_REASONS)),
             ),
             status_updates: counter_vec(
                 r,
@@ -207,6 +283,18 @@ impl Metrics {
         }
     }
 
+    /// The series of queue `q`; an index past the list (never handed out) counts on the first.
+    fn series(&self, q: usize) -> Option<&QueueSeries> {
+        self.per_queue.get(q).or_else(|| self.per_queue.first())
+    }
+
+    fn queue_name(&self, q: usize) -> &str {
+        self.queues
+            .get(q)
+            .or_else(|| self.queues.first())
+            .map_or("", String::as_str)
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::with_capacity(8192);
@@ -215,38 +303,49 @@ impl Metrics {
         String::from_utf8(out).unwrap_or_default()
     }
 
-    pub fn delivered(&self, elapsed: Duration) {
-        self.delivered.inc();
-        self.processed.inc();
-        self.delivery_duration.observe(elapsed.as_secs_f64());
-        self.responses.with_label_values(&["2xx"]).inc();
-    }
-
-    /// A failed attempt: `class` is the HTTP status class when the server answered.
-    pub fn failed(&self, reason: &str, class: Option<&str>, elapsed: Duration) {
-        self.failed.with_label_values(&[reason]).inc();
-        self.delivery_duration.observe(elapsed.as_secs_f64());
-        if let Some(class) = class {
-            self.responses.with_label_values(&[class]).inc();
+    pub fn delivered(&self, q: usize, elapsed: Duration) {
+        if let Some(series) = self.series(q) {
+            series.delivered.inc();
+            series.processed.inc();
+            series.delivery_duration.observe(elapsed.as_secs_f64());
+            series.responses_2xx.inc();
         }
     }
 
-    pub fn retried(&self) {
-        self.retried.inc();
-        self.processed.inc();
+    /// A failed attempt: `class` is the HTTP status class when the server answered.
+    pub fn failed(&self, q: usize, reason: &str, class: Option<&str>, elapsed: Duration) {
+        let queue = self.queue_name(q);
+        self.failed.with_label_values(&[queue, reason]).inc();
+        if let Some(series) = self.series(q) {
+            series.delivery_duration.observe(elapsed.as_secs_f64());
+        }
+        if let Some(class) = class {
+            self.responses.with_label_values(&[queue, class]).inc();
+        }
     }
 
-    pub fn dead(&self, reason: &str) {
-        self.dead_letters.with_label_values(&[reason]).inc();
-        self.processed.inc();
+    pub fn retried(&self, q: usize) {
+        if let Some(series) = self.series(q) {
+            series.retried.inc();
+            series.processed.inc();
+        }
     }
 
-    pub fn invalid(&self, reason: &str) {
-        self.invalid.with_label_values(&[reason]).inc();
+    pub fn dead(&self, q: usize, reason: &str) {
+        self.dead_letters.with_label_values(&[self.queue_name(q), reason]).inc();
+        if let Some(series) = self.series(q) {
+            series.processed.inc();
+        }
     }
 
-    pub fn queue_wait(&self, waited: Duration) {
-        self.queue_wait.observe(waited.as_secs_f64());
+    pub fn invalid(&self, q: usize, reason: &str) {
+        self.invalid.with_label_values(&[self.queue_name(q), reason]).inc();
+    }
+
+    pub fn queue_wait(&self, q: usize, waited: Duration) {
+        if let Some(series) = self.series(q) {
+            series.queue_wait.observe(waited.as_secs_f64());
+        }
     }
 
     /// Counts a message as in flight until the guard is dropped.
@@ -259,27 +358,30 @@ impl Metrics {
         self.status_updates.with_label_values(&[result]).inc();
     }
 
-    pub fn set_depths(&self, depths: Depths) {
+    pub fn set_depths(&self, q: usize, depths: Depths) {
+        let queue = self.queue_name(q);
         let Depths {
             ready,
             processing,
             retry,
             dead,
         } = depths;
-        for (queue, value) in [
+        for (key, value) in [
             ("ready", ready),
             ("processing", processing),
             ("retry", retry),
             ("dead", dead),
         ] {
             self.queue_depth
-                .with_label_values(&[queue])
+                .with_label_values(&[queue, key])
                 .set(i64::try_from(value).unwrap_or(i64::MAX));
         }
     }
 
-    pub fn set_active_workers(&self, n: usize) {
-        self.active_workers.set(i64::try_from(n).unwrap_or(i64::MAX));
+    pub fn set_active_workers(&self, q: usize, n: usize) {
+        self.active_workers
+            .with_label_values(&[self.queue_name(q)])
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn set_redis_up(&self, up: bool) {
@@ -301,13 +403,26 @@ impl Metrics {
     /// Counter totals for `/stats`.
     pub fn totals(&self) -> serde_json::Value {
         let sum = |vec: &IntCounterVec, values: &[&str]| -> u64 {
-            values.iter().map(|v| vec.with_label_values(&[v]).get()).sum()
+            let queues = self.queues.iter();
+            queues
+                .flat_map(|q| {
+                    values
+                        .iter()
+                        .map(move |v| vec.with_label_values(&[q.as_str(), v]).get())
+                })
+                .sum()
+        };
+        let total = |vec: &IntCounterVec| -> u64 {
+            self.queues
+                .iter()
+                .map(|q| vec.with_label_values(&[q.as_str()]).get())
+                .sum()
         };
         serde_json::json!({
-            "processed": self.processed.get(),
-            "delivered": self.delivered.get(),
+            "processed": total(&self.processed),
+            "delivered": total(&self.delivered),
             "failed_attempts": sum(&self.failed, FAILURE_REASONS),
-            "retried": self.retried.get(),
+            "retried": total(&self.retried),
             "dead_lettered": sum(&self.dead_letters, DEAD_REASONS),
             "invalid": sum(&self.invalid, INVALID_REASONS),
             "processing": self.processing.get(),

@@ -6,10 +6,10 @@ use std::process::ExitCode;
 use anyhow::bail;
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 
-use super::{connect, oneshot, settings, DlqCommand};
+use super::{connect, oneshot, settings_for, DlqCommand};
 use crate::config::RedisSettings;
 use crate::message::{parse_dead_letter, DeadRecord, Envelope};
-use crate::queue::{self, Keys};
+use crate::queue;
 
 /// Text from Redis or the main server made safe for a terminal: control characters (escape
 /// sequences among them) shown escaped as `\u{1b}`, `\n` and so on, and at most `max`
@@ -89,8 +89,8 @@ impl DeadLetter {
 
 /// Every dead letter, newest first.
 pub async fn dead_letters(settings: &RedisSettings) -> anyhow::Result<Vec<DeadLetter>> {
-    let mut conn = connect(settings).await?;
-    let records = queue::dead_letters(&mut conn, &Keys::new(&settings.queue_name)).await?;
+    let (mut conn, keys) = connect(settings).await?;
+    let records = queue::dead_letters(&mut conn, &keys).await?;
     Ok(records.into_iter().map(DeadLetter::parse).collect())
 }
 
@@ -99,8 +99,7 @@ pub async fn dead_letters(settings: &RedisSettings) -> anyhow::Result<Vec<DeadLe
 /// leaves every record either still dead or back in the queue. Returns (requeued, not found).
 pub async fn requeue(settings: &RedisSettings, ids: &[String], all: bool) -> anyhow::Result<(usize, Vec<String>)> {
     let letters = dead_letters(settings).await?;
-    let mut conn = connect(settings).await?;
-    let keys = Keys::new(&settings.queue_name);
+    let (mut conn, keys) = connect(settings).await?;
     let mut moved = 0;
     let mut found = std::collections::HashSet::new();
     for letter in letters.iter().rev() {
@@ -121,21 +120,26 @@ pub async fn requeue(settings: &RedisSettings, ids: &[String], all: bool) -> any
 
 /// Deletes every dead letter.
 pub async fn purge(settings: &RedisSettings) -> anyhow::Result<u64> {
-    let mut conn = connect(settings).await?;
-    Ok(queue::purge_dead(&mut conn, &Keys::new(&settings.queue_name)).await?)
+    let (mut conn, keys) = connect(settings).await?;
+    Ok(queue::purge_dead(&mut conn, &keys).await?)
 }
 
 /// `courier dlq ...`.
 pub(super) fn command(command: DlqCommand) -> ExitCode {
     match command {
-        DlqCommand::List { config, limit, json } => match settings(config) {
+        DlqCommand::List {
+            config,
+            queue,
+            limit,
+            json,
+        } => match settings_for(config, queue) {
             Ok(settings) => oneshot(async move {
                 let letters = dead_letters(&settings.redis).await?;
                 if !json {
                     println!(
                         "{} dead letter(s) on {}:dead, newest first",
                         letters.len(),
-                        settings.redis.queue_name
+                        settings.redis.first_queue()
                     );
                 }
                 for letter in letters.iter().take(limit) {
@@ -159,7 +163,7 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
             }),
             Err(code) => code,
         },
-        DlqCommand::Show { config, id } => match settings(config) {
+        DlqCommand::Show { config, queue, id } => match settings_for(config, queue) {
             Ok(settings) => oneshot(async move {
                 let letters = dead_letters(&settings.redis).await?;
                 let matching: Vec<_> = letters.iter().filter(|l| l.message_id() == Some(id.as_str())).collect();
@@ -176,12 +180,17 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
             }),
             Err(code) => code,
         },
-        DlqCommand::Requeue { config, ids, all } => match settings(config) {
+        DlqCommand::Requeue {
+            config,
+            queue,
+            ids,
+            all,
+        } => match settings_for(config, queue) {
             Ok(settings) => oneshot(async move {
                 let (moved, missing) = requeue(&settings.redis, &ids, all).await?;
                 println!(
                     "requeued {moved} message(s) onto {} with attempt_count 0",
-                    settings.redis.queue_name
+                    settings.redis.first_queue()
                 );
                 if !missing.is_empty() {
                     bail!("not in the dead-letter list: {}", missing.join(", "));
@@ -190,15 +199,15 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
             }),
             Err(code) => code,
         },
-        DlqCommand::Purge { config, yes } => {
+        DlqCommand::Purge { config, queue, yes } => {
             if !yes {
                 eprintln!("courier: purge deletes every dead letter for good; pass --yes to do it");
                 return ExitCode::FAILURE;
             }
-            match settings(config) {
+            match settings_for(config, queue) {
                 Ok(settings) => oneshot(async move {
                     let n = purge(&settings.redis).await?;
-                    println!("deleted {n} dead letter(s) from {}:dead", settings.redis.queue_name);
+                    println!("deleted {n} dead letter(s) from {}:dead", settings.redis.first_queue());
                     Ok(())
                 }),
                 Err(code) => code,

@@ -6,7 +6,7 @@ use anyhow::{bail, Context as _};
 
 use super::connect;
 use crate::config::RedisSettings;
-use crate::queue::{self, Keys};
+use crate::queue;
 
 /// `courier enqueue`: one message with `id`, or `count` generated ones named `prefix-N`.
 /// How many replicas must have the messages before `enqueue` reports success.
@@ -48,16 +48,12 @@ pub(super) async fn enqueue(
             message.to_string().into_bytes()
         })
         .collect();
-    let mut conn = connect(settings).await?;
-    let n = queue::enqueue(&mut conn, &Keys::new(&settings.queue_name), &items).await?;
+    let (mut conn, keys) = connect(settings).await?;
+    let n = queue::enqueue(&mut conn, &keys, &items).await?;
     if replicas.count > 0 {
         // Redis replicates asynchronously: a push the master acknowledged but no replica has
         // yet is lost if the master fails now. WAIT blocks until enough replicas have it.
-        let acked: u64 = redis::cmd("WAIT")
-            .arg(replicas.count)
-            .arg(replicas.timeout_ms)
-            .query_async(&mut conn)
-            .await?;
+        let acked = queue::wait_replicas(&mut conn, &keys, replicas.count, replicas.timeout_ms).await?;
         if acked < u64::from(replicas.count) {
             bail!(
                 "enqueued {n} message(s) on the master, but only {acked} of {} replica(s) acknowledged them within {} ms; they could be lost in a failover until replicated",

@@ -113,6 +113,8 @@ enum Command {
         /// How long --wait-replicas waits.
         #[arg(long, default_value_t = 5000)]
         wait_timeout_ms: u64,
+        #[command(flatten)]
+        queue: QueueArg,
     },
     /// Show the queue: ready (and the oldest's age), processing per worker, retry (next due),
     /// dead by reason, live workers with heartbeat age.
@@ -127,10 +129,41 @@ enum Command {
         /// Refresh every two seconds until Ctrl+C.
         #[arg(long)]
         watch: bool,
+        #[command(flatten)]
+        queue: QueueArg,
     },
     /// Inspect and requeue dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+}
+
+/// The queue an operator command acts on.
+#[derive(clap::Args)]
+struct QueueArg {
+    /// The queue to act on: one of REDIS_QUEUE_NAMES (or any queue name). Without it, the
+    /// configured queue; with several configured, `stats` shows each and the others ask for one.
+    #[arg(long, value_name = "NAME")]
+    queue: Option<String>,
+}
+
+impl QueueArg {
+    /// The one queue to act on: `--queue`, or the only configured one.
+    fn one(self, settings: &mut Settings) -> Result<String, ExitCode> {
+        match self.queue {
+            Some(name) => {
+                settings.redis.queues = vec![name.clone()];
+                Ok(name)
+            }
+            None if settings.redis.queues.len() > 1 => {
+                eprintln!(
+                    "courier: several queues are configured ({}); name one with --queue",
+                    settings.redis.queue_list()
+                );
+                Err(ExitCode::from(2))
+            }
+            None => Ok(settings.redis.first_queue().to_string()),
+        }
+    }
 }
 
 /// The configuration file option shared by commands that read settings.
@@ -167,20 +200,31 @@ pub fn main(cli: Cli) -> ExitCode {
             payload,
             wait_replicas,
             wait_timeout_ms,
-        } => match settings(config) {
+            queue,
+        } => match settings_for(config, queue) {
             Ok(settings) => oneshot(async move {
                 let replicas = enqueue::Replicas {
                     count: wait_replicas,
                     timeout_ms: wait_timeout_ms,
                 };
                 let n = enqueue::enqueue(&settings.redis, id, count, &prefix, payload.as_deref(), replicas).await?;
-                println!("enqueued {n} message(s) on {}", settings.redis.queue_name);
+                println!("enqueued {n} message(s) on {}", settings.redis.first_queue());
                 Ok(())
             }),
             Err(code) => code,
         },
-        Command::Stats { config, json, watch } => match settings(config) {
-            Ok(settings) => oneshot(stats::command(settings, json, watch)),
+        Command::Stats {
+            config,
+            json,
+            watch,
+            queue,
+        } => match settings(config) {
+            Ok(mut settings) => {
+                if let Some(name) = queue.queue {
+                    settings.redis.queues = vec![name];
+                }
+                oneshot(stats::command(settings, json, watch))
+            }
             Err(code) => code,
         },
         Command::Dlq(command) => dlq::command(command),
@@ -225,26 +269,35 @@ fn settings(config: ConfigArg) -> Result<Settings, ExitCode> {
     Settings::load(file.as_deref(), &ProcessEnv).map_err(|e| config_error(crate::telemetry::one_line(&e)))
 }
 
+/// Settings for a command on one queue (`--queue`, or the only one configured).
+fn settings_for(config: ConfigArg, queue: QueueArg) -> Result<Settings, ExitCode> {
+    let mut settings = settings(config)?;
+    queue.one(&mut settings)?;
+    Ok(settings)
+}
+
 /// `anyhow` for the errors of one-shot commands.
 /// Connects for a one-shot command, with an error that says where and what to check.
-async fn connect(settings: &RedisSettings) -> anyhow::Result<redis::aio::MultiplexedConnection> {
-    crate::queue::connect_once(settings).await.map_err(|e| {
+/// Also returns the keys of the first queue in the settings (the one the command acts on).
+async fn connect(settings: &RedisSettings) -> anyhow::Result<(crate::queue::Conn, crate::queue::Keys)> {
+    let (conn, clustered) = crate::queue::connect_once(settings).await.map_err(|e| {
         if e.is_tls_files() {
             anyhow::anyhow!("{}", crate::telemetry::one_line(&e))
         } else if e.is_auth() {
             anyhow::anyhow!(
-                "Redis at {}:{} refused the credentials ({e}); check REDIS_USERNAME and REDIS_PASSWORD (or the user in REDIS_URL)",
-                settings.host,
-                settings.port
+                "{} refused the credentials ({e}); check REDIS_USERNAME and REDIS_PASSWORD (or the user in REDIS_URL)",
+                settings.describe()
             )
         } else {
             anyhow::anyhow!(
-                "cannot reach Redis at {}:{} ({e}); is it running? check REDIS_URL, or REDIS_HOST and REDIS_PORT",
-                settings.host,
-                settings.port
+                "cannot reach {} ({e}); is it running? check {}",
+                settings.describe(),
+                settings.where_settings()
             )
         }
-    })
+    })?;
+    let keys = crate::queue::Keys::for_topology(settings.first_queue(), clustered);
+    Ok((conn, keys))
 }
 
 fn config_error(message: impl std::fmt::Display) -> ExitCode {
@@ -308,6 +361,8 @@ enum DlqCommand {
     List {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        queue: QueueArg,
         /// Show at most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
@@ -321,6 +376,8 @@ enum DlqCommand {
     Show {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        queue: QueueArg,
         /// The message_id.
         id: String,
     },
@@ -331,6 +388,8 @@ enum DlqCommand {
     Requeue {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        queue: QueueArg,
         /// Message ids to requeue.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         ids: Vec<String>,
@@ -344,6 +403,8 @@ enum DlqCommand {
     Purge {
         #[command(flatten)]
         config: ConfigArg,
+        #[command(flatten)]
+        queue: QueueArg,
         /// Really delete them.
         #[arg(long)]
         yes: bool,

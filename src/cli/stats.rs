@@ -6,15 +6,14 @@ use std::time::{Duration, SystemTime};
 use super::{connect, printable};
 use crate::config::{RedisSettings, Settings};
 use crate::message::{parse_dead_letter, Envelope};
-use crate::queue::{self, Keys};
+use crate::queue;
 
 /// Waits between `stats --watch` refreshes.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
 
 /// `courier stats`: the queue at a glance, as JSON.
 async fn stats(settings: &RedisSettings) -> anyhow::Result<serde_json::Value> {
-    let mut conn = connect(settings).await?;
-    let keys = Keys::new(&settings.queue_name);
+    let (mut conn, keys) = connect(settings).await?;
     let snapshot = queue::snapshot(&mut conn, &keys, 100_000).await?;
     let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
     for record in &snapshot.dead {
@@ -28,7 +27,7 @@ async fn stats(settings: &RedisSettings) -> anyhow::Result<serde_json::Value> {
         envelope.waited(SystemTime::now()).map(|d| d.as_secs_f64())
     });
     Ok(serde_json::json!({
-        "queue": settings.queue_name,
+        "queue": keys.name,
         "ready": snapshot.ready,
         "oldest_ready_age_seconds": oldest_age,
         "processing": snapshot.processing.iter().map(|(w, n)| (w.clone(), *n)).collect::<BTreeMap<_, _>>(),

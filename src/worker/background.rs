@@ -15,7 +15,7 @@ use super::settle::{log_summary, Context, StatusReport};
 use crate::config::{TlsSettings, WorkerSettings};
 use crate::delivery::Deliverer;
 use crate::metrics::Metrics;
-use crate::queue::QueueError;
+use crate::queue::{Depths, Queue, QueueError};
 use crate::telemetry::one_line;
 use crate::tls::ClientTls;
 
@@ -65,9 +65,19 @@ impl Background {
             )
             .instrument(tracing::info_span!("heartbeat")),
         );
-        tasks.spawn(
-            promote(context.clone(), worker.retry_interval, stop.clone()).instrument(tracing::info_span!("promoter")),
-        );
+        for q in 0..context.queues.len() {
+            tasks.spawn(
+                promote(context.clone(), q, worker.retry_interval, stop.clone())
+                    .instrument(tracing::info_span!("promoter")),
+            );
+        }
+        if context.connector.master_changes().is_some() {
+            let connector = context.connector.clone();
+            let stop = stop.clone();
+            tasks.spawn(
+                async move { connector.listen_for_switches(stop).await }.instrument(tracing::info_span!("sentinel")),
+            );
+        }
         if let Some(TlsWatch {
             settings,
             current,
@@ -183,28 +193,29 @@ async fn heartbeat(
         for due in context.repeats.due(false) {
             log_summary(&due);
         }
-        let queue = &context.queue;
         let started = Instant::now();
         let beat = async {
-            let kept = queue.heartbeat().await?;
-            let workers = queue.workers().await?;
-            let mut live = 0;
-            for (id, age) in &workers {
-                if *age < dead_after || *id == context.worker_id {
-                    live += 1;
-                } else if let Some(moved) = queue.reap(id, dead_after).await? {
-                    context.metrics.reaped(moved);
-                    warn!(reaped = %id, count = moved, heartbeat_age = ?age, "Reaped a dead worker: its claimed messages are back at the front of the queue");
-                }
+            // Under Sentinel: a master replaced while it still answers is left here.
+            context.connector.check_master().await?;
+            let mut kept = true;
+            let mut total = (Depths::default(), 0);
+            for (q, queue) in context.queues.iter().enumerate() {
+                kept &= queue.heartbeat().await?;
+                let live = reap(&context, queue, dead_after).await?;
+                let depths = queue.depths().await?;
+                context.metrics.set_active_workers(q, live);
+                context.metrics.set_depths(q, depths);
+                total.0.ready = total.0.ready.saturating_add(depths.ready);
+                total.0.processing = total.0.processing.saturating_add(depths.processing);
+                total.0.retry = total.0.retry.saturating_add(depths.retry);
+                total.0.dead = total.0.dead.saturating_add(depths.dead);
+                total.1 = total.1.max(live);
             }
-            let depths = queue.depths().await?;
-            Ok::<_, QueueError>((kept, live, depths))
+            Ok::<_, QueueError>((kept, total))
         };
         match beat.await {
-            Ok((kept, live, depths)) => {
+            Ok((kept, (depths, live))) => {
                 context.health.redis_ok(started);
-                context.metrics.set_active_workers(live);
-                context.metrics.set_depths(depths);
                 crate::service::status(&format!(
                     "ready {} | processing {} | retry {} | dead {} | {live} live workers",
                     depths.ready, depths.processing, depths.retry, depths.dead
@@ -220,6 +231,21 @@ async fn heartbeat(
             Err(e) => context.redis_error(&e, "heartbeat"),
         }
     }
+}
+
+/// Reaps the queue's workers whose heartbeat is older than `dead_after`; returns how many are
+/// live.
+async fn reap(context: &Context, queue: &Queue, dead_after: Duration) -> Result<usize, QueueError> {
+    let mut live = 0;
+    for (id, age) in queue.workers().await? {
+        if age < dead_after || id == context.worker_id {
+            live += 1;
+        } else if let Some(moved) = queue.reap(&id, dead_after).await? {
+            context.metrics.reaped(moved);
+            warn!(queue = queue.name(), reaped = %id, count = moved, heartbeat_age = ?age, "Reaped a dead worker: its claimed messages are back at the front of the queue");
+        }
+    }
+    Ok(live)
 }
 
 /// Turns each SIGHUP into a reload request for the TLS watcher, logging it, until `stop`.
@@ -290,13 +316,13 @@ async fn watch_tls(
     }
 }
 
-/// Moves due retries back to the queue, sleeping until the next one is due (at most a second,
-/// so retries other workers schedule are picked up promptly).
-async fn promote(context: Arc<Context>, retry_interval: Duration, stop: CancellationToken) {
+/// Moves queue `q`'s due retries back to it, sleeping until the next one is due (at most a
+/// second, so retries other workers schedule are picked up promptly).
+async fn promote(context: Arc<Context>, q: usize, retry_interval: Duration, stop: CancellationToken) {
     let longest = retry_interval.min(Duration::from_secs(1));
     let mut backoff = Backoff::default();
     loop {
-        let wait = match context.queue.promote_due(PROMOTE_BATCH).await {
+        let wait = match context.queue(q).promote_due(PROMOTE_BATCH).await {
             Ok(promoted) => {
                 backoff.reset();
                 if promoted.moved > 0 {

@@ -7,13 +7,15 @@ use std::time::Instant;
 
 use bytes::Bytes;
 use futures_util::FutureExt as _;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
 use super::retry::Backoff;
 use super::settle::{panic_text, Context};
+use crate::config::QueueOrder;
+use crate::queue::{Queue, QueueError};
 
 /// Claims messages while there are free slots, until shutdown.
 pub(super) async fn claim(
@@ -25,9 +27,16 @@ pub(super) async fn claim(
 ) {
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut backoff = Backoff::default();
-    // Set when a claim failed: its reply may have been lost after Redis ran it, leaving claimed
-    // messages in processing that no task holds. Once every slot is free, anything left in
-    // processing is such an orphan and goes back to the queue.
+    let mut waits = Waits::new(context.queues.len());
+    let mut master_changes = context.connector.master_changes();
+    // Where the next claim starts looking: always the first queue in priority order, one
+    // further each time in round-robin order.
+    let mut start = 0;
+    // Set when a claim failed (its reply may have been lost after Redis ran it, leaving claimed
+    // messages in processing that no task holds) and when the worker followed a Sentinel
+    // failover (the new master may hold claims the old one took back or never passed on). Once
+    // every slot is free, anything left in processing is such an orphan and goes back to the
+    // queue.
     let mut sweep = false;
     loop {
         if sweep {
@@ -38,11 +47,11 @@ pub(super) async fn claim(
                     Err(_) => return,
                 },
             };
-            match context.queue.give_back(&context.worker_id).await {
+            match give_back_all(context).await {
                 Ok(n) => {
                     sweep = false;
                     if n > 0 {
-                        warn!(count = n, "Returned messages whose claim reply was lost to the queue");
+                        warn!(count = n, "Returned messages no delivery task held to the queue");
                     }
                 }
                 Err(e) => {
@@ -59,6 +68,10 @@ pub(super) async fn claim(
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
+            _ = changed(&mut master_changes) => {
+                sweep = true;
+                continue;
+            }
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return,
@@ -71,37 +84,36 @@ pub(super) async fn claim(
                 Err(_) => break,
             }
         }
-        // Not interrupted by shutdown: it is one short script, and whatever it claims is either
-        // delivered here or given back by the drain.
+        // Not interrupted by shutdown: it is a few short scripts, and whatever they claim is
+        // either delivered here or given back by the drain.
         let started = Instant::now();
-        let claimed = match context.queue.claim(permits.len(), context.max_message_bytes).await {
-            Ok(claimed) => {
-                context.health.redis_ok(started);
-                backoff.reset();
-                if claimed.too_large > 0 {
-                    context.too_large(claimed.too_large);
-                }
-                claimed.items
-            }
-            Err(e) => {
-                drop(permits);
-                sweep = true;
-                context.redis_error(&e, "claim");
+        let (claimed, failed) = claim_in_order(context, permits.len(), start).await;
+        if context.order == QueueOrder::RoundRobin {
+            start = (start + 1) % context.queues.len().max(1);
+        }
+        if let Some(e) = failed {
+            sweep = true;
+            context.redis_error(&e, "claim");
+        } else {
+            context.health.redis_ok(started);
+            backoff.reset();
+        }
+        if claimed.is_empty() {
+            drop(permits);
+            if sweep {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff.next()) => continue,
                 }
             }
-        };
-        if claimed.is_empty() {
-            drop(permits);
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                waited = context.queue.wait_for_ready() => if let Err(e) = waited {
-                    // The wait has a connection of its own, which finds out about an outage on
-                    // its own schedule; health follows the main connection, which the next
-                    // claim uses.
+                _ = changed(&mut master_changes) => sweep = true,
+                waited = waits.any(&context.queues) => if let Err(e) = waited {
+                    // The waits have connections of their own, which find out about an outage
+                    // on their own schedule; health follows the main connection, which the
+                    // next claim uses.
                     debug!(error = %e, "Waiting for messages failed; claiming again");
                     tokio::select! {
                         _ = shutdown.cancelled() => return,
@@ -111,7 +123,12 @@ pub(super) async fn claim(
             }
             continue;
         }
-        for (raw, permit) in claimed.into_iter().zip(permits) {
+        // Slots not filled (a claim that failed part way) are free again at once.
+        let mut permits = permits.into_iter();
+        for (q, raw) in claimed {
+            let Some(permit) = permits.next() else {
+                break;
+            };
             let context = context.clone();
             let raw = Bytes::from(raw);
             // No span per message: the log format does not print spans, and every event about
@@ -119,12 +136,105 @@ pub(super) async fn claim(
             deliveries.spawn(async move {
                 // A panic anywhere in the delivery must not leave the message in processing
                 // with no task to settle it: catch it here and dead-letter the message.
-                let outcome = AssertUnwindSafe(context.process(raw.clone())).catch_unwind().await;
+                let outcome = AssertUnwindSafe(context.process(q, raw.clone())).catch_unwind().await;
                 if let Err(panic) = outcome {
-                    context.internal_error(&raw, &panic_text(panic.as_ref())).await;
+                    context.internal_error(q, &raw, &panic_text(panic.as_ref())).await;
                 }
                 drop(permit);
             });
         }
+    }
+}
+
+/// Claims up to `n` messages, looking at the queues in order from `start`: the first queue's
+/// messages first, the next queue's only for slots the first could not fill. Returns what was
+/// claimed with each item's queue, and the error that stopped it, if any (what was claimed
+/// before the error is still delivered).
+async fn claim_in_order(context: &Context, n: usize, start: usize) -> (Vec<(usize, Vec<u8>)>, Option<QueueError>) {
+    let count = context.queues.len();
+    let mut claimed = Vec::with_capacity(n);
+    for k in 0..count {
+        let q = (start + k) % count;
+        match context
+            .queue(q)
+            .claim(n - claimed.len(), context.max_message_bytes)
+            .await
+        {
+            Ok(got) => {
+                if got.too_large > 0 {
+                    context.too_large(q, got.too_large);
+                }
+                claimed.extend(got.items.into_iter().map(|raw| (q, raw)));
+            }
+            Err(e) => return (claimed, Some(e)),
+        }
+        if claimed.len() >= n {
+            break;
+        }
+    }
+    (claimed, None)
+}
+
+/// Returns everything in this worker's processing lists to their queues.
+pub(super) async fn give_back_all(context: &Context) -> Result<usize, QueueError> {
+    let mut total = 0;
+    for queue in &context.queues {
+        total += queue.give_back(&context.worker_id).await?;
+    }
+    Ok(total)
+}
+
+/// Resolves when the Sentinel master changed; never without Sentinel.
+async fn changed(changes: &mut Option<watch::Receiver<u64>>) {
+    match changes {
+        Some(receiver) => {
+            if receiver.changed().await.is_err() {
+                *changes = None;
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The blocking waits on the queues, one per queue, each on its own connection. They run as
+/// tasks of their own: a wait the claimer stops listening to (another queue woke it first)
+/// goes on to its end rather than leaving its connection blocked mid-command, and the claimer
+/// listens to it again next time instead of starting a second one.
+struct Waits {
+    busy: Vec<bool>,
+    done: mpsc::UnboundedSender<(usize, Result<bool, QueueError>)>,
+    results: mpsc::UnboundedReceiver<(usize, Result<bool, QueueError>)>,
+}
+
+impl Waits {
+    fn new(queues: usize) -> Waits {
+        let (done, results) = mpsc::unbounded_channel();
+        Waits {
+            busy: vec![false; queues],
+            done,
+            results,
+        }
+    }
+
+    /// Waits until any queue has something (or a wait times out or fails).
+    async fn any(&mut self, queues: &[Queue]) -> Result<(), QueueError> {
+        for (q, queue) in queues.iter().enumerate() {
+            if let Some(busy @ false) = self.busy.get_mut(q) {
+                *busy = true;
+                let queue = queue.clone();
+                let done = self.done.clone();
+                tokio::spawn(async move {
+                    let _ = done.send((q, queue.wait_for_ready().await));
+                });
+            }
+        }
+        let Some((q, result)) = self.results.recv().await else {
+            return Ok(());
+        };
+        if let Some(busy) = self.busy.get_mut(q) {
+            *busy = false;
+        }
+        result.map(|_| ())
     }
 }

@@ -29,7 +29,7 @@ pub(super) async fn drain(context: Arc<Context>, deliveries: TaskTracker, grace:
     }
     // Anything still in processing goes back to the front of the queue. A delivery still
     // under way that settles after this finds its message gone and changes nothing.
-    let returned = match context.queue.give_back(&context.worker_id).await {
+    let returned = match super::claim::give_back_all(&context).await {
         Ok(n) => {
             if n > 0 {
                 info!(count = n, "Returned unfinished messages to the queue");
@@ -46,8 +46,10 @@ pub(super) async fn drain(context: Arc<Context>, deliveries: TaskTracker, grace:
     };
     background.stop().await;
     if returned {
-        if let Err(e) = context.queue.deregister().await {
-            warn!(error = %e, "Could not remove this worker from the live set; it will be reaped");
+        for queue in &context.queues {
+            if let Err(e) = queue.deregister().await {
+                warn!(queue = queue.name(), error = %e, "Could not remove this worker from the live set; it will be reaped");
+            }
         }
     }
     drop(context);

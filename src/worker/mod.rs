@@ -103,7 +103,7 @@ impl Worker {
         shutdown: CancellationToken,
     ) -> Result<Worker, RunError> {
         let worker_id = settings.worker.id.clone();
-        let metrics = Arc::new(Metrics::new(&worker_id));
+        let metrics = Arc::new(Metrics::new(&worker_id, &settings.redis.queues));
         if let Some(tls) = &tls {
             metrics.set_cert_expiry(tls.not_after);
         }
@@ -122,7 +122,7 @@ impl Worker {
         let health = Arc::new(Health::new(metrics.clone()));
         let admin = Arc::new(AdminState::new(
             worker_id.clone(),
-            settings.redis.queue_name.clone(),
+            settings.redis.queues.clone(),
             metrics.clone(),
             health.clone(),
         ));
@@ -181,19 +181,26 @@ impl Worker {
             ..
         } = settings;
 
-        let Some(queue) = startup::join(&redis, &worker, &health, &admin, &shutdown).await? else {
+        let Some((connector, queues)) = startup::join(&redis, &worker, &health, &admin, &shutdown).await? else {
             background.cancel();
             return Ok(());
         };
         let (status_tx, status_rx) = mpsc::channel(STATUS_BACKLOG);
-        let context = Arc::new(Context::new(&worker, queue, deliverer, metrics, health, status_tx));
+        let context = Arc::new(Context::new(
+            &worker,
+            (connector, queues, redis.order),
+            deliverer,
+            metrics,
+            health,
+            status_tx,
+        ));
         let tls = tls.map(|current| TlsWatch {
             settings: tls_settings,
             current,
             reload,
         });
         let tasks = Background::start(&context, status_rx, &worker, tls, &shutdown, background);
-        crate::service::ready(&format!("Delivering from {} as {}", redis.queue_name, worker.id));
+        crate::service::ready(&format!("Delivering from {} as {}", redis.queue_list(), worker.id));
 
         let deliveries = TaskTracker::new();
         claim::claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;

@@ -11,12 +11,12 @@ use tracing::{debug, error, warn};
 
 use super::retry::until_answered;
 use crate::admin::Health;
-use crate::config::WorkerSettings;
+use crate::config::{QueueOrder, WorkerSettings};
 use crate::delivery::{Deliverer, Status};
 use crate::message::{dead_letter, DeadReason, Envelope};
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy, Settle};
-use crate::queue::{Queue, QueueError};
+use crate::queue::{Connector, Queue, QueueError};
 use crate::telemetry::{Due, Repeat, Repeats};
 
 /// At most one summary line per cause in this long (the first occurrence is logged at once).
@@ -33,7 +33,11 @@ pub(super) struct StatusReport {
 /// What every delivery task needs.
 pub(super) struct Context {
     pub(super) worker_id: String,
-    pub(super) queue: Queue,
+    /// The worker's queues, in the configured order; a claimed message carries its index.
+    pub(super) queues: Vec<Queue>,
+    /// How the queues were reached, for following a Sentinel master.
+    pub(super) connector: Connector,
+    pub(super) order: QueueOrder,
     pub(super) deliverer: Arc<Deliverer>,
     pub(super) metrics: Arc<Metrics>,
     pub(super) health: Arc<Health>,
@@ -50,7 +54,7 @@ pub(super) struct Context {
 impl Context {
     pub(super) fn new(
         worker: &WorkerSettings,
-        queue: Queue,
+        (connector, queues, order): (Connector, Vec<Queue>, QueueOrder),
         deliverer: Arc<Deliverer>,
         metrics: Arc<Metrics>,
         health: Arc<Health>,
@@ -58,7 +62,9 @@ impl Context {
     ) -> Context {
         Context {
             worker_id: worker.id.clone(),
-            queue,
+            queues,
+            connector,
+            order,
             deliverer,
             metrics,
             health,
@@ -82,16 +88,22 @@ impl Context {
         }
     }
 
+    /// Queue `q` of this worker. Indexes come only from the claimer, which takes them from
+    /// this list.
+    pub(super) fn queue(&self, q: usize) -> &Queue {
+        &self.queues[q]
+    }
+
     /// Counts and reports items the claim script moved to the dead-letter list for their size.
-    pub(super) fn too_large(&self, count: usize) {
+    pub(super) fn too_large(&self, q: usize, count: usize) {
         let label = "too_large";
         let error = format!(
             "over the {}-byte limit (worker.max_message_bytes)",
             self.max_message_bytes
         );
         for _ in 0..count {
-            self.metrics.invalid(label);
-            self.metrics.dead(label);
+            self.metrics.invalid(q, label);
+            self.metrics.dead(q, label);
             self.repeat(Repeat::Invalid, label, "(not read)", &error, || {
                 warn!(reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
             });
@@ -114,8 +126,8 @@ impl Context {
         }
     }
 
-    /// Delivers one claimed item and settles the outcome.
-    pub(super) async fn process(&self, raw: Bytes) {
+    /// Delivers one item claimed from queue `q` and settles the outcome.
+    pub(super) async fn process(&self, q: usize, raw: Bytes) {
         #[cfg(feature = "fault-injection")]
         if raw.starts_with(b"{\"message_id\":\"courier-test-panic") {
             panic!("fault injection: a delivery task panics");
@@ -124,10 +136,10 @@ impl Context {
             Ok(envelope) => envelope,
             Err((raw, malformed)) => {
                 let reason = DeadReason::Malformed(malformed.label());
-                self.metrics.invalid(malformed.label());
+                self.metrics.invalid(q, malformed.label());
                 let record = dead_letter(&raw, reason, &malformed.to_string(), &self.worker_id, None);
-                if self.settle(|| self.queue.dead(&raw, &record)).await {
-                    self.metrics.dead(reason.label());
+                if self.settle(|| self.queue(q).dead(&raw, &record)).await {
+                    self.metrics.dead(q, reason.label());
                 }
                 let error = malformed.to_string();
                 self.repeat(Repeat::Invalid, reason.label(), "(invalid)", &error, || {
@@ -142,12 +154,12 @@ impl Context {
                 envelope.attempt_count(),
                 self.policy.max_attempts
             );
-            self.carry_out(&envelope, settle, "", &error).await;
+            self.carry_out(q, &envelope, settle, "", &error).await;
             return;
         }
         if envelope.attempt_count() == 0 {
             if let Some(waited) = envelope.waited(SystemTime::now()) {
-                self.metrics.queue_wait(waited);
+                self.metrics.queue_wait(q, waited);
             }
         }
 
@@ -162,32 +174,33 @@ impl Context {
         let attempt = self.deliverer.deliver(&envelope).await;
         let (cause, error) = match &attempt.result {
             Ok(()) => {
-                self.metrics.delivered(attempt.elapsed);
+                self.metrics.delivered(q, attempt.elapsed);
                 ("", String::new())
             }
             Err(e) => {
-                self.metrics.failed(e.label(), e.status_class(), attempt.elapsed);
+                self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
                 (e.label(), crate::telemetry::one_line(e))
             }
         };
         let settle = policy::decide(&attempt.result, envelope.attempt_count(), &self.policy);
-        self.carry_out(&envelope, settle, cause, &error).await;
+        self.carry_out(q, &envelope, settle, cause, &error).await;
     }
 
     /// Carries out a decision: the one place that settles a message in Redis, records what was
     /// decided in the metrics, writes the log line and queues the status update. `cause` is
     /// the failure's metric label, `error` its text.
-    async fn carry_out(&self, envelope: &Envelope, settle: Settle, cause: &'static str, error: &str) {
+    async fn carry_out(&self, q: usize, envelope: &Envelope, settle: Settle, cause: &'static str, error: &str) {
         let id = envelope.message_id();
+        let queue = self.queue(q);
         match settle {
             Settle::Ack => {
-                self.settle(|| self.queue.ack(envelope.raw())).await;
+                self.settle(|| queue.ack(envelope.raw())).await;
                 debug!(message_id = id, "Message {id} delivered successfully");
             }
             Settle::Retry { delay, failures } => {
                 let retried = envelope.with_attempt_count(failures);
-                if self.settle(|| self.queue.retry(envelope.raw(), &retried, delay)).await {
-                    self.metrics.retried();
+                if self.settle(|| queue.retry(envelope.raw(), &retried, delay)).await {
+                    self.metrics.retried(q);
                 }
                 self.repeat(Repeat::Retry, cause, id, error, || {
                     warn!(message_id = id, attempt = failures, max_attempts = self.policy.max_attempts, retry_in = ?delay, error, "Delivery failed; will retry");
@@ -202,8 +215,8 @@ impl Context {
                     &self.worker_id,
                     Some(id),
                 );
-                if self.settle(|| self.queue.dead(envelope.raw(), &record)).await {
-                    self.metrics.dead(reason.label());
+                if self.settle(|| queue.dead(envelope.raw(), &record)).await {
+                    self.metrics.dead(q, reason.label());
                 }
                 self.repeat(Repeat::DeadLetter, reason.label(), id, error, || {
                     error!(
@@ -221,7 +234,7 @@ impl Context {
 
     /// The second line of defence: a delivery task panicked. The message goes to the
     /// dead-letter list exactly as it was claimed, with reason `internal_error`.
-    pub(super) async fn internal_error(&self, raw: &Bytes, panic: &str) {
+    pub(super) async fn internal_error(&self, q: usize, raw: &Bytes, panic: &str) {
         let reason = DeadReason::InternalError;
         // Whatever panicked may be the parser itself: ask it again only behind a guard.
         let id = std::panic::catch_unwind(|| {
@@ -233,8 +246,8 @@ impl Context {
         .flatten();
         let error = format!("courier failed while handling this message: {panic}");
         let record = dead_letter(raw, reason, &error, &self.worker_id, id.as_deref());
-        if self.settle(|| self.queue.dead(raw, &record)).await {
-            self.metrics.dead(reason.label());
+        if self.settle(|| self.queue(q).dead(raw, &record)).await {
+            self.metrics.dead(q, reason.label());
         }
         error!(
             message_id = id.as_deref().unwrap_or("(unreadable)"),

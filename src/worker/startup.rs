@@ -10,38 +10,47 @@ use tracing::{error, info, warn};
 use super::retry::{until_answered, Backoff};
 use super::RunError;
 use crate::admin::{AdminState, Health};
-use crate::config::{RedisSettings, WorkerSettings};
-use crate::queue::{self, Queue};
+use crate::config::{RedisSettings, Topology, WorkerSettings};
+use crate::queue::{self, Connector, Queue};
 
-/// Joins the queue: connects (waiting while Redis is down), takes this worker's id (waiting
-/// for a live holder to go quiet) and returns what this id left claimed to the queue. `None`:
-/// asked to stop first.
+/// Joins the queues: connects (waiting while Redis is down), takes this worker's id on each
+/// (waiting for a live holder to go quiet) and returns what this id left claimed to each
+/// queue. `None`: asked to stop first.
 pub(super) async fn join(
     redis: &RedisSettings,
     worker: &WorkerSettings,
     health: &Health,
     admin: &AdminState,
     shutdown: &CancellationToken,
-) -> Result<Option<Queue>, RunError> {
+) -> Result<Option<(Connector, Vec<Queue>)>, RunError> {
     info!(
-        queue = %redis.queue_name,
+        queues = %redis.queue_list(),
+        order = ?redis.order,
         concurrency = worker.concurrency,
         batch_size = worker.batch_size,
         retry_interval = ?worker.retry_interval,
         max_attempts = worker.max_attempts,
         "Worker {} starting...", worker.id
     );
-    let client = queue::client(redis).map_err(RunError::RedisSettings)?;
-    let Some(queue) = connect(&client, &redis.queue_name, &worker.id, health, shutdown).await? else {
+    let connector = Connector::new(redis).map_err(RunError::RedisSettings)?;
+    let Some(queues) = connect(&connector, &redis.queues, &worker.id, health, shutdown).await? else {
         return Ok(None);
     };
-    info!("Connected to Redis at {}:{}", redis.host, redis.port);
-    let _ = admin.queue.set(queue.clone());
-    if !take_id(&queue, worker, health, shutdown).await? {
-        return Ok(None);
+    match &redis.topology {
+        Topology::Single => info!("Connected to Redis at {}:{}", redis.host, redis.port),
+        Topology::Sentinel { master, .. } => info!("Connected to Redis master {master} through Sentinel"),
+        Topology::Cluster { .. } => info!("Connected to the Redis Cluster"),
     }
-    recover(&queue, &worker.id, health, shutdown).await;
-    Ok(Some(queue))
+    let _ = admin.queues.set(queues.clone());
+    for queue in &queues {
+        if !take_id(queue, worker, health, shutdown).await? {
+            return Ok(None);
+        }
+    }
+    for queue in &queues {
+        recover(queue, &worker.id, health, shutdown).await;
+    }
+    Ok(Some((connector, queues)))
 }
 
 /// Messages a previous process with this id left in its processing list go back to the front
@@ -57,6 +66,7 @@ async fn recover(queue: &Queue, worker_id: &str, health: &Health, shutdown: &Can
     .unwrap_or(0);
     if recovered > 0 {
         warn!(
+            queue = queue.name(),
             count = recovered,
             "Returned messages left in this worker's processing list to the queue"
         );
@@ -65,23 +75,33 @@ async fn recover(queue: &Queue, worker_id: &str, health: &Health, shutdown: &Can
 
 /// Connects to Redis, waiting with backoff while it is unreachable. `None`: shut down first.
 async fn connect(
-    client: &redis::Client,
-    queue_name: &str,
+    connector: &Connector,
+    queue_names: &[String],
     worker_id: &str,
     health: &Health,
     shutdown: &CancellationToken,
-) -> Result<Option<Queue>, RunError> {
+) -> Result<Option<Vec<Queue>>, RunError> {
     let mut backoff = Backoff::default();
     loop {
         let started = Instant::now();
-        match Queue::connect(client, queue_name, worker_id).await {
-            Ok(queue) => {
-                let version = queue.server_version().await.map_err(RunError::Redis)?;
-                if !queue::supported_version(&version) {
-                    return Err(RunError::RedisVersion { version });
+        let connected = async {
+            let conn = Queue::shared_connection(connector).await?;
+            let mut queues = Vec::with_capacity(queue_names.len());
+            for name in queue_names {
+                queues.push(Queue::connect(connector, &conn, name, worker_id).await?);
+            }
+            Ok::<_, queue::QueueError>(queues)
+        };
+        match connected.await {
+            Ok(queues) => {
+                for queue in &queues {
+                    let version = queue.server_version().await.map_err(RunError::Redis)?;
+                    if !queue::supported_version(&version) {
+                        return Err(RunError::RedisVersion { version });
+                    }
                 }
                 health.redis_ok(started);
-                return Ok(Some(queue));
+                return Ok(Some(queues));
             }
             Err(e) if e.is_auth() => return Err(RunError::RedisAuth(e)),
             Err(e) => {

@@ -313,46 +313,53 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
             .unwrap_or_else(|| panic!("no series {series} in:\n{text}"))
     };
     let w = r#"worker_id="w-metrics""#;
-    assert_eq!(value(&format!("worker_messages_delivered_total{{{w}}}")), 6.0);
-    assert_eq!(value(&format!("worker_messages_retried_total{{{w}}}")), 1.0);
+    let q = r#"queue="message_queue""#;
+    assert_eq!(value(&format!("worker_messages_delivered_total{{{q},{w}}}")), 6.0);
+    assert_eq!(value(&format!("worker_messages_retried_total{{{q},{w}}}")), 1.0);
     assert_eq!(
-        value(&format!(r#"worker_messages_failed_total{{reason="http_5xx",{w}}}"#)),
+        value(&format!(r#"worker_messages_failed_total{{{q},reason="http_5xx",{w}}}"#)),
         1.0
     );
     assert_eq!(
-        value(&format!(r#"worker_messages_failed_total{{reason="http_4xx",{w}}}"#)),
+        value(&format!(r#"worker_messages_failed_total{{{q},reason="http_4xx",{w}}}"#)),
         1.0
     );
     assert_eq!(
-        value(&format!("worker_messages_processed_total{{{w}}}")),
+        value(&format!("worker_messages_processed_total{{{q},{w}}}")),
         9.0,
         "6 delivered + 1 retried + 2 dead"
     );
-    assert_eq!(value(&format!("worker_delivery_duration_seconds_count{{{w}}}")), 8.0);
     assert_eq!(
-        value(&format!("worker_queue_wait_seconds_count{{{w}}}")),
+        value(&format!("worker_delivery_duration_seconds_count{{{q},{w}}}")),
+        8.0
+    );
+    assert_eq!(
+        value(&format!("worker_queue_wait_seconds_count{{{q},{w}}}")),
         7.0,
         "first attempts of messages with queued_at"
     );
     assert_eq!(value(&format!("worker_processing_messages{{{w}}}")), 0.0);
     assert_eq!(
-        value(&format!(r#"worker_dead_letters_total{{reason="rejected",{w}}}"#)),
-        1.0
-    );
-    assert_eq!(
-        value(&format!(r#"worker_dead_letters_total{{reason="invalid_json",{w}}}"#)),
+        value(&format!(r#"worker_dead_letters_total{{{q},reason="rejected",{w}}}"#)),
         1.0
     );
     assert_eq!(
         value(&format!(
-            r#"worker_invalid_messages_total{{reason="invalid_json",{w}}}"#
+            r#"worker_dead_letters_total{{{q},reason="invalid_json",{w}}}"#
         )),
         1.0
     );
-    assert_eq!(value(&format!(r#"worker_responses_total{{class="2xx",{w}}}"#)), 6.0);
-    assert_eq!(value(&format!(r#"worker_responses_total{{class="5xx",{w}}}"#)), 1.0);
-    assert_eq!(value(&format!(r#"worker_responses_total{{class="4xx",{w}}}"#)), 1.0);
+    assert_eq!(
+        value(&format!(
+            r#"worker_invalid_messages_total{{{q},reason="invalid_json",{w}}}"#
+        )),
+        1.0
+    );
+    assert_eq!(value(&format!(r#"worker_responses_total{{class="2xx",{q},{w}}}"#)), 6.0);
+    assert_eq!(value(&format!(r#"worker_responses_total{{class="5xx",{q},{w}}}"#)), 1.0);
+    assert_eq!(value(&format!(r#"worker_responses_total{{class="4xx",{q},{w}}}"#)), 1.0);
     assert_eq!(value(&format!("worker_redis_up{{{w}}}")), 1.0);
+    assert_eq!(value(&format!("worker_active_workers{{{q},{w}}}")), 1.0);
     for (name, kind) in [
         ("worker_messages_processed_total", "counter"),
         ("worker_messages_delivered_total", "counter"),

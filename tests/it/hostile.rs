@@ -43,7 +43,9 @@ async fn absurd_queue_times_and_a_panicking_task_strand_nothing() {
     );
     let (_, metrics) = get(&worker.url("/metrics")).await;
     assert!(
-        metrics.contains(r#"worker_dead_letters_total{reason="internal_error",worker_id="w-panic"} 1"#),
+        metrics.contains(
+            r#"worker_dead_letters_total{queue="message_queue",reason="internal_error",worker_id="w-panic"} 1"#
+        ),
         "{metrics}"
     );
     // The worker goes on after the panic.
@@ -308,11 +310,11 @@ async fn stats_and_the_shipped_config_take_hostile_values() {
 
 /// An admin port of its own, on a free port, serving within `limits`.
 async fn admin_port(limits: courier::admin::Limits) -> std::net::SocketAddr {
-    let metrics = Arc::new(courier::metrics::Metrics::new("w-admin"));
+    let metrics = Arc::new(courier::metrics::Metrics::new("w-admin", &[Q.to_string()]));
     let health = Arc::new(courier::admin::Health::new(metrics.clone()));
     let state = Arc::new(courier::admin::AdminState::new(
         "w-admin".into(),
-        Q.into(),
+        vec![Q.to_string()],
         metrics,
         health,
     ));

@@ -13,4 +13,5 @@ mod hostile;
 mod production_redis;
 mod properties;
 mod queue;
+mod queues;
 mod resilience;

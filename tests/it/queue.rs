@@ -8,8 +8,11 @@ use courier::queue::{self, Queue};
 use redis::AsyncCommands;
 
 async fn queue_for(redis: &RedisServer, worker_id: &str) -> Queue {
-    let client = redis::Client::open(redis.url()).expect("client");
-    Queue::connect(&client, Q, worker_id).await.expect("connect")
+    let pki = Pki::new();
+    let settings = settings(&env(redis, "https://127.0.0.1:1", &pki, worker_id, &[]));
+    let connector = queue::Connector::new(&settings.redis).expect("connector");
+    let conn = Queue::shared_connection(&connector).await.expect("connect");
+    Queue::connect(&connector, &conn, Q, worker_id).await.expect("connect")
 }
 
 #[tokio::test]

@@ -177,7 +177,9 @@ async fn a_main_server_slower_than_the_request_timeout_is_retried() {
     );
     let (_, metrics) = get(&worker.url("/metrics")).await;
     assert!(
-        metrics.contains(r#"worker_messages_failed_total{reason="timeout",worker_id="w-timeout"} 1"#),
+        metrics.contains(
+            r#"worker_messages_failed_total{queue="message_queue",reason="timeout",worker_id="w-timeout"} 1"#
+        ),
         "{metrics}"
     );
     worker.stop().await;

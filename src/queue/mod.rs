@@ -2,11 +2,17 @@
 //! command or one Lua script, so a crash at any instant leaves every message in exactly one key
 //! (or, around a crash, two: a duplicate, never a loss). Every script is safe to run twice.
 
+mod connect;
+mod keys;
+mod scripts;
+
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::{AsyncCommands, Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, Script};
+use redis::{AsyncCommands, Script};
 
+pub use self::connect::{Conn, Connector};
+pub use self::keys::{cluster_safe_name, hash_tag, slot_part, Keys};
+use self::scripts::Scripts;
 use crate::config::RedisSettings;
 
 /// How long the idle claimer blocks in one BLMOVE before asking again.
@@ -54,49 +60,6 @@ impl QueueError {
     }
 }
 
-/// The Redis keys of one queue. All start with the queue name, so a hash-tagged name
-/// (`{message_queue}`) keeps them in one cluster slot.
-#[derive(Debug, Clone)]
-pub struct Keys {
-    pub ready: String,
-    pub retry: String,
-    pub dead: String,
-    pub workers: String,
-    /// Worker id -> the process holding it (`host|pid|started_ms`).
-    pub owners: String,
-    processing_prefix: String,
-}
-
-impl Keys {
-    pub fn new(queue: &str) -> Keys {
-        Keys {
-            ready: queue.to_string(),
-            retry: format!("{queue}:retry"),
-            dead: format!("{queue}:dead"),
-            workers: format!("{queue}:workers"),
-            owners: format!("{queue}:owners"),
-            processing_prefix: format!("{queue}:processing:"),
-        }
-    }
-
-    /// Every key of this queue that a worker with this id writes.
-    pub fn all(&self, worker_id: &str) -> Vec<String> {
-        vec![
-            self.ready.clone(),
-            self.retry.clone(),
-            self.dead.clone(),
-            self.workers.clone(),
-            self.owners.clone(),
-            self.processing(worker_id),
-        ]
-    }
-
-    /// The list of messages a worker has claimed and not yet settled.
-    pub fn processing(&self, worker_id: &str) -> String {
-        format!("{}{worker_id}", self.processing_prefix)
-    }
-}
-
 /// Depths of the queue's keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Depths {
@@ -123,141 +86,13 @@ pub struct Promoted {
     pub next_due_in: Option<Duration>,
 }
 
-/// Lua scripts, loaded once and run by hash.
-struct Scripts {
-    claim: Script,
-    retry: Script,
-    dead: Script,
-    promote: Script,
-    give_back: Script,
-    register: Script,
-    heartbeat: Script,
-    reap: Script,
-    deregister: Script,
-}
-
-impl Scripts {
-    fn new() -> Scripts {
-        Scripts {
-            // Moves up to ARGV[1] messages from the right of the ready list to the processing
-            // list. An item over ARGV[2] bytes never travels to the worker: it goes straight to
-            // the dead-letter list KEYS[3] as a record (header line, then the item as it is;
-            // the same form as `message::dead_letter`). ARGV[3] is the worker id as a JSON
-            // string, ARGV[4] the time for `dead_at`. Returns {claimed items, moved aside}.
-            claim: Script::new(
-                r#"local items = redis.call('RPOP', KEYS[1], ARGV[1])
-                  if not items then return {{}, 0} end
-                  local limit = tonumber(ARGV[2])
-                  local keep, big = {}, 0
-                  for _, item in ipairs(items) do
-                    if #item > limit then
-                      big = big + 1
-                      redis.call('LPUSH', KEYS[3], '{"reason":"too_large","error":"message is ' .. #item
-                        .. ' bytes, over the ' .. ARGV[2] .. '-byte limit (worker.max_message_bytes)","worker_id":'
-                        .. ARGV[3] .. ',"dead_at":"' .. ARGV[4] .. '","size":' .. #item .. '}\n' .. item)
-                    else
-                      keep[#keep + 1] = item
-                    end
-                  end
-                  if #keep > 0 then redis.call('LPUSH', KEYS[2], unpack(keep)) end
-                  return {keep, big}"#,
-            ),
-            // Moves one message from processing to the retry set, due ARGV[3] ms from now (Redis
-            // time, so every worker agrees). A message no longer in processing (already settled,
-            // or reaped) is left alone: running this twice does nothing the second time.
-            retry: Script::new(
-                r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-                  local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-                  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
-                  return 1",
-            ),
-            // Moves one message from processing to the dead-letter list as its record ARGV[2].
-            dead: Script::new(
-                r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-                  redis.call('LPUSH', KEYS[2], ARGV[2])
-                  return 1",
-            ),
-            // Moves up to ARGV[1] due retries to the back of the ready list; returns how many and
-            // the ms until the next one is due (-1: none waiting).
-            promote: Script::new(
-                r"local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-                  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
-                  if #due > 0 then
-                    redis.call('ZREM', KEYS[1], unpack(due))
-                    redis.call('LPUSH', KEYS[2], unpack(due))
-                  end
-                  local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-                  if #next == 0 then return {#due, -1} end
-                  return {#due, math.max(0, tonumber(next[2]) - now)}",
-            ),
-            // Returns a processing list to the front of the ready list, oldest claim first in line.
-            give_back: Script::new(
-                r"local n = 0
-                  while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
-                  return n",
-            ),
-            // Takes worker id ARGV[1] for process ARGV[2], unless another process holds it with a
-            // heartbeat younger than ARGV[3] ms (and is not ARGV[4], a holder known to be dead).
-            // Returns {1, '', 0} or {0, holder, heartbeat age in ms}.
-            register: Script::new(
-                r"local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-                  local holder = redis.call('HGET', KEYS[2], ARGV[1])
-                  local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
-                  if holder and holder ~= ARGV[2] and holder ~= ARGV[4] and beat
-                     and now - tonumber(beat) < tonumber(ARGV[3]) then
-                    return {0, holder, now - tonumber(beat)}
-                  end
-                  redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
-                  redis.call('ZADD', KEYS[1], now, ARGV[1])
-                  return {1, '', 0}",
-            ),
-            // Refreshes the heartbeat in Redis time, unless another process has taken the id
-            // (returns 0 then).
-            heartbeat: Script::new(
-                r"local holder = redis.call('HGET', KEYS[2], ARGV[1])
-                  if holder and holder ~= ARGV[2] then return 0 end
-                  if not holder then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
-                  local t = redis.call('TIME')
-                  redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
-                  return 1",
-            ),
-            // Reaps worker ARGV[1] if its heartbeat is still older than ARGV[2] ms: its processing
-            // list KEYS[3] goes to the front of the queue KEYS[4], oldest first, and it leaves
-            // the live set. Returns the messages moved, or -1 when there was nothing to reap
-            // (another worker got there first, or it came back).
-            reap: Script::new(
-                r"local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
-                  if not beat then return -1 end
-                  local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-                  if now - tonumber(beat) < tonumber(ARGV[2]) then return -1 end
-                  local n = 0
-                  while redis.call('LMOVE', KEYS[3], KEYS[4], 'LEFT', 'RIGHT') do n = n + 1 end
-                  redis.call('ZREM', KEYS[1], ARGV[1])
-                  redis.call('HDEL', KEYS[2], ARGV[1])
-                  return n",
-            ),
-            // Leaves the live set, if the id is still this process's.
-            deregister: Script::new(
-                r"local holder = redis.call('HGET', KEYS[2], ARGV[1])
-                  if holder and holder ~= ARGV[2] then return 0 end
-                  redis.call('HDEL', KEYS[2], ARGV[1])
-                  redis.call('ZREM', KEYS[1], ARGV[1])
-                  return 1",
-            ),
-        }
-    }
-}
-
-/// A worker's handle on its queue: a multiplexed, self-reconnecting connection for ordinary
-/// commands and a second one for the blocking wait, so a BLMOVE never delays a settle.
+/// A worker's handle on one of its queues: a multiplexed, self-reconnecting connection for
+/// ordinary commands (shared by all the worker's queues) and one of its own for the blocking
+/// wait, so a BLMOVE never delays a settle.
 #[derive(Clone)]
 pub struct Queue {
-    conn: ConnectionManager,
-    blocking: ConnectionManager,
+    conn: Conn,
+    blocking: Conn,
     keys: Keys,
     processing: String,
     worker_id: String,
@@ -323,21 +158,56 @@ pub fn this_host() -> String {
 /// The oldest Redis courier runs on: LMOVE, BLMOVE and RPOP with a count need 6.2.
 pub const MIN_REDIS: (u32, u32) = (6, 2);
 
-/// The version a Redis server reports in `INFO server`, e.g. `7.0.15`.
+/// The version a Redis server reports in `INFO server`, e.g. `7.0.15`; in a cluster (which
+/// answers for every master) the oldest.
 pub async fn server_version(conn: &mut impl redis::aio::ConnectionLike) -> Result<String, QueueError> {
-    let info: String = redis::cmd("INFO").arg("server").query_async(conn).await?;
-    Ok(info
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_version:"))
-        .unwrap_or("unknown")
-        .trim()
-        .to_string())
+    let info: redis::Value = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    let mut texts = Vec::new();
+    collect_texts(&info, &mut texts);
+    let version = |text: &String| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .unwrap_or("unknown")
+            .trim()
+            .to_string()
+    };
+    Ok(texts
+        .iter()
+        .map(version)
+        .min_by_key(|v| version_key(v))
+        .unwrap_or_else(|| "unknown".to_string()))
+}
+
+/// The text answers of `COMMAND ARG` (e.g. `INFO memory`, `CLUSTER INFO`): one per node in a
+/// cluster, where the command goes to every master. Empty when it is refused.
+pub async fn info_texts(conn: &mut Conn, command: &str, arg: &str) -> Vec<String> {
+    let mut texts = Vec::new();
+    if let Ok(reply) = redis::cmd(command).arg(arg).query_async::<redis::Value>(conn).await {
+        collect_texts(&reply, &mut texts);
+    }
+    texts
+}
+
+/// Every text in a reply, however nested (a cluster answers INFO with one per node).
+fn collect_texts(value: &redis::Value, into: &mut Vec<String>) {
+    match value {
+        redis::Value::BulkString(bytes) => into.push(String::from_utf8_lossy(bytes).into_owned()),
+        redis::Value::SimpleString(text) => into.push(text.clone()),
+        redis::Value::VerbatimString { text, .. } => into.push(text.clone()),
+        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().for_each(|v| collect_texts(v, into)),
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(_, v)| collect_texts(v, into)),
+        _ => {}
+    }
+}
+
+fn version_key(version: &str) -> (u32, u32) {
+    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// Whether `version` (`major.minor...`) is at least `MIN_REDIS`.
 pub fn supported_version(version: &str) -> bool {
-    let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0)) >= MIN_REDIS
+    version_key(version) >= MIN_REDIS
 }
 
 /// Redis `TIME` (seconds, microseconds) in ms since the epoch.
@@ -364,83 +234,21 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
-/// Builds the Redis client from settings: user, password and database, and for TLS the CA
-/// to trust (the system's when none is named) and the client certificate, read and checked
-/// here so that a bad file is one line naming its setting.
-pub fn client(settings: &RedisSettings) -> Result<Client, QueueError> {
-    let mut redis = RedisConnectionInfo::default().set_db(settings.db);
-    if !settings.username.is_empty() {
-        redis = redis.set_username(&settings.username);
-    }
-    if !settings.password.is_empty() {
-        redis = redis.set_password(settings.password.expose());
-    }
-    let Some(tls) = &settings.tls else {
-        let info = ConnectionAddr::Tcp(settings.host.clone(), settings.port)
-            .into_connection_info()?
-            .set_redis_settings(redis);
-        return Ok(Client::open(info)?);
-    };
-    crate::tls::install_default_provider();
-    let read = |setting: &'static str, path: &std::path::Path| {
-        std::fs::read(path).map_err(|e| crate::tls::TlsError::unreadable(setting, path, e))
-    };
-    let root_cert = match &tls.ca_file {
-        Some(path) => {
-            crate::tls::read_certs(REDIS_CA, path)?;
-            Some(read(REDIS_CA, path)?)
-        }
-        None => None,
-    };
-    let client_tls = match &tls.client {
-        Some((cert, key)) => {
-            crate::tls::read_certs(REDIS_CERT, cert)?;
-            crate::tls::read_key(REDIS_KEY, key)?;
-            Some(redis::ClientTlsConfig {
-                client_cert: read(REDIS_CERT, cert)?,
-                client_key: read(REDIS_KEY, key)?,
-            })
-        }
-        None => None,
-    };
-    let info = ConnectionAddr::TcpTls {
-        host: settings.host.clone(),
-        port: settings.port,
-        insecure: false,
-        tls_params: None,
-    }
-    .into_connection_info()?
-    .set_redis_settings(redis);
-    Ok(Client::build_with_tls(
-        info,
-        redis::TlsCertificates { client_tls, root_cert },
-    )?)
-}
-
-const REDIS_CA: &str = "redis.ca_file (REDIS_CA_CERT_PATH)";
-const REDIS_CERT: &str = "redis.cert_file (REDIS_CERT_PATH)";
-const REDIS_KEY: &str = "redis.key_file (REDIS_KEY_PATH)";
-
 impl Queue {
-    /// Connects both connections. Fails at once if Redis cannot be reached; the caller decides
-    /// whether to wait and try again.
-    pub async fn connect(client: &Client, queue_name: &str, worker_id: &str) -> Result<Queue, QueueError> {
-        let base = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client
-            .get_connection_manager_with_config(base.clone().set_response_timeout(Some(Duration::from_secs(10))))
-            .await?;
+    /// A handle on `queue_name` over the shared connection `conn`, with a blocking connection
+    /// of its own. Fails at once if Redis cannot be reached; the caller decides whether to wait
+    /// and try again.
+    pub async fn connect(
+        connector: &Connector,
+        conn: &Conn,
+        queue_name: &str,
+        worker_id: &str,
+    ) -> Result<Queue, QueueError> {
         // The blocking wait's replies come up to BLOCK_SECONDS late by design.
-        let blocking = client
-            .get_connection_manager_with_config(
-                base.set_response_timeout(Some(Duration::from_secs_f64(BLOCK_SECONDS + 5.0))),
-            )
-            .await?;
-        let keys = Keys::new(queue_name);
+        let blocking = connector.connect(Duration::from_secs_f64(BLOCK_SECONDS + 5.0)).await?;
+        let keys = Keys::for_topology(queue_name, connector.clustered());
         Ok(Queue {
-            conn,
+            conn: conn.clone(),
             blocking,
             processing: keys.processing(worker_id),
             keys,
@@ -449,6 +257,16 @@ impl Queue {
             token: process_token(),
             scripts: std::sync::Arc::new(Scripts::new()),
         })
+    }
+
+    /// The connection for ordinary commands: one per worker, shared by its queues.
+    pub async fn shared_connection(connector: &Connector) -> Result<Conn, QueueError> {
+        connector.connect(Duration::from_secs(10)).await
+    }
+
+    /// The queue's name.
+    pub fn name(&self) -> &str {
+        &self.keys.name
     }
 
     pub fn keys(&self) -> &Keys {
@@ -655,26 +473,37 @@ impl Queue {
     }
 }
 
-/// A plain connection for one-shot operator commands (`enqueue`, `stats`, `dlq`).
-pub async fn connect_once(settings: &RedisSettings) -> Result<redis::aio::MultiplexedConnection, QueueError> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(5)))
-        .set_response_timeout(Some(Duration::from_secs(30)));
-    Ok(client(settings)?
-        .get_multiplexed_async_connection_with_config(&config)
-        .await?)
+/// A connection for one-shot operator commands (`enqueue`, `stats`, `dlq`), and whether the
+/// queues are in a cluster (their keys then carry hash tags).
+pub async fn connect_once(settings: &RedisSettings) -> Result<(Conn, bool), QueueError> {
+    let connector = Connector::new(settings)?;
+    Ok((connector.connect(Duration::from_secs(30)).await?, connector.clustered()))
 }
 
 /// Pushes messages onto the ready list in order (the first is delivered first), pipelined.
-pub async fn enqueue(
-    conn: &mut redis::aio::MultiplexedConnection,
-    keys: &Keys,
-    items: &[Vec<u8>],
-) -> Result<usize, QueueError> {
+pub async fn enqueue(conn: &mut Conn, keys: &Keys, items: &[Vec<u8>]) -> Result<usize, QueueError> {
     for chunk in items.chunks(1000) {
         let _: usize = conn.lpush(&keys.ready, chunk).await?;
     }
     Ok(items.len())
+}
+
+/// Waits until `replicas` replicas have this connection's writes (Redis WAIT) or `timeout_ms`
+/// passes; returns how many have them. In a cluster it asks the node holding the queue.
+pub async fn wait_replicas(conn: &mut Conn, keys: &Keys, replicas: u32, timeout_ms: u64) -> Result<u64, QueueError> {
+    let mut wait = redis::cmd("WAIT");
+    wait.arg(replicas).arg(timeout_ms);
+    match conn {
+        Conn::Cluster(cluster) => {
+            use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+            let node = Route::with_key(&keys.ready, SlotAddr::Master);
+            let reply = cluster
+                .route_command(wait, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(node)))
+                .await?;
+            Ok(redis::from_redis_value(reply).map_err(redis::RedisError::from)?)
+        }
+        _ => Ok(wait.query_async(conn).await?),
+    }
 }
 
 /// Everything `courier stats` shows, read in a few round trips.
@@ -709,11 +538,7 @@ type SnapshotReply = (
 );
 
 /// Reads a snapshot of the queue's keys.
-pub async fn snapshot(
-    conn: &mut redis::aio::MultiplexedConnection,
-    keys: &Keys,
-    dead_limit: usize,
-) -> Result<Snapshot, QueueError> {
+pub async fn snapshot(conn: &mut Conn, keys: &Keys, dead_limit: usize) -> Result<Snapshot, QueueError> {
     let ((secs, micros), ready, oldest, retry, next, dead_total, dead, workers): SnapshotReply = redis::pipe()
         .cmd("TIME")
         .llen(&keys.ready)
@@ -726,19 +551,16 @@ pub async fn snapshot(
         .query_async(conn)
         .await?;
     let now_ms = time_ms((secs, micros));
+    // The processing lists of the workers the queue knows (live set and id holders): no SCAN,
+    // which in a cluster would have to visit every node.
+    let owners: Vec<String> = conn.hkeys(&keys.owners).await?;
+    let mut ids: Vec<String> = workers.iter().map(|(id, _)| id.clone()).chain(owners).collect();
+    ids.sort();
+    ids.dedup();
     let mut processing = Vec::new();
-    let pattern = format!("{}*", keys.processing_prefix);
-    let mut found: Vec<String> = Vec::new();
-    {
-        let mut iter: redis::AsyncIter<String> = conn.scan_match(&pattern).await?;
-        while let Some(key) = iter.next_item().await {
-            found.push(key?);
-        }
-    }
-    found.sort();
-    for key in found {
-        let n: u64 = conn.llen(&key).await?;
-        processing.push((key[keys.processing_prefix.len()..].to_string(), n));
+    for id in ids {
+        let n: u64 = conn.llen(keys.processing(&id)).await?;
+        processing.push((id, n));
     }
     Ok(Snapshot {
         ready,
@@ -763,10 +585,7 @@ pub async fn snapshot(
 }
 
 /// Every dead-letter record, newest first.
-pub async fn dead_letters(
-    conn: &mut redis::aio::MultiplexedConnection,
-    keys: &Keys,
-) -> Result<Vec<Vec<u8>>, QueueError> {
+pub async fn dead_letters(conn: &mut Conn, keys: &Keys) -> Result<Vec<Vec<u8>>, QueueError> {
     Ok(conn.lrange(&keys.dead, 0, -1).await?)
 }
 
@@ -774,12 +593,7 @@ pub async fn dead_letters(
 /// `message`, in one script:
 /// either the record leaves the dead list and the message joins the queue, or nothing changes.
 /// `false`: the record was no longer there (requeued or purged meanwhile).
-pub async fn requeue_dead(
-    conn: &mut redis::aio::MultiplexedConnection,
-    keys: &Keys,
-    record: &[u8],
-    message: &[u8],
-) -> Result<bool, QueueError> {
+pub async fn requeue_dead(conn: &mut Conn, keys: &Keys, record: &[u8], message: &[u8]) -> Result<bool, QueueError> {
     let moved: i64 = Script::new(
         r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
           redis.call('LPUSH', KEYS[2], ARGV[2])
@@ -795,7 +609,7 @@ pub async fn requeue_dead(
 }
 
 /// Deletes the dead-letter list; returns how many records it held.
-pub async fn purge_dead(conn: &mut redis::aio::MultiplexedConnection, keys: &Keys) -> Result<u64, QueueError> {
+pub async fn purge_dead(conn: &mut Conn, keys: &Keys) -> Result<u64, QueueError> {
     let (n, _): (u64, i64) = redis::pipe()
         .atomic()
         .llen(&keys.dead)
