@@ -32,9 +32,14 @@ impl RedisServer {
     /// The port was free when chosen; if another process takes it before redis-server binds
     /// it, redis-server exits at once and a fresh port is tried.
     pub async fn start(dir: &Path, args: &[&str]) -> anyhow::Result<RedisServer> {
+        RedisServer::start_on(dir, args, free_port).await
+    }
+
+    /// Starts redis-server on a port `choose` picks, trying again on another if it is taken.
+    async fn start_on(dir: &Path, args: &[&str], choose: fn() -> std::io::Result<u16>) -> anyhow::Result<RedisServer> {
         let mut server = RedisServer {
             child: None,
-            port: free_port()?,
+            port: choose()?,
             dir: dir.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
         };
@@ -42,7 +47,7 @@ impl RedisServer {
             if server.spawn().await? {
                 return Ok(server);
             }
-            server.port = free_port()?;
+            server.port = choose()?;
         }
         bail!("redis-server did not start on five free ports");
     }
@@ -112,6 +117,82 @@ impl RedisServer {
 
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/", self.port)
+    }
+}
+
+/// A free port for a cluster node: below 55535, with its bus port (port + 10000) free too.
+pub fn free_cluster_port() -> std::io::Result<u16> {
+    for _ in 0..500 {
+        let port = free_port()?;
+        if port < 55_535 && std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other("no free port below 55535 with a free bus port"))
+}
+
+/// A Redis Cluster of `masters` nodes (no replicas), each a redis-server of its own in a
+/// subdirectory, made with `redis-cli --cluster create`; killed when dropped.
+pub struct Cluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl Cluster {
+    /// Starts the nodes, joins them into a cluster covering every slot, and waits until each
+    /// node reports `cluster_state:ok`. `args` go to every node.
+    pub async fn start(dir: &Path, masters: usize, args: &[&str]) -> anyhow::Result<Cluster> {
+        let mut nodes = Vec::with_capacity(masters);
+        for i in 0..masters {
+            let node_dir = dir.join(format!("node-{i}"));
+            std::fs::create_dir_all(&node_dir).context("cluster node directory")?;
+            let mut node_args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+            node_args.extend_from_slice(args);
+            nodes.push(RedisServer::start_on(&node_dir, &node_args, free_cluster_port).await?);
+        }
+        let cluster = Cluster { nodes };
+        let create = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null())
+            .output()
+            .await
+            .context("redis-cli could not be started; install it (Debian: apt-get install redis-tools)")?;
+        if !create.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}",
+                String::from_utf8_lossy(&create.stdout)
+            );
+        }
+        // Nodes learn of each other by gossip: ask each until it says the cluster is whole.
+        let settled = async {
+            for node in &cluster.nodes {
+                let client = redis::Client::open(node.url())?;
+                let mut conn = client.get_multiplexed_async_connection().await?;
+                loop {
+                    let info: String = redis::cmd("CLUSTER").arg("INFO").query_async(&mut conn).await?;
+                    if info.contains("cluster_state:ok") {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+            Ok::<_, redis::RedisError>(())
+        };
+        tokio::time::timeout(Duration::from_secs(30), settled)
+            .await
+            .context("the cluster did not reach cluster_state:ok within 30 s")??;
+        Ok(cluster)
+    }
+
+    /// The seed list for REDIS_CLUSTER_NODES.
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
     }
 }
 

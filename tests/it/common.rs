@@ -124,9 +124,21 @@ pub fn env(
     worker_id: &str,
     extra: &[(&str, &str)],
 ) -> HashMap<String, String> {
+    env_at(redis.port, sink_url, pki, worker_id, extra)
+}
+
+/// `env` for a Redis on `port` that is not one `RedisServer` (a cluster or sentinels then come
+/// in `extra`).
+pub fn env_at(
+    port: u16,
+    sink_url: &str,
+    pki: &Pki,
+    worker_id: &str,
+    extra: &[(&str, &str)],
+) -> HashMap<String, String> {
     let mut vars: HashMap<String, String> = [
         ("REDIS_HOST", "127.0.0.1".to_string()),
-        ("REDIS_PORT", redis.port.to_string()),
+        ("REDIS_PORT", port.to_string()),
         ("MAIN_SERVER_URL", sink_url.to_string()),
         ("WORKER_ID", worker_id.to_string()),
         ("WORKER_CERT_PATH", pki.cert_file.display().to_string()),

@@ -8,6 +8,7 @@ mod common;
 
 mod binary;
 mod cli;
+mod cluster;
 mod delivery;
 mod hostile;
 mod production_redis;

@@ -1,0 +1,189 @@
+//! Redis Cluster: three masters made with `redis-cli --cluster create`, several queues that
+//! land on different nodes, a worker killed mid-run, and nothing lost.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::*;
+use courier::devtools::harness;
+use courier::devtools::sink::{self, Reply};
+use courier::queue::Keys;
+use redis::AsyncCommands;
+
+const QUEUES: [&str; 3] = ["message_queue", "jobs.b", "jobs.c"];
+
+struct TestCluster {
+    cluster: harness::Cluster,
+    _dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    async fn start() -> TestCluster {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let cluster = harness::Cluster::start(dir.path(), 3, &["--appendonly", "no"])
+            .await
+            .unwrap_or_else(|e| panic!("cluster: {e:#}"));
+        TestCluster { cluster, _dir: dir }
+    }
+
+    async fn conn(&self) -> redis::cluster_async::ClusterConnection {
+        let urls: Vec<String> = self.cluster.nodes.iter().map(|n| n.url()).collect();
+        redis::cluster::ClusterClient::new(urls)
+            .expect("cluster client")
+            .get_async_connection()
+            .await
+            .expect("cluster connection")
+    }
+
+    /// Keys on every node together.
+    async fn key_count(&self) -> u64 {
+        let mut total = 0;
+        for node in &self.cluster.nodes {
+            let mut conn = redis::Client::open(node.url())
+                .expect("url")
+                .get_multiplexed_async_connection()
+                .await
+                .expect("node");
+            let n: u64 = redis::cmd("DBSIZE").query_async(&mut conn).await.expect("DBSIZE");
+            total += n;
+        }
+        total
+    }
+
+    /// The port of the node serving `key`'s slot.
+    async fn node_of(&self, key: &str) -> u16 {
+        let mut conn = redis::Client::open(self.cluster.nodes[0].url())
+            .expect("url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("node");
+        let slot: u16 = redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .expect("KEYSLOT");
+        let ranges: Vec<(u16, u16, (String, u16))> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async::<Vec<redis::Value>>(&mut conn)
+            .await
+            .expect("SLOTS")
+            .into_iter()
+            .filter_map(|range| redis::from_redis_value::<(u16, u16, (String, u16))>(strip_ids(range)).ok())
+            .collect();
+        ranges
+            .into_iter()
+            .find(|(from, to, _)| (*from..=*to).contains(&slot))
+            .map(|(_, _, (_, port))| port)
+            .expect("slot served")
+    }
+}
+
+/// `CLUSTER SLOTS` entries carry node ids after host and port; keep the first three fields.
+fn strip_ids(range: redis::Value) -> redis::Value {
+    match range {
+        redis::Value::Array(mut parts) => {
+            parts.truncate(3);
+            if let Some(redis::Value::Array(node)) = parts.get_mut(2) {
+                node.truncate(2);
+            }
+            redis::Value::Array(parts)
+        }
+        other => other,
+    }
+}
+
+fn cluster_env(cluster: &TestCluster, sink_url: &str, pki: &Pki, worker_id: &str) -> HashMap<String, String> {
+    let seeds = cluster.cluster.seeds();
+    env_at(
+        1,
+        sink_url,
+        pki,
+        worker_id,
+        &[
+            ("REDIS_CLUSTER_NODES", &seeds),
+            ("REDIS_QUEUE_NAMES", &QUEUES.join(",")),
+            ("REDIS_QUEUE_ORDER", "round_robin"),
+            ("WORKER_CONCURRENCY", "16"),
+        ],
+    )
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_run_on_a_three_master_cluster_loses_nothing() {
+    let (cluster, pki) = (TestCluster::start().await, Pki::new());
+    // Every derived key sits with its queue; the queues themselves spread over the nodes.
+    let mut nodes = BTreeSet::new();
+    for queue in QUEUES {
+        let home = cluster.node_of(queue).await;
+        nodes.insert(home);
+        for key in Keys::clustered(queue).all("worker-a") {
+            assert_eq!(cluster.node_of(&key).await, home, "{key} lives with {queue}");
+        }
+    }
+    assert!(nodes.len() >= 2, "the queues live on different nodes: {nodes:?}");
+
+    // Slow enough answers that the worker holds a good number of messages when it dies.
+    let sink = start_sink(
+        &pki,
+        Arc::new(|_: &sink::Call| Reply {
+            delay: Duration::from_millis(5),
+            ..Reply::status(200)
+        }),
+    )
+    .await;
+    let mut conn = cluster.conn().await;
+    let mut all = BTreeSet::new();
+    for queue in QUEUES {
+        let items: Vec<String> = (0..500)
+            .map(|i| {
+                let id = format!("{queue}-{i}");
+                all.insert(id.clone());
+                message(&id)
+            })
+            .collect();
+        // Producers push to the plain queue name, as they always have.
+        let _: () = conn.lpush(queue, &items).await.expect("LPUSH");
+    }
+
+    let dir = pki.dir.path();
+    let mut first = spawn_worker(&cluster_env(&cluster, &sink.url(), &pki, "worker-a"), dir);
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 200).await);
+    first.kill().await.expect("SIGKILL");
+    let mut held = 0;
+    for queue in QUEUES {
+        held += len_cluster(&mut conn, &Keys::clustered(queue).processing("worker-a")).await;
+    }
+    assert!(held > 0, "the killed worker held messages");
+
+    // A second worker reaps the first's processing lists and delivers everything.
+    let second = spawn_worker(&cluster_env(&cluster, &sink.url(), &pki, "worker-b"), dir);
+    let delivered_all = sink
+        .wait_for(Duration::from_secs(60), |r| {
+            let seen: BTreeSet<String> = r.delivered().into_iter().collect();
+            all.is_subset(&seen)
+        })
+        .await;
+    assert!(delivered_all, "every message delivered at least once");
+
+    // The operator commands work against the cluster too.
+    let vars = cluster_env(&cluster, &sink.url(), &pki, "cli");
+    let stats = run_courier(&vars, dir, &["stats", "--json", "--queue", "jobs.b"]).await;
+    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
+    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("JSON");
+    assert_eq!(stats["ready"], 0);
+    let check = run_courier(&vars, dir, &["check"]).await;
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        report.contains("redis cluster") && report.contains("state ok"),
+        "{report}"
+    );
+
+    stop_worker(second).await;
+    assert_eq!(cluster.key_count().await, 0, "every key of every queue ends empty");
+}
+
+async fn len_cluster(conn: &mut redis::cluster_async::ClusterConnection, key: &str) -> usize {
+    conn.llen(key).await.expect("LLEN")
+}
