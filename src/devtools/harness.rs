@@ -25,6 +25,8 @@ pub struct RedisServer {
     pub port: u16,
     dir: PathBuf,
     args: Vec<String>,
+    /// A sentinel (`redis-server sentinel.conf --sentinel`) rather than a Redis.
+    sentinel: Option<PathBuf>,
 }
 
 impl RedisServer {
@@ -42,6 +44,7 @@ impl RedisServer {
             port: choose()?,
             dir: dir.to_path_buf(),
             args: args.iter().map(|a| a.to_string()).collect(),
+            sentinel: None,
         };
         for _ in 0..5 {
             if server.spawn().await? {
@@ -54,7 +57,11 @@ impl RedisServer {
 
     /// Starts redis-server on `self.port`; `false` when it exited before it was ready.
     async fn spawn(&mut self) -> anyhow::Result<bool> {
-        let mut child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        if let Some(config) = &self.sentinel {
+            command.arg(config).arg("--sentinel");
+        }
+        let mut child = command
             .args([
                 "--port",
                 &self.port.to_string(),
@@ -76,7 +83,7 @@ impl RedisServer {
         let mut lines = BufReader::new(child.stdout.take().context("redis-server output")?).lines();
         let ready = async {
             while let Ok(Some(line)) = lines.next_line().await {
-                if line.contains("Ready to accept connections") {
+                if line.contains("Ready to accept connections") || line.contains("+monitor master") {
                     return true;
                 }
             }
@@ -191,6 +198,72 @@ impl Cluster {
         self.nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
+
+/// A master, `replicas` replicas and `sentinels` sentinels watching the master as `mymaster`
+/// (quorum 2, down after 1 s), each a process of its own; killed when dropped.
+pub struct Sentinels {
+    pub master: RedisServer,
+    pub replicas: Vec<RedisServer>,
+    pub sentinels: Vec<RedisServer>,
+}
+
+impl Sentinels {
+    pub async fn start(dir: &Path, replicas: usize, sentinels: usize, args: &[&str]) -> anyhow::Result<Sentinels> {
+        let node_dir = |name: String| -> anyhow::Result<PathBuf> {
+            let path = dir.join(name);
+            std::fs::create_dir_all(&path).context("directory")?;
+            Ok(path)
+        };
+        let master = RedisServer::start(&node_dir("master".into())?, args).await?;
+        let master_port = master.port.to_string();
+        let mut started = Vec::with_capacity(replicas);
+        for i in 0..replicas {
+            let mut replica_args = vec!["--replicaof", "127.0.0.1", master_port.as_str()];
+            replica_args.extend_from_slice(args);
+            started.push(RedisServer::start(&node_dir(format!("replica-{i}"))?, &replica_args).await?);
+        }
+        let mut watching = Vec::with_capacity(sentinels);
+        for i in 0..sentinels {
+            let sentinel_dir = node_dir(format!("sentinel-{i}"))?;
+            let config = sentinel_dir.join("sentinel.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "sentinel monitor mymaster 127.0.0.1 {master_port} 2\n\
+                     sentinel down-after-milliseconds mymaster 1000\n\
+                     sentinel failover-timeout mymaster 4000\n\
+                     sentinel parallel-syncs mymaster 1\n"
+                ),
+            )
+            .context("sentinel.conf")?;
+            let mut server = RedisServer {
+                child: None,
+                port: free_port()?,
+                dir: sentinel_dir,
+                args: Vec::new(),
+                sentinel: Some(config),
+            };
+            if !server.spawn().await? {
+                bail!("a sentinel did not start");
+            }
+            watching.push(server);
+        }
+        Ok(Sentinels {
+            master,
+            replicas: started,
+            sentinels: watching,
+        })
+    }
+
+    /// The list for REDIS_SENTINELS.
+    pub fn addresses(&self) -> String {
+        self.sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
             .collect::<Vec<_>>()
             .join(",")
     }

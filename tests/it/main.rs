@@ -16,3 +16,4 @@ mod properties;
 mod queue;
 mod queues;
 mod resilience;
+mod sentinel;

@@ -1,0 +1,114 @@
+//! Sentinel: a master, a replica and three sentinels; the master is SIGKILLed mid-run and the
+//! worker follows the promoted replica without a restart, losing nothing.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::*;
+use courier::devtools::harness;
+use courier::devtools::sink::{self, Reply};
+
+struct TestSentinels {
+    set: harness::Sentinels,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_sentinels() -> TestSentinels {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let set = harness::Sentinels::start(dir.path(), 1, 3, &["--appendonly", "no"])
+        .await
+        .unwrap_or_else(|e| panic!("sentinels: {e:#}"));
+    TestSentinels { set, _dir: dir }
+}
+
+async fn node(port: u16) -> redis::aio::MultiplexedConnection {
+    // WAIT blocks for seconds: longer than the default response timeout.
+    let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(15)));
+    redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .expect("url")
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+        .expect("connect")
+}
+
+#[tokio::test]
+async fn the_worker_follows_a_failover_and_loses_nothing() {
+    let (sentinels, pki) = (start_sentinels().await, Pki::new());
+    let sink = start_sink(
+        &pki,
+        Arc::new(|_: &sink::Call| Reply {
+            delay: Duration::from_millis(3),
+            ..Reply::status(200)
+        }),
+    )
+    .await;
+    let replica_port = sentinels.set.replicas[0].port;
+    let vars = env_at(
+        1,
+        &sink.url(),
+        &pki,
+        "w-sentinel",
+        &[
+            ("REDIS_SENTINELS", &sentinels.set.addresses()),
+            ("WORKER_CONCURRENCY", "8"),
+        ],
+    );
+    let dir = pki.dir.path();
+    // A producer that cannot afford to lose a push waits for the replica.
+    let ids: BTreeSet<String> = (0..1500).map(|i| format!("failover-{i}")).collect();
+    let items: Vec<String> = ids.iter().map(|id| message(id)).collect();
+    let mut master = node(sentinels.set.master.port).await;
+    let _: () = redis::AsyncCommands::lpush(&mut master, Q, &items)
+        .await
+        .expect("LPUSH");
+    let replicated: u64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(10_000)
+        .query_async(&mut master)
+        .await
+        .expect("WAIT");
+    assert_eq!(replicated, 1);
+
+    let check = run_courier(&vars, dir, &["check"]).await;
+    let report = String::from_utf8_lossy(&check.stdout);
+    let master_port = sentinels.set.master.port;
+    assert!(
+        report.contains(&format!("names 127.0.0.1:{master_port} as the master")),
+        "{report}"
+    );
+    assert!(report.contains("1 healthy replica(s)"), "{report}");
+
+    let mut worker = spawn_worker(&vars, dir);
+    let mut out = Lines::new(&mut worker);
+    out.wait_for("through Sentinel").await;
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 200).await);
+    let mut sentinels = sentinels;
+    sentinels.set.master.kill().await;
+
+    let line = out.wait_for("Redis master changed").await;
+    assert!(line.contains(&format!("127.0.0.1:{replica_port}")), "{line}");
+    let everything = sink
+        .wait_for(Duration::from_secs(60), |r| {
+            let seen: BTreeSet<String> = r.delivered().into_iter().collect();
+            ids.is_subset(&seen)
+        })
+        .await;
+    assert!(everything, "every message delivered at least once across the failover");
+
+    // With its only replica promoted, the new master has none: check says so.
+    let check = run_courier(&vars, dir, &["check"]).await;
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(
+        report.contains(&format!("names 127.0.0.1:{replica_port} as the master")),
+        "{report}"
+    );
+    assert!(report.contains("no healthy replica"), "{report}");
+
+    stop_worker(worker).await;
+    let keys: u64 = redis::cmd("DBSIZE")
+        .query_async(&mut node(replica_port).await)
+        .await
+        .expect("DBSIZE");
+    assert_eq!(keys, 0, "every key ends empty on the new master");
+}
