@@ -6,7 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Client, ConnectionAddr, IntoConnectionInfo, RedisConnectionInfo, RedisFuture, Value};
 use tokio::sync::watch;
@@ -25,26 +25,71 @@ const REDIS_CA: &str = "redis.ca_file (REDIS_CA_CERT_PATH)";
 const REDIS_CERT: &str = "redis.cert_file (REDIS_CERT_PATH)";
 const REDIS_KEY: &str = "redis.key_file (REDIS_KEY_PATH)";
 
-/// A connection to Redis in whichever shape it has. Cloning is cheap and shares the connection.
+/// A connection to Redis in whichever shape it has: a handle on one of its connector's links.
+/// The connector can replace every link at once (the Sentinel master moved, or the TLS files
+/// for Redis were reloaded); commands under way finish on the link they started on, and the
+/// next ones use the new one. Cloning is cheap and shares the link.
 #[derive(Clone)]
-pub enum Conn {
-    Single(ConnectionManager),
-    Sentinel(Followed),
+pub struct Conn {
+    hub: Arc<Hub>,
+    /// This connection's place in the hub's list of links.
+    index: usize,
+}
+
+/// One live connection: a self-reconnecting one to a single server, or a cluster client's.
+#[derive(Clone)]
+enum Link {
+    Server(ConnectionManager),
     Cluster(ClusterConnection),
+}
+
+impl Conn {
+    fn link(&self) -> Link {
+        let state = self.hub.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+        // `index` is only ever handed out for a link already in the list, and the list only
+        // grows or is replaced by one of the same length.
+        state.links[self.index].1.clone()
+    }
+
+    /// After a failed command under Sentinel: one that fails as if the master were gone
+    /// (refused, reset, READONLY: it became a replica) makes the hub ask the sentinels, so the
+    /// caller's retry reaches the new master.
+    async fn after<T>(&self, result: &Result<T, redis::RedisError>) {
+        let Err(e) = result else {
+            return;
+        };
+        if !matches!(self.hub.topology, Shape::Sentinel { .. }) {
+            return;
+        }
+        let lost = e.is_io_error()
+            || e.is_connection_dropped()
+            || e.is_connection_refusal()
+            || e.is_timeout()
+            || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
+        if lost {
+            let _ = self.hub.check(false).await;
+        }
+    }
+
+    /// The cluster connection under this one, in Cluster mode (for routing a command by hand).
+    pub(super) fn cluster(&self) -> Option<ClusterConnection> {
+        match self.link() {
+            Link::Cluster(conn) => Some(conn),
+            Link::Server(_) => None,
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Conn::Single(conn) => conn.req_packed_command(cmd),
-            Conn::Cluster(conn) => conn.req_packed_command(cmd),
-            Conn::Sentinel(followed) => Box::pin(async move {
-                let mut conn = followed.current();
-                let result = conn.req_packed_command(cmd).await;
-                followed.after(&result).await;
-                result
-            }),
-        }
+        Box::pin(async move {
+            let result = match self.link() {
+                Link::Server(mut conn) => conn.req_packed_command(cmd).await,
+                Link::Cluster(mut conn) => conn.req_packed_command(cmd).await,
+            };
+            self.after(&result).await;
+            result
+        })
     }
 
     fn req_packed_commands<'a>(
@@ -53,23 +98,20 @@ impl ConnectionLike for Conn {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Conn::Single(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Conn::Cluster(conn) => conn.req_packed_commands(pipeline, offset, count),
-            Conn::Sentinel(followed) => Box::pin(async move {
-                let mut conn = followed.current();
-                let result = conn.req_packed_commands(pipeline, offset, count).await;
-                followed.after(&result).await;
-                result
-            }),
-        }
+        Box::pin(async move {
+            let result = match self.link() {
+                Link::Server(mut conn) => conn.req_packed_commands(pipeline, offset, count).await,
+                Link::Cluster(mut conn) => conn.req_packed_commands(pipeline, offset, count).await,
+            };
+            self.after(&result).await;
+            result
+        })
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            Conn::Single(conn) => conn.get_db(),
-            Conn::Cluster(conn) => conn.get_db(),
-            Conn::Sentinel(followed) => followed.current().get_db(),
+        match self.link() {
+            Link::Server(conn) => conn.get_db(),
+            Link::Cluster(conn) => conn.get_db(),
         }
     }
 }
@@ -78,122 +120,130 @@ impl ConnectionLike for Conn {
 /// when it is built, so a bad file is one line naming its setting.
 #[derive(Clone)]
 pub struct Connector {
-    kind: Kind,
+    hub: Arc<Hub>,
 }
 
-#[derive(Clone)]
-enum Kind {
-    Single(Box<Client>),
-    Sentinel(Arc<Follow>),
-    Cluster(Arc<ClusterSeeds>),
+/// Where Redis is, as the hub reaches it.
+enum Shape {
+    Single,
+    Sentinel { master_name: String },
+    Cluster { seeds: Vec<redis::ConnectionInfo> },
 }
 
-/// What a cluster client is built from (the builder itself cannot be kept and cloned).
-struct ClusterSeeds {
-    seeds: Vec<redis::ConnectionInfo>,
-    username: String,
-    password: String,
-    tls: Option<redis::TlsCertificates>,
+/// Everything a connector's connections share: the settings, the TLS material in use, and
+/// every link it has made, so that all of them can be moved together.
+struct Hub {
+    settings: RedisSettings,
+    topology: Shape,
+    /// The CA and client certificate in use; replaced by `reload_tls`.
+    tls: RwLock<Option<redis::TlsCertificates>>,
+    state: RwLock<State>,
+    /// Held while links are being replaced or added; when the sentinels were last asked.
+    asking: tokio::sync::Mutex<Option<Instant>>,
+    /// Counts moves to a new Sentinel master.
+    changes: watch::Sender<u64>,
 }
 
-impl ClusterSeeds {
-    fn builder(&self, response_timeout: Duration) -> ClusterClientBuilder {
-        let mut builder = ClusterClient::builder(self.seeds.clone())
-            .connection_timeout(CONNECT_TIMEOUT)
-            .response_timeout(response_timeout)
-            .retries(6)
-            .min_retry_wait(100)
-            .max_retry_wait(2_000);
-        if !self.username.is_empty() {
-            builder = builder.username(&self.username);
-        }
-        if !self.password.is_empty() {
-            builder = builder.password(&self.password);
-        }
-        if let Some(tls) = &self.tls {
-            builder = builder.tls(redis::TlsMode::Secure).certs(tls.clone());
-        }
-        builder
-    }
+/// The server the links go to (the master under Sentinel; unused in a cluster) and the links,
+/// each with the response timeout it was made with.
+struct State {
+    server: Option<(String, u16)>,
+    links: Vec<(Duration, Link)>,
 }
 
 impl Connector {
     pub fn new(settings: &RedisSettings) -> Result<Connector, QueueError> {
         let tls = tls_files(settings)?;
-        let kind = match &settings.topology {
-            Topology::Single => Kind::Single(Box::new(client_for(
-                settings,
-                &settings.host,
-                settings.port,
-                (&settings.username, settings.password.expose()),
-                settings.db,
-                tls.as_ref(),
-            )?)),
-            Topology::Sentinel {
-                sentinels,
-                master,
-                username,
-                password,
-            } => {
-                let sentinels = sentinels
-                    .iter()
-                    .map(|(host, port)| {
-                        let client = client_for(settings, host, *port, (username, password.expose()), 0, tls.as_ref())?;
-                        Ok((format!("{host}:{port}"), client))
-                    })
-                    .collect::<Result<Vec<_>, QueueError>>()?;
-                Kind::Sentinel(Arc::new(Follow {
-                    settings: settings.clone(),
-                    tls,
-                    sentinels,
-                    master_name: master.clone(),
-                    state: RwLock::new(Followed::empty_state()),
-                    asking: tokio::sync::Mutex::new(None),
-                    changes: watch::channel(0).0,
-                }))
-            }
-            Topology::Cluster { nodes } => {
-                let seeds = nodes
+        let topology = match &settings.topology {
+            Topology::Single => Shape::Single,
+            Topology::Sentinel { master, .. } => Shape::Sentinel {
+                master_name: master.clone(),
+            },
+            Topology::Cluster { nodes } => Shape::Cluster {
+                seeds: nodes
                     .iter()
                     .map(|(host, port)| ConnectionAddr::Tcp(host.clone(), *port).into_connection_info())
-                    .collect::<Result<Vec<_>, _>>()?;
-                Kind::Cluster(Arc::new(ClusterSeeds {
-                    seeds,
-                    username: settings.username.clone(),
-                    password: settings.password.expose().to_string(),
-                    tls,
-                }))
-            }
+                    .collect::<Result<Vec<_>, _>>()?,
+            },
         };
-        Ok(Connector { kind })
+        let server = match topology {
+            Shape::Single => Some((settings.host.clone(), settings.port)),
+            _ => None,
+        };
+        let hub = Hub {
+            settings: settings.clone(),
+            topology,
+            tls: RwLock::new(tls),
+            state: RwLock::new(State {
+                server,
+                links: Vec::new(),
+            }),
+            asking: tokio::sync::Mutex::new(None),
+            changes: watch::channel(0).0,
+        };
+        // Every client is built once here, so a setting that cannot make one fails at start.
+        if let Some(server) = hub.current_server() {
+            hub.server_client(&server)?;
+        }
+        hub.sentinel_clients()?;
+        Ok(Connector { hub: Arc::new(hub) })
     }
 
     /// Whether the queues live in a Redis Cluster (their derived keys then carry hash tags).
     pub fn clustered(&self) -> bool {
-        matches!(self.kind, Kind::Cluster(_))
+        matches!(self.hub.topology, Shape::Cluster { .. })
+    }
+
+    /// Whether Redis is reached over TLS (and `reload_tls` has files to read).
+    pub fn tls(&self) -> bool {
+        self.hub.settings.tls.is_some()
     }
 
     /// A new connection whose commands may take up to `response_timeout` to be answered.
     pub async fn connect(&self, response_timeout: Duration) -> Result<Conn, QueueError> {
-        match &self.kind {
-            Kind::Single(client) => Ok(Conn::Single(
-                client
-                    .get_connection_manager_with_config(manager_config(response_timeout))
-                    .await?,
-            )),
-            Kind::Sentinel(follow) => Ok(Conn::Sentinel(follow.clone().connect(response_timeout).await?)),
-            Kind::Cluster(seeds) => Ok(Conn::Cluster(
-                seeds.builder(response_timeout).build()?.get_async_connection().await?,
-            )),
+        let hub = &self.hub;
+        let _adding = hub.asking.lock().await;
+        if matches!(hub.topology, Shape::Sentinel { .. }) && hub.current_server().is_none() {
+            let master = hub.ask().await?;
+            hub.master_client(&master).await?;
+            info!(master = %format!("{}:{}", master.0, master.1), "Sentinel: following master");
+            hub.write_state().server = Some(master);
         }
+        let link = hub.link(hub.current_server().as_ref(), response_timeout).await?;
+        let mut state = hub.write_state();
+        state.links.push((response_timeout, link));
+        let index = state.links.len() - 1;
+        drop(state);
+        Ok(Conn {
+            hub: hub.clone(),
+            index,
+        })
+    }
+
+    /// Reads the TLS files for Redis again and moves every connection onto new ones made with
+    /// them. Files that do not load are refused and the connections stay as they are.
+    pub async fn reload_tls(&self) -> Result<(), QueueError> {
+        let hub = &self.hub;
+        let tls = tls_files(&hub.settings)?;
+        let _replacing = hub.asking.lock().await;
+        let previous = std::mem::replace(
+            &mut *hub.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner),
+            tls,
+        );
+        let server = hub.current_server();
+        if let Err(e) = hub.replace_links(server.as_ref()).await {
+            *hub.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = previous;
+            return Err(e);
+        }
+        Ok(())
     }
 
     /// Under Sentinel: a counter that goes up each time the worker follows the master to a new
     /// address. Whatever this worker wrote to the old master and the failover did not carry
     /// over is found again by sweeping its processing lists when it changes.
     pub fn master_changes(&self) -> Option<watch::Receiver<u64>> {
-        match &self.kind {
-            Kind::Sentinel(follow) => Some(follow.changes.subscribe()),
+        match self.hub.topology {
+            Shape::Sentinel { .. } => Some(self.hub.changes.subscribe()),
             _ => None,
         }
     }
@@ -202,32 +252,35 @@ impl Connector {
     /// The heartbeat calls this, so a master that was replaced while still answering (cut off
     /// from the sentinels, not down) is left within one heartbeat.
     pub async fn check_master(&self) -> Result<(), QueueError> {
-        match &self.kind {
-            Kind::Sentinel(follow) => follow.check(true).await,
+        match self.hub.topology {
+            Shape::Sentinel { .. } => self.hub.check(true).await,
             _ => Ok(()),
         }
     }
 
     /// Under Sentinel: the master's address as the sentinels give it now, without following.
     pub async fn sentinel_master(&self) -> Option<Result<(String, u16), QueueError>> {
-        match &self.kind {
-            Kind::Sentinel(follow) => Some(follow.ask().await),
+        match self.hub.topology {
+            Shape::Sentinel { .. } => Some(self.hub.ask().await),
             _ => None,
         }
     }
-
     /// Under Sentinel: how many replicas the sentinels see up for the master.
     pub async fn sentinel_replicas(&self) -> Option<Result<usize, QueueError>> {
-        let Kind::Sentinel(follow) = &self.kind else {
+        let Shape::Sentinel { master_name } = &self.hub.topology else {
             return None;
         };
+        let sentinels = match self.hub.sentinel_clients() {
+            Ok(sentinels) => sentinels,
+            Err(e) => return Some(Err(e)),
+        };
         let mut last = None;
-        for (_, client) in &follow.sentinels {
+        for (_, client) in &sentinels {
             let asked = async {
                 let mut conn = client.get_multiplexed_async_connection().await?;
                 let replicas: Vec<std::collections::HashMap<String, String>> = redis::cmd("SENTINEL")
                     .arg("REPLICAS")
-                    .arg(&follow.master_name)
+                    .arg(master_name)
                     .query_async(&mut conn)
                     .await?;
                 Ok::<_, redis::RedisError>(replicas)
@@ -252,12 +305,14 @@ impl Connector {
     /// Under Sentinel: listens for `+switch-master` on the sentinels (one at a time, the next
     /// when one goes away) and follows at once, until `stop`.
     pub async fn listen_for_switches(&self, stop: tokio_util::sync::CancellationToken) {
-        let Kind::Sentinel(follow) = &self.kind else {
+        let Shape::Sentinel { master_name } = &self.hub.topology else {
             return;
         };
         let mut backoff = Duration::from_millis(100);
         loop {
-            for (address, client) in &follow.sentinels {
+            // Built afresh each round: a TLS reload may have replaced the files.
+            let sentinels = self.hub.sentinel_clients().unwrap_or_default();
+            for (address, client) in &sentinels {
                 let listened = async {
                     let mut pubsub = client.get_async_pubsub().await?;
                     pubsub.subscribe("+switch-master").await?;
@@ -265,9 +320,9 @@ impl Connector {
                     while let Some(message) = futures_util::StreamExt::next(&mut messages).await {
                         let text: String = message.get_payload().unwrap_or_default();
                         // `<master name> <old ip> <old port> <new ip> <new port>`
-                        if text.split(' ').next() == Some(follow.master_name.as_str()) {
+                        if text.split(' ').next() == Some(master_name.as_str()) {
                             info!(sentinel = %address, switch = %text, "Sentinel announced a new master");
-                            let _ = follow.check(true).await;
+                            let _ = self.hub.check(true).await;
                         }
                     }
                     Ok::<_, redis::RedisError>(())
@@ -358,78 +413,139 @@ fn client_for(
     Ok(Client::build_with_tls(info, certificates.clone())?)
 }
 
-/// A connection that follows the Sentinel-watched master. Commands go to the current master;
-/// a command that fails as if the master were gone (refused, reset, READONLY: it became a
-/// replica) makes the follower ask the sentinels, and the caller's retry reaches the new one.
-#[derive(Clone)]
-pub struct Followed {
-    follow: Arc<Follow>,
-    /// This connection's place in the follower's list.
-    index: usize,
-}
+impl Hub {
+    fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 
-struct Follow {
-    settings: RedisSettings,
-    tls: Option<redis::TlsCertificates>,
-    sentinels: Vec<(String, Client)>,
-    master_name: String,
-    state: RwLock<State>,
-    /// Held while the sentinels are asked; when they last were.
-    asking: tokio::sync::Mutex<Option<Instant>>,
-    changes: watch::Sender<u64>,
-}
+    fn current_server(&self) -> Option<(String, u16)> {
+        self.state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .server
+            .clone()
+    }
 
-/// The master followed now and one connection manager on it per `Followed`.
-struct State {
-    master: Option<(String, u16)>,
-    conns: Vec<(Duration, ConnectionManager)>,
-}
+    fn certificates(&self) -> Option<redis::TlsCertificates> {
+        self.tls
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 
-impl Followed {
-    fn empty_state() -> State {
-        State {
-            master: None,
-            conns: Vec::new(),
+    /// A client for the Redis at `server`, with courier's user and database.
+    fn server_client(&self, (host, port): &(String, u16)) -> Result<Client, QueueError> {
+        let settings = &self.settings;
+        client_for(
+            settings,
+            host,
+            *port,
+            (&settings.username, settings.password.expose()),
+            settings.db,
+            self.certificates().as_ref(),
+        )
+    }
+
+    /// A client for each sentinel, with the sentinels' own credentials (none without Sentinel).
+    fn sentinel_clients(&self) -> Result<Vec<(String, Client)>, QueueError> {
+        let Topology::Sentinel {
+            sentinels,
+            username,
+            password,
+            ..
+        } = &self.settings.topology
+        else {
+            return Ok(Vec::new());
+        };
+        let tls = self.certificates();
+        sentinels
+            .iter()
+            .map(|(host, port)| {
+                let client = client_for(
+                    &self.settings,
+                    host,
+                    *port,
+                    (username, password.expose()),
+                    0,
+                    tls.as_ref(),
+                )?;
+                Ok((format!("{host}:{port}"), client))
+            })
+            .collect()
+    }
+
+    /// A new link to `server` (or to the cluster).
+    async fn link(&self, server: Option<&(String, u16)>, response_timeout: Duration) -> Result<Link, QueueError> {
+        match (&self.topology, server) {
+            (Shape::Cluster { seeds }, _) => {
+                let settings = &self.settings;
+                let mut builder = ClusterClient::builder(seeds.clone())
+                    .connection_timeout(CONNECT_TIMEOUT)
+                    .response_timeout(response_timeout)
+                    .retries(6)
+                    .min_retry_wait(100)
+                    .max_retry_wait(2_000);
+                if !settings.username.is_empty() {
+                    builder = builder.username(&settings.username);
+                }
+                if !settings.password.is_empty() {
+                    builder = builder.password(settings.password.expose());
+                }
+                if let (Some(_), Some(tls)) = (&settings.tls, self.certificates()) {
+                    builder = builder.tls(redis::TlsMode::Secure).certs(tls);
+                }
+                Ok(Link::Cluster(builder.build()?.get_async_connection().await?))
+            }
+            (_, Some(server)) => Ok(Link::Server(
+                self.server_client(server)?
+                    .get_connection_manager_with_config(manager_config(response_timeout))
+                    .await?,
+            )),
+            (_, None) => Err(QueueError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "no Redis server to connect to yet",
+            )))),
         }
     }
 
-    fn current(&self) -> ConnectionManager {
-        let state = self
-            .follow
+    /// Replaces every link with a new one to `server`, all or none.
+    async fn replace_links(&self, server: Option<&(String, u16)>) -> Result<(), QueueError> {
+        let timeouts: Vec<Duration> = self
             .state
             .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        // `index` is only ever handed out for a connection already in the list.
-        state.conns[self.index].1.clone()
-    }
-
-    async fn after<T>(&self, result: &Result<T, redis::RedisError>) {
-        if let Err(e) = result {
-            let lost = e.is_io_error()
-                || e.is_connection_dropped()
-                || e.is_connection_refusal()
-                || e.is_timeout()
-                || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
-            if lost {
-                let _ = self.follow.check(false).await;
-            }
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .links
+            .iter()
+            .map(|(t, _)| *t)
+            .collect();
+        let mut links = Vec::with_capacity(timeouts.len());
+        for timeout in timeouts {
+            links.push((timeout, self.link(server, timeout).await?));
         }
+        let mut state = self.write_state();
+        state.server = server.cloned();
+        state.links = links;
+        Ok(())
     }
-}
 
-impl Follow {
     /// Asks each sentinel in turn for the master's address; the first answer wins.
     async fn ask(&self) -> Result<(String, u16), QueueError> {
+        let Shape::Sentinel { master_name } = &self.topology else {
+            return Err(QueueError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "no sentinels are configured",
+            ))));
+        };
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(Duration::from_secs(2)));
         let mut last = None;
-        for (_, client) in &self.sentinels {
+        for (_, client) in self.sentinel_clients()? {
             let answer = async {
                 let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
                 let address: Option<(String, u16)> = redis::cmd("SENTINEL")
                     .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(&self.master_name)
+                    .arg(master_name)
                     .query_async(&mut conn)
                     .await?;
                 Ok::<_, redis::RedisError>(address)
@@ -440,7 +556,7 @@ impl Follow {
                     last = Some(redis::RedisError::from((
                         redis::ErrorKind::Client,
                         "the sentinels do not know this master name; check redis.sentinel_master (REDIS_SENTINEL_MASTER)",
-                        self.master_name.clone(),
+                        master_name.clone(),
                     )));
                 }
                 Err(e) => last = Some(e),
@@ -451,65 +567,28 @@ impl Follow {
         })))
     }
 
-    /// A connection to `address` that checks it is a master.
-    async fn master_client(&self, (host, port): &(String, u16)) -> Result<Client, QueueError> {
-        let settings = &self.settings;
-        let client = client_for(
-            settings,
-            host,
-            *port,
-            (&settings.username, settings.password.expose()),
-            settings.db,
-            self.tls.as_ref(),
-        )?;
+    /// Checks that `address` is a master: a sentinel's answer can run ahead of the promotion.
+    async fn master_client(&self, address: &(String, u16)) -> Result<(), QueueError> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(Duration::from_secs(2)));
-        let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+        let mut conn = self
+            .server_client(address)?
+            .get_multiplexed_async_connection_with_config(&config)
+            .await?;
         let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
         match role.first() {
-            Some(Value::BulkString(role)) if role.as_slice() == b"master" => Ok(client),
+            Some(Value::BulkString(role)) if role.as_slice() == b"master" => Ok(()),
             _ => Err(QueueError::Redis(redis::RedisError::from((
                 redis::ErrorKind::Client,
                 "the address the sentinels gave is not a master (yet); asking again",
-                format!("{host}:{port}"),
+                format!("{}:{}", address.0, address.1),
             )))),
         }
     }
 
-    /// A new connection on the current master (found first if need be).
-    async fn connect(self: Arc<Self>, response_timeout: Duration) -> Result<Followed, QueueError> {
-        let _asking = self.asking.lock().await;
-        let master = self
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .master
-            .clone();
-        let master = match master {
-            Some(master) => master,
-            None => self.ask().await?,
-        };
-        let client = self.master_client(&master).await?;
-        let manager = client
-            .get_connection_manager_with_config(manager_config(response_timeout))
-            .await?;
-        let mut state = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-        if state.master.as_ref() != Some(&master) {
-            info!(master = %format!("{}:{}", master.0, master.1), name = %self.master_name, "Sentinel: following master");
-            state.master = Some(master);
-        }
-        state.conns.push((response_timeout, manager));
-        let index = state.conns.len() - 1;
-        drop(state);
-        Ok(Followed {
-            follow: self.clone(),
-            index,
-        })
-    }
-
-    /// Asks the sentinels where the master is and, when it has moved, moves every connection
-    /// there. `now`: ask even if the sentinels were asked a moment ago.
+    /// Asks the sentinels where the master is and, when it has moved, moves every link there.
+    /// `now`: ask even if the sentinels were asked a moment ago.
     async fn check(&self, now: bool) -> Result<(), QueueError> {
         let mut asked = self.asking.lock().await;
         if !now && asked.is_some_and(|at| at.elapsed() < FOLLOW_GAP) {
@@ -517,33 +596,13 @@ impl Follow {
         }
         *asked = Some(Instant::now());
         let address = self.ask().await?;
-        let (old, timeouts) = {
-            let state = self.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            if state.master.as_ref() == Some(&address) {
-                return Ok(());
-            }
-            (
-                state.master.clone(),
-                state.conns.iter().map(|(t, _)| *t).collect::<Vec<_>>(),
-            )
-        };
-        let client = self.master_client(&address).await?;
-        let mut conns = Vec::with_capacity(timeouts.len());
-        for timeout in timeouts {
-            conns.push((
-                timeout,
-                client
-                    .get_connection_manager_with_config(manager_config(timeout))
-                    .await?,
-            ));
+        let old = self.current_server();
+        if old.as_ref() == Some(&address) {
+            return Ok(());
         }
-        {
-            let mut state = self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner);
-            state.master = Some(address.clone());
-            state.conns = conns;
-        }
+        self.master_client(&address).await?;
+        self.replace_links(Some(&address)).await?;
         warn!(
-            name = %self.master_name,
             old = %old.map(|(h, p)| format!("{h}:{p}")).unwrap_or_default(),
             new = %format!("{}:{}", address.0, address.1),
             "Redis master changed (Sentinel); following it. This worker's processing lists will be swept for messages the failover did not carry over"

@@ -493,8 +493,8 @@ pub async fn enqueue(conn: &mut Conn, keys: &Keys, items: &[Vec<u8>]) -> Result<
 pub async fn wait_replicas(conn: &mut Conn, keys: &Keys, replicas: u32, timeout_ms: u64) -> Result<u64, QueueError> {
     let mut wait = redis::cmd("WAIT");
     wait.arg(replicas).arg(timeout_ms);
-    match conn {
-        Conn::Cluster(cluster) => {
+    match conn.cluster() {
+        Some(mut cluster) => {
             use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
             let node = Route::with_key(&keys.ready, SlotAddr::Master);
             let reply = cluster
@@ -502,7 +502,7 @@ pub async fn wait_replicas(conn: &mut Conn, keys: &Keys, replicas: u32, timeout_
                 .await?;
             Ok(redis::from_redis_value(reply).map_err(redis::RedisError::from)?)
         }
-        _ => Ok(wait.query_async(conn).await?),
+        None => Ok(wait.query_async(conn).await?),
     }
 }
 

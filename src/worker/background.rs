@@ -15,7 +15,7 @@ use super::settle::{log_summary, Context, StatusReport};
 use crate::config::{TlsSettings, WorkerSettings};
 use crate::delivery::Deliverer;
 use crate::metrics::Metrics;
-use crate::queue::{Depths, Queue, QueueError};
+use crate::queue::{Connector, Depths, Queue, QueueError};
 use crate::telemetry::one_line;
 use crate::tls::ClientTls;
 
@@ -50,7 +50,7 @@ impl Background {
         context: &Arc<Context>,
         statuses: mpsc::Receiver<StatusReport>,
         worker: &WorkerSettings,
-        tls: Option<TlsWatch>,
+        (tls, reload_redis): (Option<TlsWatch>, Arc<Notify>),
         shutdown: &CancellationToken,
         stop: CancellationToken,
     ) -> Background {
@@ -69,6 +69,12 @@ impl Background {
             tasks.spawn(
                 promote(context.clone(), q, worker.retry_interval, stop.clone())
                     .instrument(tracing::info_span!("promoter")),
+            );
+        }
+        if context.connector.tls() {
+            tasks.spawn(
+                reload_redis_tls(context.connector.clone(), reload_redis, stop.clone())
+                    .instrument(tracing::info_span!("redis-tls")),
             );
         }
         if context.connector.master_changes().is_some() {
@@ -248,19 +254,43 @@ async fn reap(context: &Context, queue: &Queue, dead_after: Duration) -> Result<
     Ok(live)
 }
 
-/// Turns each SIGHUP into a reload request for the TLS watcher, logging it, until `stop`.
-pub(super) async fn forward_hangups(reload: Arc<Notify>, tls: bool, stop: CancellationToken) {
+/// Turns each SIGHUP into a reload request for the TLS watchers (the main server's and
+/// Redis's, those that are on), logging it, until `stop`.
+pub(super) async fn forward_hangups(
+    main_server: Option<Arc<Notify>>,
+    redis: Option<Arc<Notify>>,
+    stop: CancellationToken,
+) {
     let mut hangups = crate::shutdown::ReloadRequests::new();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = hangups.recv() => {}
         }
-        if tls {
-            info!("SIGHUP received: the TLS files will be read again");
-            reload.notify_one();
-        } else {
+        if main_server.is_none() && redis.is_none() {
             info!("SIGHUP received: TLS is disabled, so there is nothing to reload");
+            continue;
+        }
+        info!("SIGHUP received: the TLS files will be read again");
+        for reload in [&main_server, &redis].into_iter().flatten() {
+            reload.notify_one();
+        }
+    }
+}
+
+/// Reloads the TLS files for Redis on SIGHUP: every connection moves to new ones made with
+/// them. Files that do not load are refused with an error and the connections stay.
+async fn reload_redis_tls(connector: Connector, reload: Arc<Notify>, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = reload.notified() => {}
+        }
+        match connector.reload_tls().await {
+            Ok(()) => info!("Reloaded the TLS files for Redis; reconnected with them"),
+            Err(e) => {
+                error!(error = %one_line(&e), "Refused the new TLS files for Redis; still using the previous ones")
+            }
         }
     }
 }

@@ -93,6 +93,8 @@ pub struct Worker {
     background: CancellationToken,
     /// Notified on SIGHUP: read the TLS files again.
     reload: Arc<Notify>,
+    /// Notified on SIGHUP when Redis is reached over TLS: read its TLS files again.
+    reload_redis: Arc<Notify>,
 }
 
 impl Worker {
@@ -117,8 +119,13 @@ impl Worker {
         // SIGHUP is ours from here in every state (connecting, waiting for the id, running,
         // draining): a reload request is remembered until the TLS watcher takes it.
         let reload = Arc::new(Notify::new());
+        let reload_redis = Arc::new(Notify::new());
         let background = CancellationToken::new();
-        tokio::spawn(forward_hangups(reload.clone(), tls.is_some(), background.clone()));
+        tokio::spawn(forward_hangups(
+            tls.is_some().then(|| reload.clone()),
+            settings.redis.tls.is_some().then(|| reload_redis.clone()),
+            background.clone(),
+        ));
         let health = Arc::new(Health::new(metrics.clone()));
         let admin = Arc::new(AdminState::new(
             worker_id.clone(),
@@ -151,6 +158,7 @@ impl Worker {
             shutdown,
             background,
             reload,
+            reload_redis,
         })
     }
 
@@ -173,6 +181,7 @@ impl Worker {
             shutdown,
             background,
             reload,
+            reload_redis,
         } = self;
         let Settings {
             redis,
@@ -199,7 +208,7 @@ impl Worker {
             current,
             reload,
         });
-        let tasks = Background::start(&context, status_rx, &worker, tls, &shutdown, background);
+        let tasks = Background::start(&context, status_rx, &worker, (tls, reload_redis), &shutdown, background);
         crate::service::ready(&format!("Delivering from {} as {}", redis.queue_list(), worker.id));
 
         let deliveries = TaskTracker::new();

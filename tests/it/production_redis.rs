@@ -314,3 +314,79 @@ async fn enqueue_waits_for_replicas_and_says_when_too_few_have_the_messages() {
     assert!(!out.status.success());
     assert!(stderr.contains("only 1 of 2 replica(s)"), "{stderr}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_the_tls_files_for_redis() {
+    let (pki, next) = (Pki::new(), Pki::new());
+    let dir = pki.dir.path();
+    let copy = |from: &std::path::Path, name: &str| {
+        let to = dir.join(name);
+        std::fs::copy(from, &to).expect("copy");
+        to.display().to_string()
+    };
+    // Redis's files and the worker's files for Redis, apart from the main server's.
+    let server_cert = copy(&pki.server_cert_file, "redis-server.crt");
+    let server_key = copy(&pki.server_key_file, "redis-server.key");
+    let server_ca = copy(&pki.ca_file, "redis-server-ca.crt");
+    let ca = copy(&pki.ca_file, "redis-ca.crt");
+    let cert = copy(&pki.cert_file, "redis-client.crt");
+    let key = copy(&pki.key_file, "redis-client.key");
+    let tls_port = free_port();
+    let port = tls_port.to_string();
+    let mut redis = RedisServer::start_with(&[
+        "--appendonly",
+        "no",
+        "--tls-port",
+        &port,
+        "--tls-cert-file",
+        &server_cert,
+        "--tls-key-file",
+        &server_key,
+        "--tls-ca-cert-file",
+        &server_ca,
+        "--tls-auth-clients",
+        "yes",
+    ])
+    .await;
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let url = format!("rediss://localhost:{tls_port}/0");
+    let vars = env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-redis-hup",
+        &[
+            ("REDIS_URL", &url),
+            ("REDIS_CA_CERT_PATH", &ca),
+            ("REDIS_CERT_PATH", &cert),
+            ("REDIS_KEY_PATH", &key),
+        ],
+    );
+    let mut worker = spawn_worker(&vars, dir);
+    let mut out = Lines::new(&mut worker);
+    out.wait_for("Connected to Redis").await;
+    enqueue(&redis, Q, &[message("before")]).await;
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 1).await);
+
+    // Redis moves to a new CA; so do the worker's files for it, and a SIGHUP says so.
+    for (from, to) in [
+        (&next.server_cert_file, &server_cert),
+        (&next.server_key_file, &server_key),
+        (&next.ca_file, &server_ca),
+        (&next.ca_file, &ca),
+        (&next.cert_file, &cert),
+        (&next.key_file, &key),
+    ] {
+        std::fs::copy(from, to).expect("replace");
+    }
+    redis.restart().await;
+    signal(&worker, "HUP");
+    out.wait_for("Reloaded the TLS files for Redis").await;
+    enqueue(&redis, Q, &[message("after")]).await;
+    assert!(
+        sink.wait_for(WAIT, |r| r.delivered().contains(&"after".to_string()))
+            .await,
+        "delivered through connections made with the new files"
+    );
+    stop_worker(worker).await;
+}
