@@ -5,7 +5,8 @@
 //!
 //! 1. `config` turns config.yaml and the environment into typed `Settings`, once.
 //! 2. `worker` composes the rest. Its claimer asks `queue` (which alone knows key names and
-//!    Lua) to move items from the queue to this worker's processing list, one script a batch.
+//!    Lua, and how to reach one Redis, a Sentinel master or a cluster) to move items from
+//!    the worker's queues to its processing lists, one script a batch.
 //! 3. `message` parses each item into an `Envelope` (or names why it is not a message).
 //! 4. `delivery` POSTs it to the main server over the client `tls` set up from the PEM files.
 //! 5. `policy` decides, purely, what the result means: `Ack`, `Retry { delay }` or `Dead`.

@@ -79,6 +79,10 @@ pub struct BenchArgs {
     /// of their first-90% rates, so that both halves of each pair see the same machine.
     #[arg(long)]
     pub paired: bool,
+    /// Run against a local 3-master Redis Cluster (started for the run) with 3 queues taken
+    /// round-robin, instead of one Redis with one queue.
+    #[arg(long)]
+    pub cluster: bool,
 }
 
 /// `courier demo`.
@@ -124,6 +128,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         http2,
         repeat,
         paired,
+        cluster,
     } = args;
     oneshot(crate::devtools::bench::run(crate::devtools::bench::BenchOptions {
         messages,
@@ -137,6 +142,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         http2,
         repeat: repeat.clamp(1, 100),
         paired,
+        cluster,
     }))
 }
 

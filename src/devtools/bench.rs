@@ -46,7 +46,13 @@ pub struct BenchOptions {
     /// With a failing share: before each failing drain, a clean one, and the ratio of their
     /// first-90% rates.
     pub paired: bool,
+    /// Run against a local 3-master Redis Cluster with 3 queues (round-robin) instead of one
+    /// Redis with one queue.
+    pub cluster: bool,
 }
+
+/// The queues of a cluster run: three, spread over the masters by their names' slots.
+const CLUSTER_QUEUES: [&str; 3] = ["bench.0", "bench.1", "bench.2"];
 
 /// CPU time (user + system) a process has used, from /proc/PID/stat.
 fn cpu_time(pid: u32, ticks_per_second: f64) -> anyhow::Result<Duration> {
@@ -119,11 +125,14 @@ fn micros_now() -> u64 {
 /// Reads `worker_messages_delivered_total` from the worker's /metrics.
 async fn delivered(client: &reqwest::Client, url: &str) -> Option<u64> {
     let text = client.get(url).send().await.ok()?.text().await.ok()?;
-    text.lines()
-        .find(|l| l.starts_with("worker_messages_delivered_total{"))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
+    // One series per queue: their sum.
+    let total: f64 = text
+        .lines()
+        .filter(|l| l.starts_with("worker_messages_delivered_total{"))
+        .filter_map(|l| l.rsplit(' ').next())
+        .filter_map(|v| v.parse::<f64>().ok())
+        .sum();
+    Some(total as u64)
 }
 
 /// Waits until the worker has delivered `target` messages.
@@ -206,15 +215,27 @@ struct Rig {
     exe: std::path::PathBuf,
     work: tempfile::TempDir,
     pki: Pki,
-    redis_port: u16,
-    redis_pid: u32,
-    conn: redis::aio::MultiplexedConnection,
+    /// The worker's Redis settings beyond the defaults (where Redis is, which queues).
+    redis_env: Vec<(&'static str, String)>,
+    /// The redis-server processes, whose CPU time counts.
+    redis_pids: Vec<u32>,
+    queues: Vec<String>,
+    conn: crate::queue::Conn,
     metrics_port: u16,
     ticks: f64,
     http: reqwest::Client,
 }
 
 impl Rig {
+    /// CPU time of every redis-server together.
+    fn redis_cpu(&self) -> anyhow::Result<Duration> {
+        let mut total = Duration::ZERO;
+        for pid in &self.redis_pids {
+            total += cpu_time(*pid, self.ticks)?;
+        }
+        Ok(total)
+    }
+
     fn metrics_url(&self) -> String {
         format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
@@ -223,7 +244,7 @@ impl Rig {
     async fn fill(&mut self, n: usize, bytes: usize) -> anyhow::Result<(f64, usize)> {
         let pad = "x".repeat(bytes.saturating_sub(90));
         let started = Instant::now();
-        for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
+        for (c, chunk) in (0..n).collect::<Vec<_>>().chunks(10_000).enumerate() {
             let items: Vec<String> = chunk
                 .iter()
                 .map(|i| {
@@ -233,10 +254,11 @@ impl Rig {
                     )
                 })
                 .collect();
-            let _: () = self.conn.lpush("message_queue", items).await?;
+            let queue = &self.queues[c % self.queues.len()];
+            let _: () = self.conn.lpush(queue, items).await?;
         }
         let rate = n as f64 / started.elapsed().as_secs_f64();
-        let first: Option<String> = self.conn.lindex("message_queue", 0).await?;
+        let first: Option<String> = self.conn.lindex(&self.queues[0], 0).await?;
         Ok((rate, first.map_or(0, |i| i.len())))
     }
 
@@ -245,8 +267,7 @@ impl Rig {
     async fn drain(&self, options: &BenchOptions, sink: &SinkProcess, failing: bool) -> anyhow::Result<(Drain, Child)> {
         let worker = Command::new(&self.exe)
             .arg("run")
-            .env("REDIS_HOST", "127.0.0.1")
-            .env("REDIS_PORT", self.redis_port.to_string())
+            .envs(self.redis_env.iter().map(|(k, v)| (*k, v.as_str())))
             .env("MAIN_SERVER_URL", format!("https://localhost:{}", sink.port))
             .env("WORKER_ID", "bench")
             .env("MAIN_SERVER_HTTP2", options.http2.to_string())
@@ -267,7 +288,7 @@ impl Rig {
         let pid = worker.id().context("worker exited at once")?;
         let started = Instant::now();
         let (sink_pid, ticks) = (sink.child.id().unwrap_or(0), self.ticks);
-        let (sink_from, redis_from) = (cpu_time(sink_pid, ticks)?, cpu_time(self.redis_pid, ticks)?);
+        let (sink_from, redis_from) = (cpu_time(sink_pid, ticks)?, self.redis_cpu()?);
         let machine_from = machine_ticks();
         let n = options.messages as u64;
         // The time to the first 90% is the rate of the messages that did not fail: with a 10%
@@ -280,7 +301,7 @@ impl Rig {
         let seconds = started.elapsed().as_secs_f64();
         let cpu = cpu_time(pid, ticks)?;
         let sink_cpu = cpu_time(sink_pid, ticks)? - sink_from;
-        let redis_cpu = cpu_time(self.redis_pid, ticks)? - redis_from;
+        let redis_cpu = self.redis_cpu()? - redis_from;
         let machine_to = machine_ticks();
         let per_message = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
         let figures = Drain {
@@ -316,22 +337,56 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the courier binary")?;
     let work = tempfile::tempdir()?;
     let pki = Pki::write(work.path(), "worker")?;
-    let redis = RedisServer::start(work.path(), &["--appendonly", "no"]).await?;
+    let (redis, cluster, redis_env, queues) = match options.cluster {
+        false => {
+            let redis = RedisServer::start(work.path(), &["--appendonly", "no"]).await?;
+            let env = vec![
+                ("REDIS_HOST", "127.0.0.1".to_string()),
+                ("REDIS_PORT", redis.port.to_string()),
+            ];
+            (Some(redis), None, env, vec!["message_queue".to_string()])
+        }
+        true => {
+            let cluster = super::harness::Cluster::start(work.path(), 3, &["--appendonly", "no"]).await?;
+            let queues: Vec<String> = CLUSTER_QUEUES.iter().map(|q| q.to_string()).collect();
+            let env = vec![
+                ("REDIS_CLUSTER_NODES", cluster.seeds()),
+                ("REDIS_QUEUE_NAMES", queues.join(",")),
+                ("REDIS_QUEUE_ORDER", "round_robin".to_string()),
+            ];
+            (None, Some(cluster), env, queues)
+        }
+    };
+    let redis_pids: Vec<u32> = match (&redis, &cluster) {
+        (Some(redis), _) => redis.pid().into_iter().collect(),
+        (_, Some(cluster)) => cluster.nodes.iter().filter_map(RedisServer::pid).collect(),
+        _ => Vec::new(),
+    };
     let mut sink = start_sink(&exe, &pki, options.fail_share).await?;
     // With --paired, a clean main server for the clean drain of each pair.
     let clean = match options.paired && options.fail_share > 0.0 {
         true => Some(start_sink(&exe, &pki, 0.0).await?),
         false => None,
     };
-    let conn = redis::Client::open(format!("redis://127.0.0.1:{}/", redis.port))?
-        .get_multiplexed_async_connection()
+    let lookup = |name: &str| {
+        redis_env
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.clone())
+            .or_else(|| (name == "TLS_ENABLED").then(|| "false".to_string()))
+            .or_else(|| (name == "MAIN_SERVER_URL").then(|| "http://127.0.0.1:1".to_string()))
+    };
+    let settings = crate::config::Settings::load(None, &lookup).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let conn = crate::queue::Connector::new(&settings.redis)?
+        .connect(Duration::from_secs(30))
         .await?;
     crate::tls::install_default_provider();
     let mut rig = Rig {
         exe,
         pki,
-        redis_port: redis.port,
-        redis_pid: redis.pid().unwrap_or(0),
+        redis_env,
+        redis_pids,
+        queues,
         conn,
         metrics_port: free_port()?,
         ticks: ticks_per_second(),
@@ -383,7 +438,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
                     )
                 })
                 .collect();
-            let _: () = rig.conn.lpush("message_queue", items).await?;
+            let queue = &rig.queues[(latency_sent as usize / per_tick) % rig.queues.len()];
+            let _: () = rig.conn.lpush(queue, items).await?;
             latency_sent += per_tick as u64;
         }
         wait_delivered(
@@ -406,14 +462,20 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let _ = sink.child.wait().await;
     drop(clean);
     drop(redis);
+    drop(cluster);
 
     println!(
-        "courier bench: {} messages of {item_bytes} bytes, concurrency {}, batch {}, {:.0}% answered 503, {}",
+        "courier bench: {} messages of {item_bytes} bytes, concurrency {}, batch {}, {:.0}% answered 503, {}, {}",
         options.messages,
         options.concurrency,
         options.batch_size,
         options.fail_share * 100.0,
-        if options.http2 { "HTTP/2" } else { "HTTP/1.1" }
+        if options.http2 { "HTTP/2" } else { "HTTP/1.1" },
+        if options.cluster {
+            "3-master Redis Cluster, 3 queues round-robin"
+        } else {
+            "one Redis, one queue"
+        }
     );
     println!("  {:<22}{enqueue_rate:>10.0} msg/s", "enqueue (pipelined)");
     if drains.len() > 1 {
@@ -450,7 +512,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         "worker syscalls", d.syscalls
     );
     println!(
-        "  {:<22}{:>10.1} µs/msg   (main server {:.1}, redis-server {:.1})",
+        "  {:<22}{:>10.1} µs/msg   (main server {:.1}, redis-server {:.1}, all nodes)",
         "other CPU",
         d.sink_cpu_us + d.redis_cpu_us,
         d.sink_cpu_us,
