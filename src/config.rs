@@ -65,6 +65,9 @@ const KNOWN: &[Known] = &[
     k("redis.cluster_nodes", "REDIS_CLUSTER_NODES", ""),
     k("redis.queue_names", "REDIS_QUEUE_NAMES", ""),
     k("redis.queue_order", "REDIS_QUEUE_ORDER", "priority"),
+    k("worker.retry_jitter", "WORKER_RETRY_JITTER", "0"),
+    k("worker.retry_backoff", "WORKER_RETRY_BACKOFF", "fixed"),
+    k("worker.retry_max_interval", "WORKER_RETRY_MAX_INTERVAL", "3600"),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -246,6 +249,10 @@ pub struct WorkerSettings {
     pub dead_after: Duration,
     /// Runtime threads: 1 (one thread), N, or 0 for one per core.
     pub threads: usize,
+    /// Fixed (the old worker's) or exponential waits between attempts.
+    pub retry_backoff: crate::policy::Backoff,
+    /// Spread of each wait, a fraction (0: none).
+    pub retry_jitter: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -789,6 +796,21 @@ impl Source<'_> {
             heartbeat_interval,
             dead_after,
             threads: self.number("worker.threads", 0, 1024)?,
+            retry_backoff: match self.text("worker.retry_backoff")?.trim().to_ascii_lowercase().as_str() {
+                "fixed" => crate::policy::Backoff::Fixed,
+                "exponential" => crate::policy::Backoff::Exponential {
+                    max_interval: self.seconds("worker.retry_max_interval", 0.01, 7.0 * 86_400.0)?,
+                },
+                _ => return Err(self.invalid("worker.retry_backoff", "expected fixed or exponential")),
+            },
+            retry_jitter: {
+                let expected = "expected a fraction from 0 to 1 (0.1 spreads each wait by up to 10% either way)";
+                let jitter: f64 = self.parse("worker.retry_jitter", expected)?;
+                if !(0.0..=1.0).contains(&jitter) {
+                    return Err(self.invalid("worker.retry_jitter", expected));
+                }
+                jitter
+            },
         };
 
         let main_server = MainServerSettings {

@@ -97,13 +97,15 @@ pub fn retry_after(data: &[u8]) {
         max_attempts: 10,
         retry_interval: std::time::Duration::from_secs(30),
         max_retry_after: MAX_RETRY_AFTER,
+        backoff: crate::policy::Backoff::Fixed,
+        jitter: 0.0,
     };
     let answer = Err(DeliveryError::Status {
         status: 503,
         retry_after: parse_retry_after(&value),
         body: String::new(),
     });
-    match decide(&answer, 0, &policy) {
+    match decide(&answer, 0, &policy, 0.5) {
         Settle::Retry { delay, failures: 1 } => assert!(delay <= MAX_RETRY_AFTER, "{delay:?}"),
         other => panic!("a 503 is retried: {other:?}"),
     }

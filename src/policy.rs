@@ -7,6 +7,9 @@
 //! | connect, timeout, TLS, other transport errors, 3xx, 408, 425, 429, 5xx | `Retry` after the interval (a longer `Retry-After`, up to the cap, wins) |
 //! | other 4xx | `Dead(rejected)` |
 //! | any failure that brings the count to `max_attempts` | `Dead(exhausted)` |
+//!
+//! The wait before a retry is the interval (fixed, or doubling with each failure up to a cap),
+//! spread by the jitter fraction when one is set; a longer `Retry-After` always wins.
 
 use std::time::Duration;
 
@@ -14,7 +17,7 @@ use crate::delivery::DeliveryError;
 use crate::message::DeadReason;
 
 /// The settings the decision depends on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Policy {
     /// Attempts before a message is dead-lettered as `exhausted`.
     pub max_attempts: u32,
@@ -22,6 +25,43 @@ pub struct Policy {
     pub retry_interval: Duration,
     /// The longest `Retry-After` honoured; a longer one is cut to this.
     pub max_retry_after: Duration,
+    /// Fixed, or doubling with each failure.
+    pub backoff: Backoff,
+    /// Spread of the wait: each is the interval times a factor drawn from `1 ± jitter`.
+    /// 0 keeps the old worker's exact interval.
+    pub jitter: f64,
+}
+
+/// How the wait grows with the failures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Backoff {
+    /// Always `retry_interval`.
+    Fixed,
+    /// `retry_interval × 2^(failures − 1)`, at most `max_interval`.
+    Exponential { max_interval: Duration },
+}
+
+impl Policy {
+    /// The wait before the retry that follows failure number `failures` (1-based), before any
+    /// `Retry-After`; `sample` is a uniform draw from [0, 1) for the jitter.
+    pub fn interval(&self, failures: u32, sample: f64) -> Duration {
+        let base = match self.backoff {
+            Backoff::Fixed => self.retry_interval,
+            Backoff::Exponential { max_interval } => {
+                let doublings = failures.saturating_sub(1).min(40);
+                self.retry_interval
+                    .checked_mul(1u32 << doublings.min(31))
+                    .unwrap_or(Duration::MAX)
+                    .min(max_interval.max(self.retry_interval))
+            }
+        };
+        if self.jitter <= 0.0 || !self.jitter.is_finite() {
+            return base;
+        }
+        let jitter = self.jitter.min(1.0);
+        let factor = 1.0 + jitter * (2.0 * sample.clamp(0.0, 1.0) - 1.0);
+        Duration::try_from_secs_f64(base.as_secs_f64() * factor).unwrap_or(base)
+    }
 }
 
 /// The longest `Retry-After` courier honours unless told otherwise.
@@ -47,8 +87,9 @@ pub fn before_attempt(attempt_count: u32, policy: &Policy) -> Option<Settle> {
     })
 }
 
-/// After an attempt of a message that had failed `attempt_count` times before.
-pub fn decide(result: &Result<(), DeliveryError>, attempt_count: u32, policy: &Policy) -> Settle {
+/// After an attempt of a message that had failed `attempt_count` times before. `sample` is a
+/// uniform draw from [0, 1) for the jitter (any value when there is none).
+pub fn decide(result: &Result<(), DeliveryError>, attempt_count: u32, policy: &Policy, sample: f64) -> Settle {
     let Err(error) = result else {
         return Settle::Ack;
     };
@@ -69,9 +110,8 @@ pub fn decide(result: &Result<(), DeliveryError>, attempt_count: u32, policy: &P
             failures,
         };
     }
-    let delay = retry_after.map_or(policy.retry_interval, |after| {
-        after.min(policy.max_retry_after).max(policy.retry_interval)
-    });
+    let interval = policy.interval(failures, sample);
+    let delay = retry_after.map_or(interval, |after| after.min(policy.max_retry_after).max(interval));
     Settle::Retry { delay, failures }
 }
 
@@ -89,6 +129,8 @@ mod tests {
         max_attempts: 5,
         retry_interval: Duration::from_secs(30),
         max_retry_after: MAX_RETRY_AFTER,
+        backoff: Backoff::Fixed,
+        jitter: 0.0,
     };
 
     fn status(status: u16, retry_after: Option<u64>) -> Result<(), DeliveryError> {
@@ -179,7 +221,7 @@ mod tests {
             ),
         ];
         for (name, result, attempt_count, expected) in rows {
-            assert_eq!(decide(&result, attempt_count, &POLICY), expected, "{name}");
+            assert_eq!(decide(&result, attempt_count, &POLICY, 0.9), expected, "{name}");
         }
     }
 
@@ -196,6 +238,37 @@ mod tests {
             retry_interval: Duration::from_secs(7200),
             ..POLICY
         };
-        assert_eq!(decide(&status(503, Some(60)), 0, &policy), retry(7200, 1));
+        assert_eq!(decide(&status(503, Some(60)), 0, &policy, 0.5), retry(7200, 1));
+    }
+
+    #[test]
+    fn exponential_backoff_doubles_up_to_its_cap_and_retry_after_still_wins() {
+        let policy = Policy {
+            retry_interval: Duration::from_secs(30),
+            backoff: Backoff::Exponential {
+                max_interval: Duration::from_secs(600),
+            },
+            ..POLICY
+        };
+        let waits: Vec<u64> = (1..=7).map(|f| policy.interval(f, 0.5).as_secs()).collect();
+        assert_eq!(waits, [30, 60, 120, 240, 480, 600, 600]);
+        assert_eq!(policy.interval(u32::MAX, 0.5), Duration::from_secs(600));
+        assert_eq!(decide(&status(503, None), 2, &policy, 0.5), retry(120, 3));
+        assert_eq!(decide(&status(503, Some(900)), 0, &policy, 0.5), retry(900, 1));
+    }
+
+    #[test]
+    fn jitter_spreads_the_wait_within_its_fraction() {
+        let policy = Policy { jitter: 0.2, ..POLICY };
+        assert_eq!(policy.interval(1, 0.0), Duration::from_secs(24));
+        assert_eq!(policy.interval(1, 0.5), Duration::from_secs(30));
+        assert_eq!(policy.interval(1, 0.999_999).as_secs(), 35);
+        let none = Policy {
+            jitter: f64::NAN,
+            ..POLICY
+        };
+        assert_eq!(none.interval(1, 0.0), Duration::from_secs(30));
+        // A Retry-After is never shortened by the jitter.
+        assert_eq!(decide(&status(503, Some(60)), 0, &policy, 0.0), retry(60, 1));
     }
 }

@@ -74,6 +74,8 @@ impl Context {
                 max_attempts: worker.max_attempts,
                 retry_interval: worker.retry_interval,
                 max_retry_after: policy::MAX_RETRY_AFTER,
+                backoff: worker.retry_backoff,
+                jitter: worker.retry_jitter,
             },
             max_message_bytes: worker.max_message_bytes,
             id_taken: std::sync::atomic::AtomicBool::new(false),
@@ -182,7 +184,7 @@ impl Context {
                 (e.label(), crate::telemetry::one_line(e))
             }
         };
-        let settle = policy::decide(&attempt.result, envelope.attempt_count(), &self.policy);
+        let settle = policy::decide(&attempt.result, envelope.attempt_count(), &self.policy, fastrand::f64());
         self.carry_out(q, &envelope, settle, cause, &error).await;
     }
 

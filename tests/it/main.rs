@@ -10,6 +10,7 @@ mod binary;
 mod cli;
 mod cluster;
 mod delivery;
+mod flow;
 mod hostile;
 mod production_redis;
 mod properties;
