@@ -68,6 +68,7 @@ const KNOWN: &[Known] = &[
     k("worker.retry_jitter", "WORKER_RETRY_JITTER", "0"),
     k("worker.retry_backoff", "WORKER_RETRY_BACKOFF", "fixed"),
     k("worker.retry_max_interval", "WORKER_RETRY_MAX_INTERVAL", "3600"),
+    k("worker.max_reclaims", "WORKER_MAX_RECLAIMS", "5"),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -253,6 +254,8 @@ pub struct WorkerSettings {
     pub retry_backoff: crate::policy::Backoff,
     /// Spread of each wait, a fraction (0: none).
     pub retry_jitter: f64,
+    /// A message returned from dead workers' hands more often is dead-lettered (0: never).
+    pub max_reclaims: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -803,6 +806,7 @@ impl Source<'_> {
                 },
                 _ => return Err(self.invalid("worker.retry_backoff", "expected fixed or exponential")),
             },
+            max_reclaims: self.number("worker.max_reclaims", 0, 1_000_000)?,
             retry_jitter: {
                 let expected = "expected a fraction from 0 to 1 (0.1 spreads each wait by up to 10% either way)";
                 let jitter: f64 = self.parse("worker.retry_jitter", expected)?;

@@ -31,6 +31,7 @@ pub const DEAD_REASONS: &[&str] = &[
     "invalid_attempt_count",
     "too_large",
     "internal_error",
+    "poisoned",
 ];
 const INVALID_REASONS: &[&str] = &[
     "invalid_json",

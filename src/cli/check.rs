@@ -403,12 +403,13 @@ async fn acl_check(conn: &mut crate::queue::Conn, keys: &crate::queue::Keys) -> 
         Err(e) => return Check::warn("redis acl", format!("not verified: ACL WHOAMI failed ({e})")),
     };
     let processing = keys.processing("check");
-    let (ready, retry, dead, workers, owners) = (
+    let (ready, retry, dead, workers, owners, reclaims) = (
         keys.ready.as_str(),
         keys.retry.as_str(),
         keys.dead.as_str(),
         keys.workers.as_str(),
         keys.owners.as_str(),
+        keys.reclaims.as_str(),
     );
     let sha = "0".repeat(40);
     let commands: Vec<(&str, Vec<&str>)> = vec![
@@ -435,6 +436,9 @@ async fn acl_check(conn: &mut crate::queue::Conn, keys: &crate::queue::Keys) -> 
         ("TIME", vec![]),
         ("INFO", vec!["server"]),
         ("HKEYS", vec![owners]),
+        ("HINCRBY", vec![reclaims, "h", "1"]),
+        ("EXISTS", vec![reclaims]),
+        ("EXPIRE", vec![reclaims, "60"]),
         ("DEL", vec![dead]),
     ];
     let mut denied = Vec::new();

@@ -15,6 +15,8 @@ pub struct Keys {
     pub workers: String,
     /// Worker id -> the process holding it (`host|pid|started_ms`).
     pub owners: String,
+    /// SHA-1 of an item -> how often it was returned to the queue from a dead worker's hands.
+    pub reclaims: String,
     processing_prefix: String,
 }
 
@@ -50,6 +52,7 @@ impl Keys {
             dead: format!("{prefix}:dead"),
             workers: format!("{prefix}:workers"),
             owners: format!("{prefix}:owners"),
+            reclaims: format!("{prefix}:reclaims"),
             processing_prefix: format!("{prefix}:processing:"),
         }
     }
@@ -62,6 +65,7 @@ impl Keys {
             self.dead.clone(),
             self.workers.clone(),
             self.owners.clone(),
+            self.reclaims.clone(),
             self.processing(worker_id),
         ]
     }

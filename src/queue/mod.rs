@@ -76,6 +76,8 @@ pub struct Claimed {
     pub items: Vec<Vec<u8>>,
     /// Items over the size limit, moved to the dead-letter list without leaving Redis.
     pub too_large: usize,
+    /// Items returned from dead workers' hands too often, moved to the dead-letter list.
+    pub poisoned: usize,
 }
 
 /// The result of one promoter pass.
@@ -281,20 +283,28 @@ impl Queue {
     /// Claims up to `n` messages, oldest first, into this worker's processing list. Items over
     /// `max_bytes` are moved to the dead-letter list inside Redis instead (reason `too_large`),
     /// so an oversized item costs the worker no memory; `Claimed::too_large` counts them.
-    pub async fn claim(&self, n: usize, max_bytes: usize) -> Result<Claimed, QueueError> {
-        let (items, too_large): (Vec<Vec<u8>>, usize) = self
+    /// An item that workers dying while holding it returned to the queue more than
+    /// `max_reclaims` times (0: no limit) goes to the dead-letter list as `poisoned`.
+    pub async fn claim(&self, n: usize, max_bytes: usize, max_reclaims: u32) -> Result<Claimed, QueueError> {
+        let (items, too_large, poisoned): (Vec<Vec<u8>>, usize, usize) = self
             .scripts
             .claim
             .key(&self.keys.ready)
             .key(&self.processing)
             .key(&self.keys.dead)
+            .key(&self.keys.reclaims)
             .arg(n)
             .arg(max_bytes)
             .arg(&self.worker_id_json)
             .arg(crate::message::dead_at_now())
+            .arg(max_reclaims)
             .invoke_async(&mut self.conn.clone())
             .await?;
-        Ok(Claimed { items, too_large })
+        Ok(Claimed {
+            items,
+            too_large,
+            poisoned,
+        })
     }
 
     /// Waits until the ready list has something, or a few seconds pass. Claims nothing: the
@@ -364,12 +374,16 @@ impl Queue {
     }
 
     /// Returns everything in a worker's processing list to the front of the ready list.
-    pub async fn give_back(&self, worker_id: &str) -> Result<usize, QueueError> {
+    /// `died`: the worker died holding them (a restart recovering its leftovers), so each
+    /// message's reclaim count goes up; a drain or a sweep returns them uncounted.
+    pub async fn give_back(&self, worker_id: &str, died: bool) -> Result<usize, QueueError> {
         let n: usize = self
             .scripts
             .give_back
             .key(self.keys.processing(worker_id))
             .key(&self.keys.ready)
+            .key(&self.keys.reclaims)
+            .arg(u8::from(died))
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(n)
@@ -427,6 +441,7 @@ impl Queue {
             .key(&self.keys.owners)
             .key(self.keys.processing(worker_id))
             .key(&self.keys.ready)
+            .key(&self.keys.reclaims)
             .arg(worker_id)
             .arg(millis(dead_after))
             .invoke_async(&mut self.conn.clone())

@@ -157,12 +157,15 @@ async fn claim_in_order(context: &Context, n: usize, start: usize) -> (Vec<(usiz
         let q = (start + k) % count;
         match context
             .queue(q)
-            .claim(n - claimed.len(), context.max_message_bytes)
+            .claim(n - claimed.len(), context.max_message_bytes, context.max_reclaims)
             .await
         {
             Ok(got) => {
                 if got.too_large > 0 {
                     context.too_large(q, got.too_large);
+                }
+                if got.poisoned > 0 {
+                    context.poisoned(q, got.poisoned);
                 }
                 claimed.extend(got.items.into_iter().map(|raw| (q, raw)));
             }
@@ -179,7 +182,7 @@ async fn claim_in_order(context: &Context, n: usize, start: usize) -> (Vec<(usiz
 pub(super) async fn give_back_all(context: &Context) -> Result<usize, QueueError> {
     let mut total = 0;
     for queue in &context.queues {
-        total += queue.give_back(&context.worker_id).await?;
+        total += queue.give_back(&context.worker_id, false).await?;
     }
     Ok(total)
 }

@@ -47,6 +47,8 @@ pub(super) struct Context {
     /// What each attempt's result means.
     pub(super) policy: Policy,
     pub(super) max_message_bytes: usize,
+    /// Reclaims past which a message is dead-lettered as `poisoned` (0: never).
+    pub(super) max_reclaims: u32,
     /// Set by the heartbeat when another process has taken this worker's id.
     pub(super) id_taken: std::sync::atomic::AtomicBool,
 }
@@ -78,6 +80,7 @@ impl Context {
                 jitter: worker.retry_jitter,
             },
             max_message_bytes: worker.max_message_bytes,
+            max_reclaims: worker.max_reclaims,
             id_taken: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -109,6 +112,25 @@ impl Context {
             self.repeat(Repeat::Invalid, label, "(not read)", &error, || {
                 warn!(reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
             });
+        }
+    }
+
+    /// Counts and reports items the claim script dead-lettered as `poisoned`: workers kept
+    /// dying while holding them.
+    pub(super) fn poisoned(&self, q: usize, count: usize) {
+        let label = "poisoned";
+        let error = format!(
+            "returned to the queue more than {} times by workers that died holding it (worker.max_reclaims)",
+            self.max_reclaims
+        );
+        for _ in 0..count {
+            self.metrics.dead(q, label);
+            error!(
+                queue = self.queue(q).name(),
+                reason = label,
+                error = %error,
+                "A message that workers kept dying on was moved to the dead-letter list; `courier dlq show` has it"
+            );
         }
     }
 

@@ -60,7 +60,7 @@ async fn recover(queue: &Queue, worker_id: &str, health: &Health, shutdown: &Can
         health,
         Some(shutdown),
         "Redis refused to return leftover messages",
-        || queue.give_back(worker_id),
+        || queue.give_back(worker_id, true),
     )
     .await
     .unwrap_or(0);

@@ -266,6 +266,7 @@ pub async fn len(redis: &RedisServer, key: &str) -> usize {
     match kind.as_str() {
         "list" => conn.llen(key).await.expect("LLEN"),
         "zset" => conn.zcard(key).await.expect("ZCARD"),
+        "hash" => conn.hlen(key).await.expect("HLEN"),
         _ => 0,
     }
 }

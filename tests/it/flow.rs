@@ -50,3 +50,66 @@ async fn jitter_spreads_the_due_times_of_a_batch_that_failed_together() {
         }
     }
 }
+
+#[tokio::test]
+async fn a_message_the_worker_dies_on_is_dead_lettered_as_poisoned_after_max_reclaims() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    // The main server holds the poison message's request; while it does, the test kills the
+    // worker, as a message that crashes the process would.
+    let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+    let seen = arrived.clone();
+    let sink = start_sink(
+        &pki,
+        std::sync::Arc::new(move |call: &sink::Call| {
+            if call.message_id == "poison" && call.endpoint == sink::Endpoint::Deliver {
+                seen.notify_one();
+                return sink::Reply {
+                    delay: std::time::Duration::from_secs(600),
+                    ..sink::Reply::status(200)
+                };
+            }
+            sink::Reply::status(200)
+        }),
+    )
+    .await;
+    enqueue(&redis, Q, &[message("poison"), message("fine-1"), message("fine-2")]).await;
+    let vars = env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-poison",
+        &[
+            ("WORKER_MAX_RECLAIMS", "2"),
+            ("WORKER_CONCURRENCY", "1"),
+            ("WORKER_BATCH_SIZE", "1"),
+        ],
+    );
+    // Killed holding it three times: each restart returns it, counted.
+    for _ in 0..3 {
+        let mut worker = spawn_worker(&vars, pki.dir.path());
+        tokio::time::timeout(WAIT, arrived.notified())
+            .await
+            .expect("the poison message arrives");
+        worker.kill().await.expect("SIGKILL");
+    }
+    let worker = spawn_worker(&vars, pki.dir.path());
+    eventually(|| async { len(&redis, &keys().dead).await == 1 }).await;
+    assert!(
+        sink.wait_for(WAIT, |r| r.delivered().len() == 2).await,
+        "the others are delivered"
+    );
+    stop_worker(worker).await;
+    let dead = dead_letters(&redis, Q).await;
+    assert_eq!(dead[0]["reason"], "poisoned");
+    assert_eq!(dead[0]["reclaims"], 3);
+    let raw = raw_dead_letters(&redis, Q).await;
+    assert_eq!(raw[0].message, message("poison").as_bytes(), "kept byte for byte");
+    for key in [
+        Q.to_string(),
+        keys().retry,
+        keys().processing("w-poison"),
+        keys().reclaims,
+    ] {
+        assert_eq!(len(&redis, &key).await, 0, "{key} ends empty");
+    }
+}

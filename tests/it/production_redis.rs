@@ -19,8 +19,9 @@ const ACL_RULES: &[&str] = &[
     "+@connection",
     "+info",
     "+time",
-    "+scan",
     "+del",
+    "+exists",
+    "+expire",
 ];
 
 async fn acl_user(redis: &RedisServer, name: &str) {
