@@ -30,6 +30,8 @@ pub struct Health {
     down_at: AtomicU64,
     connected_once: AtomicBool,
     draining: AtomicBool,
+    /// The circuit breaker's state (`breaker::State::gauge`).
+    circuit: std::sync::atomic::AtomicI64,
     started: Instant,
     metrics: Arc<Metrics>,
 }
@@ -42,8 +44,24 @@ impl Health {
             down_at: AtomicU64::new(0),
             connected_once: AtomicBool::new(false),
             draining: AtomicBool::new(false),
+            circuit: std::sync::atomic::AtomicI64::new(0),
             started: Instant::now(),
             metrics,
+        }
+    }
+
+    /// The circuit breaker moved to `state`.
+    pub fn set_circuit(&self, state: crate::breaker::State) {
+        self.circuit.store(state.gauge(), Ordering::Release);
+        self.metrics.set_circuit(state);
+    }
+
+    /// The circuit breaker's state: closed, half_open or open.
+    pub fn circuit(&self) -> &'static str {
+        match self.circuit.load(Ordering::Acquire) {
+            0 => "closed",
+            1 => "half_open",
+            _ => "open",
         }
     }
 
@@ -98,6 +116,8 @@ impl Health {
             Some("connecting to Redis")
         } else if !self.redis_up() {
             Some("Redis unreachable")
+        } else if self.circuit.load(Ordering::Acquire) == 2 {
+            Some("main server failing (circuit open)")
         } else {
             None
         }
@@ -257,6 +277,7 @@ async fn stats(state: &AdminState) -> serde_json::Value {
         "ready": state.health.not_ready_reason().is_none(),
         "draining": state.health.draining(),
         "redis_up": state.health.redis_up(),
+        "circuit": state.health.circuit(),
         "uptime_seconds": state.health.started.elapsed().as_secs(),
         "counters": state.metrics.totals(),
     });

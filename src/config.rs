@@ -69,6 +69,13 @@ const KNOWN: &[Known] = &[
     k("worker.retry_backoff", "WORKER_RETRY_BACKOFF", "fixed"),
     k("worker.retry_max_interval", "WORKER_RETRY_MAX_INTERVAL", "3600"),
     k("worker.max_reclaims", "WORKER_MAX_RECLAIMS", "5"),
+    k("worker.breaker", "WORKER_BREAKER", "true"),
+    k("worker.breaker_failure_rate", "WORKER_BREAKER_FAILURE_RATE", "0.5"),
+    k("worker.breaker_min_attempts", "WORKER_BREAKER_MIN_ATTEMPTS", "20"),
+    k("worker.breaker_window", "WORKER_BREAKER_WINDOW", "30"),
+    k("worker.breaker_probe_min", "WORKER_BREAKER_PROBE_MIN", "1"),
+    k("worker.breaker_probe_max", "WORKER_BREAKER_PROBE_MAX", "30"),
+    k("worker.rate_limit", "WORKER_RATE_LIMIT", "0"),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -256,6 +263,10 @@ pub struct WorkerSettings {
     pub retry_jitter: f64,
     /// A message returned from dead workers' hands more often is dead-lettered (0: never).
     pub max_reclaims: u32,
+    /// The circuit breaker on the main server.
+    pub breaker: crate::breaker::BreakerSettings,
+    /// Deliveries per second at most (0: no limit).
+    pub rate_limit: f64,
 }
 
 #[derive(Debug, Clone)]
@@ -807,6 +818,29 @@ impl Source<'_> {
                 _ => return Err(self.invalid("worker.retry_backoff", "expected fixed or exponential")),
             },
             max_reclaims: self.number("worker.max_reclaims", 0, 1_000_000)?,
+            breaker: crate::breaker::BreakerSettings {
+                enabled: self.flag("worker.breaker")?,
+                failure_rate: {
+                    let expected = "expected a fraction above 0 and at most 1 (0.5: half the attempts)";
+                    let rate: f64 = self.parse("worker.breaker_failure_rate", expected)?;
+                    if !(rate > 0.0 && rate <= 1.0) {
+                        return Err(self.invalid("worker.breaker_failure_rate", expected));
+                    }
+                    rate
+                },
+                min_attempts: self.number("worker.breaker_min_attempts", 1, 1_000_000)?,
+                window: self.seconds("worker.breaker_window", 0.1, 86_400.0)?,
+                probe_min: self.seconds("worker.breaker_probe_min", 0.01, 86_400.0)?,
+                probe_max: self.seconds("worker.breaker_probe_max", 0.01, 86_400.0)?,
+            },
+            rate_limit: {
+                let expected = "expected deliveries per second, 0 for no limit";
+                let rate: f64 = self.parse("worker.rate_limit", expected)?;
+                if !(0.0..=1e9).contains(&rate) {
+                    return Err(self.invalid("worker.rate_limit", expected));
+                }
+                rate
+            },
             retry_jitter: {
                 let expected = "expected a fraction from 0 to 1 (0.1 spreads each wait by up to 10% either way)";
                 let jitter: f64 = self.parse("worker.retry_jitter", expected)?;

@@ -19,6 +19,7 @@
 //! Redis key protocol and why no message is lost: docs/design.md.
 
 pub mod admin;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod delivery;

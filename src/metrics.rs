@@ -63,6 +63,8 @@ pub struct Metrics {
     redis_up: IntGauge,
     reaped: IntCounter,
     cert_expiry: Gauge,
+    circuit_state: IntGauge,
+    released: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -280,8 +282,28 @@ impl Metrics {
                 "Messages returned to the queue from dead workers' processing lists",
             ),
             cert_expiry,
+            circuit_state: gauge(
+                r,
+                "worker_circuit_state",
+                "The circuit breaker on the main server: 0 closed, 1 half-open (probing), 2 open (not claiming)",
+            ),
+            released: queue_counter(
+                r,
+                "worker_released_messages_total",
+                "Messages returned to their queue without using an attempt: the main server failed while the circuit was open",
+                queues,
+                None,
+            ),
             registry,
         }
+    }
+
+    pub fn set_circuit(&self, state: crate::breaker::State) {
+        self.circuit_state.set(state.gauge());
+    }
+
+    pub fn released(&self, q: usize) {
+        self.released.with_label_values(&[self.queue_name(q)]).inc();
     }
 
     /// The series of queue `q`; an index past the list (never handed out) counts on the first.

@@ -86,6 +86,8 @@ pub struct Promoted {
     pub moved: usize,
     /// How long until the next retry is due, if any is waiting.
     pub next_due_in: Option<Duration>,
+    /// Due retries stayed in the retry set because the ready list is full enough.
+    pub held_back: bool,
 }
 
 /// A worker's handle on one of its queues: a multiplexed, self-reconnecting connection for
@@ -357,19 +359,37 @@ impl Queue {
         Ok(moved > 0)
     }
 
+    /// Returns a message from processing to the front of the ready list unchanged: its attempt
+    /// was stopped by the circuit breaker, not failed by the message.
+    pub async fn release(&self, raw: &[u8]) -> Result<bool, QueueError> {
+        let moved: i64 = self
+            .scripts
+            .release
+            .key(&self.processing)
+            .key(&self.keys.ready)
+            .arg(raw)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(moved > 0)
+    }
+
     /// Moves up to `limit` due retries back to the ready list.
-    pub async fn promote_due(&self, limit: usize) -> Result<Promoted, QueueError> {
+    /// Moves up to `limit` due retries back to the ready list, only while it holds fewer than
+    /// `high_water` messages.
+    pub async fn promote_due(&self, limit: usize, high_water: usize) -> Result<Promoted, QueueError> {
         let (moved, next): (usize, i64) = self
             .scripts
             .promote
             .key(&self.keys.retry)
             .key(&self.keys.ready)
             .arg(limit)
+            .arg(high_water)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(Promoted {
             moved,
             next_due_in: u64::try_from(next).ok().map(Duration::from_millis),
+            held_back: next == -2,
         })
     }
 

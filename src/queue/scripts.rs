@@ -8,6 +8,7 @@ pub(super) struct Scripts {
     pub(super) claim: Script,
     pub(super) retry: Script,
     pub(super) dead: Script,
+    pub(super) release: Script,
     pub(super) promote: Script,
     pub(super) give_back: Script,
     pub(super) register: Script,
@@ -75,18 +76,34 @@ impl Scripts {
                   redis.call('LPUSH', KEYS[2], ARGV[2])
                   return 1",
             ),
+            // Returns one message from processing KEYS[1] to the front of the ready list KEYS[2]
+            // as it was: no attempt used.
+            release: Script::new(
+                r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+                  redis.call('RPUSH', KEYS[2], ARGV[1])
+                  return 1",
+            ),
             // Moves up to ARGV[1] due retries to the back of the ready list; returns how many and
             // the ms until the next one is due (-1: none waiting).
+            // Only while the ready list holds fewer than ARGV[2]: after an outage the retries
+            // that fell due meanwhile join the queue no faster than workers take them, and
+            // the rest wait in the retry set. Returns -2 for the wait when due retries were
+            // held back for that.
             promote: Script::new(
                 r"local t = redis.call('TIME')
                   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-                  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+                  local room = math.min(tonumber(ARGV[1]), tonumber(ARGV[2]) - redis.call('LLEN', KEYS[2]))
+                  local due = {}
+                  if room > 0 then
+                    due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, room)
+                  end
                   if #due > 0 then
                     redis.call('ZREM', KEYS[1], unpack(due))
                     redis.call('LPUSH', KEYS[2], unpack(due))
                   end
                   local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
                   if #next == 0 then return {#due, -1} end
+                  if room <= 0 and tonumber(next[2]) <= now then return {#due, -2} end
                   return {#due, math.max(0, tonumber(next[2]) - now)}",
             ),
             // Returns a processing list KEYS[1] to the front of the ready list KEYS[2], oldest

@@ -5,13 +5,16 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use tokio::sync::{mpsc, Notify, Semaphore};
+use std::collections::HashMap;
+
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
 use super::retry::Backoff;
 use super::settle::{log_summary, Context, StatusReport};
+use crate::breaker::State;
 use crate::config::{TlsSettings, WorkerSettings};
 use crate::delivery::Deliverer;
 use crate::metrics::Metrics;
@@ -21,6 +24,14 @@ use crate::tls::ClientTls;
 
 /// Most due retries moved back to the queue by one promoter call.
 const PROMOTE_BATCH: usize = 1000;
+/// Due retries join the ready list only while it holds fewer than this: after an outage they
+/// do not flood the queue (or the main server) at once.
+const PROMOTE_HIGH_WATER: usize = 1000;
+/// How long the promoter waits when it held due retries back for a full ready list.
+const HELD_BACK_PAUSE: Duration = Duration::from_millis(250);
+/// Status updates waiting while the circuit is open, one per message; past this new ones are
+/// dropped (and counted).
+const STATUS_BACKLOG: usize = 4096;
 /// The shortest pause between two promotions that leave retries waiting. Retries fall due
 /// continuously under a steady failure rate; without a floor the promoter would wake for
 /// every millisecond's one or two, a script call each. 20 ms late is nothing next to a
@@ -111,6 +122,7 @@ impl Background {
                 context.metrics.clone(),
                 statuses,
                 worker.concurrency,
+                context.flow.subscribe(),
             )
             .instrument(tracing::info_span!("status")),
         );
@@ -142,39 +154,70 @@ async fn watchdog(every: Duration, stop: CancellationToken) {
     }
 }
 
-/// Sends status updates with at most `limit` under way at once.
+/// Sends status updates with at most `limit` under way at once. While the circuit breaker is
+/// open the updates wait, one per message (the latest wins), and go out when the main server
+/// answers again; past `STATUS_BACKLOG` messages waiting, new ones are dropped and counted.
 async fn report_statuses(
     deliverer: Arc<Deliverer>,
     metrics: Arc<Metrics>,
     mut reports: mpsc::Receiver<StatusReport>,
     limit: usize,
+    mut circuit: watch::Receiver<State>,
 ) {
     let slots = Arc::new(Semaphore::new(limit));
     let tasks = TaskTracker::new();
-    while let Some(report) = reports.recv().await {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            break;
-        };
-        let deliverer = deliverer.clone();
-        let metrics = metrics.clone();
-        tasks.spawn(async move {
-            let StatusReport {
-                message_id,
-                status,
-                attempt_count,
-                error,
-            } = report;
-            match deliverer.update_status(&message_id, status, attempt_count, &error).await {
-                Ok(()) => metrics.status_update("ok"),
-                Err(e) => {
-                    metrics.status_update("failed");
-                    // Counted in worker_status_updates_total{result="failed"}; during an outage
-                    // every failed delivery brings one, so they stay out of the normal log.
-                    debug!(message_id = %message_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+    let mut waiting: HashMap<String, StatusReport> = HashMap::new();
+    let mut open_circuit = true;
+    loop {
+        let closing = tokio::select! {
+            report = reports.recv() => match report {
+                Some(report) => {
+                    if waiting.len() >= STATUS_BACKLOG && !waiting.contains_key(&report.message_id) {
+                        metrics.status_update("dropped");
+                    } else {
+                        waiting.insert(report.message_id.clone(), report);
+                    }
+                    false
                 }
+                None => true,
+            },
+            changed = circuit.changed(), if open_circuit => {
+                open_circuit = changed.is_ok();
+                false
             }
-            drop(permit);
-        });
+        };
+        let open = *circuit.borrow() == State::Open;
+        if open && !closing {
+            continue;
+        }
+        for (_, report) in waiting.drain() {
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let deliverer = deliverer.clone();
+            let metrics = metrics.clone();
+            tasks.spawn(async move {
+                let StatusReport {
+                    message_id,
+                    status,
+                    attempt_count,
+                    error,
+                } = report;
+                match deliverer.update_status(&message_id, status, attempt_count, &error).await {
+                    Ok(()) => metrics.status_update("ok"),
+                    Err(e) => {
+                        metrics.status_update("failed");
+                        // Counted in worker_status_updates_total{result="failed"}; during an outage
+                        // every failed delivery brings one, so they stay out of the normal log.
+                        debug!(message_id = %message_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+                    }
+                }
+                drop(permit);
+            });
+        }
+        if closing {
+            break;
+        }
     }
     tasks.close();
     tasks.wait().await;
@@ -352,13 +395,17 @@ async fn promote(context: Arc<Context>, q: usize, retry_interval: Duration, stop
     let longest = retry_interval.min(Duration::from_secs(1));
     let mut backoff = Backoff::default();
     loop {
-        let wait = match context.queue(q).promote_due(PROMOTE_BATCH).await {
+        let wait = match context.queue(q).promote_due(PROMOTE_BATCH, PROMOTE_HIGH_WATER).await {
             Ok(promoted) => {
                 backoff.reset();
                 if promoted.moved > 0 {
                     debug!(count = promoted.moved, "Moved due retries back to the queue");
                 }
-                next_promotion(promoted.moved, promoted.next_due_in, longest)
+                if promoted.held_back {
+                    HELD_BACK_PAUSE
+                } else {
+                    next_promotion(promoted.moved, promoted.next_due_in, longest)
+                }
             }
             Err(e) => {
                 context.redis_error(&e, "promote");

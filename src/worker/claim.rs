@@ -77,8 +77,28 @@ pub(super) async fn claim(
                 Err(_) => return,
             },
         };
+        // How many may be under way: fewer while the circuit breaker probes or a Retry-After
+        // pause runs, none while it is open.
+        let (limit, look_again) = context.flow.admit(&context.health);
+        let others = concurrency.saturating_sub(slots.available_permits() + 1);
+        if others >= limit {
+            drop(first);
+            let wake = async {
+                match look_again {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                _ = context.flow.changed.notified() => {}
+                _ = wake => {}
+            }
+            continue;
+        }
         let mut permits = vec![first];
-        while permits.len() < batch_size {
+        while permits.len() < batch_size.min(limit - others) {
             match slots.clone().try_acquire_owned() {
                 Ok(permit) => permits.push(permit),
                 Err(_) => break,
@@ -129,6 +149,7 @@ pub(super) async fn claim(
             let Some(permit) = permits.next() else {
                 break;
             };
+            context.flow.token().await;
             let context = context.clone();
             let raw = Bytes::from(raw);
             // No span per message: the log format does not print spans, and every event about
@@ -141,6 +162,7 @@ pub(super) async fn claim(
                     context.internal_error(q, &raw, &panic_text(panic.as_ref())).await;
                 }
                 drop(permit);
+                context.flow.changed.notify_one();
             });
         }
     }

@@ -9,6 +9,7 @@
 mod background;
 mod claim;
 mod drain;
+mod flow;
 mod retry;
 mod settle;
 mod startup;

@@ -49,6 +49,8 @@ pub(super) struct Context {
     pub(super) max_message_bytes: usize,
     /// Reclaims past which a message is dead-lettered as `poisoned` (0: never).
     pub(super) max_reclaims: u32,
+    /// The circuit breaker, the pause on Retry-After and the rate limit.
+    pub(super) flow: super::flow::Flow,
     /// Set by the heartbeat when another process has taken this worker's id.
     pub(super) id_taken: std::sync::atomic::AtomicBool,
 }
@@ -81,6 +83,7 @@ impl Context {
             },
             max_message_bytes: worker.max_message_bytes,
             max_reclaims: worker.max_reclaims,
+            flow: super::flow::Flow::new(worker.breaker, worker.concurrency, worker.rate_limit),
             id_taken: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -196,6 +199,17 @@ impl Context {
             self.policy.max_attempts
         );
         let attempt = self.deliverer.deliver(&envelope).await;
+        if self.flow.record(&attempt.result, &self.health) {
+            // The server failed while the circuit is open: not the message's doing. It goes
+            // back to the front of its queue as it was, no attempt used, no status update.
+            if let Err(e) = &attempt.result {
+                self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
+            }
+            if self.settle(|| self.queue(q).release(envelope.raw())).await {
+                self.metrics.released(q);
+            }
+            return;
+        }
         let (cause, error) = match &attempt.result {
             Ok(()) => {
                 self.metrics.delivered(q, attempt.elapsed);

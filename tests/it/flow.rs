@@ -35,6 +35,8 @@ async fn jitter_spreads_the_due_times_of_a_batch_that_failed_together() {
             &[
                 ("WORKER_RETRY_INTERVAL", "20"),
                 ("WORKER_RETRY_JITTER", jitter),
+                // Every first attempt fails: the breaker would take it for an outage.
+                ("WORKER_BREAKER", "false"),
                 ("WORKER_CONCURRENCY", "50"),
                 ("WORKER_BATCH_SIZE", "50"),
             ],
@@ -112,4 +114,115 @@ async fn a_message_the_worker_dies_on_is_dead_lettered_as_poisoned_after_max_rec
     ] {
         assert_eq!(len(&redis, &key).await, 0, "{key} ends empty");
     }
+}
+
+mod slow {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use crate::common::*;
+    use courier::devtools::sink::{self, Reply};
+
+    #[tokio::test]
+    async fn a_forty_second_outage_costs_few_requests_and_no_attempts_or_messages() {
+        let (redis, pki) = (RedisServer::start().await, Pki::new());
+        let down = Arc::new(AtomicBool::new(true));
+        let answer = down.clone();
+        let sink = start_sink(
+            &pki,
+            Arc::new(move |_: &sink::Call| match answer.load(Ordering::Acquire) {
+                true => Reply::status(503),
+                false => Reply::status(200),
+            }),
+        )
+        .await;
+        let ids: Vec<String> = (0..2000).map(|i| format!("outage-{i}")).collect();
+        enqueue(&redis, Q, &ids.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
+        let outage = Instant::now();
+        let worker = start_worker(&env(
+            &redis,
+            &sink.url(),
+            &pki,
+            "w-outage",
+            &[
+                ("WORKER_RETRY_INTERVAL", "1"),
+                ("WORKER_MAX_ATTEMPTS", "20"),
+                ("WORKER_CONCURRENCY", "16"),
+            ],
+        ))
+        .await;
+        // The breaker opens: /ready says so, and the gauge.
+        eventually(|| async {
+            let (status, body) = get(&worker.url("/ready")).await;
+            status == 503 && body.contains("circuit open")
+        })
+        .await;
+        let (_, metrics) = get(&worker.url("/metrics")).await;
+        assert!(
+            metrics.contains(r#"worker_circuit_state{worker_id="w-outage"} 2"#),
+            "{metrics}"
+        );
+        tokio::time::sleep(Duration::from_secs(40).saturating_sub(outage.elapsed())).await;
+        down.store(false, Ordering::Release);
+        let during = sink.record.calls().len();
+        eprintln!("outage[requests during 40 s: {during}]");
+        assert!(during <= 300, "{during} requests reached the failing server");
+
+        // A probe finds the server back; everything is delivered, nothing used up its attempts.
+        assert!(
+            sink.wait_for(Duration::from_secs(90), |r| {
+                let seen: std::collections::BTreeSet<String> = r.delivered().into_iter().collect();
+                seen.len() == ids.len()
+            })
+            .await,
+            "every message delivered after the outage"
+        );
+        let (_, metrics) = get(&worker.url("/metrics")).await;
+        assert!(
+            metrics.contains(r#"worker_circuit_state{worker_id="w-outage"} 0"#),
+            "{metrics}"
+        );
+        assert_eq!(get(&worker.url("/ready")).await.0, 200);
+        worker.stop().await;
+        assert!(dead_letters(&redis, Q).await.is_empty(), "nothing dead");
+        for key in [Q.to_string(), keys().retry, keys().processing("w-outage")] {
+            assert_eq!(len(&redis, &key).await, 0, "{key} ends empty");
+        }
+        let most_attempts = sink.record.deliveries().iter().map(|c| c.attempt).max().unwrap_or(0);
+        eprintln!("outage[highest attempt: {most_attempts}]");
+        assert!(
+            most_attempts <= 3,
+            "the outage used at most a couple of attempts: {most_attempts}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_rate_limit_holds_within_ten_percent_over_five_seconds() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let items: Vec<String> = (0..900).map(|i| message(&format!("rate-{i}"))).collect();
+    enqueue(&redis, Q, &items).await;
+    let worker = start_worker(&env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-rate",
+        &[("WORKER_RATE_LIMIT", "100"), ("WORKER_CONCURRENCY", "32")],
+    ))
+    .await;
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 700).await);
+    worker.stop().await;
+    let arrivals: Vec<std::time::Instant> = sink.record.deliveries().iter().map(|c| c.arrived).collect();
+    let first = *arrivals.iter().min().expect("deliveries");
+    // Five seconds, starting one second in (past the bucket's first token).
+    let from = first + std::time::Duration::from_secs(1);
+    let to = from + std::time::Duration::from_secs(5);
+    let in_window = arrivals.iter().filter(|at| **at >= from && **at < to).count();
+    eprintln!("rate[{in_window} deliveries in 5 s at WORKER_RATE_LIMIT=100]");
+    assert!(
+        (450..=550).contains(&in_window),
+        "{in_window} in 5 s, expected 500 ± 10%"
+    );
 }

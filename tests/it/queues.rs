@@ -103,6 +103,8 @@ async fn each_queue_keeps_its_own_retries_and_dead_letters() {
         &[
             ("REDIS_QUEUE_NAMES", &QUEUES.join(",")),
             ("WORKER_RETRY_INTERVAL", "0.5"),
+            // Every first attempt fails, which the breaker would take for an outage.
+            ("WORKER_BREAKER", "false"),
         ],
     ))
     .await;

@@ -1,0 +1,157 @@
+//! Flow control towards the main server: how many deliveries may be under way now. The
+//! circuit breaker (stop while the server is failing, probe, close gradually), a pause as
+//! long as a `Retry-After` on a 429 or 503, and a token-bucket rate limit.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::admin::Health;
+use crate::breaker::{Breaker, BreakerSettings, State, Transition, Verdict};
+use crate::delivery::DeliveryError;
+
+/// The longest a `Retry-After` pauses the whole worker.
+const MAX_PAUSE: Duration = Duration::from_secs(300);
+
+pub(super) struct Flow {
+    concurrency: usize,
+    breaker: Mutex<Breaker>,
+    /// Nothing is started before this (a `Retry-After` on a 429 or 503).
+    paused_until: Mutex<Option<Instant>>,
+    rate: Option<Mutex<Bucket>>,
+    /// Woken when a delivery finishes or the state changes: the claimer looks again.
+    pub(super) changed: Notify,
+    state: watch::Sender<State>,
+}
+
+/// A token bucket: `rate` tokens a second, at most one second's worth saved up.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Flow {
+    pub(super) fn new(breaker: BreakerSettings, concurrency: usize, rate_limit: f64) -> Flow {
+        Flow {
+            concurrency,
+            breaker: Mutex::new(Breaker::new(breaker, Instant::now().into_std())),
+            paused_until: Mutex::new(None),
+            rate: (rate_limit > 0.0).then(|| {
+                Mutex::new(Bucket {
+                    rate: rate_limit,
+                    tokens: rate_limit.min(1.0),
+                    at: Instant::now(),
+                })
+            }),
+            changed: Notify::new(),
+            state: watch::channel(State::Closed).0,
+        }
+    }
+
+    /// Follows the breaker's state (for the status reporter).
+    pub(super) fn subscribe(&self) -> watch::Receiver<State> {
+        self.state.subscribe()
+    }
+
+    /// Records an attempt. Returns true when the message should go back to its queue unchanged:
+    /// the server failed while the circuit is open, so the attempt says nothing about the
+    /// message.
+    pub(super) fn record(&self, result: &Result<(), DeliveryError>, health: &Health) -> bool {
+        let verdict = Verdict::of(result);
+        if let Err(DeliveryError::Status {
+            status: 429 | 503,
+            retry_after: Some(after),
+            ..
+        }) = result
+        {
+            self.pause(*after);
+        }
+        let now = Instant::now().into_std();
+        let (transition, open) = {
+            let mut breaker = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let transition = breaker.record(verdict, now);
+            (transition, breaker.state() == State::Open)
+        };
+        if let Some(transition) = transition {
+            self.moved(transition, health);
+        }
+        open && verdict == Verdict::ServerFailure
+    }
+
+    /// The main server asked, with `Retry-After`, for a pause: nothing new starts until then.
+    fn pause(&self, after: Duration) {
+        let until = Instant::now() + after.min(MAX_PAUSE);
+        let mut paused = self
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if paused.is_none_or(|at| at < until) {
+            *paused = Some(until);
+        }
+    }
+
+    /// How many deliveries may be under way now, and when to look again if that is fewer than
+    /// the concurrency (a probe or the end of a pause falls due).
+    pub(super) fn admit(&self, health: &Health) -> (usize, Option<Instant>) {
+        let now = Instant::now();
+        if let Some(until) = *self
+            .paused_until
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        {
+            if now < until {
+                return (0, Some(until));
+            }
+        }
+        let (limit, transition, probe) = {
+            let mut breaker = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let (limit, transition) = breaker.admit(self.concurrency, now.into_std());
+            (limit, transition, breaker.next_probe())
+        };
+        if let Some(transition) = transition {
+            self.moved(transition, health);
+        }
+        (limit, probe.map(Instant::from_std))
+    }
+
+    /// Waits for a token of the rate limit, when there is one.
+    pub(super) async fn token(&self) {
+        let Some(bucket) = &self.rate else {
+            return;
+        };
+        loop {
+            let wait = {
+                let mut bucket = bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let now = Instant::now();
+                let earned = now.saturating_duration_since(bucket.at).as_secs_f64() * bucket.rate;
+                bucket.tokens = (bucket.tokens + earned).min(bucket.rate.max(1.0));
+                bucket.at = now;
+                if bucket.tokens >= 1.0 {
+                    bucket.tokens -= 1.0;
+                    return;
+                }
+                Duration::from_secs_f64((1.0 - bucket.tokens) / bucket.rate)
+            };
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn moved(&self, transition: Transition, health: &Health) {
+        health.set_circuit(transition.to);
+        self.state.send_replace(transition.to);
+        self.changed.notify_one();
+        match transition.to {
+            State::Open => warn!(
+                from = transition.from.as_str(),
+                next_probe_in = ?transition.next_probe_in.unwrap_or_default(),
+                "Main server failing: circuit open. No new deliveries; messages it fails now go back to the queue without using an attempt. /ready answers 503 until it answers again"
+            ),
+            State::HalfOpen => info!("Circuit half-open: probing the main server with one delivery"),
+            State::Closed => info!("Main server answering again: circuit closed, full concurrency"),
+        }
+    }
+}
