@@ -90,6 +90,14 @@ pub fn always_ok() -> Behaviour {
     Arc::new(|_| Reply::status(200))
 }
 
+/// Answers every call 200 after `delay`: a main server that takes its time.
+pub fn delayed(delay: Duration) -> Behaviour {
+    Arc::new(move |_| Reply {
+        delay,
+        ..Reply::status(200)
+    })
+}
+
 /// Answers a message's first `n` delivery attempts with `status`, then 200.
 pub fn fail_first(n: u64, status: u16) -> Behaviour {
     Arc::new(move |call| match call.endpoint {

@@ -2,12 +2,11 @@
 //! land on different nodes, a worker killed mid-run, and nothing lost.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
 use courier::devtools::harness;
-use courier::devtools::sink::{self, Reply};
+use courier::devtools::sink;
 use courier::queue::Keys;
 use redis::AsyncCommands;
 
@@ -126,14 +125,7 @@ async fn a_worker_killed_mid_run_on_a_three_master_cluster_loses_nothing() {
     assert!(nodes.len() >= 2, "the queues live on different nodes: {nodes:?}");
 
     // Slow enough answers that the worker holds a good number of messages when it dies.
-    let sink = start_sink(
-        &pki,
-        Arc::new(|_: &sink::Call| Reply {
-            delay: Duration::from_millis(5),
-            ..Reply::status(200)
-        }),
-    )
-    .await;
+    let sink = start_sink(&pki, sink::delayed(Duration::from_millis(5))).await;
     let mut conn = cluster.conn().await;
     let mut all = BTreeSet::new();
     for queue in QUEUES {

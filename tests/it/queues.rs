@@ -34,14 +34,7 @@ async fn all_empty(redis: &RedisServer, worker_id: &str) {
 async fn a_burst_on_the_high_queue_overtakes_a_backlog_on_the_low_one() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     // Each delivery takes a moment, so the low backlog lasts a few seconds.
-    let sink = start_sink(
-        &pki,
-        Arc::new(|_: &sink::Call| Reply {
-            delay: Duration::from_millis(2),
-            ..Reply::status(200)
-        }),
-    )
-    .await;
+    let sink = start_sink(&pki, sink::delayed(Duration::from_millis(2))).await;
     let low = ids("low", 2000);
     enqueue(&redis, "jobs.low", &messages(&low)).await;
     let worker = start_worker(&env(

@@ -2,12 +2,11 @@
 //! worker follows the promoted replica without a restart, losing nothing.
 
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::*;
 use courier::devtools::harness;
-use courier::devtools::sink::{self, Reply};
+use courier::devtools::sink;
 
 struct TestSentinels {
     set: harness::Sentinels,
@@ -35,14 +34,7 @@ async fn node(port: u16) -> redis::aio::MultiplexedConnection {
 #[tokio::test]
 async fn the_worker_follows_a_failover_and_loses_nothing() {
     let (sentinels, pki) = (start_sentinels().await, Pki::new());
-    let sink = start_sink(
-        &pki,
-        Arc::new(|_: &sink::Call| Reply {
-            delay: Duration::from_millis(3),
-            ..Reply::status(200)
-        }),
-    )
-    .await;
+    let sink = start_sink(&pki, sink::delayed(Duration::from_millis(3))).await;
     let replica_port = sentinels.set.replicas[0].port;
     let vars = env_at(
         1,
