@@ -632,6 +632,9 @@ mod slow {
                 ("WORKER_CONCURRENCY", "64"),
                 ("WORKER_MAX_ATTEMPTS", "2"),
                 ("WORKER_RETRY_INTERVAL", "0.05"),
+                // Every attempt failing would open the breaker: the log of 5,000 failures is
+                // the subject here.
+                ("WORKER_BREAKER", "false"),
             ],
         );
         let mut child = spawn_worker(&vars, pki.dir.path());
