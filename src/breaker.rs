@@ -236,6 +236,70 @@ impl Breaker {
     }
 }
 
+/// Adaptive concurrency: an AIMD limit on deliveries under way, between 1 and the configured
+/// concurrency. Each delivery that succeeds in normal time raises it by 1/limit (one step per
+/// limit's worth of deliveries, about one per round trip); a 429, a 503, a timeout or a delivery
+/// taking over three times the running average (and 50 ms more) halves it, at most once per
+/// average latency.
+#[derive(Debug)]
+pub struct Aimd {
+    limit: f64,
+    max: f64,
+    /// Running average of successful deliveries' latency, seconds (0: none yet).
+    average: f64,
+    last_cut: Option<Instant>,
+}
+
+impl Aimd {
+    pub fn new(max: usize) -> Aimd {
+        let max = max.max(1) as f64;
+        Aimd {
+            limit: 1.0_f64.max(max / 4.0).min(max),
+            max,
+            average: 0.0,
+            last_cut: None,
+        }
+    }
+
+    /// The whole deliveries that may be under way.
+    pub fn limit(&self) -> usize {
+        // Between 1 and `max`, which came from a usize: the conversion is exact.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+        let limit = self.limit.floor() as usize;
+        limit.max(1)
+    }
+
+    /// Records a delivery's outcome and latency.
+    pub fn record(&mut self, result: &Result<(), DeliveryError>, elapsed: Duration, now: Instant) {
+        let seconds = elapsed.as_secs_f64();
+        let overloaded = match result {
+            // Slower than three times the average and by at least 50 ms: a sign of queueing
+            // at the server, not the noise of a fast one.
+            Ok(()) => self.average > 0.0 && seconds > 3.0 * self.average && seconds > self.average + 0.05,
+            Err(DeliveryError::Status { status: 429 | 503, .. }) | Err(DeliveryError::Timeout(_)) => true,
+            Err(_) => false,
+        };
+        if result.is_ok() {
+            self.average = if self.average == 0.0 {
+                seconds
+            } else {
+                0.9 * self.average + 0.1 * seconds
+            };
+        }
+        if overloaded {
+            let recent = self
+                .last_cut
+                .is_some_and(|at| now.saturating_duration_since(at).as_secs_f64() < self.average.max(0.001));
+            if !recent {
+                self.limit = (self.limit / 2.0).max(1.0);
+                self.last_cut = Some(now);
+            }
+        } else if result.is_ok() {
+            self.limit = (self.limit + 1.0 / self.limit).min(self.max);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -341,6 +405,38 @@ mod tests {
             b.record(Verdict::ServerFailure, now).and_then(|t| t.next_probe_in),
             Some(secs(1.0))
         );
+    }
+
+    #[test]
+    fn adaptive_concurrency_climbs_on_good_answers_and_halves_on_overload() {
+        let t0 = Instant::now();
+        let mut aimd = Aimd::new(64);
+        assert_eq!(aimd.limit(), 16, "starts at a quarter");
+        let ms = Duration::from_millis;
+        for i in 0..2000 {
+            aimd.record(&Ok(()), ms(10), t0 + ms(i));
+        }
+        assert_eq!(aimd.limit(), 64, "good answers take it to the full concurrency");
+        let busy = Err(DeliveryError::Status {
+            status: 429,
+            retry_after: None,
+            body: String::new(),
+        });
+        aimd.record(&busy, ms(10), t0 + ms(3000));
+        assert_eq!(aimd.limit(), 32);
+        aimd.record(&busy, ms(10), t0 + ms(3001));
+        assert_eq!(aimd.limit(), 32, "one cut per average latency (10 ms)");
+        aimd.record(&Ok(()), ms(25), t0 + ms(3050));
+        assert_eq!(aimd.limit(), 32, "a little slower than usual is noise");
+        aimd.record(&Ok(()), ms(500), t0 + ms(3100));
+        assert_eq!(aimd.limit(), 16, "a delivery far slower than usual is overload too");
+        for i in 0..100 {
+            aimd.record(&busy, ms(10), t0 + ms(4000 + i * 100));
+        }
+        assert_eq!(aimd.limit(), 1, "never below one");
+        let refused = Err(DeliveryError::Connect(std::sync::Arc::new(std::io::Error::other("x"))));
+        aimd.record(&refused, ms(1), t0 + ms(20_000));
+        assert_eq!(aimd.limit(), 1, "an unreachable server is the breaker's business");
     }
 
     #[test]

@@ -76,6 +76,7 @@ const KNOWN: &[Known] = &[
     k("worker.breaker_probe_min", "WORKER_BREAKER_PROBE_MIN", "1"),
     k("worker.breaker_probe_max", "WORKER_BREAKER_PROBE_MAX", "30"),
     k("worker.rate_limit", "WORKER_RATE_LIMIT", "0"),
+    k("worker.adaptive_concurrency", "WORKER_ADAPTIVE_CONCURRENCY", "false"),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -267,6 +268,8 @@ pub struct WorkerSettings {
     pub breaker: crate::breaker::BreakerSettings,
     /// Deliveries per second at most (0: no limit).
     pub rate_limit: f64,
+    /// An AIMD limit on deliveries under way, between 1 and `concurrency`.
+    pub adaptive_concurrency: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -833,6 +836,7 @@ impl Source<'_> {
                 probe_min: self.seconds("worker.breaker_probe_min", 0.01, 86_400.0)?,
                 probe_max: self.seconds("worker.breaker_probe_max", 0.01, 86_400.0)?,
             },
+            adaptive_concurrency: self.flag("worker.adaptive_concurrency")?,
             rate_limit: {
                 let expected = "expected deliveries per second, 0 for no limit";
                 let rate: f64 = self.parse("worker.rate_limit", expected)?;

@@ -65,6 +65,7 @@ pub struct Metrics {
     cert_expiry: Gauge,
     circuit_state: IntGauge,
     released: IntCounterVec,
+    concurrency_limit: IntGauge,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -287,6 +288,11 @@ impl Metrics {
                 "worker_circuit_state",
                 "The circuit breaker on the main server: 0 closed, 1 half-open (probing), 2 open (not claiming)",
             ),
+            concurrency_limit: gauge(
+                r,
+                "worker_concurrency_limit",
+                "Deliveries allowed under way at once by adaptive concurrency (WORKER_ADAPTIVE_CONCURRENCY)",
+            ),
             released: queue_counter(
                 r,
                 "worker_released_messages_total",
@@ -300,6 +306,10 @@ impl Metrics {
 
     pub fn set_circuit(&self, state: crate::breaker::State) {
         self.circuit_state.set(state.gauge());
+    }
+
+    pub fn set_concurrency_limit(&self, limit: usize) {
+        self.concurrency_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     pub fn released(&self, q: usize) {

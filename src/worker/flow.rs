@@ -10,7 +10,7 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::admin::Health;
-use crate::breaker::{Breaker, BreakerSettings, State, Transition, Verdict};
+use crate::breaker::{Aimd, Breaker, BreakerSettings, State, Transition, Verdict};
 use crate::delivery::DeliveryError;
 
 /// The longest a `Retry-After` pauses the whole worker.
@@ -22,6 +22,8 @@ pub(super) struct Flow {
     /// Nothing is started before this (a `Retry-After` on a 429 or 503).
     paused_until: Mutex<Option<Instant>>,
     rate: Option<Mutex<Bucket>>,
+    /// Adaptive concurrency, when on.
+    adaptive: Option<Mutex<Aimd>>,
     /// Woken when a delivery finishes or the state changes: the claimer looks again.
     pub(super) changed: Notify,
     state: watch::Sender<State>,
@@ -35,9 +37,10 @@ struct Bucket {
 }
 
 impl Flow {
-    pub(super) fn new(breaker: BreakerSettings, concurrency: usize, rate_limit: f64) -> Flow {
+    pub(super) fn new(breaker: BreakerSettings, concurrency: usize, rate_limit: f64, adaptive: bool) -> Flow {
         Flow {
             concurrency,
+            adaptive: adaptive.then(|| Mutex::new(Aimd::new(concurrency))),
             breaker: Mutex::new(Breaker::new(breaker, Instant::now().into_std())),
             paused_until: Mutex::new(None),
             rate: (rate_limit > 0.0).then(|| {
@@ -60,8 +63,13 @@ impl Flow {
     /// Records an attempt. Returns true when the message should go back to its queue unchanged:
     /// the server failed while the circuit is open, so the attempt says nothing about the
     /// message.
-    pub(super) fn record(&self, result: &Result<(), DeliveryError>, health: &Health) -> bool {
+    pub(super) fn record(&self, result: &Result<(), DeliveryError>, elapsed: Duration, health: &Health) -> bool {
         let verdict = Verdict::of(result);
+        if let Some(adaptive) = &self.adaptive {
+            let mut aimd = adaptive.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            aimd.record(result, elapsed, Instant::now().into_std());
+            health.set_concurrency_limit(aimd.limit());
+        }
         if let Err(DeliveryError::Status {
             status: 429 | 503,
             retry_after: Some(after),
@@ -115,6 +123,15 @@ impl Flow {
         if let Some(transition) = transition {
             self.moved(transition, health);
         }
+        let limit = match &self.adaptive {
+            Some(adaptive) => limit.min(
+                adaptive
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .limit(),
+            ),
+            None => limit,
+        };
         (limit, probe.map(Instant::from_std))
     }
 

@@ -83,7 +83,12 @@ impl Context {
             },
             max_message_bytes: worker.max_message_bytes,
             max_reclaims: worker.max_reclaims,
-            flow: super::flow::Flow::new(worker.breaker, worker.concurrency, worker.rate_limit),
+            flow: super::flow::Flow::new(
+                worker.breaker,
+                worker.concurrency,
+                worker.rate_limit,
+                worker.adaptive_concurrency,
+            ),
             id_taken: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -199,7 +204,7 @@ impl Context {
             self.policy.max_attempts
         );
         let attempt = self.deliverer.deliver(&envelope).await;
-        if self.flow.record(&attempt.result, &self.health) {
+        if self.flow.record(&attempt.result, attempt.elapsed, &self.health) {
             // The server failed while the circuit is open: not the message's doing. It goes
             // back to the front of its queue as it was, no attempt used, no status update.
             if let Err(e) = &attempt.result {

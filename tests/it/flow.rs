@@ -226,3 +226,40 @@ async fn the_rate_limit_holds_within_ten_percent_over_five_seconds() {
         "{in_window} in 5 s, expected 500 ± 10%"
     );
 }
+
+#[tokio::test]
+async fn adaptive_concurrency_backs_off_on_429s_and_delivers_everything() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    // Every tenth message's first attempt is refused as too many requests.
+    let sink = start_sink(
+        &pki,
+        std::sync::Arc::new(|call: &sink::Call| match call.endpoint {
+            sink::Endpoint::Deliver if call.attempt == 1 && call.message_id.ends_with('0') => sink::Reply::status(429),
+            _ => sink::Reply::status(200),
+        }),
+    )
+    .await;
+    // 1,000 good answers alone would take the limit from 8 to the full 32.
+    let items: Vec<String> = (0..1000).map(|i| message(&format!("aimd-{i}"))).collect();
+    enqueue(&redis, Q, &items).await;
+    let worker = start_worker(&env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-aimd",
+        &[("WORKER_ADAPTIVE_CONCURRENCY", "true"), ("WORKER_CONCURRENCY", "32")],
+    ))
+    .await;
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 1000).await);
+    let (_, metrics) = get(&worker.url("/metrics")).await;
+    let limit: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"worker_concurrency_limit{worker_id="w-aimd"} "#))
+        .and_then(|v| v.parse().ok())
+        .expect("the limit is exported");
+    worker.stop().await;
+    assert!(
+        (1.0..32.0).contains(&limit),
+        "the 429s kept it under the concurrency: {limit}"
+    );
+}
