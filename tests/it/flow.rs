@@ -263,3 +263,45 @@ async fn adaptive_concurrency_backs_off_on_429s_and_delivers_everything() {
         "the 429s kept it under the concurrency: {limit}"
     );
 }
+
+#[tokio::test]
+async fn a_503_with_retry_after_pauses_the_whole_worker_not_only_that_message() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(
+        &pki,
+        std::sync::Arc::new(|call: &sink::Call| match call.endpoint {
+            sink::Endpoint::Deliver if call.message_id == "slow-down" && call.attempt == 1 => sink::Reply {
+                retry_after: Some(2),
+                ..sink::Reply::status(503)
+            },
+            _ => sink::Reply::status(200),
+        }),
+    )
+    .await;
+    let mut items = vec![message("slow-down")];
+    items.extend((0..10).map(|i| message(&format!("after-{i}"))));
+    enqueue(&redis, Q, &items).await;
+    let worker = start_worker(&env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-pause",
+        &[("WORKER_CONCURRENCY", "1"), ("WORKER_BATCH_SIZE", "1")],
+    ))
+    .await;
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 11).await);
+    worker.stop().await;
+    let calls = sink.record.deliveries();
+    let refused = calls.iter().find(|c| c.answered == 503).expect("the 503").arrived;
+    let next = calls
+        .iter()
+        .filter(|c| c.arrived > refused)
+        .map(|c| c.arrived)
+        .min()
+        .expect("deliveries after it");
+    let gap = next.duration_since(refused);
+    assert!(
+        gap >= std::time::Duration::from_millis(1900),
+        "the next delivery came {gap:?} after the Retry-After: 2"
+    );
+}
