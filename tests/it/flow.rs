@@ -74,7 +74,8 @@ async fn a_message_the_worker_dies_on_is_dead_lettered_as_poisoned_after_max_rec
         }),
     )
     .await;
-    enqueue(&redis, Q, &[message("poison"), message("fine-1"), message("fine-2")]).await;
+    let poison = message("poison");
+    enqueue(&redis, Q, &[poison.clone(), message("fine-1"), message("fine-2")]).await;
     let vars = env(
         &redis,
         &sink.url(),
@@ -105,7 +106,7 @@ async fn a_message_the_worker_dies_on_is_dead_lettered_as_poisoned_after_max_rec
     assert_eq!(dead[0]["reason"], "poisoned");
     assert_eq!(dead[0]["reclaims"], 3);
     let raw = raw_dead_letters(&redis, Q).await;
-    assert_eq!(raw[0].message, message("poison").as_bytes(), "kept byte for byte");
+    assert_eq!(raw[0].message, poison.as_bytes(), "kept byte for byte");
     for key in [
         Q.to_string(),
         keys().retry,
