@@ -270,36 +270,21 @@ impl Connector {
         let Shape::Sentinel { master_name } = &self.hub.topology else {
             return None;
         };
-        let sentinels = match self.hub.sentinel_clients() {
-            Ok(sentinels) => sentinels,
-            Err(e) => return Some(Err(e)),
-        };
-        let mut last = None;
-        for (_, client) in &sentinels {
-            let asked = async {
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                let replicas: Vec<std::collections::HashMap<String, String>> = redis::cmd("SENTINEL")
-                    .arg("REPLICAS")
-                    .arg(master_name)
-                    .query_async(&mut conn)
-                    .await?;
-                Ok::<_, redis::RedisError>(replicas)
-            };
-            match asked.await {
-                Ok(replicas) => {
-                    let up = replicas
+        let mut replicas = redis::cmd("SENTINEL");
+        replicas.arg("REPLICAS").arg(master_name);
+        Some(
+            self.hub
+                .ask_sentinels(&replicas, |replicas: Vec<std::collections::HashMap<String, String>>| {
+                    Ok(replicas
                         .iter()
                         .filter(|r| {
                             let flags = r.get("flags").map_or("", String::as_str);
                             !flags.contains("s_down") && !flags.contains("o_down") && !flags.contains("disconnected")
                         })
-                        .count();
-                    return Some(Ok(up));
-                }
-                Err(e) => last = Some(e),
-            }
-        }
-        last.map(|e| Err(QueueError::Redis(e)))
+                        .count())
+                })
+                .await,
+        )
     }
 
     /// Under Sentinel: listens for `+switch-master` on the sentinels (one at a time, the next
@@ -339,6 +324,14 @@ impl Connector {
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
+}
+
+/// A connection for one question to a sentinel or a candidate master: quick to give up.
+async fn short_connection(client: &Client) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(CONNECT_TIMEOUT))
+        .set_response_timeout(Some(Duration::from_secs(2)));
+    client.get_multiplexed_async_connection_with_config(&config).await
 }
 
 fn manager_config(response_timeout: Duration) -> ConnectionManagerConfig {
@@ -528,37 +521,21 @@ impl Hub {
         Ok(())
     }
 
-    /// Asks each sentinel in turn for the master's address; the first answer wins.
-    async fn ask(&self) -> Result<(String, u16), QueueError> {
-        let Shape::Sentinel { master_name } = &self.topology else {
-            return Err(QueueError::Redis(redis::RedisError::from((
-                redis::ErrorKind::Client,
-                "no sentinels are configured",
-            ))));
-        };
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(Duration::from_secs(2)));
+    /// Runs `cmd` on each sentinel in turn; the first answer `take` accepts wins, else the
+    /// last error.
+    async fn ask_sentinels<T, R>(
+        &self,
+        cmd: &redis::Cmd,
+        take: impl Fn(T) -> Result<R, redis::RedisError>,
+    ) -> Result<R, QueueError>
+    where
+        T: redis::FromRedisValue,
+    {
         let mut last = None;
         for (_, client) in self.sentinel_clients()? {
-            let answer = async {
-                let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
-                let address: Option<(String, u16)> = redis::cmd("SENTINEL")
-                    .arg("GET-MASTER-ADDR-BY-NAME")
-                    .arg(master_name)
-                    .query_async(&mut conn)
-                    .await?;
-                Ok::<_, redis::RedisError>(address)
-            };
-            match answer.await {
-                Ok(Some(address)) => return Ok(address),
-                Ok(None) => {
-                    last = Some(redis::RedisError::from((
-                        redis::ErrorKind::Client,
-                        "the sentinels do not know this master name; check redis.sentinel_master (REDIS_SENTINEL_MASTER)",
-                        master_name.clone(),
-                    )));
-                }
+            let answer = async { cmd.query_async::<T>(&mut short_connection(&client).await?).await };
+            match answer.await.and_then(&take) {
+                Ok(taken) => return Ok(taken),
                 Err(e) => last = Some(e),
             }
         }
@@ -567,15 +544,31 @@ impl Hub {
         })))
     }
 
+    /// Asks the sentinels for the master's address; the first that knows it wins.
+    async fn ask(&self) -> Result<(String, u16), QueueError> {
+        let Shape::Sentinel { master_name } = &self.topology else {
+            return Err(QueueError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "no sentinels are configured",
+            ))));
+        };
+        let mut ask = redis::cmd("SENTINEL");
+        ask.arg("GET-MASTER-ADDR-BY-NAME").arg(master_name);
+        self.ask_sentinels(&ask, |address: Option<(String, u16)>| {
+            address.ok_or_else(|| {
+                redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "the sentinels do not know this master name; check redis.sentinel_master (REDIS_SENTINEL_MASTER)",
+                    master_name.clone(),
+                ))
+            })
+        })
+        .await
+    }
+
     /// Checks that `address` is a master: a sentinel's answer can run ahead of the promotion.
     async fn master_client(&self, address: &(String, u16)) -> Result<(), QueueError> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(CONNECT_TIMEOUT))
-            .set_response_timeout(Some(Duration::from_secs(2)));
-        let mut conn = self
-            .server_client(address)?
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
+        let mut conn = short_connection(&self.server_client(address)?).await?;
         let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
         match role.first() {
             Some(Value::BulkString(role)) if role.as_slice() == b"master" => Ok(()),
