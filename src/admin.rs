@@ -50,11 +50,6 @@ impl Health {
         }
     }
 
-    /// Adaptive concurrency set its limit.
-    pub fn set_concurrency_limit(&self, limit: usize) {
-        self.metrics.set_concurrency_limit(limit);
-    }
-
     /// The circuit breaker moved to `state`.
     pub fn set_circuit(&self, state: crate::breaker::State) {
         self.circuit.store(state.gauge(), Ordering::Release);

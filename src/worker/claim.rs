@@ -79,7 +79,7 @@ pub(super) async fn claim(
         };
         // How many may be under way: fewer while the circuit breaker probes or a Retry-After
         // pause runs, none while it is open.
-        let (limit, look_again) = context.flow.admit(&context.health);
+        let (limit, look_again) = context.flow.admit();
         let others = concurrency.saturating_sub(slots.available_permits() + 1);
         if others >= limit {
             drop(first);

@@ -2,7 +2,7 @@
 //! circuit breaker (stop while the server is failing, probe, close gradually), a pause as
 //! long as a `Retry-After` on a 429 or 503, and a token-bucket rate limit.
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
@@ -10,14 +10,19 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::admin::Health;
-use crate::breaker::{Aimd, Breaker, BreakerSettings, State, Transition, Verdict};
+use crate::breaker::{Aimd, Breaker, State, Transition, Verdict};
+use crate::config::WorkerSettings;
 use crate::delivery::DeliveryError;
+use crate::metrics::Metrics;
 
 /// The longest a `Retry-After` pauses the whole worker.
 const MAX_PAUSE: Duration = Duration::from_secs(300);
 
 pub(super) struct Flow {
     concurrency: usize,
+    /// Where the breaker's state shows: `/ready`, `/stats` and `worker_circuit_state`.
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
     breaker: Mutex<Breaker>,
     /// Nothing is started before this (a `Retry-After` on a 429 or 503).
     paused_until: Mutex<Option<Instant>>,
@@ -37,10 +42,13 @@ struct Bucket {
 }
 
 impl Flow {
-    pub(super) fn new(breaker: BreakerSettings, concurrency: usize, rate_limit: f64, adaptive: bool) -> Flow {
+    pub(super) fn new(worker: &WorkerSettings, health: Arc<Health>, metrics: Arc<Metrics>) -> Flow {
+        let (breaker, concurrency, rate_limit) = (worker.breaker, worker.concurrency, worker.rate_limit);
         Flow {
             concurrency,
-            adaptive: adaptive.then(|| Mutex::new(Aimd::new(concurrency))),
+            health,
+            metrics,
+            adaptive: worker.adaptive_concurrency.then(|| Mutex::new(Aimd::new(concurrency))),
             breaker: Mutex::new(Breaker::new(breaker, Instant::now().into_std())),
             paused_until: Mutex::new(None),
             rate: (rate_limit > 0.0).then(|| {
@@ -63,12 +71,12 @@ impl Flow {
     /// Records an attempt. Returns true when the message should go back to its queue unchanged:
     /// the server failed while the circuit is open, so the attempt says nothing about the
     /// message.
-    pub(super) fn record(&self, result: &Result<(), DeliveryError>, elapsed: Duration, health: &Health) -> bool {
+    pub(super) fn record(&self, result: &Result<(), DeliveryError>, elapsed: Duration) -> bool {
         let verdict = Verdict::of(result);
         if let Some(adaptive) = &self.adaptive {
             let mut aimd = adaptive.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             aimd.record(result, elapsed, Instant::now().into_std());
-            health.set_concurrency_limit(aimd.limit());
+            self.metrics.set_concurrency_limit(aimd.limit());
         }
         if let Err(DeliveryError::Status {
             status: 429 | 503,
@@ -85,7 +93,7 @@ impl Flow {
             (transition, breaker.state() == State::Open)
         };
         if let Some(transition) = transition {
-            self.moved(transition, health);
+            self.moved(transition);
         }
         open && verdict == Verdict::ServerFailure
     }
@@ -104,7 +112,7 @@ impl Flow {
 
     /// How many deliveries may be under way now, and when to look again if that is fewer than
     /// the concurrency (a probe or the end of a pause falls due).
-    pub(super) fn admit(&self, health: &Health) -> (usize, Option<Instant>) {
+    pub(super) fn admit(&self) -> (usize, Option<Instant>) {
         let now = Instant::now();
         if let Some(until) = *self
             .paused_until
@@ -121,7 +129,7 @@ impl Flow {
             (limit, transition, breaker.next_probe())
         };
         if let Some(transition) = transition {
-            self.moved(transition, health);
+            self.moved(transition);
         }
         let limit = match &self.adaptive {
             Some(adaptive) => limit.min(
@@ -157,8 +165,8 @@ impl Flow {
         }
     }
 
-    fn moved(&self, transition: Transition, health: &Health) {
-        health.set_circuit(transition.to);
+    fn moved(&self, transition: Transition) {
+        self.health.set_circuit(transition.to);
         self.state.send_replace(transition.to);
         self.changed.notify_one();
         match transition.to {

@@ -64,6 +64,7 @@ impl Context {
         health: Arc<Health>,
         status: mpsc::Sender<StatusReport>,
     ) -> Context {
+        let flow = super::flow::Flow::new(worker, health.clone(), metrics.clone());
         Context {
             worker_id: worker.id.clone(),
             queues,
@@ -83,12 +84,7 @@ impl Context {
             },
             max_message_bytes: worker.max_message_bytes,
             max_reclaims: worker.max_reclaims,
-            flow: super::flow::Flow::new(
-                worker.breaker,
-                worker.concurrency,
-                worker.rate_limit,
-                worker.adaptive_concurrency,
-            ),
+            flow,
             id_taken: std::sync::atomic::AtomicBool::new(false),
         }
     }
@@ -204,7 +200,7 @@ impl Context {
             self.policy.max_attempts
         );
         let attempt = self.deliverer.deliver(&envelope).await;
-        if self.flow.record(&attempt.result, attempt.elapsed, &self.health) {
+        if self.flow.record(&attempt.result, attempt.elapsed) {
             // The server failed while the circuit is open: not the message's doing. It goes
             // back to the front of its queue as it was, no attempt used, no status update.
             if let Err(e) = &attempt.result {
