@@ -172,6 +172,17 @@ pub struct InProcess {
     pub task: tokio::task::JoinHandle<Result<(), RunError>>,
 }
 
+/// A worker in this process on the test's Redis and main server, with `extra` settings.
+pub async fn worker_on(
+    redis: &RedisServer,
+    sink: &Sink,
+    pki: &Pki,
+    worker_id: &str,
+    extra: &[(&str, &str)],
+) -> InProcess {
+    start_worker(&env(redis, &sink.url(), pki, worker_id, extra)).await
+}
+
 pub async fn start_worker(vars: &HashMap<String, String>) -> InProcess {
     let settings = settings(vars);
     let tls = ClientTls::load(&settings.tls).unwrap_or_else(|e| panic!("test TLS: {e}"));

@@ -17,13 +17,13 @@ async fn delivers_a_batch_in_fifo_order_with_the_contract_body_and_headers() {
     let expected = ids("fifo", 40);
     enqueue(&redis, Q, &expected.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
 
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-fifo",
         &[("WORKER_CONCURRENCY", "1"), ("WORKER_BATCH_SIZE", "10")],
-    ))
+    )
     .await;
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() == 40).await,
@@ -72,13 +72,13 @@ async fn never_claims_more_than_there_are_free_slots() {
         &ids("slot", 10).iter().map(|id| message(id)).collect::<Vec<_>>(),
     )
     .await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-slots",
         &[("WORKER_CONCURRENCY", "3"), ("WORKER_BATCH_SIZE", "10")],
-    ))
+    )
     .await;
 
     for _ in 0..3 {
@@ -101,7 +101,7 @@ async fn retries_503_then_delivers_with_attempt_counts_and_status_updates() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::fail_first(2, 503)).await;
     enqueue(&redis, Q, &[message("retry-me")]).await;
-    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-retry", &[])).await;
+    let worker = worker_on(&redis, &sink, &pki, "w-retry", &[]).await;
 
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() == 1 && r.statuses().len() == 2)
@@ -152,7 +152,7 @@ async fn a_longer_retry_after_wins_over_the_retry_interval() {
     });
     let sink = start_sink(&pki, behaviour).await;
     enqueue(&redis, Q, &[message("later")]).await;
-    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-later", &[])).await;
+    let worker = worker_on(&redis, &sink, &pki, "w-later", &[]).await;
 
     assert!(sink.wait_for(WAIT, |r| !r.deliveries().is_empty()).await);
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 1).await);
@@ -172,14 +172,7 @@ async fn dead_letters_at_max_attempts_keeping_every_other_byte() {
     let sink = start_sink(&pki, Arc::new(|_| Reply::status(503))).await;
     let original = r#"{"message_id":"doomed", "extra": [1.50, "x"],  "payload":{"k":true}}"#;
     enqueue(&redis, Q, &[original.to_string()]).await;
-    let worker = start_worker(&env(
-        &redis,
-        &sink.url(),
-        &pki,
-        "w-max",
-        &[("WORKER_MAX_ATTEMPTS", "3")],
-    ))
-    .await;
+    let worker = worker_on(&redis, &sink, &pki, "w-max", &[("WORKER_MAX_ATTEMPTS", "3")]).await;
 
     assert!(
         sink.wait_for(WAIT, |r| r.statuses().iter().any(|c| c.body["status"] == "failed"))
@@ -220,7 +213,7 @@ async fn dead_letters_a_400_at_once() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, Arc::new(|_| Reply::status(400))).await;
     enqueue(&redis, Q, &[message("bad-request")]).await;
-    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-400", &[])).await;
+    let worker = worker_on(&redis, &sink, &pki, "w-400", &[]).await;
 
     assert!(sink.wait_for(WAIT, |r| r.statuses().len() == 1).await);
     let status = &sink.record.statuses()[0];
@@ -252,14 +245,7 @@ async fn malformed_items_are_dead_lettered_while_good_ones_keep_flowing() {
         }
     }
     enqueue(&redis, Q, &items).await;
-    let worker = start_worker(&env(
-        &redis,
-        &sink.url(),
-        &pki,
-        "w-bad",
-        &[("WORKER_MAX_MESSAGE_BYTES", "1024")],
-    ))
-    .await;
+    let worker = worker_on(&redis, &sink, &pki, "w-bad", &[("WORKER_MAX_MESSAGE_BYTES", "1024")]).await;
 
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() == 9).await,
@@ -298,7 +284,7 @@ async fn metrics_expose_the_seed_names_with_values_from_a_known_run() {
     items.push(message("refused"));
     items.push("garbage".to_string());
     enqueue(&redis, Q, &items).await;
-    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-metrics", &[])).await;
+    let worker = worker_on(&redis, &sink, &pki, "w-metrics", &[]).await;
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() == 6 && r.statuses().len() == 2)
             .await
@@ -399,7 +385,7 @@ async fn ready_is_503_until_redis_answers_and_health_stays_200() {
     let sink = start_sink(&pki, sink::always_ok()).await;
     let mut redis = RedisServer::start().await;
     redis.kill().await;
-    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-noredis", &[])).await;
+    let worker = worker_on(&redis, &sink, &pki, "w-noredis", &[]).await;
     let (status, body) = get(&worker.url("/ready")).await;
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("Redis"), "{body}");
@@ -419,13 +405,13 @@ async fn ready_is_503_until_redis_answers_and_health_stays_200() {
 async fn disabling_metrics_opens_no_port() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-nometrics",
         &[("WORKER_METRICS_ENABLED", "false")],
-    ))
+    )
     .await;
     assert!(worker.admin.is_none());
     enqueue(&redis, Q, &[message("still-works")]).await;
@@ -458,13 +444,13 @@ async fn speaks_http2_only_when_asked_and_the_server_offers_it() {
         let before = server.record.delivered().len();
         let batch = ids(&format!("h{n}"), 20);
         enqueue(&redis, Q, &batch.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
-        let worker = start_worker(&env(
+        let worker = worker_on(
             &redis,
-            &server.url(),
+            server,
             &pki,
             &format!("w-h{n}"),
             &[("WORKER_CONCURRENCY", "8"), ("MAIN_SERVER_HTTP2", http2)],
-        ))
+        )
         .await;
         assert!(
             server.wait_for(WAIT, |r| r.delivered().len() == before + 20).await,

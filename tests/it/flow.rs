@@ -27,9 +27,9 @@ async fn jitter_spreads_the_due_times_of_a_batch_that_failed_together() {
         let sink = start_sink(&pki, sink::fail_first(1, 503)).await;
         let items: Vec<String> = (0..50).map(|i| message(&format!("j-{i}"))).collect();
         enqueue(&redis, Q, &items).await;
-        let worker = start_worker(&env(
+        let worker = worker_on(
             &redis,
-            &sink.url(),
+            &sink,
             &pki,
             worker_id,
             &[
@@ -40,7 +40,7 @@ async fn jitter_spreads_the_due_times_of_a_batch_that_failed_together() {
                 ("WORKER_CONCURRENCY", "50"),
                 ("WORKER_BATCH_SIZE", "50"),
             ],
-        ))
+        )
         .await;
         let spread = due_spread(&redis, 50).await;
         worker.stop().await;
@@ -141,9 +141,9 @@ mod slow {
         let ids: Vec<String> = (0..2000).map(|i| format!("outage-{i}")).collect();
         enqueue(&redis, Q, &ids.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
         let outage = Instant::now();
-        let worker = start_worker(&env(
+        let worker = worker_on(
             &redis,
-            &sink.url(),
+            &sink,
             &pki,
             "w-outage",
             &[
@@ -151,7 +151,7 @@ mod slow {
                 ("WORKER_MAX_ATTEMPTS", "20"),
                 ("WORKER_CONCURRENCY", "16"),
             ],
-        ))
+        )
         .await;
         // The breaker opens: /ready says so, and the gauge.
         eventually(|| async {
@@ -205,13 +205,13 @@ async fn the_rate_limit_holds_within_ten_percent_over_five_seconds() {
     let sink = start_sink(&pki, sink::always_ok()).await;
     let items: Vec<String> = (0..900).map(|i| message(&format!("rate-{i}"))).collect();
     enqueue(&redis, Q, &items).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-rate",
         &[("WORKER_RATE_LIMIT", "100"), ("WORKER_CONCURRENCY", "32")],
-    ))
+    )
     .await;
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 700).await);
     worker.stop().await;
@@ -243,13 +243,13 @@ async fn adaptive_concurrency_backs_off_on_429s_and_delivers_everything() {
     // 1,000 good answers alone would take the limit from 8 to the full 32.
     let items: Vec<String> = (0..1000).map(|i| message(&format!("aimd-{i}"))).collect();
     enqueue(&redis, Q, &items).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-aimd",
         &[("WORKER_ADAPTIVE_CONCURRENCY", "true"), ("WORKER_CONCURRENCY", "32")],
-    ))
+    )
     .await;
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 1000).await);
     let (_, metrics) = get(&worker.url("/metrics")).await;
@@ -282,13 +282,13 @@ async fn a_503_with_retry_after_pauses_the_whole_worker_not_only_that_message() 
     let mut items = vec![message("slow-down")];
     items.extend((0..10).map(|i| message(&format!("after-{i}"))));
     enqueue(&redis, Q, &items).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-pause",
         &[("WORKER_CONCURRENCY", "1"), ("WORKER_BATCH_SIZE", "1")],
-    ))
+    )
     .await;
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 11).await);
     worker.stop().await;

@@ -22,7 +22,7 @@ async fn absurd_queue_times_and_a_panicking_task_strand_nothing() {
         message("after-the-panic"),
     ];
     enqueue(&redis, Q, &items).await;
-    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-panic", &[])).await;
+    let worker = worker_on(&redis, &sink, &pki, "w-panic", &[]).await;
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() == 5).await,
         "every message but the panicking one is delivered"
@@ -67,7 +67,7 @@ async fn message_ids_cannot_steer_the_status_request() {
     items.push(r#"{"message_id":".."}"#.to_string());
     items.push(r#"{"message_id":"."}"#.to_string());
     enqueue(&redis, Q, &items).await;
-    let worker = start_worker(&env(&redis, &sink.url(), &pki, "w-ids", &[])).await;
+    let worker = worker_on(&redis, &sink, &pki, "w-ids", &[]).await;
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() == steering.len()
             && r.statuses().len() == steering.len())
@@ -421,13 +421,13 @@ async fn the_admin_port_times_out_slow_headers_and_idle_keep_alive() {
 async fn a_flood_of_stats_requests_reads_redis_about_once_a_second() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-stats",
         &[("WORKER_HEARTBEAT_INTERVAL", "3600"), ("WORKER_DEAD_AFTER", "7200")],
-    ))
+    )
     .await;
     let zcard_calls = || async {
         let info: String = redis::cmd("INFO")

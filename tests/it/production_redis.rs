@@ -45,14 +45,14 @@ async fn an_acl_user_with_only_the_documented_permissions_delivers() {
     // The URL names the user, a password with a percent-encoded colon, and the real port; the
     // REDIS_PORT beside it is wrong, so only the URL can have been used.
     let url = format!("redis://courier:s3cret%3Apw@127.0.0.1:{}/0", redis.port);
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-acl",
         // Every first attempt fails, which the breaker would take for an outage.
         &[("REDIS_URL", &url), ("REDIS_PORT", "1"), ("WORKER_BREAKER", "false")],
-    ))
+    )
     .await;
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() == ids.len()).await,
@@ -164,9 +164,9 @@ async fn delivers_over_tls_to_redis_with_a_client_certificate_and_a_private_ca()
     let cert = pki.cert_file.display().to_string();
     let key = pki.key_file.display().to_string();
     let url = format!("rediss://localhost:{tls_port}/0");
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-tls",
         &[
@@ -176,7 +176,7 @@ async fn delivers_over_tls_to_redis_with_a_client_certificate_and_a_private_ca()
             ("REDIS_KEY_PATH", &key),
             ("WORKER_BREAKER", "false"),
         ],
-    ))
+    )
     .await;
     assert!(
         sink.wait_for(WAIT, |r| r.delivered().len() == ids.len()).await,

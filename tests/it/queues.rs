@@ -37,13 +37,13 @@ async fn a_burst_on_the_high_queue_overtakes_a_backlog_on_the_low_one() {
     let sink = start_sink(&pki, sink::delayed(Duration::from_millis(2))).await;
     let low = ids("low", 2000);
     enqueue(&redis, "jobs.low", &messages(&low)).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-prio",
         &[("REDIS_QUEUE_NAMES", &QUEUES.join(",")), ("WORKER_CONCURRENCY", "8")],
-    ))
+    )
     .await;
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 200).await);
     let high = ids("high", 100);
@@ -88,9 +88,9 @@ async fn each_queue_keeps_its_own_retries_and_dead_letters() {
     enqueue(&redis, "jobs.medium", &messages(&ids("medium", 20))).await;
     enqueue(&redis, "jobs.low", &messages(&ids("low", 20))).await;
     enqueue(&redis, "jobs.low", &[message("reject-low")]).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-own",
         &[
@@ -99,7 +99,7 @@ async fn each_queue_keeps_its_own_retries_and_dead_letters() {
             // Every first attempt fails, which the breaker would take for an outage.
             ("WORKER_BREAKER", "false"),
         ],
-    ))
+    )
     .await;
     // While the retries wait, each is in the retry set of the queue it came from.
     eventually(|| async {
@@ -160,9 +160,9 @@ async fn round_robin_takes_shards_in_turn() {
     let shards = ["orders.0", "orders.1"];
     enqueue(&redis, shards[0], &messages(&ids("zero", 300))).await;
     enqueue(&redis, shards[1], &messages(&ids("one", 300))).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-rr",
         &[
@@ -171,7 +171,7 @@ async fn round_robin_takes_shards_in_turn() {
             ("WORKER_CONCURRENCY", "4"),
             ("WORKER_BATCH_SIZE", "4"),
         ],
-    ))
+    )
     .await;
     assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 600).await);
     // Both shards drain together: the first half of the deliveries holds plenty of each.

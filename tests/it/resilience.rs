@@ -162,13 +162,13 @@ async fn a_main_server_slower_than_the_request_timeout_is_retried() {
     });
     let sink = start_sink(&pki, behaviour).await;
     enqueue(&redis, Q, &[message("slowpoke")]).await;
-    let worker = start_worker(&env(
+    let worker = worker_on(
         &redis,
-        &sink.url(),
+        &sink,
         &pki,
         "w-timeout",
         &[("MAIN_SERVER_REQUEST_TIMEOUT", "0.3")],
-    ))
+    )
     .await;
     assert!(
         sink.wait_for(WAIT, |r| r.deliveries().iter().any(|c| c.attempt == 2))
@@ -203,9 +203,9 @@ mod slow {
         let sink = start_sink(&pki, behaviour).await;
         let (ids, items) = messages("outage", 2000);
         enqueue(&redis, Q, &items).await;
-        let worker = start_worker(&env(
+        let worker = worker_on(
             &redis,
-            &sink.url(),
+            &sink,
             &pki,
             "w-503",
             // The retries themselves are the subject; flow::slow has the breaker's outage.
@@ -214,7 +214,7 @@ mod slow {
                 ("WORKER_MAX_ATTEMPTS", "50"),
                 ("WORKER_BREAKER", "false"),
             ],
-        ))
+        )
         .await;
 
         // Down until every message has failed at least once, then back.
@@ -236,15 +236,15 @@ mod slow {
         let sink = start_sink(&pki, behaviour).await;
         let (ids, items) = messages("cut", 1000);
         enqueue(&redis, Q, &items).await;
-        let worker = start_worker(&env(
+        let worker = worker_on(
             &redis,
-            &sink.url(),
+            &sink,
             &pki,
             "w-cut",
             // Every first attempt cut looks like an outage to the breaker: the retries are
             // the subject here.
             &[("WORKER_CONCURRENCY", "16"), ("WORKER_BREAKER", "false")],
-        ))
+        )
         .await;
         all_delivered(&sink, &ids).await;
         worker.stop().await;
