@@ -301,6 +301,9 @@ mod slow {
         let mut victim = spawn_worker(&vars("worker-a"), pki.dir.path());
         let survivor = spawn_worker(&survivor_vars, pki.dir.path());
         assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 800).await);
+        // On a loaded machine the survivor can deliver the first 800 before the victim has
+        // claimed anything: kill it only once it is at work.
+        eventually(|| async { len(&redis, &keys().processing("worker-a")).await > 0 }).await;
         victim.kill().await.expect("SIGKILL");
         assert!(
             len(&redis, &keys().processing("worker-a")).await > 0,
