@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use config::{Config, File, FileFormat, Value, ValueKind};
-use reqwest::Url;
+use url::Url;
 
 /// One known setting: its dotted key in config.yaml, the environment variable that overrides
 /// it, and the default that applies when neither sets it.

@@ -57,7 +57,7 @@ pub fn queue_item(data: &[u8]) {
         id.as_bytes(),
         "the Idempotency-Key is exactly the id"
     );
-    let base = reqwest::Url::parse("https://main.example:8000/api/").expect("base");
+    let base = url::Url::parse("https://main.example:8000/api/").expect("base");
     let url = status_url(&base, id);
     let segments: Vec<&str> = url.path().split('/').collect();
     assert_eq!(segments.len(), 6, "one segment for the id: {}", url.path());
@@ -90,7 +90,7 @@ pub fn config_text(data: &[u8]) {
 /// A Retry-After header value: parsed or ignored, and the wait it leads to is never longer
 /// than the retry interval or the cap, whichever is longer.
 pub fn retry_after(data: &[u8]) {
-    let Ok(value) = reqwest::header::HeaderValue::from_bytes(data) else {
+    let Ok(value) = hyper::header::HeaderValue::from_bytes(data) else {
         return;
     };
     let policy = Policy {

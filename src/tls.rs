@@ -201,7 +201,7 @@ impl ClientTls {
                 )
             })?;
 
-        // ALPN is the HTTP client's business: `delivery::build_client` sets it.
+        // ALPN is the HTTP client's business: `delivery::Client::new` sets it.
         let config = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(|e| TlsError::caused(CA, ca_file, "not a usable CA certificate", e))?

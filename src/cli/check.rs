@@ -12,7 +12,7 @@ use rustls::RootCertStore;
 use rustls_pki_types::UnixTime;
 
 use crate::config::{ProcessEnv, Settings};
-use crate::delivery::{build_client, rustls_error, DeliveryError};
+use crate::delivery::{probe, rustls_error, Client, DeliveryError};
 use crate::telemetry::one_line;
 use crate::tls::{self, ClientTls};
 
@@ -559,7 +559,7 @@ async fn redis_check(r: &crate::config::RedisSettings, conn: &mut crate::queue::
 /// A real request over mutual TLS: any HTTP answer proves the handshake (both ways) works.
 async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
     let url = &settings.main_server.url;
-    let client = match build_client(&settings.main_server, Some(tls), 1) {
+    let client = match Client::new(&settings.main_server, Some(tls), 1) {
         Ok(client) => client,
         Err(e) => return Check::fail("main server", one_line(&e), "see the TLS checks above"),
     };
@@ -568,13 +568,13 @@ async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
     // tries give the alert its chance to be read and named.
     let mut failed = None;
     for _ in 0..3 {
-        match client.get(url.clone()).send().await {
-            Ok(response) => {
+        match probe(&client, url).await {
+            Ok(answer) => {
                 return Check::pass(
                     "main server",
                     format!(
                         "mutual TLS with {url} works (HTTP {} for GET /)",
-                        response.status().as_u16()
+                        answer.status.as_u16()
                     ),
                 )
             }
@@ -592,7 +592,7 @@ async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
     };
     let tls = rustls_error(&e).map(|tls| tls_fix(tls, url.host_str().unwrap_or("")));
     let closed = closed_without_answer(&e);
-    let error = DeliveryError::classify(e);
+    let error = e;
     let fix = match (tls, &error) {
         (Some(fix), _) => fix,
         (None, DeliveryError::Connect(_)) => "start the main server or correct MAIN_SERVER_URL".to_string(),
@@ -608,25 +608,20 @@ async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
 /// Whether the connection closed before any answer came: what a TLS 1.3 server that refuses
 /// the client certificate looks like when its alert is not read in time.
 fn closed_without_answer(error: &(dyn std::error::Error + 'static)) -> bool {
-    let mut next = Some(error);
-    while let Some(e) = next {
-        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
-            if hyper.is_canceled() || hyper.is_incomplete_message() || hyper.is_closed() {
-                return true;
-            }
-        }
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+    crate::delivery::find_cause(error, &mut |e| {
+        let hyper_closed = e
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(|h| h.is_canceled() || h.is_incomplete_message() || h.is_closed());
+        let io_closed = e.downcast_ref::<std::io::Error>().is_some_and(|io| {
             use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
-            if matches!(
+            matches!(
                 io.kind(),
                 BrokenPipe | ConnectionAborted | ConnectionReset | UnexpectedEof
-            ) {
-                return true;
-            }
-        }
-        next = e.source();
-    }
-    false
+            )
+        });
+        (hyper_closed || io_closed).then_some(())
+    })
+    .is_some()
 }
 
 /// What to do about a failed handshake with the main server, by what rustls says went wrong.

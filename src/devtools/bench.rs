@@ -122,9 +122,9 @@ fn micros_now() -> u64 {
     chrono::Utc::now().timestamp_micros() as u64
 }
 
-/// Reads `worker_messages_delivered_total` from the worker's /metrics.
-async fn delivered(client: &reqwest::Client, url: &str) -> Option<u64> {
-    let text = client.get(url).send().await.ok()?.text().await.ok()?;
+/// Reads `worker_messages_delivered_total` from the worker's /metrics on `port`.
+async fn delivered(port: u16) -> Option<u64> {
+    let text = admin_get(port, "/metrics").await.ok()?;
     // One series per queue: their sum.
     let total: f64 = text
         .lines()
@@ -135,10 +135,23 @@ async fn delivered(client: &reqwest::Client, url: &str) -> Option<u64> {
     Some(total as u64)
 }
 
+/// A GET on the worker's admin port (plain HTTP on 127.0.0.1), HTTP/1.0 so that the server
+/// closes the connection after the answer; returns the answer, head and body.
+async fn admin_get(port: u16, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+    stream
+        .write_all(format!("GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").as_bytes())
+        .await?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
 /// Waits until the worker has delivered `target` messages.
-async fn wait_delivered(client: &reqwest::Client, url: &str, target: u64, limit: Duration) -> anyhow::Result<()> {
+async fn wait_delivered(port: u16, target: u64, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
-    while delivered(client, url).await.unwrap_or(0) < target {
+    while delivered(port).await.unwrap_or(0) < target {
         if Instant::now() > deadline {
             bail!("the worker did not deliver {target} messages within {limit:?}");
         }
@@ -223,7 +236,6 @@ struct Rig {
     conn: crate::queue::Conn,
     metrics_port: u16,
     ticks: f64,
-    http: reqwest::Client,
 }
 
 impl Rig {
@@ -234,10 +246,6 @@ impl Rig {
             total += cpu_time(*pid, self.ticks)?;
         }
         Ok(total)
-    }
-
-    fn metrics_url(&self) -> String {
-        format!("http://127.0.0.1:{}/metrics", self.metrics_port)
     }
 
     /// Enqueues `n` messages of about `bytes` bytes; returns the rate and one item's size.
@@ -294,10 +302,9 @@ impl Rig {
         // The time to the first 90% is the rate of the messages that did not fail: with a 10%
         // failing share it leaves out the retries' wait, which the full drain includes.
         let ninety = n * 9 / 10;
-        let url = self.metrics_url();
-        wait_delivered(&self.http, &url, ninety, Duration::from_secs(1800)).await?;
+        wait_delivered(self.metrics_port, ninety, Duration::from_secs(1800)).await?;
         let first_ninety = started.elapsed();
-        wait_delivered(&self.http, &url, n, Duration::from_secs(1800)).await?;
+        wait_delivered(self.metrics_port, n, Duration::from_secs(1800)).await?;
         let seconds = started.elapsed().as_secs_f64();
         let cpu = cpu_time(pid, ticks)?;
         let sink_cpu = cpu_time(sink_pid, ticks)? - sink_from;
@@ -390,7 +397,6 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         conn,
         metrics_port: free_port()?,
         ticks: ticks_per_second(),
-        http: reqwest::Client::builder().no_proxy().build()?,
         work,
     };
 
@@ -442,13 +448,7 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             let _: () = rig.conn.lpush(queue, items).await?;
             latency_sent += per_tick as u64;
         }
-        wait_delivered(
-            &rig.http,
-            &rig.metrics_url(),
-            n + latency_sent,
-            Duration::from_secs(120),
-        )
-        .await?;
+        wait_delivered(rig.metrics_port, n + latency_sent, Duration::from_secs(120)).await?;
     }
 
     stop(worker).await?;

@@ -78,9 +78,11 @@ async fn certs_init_and_issue_make_a_set_the_worker_and_server_accept() {
         request_timeout: Duration::from_secs(5),
         http2: true,
     };
-    let client = courier::delivery::build_client(&settings, Some(&tls), 1).unwrap();
-    let answer = client.get(server.url()).send().await.expect("mutual TLS works");
-    assert_eq!(answer.status(), 404);
+    let client = courier::delivery::Client::new(&settings, Some(&tls), 1).unwrap();
+    let answer = courier::delivery::probe(&client, &settings.url)
+        .await
+        .expect("mutual TLS works");
+    assert_eq!(answer.status, 404);
 
     let again = run_courier(&none, d, &["certs", "init", "--out", "pki"]).await;
     let (_, err) = text(&again);

@@ -159,6 +159,17 @@ async fn a_worker_killed_mid_run_on_a_three_master_cluster_loses_nothing() {
         })
         .await;
     assert!(delivered_all, "every message delivered at least once");
+    // When the first worker had delivered all it held before it died, the second delivers
+    // everything before its reaper comes round: wait for that to empty the first's lists.
+    eventually(|| async {
+        let mut conn = cluster.conn().await;
+        let mut held = 0;
+        for queue in QUEUES {
+            held += len_cluster(&mut conn, &Keys::clustered(queue).processing("worker-a")).await;
+        }
+        held == 0
+    })
+    .await;
 
     // The operator commands work against the cluster too.
     let vars = cluster_env(&cluster, &sink.url(), &pki, "cli");

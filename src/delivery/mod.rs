@@ -1,11 +1,19 @@
-//! HTTP to the main server: the delivery POST and the status PUT over one pooled keep-alive
-//! client, and the classification of every result into delivered, retry or reject.
+//! HTTP to the main server: the delivery POST and the status PUT over one keep-alive client
+//! (`client`), and what each answer amounts to: delivered, or a `DeliveryError` that
+//! `policy` turns into retry or reject.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use reqwest::header::{HeaderValue, CONTENT_TYPE, RETRY_AFTER};
-use reqwest::{Client, Url};
+use bytes::Bytes;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
+use hyper::http::uri::PathAndQuery;
+use hyper::{Method, Request, Uri};
+use url::Url;
+
+mod client;
+
+pub use client::{path_of, Answer, Body, Client, Elapsed, InvalidUrl, MAX_RESPONSE_BODY};
 
 use crate::config::MainServerSettings;
 use crate::message::Envelope;
@@ -58,20 +66,6 @@ impl DeliveryError {
             _ => None,
         }
     }
-
-    /// Classifies a failed request: TLS, timeout, connect, or other.
-    pub fn classify(error: reqwest::Error) -> DeliveryError {
-        let kind = if is_tls(&error) {
-            DeliveryError::Tls
-        } else if error.is_timeout() {
-            DeliveryError::Timeout
-        } else if error.is_connect() {
-            DeliveryError::Connect
-        } else {
-            DeliveryError::Other
-        };
-        kind(std::sync::Arc::new(error))
-    }
 }
 
 /// `2xx`, `4xx`, ...: the bounded label for responses.
@@ -85,23 +79,32 @@ pub fn status_class(status: u16) -> &'static str {
     }
 }
 
-/// True when a rustls error sits anywhere in the chain.
-fn is_tls(error: &(dyn std::error::Error + 'static)) -> bool {
-    rustls_error(error).is_some()
+/// The rustls error anywhere in an error's chain, so callers can tell TLS failures apart by
+/// variant rather than by message text.
+pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    find_cause(error, &mut |e| e.downcast_ref::<rustls::Error>())
 }
 
-/// The rustls error anywhere in an error's chain (io errors hide theirs behind `get_ref`), so
-/// callers can tell TLS failures apart by variant rather than by message text.
-pub fn rustls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+/// The first error in the chain, `error` included, for which `pick` answers. Looks inside the
+/// two wrappers whose `source()` skips what they wrap: a shared `Cause` and an `io::Error`.
+pub fn find_cause<'a, T: 'a>(
+    error: &'a (dyn std::error::Error + 'static),
+    pick: &mut dyn FnMut(&'a (dyn std::error::Error + 'static)) -> Option<T>,
+) -> Option<T> {
     let mut next = Some(error);
     while let Some(e) = next {
-        if let Some(tls) = e.downcast_ref::<rustls::Error>() {
-            return Some(tls);
+        if let Some(found) = pick(e) {
+            return Some(found);
         }
-        if let Some(inner) = e.downcast_ref::<std::io::Error>().and_then(|io| io.get_ref()) {
-            if let Some(tls) = rustls_error(inner) {
-                return Some(tls);
-            }
+        let wrapped: Option<&'a (dyn std::error::Error + 'static)> = match e.downcast_ref::<Cause>() {
+            Some(shared) => Some(&**shared),
+            None => e
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+        };
+        if let Some(found) = wrapped.and_then(|inner| find_cause(inner, pick)) {
+            return Some(found);
         }
         next = e.source();
     }
@@ -135,9 +138,12 @@ impl Status {
 
 /// The client side of the main-server API.
 pub struct Deliverer {
-    client: RwLock<Client>,
+    client: RwLock<Arc<Client>>,
     base: Url,
-    deliver_url: Url,
+    /// `/internal/messages/deliver` under the base path, and the headers every delivery
+    /// carries, made once: a delivery adds only its Idempotency-Key and body.
+    deliver_path: PathAndQuery,
+    deliver_headers: HeaderMap,
     worker_id_json: String,
     settings: MainServerSettings,
     pool_size: usize,
@@ -154,10 +160,13 @@ impl Deliverer {
     ) -> Result<Deliverer, DeliveryError> {
         let base = settings.url.clone();
         let deliver_url = endpoint(&base, &["internal", "messages", "deliver"]);
+        let deliver_path =
+            PathAndQuery::try_from(path_of(&deliver_url)).map_err(|e| DeliveryError::Other(Arc::new(e)))?;
         Ok(Deliverer {
-            client: RwLock::new(build_client(settings, tls, pool_size)?),
+            client: RwLock::new(Arc::new(Client::new(settings, tls, pool_size)?)),
             base,
-            deliver_url,
+            deliver_path,
+            deliver_headers: json_headers(),
             worker_id_json: serde_json::to_string(worker_id).unwrap_or_else(|_| "\"\"".into()),
             settings: settings.clone(),
             pool_size,
@@ -166,12 +175,12 @@ impl Deliverer {
 
     /// Starts using new TLS material for new connections; requests under way finish on theirs.
     pub fn replace_tls(&self, tls: &ClientTls) -> Result<(), DeliveryError> {
-        let client = build_client(&self.settings, Some(tls), self.pool_size)?;
+        let client = Arc::new(Client::new(&self.settings, Some(tls), self.pool_size)?);
         *self.client.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
         Ok(())
     }
 
-    fn client(&self) -> Client {
+    fn client(&self) -> Arc<Client> {
         self.client
             .read()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -181,13 +190,11 @@ impl Deliverer {
     /// POSTs one message to `/internal/messages/deliver`.
     pub async fn deliver(&self, envelope: &Envelope) -> Attempt {
         let started = Instant::now();
-        let request = self
-            .client()
-            .post(self.deliver_url.clone())
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .header("Idempotency-Key", idempotency_key(envelope.message_id()))
-            .body(envelope.delivery_body(&self.worker_id_json));
-        let result = send(request).await;
+        let mut headers = self.deliver_headers.clone();
+        headers.insert(IDEMPOTENCY_KEY, idempotency_key(envelope.message_id()));
+        let body = envelope.delivery_body(&self.worker_id_json);
+        let request = request(Method::POST, Uri::from(self.deliver_path.clone()), headers, body);
+        let result = self.client().send(request).await.and_then(outcome);
         Attempt {
             result,
             elapsed: started.elapsed(),
@@ -203,40 +210,59 @@ impl Deliverer {
         error: &str,
     ) -> Result<(), DeliveryError> {
         let url = status_url(&self.base, message_id);
+        let uri = Uri::try_from(path_of(&url)).map_err(|e| DeliveryError::Other(Arc::new(e)))?;
         let body = serde_json::json!({
             "status": status.as_str(),
             "attempt_count": attempt_count,
             "error_message": error,
         });
-        let request = self
-            .client()
-            .put(url)
-            .header(CONTENT_TYPE, HeaderValue::from_static("application/json"))
-            .body(body.to_string());
-        send(request).await
+        let request = request(Method::PUT, uri, json_headers(), body.to_string().into_bytes());
+        self.client().send(request).await.and_then(outcome)
     }
 }
 
-/// Sends a request and reads the answer up to `MAX_RESPONSE_BODY` (a whole small answer lets
-/// the connection go back to the pool; a larger one is cut off by closing the connection).
-async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
-    let mut response = request.send().await.map_err(DeliveryError::classify)?;
-    let status = response.status();
+/// The headers of every request with a JSON body, with room for the ones added per request.
+fn json_headers() -> HeaderMap {
+    let mut headers = user_agent();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    headers
+}
+
+fn user_agent() -> HeaderMap {
+    let mut headers = HeaderMap::with_capacity(4);
+    headers.insert(
+        USER_AGENT,
+        HeaderValue::from_static(concat!("courier/", env!("CARGO_PKG_VERSION"))),
+    );
+    headers
+}
+
+fn request(method: Method, uri: Uri, headers: HeaderMap, body: Vec<u8>) -> Request<Body> {
+    let mut request = Request::new(Body::new(Bytes::from(body)));
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    request
+}
+
+/// A GET of the base URL, for `courier check`: any answer proves the connection and the TLS
+/// handshake both ways.
+pub async fn probe(client: &Client, url: &Url) -> Result<Answer, DeliveryError> {
+    let uri = Uri::try_from(path_of(url)).map_err(|e| DeliveryError::Other(Arc::new(e)))?;
+    client.send(request(Method::GET, uri, user_agent(), Vec::new())).await
+}
+
+/// What an answer means for the request: 2xx delivered; anything else an error carrying the
+/// status, Retry-After and one clean line of the body (a redirect names where it pointed).
+fn outcome(answer: Answer) -> Result<(), DeliveryError> {
+    let Answer { status, headers, body } = answer;
     if status.is_success() {
-        // The server has recorded the message; a broken or oversized body changes nothing.
-        let _ = read_capped(&mut response).await;
         return Ok(());
     }
-    let retry_after = response.headers().get(RETRY_AFTER).and_then(parse_retry_after);
-    let location = response
-        .headers()
-        .get(reqwest::header::LOCATION)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string);
-    let body = read_capped(&mut response).await;
+    let retry_after = headers.get(RETRY_AFTER).and_then(parse_retry_after);
     let mut text = error_text(&body);
-    if let (true, Some(location)) = (status.is_redirection(), location) {
-        text = format!("redirect to {location}; check MAIN_SERVER_URL");
+    if let (true, Some(location)) = (status.is_redirection(), headers.get(LOCATION)) {
+        text = format!("redirect to {}; check MAIN_SERVER_URL", error_text(location.as_bytes()));
     }
     if text.is_empty() {
         text = status.canonical_reason().unwrap_or("no reason given").to_string();
@@ -246,24 +272,6 @@ async fn send(request: reqwest::RequestBuilder) -> Result<(), DeliveryError> {
         retry_after,
         body: text,
     })
-}
-
-/// The most of a response body courier reads. Only an error's text is of use, and the first
-/// 200 characters of it at that: a main server that answers with megabytes costs 64 KiB.
-pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
-
-/// Reads at most `MAX_RESPONSE_BODY` bytes of the body. Dropping the response with the rest
-/// unread closes that connection, so nothing more is received.
-async fn read_capped(response: &mut reqwest::Response) -> Vec<u8> {
-    let mut body = Vec::new();
-    while let Ok(Some(chunk)) = response.chunk().await {
-        let room = MAX_RESPONSE_BODY.saturating_sub(body.len());
-        body.extend_from_slice(&chunk[..chunk.len().min(room)]);
-        if chunk.len() >= room {
-            break;
-        }
-    }
-    body
 }
 
 /// An error body as one short line: the first 200 characters, control characters replaced,
@@ -278,6 +286,9 @@ pub fn error_text(body: &[u8]) -> String {
         .collect();
     text.trim().to_string()
 }
+
+/// The header carrying the message id, so the main server can drop a repeated delivery.
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// The message id as a header value; `Envelope::parse` refused control characters already.
 pub fn idempotency_key(id: &str) -> HeaderValue {
@@ -314,42 +325,6 @@ pub fn parse_retry_after(value: &HeaderValue) -> Option<Duration> {
     Some(after)
 }
 
-/// The pooled client: trusts only the configured CA, presents the worker's certificate, keeps
-/// connections alive, never follows redirects and never uses a proxy. With `http2` it offers
-/// HTTP/2 in the handshake: a server that takes it gets every request on one connection, many
-/// per write, which halves the system calls per message; any other server gets HTTP/1.1.
-pub fn build_client(
-    settings: &MainServerSettings,
-    tls: Option<&ClientTls>,
-    pool_size: usize,
-) -> Result<Client, DeliveryError> {
-    crate::tls::install_default_provider();
-    let mut builder = Client::builder()
-        .user_agent(concat!("courier/", env!("CARGO_PKG_VERSION")))
-        .connect_timeout(settings.connect_timeout)
-        .timeout(settings.request_timeout)
-        .pool_max_idle_per_host(pool_size.max(1))
-        .pool_idle_timeout(Duration::from_secs(90))
-        .tcp_nodelay(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .no_proxy();
-    if let Some(tls) = tls {
-        let mut config = tls.config.clone();
-        config.alpn_protocols = if settings.http2 {
-            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
-        } else {
-            vec![b"http/1.1".to_vec()]
-        };
-        builder = builder.tls_backend_preconfigured(config).https_only(true);
-    }
-    if !settings.http2 {
-        builder = builder.http1_only();
-    }
-    builder
-        .build()
-        .map_err(|e| DeliveryError::Other(std::sync::Arc::new(e)))
-}
-
 /// Shared by the worker's tasks.
 pub type SharedDeliverer = Arc<Deliverer>;
 
@@ -382,7 +357,7 @@ mod tests {
             request_timeout: Duration::from_secs(1),
             http2: true,
         };
-        assert!(build_client(&settings, None, 4).is_ok());
+        assert!(Client::new(&settings, None, 4).is_ok());
         assert!(Deliverer::new(&settings, None, "w", 4).is_ok());
     }
 
