@@ -83,6 +83,23 @@ pub struct BenchArgs {
     /// round-robin, instead of one Redis with one queue.
     #[arg(long)]
     pub cluster: bool,
+    /// Drain into this main server (an https:// URL, such as tools/nginx-main-server's)
+    /// instead of the reference one; needs --ca, --cert and --key.
+    #[arg(long, requires_all = ["ca", "cert", "key"], conflicts_with = "fail_share")]
+    pub main_server: Option<String>,
+    /// The CA that signed --main-server's certificate.
+    #[arg(long)]
+    pub ca: Option<std::path::PathBuf>,
+    /// The client certificate the worker (and the baseline client) present.
+    #[arg(long)]
+    pub cert: Option<std::path::PathBuf>,
+    /// The client certificate's private key.
+    #[arg(long)]
+    pub key: Option<std::path::PathBuf>,
+    /// Before each drain, measure the same main server with a lean client at the same
+    /// concurrency (`ab -k` from apache2-utils), and report courier's rate as a share of it.
+    #[arg(long)]
+    pub baseline: bool,
 }
 
 /// `courier demo`.
@@ -129,7 +146,16 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         repeat,
         paired,
         cluster,
+        main_server,
+        ca,
+        cert,
+        key,
+        baseline,
     } = args;
+    let main_server = match (main_server, ca, cert, key) {
+        (Some(url), Some(ca), Some(cert), Some(key)) => Some(crate::devtools::bench::External { url, ca, cert, key }),
+        _ => None,
+    };
     oneshot(crate::devtools::bench::run(crate::devtools::bench::BenchOptions {
         messages,
         concurrency: concurrency.max(1),
@@ -143,6 +169,8 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         repeat: repeat.clamp(1, 100),
         paired,
         cluster,
+        main_server,
+        baseline,
     }))
 }
 

@@ -15,6 +15,7 @@
 //!
 //! Linux only: it reads /proc.
 
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,29 @@ pub struct BenchOptions {
     /// Run against a local 3-master Redis Cluster with 3 queues (round-robin) instead of one
     /// Redis with one queue.
     pub cluster: bool,
+    /// Drain into this main server instead of the reference one.
+    pub main_server: Option<External>,
+    /// Before each drain, measure the main server with `ab -k` at the same concurrency.
+    pub baseline: bool,
+}
+
+/// A main server the bench did not start (nginx, say), and the files to reach it with.
+#[derive(Debug, Clone)]
+pub struct External {
+    pub url: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The main server a drain delivers to.
+struct Server {
+    url: String,
+    /// Its process, when the bench started it: its CPU time is counted.
+    pid: Option<u32>,
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
 }
 
 /// The queues of a cluster run: three, spread over the masters by their names' slots.
@@ -227,7 +251,6 @@ struct Drain {
 struct Rig {
     exe: std::path::PathBuf,
     work: tempfile::TempDir,
-    pki: Pki,
     /// The worker's Redis settings beyond the defaults (where Redis is, which queues).
     redis_env: Vec<(&'static str, String)>,
     /// The redis-server processes, whose CPU time counts.
@@ -270,13 +293,13 @@ impl Rig {
         Ok((rate, first.map_or(0, |i| i.len())))
     }
 
-    /// Starts a worker against `sink` and waits until it has delivered all `n` queued messages.
+    /// Starts a worker against `server` and waits until it has delivered all `n` queued messages.
     /// Returns the figures and the worker, still running.
-    async fn drain(&self, options: &BenchOptions, sink: &SinkProcess, failing: bool) -> anyhow::Result<(Drain, Child)> {
+    async fn drain(&self, options: &BenchOptions, server: &Server, failing: bool) -> anyhow::Result<(Drain, Child)> {
         let worker = Command::new(&self.exe)
             .arg("run")
             .envs(self.redis_env.iter().map(|(k, v)| (*k, v.as_str())))
-            .env("MAIN_SERVER_URL", format!("https://localhost:{}", sink.port))
+            .env("MAIN_SERVER_URL", &server.url)
             .env("WORKER_ID", "bench")
             .env("MAIN_SERVER_HTTP2", options.http2.to_string())
             .env("WORKER_CONCURRENCY", options.concurrency.to_string())
@@ -284,9 +307,9 @@ impl Rig {
             .env("WORKER_RETRY_INTERVAL", "1")
             .env("WORKER_METRICS_PORT", self.metrics_port.to_string())
             .env("WORKER_METRICS_BIND", "127.0.0.1")
-            .env("WORKER_CERT_PATH", &self.pki.cert_file)
-            .env("WORKER_KEY_PATH", &self.pki.key_file)
-            .env("CA_CERT_PATH", &self.pki.ca_file)
+            .env("WORKER_CERT_PATH", &server.cert)
+            .env("WORKER_KEY_PATH", &server.key)
+            .env("CA_CERT_PATH", &server.ca)
             .env("LOG_FILE_PATH", self.work.path().join("logs"))
             .current_dir(self.work.path())
             .stdout(Stdio::null())
@@ -295,8 +318,9 @@ impl Rig {
             .context("cannot start the worker")?;
         let pid = worker.id().context("worker exited at once")?;
         let started = Instant::now();
-        let (sink_pid, ticks) = (sink.child.id().unwrap_or(0), self.ticks);
-        let (sink_from, redis_from) = (cpu_time(sink_pid, ticks)?, self.redis_cpu()?);
+        let ticks = self.ticks;
+        let server_cpu = || server.pid.map_or(Ok(Duration::ZERO), |pid| cpu_time(pid, ticks));
+        let (sink_from, redis_from) = (server_cpu()?, self.redis_cpu()?);
         let machine_from = machine_ticks();
         let n = options.messages as u64;
         // The time to the first 90% is the rate of the messages that did not fail: with a 10%
@@ -307,7 +331,7 @@ impl Rig {
         wait_delivered(self.metrics_port, n, Duration::from_secs(1800)).await?;
         let seconds = started.elapsed().as_secs_f64();
         let cpu = cpu_time(pid, ticks)?;
-        let sink_cpu = cpu_time(sink_pid, ticks)? - sink_from;
+        let sink_cpu = server_cpu()? - sink_from;
         let redis_cpu = self.redis_cpu()? - redis_from;
         let machine_to = machine_ticks();
         let per_message = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
@@ -369,12 +393,36 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         (_, Some(cluster)) => cluster.nodes.iter().filter_map(RedisServer::pid).collect(),
         _ => Vec::new(),
     };
-    let mut sink = start_sink(&exe, &pki, options.fail_share).await?;
+    let own = |sink: &SinkProcess| Server {
+        url: format!("https://localhost:{}", sink.port),
+        pid: sink.child.id(),
+        ca: pki.ca_file.clone(),
+        cert: pki.cert_file.clone(),
+        key: pki.key_file.clone(),
+    };
+    let (mut sink, server) = match &options.main_server {
+        Some(External { url, ca, cert, key }) => {
+            let server = Server {
+                url: url.trim_end_matches('/').to_string(),
+                pid: None,
+                ca: ca.clone(),
+                cert: cert.clone(),
+                key: key.clone(),
+            };
+            (None, server)
+        }
+        None => {
+            let sink = start_sink(&exe, &pki, options.fail_share).await?;
+            let server = own(&sink);
+            (Some(sink), server)
+        }
+    };
     // With --paired, a clean main server for the clean drain of each pair.
     let clean = match options.paired && options.fail_share > 0.0 {
         true => Some(start_sink(&exe, &pki, 0.0).await?),
         false => None,
     };
+    let clean_server = clean.as_ref().map(own);
     let lookup = |name: &str| {
         redis_env
             .iter()
@@ -390,7 +438,6 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     crate::tls::install_default_provider();
     let mut rig = Rig {
         exe,
-        pki,
         redis_env,
         redis_pids,
         queues,
@@ -405,15 +452,19 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let mut drains = Vec::new();
     let (mut enqueue_rate, mut item_bytes) = (0.0, 0);
     let mut last = None;
+    let mut baselines = Vec::new();
     for round in 0..repeat {
-        if let Some(clean) = &clean {
+        if options.baseline {
+            baselines.push(baseline(&options, &server, rig.work.path()).await?);
+        }
+        if let Some(clean) = &clean_server {
             rig.fill(options.messages, options.message_bytes).await?;
             let (figures, worker) = rig.drain(&options, clean, false).await?;
             stop(worker).await?;
             drains.push(figures);
         }
         (enqueue_rate, item_bytes) = rig.fill(options.messages, options.message_bytes).await?;
-        let (figures, worker) = rig.drain(&options, &sink, options.fail_share > 0.0).await?;
+        let (figures, worker) = rig.drain(&options, &server, options.fail_share > 0.0).await?;
         drains.push(figures);
         if round + 1 == repeat {
             last = Some(worker);
@@ -429,7 +480,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let idle_cpu = cpu_time(pid, rig.ticks)? - idle_from;
 
     let mut latency_sent = 0u64;
-    if options.latency_rate > 0 {
+    // Only the reference main server reads the payloads' timestamps.
+    let latency_rate = if sink.is_some() { options.latency_rate } else { 0 };
+    if latency_rate > 0 {
         let per_tick = (options.latency_rate / 100).max(1);
         let mut ticker = tokio::time::interval(Duration::from_millis(10));
         let until = Instant::now() + Duration::from_secs(options.latency_seconds);
@@ -452,20 +505,26 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     }
 
     stop(worker).await?;
-    signal(&sink.child, "INT")?;
     let mut latency = String::from("not measured");
-    while let Ok(Some(line)) = sink.lines.next_line().await {
-        if let Some(rest) = line.strip_prefix("latency_us ") {
-            latency = render_latency(rest);
+    if let Some(sink) = &mut sink {
+        signal(&sink.child, "INT")?;
+        while let Ok(Some(line)) = sink.lines.next_line().await {
+            if let Some(rest) = line.strip_prefix("latency_us ") {
+                latency = render_latency(rest);
+            }
         }
+        let _ = sink.child.wait().await;
     }
-    let _ = sink.child.wait().await;
     drop(clean);
     drop(redis);
     drop(cluster);
 
+    let against = match &options.main_server {
+        Some(external) => external.url.clone(),
+        None => "the reference main server".to_string(),
+    };
     println!(
-        "courier bench: {} messages of {item_bytes} bytes, concurrency {}, batch {}, {:.0}% answered 503, {}, {}",
+        "courier bench: {} messages of {item_bytes} bytes into {against}, concurrency {}, batch {}, {:.0}% answered 503, {}, {}",
         options.messages,
         options.concurrency,
         options.batch_size,
@@ -511,11 +570,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         "  {:<22}{:>10.2} per msg (read + write system calls)",
         "worker syscalls", d.syscalls
     );
+    let main_cpu = match server.pid {
+        Some(_) => format!("{:.1}", d.sink_cpu_us),
+        None => "not measured".to_string(),
+    };
     println!(
-        "  {:<22}{:>10.1} µs/msg   (main server {:.1}, redis-server {:.1}, all nodes)",
+        "  {:<22}{:>10.1} µs/msg   (main server {main_cpu}, redis-server {:.1}, all nodes)",
         "other CPU",
         d.sink_cpu_us + d.redis_cpu_us,
-        d.sink_cpu_us,
         d.redis_cpu_us
     );
     println!(
@@ -534,11 +596,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         100.0 * idle_cpu.as_secs_f64() / options.idle_seconds.max(1) as f64,
         options.idle_seconds
     );
-    if options.latency_rate > 0 {
+    if latency_rate > 0 {
         println!(
             "  {:<22}{latency}   ({} msg/s for {} s)",
-            "enqueue→delivery", options.latency_rate, options.latency_seconds
+            "enqueue→delivery", latency_rate, options.latency_seconds
         );
+    }
+    if !baselines.is_empty() {
+        print_baseline(&options, &baselines, &failing);
     }
     if options.paired && options.fail_share > 0.0 {
         let ratios: Vec<f64> = drains
@@ -557,6 +622,134 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What the lean client made of the main server in one run.
+#[derive(Debug, Clone, Copy)]
+struct Baseline {
+    rate: f64,
+    cpu_us: f64,
+}
+
+/// `ab -k` (apache2-utils) at the worker's concurrency, as many POSTs as the drain has
+/// messages, each with a delivery body of the drain's size, over the same mutual TLS; its CPU
+/// time comes from wait4's resource usage.
+async fn baseline(options: &BenchOptions, server: &Server, work: &std::path::Path) -> anyhow::Result<Baseline> {
+    if which("ab").is_none() {
+        bail!("--baseline needs ab: apt-get install apache2-utils");
+    }
+    // ab takes the client certificate and key in one file.
+    let identity = work.join("ab-identity.pem");
+    let mut pem = std::fs::read(&server.cert).with_context(|| format!("cannot read {}", server.cert.display()))?;
+    pem.extend(std::fs::read(&server.key).with_context(|| format!("cannot read {}", server.key.display()))?);
+    std::fs::write(&identity, pem)?;
+    let pad = "x".repeat(options.message_bytes.saturating_sub(90));
+    let body = work.join("ab-body.json");
+    std::fs::write(
+        &body,
+        format!(r#"{{"message_id":"bench-0","worker_id":"bench","attempt":1,"payload":{{"pad":"{pad}"}}}}"#),
+    )?;
+    let output = work.join("ab-output.txt");
+    let child = std::process::Command::new("ab")
+        .args([
+            "-q",
+            "-k",
+            "-c",
+            &options.concurrency.to_string(),
+            "-n",
+            &options.messages.to_string(),
+        ])
+        .arg("-E")
+        .arg(&identity)
+        .arg("-p")
+        .arg(&body)
+        .args(["-T", "application/json"])
+        .arg(format!("{}/internal/messages/deliver", server.url))
+        .stdout(std::fs::File::create(&output)?)
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start ab")?;
+    let pid = child.id();
+    let (status, cpu) = tokio::task::spawn_blocking(move || wait_with_usage(pid)).await??;
+    let text = std::fs::read_to_string(&output)?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse::<f64>().ok())
+    };
+    let rate = field("Requests per second:").filter(|_| status == 0);
+    let Some(rate) = rate else {
+        bail!("ab failed (exit {status}):\n{text}");
+    };
+    let failed = field("Failed requests:").unwrap_or(0.0) + field("Non-2xx responses:").unwrap_or(0.0);
+    if failed > 0.0 {
+        bail!(
+            "ab saw {failed} failed requests; is {} a main server that answers 200?",
+            server.url
+        );
+    }
+    Ok(Baseline {
+        rate,
+        cpu_us: cpu.as_secs_f64() * 1e6 / options.messages.max(1) as f64,
+    })
+}
+
+/// Waits for a child process and returns its exit status and CPU time (user + system).
+#[cfg(unix)]
+fn wait_with_usage(pid: u32) -> anyhow::Result<(i32, Duration)> {
+    let pid = libc::pid_t::try_from(pid).context("process id out of range")?;
+    let mut status = 0;
+    // SAFETY: wait4 writes into the two locals, which outlive the call.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    let waited = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    if waited != pid {
+        bail!("cannot wait for process {pid}: {}", std::io::Error::last_os_error());
+    }
+    let time = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    let code = if libc::WIFEXITED(status) {
+        libc::WEXITSTATUS(status)
+    } else {
+        -1
+    };
+    Ok((code, time(usage.ru_utime) + time(usage.ru_stime)))
+}
+
+#[cfg(not(unix))]
+fn wait_with_usage(_pid: u32) -> anyhow::Result<(i32, Duration)> {
+    bail!("--baseline runs on Linux only")
+}
+
+/// The path of a program on PATH.
+fn which(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(program))
+        .find(|path| path.is_file())
+}
+
+/// The baseline's medians and courier's rate as a share of it, per round.
+fn print_baseline(options: &BenchOptions, baselines: &[Baseline], drains: &[Drain]) {
+    let rate = median(&baselines.iter().map(|b| b.rate).collect::<Vec<_>>());
+    let cpu = median(&baselines.iter().map(|b| b.cpu_us).collect::<Vec<_>>());
+    println!(
+        "  {:<22}{rate:>10.0} req/s  (ab -k -c {}, median of {}; {cpu:.1} µs/req CPU)",
+        "baseline",
+        options.concurrency,
+        baselines.len()
+    );
+    let shares: Vec<f64> = baselines.iter().zip(drains).map(|(b, d)| d.rate / b.rate).collect();
+    let rendered: Vec<String> = shares.iter().map(|r| format!("{:.2}", r)).collect();
+    println!(
+        "  {:<22}{:>10.2}        (courier's drain rate / the baseline's, per round: {})",
+        "courier vs baseline",
+        median(&shares),
+        rendered.join(" ")
+    );
 }
 
 /// One line per drain, for --repeat and --paired.
