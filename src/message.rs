@@ -142,7 +142,7 @@ impl Envelope {
         })
     }
 
-    pub fn raw(&self) -> &[u8] {
+    pub fn raw(&self) -> &Bytes {
         &self.raw
     }
 

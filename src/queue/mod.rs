@@ -8,6 +8,8 @@ mod scripts;
 
 use std::time::Duration;
 
+use bytes::Bytes;
+
 use redis::{AsyncCommands, Script};
 
 pub use self::connect::{Conn, Connector};
@@ -105,6 +107,36 @@ pub struct Queue {
     /// This process, as recorded against its worker id: `host|pid|started_ms`.
     token: String,
     scripts: std::sync::Arc<Scripts>,
+}
+
+/// The most acks sent in one pipeline.
+const MAX_ACK_BATCH: usize = 256;
+
+/// A delivered message to remove from processing, and where to say whether it was there.
+type AckRequest = (Bytes, tokio::sync::oneshot::Sender<Result<bool, QueueError>>);
+
+/// Acknowledgements for one queue, gathered: every LREM the delivery tasks ask for while the
+/// previous batch is on its way goes out in the next pipeline, one write and one read for
+/// all of them instead of one each. Each caller still learns whether its message was there,
+/// and a batch that fails fails each of its callers, who try again as before.
+#[derive(Clone)]
+pub struct Acks {
+    tx: tokio::sync::mpsc::UnboundedSender<AckRequest>,
+}
+
+impl Acks {
+    /// Removes a delivered message from the processing list; true when it was there.
+    pub async fn ack(&self, raw: &Bytes) -> Result<bool, QueueError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let gone = || {
+            QueueError::Redis(redis::RedisError::from((
+                redis::ErrorKind::Io,
+                "the acknowledging task has stopped",
+            )))
+        };
+        self.tx.send((raw.clone(), reply)).map_err(|_| gone())?;
+        answer.await.map_err(|_| gone())?
+    }
 }
 
 /// Who holds a worker id, from `register`.
@@ -324,10 +356,34 @@ impl Queue {
         Ok(item.is_some())
     }
 
-    /// Removes a delivered message from the processing list.
-    pub async fn ack(&self, raw: &[u8]) -> Result<bool, QueueError> {
-        let removed: i64 = self.conn.clone().lrem(&self.processing, 1, raw).await?;
-        Ok(removed > 0)
+    /// Starts the task that removes delivered messages from this queue's processing list
+    /// (`Acks::ack`). It ends when the last `Acks` handle is dropped.
+    pub fn acks(&self) -> Acks {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<AckRequest>();
+        let (mut conn, key) = (self.conn.clone(), self.processing.clone());
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(MAX_ACK_BATCH);
+            while rx.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
+                let mut pipe = redis::pipe();
+                for (raw, _) in &batch {
+                    pipe.lrem(&key, 1, raw.as_ref());
+                }
+                match pipe.query_async::<Vec<i64>>(&mut conn).await {
+                    Ok(removed) => {
+                        let mut removed = removed.into_iter();
+                        for (_, reply) in batch.drain(..) {
+                            let _ = reply.send(Ok(removed.next().unwrap_or(0) > 0));
+                        }
+                    }
+                    Err(e) => {
+                        for (_, reply) in batch.drain(..) {
+                            let _ = reply.send(Err(QueueError::Redis(e.clone())));
+                        }
+                    }
+                }
+            }
+        });
+        Acks { tx }
     }
 
     /// Moves a message from processing to the retry set as `retried`, due after `delay`.

@@ -51,6 +51,8 @@ pub(super) struct Context {
     pub(super) max_reclaims: u32,
     /// The circuit breaker, the pause on Retry-After and the rate limit.
     pub(super) flow: super::flow::Flow,
+    /// Each queue's acknowledgements, gathered into pipelines.
+    pub(super) acks: Vec<crate::queue::Acks>,
     /// Set by the heartbeat when another process has taken this worker's id.
     pub(super) id_taken: std::sync::atomic::AtomicBool,
 }
@@ -67,6 +69,7 @@ impl Context {
         let flow = super::flow::Flow::new(worker, health.clone(), metrics.clone());
         Context {
             worker_id: worker.id.clone(),
+            acks: queues.iter().map(Queue::acks).collect(),
             queues,
             connector,
             order,
@@ -233,7 +236,7 @@ impl Context {
         let queue = self.queue(q);
         match settle {
             Settle::Ack => {
-                self.settle(|| queue.ack(envelope.raw())).await;
+                self.settle(|| self.acks[q].ack(envelope.raw())).await;
                 debug!(message_id = id, "Message {id} delivered successfully");
             }
             Settle::Retry { delay, failures } => {
