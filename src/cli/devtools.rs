@@ -100,6 +100,10 @@ pub struct BenchArgs {
     /// concurrency (`ab -k` from apache2-utils), and report courier's rate as a share of it.
     #[arg(long)]
     pub baseline: bool,
+    /// Put the reference main server this many milliseconds of round trip away: in a network
+    /// namespace behind a veth pair with tc netem (root), or else behind a delay proxy.
+    #[arg(long, conflicts_with = "main_server")]
+    pub rtt_ms: Option<f64>,
 }
 
 /// `courier demo`.
@@ -151,7 +155,11 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         cert,
         key,
         baseline,
+        rtt_ms,
     } = args;
+    let rtt = rtt_ms
+        .filter(|ms| ms.is_finite() && *ms > 0.0)
+        .map(|ms| std::time::Duration::from_secs_f64(ms.min(10_000.0) / 1000.0));
     let main_server = match (main_server, ca, cert, key) {
         (Some(url), Some(ca), Some(cert), Some(key)) => Some(crate::devtools::bench::External { url, ca, cert, key }),
         _ => None,
@@ -171,6 +179,7 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
         cluster,
         main_server,
         baseline,
+        rtt,
     }))
 }
 

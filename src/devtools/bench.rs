@@ -54,6 +54,8 @@ pub struct BenchOptions {
     pub main_server: Option<External>,
     /// Before each drain, measure the main server with `ab -k` at the same concurrency.
     pub baseline: bool,
+    /// Put the reference main server this far away (round trip).
+    pub rtt: Option<Duration>,
 }
 
 /// A main server the bench did not start (nginx, say), and the files to reach it with.
@@ -196,18 +198,73 @@ fn signal(child: &Child, name: &str) -> anyhow::Result<()> {
 struct SinkProcess {
     child: Child,
     lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    port: u16,
+    /// Where the worker reaches it.
+    url: String,
 }
 
-async fn start_sink(exe: &std::path::Path, pki: &Pki, fail_share: f64) -> anyhow::Result<SinkProcess> {
+/// What lies between the worker and the reference main server.
+enum Network {
+    Loopback,
+    /// A network namespace behind a veth pair with netem delay.
+    Netem(super::netem::Namespace, Duration),
+    /// A delay proxy in this process, where netem could not be set up.
+    Proxy(Duration),
+}
+
+impl Network {
+    /// Netem when it can be set up, else the delay proxy (saying why); loopback without `rtt`.
+    fn new(rtt: Option<Duration>) -> Network {
+        let Some(rtt) = rtt else {
+            return Network::Loopback;
+        };
+        match super::netem::Namespace::create(rtt) {
+            Ok(namespace) => Network::Netem(namespace, rtt),
+            Err(e) => {
+                println!("netem is not available here ({e:#}); using a delay proxy instead");
+                Network::Proxy(rtt)
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Network::Loopback => "loopback".to_string(),
+            Network::Netem(_, rtt) => format!("{:.1} ms round trip (netem)", rtt.as_secs_f64() * 1000.0),
+            Network::Proxy(rtt) => format!("{:.1} ms round trip (delay proxy)", rtt.as_secs_f64() * 1000.0),
+        }
+    }
+
+    fn rtt(&self) -> Option<Duration> {
+        match self {
+            Network::Loopback => None,
+            Network::Netem(_, rtt) | Network::Proxy(rtt) => Some(*rtt),
+        }
+    }
+}
+
+async fn start_sink(
+    exe: &std::path::Path,
+    pki: &Pki,
+    fail_share: f64,
+    network: &Network,
+) -> anyhow::Result<SinkProcess> {
     let port = free_port()?;
-    let mut child = Command::new(exe)
+    let (mut command, host) = match network {
+        Network::Netem(namespace, _) => {
+            let [ip, netns, exec, name] = namespace.exec();
+            let mut command = Command::new(ip);
+            command.args([netns, exec, name]).arg(exe);
+            (command, super::netem::SERVER_IP)
+        }
+        _ => (Command::new(exe), "127.0.0.1"),
+    };
+    let mut child = command
         .args([
             "sink",
             "--quiet",
             "--report-latency",
             "--listen",
-            &format!("127.0.0.1:{port}"),
+            &format!("{host}:{port}"),
         ])
         .arg("--cert")
         .arg(&pki.server_cert_file)
@@ -226,7 +283,15 @@ async fn start_sink(exe: &std::path::Path, pki: &Pki, fail_share: f64) -> anyhow
             break;
         }
     }
-    Ok(SinkProcess { child, lines, port })
+    let url = match network {
+        Network::Loopback => format!("https://localhost:{port}"),
+        Network::Netem(..) => format!("https://{host}:{port}"),
+        Network::Proxy(rtt) => {
+            let proxy = super::netem::delay_proxy(([127, 0, 0, 1], port).into(), *rtt).await?;
+            format!("https://localhost:{proxy}")
+        }
+    };
+    Ok(SinkProcess { child, lines, url })
 }
 
 /// What one drain measured.
@@ -393,8 +458,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         (_, Some(cluster)) => cluster.nodes.iter().filter_map(RedisServer::pid).collect(),
         _ => Vec::new(),
     };
+    let network = Network::new(options.rtt);
     let own = |sink: &SinkProcess| Server {
-        url: format!("https://localhost:{}", sink.port),
+        url: sink.url.clone(),
         pid: sink.child.id(),
         ca: pki.ca_file.clone(),
         cert: pki.cert_file.clone(),
@@ -412,14 +478,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             (None, server)
         }
         None => {
-            let sink = start_sink(&exe, &pki, options.fail_share).await?;
+            let sink = start_sink(&exe, &pki, options.fail_share, &network).await?;
             let server = own(&sink);
             (Some(sink), server)
         }
     };
     // With --paired, a clean main server for the clean drain of each pair.
     let clean = match options.paired && options.fail_share > 0.0 {
-        true => Some(start_sink(&exe, &pki, 0.0).await?),
+        true => Some(start_sink(&exe, &pki, 0.0, &network).await?),
         false => None,
     };
     let clean_server = clean.as_ref().map(own);
@@ -524,8 +590,9 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         None => "the reference main server".to_string(),
     };
     println!(
-        "courier bench: {} messages of {item_bytes} bytes into {against}, concurrency {}, batch {}, {:.0}% answered 503, {}, {}",
+        "courier bench: {} messages of {item_bytes} bytes into {against} over {}, concurrency {}, batch {}, {:.0}% answered 503, {}, {}",
         options.messages,
+        network.describe(),
         options.concurrency,
         options.batch_size,
         options.fail_share * 100.0,
@@ -604,6 +671,15 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     }
     if !baselines.is_empty() {
         print_baseline(&options, &baselines, &failing);
+    }
+    if let Some(rtt) = network.rtt() {
+        // Each request holds one of the worker's slots for at least a round trip.
+        let ceiling = options.concurrency as f64 / rtt.as_secs_f64();
+        println!(
+            "  {:<22}{ceiling:>10.0} msg/s  (concurrency / round trip; the drain reached {:.0}% of it)",
+            "ceiling",
+            100.0 * d.rate / ceiling
+        );
     }
     if options.paired && options.fail_share > 0.0 {
         let ratios: Vec<f64> = drains

@@ -285,7 +285,11 @@ impl Pki {
     /// Makes the certificates, the worker's with common name `worker`, and writes them to `dir`.
     pub fn write(dir: &Path, worker: &str) -> anyhow::Result<Pki> {
         let ca = Authority::new("courier throwaway CA")?;
-        let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::default())?;
+        // The bench's network-namespace address too (`courier bench --rtt-ms`).
+        let server = ca.issue_server(
+            &["localhost", "127.0.0.1", super::netem::SERVER_IP],
+            Validity::default(),
+        )?;
         let client = ca.issue_client(worker, Validity::default())?;
         let path = |name: &str| dir.join(name);
         std::fs::write(path("ca.crt"), &ca.cert_pem)?;

@@ -6,4 +6,5 @@
 pub mod bench;
 pub mod demo;
 pub mod harness;
+pub mod netem;
 pub mod sink;
