@@ -758,10 +758,24 @@ async fn baseline(options: &BenchOptions, server: &Server, work: &std::path::Pat
     let Some(rate) = rate else {
         bail!("ab failed (exit {status}):\n{text}");
     };
-    let failed = field("Failed requests:").unwrap_or(0.0) + field("Non-2xx responses:").unwrap_or(0.0);
+    // ab counts an answer whose length differs from the first as failed ("Length"): a server
+    // that puts a time in its answers is not failing.
+    let length = text
+        .split(", Length: ")
+        .nth(1)
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|n| n.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    let failed = field("Failed requests:").unwrap_or(0.0) - length + field("Non-2xx responses:").unwrap_or(0.0);
     if failed > 0.0 {
+        let detail: Vec<&str> = text
+            .lines()
+            .filter(|l| l.contains("Failed requests") || l.contains("(Connect") || l.contains("Non-2xx"))
+            .map(str::trim)
+            .collect();
         bail!(
-            "ab saw {failed} failed requests; is {} a main server that answers 200?",
+            "ab saw {failed} failed requests ({}); is {} a main server that answers 200?",
+            detail.join(" "),
             server.url
         );
     }

@@ -388,6 +388,110 @@ async fn bad_input_gets_one_line_and_a_non_zero_exit() {
 mod slow {
     use super::*;
 
+    /// The bench against a main server it did not start, measured first with `ab -k` (which
+    /// CI installs): both clients' requests reach that server, and the comparison is printed.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_bench_drains_into_an_external_main_server_and_compares_with_ab() {
+        let pki = Pki::new();
+        let sink = start_sink(&pki, sink::always_ok()).await;
+        let path = |p: &std::path::Path| p.to_string_lossy().to_string();
+        let (url, ca, cert, key) = (
+            sink.url(),
+            path(&pki.ca_file),
+            path(&pki.cert_file),
+            path(&pki.key_file),
+        );
+        let args = [
+            "bench",
+            "--messages",
+            "1000",
+            "--concurrency",
+            "8",
+            "--latency-rate",
+            "0",
+            "--idle-seconds",
+            "0",
+            "--main-server",
+            &url,
+            "--ca",
+            &ca,
+            "--cert",
+            &cert,
+            "--key",
+            &key,
+            "--baseline",
+        ];
+        let output = tokio::time::timeout(
+            Duration::from_secs(120),
+            courier(&HashMap::new(), pki.dir.path()).args(args).output(),
+        )
+        .await
+        .expect("finishes")
+        .expect("runs");
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains(&format!("into {url}")), "{stdout}");
+        for figure in ["drain", "worker CPU", "baseline", "courier vs baseline"] {
+            assert!(
+                stdout.lines().any(|l| l.trim_start().starts_with(figure)),
+                "{figure} in:\n{stdout}"
+            );
+        }
+        // ab's 1,000 POSTs carry the id bench-0; the worker's are the 1,000 queued messages.
+        let delivered = sink.record.delivered();
+        let from_ab = delivered.iter().filter(|id| *id == "bench-0").count();
+        assert!(from_ab >= 1000, "ab's requests reached the server: {from_ab}");
+        let from_courier: std::collections::BTreeSet<&String> = delivered.iter().collect();
+        assert_eq!(
+            from_courier.len(),
+            1000,
+            "every queued message was delivered once at least"
+        );
+    }
+
+    /// `--rtt-ms` puts the main server a round trip away: the drain cannot beat concurrency /
+    /// round trip, which loopback would beat many times over.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn the_bench_with_a_round_trip_stays_under_its_ceiling() {
+        let dir = tempfile::tempdir().unwrap();
+        let args = [
+            "bench",
+            "--messages",
+            "800",
+            "--concurrency",
+            "4",
+            "--latency-rate",
+            "0",
+            "--idle-seconds",
+            "0",
+            "--rtt-ms",
+            "10",
+        ];
+        let output = tokio::time::timeout(
+            Duration::from_secs(120),
+            courier(&HashMap::new(), dir.path()).args(args).output(),
+        )
+        .await
+        .expect("finishes")
+        .expect("runs");
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        assert!(stdout.contains("10.0 ms round trip"), "{stdout}");
+        let reached: f64 = stdout
+            .lines()
+            .find_map(|l| l.split("the drain reached ").nth(1))
+            .and_then(|rest| rest.split('%').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("a ceiling line in:\n{stdout}"));
+        // 4 slots over 10 ms: at most 400 msg/s.
+        assert!(
+            reached > 10.0 && reached <= 105.0,
+            "{reached}% of the ceiling:\n{stdout}"
+        );
+    }
+
     #[cfg(target_os = "linux")]
     #[tokio::test]
     async fn the_bench_reports_every_figure() {
