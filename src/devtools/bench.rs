@@ -549,23 +549,24 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     // Only the reference main server reads the payloads' timestamps.
     let latency_rate = if sink.is_some() { options.latency_rate } else { 0 };
     if latency_rate > 0 {
-        let per_tick = (options.latency_rate / 100).max(1);
-        let mut ticker = tokio::time::interval(Duration::from_millis(10));
-        let until = Instant::now() + Duration::from_secs(options.latency_seconds);
+        // Every millisecond, the messages due by then: a steady stream, as producers make,
+        // rather than bursts (20 at once every 10 ms made the burst's tail the p99).
+        let mut ticker = tokio::time::interval(Duration::from_millis(1));
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let started = Instant::now();
+        let until = started + Duration::from_secs(options.latency_seconds);
         while Instant::now() < until {
             ticker.tick().await;
-            let items: Vec<String> = (0..per_tick)
-                .map(|i| {
-                    format!(
-                        r#"{{"message_id":"lat-{}","payload":{{"t":{}}}}}"#,
-                        latency_sent + i as u64,
-                        micros_now()
-                    )
-                })
+            let due = (started.elapsed().as_secs_f64() * latency_rate as f64) as u64;
+            if due <= latency_sent {
+                continue;
+            }
+            let items: Vec<String> = (latency_sent..due)
+                .map(|i| format!(r#"{{"message_id":"lat-{i}","payload":{{"t":{}}}}}"#, micros_now()))
                 .collect();
-            let queue = &rig.queues[(latency_sent as usize / per_tick) % rig.queues.len()];
+            let queue = &rig.queues[latency_sent as usize % rig.queues.len()];
             let _: () = rig.conn.lpush(queue, items).await?;
-            latency_sent += per_tick as u64;
+            latency_sent = due;
         }
         wait_delivered(rig.metrics_port, n + latency_sent, Duration::from_secs(120)).await?;
     }
