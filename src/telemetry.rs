@@ -275,7 +275,7 @@ pub enum LogError {
     Subscriber(#[from] tracing_subscriber::util::TryInitError),
 }
 
-/// An error and its causes on one line, `a: b: c`, each cause once (reqwest and redis-rs
+/// An error and its causes on one line, `a: b: c`, each cause once (redis-rs and io errors
 /// repeat theirs). Where an error reaches a person: a log line, a status update, the exit.
 pub fn one_line(error: &(dyn std::error::Error + 'static)) -> String {
     let mut parts: Vec<String> = Vec::new();
