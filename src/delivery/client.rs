@@ -332,6 +332,11 @@ impl Sender {
         match self {
             Sender::H1(mut sender) => {
                 request.headers_mut().insert(HOST, target.host_header.clone());
+                // A kept connection takes the next request once its task has finished the last
+                // answer; sent before that, hyper hands the request back unsent.
+                if let Err(e) = sender.ready().await {
+                    return Err((from_hyper(e), Some(request)));
+                }
                 match sender.try_send_request(request).await {
                     Ok(response) => Ok((response, Sender::H1(sender))),
                     Err(mut e) => {
