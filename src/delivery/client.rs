@@ -172,11 +172,18 @@ impl Client {
                 // would otherwise make every delivery task's future, copied when spawned, large.
                 None => (Box::pin(self.connect()).await?, false),
             };
+            let shared = matches!(sender, Sender::H2(_));
             match sender.send(request, &self.target).await {
                 Ok((response, sender)) => return self.finish(response, sender).await,
                 // A kept connection the server closed just now: the request was not sent, so
-                // it goes again on another connection (each try uses up one kept connection).
-                Err((_, Some(unsent))) if reused => request = unsent,
+                // it goes again on another connection. Each try uses up that connection (an
+                // HTTP/2 one is forgotten), so this ends with a new one at the latest.
+                Err((_, Some(unsent))) if reused => {
+                    if shared {
+                        *lock(&self.shared) = None;
+                    }
+                    request = unsent;
+                }
                 Err((error, _)) => return Err(error),
             }
         }

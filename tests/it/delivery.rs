@@ -467,32 +467,48 @@ async fn speaks_http2_only_when_asked_and_the_server_offers_it() {
 
 /// A kept connection that the server has closed since its last answer is not used for the
 /// next message: every message is delivered at its first attempt, with no failure reported.
+/// Over HTTP/1.1 (a pool of connections) and HTTP/2 (one shared connection).
 #[tokio::test]
 async fn a_kept_connection_the_server_closed_costs_no_attempt() {
-    let (redis, pki) = (RedisServer::start().await, Pki::new());
-    let sink = start_sink(&pki, sink::always_ok()).await;
-    let first = ids("before", 20);
-    enqueue(&redis, Q, &first.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
-    let worker = worker_on(&redis, &sink, &pki, "w-kept", &[("WORKER_CONCURRENCY", "4")]).await;
-    assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 20).await);
+    for http2 in ["false", "true"] {
+        let (redis, pki) = (RedisServer::start().await, Pki::new());
+        let sink = start_sink(&pki, sink::always_ok()).await;
+        let first = ids("before", 20);
+        enqueue(&redis, Q, &first.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
+        let settings = [("WORKER_CONCURRENCY", "4"), ("MAIN_SERVER_HTTP2", http2)];
+        let worker = worker_on(&redis, &sink, &pki, "w-kept", &settings).await;
+        assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 20).await);
 
-    // The server closes every open connection (as one does after its keep-alive timeout).
-    sink.replace_tls(&pki.sink_tls()).expect("same TLS");
-    let second = ids("after", 20);
-    enqueue(&redis, Q, &second.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
-    assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 40).await);
+        // The server closes every open connection (as one does after its keep-alive timeout).
+        sink.replace_tls(&pki.sink_tls()).expect("same TLS");
+        let second = ids("after", 20);
+        enqueue(&redis, Q, &second.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
+        assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 40).await);
 
-    let attempts: Vec<u64> = sink
-        .record
-        .deliveries()
-        .iter()
-        .map(|d| d.body["attempt"].as_u64().unwrap_or(0))
-        .collect();
-    assert!(
-        attempts.iter().all(|a| *a == 1),
-        "every delivery a first attempt: {attempts:?}"
-    );
-    assert_eq!(attempts.len(), 40, "no delivery failed on a closed connection");
-    assert!(sink.record.statuses().is_empty(), "no failure to report");
-    worker.stop().await;
+        let deliveries = sink.record.deliveries();
+        let attempts: Vec<u64> = deliveries
+            .iter()
+            .map(|d| d.body["attempt"].as_u64().unwrap_or(0))
+            .collect();
+        assert!(
+            attempts.iter().all(|a| *a == 1),
+            "HTTP/2 {http2}: every delivery a first attempt: {attempts:?}"
+        );
+        assert_eq!(
+            attempts.len(),
+            40,
+            "HTTP/2 {http2}: no delivery failed on a closed connection"
+        );
+        assert!(
+            sink.record.statuses().is_empty(),
+            "HTTP/2 {http2}: no failure to report"
+        );
+        let expected = if http2 == "true" {
+            hyper::Version::HTTP_2
+        } else {
+            hyper::Version::HTTP_11
+        };
+        assert!(deliveries.iter().all(|d| d.version == expected), "HTTP/2 {http2}");
+        worker.stop().await;
+    }
 }
