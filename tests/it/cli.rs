@@ -388,6 +388,31 @@ async fn bad_input_gets_one_line_and_a_non_zero_exit() {
 mod slow {
     use super::*;
 
+    /// Runs `courier bench` with `args` in `dir` and returns what it printed; it must succeed
+    /// within two minutes.
+    async fn bench(dir: &std::path::Path, args: &[&str]) -> String {
+        let output = tokio::time::timeout(
+            Duration::from_secs(120),
+            courier(&HashMap::new(), dir).args(args).output(),
+        )
+        .await
+        .expect("finishes")
+        .expect("runs");
+        let (stdout, stderr) = text(&output);
+        assert!(output.status.success(), "{stdout}\n{stderr}");
+        stdout
+    }
+
+    /// Asserts that the bench printed a line for each figure.
+    fn has_lines(stdout: &str, figures: &[&str]) {
+        for figure in figures {
+            assert!(
+                stdout.lines().any(|l| l.trim_start().starts_with(figure)),
+                "{figure} in:\n{stdout}"
+            );
+        }
+    }
+
     /// The bench against a main server it did not start, measured first with `ab -k` (which
     /// CI installs): both clients' requests reach that server, and the comparison is printed.
     #[cfg(target_os = "linux")]
@@ -422,22 +447,9 @@ mod slow {
             &key,
             "--baseline",
         ];
-        let output = tokio::time::timeout(
-            Duration::from_secs(120),
-            courier(&HashMap::new(), pki.dir.path()).args(args).output(),
-        )
-        .await
-        .expect("finishes")
-        .expect("runs");
-        let (stdout, stderr) = text(&output);
-        assert!(output.status.success(), "{stdout}\n{stderr}");
+        let stdout = bench(pki.dir.path(), &args).await;
         assert!(stdout.contains(&format!("into {url}")), "{stdout}");
-        for figure in ["drain", "worker CPU", "baseline", "courier vs baseline"] {
-            assert!(
-                stdout.lines().any(|l| l.trim_start().starts_with(figure)),
-                "{figure} in:\n{stdout}"
-            );
-        }
+        has_lines(&stdout, &["drain", "worker CPU", "baseline", "courier vs baseline"]);
         // ab's 1,000 POSTs carry the id bench-0; the worker's are the 1,000 queued messages.
         let delivered = sink.record.delivered();
         let from_ab = delivered.iter().filter(|id| *id == "bench-0").count();
@@ -469,15 +481,7 @@ mod slow {
             "--rtt-ms",
             "10",
         ];
-        let output = tokio::time::timeout(
-            Duration::from_secs(120),
-            courier(&HashMap::new(), dir.path()).args(args).output(),
-        )
-        .await
-        .expect("finishes")
-        .expect("runs");
-        let (stdout, stderr) = text(&output);
-        assert!(output.status.success(), "{stdout}\n{stderr}");
+        let stdout = bench(dir.path(), &args).await;
         assert!(stdout.contains("10.0 ms round trip"), "{stdout}");
         let reached: f64 = stdout
             .lines()
@@ -514,31 +518,21 @@ mod slow {
             "--repeat",
             "2",
         ];
-        let output = tokio::time::timeout(
-            Duration::from_secs(120),
-            courier(&HashMap::new(), dir.path()).args(args).output(),
-        )
-        .await
-        .expect("finishes")
-        .expect("runs");
-        let (stdout, stderr) = text(&output);
-        assert!(output.status.success(), "{stdout}\n{stderr}");
-        for figure in [
-            "drain",
-            "first 90%",
-            "worker CPU",
-            "worker syscalls",
-            "other CPU",
-            "machine steal",
-            "worker peak RSS",
-            "worker idle CPU",
-            "enqueue→delivery",
-        ] {
-            assert!(
-                stdout.lines().any(|l| l.trim_start().starts_with(figure)),
-                "{figure} in:\n{stdout}"
-            );
-        }
+        let stdout = bench(dir.path(), &args).await;
+        has_lines(
+            &stdout,
+            &[
+                "drain",
+                "first 90%",
+                "worker CPU",
+                "worker syscalls",
+                "other CPU",
+                "machine steal",
+                "worker peak RSS",
+                "worker idle CPU",
+                "enqueue→delivery",
+            ],
+        );
         assert!(stdout.contains("(median of 2, 2000 delivered in"), "{stdout}");
         // Two pairs: a clean drain, then one with failures, each on its own line.
         let runs: Vec<&str> = stdout
