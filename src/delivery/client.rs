@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2};
+use hyper::client::conn::{http1, http2, TrySendError};
 use hyper::header::{HeaderMap, HeaderValue, HOST};
 use hyper::http::uri::{Authority, Scheme};
 use hyper::{Request, Response, StatusCode, Uri};
@@ -344,13 +344,8 @@ impl Sender {
                 if let Err(e) = sender.ready().await {
                     return Err((from_hyper(e), Some(request)));
                 }
-                match sender.try_send_request(request).await {
-                    Ok(response) => Ok((response, Sender::H1(sender))),
-                    Err(mut e) => {
-                        let unsent = e.take_message();
-                        Err((from_hyper(e.into_error()), unsent))
-                    }
-                }
+                let response = sender.try_send_request(request).await.map_err(not_sent)?;
+                Ok((response, Sender::H1(sender)))
             }
             Sender::H2(mut sender) => {
                 // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI.
@@ -364,16 +359,17 @@ impl Sender {
                 if let Err(e) = sender.ready().await {
                     return Err((from_hyper(e), Some(request)));
                 }
-                match sender.try_send_request(request).await {
-                    Ok(response) => Ok((response, Sender::H2(sender))),
-                    Err(mut e) => {
-                        let unsent = e.take_message();
-                        Err((from_hyper(e.into_error()), unsent))
-                    }
-                }
+                let response = sender.try_send_request(request).await.map_err(not_sent)?;
+                Ok((response, Sender::H2(sender)))
             }
         }
     }
+}
+
+/// A failed send as its error and, when hyper never sent it, the request to send elsewhere.
+fn not_sent(mut error: TrySendError<Request<Body>>) -> (DeliveryError, Option<Request<Body>>) {
+    let unsent = error.take_message();
+    (from_hyper(error.into_error()), unsent)
 }
 
 /// A hyper error as the delivery error it amounts to: TLS when rustls is behind it.

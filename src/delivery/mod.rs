@@ -13,7 +13,7 @@ use url::Url;
 
 mod client;
 
-pub use client::{path_of, Answer, Body, Client, Elapsed, InvalidUrl, MAX_RESPONSE_BODY};
+pub use client::{path_of, Answer, Body, Client};
 
 use crate::config::MainServerSettings;
 use crate::message::Envelope;
