@@ -500,13 +500,19 @@ impl Source<'_> {
         Ok(value)
     }
 
+    /// A number for which `fits` holds; otherwise refused with `expected`.
+    fn real(&self, key: &str, expected: &str, fits: impl Fn(f64) -> bool) -> Result<f64, ConfigError> {
+        let value: f64 = self.parse(key, expected)?;
+        if !fits(value) {
+            return Err(self.invalid(key, expected));
+        }
+        Ok(value)
+    }
+
     /// A duration in seconds; fractions allowed (`0.5`).
     fn seconds(&self, key: &str, min: f64, max: f64) -> Result<Duration, ConfigError> {
         let expected = format!("expected a number of seconds from {min} to {max}");
-        let value: f64 = self.parse(key, &expected)?;
-        if !(min..=max).contains(&value) {
-            return Err(self.invalid(key, &expected));
-        }
+        let value = self.real(key, &expected, |value| (min..=max).contains(&value))?;
         Ok(Duration::from_secs_f64(value))
     }
 
@@ -823,36 +829,27 @@ impl Source<'_> {
             max_reclaims: self.number("worker.max_reclaims", 0, 1_000_000)?,
             breaker: crate::breaker::BreakerSettings {
                 enabled: self.flag("worker.breaker")?,
-                failure_rate: {
-                    let expected = "expected a fraction above 0 and at most 1 (0.5: half the attempts)";
-                    let rate: f64 = self.parse("worker.breaker_failure_rate", expected)?;
-                    if !(rate > 0.0 && rate <= 1.0) {
-                        return Err(self.invalid("worker.breaker_failure_rate", expected));
-                    }
-                    rate
-                },
+                failure_rate: self.real(
+                    "worker.breaker_failure_rate",
+                    "expected a fraction above 0 and at most 1 (0.5: half the attempts)",
+                    |rate| rate > 0.0 && rate <= 1.0,
+                )?,
                 min_attempts: self.number("worker.breaker_min_attempts", 1, 1_000_000)?,
                 window: self.seconds("worker.breaker_window", 0.1, 86_400.0)?,
                 probe_min: self.seconds("worker.breaker_probe_min", 0.01, 86_400.0)?,
                 probe_max: self.seconds("worker.breaker_probe_max", 0.01, 86_400.0)?,
             },
             adaptive_concurrency: self.flag("worker.adaptive_concurrency")?,
-            rate_limit: {
-                let expected = "expected deliveries per second, 0 for no limit";
-                let rate: f64 = self.parse("worker.rate_limit", expected)?;
-                if !(0.0..=1e9).contains(&rate) {
-                    return Err(self.invalid("worker.rate_limit", expected));
-                }
-                rate
-            },
-            retry_jitter: {
-                let expected = "expected a fraction from 0 to 1 (0.1 spreads each wait by up to 10% either way)";
-                let jitter: f64 = self.parse("worker.retry_jitter", expected)?;
-                if !(0.0..=1.0).contains(&jitter) {
-                    return Err(self.invalid("worker.retry_jitter", expected));
-                }
-                jitter
-            },
+            rate_limit: self.real(
+                "worker.rate_limit",
+                "expected deliveries per second, 0 for no limit",
+                |rate| (0.0..=1e9).contains(&rate),
+            )?,
+            retry_jitter: self.real(
+                "worker.retry_jitter",
+                "expected a fraction from 0 to 1 (0.1 spreads each wait by up to 10% either way)",
+                |jitter| (0.0..=1.0).contains(&jitter),
+            )?,
         };
 
         let main_server = MainServerSettings {
