@@ -587,12 +587,11 @@ async fn main_server_check(settings: &Settings, tls: &ClientTls) -> Check {
             }
         }
     }
-    let Some(e) = failed else {
+    let Some(error) = failed else {
         return Check::fail("main server", "no answer", "check MAIN_SERVER_URL");
     };
-    let tls = rustls_error(&e).map(|tls| tls_fix(tls, url.host_str().unwrap_or("")));
-    let closed = closed_without_answer(&e);
-    let error = e;
+    let tls = rustls_error(&error).map(|tls| tls_fix(tls, url.host_str().unwrap_or("")));
+    let closed = closed_without_answer(&error);
     let fix = match (tls, &error) {
         (Some(fix), _) => fix,
         (None, DeliveryError::Connect(_)) => "start the main server or correct MAIN_SERVER_URL".to_string(),
