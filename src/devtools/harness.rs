@@ -127,6 +127,18 @@ impl RedisServer {
     }
 }
 
+/// `127.0.0.1:<port>` of each server.
+fn addresses(servers: &[RedisServer]) -> Vec<String> {
+    servers.iter().map(|s| format!("127.0.0.1:{}", s.port)).collect()
+}
+
+/// `dir/name`, made if missing: each node of a cluster or sentinel set keeps its files apart.
+fn subdirectory(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::create_dir_all(&path).with_context(|| format!("cannot make {}", path.display()))?;
+    Ok(path)
+}
+
 /// A free port for a cluster node: below 55535, with its bus port (port + 10000) free too.
 pub fn free_cluster_port() -> std::io::Result<u16> {
     for _ in 0..500 {
@@ -150,8 +162,7 @@ impl Cluster {
     pub async fn start(dir: &Path, masters: usize, args: &[&str]) -> anyhow::Result<Cluster> {
         let mut nodes = Vec::with_capacity(masters);
         for i in 0..masters {
-            let node_dir = dir.join(format!("node-{i}"));
-            std::fs::create_dir_all(&node_dir).context("cluster node directory")?;
+            let node_dir = subdirectory(dir, &format!("node-{i}"))?;
             let mut node_args = vec!["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
             node_args.extend_from_slice(args);
             nodes.push(RedisServer::start_on(&node_dir, &node_args, free_cluster_port).await?);
@@ -160,7 +171,7 @@ impl Cluster {
         let create = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
-            .args(cluster.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(addresses(&cluster.nodes))
             .args(["--cluster-replicas", "0", "--cluster-yes"])
             .stdin(Stdio::null())
             .output()
@@ -195,11 +206,7 @@ impl Cluster {
 
     /// The seed list for REDIS_CLUSTER_NODES.
     pub fn seeds(&self) -> String {
-        self.nodes
-            .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port))
-            .collect::<Vec<_>>()
-            .join(",")
+        addresses(&self.nodes).join(",")
     }
 }
 
@@ -213,22 +220,17 @@ pub struct Sentinels {
 
 impl Sentinels {
     pub async fn start(dir: &Path, replicas: usize, sentinels: usize, args: &[&str]) -> anyhow::Result<Sentinels> {
-        let node_dir = |name: String| -> anyhow::Result<PathBuf> {
-            let path = dir.join(name);
-            std::fs::create_dir_all(&path).context("directory")?;
-            Ok(path)
-        };
-        let master = RedisServer::start(&node_dir("master".into())?, args).await?;
+        let master = RedisServer::start(&subdirectory(dir, "master")?, args).await?;
         let master_port = master.port.to_string();
         let mut started = Vec::with_capacity(replicas);
         for i in 0..replicas {
             let mut replica_args = vec!["--replicaof", "127.0.0.1", master_port.as_str()];
             replica_args.extend_from_slice(args);
-            started.push(RedisServer::start(&node_dir(format!("replica-{i}"))?, &replica_args).await?);
+            started.push(RedisServer::start(&subdirectory(dir, &format!("replica-{i}"))?, &replica_args).await?);
         }
         let mut watching = Vec::with_capacity(sentinels);
         for i in 0..sentinels {
-            let sentinel_dir = node_dir(format!("sentinel-{i}"))?;
+            let sentinel_dir = subdirectory(dir, &format!("sentinel-{i}"))?;
             let config = sentinel_dir.join("sentinel.conf");
             std::fs::write(
                 &config,
@@ -261,11 +263,7 @@ impl Sentinels {
 
     /// The list for REDIS_SENTINELS.
     pub fn addresses(&self) -> String {
-        self.sentinels
-            .iter()
-            .map(|s| format!("127.0.0.1:{}", s.port))
-            .collect::<Vec<_>>()
-            .join(",")
+        addresses(&self.sentinels).join(",")
     }
 }
 
