@@ -1,19 +1,18 @@
 //! The claimer: takes only as many messages as there are free delivery slots, hands each to a
-//! delivery task of its own, and waits on Redis (claiming nothing) while the queue is empty.
+//! delivery task (`pool`), and waits on Redis (claiming nothing) while the queue is empty.
 
-use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, warn};
 
+use super::pool::{Job, Pool};
 use super::retry::Backoff;
-use super::settle::{panic_text, Context};
+use super::settle::Context;
 use crate::config::QueueOrder;
 use crate::queue::{Queue, QueueError};
 
@@ -32,6 +31,7 @@ pub(super) async fn claim(
     // Where the next claim starts looking: always the first queue in priority order, one
     // further each time in round-robin order.
     let mut start = 0;
+    let mut pool = Pool::new(context);
     // Set when a claim failed (its reply may have been lost after Redis ran it, leaving claimed
     // messages in processing that no task holds) and when the worker followed a Sentinel
     // failover (the new master may hold claims the old one took back or never passed on). Once
@@ -150,19 +150,11 @@ pub(super) async fn claim(
                 break;
             };
             context.flow.token().await;
-            let context = context.clone();
-            let raw = Bytes::from(raw);
-            // No span per message: the log format does not print spans, and every event about
-            // a message carries its message_id already.
-            deliveries.spawn(async move {
-                // A panic anywhere in the delivery must not leave the message in processing
-                // with no task to settle it: catch it here and dead-letter the message.
-                let outcome = AssertUnwindSafe(context.process(q, raw.clone())).catch_unwind().await;
-                if let Err(panic) = outcome {
-                    context.internal_error(q, &raw, &panic_text(panic.as_ref())).await;
-                }
-                drop(permit);
-                context.flow.changed.notify_one();
+            pool.hand(Job {
+                q,
+                raw: Bytes::from(raw),
+                slot: permit,
+                in_flight: deliveries.token(),
             });
         }
     }

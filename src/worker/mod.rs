@@ -1,7 +1,7 @@
 //! The worker: the life of one worker process, from joining the queue to leaving it.
 //!
 //! `startup` connects, takes the worker id and recovers leftovers; `claim` takes messages
-//! while delivery slots are free; `settle` delivers one message and carries out what
+//! while delivery slots are free and hands them to `pool`'s delivery tasks; `settle` delivers one message and carries out what
 //! `policy` decides; `background` runs the heartbeat and reaper, the promoter, the TLS
 //! watcher and the status reporter; `drain` finishes in-flight work on shutdown; `retry`
 //! is the one way a Redis operation is retried.
@@ -10,6 +10,7 @@ mod background;
 mod claim;
 mod drain;
 mod flow;
+mod pool;
 mod retry;
 mod settle;
 mod startup;
