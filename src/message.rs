@@ -163,20 +163,27 @@ impl Envelope {
     /// The POST body: `{"message_id","worker_id","attempt","payload"?}`. `worker_id_json` is the
     /// worker id already encoded as a JSON string.
     pub fn delivery_body(&self, worker_id_json: &str) -> Vec<u8> {
+        const PARTS: [&[u8]; 5] = [b"{\"message_id\":", b",\"worker_id\":", b",\"attempt\":", b",\"payload\":", b"}"];
         let id = &self.raw[self.id_json.clone()];
         let payload = self.payload.clone().map(|r| &self.raw[r]);
-        let mut body = Vec::with_capacity(64 + id.len() + payload.map_or(0, <[u8]>::len));
-        body.extend_from_slice(b"{\"message_id\":");
+        let mut attempt = itoa::Buffer::new();
+        let attempt = attempt.format(u64::from(self.attempt_count) + 1).as_bytes();
+        // Exactly as long as it will be: a body that fills its allocation becomes the request's
+        // bytes without another.
+        let fixed: usize = PARTS.iter().map(|p| p.len()).sum::<usize>() - PARTS[3].len();
+        let payload_len = payload.map_or(0, |p| PARTS[3].len() + p.len());
+        let mut body = Vec::with_capacity(fixed + id.len() + worker_id_json.len() + attempt.len() + payload_len);
+        body.extend_from_slice(PARTS[0]);
         body.extend_from_slice(id);
-        body.extend_from_slice(b",\"worker_id\":");
+        body.extend_from_slice(PARTS[1]);
         body.extend_from_slice(worker_id_json.as_bytes());
-        body.extend_from_slice(b",\"attempt\":");
-        body.extend_from_slice((u64::from(self.attempt_count) + 1).to_string().as_bytes());
+        body.extend_from_slice(PARTS[2]);
+        body.extend_from_slice(attempt);
         if let Some(payload) = payload {
-            body.extend_from_slice(b",\"payload\":");
+            body.extend_from_slice(PARTS[3]);
             body.extend_from_slice(payload);
         }
-        body.push(b'}');
+        body.extend_from_slice(PARTS[4]);
         body
     }
 
@@ -333,11 +340,16 @@ mod tests {
         assert_eq!(e.attempt_count(), 3);
         let waited = e.waited(UNIX_EPOCH + Duration::from_secs(1_700_000_010)).unwrap();
         assert_eq!(waited, Duration::from_millis(9_500));
-        let body: serde_json::Value = serde_json::from_slice(&e.delivery_body("\"w-1\"")).unwrap();
+        let raw = e.delivery_body("\"w-1\"");
+        assert_eq!(raw.len(), raw.capacity(), "the body fills its allocation exactly");
+        let body: serde_json::Value = serde_json::from_slice(&raw).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"message_id":"m-1","worker_id":"w-1","attempt":4,"payload":{"a":[1,2]}})
         );
+        let without = parse(r#"{"message_id":"m-2","attempt_count":99999}"#).delivery_body("\"w\"");
+        assert_eq!(without.len(), without.capacity());
+        assert_eq!(without, br#"{"message_id":"m-2","worker_id":"w","attempt":100000}"#);
     }
 
     #[test]
