@@ -163,7 +163,13 @@ impl Envelope {
     /// The POST body: `{"message_id","worker_id","attempt","payload"?}`. `worker_id_json` is the
     /// worker id already encoded as a JSON string.
     pub fn delivery_body(&self, worker_id_json: &str) -> Vec<u8> {
-        const PARTS: [&[u8]; 5] = [b"{\"message_id\":", b",\"worker_id\":", b",\"attempt\":", b",\"payload\":", b"}"];
+        const PARTS: [&[u8]; 5] = [
+            b"{\"message_id\":",
+            b",\"worker_id\":",
+            b",\"attempt\":",
+            b",\"payload\":",
+            b"}",
+        ];
         let id = &self.raw[self.id_json.clone()];
         let payload = self.payload.clone().map(|r| &self.raw[r]);
         let mut attempt = itoa::Buffer::new();

@@ -119,6 +119,11 @@ type AckRequest = (Bytes, tokio::sync::oneshot::Sender<Result<bool, QueueError>>
 /// previous batch is on its way goes out in the next pipeline, one write and one read for
 /// all of them instead of one each. Each caller still learns whether its message was there,
 /// and a batch that fails fails each of its callers, who try again as before.
+///
+/// Every LREM that settles a message (here and in the retry, dead-letter and release
+/// scripts) searches from the tail of the processing list: claims are pushed at the head, so
+/// the tail holds the oldest, which are the deliveries most likely to be finishing. From the
+/// head, Redis compared each ack against most of the list (64 messages at concurrency 64).
 #[derive(Clone)]
 pub struct Acks {
     tx: tokio::sync::mpsc::UnboundedSender<AckRequest>,
@@ -368,8 +373,8 @@ impl Queue {
                 // than the rest of the acknowledgement.
                 let mut pipe = redis::Pipeline::with_capacity(batch.len());
                 for (raw, _) in &batch {
-                    let mut lrem = redis::Cmd::with_capacity(4, key.len() + raw.len() + 5);
-                    lrem.arg("LREM").arg(&key).arg(1).arg(raw.as_ref());
+                    let mut lrem = redis::Cmd::with_capacity(4, key.len() + raw.len() + 6);
+                    lrem.arg("LREM").arg(&key).arg(-1).arg(raw.as_ref());
                     pipe.add_command(lrem);
                 }
                 match pipe.query_async::<Vec<i64>>(&mut conn).await {

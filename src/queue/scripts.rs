@@ -64,7 +64,7 @@ impl Scripts {
             // time, so every worker agrees). A message no longer in processing (already settled,
             // or reaped) is left alone: running this twice does nothing the second time.
             retry: Script::new(
-                r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+                r"if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
                   local t = redis.call('TIME')
                   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
                   redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
@@ -72,14 +72,14 @@ impl Scripts {
             ),
             // Moves one message from processing to the dead-letter list as its record ARGV[2].
             dead: Script::new(
-                r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+                r"if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
                   redis.call('LPUSH', KEYS[2], ARGV[2])
                   return 1",
             ),
             // Returns one message from processing KEYS[1] to the front of the ready list KEYS[2]
             // as it was: no attempt used.
             release: Script::new(
-                r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
+                r"if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
                   redis.call('RPUSH', KEYS[2], ARGV[1])
                   return 1",
             ),
