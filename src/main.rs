@@ -10,3 +10,10 @@ fn main() -> ExitCode {
     courier::shutdown::ignore_hangup();
     courier::cli::main(courier::cli::Cli::parse())
 }
+
+/// mimalloc rather than glibc's malloc: its per-size free lists keep up with 64 deliveries
+/// under way, where glibc's thread cache holds 7 blocks a size and the rest take its slow paths
+/// (7% less CPU per message, 5% fewer instructions; docs/performance.md). Its arenas are
+/// committed as used (`.cargo/config.toml`), which keeps peak RSS near glibc's.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
