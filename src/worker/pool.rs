@@ -4,6 +4,7 @@
 //! of it, a tenth of a delivery's instructions. Tasks are started as the load first needs
 //! them, so there are never more than the most deliveries ever under way at once.
 
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -23,20 +24,43 @@ pub(super) struct Job {
     pub(super) in_flight: TaskTrackerToken,
 }
 
+/// What a delivery task does with each message it is handed.
+pub(super) trait Deliver: Send + Sync + 'static {
+    /// Delivers and settles one message.
+    fn deliver(&self, q: usize, raw: Bytes) -> impl Future<Output = ()> + Send;
+    /// Called once the message's slot is free again.
+    fn finished(&self);
+}
+
+impl Deliver for Context {
+    async fn deliver(&self, q: usize, raw: Bytes) {
+        // A panic anywhere in the delivery must not leave the message in processing with no
+        // task to settle it: catch it here and dead-letter the message.
+        let outcome = AssertUnwindSafe(self.process(q, raw.clone())).catch_unwind().await;
+        if let Err(panic) = outcome {
+            self.internal_error(q, &raw, &panic_text(panic.as_ref())).await;
+        }
+    }
+
+    fn finished(&self) {
+        self.flow.changed.notify_one();
+    }
+}
+
 /// The delivery tasks, owned by the claimer. They end when it drops this, each after the
 /// message it is delivering.
-pub(super) struct Pool {
-    context: Arc<Context>,
+pub(super) struct Pool<D: Deliver> {
+    deliverer: Arc<D>,
     /// Each task's hand-off; a task's number is its place here.
     tasks: Vec<mpsc::Sender<Job>>,
     /// The numbers of the tasks waiting for a message.
     idle: Arc<Mutex<Vec<usize>>>,
 }
 
-impl Pool {
-    pub(super) fn new(context: &Arc<Context>) -> Pool {
+impl<D: Deliver> Pool<D> {
+    pub(super) fn new(deliverer: &Arc<D>) -> Pool<D> {
         Pool {
-            context: context.clone(),
+            deliverer: deliverer.clone(),
             tasks: Vec::new(),
             idle: Arc::new(Mutex::new(Vec::new())),
         }
@@ -59,13 +83,13 @@ impl Pool {
         let (hand, jobs) = mpsc::channel(1);
         let number = self.tasks.len();
         self.tasks.push(hand);
-        tokio::spawn(serve(self.context.clone(), number, self.idle.clone(), jobs, job));
+        tokio::spawn(serve(self.deliverer.clone(), number, self.idle.clone(), jobs, job));
     }
 }
 
 /// A delivery task: the first message, then each one it is handed, until the pool is dropped.
-async fn serve(
-    context: Arc<Context>,
+async fn serve<D: Deliver>(
+    deliverer: Arc<D>,
     number: usize,
     idle: Arc<Mutex<Vec<usize>>>,
     mut jobs: mpsc::Receiver<Job>,
@@ -79,15 +103,90 @@ async fn serve(
         in_flight,
     }) = next
     {
-        // A panic anywhere in the delivery must not leave the message in processing with no
-        // task to settle it: catch it here and dead-letter the message.
-        let outcome = AssertUnwindSafe(context.process(q, raw.clone())).catch_unwind().await;
-        if let Err(panic) = outcome {
-            context.internal_error(q, &raw, &panic_text(panic.as_ref())).await;
-        }
+        deliverer.deliver(q, raw).await;
         idle.lock().unwrap_or_else(PoisonError::into_inner).push(number);
         drop((slot, in_flight));
-        context.flow.changed.notify_one();
+        deliverer.finished();
         next = jobs.recv().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use tokio::sync::Semaphore;
+    use tokio_util::task::TaskTracker;
+
+    use super::*;
+
+    /// Records which task delivered each message; a message `die` panics its task outside any
+    /// guard, as a bug in the settling code would.
+    #[derive(Default)]
+    struct Probe {
+        tasks: Mutex<HashSet<tokio::task::Id>>,
+        delivered: Mutex<Vec<Bytes>>,
+    }
+
+    impl Deliver for Probe {
+        async fn deliver(&self, _q: usize, raw: Bytes) {
+            // Gives every other task a turn, so that deliveries overlap as they do over a
+            // network.
+            tokio::task::yield_now().await;
+            assert!(raw.as_ref() != b"die", "a delivery task dies");
+            self.tasks.lock().unwrap().insert(tokio::task::id());
+            self.delivered.lock().unwrap().push(raw);
+        }
+
+        fn finished(&self) {}
+    }
+
+    /// Hands `items` to `pool` as the claimer does: each only once a slot is free.
+    async fn hand_all(pool: &mut Pool<Probe>, slots: &Arc<Semaphore>, items: &[&'static [u8]]) {
+        let tracker = TaskTracker::new();
+        for item in items {
+            let slot = slots.clone().acquire_owned().await.unwrap();
+            pool.hand(Job {
+                q: 0,
+                raw: Bytes::from_static(item),
+                slot,
+                in_flight: tracker.token(),
+            });
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+
+    #[tokio::test]
+    async fn one_slot_is_served_by_one_task_however_many_messages() {
+        let probe = Arc::new(Probe::default());
+        let mut pool = Pool::new(&probe);
+        let slots = Arc::new(Semaphore::new(1));
+        hand_all(&mut pool, &slots, &[&b"m"[..]; 50]).await;
+        assert_eq!(probe.delivered.lock().unwrap().len(), 50);
+        assert_eq!(probe.tasks.lock().unwrap().len(), 1, "the task is reused");
+    }
+
+    #[tokio::test]
+    async fn never_more_tasks_than_slots() {
+        let probe = Arc::new(Probe::default());
+        let mut pool = Pool::new(&probe);
+        let slots = Arc::new(Semaphore::new(4));
+        hand_all(&mut pool, &slots, &[&b"m"[..]; 200]).await;
+        assert_eq!(probe.delivered.lock().unwrap().len(), 200);
+        let tasks = probe.tasks.lock().unwrap().len();
+        assert!((2..=4).contains(&tasks), "{tasks} tasks for 4 slots");
+        assert_eq!(pool.tasks.len(), tasks, "no task was started that did not deliver");
+    }
+
+    #[tokio::test]
+    async fn a_task_that_died_is_replaced_and_the_next_message_still_goes_out() {
+        let probe = Arc::new(Probe::default());
+        let mut pool = Pool::new(&probe);
+        let slots = Arc::new(Semaphore::new(1));
+        hand_all(&mut pool, &slots, &[b"first", b"die", b"after", b"last"]).await;
+        let delivered = probe.delivered.lock().unwrap().clone();
+        assert_eq!(delivered, [&b"first"[..], b"after", b"last"]);
+        assert_eq!(pool.tasks.len(), 2, "one task died and one replaced it");
     }
 }
