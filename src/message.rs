@@ -163,33 +163,37 @@ impl Envelope {
     /// The POST body: `{"message_id","worker_id","attempt","payload"?}`. `worker_id_json` is the
     /// worker id already encoded as a JSON string.
     pub fn delivery_body(&self, worker_id_json: &str) -> Vec<u8> {
-        const PARTS: [&[u8]; 5] = [
-            b"{\"message_id\":",
-            b",\"worker_id\":",
-            b",\"attempt\":",
-            b",\"payload\":",
-            b"}",
-        ];
+        const OPEN: &[u8] = b"{\"message_id\":";
+        const WORKER: &[u8] = b",\"worker_id\":";
+        const ATTEMPT: &[u8] = b",\"attempt\":";
+        const PAYLOAD: &[u8] = b",\"payload\":";
+        const CLOSE: &[u8] = b"}";
         let id = &self.raw[self.id_json.clone()];
         let payload = self.payload.clone().map(|r| &self.raw[r]);
         let mut attempt = itoa::Buffer::new();
         let attempt = attempt.format(u64::from(self.attempt_count) + 1).as_bytes();
         // Exactly as long as it will be: a body that fills its allocation becomes the request's
         // bytes without another.
-        let fixed: usize = PARTS.iter().map(|p| p.len()).sum::<usize>() - PARTS[3].len();
-        let payload_len = payload.map_or(0, |p| PARTS[3].len() + p.len());
-        let mut body = Vec::with_capacity(fixed + id.len() + worker_id_json.len() + attempt.len() + payload_len);
-        body.extend_from_slice(PARTS[0]);
+        let length = OPEN.len()
+            + id.len()
+            + WORKER.len()
+            + worker_id_json.len()
+            + ATTEMPT.len()
+            + attempt.len()
+            + payload.map_or(0, |p| PAYLOAD.len() + p.len())
+            + CLOSE.len();
+        let mut body = Vec::with_capacity(length);
+        body.extend_from_slice(OPEN);
         body.extend_from_slice(id);
-        body.extend_from_slice(PARTS[1]);
+        body.extend_from_slice(WORKER);
         body.extend_from_slice(worker_id_json.as_bytes());
-        body.extend_from_slice(PARTS[2]);
+        body.extend_from_slice(ATTEMPT);
         body.extend_from_slice(attempt);
         if let Some(payload) = payload {
-            body.extend_from_slice(PARTS[3]);
+            body.extend_from_slice(PAYLOAD);
             body.extend_from_slice(payload);
         }
-        body.extend_from_slice(PARTS[4]);
+        body.extend_from_slice(CLOSE);
         body
     }
 

@@ -4,10 +4,8 @@
 //! request costs its head, its body and a write. Every exchange, connecting included, is bounded
 //! by the request timeout; every answer's body is read up to `MAX_RESPONSE_BODY`.
 
-use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -55,6 +53,13 @@ pub struct Answer {
 pub struct Elapsed {
     what: &'static str,
     limit: Duration,
+}
+
+impl Elapsed {
+    /// `what` took longer than `limit`, as the delivery error it is.
+    fn error(what: &'static str, limit: Duration) -> DeliveryError {
+        DeliveryError::Timeout(Arc::new(Elapsed { what, limit }))
+    }
 }
 
 /// Where requests go and how: resolved from MAIN_SERVER_URL once.
@@ -162,19 +167,11 @@ impl Client {
         let exchange = self.exchange(request);
         let deadline = tokio::time::sleep(limit);
         tokio::pin!(exchange, deadline);
-        std::future::poll_fn(|cx| {
-            if let Poll::Ready(answer) = exchange.as_mut().poll(cx) {
-                return Poll::Ready(answer);
-            }
-            match deadline.as_mut().poll(cx) {
-                Poll::Ready(()) => Poll::Ready(Err(DeliveryError::Timeout(Arc::new(Elapsed {
-                    what: "the request",
-                    limit,
-                })))),
-                Poll::Pending => Poll::Pending,
-            }
-        })
-        .await
+        tokio::select! {
+            biased;
+            answer = &mut exchange => answer,
+            () = &mut deadline => Err(Elapsed::error("the request", limit)),
+        }
     }
 
     async fn exchange(&self, mut request: Request<Body>) -> Result<Answer, DeliveryError> {
@@ -290,10 +287,7 @@ impl Target {
         let limit = self.connect_timeout;
         match tokio::time::timeout(limit, self.open()).await {
             Ok(sender) => sender,
-            Err(_) => Err(DeliveryError::Timeout(Arc::new(Elapsed {
-                what: "connecting",
-                limit,
-            }))),
+            Err(_) => Err(Elapsed::error("connecting", limit)),
         }
     }
 

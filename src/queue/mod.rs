@@ -373,8 +373,9 @@ impl Queue {
                 // than the rest of the acknowledgement.
                 let mut pipe = redis::Pipeline::with_capacity(batch.len());
                 for (raw, _) in &batch {
-                    let mut lrem = redis::Cmd::with_capacity(4, key.len() + raw.len() + 6);
-                    lrem.arg("LREM").arg(&key).arg(-1).arg(raw.as_ref());
+                    let size = "LREM".len() + key.len() + "-1".len() + raw.len();
+                    let mut lrem = redis::Cmd::with_capacity(4, size);
+                    lrem.arg("LREM").arg(&key).arg("-1").arg(raw.as_ref());
                     pipe.add_command(lrem);
                 }
                 match pipe.query_async::<Vec<i64>>(&mut conn).await {

@@ -141,8 +141,12 @@ mod tests {
         fn finished(&self) {}
     }
 
-    /// Hands `items` to `pool` as the claimer does: each only once a slot is free.
-    async fn hand_all(pool: &mut Pool<Probe>, slots: &Arc<Semaphore>, items: &[&'static [u8]]) {
+    /// Delivers `items` through a new pool with `slots` slots, handing each as the claimer
+    /// does: only once a slot is free. Returns what the probe saw and the pool.
+    async fn deliver_all(slots: usize, items: &[&'static [u8]]) -> (Arc<Probe>, Pool<Probe>) {
+        let probe = Arc::new(Probe::default());
+        let mut pool = Pool::new(&probe);
+        let slots = Arc::new(Semaphore::new(slots));
         let tracker = TaskTracker::new();
         for item in items {
             let slot = slots.clone().acquire_owned().await.unwrap();
@@ -155,24 +159,19 @@ mod tests {
         }
         tracker.close();
         tracker.wait().await;
+        (probe, pool)
     }
 
     #[tokio::test]
     async fn one_slot_is_served_by_one_task_however_many_messages() {
-        let probe = Arc::new(Probe::default());
-        let mut pool = Pool::new(&probe);
-        let slots = Arc::new(Semaphore::new(1));
-        hand_all(&mut pool, &slots, &[&b"m"[..]; 50]).await;
+        let (probe, _pool) = deliver_all(1, &[&b"m"[..]; 50]).await;
         assert_eq!(probe.delivered.lock().unwrap().len(), 50);
         assert_eq!(probe.tasks.lock().unwrap().len(), 1, "the task is reused");
     }
 
     #[tokio::test]
     async fn never_more_tasks_than_slots() {
-        let probe = Arc::new(Probe::default());
-        let mut pool = Pool::new(&probe);
-        let slots = Arc::new(Semaphore::new(4));
-        hand_all(&mut pool, &slots, &[&b"m"[..]; 200]).await;
+        let (probe, pool) = deliver_all(4, &[&b"m"[..]; 200]).await;
         assert_eq!(probe.delivered.lock().unwrap().len(), 200);
         let tasks = probe.tasks.lock().unwrap().len();
         assert!((2..=4).contains(&tasks), "{tasks} tasks for 4 slots");
@@ -181,10 +180,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_task_that_died_is_replaced_and_the_next_message_still_goes_out() {
-        let probe = Arc::new(Probe::default());
-        let mut pool = Pool::new(&probe);
-        let slots = Arc::new(Semaphore::new(1));
-        hand_all(&mut pool, &slots, &[b"first", b"die", b"after", b"last"]).await;
+        let (probe, pool) = deliver_all(1, &[b"first", b"die", b"after", b"last"]).await;
         let delivered = probe.delivered.lock().unwrap().clone();
         assert_eq!(delivered, [&b"first"[..], b"after", b"last"]);
         assert_eq!(pool.tasks.len(), 2, "one task died and one replaced it");
