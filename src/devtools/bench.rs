@@ -82,6 +82,12 @@ const CLUSTER_QUEUES: [&str; 3] = ["bench.0", "bench.1", "bench.2"];
 
 /// CPU time (user + system) a process has used, from /proc/PID/stat.
 fn cpu_time(pid: u32, ticks_per_second: f64) -> anyhow::Result<Duration> {
+    let (user, system) = cpu_times(pid, ticks_per_second)?;
+    Ok(user + system)
+}
+
+/// The user and the system CPU time a process has used, from /proc/PID/stat.
+fn cpu_times(pid: u32, ticks_per_second: f64) -> anyhow::Result<(Duration, Duration)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("cannot read /proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start at field 3.
@@ -90,9 +96,11 @@ fn cpu_time(pid: u32, ticks_per_second: f64) -> anyhow::Result<Duration> {
         .map(|(_, rest)| rest)
         .context("unexpected /proc/PID/stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = fields.get(11).and_then(|u| u.parse::<f64>().ok()).unwrap_or(0.0)
-        + fields.get(12).and_then(|s| s.parse::<f64>().ok()).unwrap_or(0.0);
-    Ok(Duration::from_secs_f64(ticks / ticks_per_second))
+    let time = |field: usize| {
+        let ticks = fields.get(field).and_then(|t| t.parse::<f64>().ok()).unwrap_or(0.0);
+        Duration::from_secs_f64(ticks / ticks_per_second)
+    };
+    Ok((time(11), time(12)))
 }
 
 /// Peak resident set size in bytes (VmHWM).
@@ -304,6 +312,8 @@ struct Drain {
     seconds: f64,
     first_ninety_seconds: f64,
     cpu_us: f64,
+    /// The part of `cpu_us` spent in the kernel.
+    system_us: f64,
     cpu_seconds: f64,
     syscalls: f64,
     sink_cpu_us: f64,
@@ -395,7 +405,8 @@ impl Rig {
         let first_ninety = started.elapsed();
         wait_delivered(self.metrics_port, n, Duration::from_secs(1800)).await?;
         let seconds = started.elapsed().as_secs_f64();
-        let cpu = cpu_time(pid, ticks)?;
+        let (user, system) = cpu_times(pid, ticks)?;
+        let cpu = user + system;
         let sink_cpu = server_cpu()? - sink_from;
         let redis_cpu = self.redis_cpu()? - redis_from;
         let machine_to = machine_ticks();
@@ -407,6 +418,7 @@ impl Rig {
             seconds,
             first_ninety_seconds: first_ninety.as_secs_f64(),
             cpu_us: per_message(cpu),
+            system_us: per_message(system),
             cpu_seconds: cpu.as_secs_f64(),
             syscalls: syscalls(pid) as f64 / n as f64,
             sink_cpu_us: per_message(sink_cpu),
@@ -631,8 +643,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         d.first_ninety_seconds
     );
     println!(
-        "  {:<22}{:>10.1} µs/msg   ({of}{:.2} s user+system)",
-        "worker CPU", d.cpu_us, d.cpu_seconds
+        "  {:<22}{:>10.1} µs/msg   ({of}{:.2} s user+system; {:.1} µs/msg of it in the kernel)",
+        "worker CPU", d.cpu_us, d.cpu_seconds, d.system_us
     );
     println!(
         "  {:<22}{:>10.2} per msg (read + write system calls)",
@@ -706,6 +718,8 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
 struct Baseline {
     rate: f64,
     cpu_us: f64,
+    /// The part of `cpu_us` spent in the kernel.
+    system_us: f64,
 }
 
 /// `ab -k` (apache2-utils) at the worker's concurrency, as many POSTs as the drain has
@@ -747,7 +761,7 @@ async fn baseline(options: &BenchOptions, server: &Server, work: &std::path::Pat
         .spawn()
         .context("cannot start ab")?;
     let pid = child.id();
-    let (status, cpu) = tokio::task::spawn_blocking(move || wait_with_usage(pid)).await??;
+    let (status, user, system) = tokio::task::spawn_blocking(move || wait_with_usage(pid)).await??;
     let text = std::fs::read_to_string(&output)?;
     let field = |name: &str| {
         text.lines()
@@ -780,15 +794,17 @@ async fn baseline(options: &BenchOptions, server: &Server, work: &std::path::Pat
             server.url
         );
     }
+    let per_request = |d: Duration| d.as_secs_f64() * 1e6 / options.messages.max(1) as f64;
     Ok(Baseline {
         rate,
-        cpu_us: cpu.as_secs_f64() * 1e6 / options.messages.max(1) as f64,
+        cpu_us: per_request(user + system),
+        system_us: per_request(system),
     })
 }
 
-/// Waits for a child process and returns its exit status and CPU time (user + system).
+/// Waits for a child process and returns its exit status and CPU time, user and system.
 #[cfg(unix)]
-fn wait_with_usage(pid: u32) -> anyhow::Result<(i32, Duration)> {
+fn wait_with_usage(pid: u32) -> anyhow::Result<(i32, Duration, Duration)> {
     let pid = libc::pid_t::try_from(pid).context("process id out of range")?;
     let mut status = 0;
     // SAFETY: wait4 writes into the two locals, which outlive the call.
@@ -806,11 +822,11 @@ fn wait_with_usage(pid: u32) -> anyhow::Result<(i32, Duration)> {
     } else {
         -1
     };
-    Ok((code, time(usage.ru_utime) + time(usage.ru_stime)))
+    Ok((code, time(usage.ru_utime), time(usage.ru_stime)))
 }
 
 #[cfg(not(unix))]
-fn wait_with_usage(_pid: u32) -> anyhow::Result<(i32, Duration)> {
+fn wait_with_usage(_pid: u32) -> anyhow::Result<(i32, Duration, Duration)> {
     bail!("--baseline runs on Linux only")
 }
 
@@ -827,8 +843,9 @@ fn which(program: &str) -> Option<PathBuf> {
 fn print_baseline(options: &BenchOptions, baselines: &[Baseline], drains: &[Drain]) {
     let rate = median(&baselines.iter().map(|b| b.rate).collect::<Vec<_>>());
     let cpu = median(&baselines.iter().map(|b| b.cpu_us).collect::<Vec<_>>());
+    let system = median(&baselines.iter().map(|b| b.system_us).collect::<Vec<_>>());
     println!(
-        "  {:<22}{rate:>10.0} req/s  (ab -k -c {}, median of {}; {cpu:.1} µs/req CPU)",
+        "  {:<22}{rate:>10.0} req/s  (ab -k -c {}, median of {}; {cpu:.1} µs/req CPU, {system:.1} of it in the kernel)",
         "baseline",
         options.concurrency,
         baselines.len()
@@ -882,6 +899,7 @@ fn median_drain(drains: &[Drain]) -> Drain {
         seconds: of(|d| d.seconds),
         first_ninety_seconds: of(|d| d.first_ninety_seconds),
         cpu_us: of(|d| d.cpu_us),
+        system_us: of(|d| d.system_us),
         cpu_seconds: of(|d| d.cpu_seconds),
         syscalls: of(|d| d.syscalls),
         sink_cpu_us: of(|d| d.sink_cpu_us),

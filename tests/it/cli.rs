@@ -404,6 +404,34 @@ mod slow {
     }
 
     /// Asserts that the bench printed a line for each figure.
+    /// A CPU line's total per message or request and the part of it in the kernel: the worker's
+    /// total is its first figure, ab's the figure before "µs/req CPU".
+    fn cpu_and_kernel(stdout: &str, line: &str, unit: &str) -> (f64, f64) {
+        let text = stdout
+            .lines()
+            .map(str::trim_start)
+            .find(|l| l.starts_with(line) && l.contains(unit))
+            .unwrap_or_else(|| panic!("{line} in:\n{stdout}"));
+        let number_before = |marker: &str| -> f64 {
+            let before = text.split(marker).next().unwrap_or_default();
+            let word = before.split_whitespace().last().unwrap_or_default();
+            word.trim_start_matches(['(', ',', ';'])
+                .parse()
+                .unwrap_or_else(|_| panic!("{marker} in {text}"))
+        };
+        let total = if unit == "µs/msg" {
+            number_before(" µs/msg")
+        } else {
+            number_before(" µs/req CPU")
+        };
+        let kernel = if unit == "µs/msg" {
+            number_before(" µs/msg of it in the kernel")
+        } else {
+            number_before(" of it in the kernel")
+        };
+        (total, kernel)
+    }
+
     fn has_lines(stdout: &str, figures: &[&str]) {
         for figure in figures {
             assert!(
@@ -450,6 +478,15 @@ mod slow {
         let stdout = bench(pki.dir.path(), &args).await;
         assert!(stdout.contains(&format!("into {url}")), "{stdout}");
         has_lines(&stdout, &["drain", "worker CPU", "baseline", "courier vs baseline"]);
+        // Each CPU figure with its kernel part, which is part of it. (A 1,000-message run is a
+        // few clock ticks of CPU, too few to say more about the split.)
+        for (line, unit) in [("worker CPU", "µs/msg"), ("baseline", "req/s")] {
+            let (total, kernel) = cpu_and_kernel(&stdout, line, unit);
+            assert!(
+                (0.0..=total).contains(&kernel),
+                "{line}: {kernel} of {total} in:\n{stdout}"
+            );
+        }
         // ab's 1,000 POSTs carry the id bench-0; the worker's are the 1,000 queued messages.
         let delivered = sink.record.delivered();
         let from_ab = delivered.iter().filter(|id| *id == "bench-0").count();
