@@ -369,6 +369,15 @@ impl Queue {
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(MAX_ACK_BATCH);
             while rx.recv_many(&mut batch, MAX_ACK_BATCH).await > 0 {
+                // One more turn of the runtime before sending: the answers that arrive with the
+                // next poll of the network go in the same pipeline.
+                tokio::task::yield_now().await;
+                while batch.len() < MAX_ACK_BATCH {
+                    match rx.try_recv() {
+                        Ok(ack) => batch.push(ack),
+                        Err(_) => break,
+                    }
+                }
                 // Each command sized up front: growing them argument by argument costs more
                 // than the rest of the acknowledgement.
                 let mut pipe = redis::Pipeline::with_capacity(batch.len());
