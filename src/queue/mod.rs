@@ -116,8 +116,8 @@ const MAX_ACK_BATCH: usize = 256;
 type AckRequest = (Bytes, tokio::sync::oneshot::Sender<Result<bool, QueueError>>);
 
 /// Acknowledgements for one queue, gathered: every LREM the delivery tasks ask for while the
-/// previous batch is on its way goes out in the next pipeline, one write and one read for
-/// all of them instead of one each. Each caller still learns whether its message was there,
+/// previous batch is on its way, or in the runtime's next turn, goes out in the next pipeline,
+/// one write and one read for all of them instead of one each. Each caller still learns whether its message was there,
 /// and a batch that fails fails each of its callers, who try again as before.
 ///
 /// Every LREM that settles a message (here and in the retry, dead-letter and release
