@@ -117,8 +117,9 @@ type AckRequest = (Bytes, tokio::sync::oneshot::Sender<Result<bool, QueueError>>
 
 /// Acknowledgements for one queue, gathered: every LREM the delivery tasks ask for while the
 /// previous batch is on its way, or in the runtime's next turn, goes out in the next pipeline,
-/// one write and one read for all of them instead of one each. Each caller still learns whether its message was there,
-/// and a batch that fails fails each of its callers, who try again as before.
+/// one write and one read for all of them instead of one each. Each caller still learns
+/// whether its message was there, and a batch that fails fails each of its callers, who try
+/// again as before.
 ///
 /// Every LREM that settles a message (here and in the retry, dead-letter and release
 /// scripts) searches from the tail of the processing list: claims are pushed at the head, so

@@ -2,9 +2,9 @@
 //!
 //! `startup` connects, takes the worker id and recovers leftovers; `claim` takes messages
 //! while delivery slots are free and hands them to `pool`'s delivery tasks; `settle` delivers
-//! one message and carries out what `policy` decides; `background` runs the heartbeat and reaper, the promoter, the TLS
-//! watcher and the status reporter; `drain` finishes in-flight work on shutdown; `retry`
-//! is the one way a Redis operation is retried.
+//! one message and carries out what `policy` decides; `background` runs the heartbeat and
+//! reaper, the promoter, the TLS watcher and the status reporter; `drain` finishes in-flight
+//! work on shutdown; `retry` is the one way a Redis operation is retried.
 
 mod background;
 mod claim;

@@ -403,14 +403,13 @@ mod slow {
         stdout
     }
 
-    /// Asserts that the bench printed a line for each figure.
-    /// A CPU line's total per message or request and the part of it in the kernel: the worker's
-    /// total is its first figure, ab's the figure before "µs/req CPU".
-    fn cpu_and_kernel(stdout: &str, line: &str, unit: &str) -> (f64, f64) {
+    /// A CPU line's total and the part of it in the kernel: the figures just before `total`
+    /// and before `kernel` in the line that starts with `line`.
+    fn cpu_and_kernel(stdout: &str, line: &str, total: &str, kernel: &str) -> (f64, f64) {
         let text = stdout
             .lines()
             .map(str::trim_start)
-            .find(|l| l.starts_with(line) && l.contains(unit))
+            .find(|l| l.starts_with(line) && l.contains(total))
             .unwrap_or_else(|| panic!("{line} in:\n{stdout}"));
         let number_before = |marker: &str| -> f64 {
             let before = text.split(marker).next().unwrap_or_default();
@@ -419,19 +418,10 @@ mod slow {
                 .parse()
                 .unwrap_or_else(|_| panic!("{marker} in {text}"))
         };
-        let total = if unit == "µs/msg" {
-            number_before(" µs/msg")
-        } else {
-            number_before(" µs/req CPU")
-        };
-        let kernel = if unit == "µs/msg" {
-            number_before(" µs/msg of it in the kernel")
-        } else {
-            number_before(" of it in the kernel")
-        };
-        (total, kernel)
+        (number_before(total), number_before(kernel))
     }
 
+    /// Asserts that the bench printed a line for each figure.
     fn has_lines(stdout: &str, figures: &[&str]) {
         for figure in figures {
             assert!(
@@ -480,8 +470,11 @@ mod slow {
         has_lines(&stdout, &["drain", "worker CPU", "baseline", "courier vs baseline"]);
         // Each CPU figure with its kernel part, which is part of it. (A 1,000-message run is a
         // few clock ticks of CPU, too few to say more about the split.)
-        for (line, unit) in [("worker CPU", "µs/msg"), ("baseline", "req/s")] {
-            let (total, kernel) = cpu_and_kernel(&stdout, line, unit);
+        for (line, total, kernel) in [
+            ("worker CPU", " µs/msg", " µs/msg of it in the kernel"),
+            ("baseline", " µs/req CPU", " of it in the kernel"),
+        ] {
+            let (total, kernel) = cpu_and_kernel(&stdout, line, total, kernel);
             assert!(
                 (0.0..=total).contains(&kernel),
                 "{line}: {kernel} of {total} in:\n{stdout}"
