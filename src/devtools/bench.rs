@@ -858,6 +858,23 @@ fn print_baseline(options: &BenchOptions, baselines: &[Baseline], drains: &[Drai
         median(&shares),
         rendered.join(" ")
     );
+    // The CPU each spends on a message, compared on the same machine in the same round: the
+    // measure that travels between machines, where µs per message do not.
+    let costs: Vec<f64> = baselines
+        .iter()
+        .zip(drains)
+        .filter(|(b, _)| b.cpu_us > 0.0)
+        .map(|(b, d)| d.cpu_us / b.cpu_us)
+        .collect();
+    if !costs.is_empty() {
+        let rendered: Vec<String> = costs.iter().map(|r| format!("{:.2}", r)).collect();
+        println!(
+            "  {:<22}{:>10.2} x      (courier's CPU per message / the baseline's per request, per round: {})",
+            "CPU vs baseline",
+            median(&costs),
+            rendered.join(" ")
+        );
+    }
 }
 
 /// One line per drain, for --repeat and --paired.

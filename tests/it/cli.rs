@@ -480,6 +480,18 @@ mod slow {
                 "{line}: {kernel} of {total} in:\n{stdout}"
             );
         }
+        // The CPU comparison is the worker's figure over the baseline's (one round: no median
+        // between them), to the rounding of the printed figures.
+        let worker = cpu_and_kernel(&stdout, "worker CPU", " µs/msg", " µs/msg of it").0;
+        let baseline = cpu_and_kernel(&stdout, "baseline", " µs/req CPU", " of it in").0;
+        if baseline >= 1.0 {
+            let (ratio, _) = cpu_and_kernel(&stdout, "CPU vs baseline", " x ", " x ");
+            let expected = worker / baseline;
+            assert!(
+                (ratio - expected).abs() <= 0.02 + expected * 0.1,
+                "CPU vs baseline {ratio}, expected {expected:.2}, in:\n{stdout}"
+            );
+        }
         // ab's 1,000 POSTs carry the id bench-0; the worker's are the 1,000 queued messages.
         let delivered = sink.record.delivered();
         let from_ab = delivered.iter().filter(|id| *id == "bench-0").count();
