@@ -28,12 +28,24 @@ const REDIS_KEY: &str = "redis.key_file (REDIS_KEY_PATH)";
 /// A connection to Redis in whichever shape it has: a handle on one of its connector's links.
 /// The connector can replace every link at once (the Sentinel master moved, or the TLS files
 /// for Redis were reloaded); commands under way finish on the link they started on, and the
-/// next ones use the new one. Cloning is cheap and shares the link.
+/// next ones use the new one. Cloning is cheap and shares the link. When the last clone is
+/// dropped the link is closed, so a start-up attempt that failed halfway leaves no
+/// connections behind.
 #[derive(Clone)]
-pub struct Conn {
+pub struct Conn(Arc<Slot>);
+
+/// A link's place in the hub's list, held by every clone of one `Conn`.
+struct Slot {
     hub: Arc<Hub>,
-    /// This connection's place in the hub's list of links.
     index: usize,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Some(link) = self.hub.write_state().links.get_mut(self.index) {
+            link.1 = None;
+        }
+    }
 }
 
 /// One live connection: a self-reconnecting one to a single server, or a cluster client's.
@@ -44,11 +56,22 @@ enum Link {
 }
 
 impl Conn {
-    fn link(&self) -> Link {
-        let state = self.hub.state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-        // `index` is only ever handed out for a link already in the list, and the list only
-        // grows or is replaced by one of the same length.
-        state.links[self.index].1.clone()
+    fn link(&self) -> Result<Link, redis::RedisError> {
+        let state = self
+            .0
+            .hub
+            .state
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // `index` is only ever handed out for a link in the list, the list never shrinks,
+        // and a link is closed only when the last handle on it goes: never while one exists.
+        match state.links.get(self.0.index) {
+            Some((_, Some(link))) => Ok(link.clone()),
+            _ => Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "this Redis connection was closed",
+            ))),
+        }
     }
 
     /// After a failed command under Sentinel: one that fails as if the master were gone
@@ -58,7 +81,7 @@ impl Conn {
         let Err(e) = result else {
             return;
         };
-        if !matches!(self.hub.topology, Shape::Sentinel { .. }) {
+        if !matches!(self.0.hub.topology, Shape::Sentinel { .. }) {
             return;
         }
         let lost = e.is_io_error()
@@ -67,15 +90,15 @@ impl Conn {
             || e.is_timeout()
             || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
         if lost {
-            let _ = self.hub.check(false).await;
+            let _ = self.0.hub.check(false).await;
         }
     }
 
     /// The cluster connection under this one, in Cluster mode (for routing a command by hand).
     pub(super) fn cluster(&self) -> Option<ClusterConnection> {
         match self.link() {
-            Link::Cluster(conn) => Some(conn),
-            Link::Server(_) => None,
+            Ok(Link::Cluster(conn)) => Some(conn),
+            _ => None,
         }
     }
 }
@@ -84,8 +107,9 @@ impl ConnectionLike for Conn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a redis::Cmd) -> RedisFuture<'a, Value> {
         Box::pin(async move {
             let result = match self.link() {
-                Link::Server(mut conn) => conn.req_packed_command(cmd).await,
-                Link::Cluster(mut conn) => conn.req_packed_command(cmd).await,
+                Ok(Link::Server(mut conn)) => conn.req_packed_command(cmd).await,
+                Ok(Link::Cluster(mut conn)) => conn.req_packed_command(cmd).await,
+                Err(e) => Err(e),
             };
             self.after(&result).await;
             result
@@ -100,8 +124,9 @@ impl ConnectionLike for Conn {
     ) -> RedisFuture<'a, Vec<Value>> {
         Box::pin(async move {
             let result = match self.link() {
-                Link::Server(mut conn) => conn.req_packed_commands(pipeline, offset, count).await,
-                Link::Cluster(mut conn) => conn.req_packed_commands(pipeline, offset, count).await,
+                Ok(Link::Server(mut conn)) => conn.req_packed_commands(pipeline, offset, count).await,
+                Ok(Link::Cluster(mut conn)) => conn.req_packed_commands(pipeline, offset, count).await,
+                Err(e) => Err(e),
             };
             self.after(&result).await;
             result
@@ -110,8 +135,9 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self.link() {
-            Link::Server(conn) => conn.get_db(),
-            Link::Cluster(conn) => conn.get_db(),
+            Ok(Link::Server(conn)) => conn.get_db(),
+            Ok(Link::Cluster(conn)) => conn.get_db(),
+            Err(_) => self.0.hub.settings.db,
         }
     }
 }
@@ -145,10 +171,11 @@ struct Hub {
 }
 
 /// The server the links go to (the master under Sentinel; unused in a cluster) and the links,
-/// each with the response timeout it was made with.
+/// each with the response timeout it was made with; `None` where the last handle on a link
+/// was dropped (a place the next connection takes).
 struct State {
     server: Option<(String, u16)>,
-    links: Vec<(Duration, Link)>,
+    links: Vec<(Duration, Option<Link>)>,
 }
 
 impl Connector {
@@ -209,15 +236,26 @@ impl Connector {
             info!(master = %format!("{}:{}", master.0, master.1), "Sentinel: following master");
             hub.write_state().server = Some(master);
         }
-        let link = hub.link(hub.current_server().as_ref(), response_timeout).await?;
+        let link = (
+            response_timeout,
+            Some(hub.link(hub.current_server().as_ref(), response_timeout).await?),
+        );
         let mut state = hub.write_state();
-        state.links.push((response_timeout, link));
-        let index = state.links.len() - 1;
+        let index = match state.links.iter().position(|(_, link)| link.is_none()) {
+            Some(free) => {
+                state.links[free] = link;
+                free
+            }
+            None => {
+                state.links.push(link);
+                state.links.len() - 1
+            }
+        };
         drop(state);
-        Ok(Conn {
+        Ok(Conn(Arc::new(Slot {
             hub: hub.clone(),
             index,
-        })
+        })))
     }
 
     /// Reads the TLS files for Redis again and moves every connection onto new ones made with
@@ -502,22 +540,30 @@ impl Hub {
     }
 
     /// Replaces every link with a new one to `server`, all or none.
+    /// Callers hold `asking`, so no link is added meanwhile; one whose last handle goes
+    /// meanwhile stays closed.
     async fn replace_links(&self, server: Option<&(String, u16)>) -> Result<(), QueueError> {
-        let timeouts: Vec<Duration> = self
+        let open: Vec<(usize, Duration)> = self
             .state
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .links
             .iter()
-            .map(|(t, _)| *t)
+            .enumerate()
+            .filter(|(_, (_, link))| link.is_some())
+            .map(|(i, (t, _))| (i, *t))
             .collect();
-        let mut links = Vec::with_capacity(timeouts.len());
-        for timeout in timeouts {
-            links.push((timeout, self.link(server, timeout).await?));
+        let mut links = Vec::with_capacity(open.len());
+        for (index, timeout) in open {
+            links.push((index, self.link(server, timeout).await?));
         }
         let mut state = self.write_state();
         state.server = server.cloned();
-        state.links = links;
+        for (index, link) in links {
+            if let Some((_, place @ Some(_))) = state.links.get_mut(index) {
+                *place = Some(link);
+            }
+        }
         Ok(())
     }
 

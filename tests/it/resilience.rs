@@ -456,3 +456,101 @@ async fn a_worker_whose_id_is_taken_stops_with_its_own_exit_code() {
         .expect("status");
     assert_eq!(status.code(), Some(75), "not the exit of a clean SIGTERM stop");
 }
+
+/// Redis's count of connected clients.
+async fn clients(conn: &mut redis::aio::MultiplexedConnection) -> usize {
+    let info: String = redis::cmd("INFO").arg("clients").query_async(conn).await.expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix("connected_clients:"))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("connected_clients")
+}
+
+/// Waits until Redis counts `n` clients (it takes a new connection in its own time).
+async fn clients_become(conn: &redis::aio::MultiplexedConnection, n: usize) {
+    eventually(|| {
+        let mut conn = conn.clone();
+        async move { clients(&mut conn).await == n }
+    })
+    .await;
+}
+
+/// A Redis connection nobody holds any more is closed; one still held is not.
+#[tokio::test]
+async fn a_redis_connection_is_closed_when_its_last_handle_goes() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    let pki = Pki::new();
+    let settings = settings(&env(&redis, "https://127.0.0.1:1", &pki, "w", &[]));
+    let connector = courier::queue::Connector::new(&settings.redis).expect("connector");
+    let before = clients(&mut conn).await;
+
+    let kept = connector.connect(Duration::from_secs(5)).await.expect("connect");
+    let dropped = connector.connect(Duration::from_secs(5)).await.expect("connect");
+    let clone = dropped.clone();
+    clients_become(&conn, before + 2).await;
+    drop(dropped);
+    let mut clone_conn = clone.clone();
+    let _: () = redis::cmd("PING")
+        .query_async(&mut clone_conn)
+        .await
+        .expect("a clone still works");
+    drop((clone, clone_conn));
+    clients_become(&conn, before + 1).await;
+
+    // Its place is taken by the next connection, and the one still held still works.
+    let _again = connector.connect(Duration::from_secs(5)).await.expect("connect");
+    clients_become(&conn, before + 2).await;
+    let _: () = redis::cmd("PING").query_async(&mut kept.clone()).await.expect("PING");
+}
+
+/// A start-up attempt that fails halfway (here Redis takes the worker's first connection and
+/// refuses its second) leaves no connection open: once Redis takes two more clients, the
+/// next attempt connects and the worker delivers. Before, the first attempt's connection
+/// stayed open, the next attempt's took the new room, and the worker never started.
+#[tokio::test]
+async fn a_start_up_that_failed_halfway_leaves_no_connection_behind() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let mut conn = redis.conn().await;
+    // Database 1, so that every connection starts with a SELECT, and a refused one fails to
+    // connect (without a first command, it would connect and reconnect later).
+    let _: () = redis::cmd("SELECT")
+        .arg(1)
+        .query_async(&mut conn)
+        .await
+        .expect("SELECT");
+    let _: () = redis::cmd("LPUSH")
+        .arg(Q)
+        .arg(message("after-the-refusals"))
+        .query_async(&mut conn)
+        .await
+        .expect("LPUSH");
+    let room = clients(&mut conn).await;
+    let set_max = |n: usize| redis::cmd("CONFIG").arg("SET").arg("maxclients").arg(n).clone();
+    let _: () = set_max(room + 1).query_async(&mut conn).await.expect("CONFIG SET");
+    let rejected = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut conn)
+            .await
+            .expect("INFO");
+        info.lines()
+            .find_map(|l| l.strip_prefix("rejected_connections:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("rejected_connections")
+    };
+
+    let worker = worker_on(&redis, &sink, &pki, "halfway", &[("REDIS_DB", "1")]).await;
+    // The first attempt's second connection is refused three times (redis-rs tries it twice
+    // more), which fails the attempt; a fourth refusal is the next attempt's.
+    eventually(|| {
+        let conn = conn.clone();
+        async move { rejected(conn).await >= 4 }
+    })
+    .await;
+    assert!(sink.record.delivered().is_empty());
+    let _: () = set_max(room + 2).query_async(&mut conn).await.expect("CONFIG SET");
+    all_delivered(&sink, &["after-the-refusals".to_string()]).await;
+    worker.stop().await;
+}
