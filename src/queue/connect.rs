@@ -42,9 +42,14 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(link) = self.hub.write_state().links.get_mut(self.index) {
-            link.1 = None;
-        }
+        // Taken out under the lock, closed after it.
+        let closed = self
+            .hub
+            .write_state()
+            .links
+            .get_mut(self.index)
+            .and_then(|link| link.1.take());
+        drop(closed);
     }
 }
 
