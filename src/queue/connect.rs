@@ -173,6 +173,10 @@ struct Hub {
     asking: tokio::sync::Mutex<Option<Instant>>,
     /// Counts moves to a new Sentinel master.
     changes: watch::Sender<u64>,
+    /// The connection to the sentinel that answered last, asked first next time: the
+    /// heartbeat asks the sentinels every interval, and a connection each time would be a
+    /// TCP (and TLS) handshake each time.
+    sentinel: std::sync::Mutex<Option<redis::aio::MultiplexedConnection>>,
 }
 
 /// The server the links go to (the master under Sentinel; unused in a cluster) and the links,
@@ -211,6 +215,7 @@ impl Connector {
                 links: Vec::new(),
             }),
             asking: tokio::sync::Mutex::new(None),
+            sentinel: std::sync::Mutex::new(None),
             changes: watch::channel(0).0,
         };
         // Every client is built once here, so a setting that cannot make one fails at start.
@@ -269,6 +274,8 @@ impl Connector {
         let hub = &self.hub;
         let tls = tls_files(&hub.settings)?;
         let _replacing = hub.asking.lock().await;
+        // The next question to a sentinel goes on a connection made with the new files.
+        *hub.kept_sentinel() = None;
         let previous = std::mem::replace(
             &mut *hub.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner),
             tls,
@@ -369,7 +376,8 @@ impl Connector {
     }
 }
 
-/// A connection for one question to a sentinel or a candidate master: quick to give up.
+/// A connection for questions to a sentinel (kept while it answers) or one to a candidate
+/// master: quick to give up.
 async fn short_connection(client: &Client) -> Result<redis::aio::MultiplexedConnection, redis::RedisError> {
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -572,7 +580,12 @@ impl Hub {
         Ok(())
     }
 
-    /// Runs `cmd` on each sentinel in turn; the first answer `take` accepts wins, else the
+    fn kept_sentinel(&self) -> std::sync::MutexGuard<'_, Option<redis::aio::MultiplexedConnection>> {
+        self.sentinel.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Runs `cmd` on the sentinel that answered last, then on each sentinel in turn; the
+    /// first answer `take` accepts wins, and its connection is kept for next time. Else the
     /// last error.
     async fn ask_sentinels<T, R>(
         &self,
@@ -582,11 +595,25 @@ impl Hub {
     where
         T: redis::FromRedisValue,
     {
+        let kept = self.kept_sentinel().clone();
+        if let Some(mut conn) = kept {
+            if let Ok(taken) = cmd.query_async::<T>(&mut conn).await.and_then(&take) {
+                return Ok(taken);
+            }
+            *self.kept_sentinel() = None;
+        }
         let mut last = None;
         for (_, client) in self.sentinel_clients()? {
-            let answer = async { cmd.query_async::<T>(&mut short_connection(&client).await?).await };
-            match answer.await.and_then(&take) {
-                Ok(taken) => return Ok(taken),
+            let answer = async {
+                let mut conn = short_connection(&client).await?;
+                let answer = cmd.query_async::<T>(&mut conn).await?;
+                take(answer).map(|taken| (conn, taken))
+            };
+            match answer.await {
+                Ok((conn, taken)) => {
+                    *self.kept_sentinel() = Some(conn);
+                    return Ok(taken);
+                }
                 Err(e) => last = Some(e),
             }
         }

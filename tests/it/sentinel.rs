@@ -104,3 +104,68 @@ async fn the_worker_follows_a_failover_and_loses_nothing() {
         .expect("DBSIZE");
     assert_eq!(keys, 0, "every key ends empty on the new master");
 }
+
+/// The sentinels' count of connections ever received, summed.
+async fn connections_received(sentinels: &TestSentinels) -> u64 {
+    let mut total = 0;
+    for sentinel in &sentinels.set.sentinels {
+        let info: String = redis::cmd("INFO")
+            .arg("stats")
+            .query_async(&mut node(sentinel.port).await)
+            .await
+            .expect("INFO");
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("total_connections_received:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("total_connections_received");
+    }
+    total
+}
+
+/// The heartbeat asks the sentinels where the master is every interval, on the connection
+/// it kept from the last time: 20 heartbeats open no new connection to a sentinel.
+#[tokio::test]
+async fn heartbeats_ask_the_sentinels_on_one_kept_connection() {
+    let (sentinels, pki) = (start_sentinels().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let vars = env_at(
+        1,
+        &sink.url(),
+        &pki,
+        "w-kept",
+        &[
+            ("REDIS_SENTINELS", &sentinels.set.addresses()),
+            ("WORKER_HEARTBEAT_INTERVAL", "0.05"),
+        ],
+    );
+    let mut master = node(sentinels.set.master.port).await;
+    let _: () = redis::AsyncCommands::lpush(&mut master, Q, message("through-sentinel"))
+        .await
+        .expect("LPUSH");
+    let worker = start_worker(&vars).await;
+    assert!(sink.wait_for(WAIT, |r| !r.delivered().is_empty()).await);
+
+    let score = |mut master: redis::aio::MultiplexedConnection| async move {
+        let score: Option<f64> = redis::AsyncCommands::zscore(&mut master, keys().workers, "w-kept")
+            .await
+            .expect("ZSCORE");
+        score.expect("the worker's heartbeat")
+    };
+    let before = connections_received(&sentinels).await;
+    let first = score(master.clone()).await;
+    // A second at 50 ms: 20 heartbeats.
+    eventually(|| {
+        let master = master.clone();
+        async move { score(master).await >= first + 1_000.0 }
+    })
+    .await;
+    let after = connections_received(&sentinels).await;
+    // Each count includes the INFO connection that read it (3 sentinels, one each).
+    assert!(
+        after - before <= 3 + 1,
+        "{} new connections to the sentinels over 20 heartbeats",
+        after - before
+    );
+    worker.stop().await;
+}
