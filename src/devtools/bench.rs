@@ -566,10 +566,14 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         let mut ticker = tokio::time::interval(Duration::from_millis(1));
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let started = Instant::now();
-        let until = started + Duration::from_secs(options.latency_seconds);
-        while Instant::now() < until {
+        // Exactly rate × seconds messages: stopping at a deadline instead would leave out the
+        // ones due in its last tick.
+        let total = u64::try_from(latency_rate)
+            .unwrap_or(u64::MAX)
+            .saturating_mul(options.latency_seconds);
+        while latency_sent < total {
             ticker.tick().await;
-            let due = (started.elapsed().as_secs_f64() * latency_rate as f64) as u64;
+            let due = ((started.elapsed().as_secs_f64() * latency_rate as f64) as u64).min(total);
             if due <= latency_sent {
                 continue;
             }

@@ -591,7 +591,10 @@ mod slow {
             .find(|l| l.trim_start().starts_with("failing vs clean"))
             .unwrap_or_else(|| panic!("a failing-vs-clean ratio in:\n{stdout}"));
         assert!(ratio.contains("per pair:"), "{ratio}");
-        assert!(stdout.contains("(n=2"), "latencies were measured: {stdout}");
+        assert!(
+            stdout.contains("(n=200)"),
+            "200 latencies were measured (200 a second for a second): {stdout}"
+        );
     }
 
     #[tokio::test]
