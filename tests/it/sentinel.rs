@@ -21,6 +21,19 @@ async fn start_sentinels() -> TestSentinels {
     TestSentinels { set, _dir: dir }
 }
 
+/// Settings for a worker that finds its master through these sentinels, with `extra`.
+fn sentinel_env(
+    sentinels: &TestSentinels,
+    sink: &sink::Sink,
+    pki: &Pki,
+    worker_id: &str,
+    extra: &[(&str, &str)],
+) -> std::collections::HashMap<String, String> {
+    let mut vars = env_at(1, &sink.url(), pki, worker_id, extra);
+    vars.insert("REDIS_SENTINELS".to_string(), sentinels.set.addresses());
+    vars
+}
+
 async fn node(port: u16) -> redis::aio::MultiplexedConnection {
     // WAIT blocks for seconds: longer than the default response timeout.
     let config = redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(15)));
@@ -36,16 +49,7 @@ async fn the_worker_follows_a_failover_and_loses_nothing() {
     let (sentinels, pki) = (start_sentinels().await, Pki::new());
     let sink = start_sink(&pki, sink::delayed(Duration::from_millis(3))).await;
     let replica_port = sentinels.set.replicas[0].port;
-    let vars = env_at(
-        1,
-        &sink.url(),
-        &pki,
-        "w-sentinel",
-        &[
-            ("REDIS_SENTINELS", &sentinels.set.addresses()),
-            ("WORKER_CONCURRENCY", "8"),
-        ],
-    );
+    let vars = sentinel_env(&sentinels, &sink, &pki, "w-sentinel", &[("WORKER_CONCURRENCY", "8")]);
     let dir = pki.dir.path();
     // A producer that cannot afford to lose a push waits for the replica.
     let ids: BTreeSet<String> = (0..1500).map(|i| format!("failover-{i}")).collect();
@@ -129,15 +133,12 @@ async fn connections_received(sentinels: &TestSentinels) -> u64 {
 async fn heartbeats_ask_the_sentinels_on_one_kept_connection() {
     let (sentinels, pki) = (start_sentinels().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
-    let vars = env_at(
-        1,
-        &sink.url(),
+    let vars = sentinel_env(
+        &sentinels,
+        &sink,
         &pki,
         "w-kept",
-        &[
-            ("REDIS_SENTINELS", &sentinels.set.addresses()),
-            ("WORKER_HEARTBEAT_INTERVAL", "0.05"),
-        ],
+        &[("WORKER_HEARTBEAT_INTERVAL", "0.05")],
     );
     let mut master = node(sentinels.set.master.port).await;
     let _: () = redis::AsyncCommands::lpush(&mut master, Q, message("through-sentinel"))
