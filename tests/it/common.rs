@@ -222,6 +222,15 @@ pub async fn get(url: &str) -> (u16, String) {
     (status, response.text().await.expect("body"))
 }
 
+/// A number from a section of Redis's `INFO` (`connected_clients` under `clients`, say).
+pub async fn info_number(conn: &mut redis::aio::MultiplexedConnection, section: &str, field: &str) -> u64 {
+    let info: String = redis::cmd("INFO").arg(section).query_async(conn).await.expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in INFO {section}"))
+}
+
 /// Waits for a condition on state that announces no event (Redis contents), checking every
 /// 20 ms until WAIT runs out.
 pub async fn eventually<F, Fut>(check: F)

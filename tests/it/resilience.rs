@@ -458,16 +458,12 @@ async fn a_worker_whose_id_is_taken_stops_with_its_own_exit_code() {
 }
 
 /// Redis's count of connected clients.
-async fn clients(conn: &mut redis::aio::MultiplexedConnection) -> usize {
-    let info: String = redis::cmd("INFO").arg("clients").query_async(conn).await.expect("INFO");
-    info.lines()
-        .find_map(|l| l.strip_prefix("connected_clients:"))
-        .and_then(|n| n.trim().parse().ok())
-        .expect("connected_clients")
+async fn clients(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    info_number(conn, "clients", "connected_clients").await
 }
 
 /// Waits until Redis counts `n` clients (it takes a new connection in its own time).
-async fn clients_become(conn: &redis::aio::MultiplexedConnection, n: usize) {
+async fn clients_become(conn: &redis::aio::MultiplexedConnection, n: u64) {
     eventually(|| {
         let mut conn = conn.clone();
         async move { clients(&mut conn).await == n }
@@ -527,26 +523,15 @@ async fn a_start_up_that_failed_halfway_leaves_no_connection_behind() {
         .await
         .expect("LPUSH");
     let room = clients(&mut conn).await;
-    let set_max = |n: usize| redis::cmd("CONFIG").arg("SET").arg("maxclients").arg(n).clone();
+    let set_max = |n: u64| redis::cmd("CONFIG").arg("SET").arg("maxclients").arg(n).clone();
     let _: () = set_max(room + 1).query_async(&mut conn).await.expect("CONFIG SET");
-    let rejected = |mut conn: redis::aio::MultiplexedConnection| async move {
-        let info: String = redis::cmd("INFO")
-            .arg("stats")
-            .query_async(&mut conn)
-            .await
-            .expect("INFO");
-        info.lines()
-            .find_map(|l| l.strip_prefix("rejected_connections:"))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .expect("rejected_connections")
-    };
 
     let worker = worker_on(&redis, &sink, &pki, "halfway", &[("REDIS_DB", "1")]).await;
     // The first attempt's second connection is refused three times (redis-rs tries it twice
     // more), which fails the attempt; a fourth refusal is the next attempt's.
     eventually(|| {
-        let conn = conn.clone();
-        async move { rejected(conn).await >= 4 }
+        let mut conn = conn.clone();
+        async move { info_number(&mut conn, "stats", "rejected_connections").await >= 4 }
     })
     .await;
     assert!(sink.record.delivered().is_empty());

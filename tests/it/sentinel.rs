@@ -113,16 +113,7 @@ async fn the_worker_follows_a_failover_and_loses_nothing() {
 async fn connections_received(sentinels: &TestSentinels) -> u64 {
     let mut total = 0;
     for sentinel in &sentinels.set.sentinels {
-        let info: String = redis::cmd("INFO")
-            .arg("stats")
-            .query_async(&mut node(sentinel.port).await)
-            .await
-            .expect("INFO");
-        total += info
-            .lines()
-            .find_map(|l| l.strip_prefix("total_connections_received:"))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .expect("total_connections_received");
+        total += info_number(&mut node(sentinel.port).await, "stats", "total_connections_received").await;
     }
     total
 }
