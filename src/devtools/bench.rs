@@ -568,12 +568,12 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
         let started = Instant::now();
         // Exactly rate × seconds messages: stopping at a deadline instead would leave out the
         // ones due in its last tick.
-        let total = u64::try_from(latency_rate)
-            .unwrap_or(u64::MAX)
-            .saturating_mul(options.latency_seconds);
+        let rate = u64::try_from(latency_rate).unwrap_or(u64::MAX);
+        let total = rate.saturating_mul(options.latency_seconds);
         while latency_sent < total {
             ticker.tick().await;
-            let due = ((started.elapsed().as_secs_f64() * latency_rate as f64) as u64).min(total);
+            let due = started.elapsed().as_micros().saturating_mul(u128::from(rate)) / 1_000_000;
+            let due = u64::try_from(due).unwrap_or(u64::MAX).min(total);
             if due <= latency_sent {
                 continue;
             }
