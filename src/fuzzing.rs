@@ -124,3 +124,124 @@ pub fn dead_letter_record(data: &[u8]) {
     assert_eq!(back.fields["reason"], "rejected");
     assert!(record.len() <= data.len() + 512, "no amplification");
 }
+
+/// The main server's answer to a request, as `delivery::h1::Connection` reads it from a stream
+/// that holds `data` after its first byte. That byte picks how many bytes each read brings (1
+/// to 64) and whether the request was a HEAD. Read whole and read in pieces, the answer must
+/// come out the same, whether the connection may carry another request included; and the body
+/// kept is never over `MAX_RESPONSE_BODY`, and only an error's.
+pub fn http_answer(data: &[u8]) {
+    let Some((&first, answer)) = data.split_first() else {
+        return;
+    };
+    let to_head = first & 0x80 != 0;
+    let piece = usize::from(first & 0x3f).saturating_add(1);
+    let whole = exchange_with(answer, answer.len().max(1), to_head);
+    let pieces = exchange_with(answer, piece, to_head);
+    assert_eq!(whole, pieces, "read {piece} bytes at a time, the answer reads the same");
+    if let Ok((status, body, _)) = &whole {
+        assert!(body.len() <= crate::delivery::h1::MAX_RESPONSE_BODY);
+        assert!(
+            body.is_empty() || !(200..300).contains(status),
+            "only an error's body is kept"
+        );
+    }
+}
+
+/// What one exchange over `answer`, `piece` bytes a read, comes to: status, kept body and
+/// whether the connection could be kept, or the failure by name. Bytes after the answer that
+/// were not read yet make the connection one not to keep, as `Connection::is_open` finds on a
+/// real one.
+fn exchange_with(answer: &[u8], piece: usize, to_head: bool) -> Result<(u16, Vec<u8>, bool), String> {
+    use crate::delivery::h1::{Connection, Failure, Outgoing};
+    use std::future::Future;
+    use std::task::{Context, Poll, Waker};
+
+    let read = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stream = Pieces {
+        answer: answer.to_vec(),
+        at: read.clone(),
+        piece,
+    };
+    let mut connection = Connection::new(stream);
+    let path = hyper::http::uri::PathAndQuery::from_static("/internal/messages/deliver");
+    let headers = hyper::HeaderMap::new();
+    let request = Outgoing {
+        method: if to_head {
+            hyper::Method::HEAD
+        } else {
+            hyper::Method::POST
+        },
+        path: &path,
+        headers: &headers,
+        extra: None,
+        body: bytes::Bytes::from_static(b"{}"),
+    };
+    let host = hyper::header::HeaderValue::from_static("main");
+    let exchange = connection.exchange(&request, &host);
+    let mut exchange = std::pin::pin!(exchange);
+    // The stream is always ready, so the exchange never waits: one poll finishes it.
+    let Poll::Ready(result) = exchange.as_mut().poll(&mut Context::from_waker(Waker::noop())) else {
+        panic!("an exchange over a ready stream waited");
+    };
+    match result {
+        Ok(exchanged) => {
+            let all_read = read.load(std::sync::atomic::Ordering::Relaxed) == answer.len();
+            Ok((
+                exchanged.status.as_u16(),
+                exchanged.body,
+                exchanged.reusable && all_read,
+            ))
+        }
+        Err(Failure::Answer(e)) => Err(e.to_string()),
+        Err(Failure::Unanswered(e)) => Err(format!("unanswered: {:?}", e.kind())),
+        Err(Failure::Broken(e)) => Err(format!("broken: {:?}", e.kind())),
+    }
+}
+
+/// A stream that takes any write and reads `answer` back `piece` bytes at a time, then ends.
+struct Pieces {
+    answer: Vec<u8>,
+    at: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    piece: usize,
+}
+
+impl tokio::io::AsyncRead for Pieces {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let at = self.at.load(std::sync::atomic::Ordering::Relaxed);
+        let rest = self.answer.get(at..).unwrap_or_default();
+        let n = rest.len().min(self.piece).min(buf.remaining());
+        buf.put_slice(rest.get(..n).unwrap_or_default());
+        self.at
+            .store(at.saturating_add(n), std::sync::atomic::Ordering::Relaxed);
+        std::task::Poll::Ready(Ok(()))
+    }
+}
+
+impl tokio::io::AsyncWrite for Pieces {
+    fn poll_write(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::task::Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(
+        self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+}

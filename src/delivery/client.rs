@@ -1,18 +1,18 @@
-//! The HTTP client for the one main server, on hyper's connection API: keep-alive HTTP/1.1
-//! connections from a pool, or every request on one HTTP/2 connection when the server takes h2
-//! in the TLS handshake. No redirects, no proxy, no cookies, no per-request URL parsing: a
-//! request costs its head, its body and a write. Every exchange, connecting included, is bounded
-//! by the request timeout; every answer's body is read up to `MAX_RESPONSE_BODY`.
+//! The HTTP client for the one main server: keep-alive HTTP/1.1 connections from a pool, each
+//! exchange written and read by the task that sends it (`h1`), or every request on one HTTP/2
+//! connection (hyper's) when the server takes h2 in the TLS handshake. No redirects, no proxy,
+//! no cookies, no per-request URL parsing: a request costs its head, its body and a write. Every
+//! exchange, connecting included, is bounded by the request timeout; every answer's body is read
+//! up to `MAX_RESPONSE_BODY`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::{http1, http2, TrySendError};
-use hyper::header::{HeaderMap, HeaderValue, HOST};
+use hyper::client::conn::{http2, TrySendError};
+use hyper::header::{HeaderMap, HeaderValue};
 use hyper::http::uri::{Authority, Scheme};
 use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -21,17 +21,15 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use url::{Position, Url};
 
+use super::h1::{Connection, Failure, Outgoing};
 use super::{rustls_error, DeliveryError};
 use crate::config::MainServerSettings;
 use crate::tls::ClientTls;
 
-/// A request body: always whole, so hyper sends it with a Content-Length in the same write as
-/// the head when it fits.
-pub type Body = Full<Bytes>;
+pub use super::h1::MAX_RESPONSE_BODY;
 
-/// The most of a response body courier reads. Only an error's text is of use, and the first
-/// 200 characters of it at that: a main server that answers with megabytes costs 64 KiB.
-pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
+/// A request body on the HTTP/2 connection: always whole.
+type Body = Full<bytes::Bytes>;
 
 /// How long an unused keep-alive connection may wait in the pool before it is closed rather
 /// than reused: servers close theirs after a minute or so (nginx 75 s), and a request sent as
@@ -79,14 +77,14 @@ struct Target {
 
 /// An HTTP/1.1 connection waiting for its next request.
 struct Idle {
-    sender: http1::SendRequest<Body>,
+    connection: Connection,
     since: Instant,
 }
 
-/// A connection ready for one request: HTTP/1.1 (one request at a time, back to the pool after
-/// the answer) or a handle on the shared HTTP/2 connection.
+/// A connection ready for one request: an HTTP/1.1 one of this request's own (back to the pool
+/// after the answer) or a handle on the shared HTTP/2 connection.
 enum Sender {
-    H1(http1::SendRequest<Body>),
+    H1(Connection),
     H2(http2::SendRequest<Body>),
 }
 
@@ -158,12 +156,11 @@ impl Client {
         })
     }
 
-    /// Sends a request whose URI is a path (origin form) and reads the answer, all within the
-    /// request timeout.
-    pub async fn send(&self, request: Request<Body>) -> Result<Answer, DeliveryError> {
+    /// Sends a request and reads the answer, all within the request timeout.
+    pub async fn send(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
         let limit = self.target.request_timeout;
-        // Polled where they lie rather than moved into a `Timeout`: the exchange's state is
-        // 1.5 KB, and each move of it is a copy.
+        // Polled where they lie rather than moved into a `Timeout`: each move of the
+        // exchange's state is a copy.
         let exchange = self.exchange(request);
         let deadline = tokio::time::sleep(limit);
         tokio::pin!(exchange, deadline);
@@ -174,32 +171,51 @@ impl Client {
         }
     }
 
-    async fn exchange(&self, mut request: Request<Body>) -> Result<Answer, DeliveryError> {
+    async fn exchange(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
+        let mut sender = self.reuse();
+        let mut reused = sender.is_some();
         loop {
-            let (sender, reused) = match self.reuse() {
-                Some(sender) => (sender, true),
+            let sender = match sender.take() {
+                Some(sender) => sender,
                 // Boxed: connecting (TLS handshake state included) is rare and large, and
-                // would otherwise make every delivery task's future, copied when spawned, large.
-                None => (Box::pin(self.connect()).await?, false),
+                // would otherwise make every delivery task's future large.
+                None => Box::pin(self.connect()).await?,
             };
-            let shared = matches!(sender, Sender::H2(_));
-            match sender.send(request, &self.target).await {
-                Ok((response, sender)) => return self.finish(response, sender).await,
-                // A kept connection the server closed just now: the request was not sent, so
-                // it goes again on another connection. Each try uses up that connection (an
-                // HTTP/2 one is forgotten), so this ends with a new one at the latest.
-                Err((_, Some(unsent))) if reused => {
-                    if shared {
-                        *lock(&self.shared) = None;
+            match sender {
+                Sender::H1(mut connection) => match connection.exchange(request, &self.target.host_header).await {
+                    Ok(answer) => {
+                        if answer.reusable {
+                            self.keep(connection);
+                        }
+                        return Ok(Answer {
+                            status: answer.status,
+                            headers: answer.headers,
+                            body: answer.body,
+                        });
                     }
-                    request = unsent;
-                }
-                Err((error, _)) => return Err(error),
+                    // A kept connection that closed as the request went out (the server's
+                    // keep-alive ran out just then): the server cannot have answered it, so it
+                    // goes once more, on a new connection. A new connection's failure stands.
+                    Err(Failure::Unanswered(_)) if reused => reused = false,
+                    Err(Failure::Unanswered(e) | Failure::Broken(e)) => return Err(from_io(e)),
+                    Err(Failure::Answer(e)) => return Err(DeliveryError::Other(Arc::new(e))),
+                },
+                Sender::H2(shared) => match send_h2(shared, request, &self.target).await {
+                    Ok(response) => return finish_h2(response).await,
+                    // The shared connection closed before the request went out: forgotten,
+                    // and the request goes once more on a new one.
+                    Err((_, true)) if reused => {
+                        *lock(&self.shared) = None;
+                        reused = false;
+                    }
+                    Err((error, _)) => return Err(error),
+                },
             }
         }
     }
 
     /// A kept connection that is still open: the HTTP/2 one, or the newest idle HTTP/1.1 one.
+    /// Idle connections past `IDLE_LIMIT` are closed on the way, the oldest among them too.
     fn reuse(&self) -> Option<Sender> {
         if self.target.http2 && !self.h1_only.load(Ordering::Relaxed) {
             let shared = lock(&self.shared);
@@ -208,12 +224,33 @@ impl Client {
             }
         }
         let mut idle = lock(&self.idle);
-        while let Some(Idle { sender, since }) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_LIMIT {
-                return Some(Sender::H1(sender));
+        if idle.first().is_some_and(|oldest| oldest.since.elapsed() >= IDLE_LIMIT) {
+            idle.remove(0);
+        }
+        while let Some(Idle { mut connection, since }) = idle.pop() {
+            if since.elapsed() < IDLE_LIMIT && connection.is_open() {
+                return Some(Sender::H1(connection));
             }
         }
         None
+    }
+
+    /// Closes the idle connections the server has closed or that waited past `IDLE_LIMIT`, so
+    /// that a worker with nothing to deliver does not hold sockets the server let go of.
+    /// Looking costs no system call for a connection on which nothing arrived.
+    pub fn close_idle(&self) {
+        lock(&self.idle).retain_mut(|idle| idle.since.elapsed() < IDLE_LIMIT && idle.connection.is_open());
+    }
+
+    /// Puts an HTTP/1.1 connection whose answer was read to the end back in the pool.
+    fn keep(&self, connection: Connection) {
+        let mut idle = lock(&self.idle);
+        if idle.len() < self.max_idle {
+            idle.push(Idle {
+                connection,
+                since: Instant::now(),
+            });
+        }
     }
 
     /// Opens a connection. Offering h2, tasks wait for one another, so that one connection is
@@ -233,51 +270,66 @@ impl Client {
         }
         Ok(sender)
     }
+}
 
-    /// Reads the answer's body; an HTTP/1.1 connection whose answer was read to the end goes
-    /// back to the pool (one cut off at the cap is dropped, which closes it).
-    async fn finish(&self, response: Response<Incoming>, sender: Sender) -> Result<Answer, DeliveryError> {
-        let (head, mut body) = response.into_parts();
-        let keep = !head.status.is_success();
-        let mut kept = Vec::new();
-        let mut seen = 0usize;
-        let complete = loop {
-            match body.frame().await {
-                None => break true,
-                Some(Err(e)) => {
-                    // The answer's head arrived: a body that breaks off does not change it.
-                    tracing::debug!(error = %e, "main server's answer broke off");
-                    break false;
-                }
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        let room = MAX_RESPONSE_BODY.saturating_sub(seen);
-                        seen = seen.saturating_add(data.len());
-                        if keep {
-                            kept.extend_from_slice(&data[..data.len().min(room)]);
-                        }
-                        if data.len() >= room {
-                            break false;
-                        }
+/// Sends one request on the HTTP/2 connection. On failure, whether it was never sent.
+async fn send_h2(
+    mut sender: http2::SendRequest<Body>,
+    outgoing: &Outgoing<'_>,
+    target: &Target,
+) -> Result<Response<Incoming>, (DeliveryError, bool)> {
+    // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI.
+    let mut parts = hyper::http::uri::Parts::default();
+    parts.scheme = Some(target.scheme.clone());
+    parts.authority = Some(target.authority.clone());
+    parts.path_and_query = Some(outgoing.path.clone());
+    let uri = Uri::from_parts(parts).map_err(|e| (DeliveryError::Other(Arc::new(e)), false))?;
+    let mut request = Request::new(Full::new(outgoing.body.clone()));
+    *request.method_mut() = outgoing.method.clone();
+    *request.uri_mut() = uri;
+    *request.headers_mut() = outgoing.headers.clone();
+    if let Some((name, value)) = &outgoing.extra {
+        request.headers_mut().insert(*name, value.clone());
+    }
+    if let Err(e) = sender.ready().await {
+        return Err((from_hyper(e), true));
+    }
+    sender.try_send_request(request).await.map_err(not_sent)
+}
+
+/// Reads an HTTP/2 answer's body, up to `MAX_RESPONSE_BODY` of it for answers other than 2xx.
+async fn finish_h2(response: Response<Incoming>) -> Result<Answer, DeliveryError> {
+    let (head, mut body) = response.into_parts();
+    let keep = !head.status.is_success();
+    let mut kept = Vec::new();
+    let mut seen = 0usize;
+    loop {
+        match body.frame().await {
+            None => break,
+            Some(Err(e)) => {
+                // The answer's head arrived: a body that breaks off does not change it.
+                tracing::debug!(error = %e, "main server's answer broke off");
+                break;
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    let room = MAX_RESPONSE_BODY.saturating_sub(seen);
+                    seen = seen.saturating_add(data.len());
+                    if keep {
+                        kept.extend_from_slice(&data[..data.len().min(room)]);
+                    }
+                    if data.len() >= room {
+                        break;
                     }
                 }
             }
-        };
-        if let (true, Sender::H1(sender)) = (complete, sender) {
-            let mut idle = lock(&self.idle);
-            if idle.len() < self.max_idle {
-                idle.push(Idle {
-                    sender,
-                    since: Instant::now(),
-                });
-            }
         }
-        Ok(Answer {
-            status: head.status,
-            headers: head.headers,
-            body: kept,
-        })
     }
+    Ok(Answer {
+        status: head.status,
+        headers: if keep { head.headers } else { HeaderMap::new() },
+        body: kept,
+    })
 }
 
 impl Target {
@@ -298,7 +350,7 @@ impl Target {
         // Requests are whole when written: waiting to coalesce them only adds latency.
         let _ = tcp.set_nodelay(true);
         let Some((connector, name)) = &self.tls else {
-            return http1_over(TokioIo::new(tcp)).await;
+            return Ok(Sender::H1(Connection::new(tcp)));
         };
         let stream = connector.connect(name.clone(), tcp).await.map_err(|e| {
             if rustls_error(&e).is_some() {
@@ -319,64 +371,24 @@ impl Target {
             });
             return Ok(Sender::H2(sender));
         }
-        http1_over(TokioIo::new(stream)).await
+        Ok(Sender::H1(Connection::new(stream)))
     }
 }
 
-async fn http1_over<T>(io: T) -> Result<Sender, DeliveryError>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (sender, connection) = http1::handshake(io).await.map_err(from_hyper)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "connection to the main server closed");
-        }
-    });
-    Ok(Sender::H1(sender))
-}
-
-impl Sender {
-    /// Sends one request. On failure, the request comes back when it was never sent.
-    async fn send(
-        self,
-        mut request: Request<Body>,
-        target: &Target,
-    ) -> Result<(Response<Incoming>, Sender), (DeliveryError, Option<Request<Body>>)> {
-        match self {
-            Sender::H1(mut sender) => {
-                request.headers_mut().insert(HOST, target.host_header.clone());
-                // A kept connection takes the next request once its task has finished the last
-                // answer; sent before that, hyper hands the request back unsent.
-                if let Err(e) = sender.ready().await {
-                    return Err((from_hyper(e), Some(request)));
-                }
-                let response = sender.try_send_request(request).await.map_err(not_sent)?;
-                Ok((response, Sender::H1(sender)))
-            }
-            Sender::H2(mut sender) => {
-                // HTTP/2 carries scheme and authority as pseudo-headers, taken from the URI.
-                let mut parts = std::mem::take(request.uri_mut()).into_parts();
-                parts.scheme = Some(target.scheme.clone());
-                parts.authority = Some(target.authority.clone());
-                match Uri::from_parts(parts) {
-                    Ok(uri) => *request.uri_mut() = uri,
-                    Err(e) => return Err((DeliveryError::Other(Arc::new(e)), None)),
-                }
-                if let Err(e) = sender.ready().await {
-                    return Err((from_hyper(e), Some(request)));
-                }
-                let response = sender.try_send_request(request).await.map_err(not_sent)?;
-                Ok((response, Sender::H2(sender)))
-            }
-        }
-    }
-}
-
-/// A failed send as its error and, when hyper never sent it, the request to send elsewhere.
-fn not_sent(mut error: TrySendError<Request<Body>>) -> (DeliveryError, Option<Request<Body>>) {
-    let unsent = error.take_message();
+/// A failed send as its error and whether hyper never sent it.
+fn not_sent(mut error: TrySendError<Request<Body>>) -> (DeliveryError, bool) {
+    let unsent = error.take_message().is_some();
     (from_hyper(error.into_error()), unsent)
+}
+
+/// A read or write that failed as the delivery error it amounts to: TLS when rustls is behind
+/// it (a server refusing the client's certificate says so in an alert after the handshake).
+fn from_io(error: std::io::Error) -> DeliveryError {
+    if rustls_error(&error).is_some() {
+        DeliveryError::Tls(Arc::new(error))
+    } else {
+        DeliveryError::Other(Arc::new(error))
+    }
 }
 
 /// A hyper error as the delivery error it amounts to: TLS when rustls is behind it.

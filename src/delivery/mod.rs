@@ -8,12 +8,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
 use hyper::http::uri::PathAndQuery;
-use hyper::{Method, Request, Uri};
+use hyper::Method;
 use url::Url;
 
 mod client;
+pub mod h1;
 
-pub use client::{path_of, Answer, Body, Client};
+pub use client::{path_of, Answer, Client};
+pub use h1::Outgoing;
 
 use crate::config::MainServerSettings;
 use crate::message::Envelope;
@@ -180,6 +182,12 @@ impl Deliverer {
         Ok(())
     }
 
+    /// Closes the kept connections the main server has closed or that waited too long
+    /// (`Client::close_idle`); the heartbeat calls it.
+    pub fn close_idle(&self) {
+        self.client().close_idle();
+    }
+
     fn client(&self) -> Arc<Client> {
         self.client
             .read()
@@ -190,11 +198,14 @@ impl Deliverer {
     /// POSTs one message to `/internal/messages/deliver`.
     pub async fn deliver(&self, envelope: &Envelope) -> Attempt {
         let started = Instant::now();
-        let mut headers = self.deliver_headers.clone();
-        headers.insert(IDEMPOTENCY_KEY, idempotency_key(envelope.message_id()));
-        let body = envelope.delivery_body(&self.worker_id_json);
-        let request = request(Method::POST, Uri::from(self.deliver_path.clone()), headers, body);
-        let result = self.client().send(request).await.and_then(outcome);
+        let request = Outgoing {
+            method: Method::POST,
+            path: &self.deliver_path,
+            headers: &self.deliver_headers,
+            extra: Some((&IDEMPOTENCY_KEY, idempotency_key(envelope.message_id()))),
+            body: Bytes::from(envelope.delivery_body(&self.worker_id_json)),
+        };
+        let result = self.client().send(&request).await.and_then(outcome);
         Attempt {
             result,
             elapsed: started.elapsed(),
@@ -210,14 +221,20 @@ impl Deliverer {
         error: &str,
     ) -> Result<(), DeliveryError> {
         let url = status_url(&self.base, message_id);
-        let uri = Uri::try_from(path_of(&url)).map_err(|e| DeliveryError::Other(Arc::new(e)))?;
+        let path = PathAndQuery::try_from(path_of(&url)).map_err(|e| DeliveryError::Other(Arc::new(e)))?;
         let body = serde_json::json!({
             "status": status.as_str(),
             "attempt_count": attempt_count,
             "error_message": error,
         });
-        let request = request(Method::PUT, uri, json_headers(), body.to_string().into_bytes());
-        self.client().send(request).await.and_then(outcome)
+        let request = Outgoing {
+            method: Method::PUT,
+            path: &path,
+            headers: &self.deliver_headers,
+            extra: None,
+            body: Bytes::from(body.to_string()),
+        };
+        self.client().send(&request).await.and_then(outcome)
     }
 }
 
@@ -237,19 +254,19 @@ fn user_agent() -> HeaderMap {
     headers
 }
 
-fn request(method: Method, uri: Uri, headers: HeaderMap, body: Vec<u8>) -> Request<Body> {
-    let mut request = Request::new(Body::new(Bytes::from(body)));
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
-    request
-}
-
 /// A GET of the base URL, for `courier check`: any answer proves the connection and the TLS
 /// handshake both ways.
 pub async fn probe(client: &Client, url: &Url) -> Result<Answer, DeliveryError> {
-    let uri = Uri::try_from(path_of(url)).map_err(|e| DeliveryError::Other(Arc::new(e)))?;
-    client.send(request(Method::GET, uri, user_agent(), Vec::new())).await
+    let path = PathAndQuery::try_from(path_of(url)).map_err(|e| DeliveryError::Other(Arc::new(e)))?;
+    let headers = user_agent();
+    let request = Outgoing {
+        method: Method::GET,
+        path: &path,
+        headers: &headers,
+        extra: None,
+        body: Bytes::new(),
+    };
+    client.send(&request).await
 }
 
 /// What an answer means for the request: 2xx delivered; anything else an error carrying the

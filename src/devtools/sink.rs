@@ -228,7 +228,8 @@ pub enum SinkError {
 }
 
 impl SinkTls {
-    fn server_config(&self) -> Result<ServerConfig, SinkError> {
+    /// The rustls server configuration: this certificate, clients verified against the CA.
+    pub fn server_config(&self) -> Result<ServerConfig, SinkError> {
         let provider = crate::tls::provider();
         let mut roots = RootCertStore::empty();
         for ca in CertificateDer::pem_slice_iter(self.client_ca_pem.as_bytes()) {

@@ -1,5 +1,5 @@
-//! What runs beside the deliveries: the heartbeat (which also reaps dead workers and refreshes
-//! the depth gauges), the promoter of due retries, the TLS watcher and its SIGHUP listener,
+//! What runs beside the deliveries: the heartbeat (which also reaps dead workers, refreshes
+//! the depth gauges and closes kept connections the main server closed), the promoter of due retries, the TLS watcher and its SIGHUP listener,
 //! the status reporter and the systemd watchdog.
 
 use std::sync::Arc;
@@ -223,8 +223,8 @@ async fn report_statuses(
     tasks.wait().await;
 }
 
-/// Heartbeats, reaps workers whose heartbeat is older than `dead_after`, counts live workers
-/// and refreshes the queue-depth gauges. Stops the worker if another process takes its id.
+/// Heartbeats, reaps workers whose heartbeat is older than `dead_after`, counts live workers,
+/// refreshes the queue-depth gauges and closes kept connections the main server closed. Stops the worker if another process takes its id.
 async fn heartbeat(
     context: Arc<Context>,
     every: Duration,
@@ -242,6 +242,7 @@ async fn heartbeat(
         for due in context.repeats.due(false) {
             log_summary(&due);
         }
+        context.deliverer.close_idle();
         let started = Instant::now();
         let beat = async {
             // Under Sentinel: a master replaced while it still answers is left here.

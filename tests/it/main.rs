@@ -12,6 +12,7 @@ mod cluster;
 mod delivery;
 mod flow;
 mod hostile;
+mod http1;
 mod production_redis;
 mod properties;
 mod queue;

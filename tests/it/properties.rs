@@ -115,3 +115,59 @@ fn inputs_found_by_fuzzing_stay_fixed() {
     // An id that happens to be the text of the header fallback.
     fuzzing::queue_item(br#"{"message_id":"invalid","queouc,ut":null}"#);
 }
+
+/// An answer close to what a main server sends: a status line, some of the headers that decide
+/// the framing, and a body that may or may not match them.
+fn near_answer() -> impl Strategy<Value = Vec<u8>> {
+    let header = prop_oneof![
+        (0u64..100).prop_map(|n| format!("Content-Length: {n}\r\n")),
+        Just("Content-Length: 3, 4\r\n".to_string()),
+        Just("Transfer-Encoding: chunked\r\n".to_string()),
+        Just("Transfer-Encoding: gzip\r\n".to_string()),
+        Just("Connection: close\r\n".to_string()),
+        Just("Retry-After: 5\r\n".to_string()),
+        "[A-Za-z-]{1,8}: [ -~]{0,12}\r\n",
+    ];
+    let body = prop_oneof![
+        "[ -~]{0,40}",
+        Just("5\r\nhello\r\n0\r\n\r\n".to_string()),
+        Just("3;ext\r\nabc\r\n0\r\nT: x\r\n\r\n".to_string()),
+        Just("zz\r\n".to_string()),
+        Just("4\r\nabcdef\r\n".to_string()),
+    ];
+    (
+        prop_oneof![Just("HTTP/1.1"), Just("HTTP/1.0")],
+        prop_oneof![
+            Just(200u16),
+            Just(204),
+            Just(100),
+            Just(101),
+            Just(304),
+            Just(429),
+            Just(503),
+            100u16..1000
+        ],
+        proptest::collection::vec(header, 0..4),
+        body,
+        any::<u8>(),
+    )
+        .prop_map(|(version, status, headers, body, first)| {
+            let mut answer = vec![first];
+            answer.extend_from_slice(format!("{version} {status} X\r\n{}\r\n{body}", headers.concat()).as_bytes());
+            answer
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
+
+    #[test]
+    fn answers_near_http_read_the_same_in_any_pieces(answer in near_answer()) {
+        fuzzing::http_answer(&answer);
+    }
+
+    #[test]
+    fn arbitrary_answers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fuzzing::http_answer(&bytes);
+    }
+}

@@ -1,0 +1,816 @@
+//! HTTP/1.1 to the main server, written and read by the task that sends the request: the
+//! request goes out in one write, and the answer is read into the connection's own buffer and
+//! parsed there with `httparse` (the parser hyper uses). There is no connection task and no
+//! channel between tasks, so a delivery on a kept connection costs its write, its read and its
+//! parse (docs/performance.md measures what hyper's connection task cost on top).
+//!
+//! The answer is outside input. Its head is bounded (`MAX_HEAD`, `MAX_HEADERS`, `MAX_INTERIM`);
+//! its body's framing follows RFC 9112 section 6.3 (Transfer-Encoding before Content-Length,
+//! conflicting lengths refused, a body without either read until the server closes); chunked
+//! framing is bounded (`MAX_LINE`, `MAX_FRAMING`); and the body is read at most to
+//! `MAX_RESPONSE_BODY`. The parsing is sans-IO (`parse_head`, `BodyReader`) so that the fuzz
+//! target and the property tests drive exactly what the connection runs.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Waker};
+
+use bytes::Bytes;
+use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
+use hyper::http::uri::PathAndQuery;
+use hyper::{Method, StatusCode};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+/// The most of a response body courier reads. Only an error's text is of use, and the first
+/// 200 characters of it at that: a main server that answers with megabytes costs 64 KiB.
+pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
+
+/// The most an answer's head (status line and headers) may take.
+pub const MAX_HEAD: usize = 64 * 1024;
+
+/// The most headers an answer may carry (hyper's limit too).
+pub const MAX_HEADERS: usize = 100;
+
+/// The most interim (1xx) answers read before the final one.
+pub const MAX_INTERIM: usize = 8;
+
+/// The longest line of chunked framing: a chunk's size with its extensions, or a trailer.
+pub const MAX_LINE: usize = 8 * 1024;
+
+/// The most bytes of chunked framing (sizes, extensions, trailers) read for one answer, so
+/// that a body of one-byte chunks cannot keep the worker reading framing.
+pub const MAX_FRAMING: u64 = 64 * 1024;
+
+/// How much a read asks for.
+const READ_SIZE: usize = 8 * 1024;
+
+/// A request to the main server: its head and its whole body.
+#[derive(Debug)]
+pub struct Outgoing<'a> {
+    pub method: Method,
+    /// The path and query, origin form.
+    pub path: &'a PathAndQuery,
+    /// The headers every request of its kind carries, shared rather than cloned.
+    pub headers: &'a HeaderMap,
+    /// One header of this request's own (the Idempotency-Key).
+    pub extra: Option<(&'a HeaderName, HeaderValue)>,
+    pub body: Bytes,
+}
+
+/// Writes `request` as HTTP/1.1, head and body together, for one write. Header names and
+/// values come from `http`'s types, which refuse CR, LF and NUL, so nothing in them can end a
+/// line early. A Host, Content-Length or Transfer-Encoding among `headers` is left out: the
+/// request states its own.
+pub fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
+    let Outgoing {
+        method,
+        path,
+        headers,
+        extra,
+        body,
+    } = request;
+    out.reserve(256usize.saturating_add(body.len()));
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(path.as_str().as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
+    out.extend_from_slice(host.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    let own = extra.as_ref().map(|(name, value)| (*name, value));
+    for (name, value) in headers.iter().chain(own) {
+        if name == HOST || name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !body.is_empty() || !(method == Method::GET || method == Method::HEAD) {
+        out.extend_from_slice(b"content-length: ");
+        out.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body);
+}
+
+/// What is wrong with an answer courier cannot read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AnswerError {
+    #[error("the main server's answer is not HTTP/1.1 ({0})")]
+    Malformed(httparse::Error),
+    #[error("the main server's answer head is larger than {MAX_HEAD} bytes")]
+    HeadTooLarge,
+    #[error("the main server's answer has more than {MAX_HEADERS} headers")]
+    TooManyHeaders,
+    #[error("the main server sent more than {MAX_INTERIM} interim (1xx) answers")]
+    TooManyInterim,
+    #[error("the main server switched protocols (101) unasked")]
+    SwitchedProtocols,
+    #[error("the main server's answer has an invalid or conflicting Content-Length")]
+    BadLength,
+    #[error("the main server's HTTP/1.0 answer has a Transfer-Encoding")]
+    EncodedHttp10,
+    #[error("the main server's chunked body is malformed: {0}")]
+    BadChunk(&'static str),
+}
+
+/// How an answer's body ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Framing {
+    /// No body: 204, 304, an answer to HEAD, or Content-Length 0.
+    Empty,
+    /// Content-Length bytes.
+    Length(u64),
+    Chunked,
+    /// Everything until the server closes the connection.
+    UntilClose,
+}
+
+/// An answer's head, as far as courier uses it.
+#[derive(Debug)]
+pub struct Head {
+    pub status: StatusCode,
+    /// The headers of an answer other than 2xx (its Retry-After and Location are read); a
+    /// success's are not kept.
+    pub headers: HeaderMap,
+    pub framing: Framing,
+    /// The connection may carry another request once this answer's body is read.
+    pub keep_alive: bool,
+}
+
+/// A complete head at the start of a buffer.
+#[derive(Debug)]
+pub enum Parsed {
+    /// An interim answer (1xx other than 101): another head follows.
+    Interim,
+    Final(Head),
+}
+
+/// Parses the answer head at the start of `buf`: `None` while it is incomplete, else how many
+/// bytes it took and what it says. `to_head` is whether the request was a HEAD.
+pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, AnswerError> {
+    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut answer = httparse::Response::new(&mut slots);
+    let used = match answer.parse(buf) {
+        Ok(httparse::Status::Complete(used)) => used,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(AnswerError::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(httparse::Error::TooManyHeaders) => return Err(AnswerError::TooManyHeaders),
+        Err(e) => return Err(AnswerError::Malformed(e)),
+    };
+    if used > MAX_HEAD {
+        return Err(AnswerError::HeadTooLarge);
+    }
+    let code = answer.code.unwrap_or(0);
+    let status = StatusCode::from_u16(code).map_err(|_| AnswerError::Malformed(httparse::Error::Status))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(AnswerError::SwitchedProtocols);
+    }
+    if status.is_informational() {
+        return Ok(Some((used, Parsed::Interim)));
+    }
+    let http11 = answer.version == Some(1);
+
+    let mut length: Option<u64> = None;
+    let mut encoded = false;
+    let mut chunked_last = false;
+    let mut close = false;
+    for header in answer.headers.iter() {
+        let name = header.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            for part in header.value.split(|&b| b == b',') {
+                let n = decimal(trim(part)).ok_or(AnswerError::BadLength)?;
+                if length.is_some_and(|seen| seen != n) {
+                    return Err(AnswerError::BadLength);
+                }
+                length = Some(n);
+            }
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            encoded = true;
+            for coding in header.value.split(|&b| b == b',').map(trim).filter(|c| !c.is_empty()) {
+                chunked_last = coding.eq_ignore_ascii_case(b"chunked");
+            }
+        } else if name.eq_ignore_ascii_case(b"connection") {
+            close |= header
+                .value
+                .split(|&b| b == b',')
+                .any(|t| trim(t).eq_ignore_ascii_case(b"close"));
+        }
+    }
+    // RFC 9112 6.3: no body for these whatever the headers say; Transfer-Encoding over
+    // Content-Length (and the connection closed after, as the two disagree); chunked only
+    // as the last coding, else the body runs to the close.
+    let (framing, reusable) = if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        (Framing::Empty, true)
+    } else if encoded {
+        if !http11 {
+            return Err(AnswerError::EncodedHttp10);
+        }
+        if chunked_last {
+            (Framing::Chunked, length.is_none())
+        } else {
+            (Framing::UntilClose, false)
+        }
+    } else {
+        match length {
+            Some(0) => (Framing::Empty, true),
+            Some(n) => (Framing::Length(n), true),
+            None => (Framing::UntilClose, false),
+        }
+    };
+    let headers = if status.is_success() {
+        HeaderMap::new()
+    } else {
+        let mut map = HeaderMap::with_capacity(answer.headers.len());
+        for header in answer.headers.iter() {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(header.name.as_bytes()),
+                HeaderValue::from_bytes(header.value),
+            ) {
+                map.append(name, value);
+            }
+        }
+        map
+    };
+    Ok(Some((
+        used,
+        Parsed::Final(Head {
+            status,
+            headers,
+            framing,
+            // HTTP/1.0 keep-alive is not offered: such a server gets a new connection each time.
+            keep_alive: reusable && http11 && !close,
+        }),
+    )))
+}
+
+fn trim(bytes: &[u8]) -> &[u8] {
+    let start = bytes
+        .iter()
+        .position(|b| !matches!(b, b' ' | b'\t'))
+        .unwrap_or(bytes.len());
+    let end = bytes
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t'))
+        .map_or(start, |i| i.saturating_add(1));
+    bytes.get(start..end).unwrap_or_default()
+}
+
+/// A Content-Length: ASCII digits only, within u64.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let digit = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+        n.checked_mul(10)?.checked_add(u64::from(digit))
+    })
+}
+
+/// Reads a body by its framing from whatever bytes arrive, one step at a time.
+#[derive(Debug)]
+pub struct BodyReader {
+    state: State,
+    framing_read: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Length(u64),
+    ChunkSize,
+    ChunkData(u64),
+    ChunkEnd,
+    Trailer,
+    UntilClose,
+    Done,
+}
+
+impl BodyReader {
+    pub fn new(framing: Framing) -> BodyReader {
+        let state = match framing {
+            Framing::Empty => State::Done,
+            Framing::Length(n) => State::Length(n),
+            Framing::Chunked => State::ChunkSize,
+            Framing::UntilClose => State::UntilClose,
+        };
+        BodyReader { state, framing_read: 0 }
+    }
+
+    /// The whole body has been read.
+    pub fn is_done(&self) -> bool {
+        self.state == State::Done
+    }
+
+    /// Takes what it can from the start of `input`: how many bytes it used, and the body's
+    /// data among them. Using none means it needs more bytes than `input` holds.
+    pub fn step<'a>(&mut self, input: &'a [u8]) -> Result<(usize, &'a [u8]), AnswerError> {
+        match self.state {
+            State::Done => Ok((0, &[])),
+            State::Length(left) | State::ChunkData(left) => {
+                let n = usize::try_from(left).map_or(input.len(), |left| left.min(input.len()));
+                let left = left.saturating_sub(u64::try_from(n).unwrap_or(u64::MAX));
+                self.state = match (self.state, left) {
+                    (State::Length(_), 0) => State::Done,
+                    (State::Length(_), left) => State::Length(left),
+                    (_, 0) => State::ChunkEnd,
+                    (_, left) => State::ChunkData(left),
+                };
+                Ok((n, input.get(..n).unwrap_or_default()))
+            }
+            State::ChunkSize => match httparse::parse_chunk_size(input) {
+                Ok(httparse::Status::Complete((used, size))) => {
+                    self.framing(used)?;
+                    self.state = if size == 0 {
+                        State::Trailer
+                    } else {
+                        State::ChunkData(size)
+                    };
+                    Ok((used, &[]))
+                }
+                Ok(httparse::Status::Partial) if input.len() >= MAX_LINE => {
+                    Err(AnswerError::BadChunk("a chunk size line is too long"))
+                }
+                Ok(httparse::Status::Partial) => Ok((0, &[])),
+                Err(_) => Err(AnswerError::BadChunk("a chunk size is not hexadecimal")),
+            },
+            State::ChunkEnd => match input {
+                [b'\r', b'\n', ..] => {
+                    self.framing(2)?;
+                    self.state = State::ChunkSize;
+                    Ok((2, &[]))
+                }
+                [] | [b'\r'] => Ok((0, &[])),
+                _ => Err(AnswerError::BadChunk("a chunk's data is longer than its size")),
+            },
+            State::Trailer => match input.iter().position(|&b| b == b'\n') {
+                Some(end) => {
+                    let used = end.saturating_add(1);
+                    self.framing(used)?;
+                    if matches!(input.get(..end), Some([] | [b'\r'])) {
+                        self.state = State::Done;
+                    }
+                    Ok((used, &[]))
+                }
+                None if input.len() >= MAX_LINE => Err(AnswerError::BadChunk("a trailer line is too long")),
+                None => Ok((0, &[])),
+            },
+            State::UntilClose => Ok((input.len(), input)),
+        }
+    }
+
+    /// The server closed the connection: whether that completes the body.
+    pub fn closed(&mut self) -> bool {
+        if self.state == State::UntilClose {
+            self.state = State::Done;
+        }
+        self.is_done()
+    }
+
+    fn framing(&mut self, used: usize) -> Result<(), AnswerError> {
+        self.framing_read = self
+            .framing_read
+            .saturating_add(u64::try_from(used).unwrap_or(u64::MAX));
+        if self.framing_read > MAX_FRAMING {
+            return Err(AnswerError::BadChunk("too much chunk framing"));
+        }
+        Ok(())
+    }
+}
+
+/// A TLS or plain TCP stream.
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
+
+/// An answer read to its end or to where courier stopped reading.
+#[derive(Debug)]
+pub struct Exchanged {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    /// The body of an answer other than 2xx, up to `MAX_RESPONSE_BODY`.
+    pub body: Vec<u8>,
+    /// The answer was read to its end and the server keeps the connection open: it can take
+    /// the next request.
+    pub reusable: bool,
+}
+
+/// Why an exchange failed.
+#[derive(Debug)]
+pub enum Failure {
+    /// The connection closed or broke before any byte of an answer arrived. On a kept
+    /// connection, the server may have closed it as the request went out.
+    Unanswered(io::Error),
+    /// It broke in the middle of the answer's head.
+    Broken(io::Error),
+    Answer(AnswerError),
+}
+
+/// One HTTP/1.1 connection: its stream, the bytes read from it and not yet parsed
+/// (`buf[start..]`), and the buffer a request is written from.
+pub struct Connection {
+    io: Box<dyn Io>,
+    buf: Vec<u8>,
+    start: usize,
+    out: Vec<u8>,
+}
+
+impl Connection {
+    pub fn new(io: impl Io + 'static) -> Connection {
+        Connection {
+            io: Box::new(io),
+            buf: Vec::new(),
+            start: 0,
+            out: Vec::new(),
+        }
+    }
+
+    /// Whether a kept connection can take a request: the server has neither closed it nor
+    /// sent anything unasked. Looks without waiting; no system call when nothing arrived.
+    pub fn is_open(&mut self) -> bool {
+        if self.start < self.buf.len() {
+            return false;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut byte = [0u8; 1];
+        let mut probe = ReadBuf::new(&mut byte);
+        Pin::new(&mut *self.io).poll_read(&mut cx, &mut probe).is_pending()
+    }
+
+    /// Sends `request` and reads the answer.
+    pub async fn exchange(&mut self, request: &Outgoing<'_>, host: &HeaderValue) -> Result<Exchanged, Failure> {
+        self.out.clear();
+        encode(&mut self.out, request, host);
+        let written = match self.io.write_all(&self.out).await {
+            Ok(()) => self.io.flush().await,
+            Err(e) => Err(e),
+        };
+        if self.out.capacity() > 4 * READ_SIZE {
+            self.out = Vec::new();
+        }
+        written.map_err(Failure::Unanswered)?;
+
+        let head = self.read_head(request.method == Method::HEAD).await?;
+        let keep = !head.status.is_success();
+        let mut reader = BodyReader::new(head.framing);
+        let mut kept = Vec::new();
+        let mut seen = 0usize;
+        let complete = loop {
+            if reader.is_done() {
+                break true;
+            }
+            let (used, data) = match reader.step(self.buf.get(self.start..).unwrap_or_default()) {
+                Ok(step) => step,
+                Err(e) => {
+                    // The answer's head arrived: a body that breaks off does not change it.
+                    tracing::debug!(error = %e, "main server's answer broke off");
+                    break false;
+                }
+            };
+            let room = MAX_RESPONSE_BODY.saturating_sub(seen);
+            seen = seen.saturating_add(data.len());
+            if keep {
+                kept.extend_from_slice(data.get(..data.len().min(room)).unwrap_or_default());
+            }
+            if !data.is_empty() && data.len() >= room {
+                break false;
+            }
+            self.consume(used);
+            if used > 0 {
+                continue;
+            }
+            match self.fill().await {
+                Ok(0) => break reader.closed(),
+                Ok(_) => {}
+                // A TLS peer that closes without close_notify ends a body read to the close.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break reader.closed(),
+                Err(e) => {
+                    tracing::debug!(error = %e, "main server's answer broke off");
+                    break false;
+                }
+            }
+        };
+        let reusable = complete && head.keep_alive && self.start == self.buf.len();
+        if reusable && self.buf.capacity() > 4 * READ_SIZE {
+            self.buf = Vec::new();
+            self.start = 0;
+        }
+        Ok(Exchanged {
+            status: head.status,
+            headers: head.headers,
+            body: kept,
+            reusable,
+        })
+    }
+
+    /// Reads until a final answer's head is complete, skipping interim ones.
+    async fn read_head(&mut self, to_head: bool) -> Result<Head, Failure> {
+        let mut interim = 0usize;
+        loop {
+            match parse_head(self.buf.get(self.start..).unwrap_or_default(), to_head).map_err(Failure::Answer)? {
+                Some((used, Parsed::Final(head))) => {
+                    self.consume(used);
+                    return Ok(head);
+                }
+                Some((used, Parsed::Interim)) => {
+                    self.consume(used);
+                    interim = interim.saturating_add(1);
+                    if interim > MAX_INTERIM {
+                        return Err(Failure::Answer(AnswerError::TooManyInterim));
+                    }
+                    continue;
+                }
+                None => {}
+            }
+            let nothing_yet = interim == 0 && self.start == self.buf.len();
+            let failed = match self.fill().await {
+                Ok(0) => io::Error::new(io::ErrorKind::UnexpectedEof, "the main server closed the connection"),
+                Ok(_) => continue,
+                Err(e) => e,
+            };
+            return Err(if nothing_yet {
+                Failure::Unanswered(failed)
+            } else {
+                Failure::Broken(failed)
+            });
+        }
+    }
+
+    fn consume(&mut self, used: usize) {
+        self.start = self.start.saturating_add(used).min(self.buf.len());
+        if self.start == self.buf.len() {
+            self.buf.clear();
+            self.start = 0;
+        }
+    }
+
+    /// Reads what has arrived, up to `READ_SIZE` more: how many bytes, 0 at the end.
+    async fn fill(&mut self) -> io::Result<usize> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        self.buf.reserve(READ_SIZE);
+        self.io.read_buf(&mut self.buf).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str) -> Result<Option<(usize, Parsed)>, AnswerError> {
+        parse_head(text.as_bytes(), false)
+    }
+
+    fn final_head(text: &str) -> Head {
+        match head(text) {
+            Ok(Some((used, Parsed::Final(head)))) => {
+                assert_eq!(used, text.len(), "{text:?}: the whole head");
+                head
+            }
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+
+    /// Reads a body fed in pieces of `piece` bytes; the data and whether it completed.
+    fn read_body(framing: Framing, bytes: &[u8], piece: usize) -> Result<(Vec<u8>, bool, usize), AnswerError> {
+        let mut reader = BodyReader::new(framing);
+        let mut data = Vec::new();
+        let mut buf: Vec<u8> = Vec::new();
+        let mut fed = 0;
+        loop {
+            if reader.is_done() {
+                return Ok((data, true, buf.len() + bytes.len() - fed));
+            }
+            let (used, got) = reader.step(&buf)?;
+            data.extend_from_slice(got);
+            buf.drain(..used);
+            if used > 0 {
+                continue;
+            }
+            if fed == bytes.len() {
+                let done = reader.closed();
+                return Ok((data, done, buf.len()));
+            }
+            let next = (fed + piece).min(bytes.len());
+            buf.extend_from_slice(&bytes[fed..next]);
+            fed = next;
+        }
+    }
+
+    #[test]
+    fn the_request_is_one_head_and_its_body() {
+        let path = PathAndQuery::from_static("/api/internal/messages/deliver");
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
+        let key = HeaderName::from_static("idempotency-key");
+        let request = Outgoing {
+            method: Method::POST,
+            path: &path,
+            headers: &headers,
+            extra: Some((&key, HeaderValue::from_static("m-1"))),
+            body: Bytes::from_static(b"{\"a\":1}"),
+        };
+        let mut out = Vec::new();
+        encode(&mut out, &request, &HeaderValue::from_static("main:8443"));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /api/internal/messages/deliver HTTP/1.1\r\nhost: main:8443\r\n\
+             content-type: application/json\r\nidempotency-key: m-1\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+        );
+
+        let get = Outgoing {
+            method: Method::GET,
+            body: Bytes::new(),
+            extra: None,
+            ..request
+        };
+        let mut out = Vec::new();
+        encode(&mut out, &get, &HeaderValue::from_static("main"));
+        assert!(
+            !String::from_utf8(out).unwrap().contains("content-length"),
+            "a GET has no length"
+        );
+    }
+
+    #[test]
+    fn framing_follows_rfc_9112() {
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n",
+                Framing::Length(12),
+                true,
+            ),
+            ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", Framing::Empty, true),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 5\r\n\r\n",
+                Framing::Length(5),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, Chunked\r\n\r\n",
+                Framing::Chunked,
+                true,
+            ),
+            // Both: Transfer-Encoding wins and the connection is not kept.
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Framing::Chunked,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                Framing::UntilClose,
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", Framing::UntilClose, false),
+            (
+                "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Framing::Empty,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive, Close\r\n\r\n",
+                Framing::Length(2),
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n",
+                Framing::Length(2),
+                false,
+            ),
+        ];
+        for (text, framing, keep_alive) in cases {
+            let head = final_head(text);
+            assert_eq!((head.framing, head.keep_alive), (framing, keep_alive), "{text:?}");
+        }
+        let to_head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", true);
+        assert!(matches!(
+            to_head,
+            Ok(Some((
+                _,
+                Parsed::Final(Head {
+                    framing: Framing::Empty,
+                    ..
+                })
+            )))
+        ));
+    }
+
+    #[test]
+    fn bad_heads_are_named() {
+        let cases = [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5, 6\r\n\r\n",
+                AnswerError::BadLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+                AnswerError::BadLength,
+            ),
+            ("HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n", AnswerError::BadLength),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999\r\n\r\n",
+                AnswerError::BadLength,
+            ),
+            ("HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n", AnswerError::BadLength),
+            (
+                "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                AnswerError::EncodedHttp10,
+            ),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                AnswerError::SwitchedProtocols,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nBad Header: x\r\n\r\n",
+                AnswerError::Malformed(httparse::Error::HeaderName),
+            ),
+            (
+                "HTTP/2 200 OK\r\n\r\n",
+                AnswerError::Malformed(httparse::Error::Version),
+            ),
+        ];
+        for (text, error) in cases {
+            assert_eq!(head(text).err(), Some(error), "{text:?}");
+        }
+        let many = format!("HTTP/1.1 200 OK\r\n{}\r\n", "x: y\r\n".repeat(MAX_HEADERS + 1));
+        assert_eq!(head(&many).err(), Some(AnswerError::TooManyHeaders));
+        let long = format!("HTTP/1.1 200 OK\r\nx: {}", "y".repeat(MAX_HEAD));
+        assert_eq!(head(&long).err(), Some(AnswerError::HeadTooLarge));
+        assert!(
+            matches!(head(&long[..MAX_HEAD / 2]), Ok(None)),
+            "incomplete, not yet too large"
+        );
+    }
+
+    #[test]
+    fn interim_answers_are_skipped_and_only_errors_keep_headers() {
+        let text = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n";
+        let Ok(Some((used, Parsed::Interim))) = head(text) else {
+            panic!("an interim answer first");
+        };
+        let busy = final_head(&text[used..]);
+        assert_eq!(busy.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(busy.headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"7"[..]));
+        let ok = final_head("HTTP/1.1 200 OK\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n");
+        assert!(ok.headers.is_empty(), "a success's headers are not kept");
+    }
+
+    #[test]
+    fn chunked_bodies_read_alike_in_any_pieces() {
+        let body = b"5;ext=\"a b\"\r\nhello\r\n0006\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        for piece in 1..body.len() {
+            let (data, done, left) = read_body(Framing::Chunked, body, piece).unwrap();
+            assert_eq!(
+                (data.as_slice(), done),
+                (&b"hello world"[..], true),
+                "pieces of {piece}"
+            );
+            assert_eq!(left, 4, "pieces of {piece}: the bytes after the body are left");
+        }
+        let (data, done, _) = read_body(Framing::Length(4), b"abcdef", 1).unwrap();
+        assert_eq!((data.as_slice(), done), (&b"abcd"[..], true));
+        let (data, done, _) = read_body(Framing::UntilClose, b"to the end", 3).unwrap();
+        assert_eq!((data.as_slice(), done), (&b"to the end"[..], true));
+        let (data, done, _) = read_body(Framing::Length(9), b"short", 2).unwrap();
+        assert_eq!((data.as_slice(), done), (&b"short"[..], false), "cut off");
+    }
+
+    #[test]
+    fn bad_chunked_framing_is_refused() {
+        let bad: [&[u8]; 4] = [
+            b"zz\r\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloX\r\n",
+            b"ffffffffffffffffff\r\n",
+            b"1\r\na\r\n",
+        ];
+        for body in bad.iter().take(3) {
+            assert!(read_body(Framing::Chunked, body, 64).is_err(), "{body:?}");
+        }
+        // Incomplete rather than wrong: the connection closing ends it unfinished.
+        assert!(matches!(read_body(Framing::Chunked, bad[3], 64), Ok((_, false, _))));
+        let long_size = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_LINE));
+        assert_eq!(
+            read_body(Framing::Chunked, long_size.as_bytes(), 4096).err(),
+            Some(AnswerError::BadChunk("a chunk size line is too long"))
+        );
+        let tiny: Vec<u8> = b"1;e\r\na\r\n".repeat(usize::try_from(MAX_FRAMING).unwrap() / 6);
+        assert_eq!(
+            read_body(Framing::Chunked, &tiny, 4096).err(),
+            Some(AnswerError::BadChunk("too much chunk framing"))
+        );
+    }
+}
