@@ -288,6 +288,7 @@ enum State {
 }
 
 impl BodyReader {
+    /// A reader for a body framed as `framing` says, nothing of it read yet.
     pub fn new(framing: Framing) -> BodyReader {
         let state = match framing {
             Framing::Empty => State::Done,
@@ -379,7 +380,7 @@ impl BodyReader {
     }
 }
 
-/// A TLS or plain TCP stream.
+/// A TLS or plain TCP stream (any byte stream, for the fuzz target).
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
@@ -416,6 +417,7 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// A connection over `io`, connected (and through TLS) already.
     pub fn new(io: impl Io + 'static) -> Connection {
         Connection {
             io: Box::new(io),

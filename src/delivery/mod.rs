@@ -1,5 +1,5 @@
 //! HTTP to the main server: the delivery POST and the status PUT over one keep-alive client
-//! (`client`), and what each answer amounts to: delivered, or a `DeliveryError` that
+//! (`client`, with HTTP/1.1 exchanges of its own in `h1`), and what each answer amounts to: delivered, or a `DeliveryError` that
 //! `policy` turns into retry or reject.
 
 use std::sync::{Arc, RwLock};
