@@ -103,6 +103,16 @@ proptest! {
     fn arbitrary_config_text_never_panics(text in "\\PC{0,80}") {
         fuzzing::config_text(text.as_bytes());
     }
+
+    #[test]
+    fn answers_near_http_read_the_same_in_any_pieces(answer in near_answer()) {
+        fuzzing::http_answer(&answer);
+    }
+
+    #[test]
+    fn arbitrary_answers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fuzzing::http_answer(&bytes);
+    }
 }
 
 /// Inputs the fuzzers and these properties found, kept as regressions.
@@ -156,18 +166,4 @@ fn near_answer() -> impl Strategy<Value = Vec<u8>> {
             answer.extend_from_slice(format!("{version} {status} X\r\n{}\r\n{body}", headers.concat()).as_bytes());
             answer
         })
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig { cases: 512, failure_persistence: None, ..ProptestConfig::default() })]
-
-    #[test]
-    fn answers_near_http_read_the_same_in_any_pieces(answer in near_answer()) {
-        fuzzing::http_answer(&answer);
-    }
-
-    #[test]
-    fn arbitrary_answers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
-        fuzzing::http_answer(&bytes);
-    }
 }
