@@ -215,7 +215,8 @@ impl Client {
     }
 
     /// A kept connection that is still open: the HTTP/2 one, or the newest idle HTTP/1.1 one.
-    /// Idle connections past `IDLE_LIMIT` are closed on the way, the oldest among them too.
+    /// Idle connections past `IDLE_LIMIT` or closed are dropped on the way; the heartbeat's
+    /// `close_idle` takes care of those at the bottom of the pool.
     fn reuse(&self) -> Option<Sender> {
         if self.target.http2 && !self.h1_only.load(Ordering::Relaxed) {
             let shared = lock(&self.shared);
@@ -224,9 +225,6 @@ impl Client {
             }
         }
         let mut idle = lock(&self.idle);
-        if idle.first().is_some_and(|oldest| oldest.since.elapsed() >= IDLE_LIMIT) {
-            idle.remove(0);
-        }
         while let Some(Idle { mut connection, since }) = idle.pop() {
             if since.elapsed() < IDLE_LIMIT && connection.is_open() {
                 return Some(Sender::H1(connection));
