@@ -1,6 +1,6 @@
 //! HTTP to the main server: the delivery POST and the status PUT over one keep-alive client
-//! (`client`, with HTTP/1.1 exchanges of its own in `h1`), and what each answer amounts to: delivered, or a `DeliveryError` that
-//! `policy` turns into retry or reject.
+//! (`client`, with HTTP/1.1 exchanges of its own in `h1`), and what each answer amounts to:
+//! delivered, or a `DeliveryError` that `policy` turns into retry or reject.
 
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -142,8 +142,9 @@ impl Status {
 pub struct Deliverer {
     client: RwLock<Arc<Client>>,
     base: Url,
-    /// `/internal/messages/deliver` under the base path, and the headers every delivery
-    /// carries, made once: a delivery adds only its Idempotency-Key and body.
+    /// `/internal/messages/deliver` under the base path, and the headers every delivery and
+    /// status update carries, made once and shared: a delivery adds only its Idempotency-Key
+    /// and body.
     deliver_path: PathAndQuery,
     deliver_headers: HeaderMap,
     worker_id_json: String,
@@ -238,7 +239,7 @@ impl Deliverer {
     }
 }
 
-/// The headers of every request with a JSON body, with room for the ones added per request.
+/// The headers of every request with a JSON body.
 fn json_headers() -> HeaderMap {
     let mut headers = user_agent();
     headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
