@@ -41,8 +41,9 @@ struct Seen {
 struct RawServer {
     url: String,
     seen: Arc<Mutex<Vec<Seen>>>,
-    /// The connections the client closed, by number.
-    closed: Arc<Mutex<Vec<usize>>>,
+    /// The connections the client closed, by number, and whether it said so in TLS
+    /// (`close_notify`) before the connection ended.
+    closed: Arc<Mutex<Vec<(usize, bool)>>>,
 }
 
 impl RawServer {
@@ -52,7 +53,7 @@ impl RawServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("addr").port();
         let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let closed: Arc<Mutex<Vec<usize>>> = Arc::default();
+        let closed: Arc<Mutex<Vec<(usize, bool)>>> = Arc::default();
         let (record, closes) = (seen.clone(), closed.clone());
         tokio::spawn(async move {
             for connection in 0.. {
@@ -63,9 +64,12 @@ impl RawServer {
                         return;
                     };
                     for on_connection in 0.. {
-                        let Some(body) = read_request(&mut tls).await else {
-                            closes.lock().unwrap().push(connection);
-                            return;
+                        let body = match read_request(&mut tls).await {
+                            Ok(body) => body,
+                            Err(clean) => {
+                                closes.lock().unwrap().push((connection, clean));
+                                return;
+                            }
                         };
                         let json: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
                         let message_id = json["message_id"].as_str().unwrap_or_default().to_string();
@@ -87,8 +91,8 @@ impl RawServer {
                             Then::AnswerThenShutdown(_) => {
                                 let _ = tls.shutdown().await;
                                 let mut rest = Vec::new();
-                                let _ = tls.read_to_end(&mut rest).await;
-                                closes.lock().unwrap().push(connection);
+                                let clean = tls.read_to_end(&mut rest).await.is_ok();
+                                closes.lock().unwrap().push((connection, clean));
                                 return;
                             }
                             Then::AnswerAndClose(_) | Then::Close => {
@@ -112,12 +116,23 @@ impl RawServer {
     }
 
     fn closed_by_client(&self) -> Vec<usize> {
-        self.closed.lock().unwrap().clone()
+        self.closed
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(connection, _)| *connection)
+            .collect()
+    }
+
+    /// Whether every connection the client closed, it closed with a TLS `close_notify`.
+    fn all_closed_cleanly(&self) -> bool {
+        self.closed.lock().unwrap().iter().all(|(_, clean)| *clean)
     }
 }
 
-/// Reads one request (head, then a body of its Content-Length); its body, or `None` at the end.
-async fn read_request(tls: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> {
+/// Reads one request (head, then a body of its Content-Length): its body, or, where the client
+/// ended the connection, whether it did so cleanly (TLS `close_notify` before the end).
+async fn read_request(tls: &mut (impl AsyncReadExt + Unpin)) -> Result<Vec<u8>, bool> {
     let mut buf = Vec::new();
     let end = loop {
         if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -125,7 +140,8 @@ async fn read_request(tls: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> 
         }
         let mut chunk = [0u8; 4096];
         match tls.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
+            Ok(0) => return Err(buf.is_empty()),
+            Err(_) => return Err(false),
             Ok(n) => buf.extend_from_slice(&chunk[..n]),
         }
     };
@@ -138,11 +154,11 @@ async fn read_request(tls: &mut (impl AsyncReadExt + Unpin)) -> Option<Vec<u8>> 
     while body.len() < length {
         let mut chunk = [0u8; 4096];
         match tls.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
+            Ok(0) | Err(_) => return Err(false),
             Ok(n) => body.extend_from_slice(&chunk[..n]),
         }
     }
-    Some(body)
+    Ok(body)
 }
 
 fn deliverer_to(pki: &Pki, url: &str) -> Deliverer {
@@ -326,4 +342,10 @@ async fn the_heartbeat_sweep_closes_kept_connections_the_server_closed_and_only_
     assert_eq!(seen.len(), 3);
     assert_eq!(seen[2].connection, kept, "the connection the server kept is still used");
     assert_eq!(server.closed_by_client(), [shut], "and was not closed");
+    assert!(server.all_closed_cleanly(), "the worker said goodbye in TLS");
+
+    // Dropping the client closes the connection it kept, cleanly too.
+    drop(deliverer);
+    eventually(|| async { server.closed_by_client().contains(&kept) }).await;
+    assert!(server.all_closed_cleanly(), "closed with a close_notify");
 }
