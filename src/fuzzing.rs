@@ -188,8 +188,8 @@ fn exchange_with(answer: &[u8], piece: usize, to_head: bool) -> Result<(u16, Vec
         Ok(exchanged) => {
             let all_read = read.load(std::sync::atomic::Ordering::Relaxed) == answer.len();
             Ok((
-                exchanged.status.as_u16(),
-                exchanged.body,
+                exchanged.answer.status.as_u16(),
+                exchanged.answer.body,
                 exchanged.reusable && all_read,
             ))
         }

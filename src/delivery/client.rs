@@ -3,7 +3,7 @@
 //! connection (hyper's) when the server takes h2 in the TLS handshake. No redirects, no proxy,
 //! no cookies, no per-request URL parsing: a request costs its head, its body and a write. Every
 //! exchange, connecting included, is bounded by the request timeout; every answer's body is read
-//! up to `MAX_RESPONSE_BODY`.
+//! up to `h1::MAX_RESPONSE_BODY`.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -14,19 +14,17 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http2, TrySendError};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::http::uri::{Authority, Scheme};
-use hyper::{Request, Response, StatusCode, Uri};
+use hyper::{Request, Response, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use url::{Position, Url};
 
-use super::h1::{Connection, Failure, Outgoing};
+use super::h1::{Answer, Connection, Exchanged, Failure, KeptBody, Outgoing};
 use super::{rustls_error, DeliveryError};
 use crate::config::MainServerSettings;
 use crate::tls::ClientTls;
-
-pub use super::h1::MAX_RESPONSE_BODY;
 
 /// A request body on the HTTP/2 connection: always whole.
 type Body = Full<bytes::Bytes>;
@@ -35,15 +33,6 @@ type Body = Full<bytes::Bytes>;
 /// than reused: servers close theirs after a minute or so (nginx 75 s), and a request sent as
 /// the server closes is one that fails.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
-
-/// What the server answered: status, headers, and, for answers other than 2xx, the body up to
-/// `MAX_RESPONSE_BODY` (a success's body is read and dropped).
-#[derive(Debug)]
-pub struct Answer {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    pub body: Vec<u8>,
-}
 
 /// A request that took longer than its limit.
 #[derive(Debug, thiserror::Error)]
@@ -183,15 +172,11 @@ impl Client {
             };
             match sender {
                 Sender::H1(mut connection) => match connection.exchange(request, &self.target.host_header).await {
-                    Ok(answer) => {
-                        if answer.reusable {
+                    Ok(Exchanged { answer, reusable }) => {
+                        if reusable {
                             self.keep(connection);
                         }
-                        return Ok(Answer {
-                            status: answer.status,
-                            headers: answer.headers,
-                            body: answer.body,
-                        });
+                        return Ok(answer);
                     }
                     // A kept connection that closed as the request went out (the server's
                     // keep-alive ran out just then): the server cannot have answered it, so it
@@ -295,12 +280,10 @@ async fn send_h2(
     sender.try_send_request(request).await.map_err(not_sent)
 }
 
-/// Reads an HTTP/2 answer's body, up to `MAX_RESPONSE_BODY` of it for answers other than 2xx.
+/// Reads an HTTP/2 answer's body, as much of it as `KeptBody` takes.
 async fn finish_h2(response: Response<Incoming>) -> Result<Answer, DeliveryError> {
     let (head, mut body) = response.into_parts();
-    let keep = !head.status.is_success();
-    let mut kept = Vec::new();
-    let mut seen = 0usize;
+    let mut kept = KeptBody::new(head.status);
     loop {
         match body.frame().await {
             None => break,
@@ -311,22 +294,22 @@ async fn finish_h2(response: Response<Incoming>) -> Result<Answer, DeliveryError
             }
             Some(Ok(frame)) => {
                 if let Ok(data) = frame.into_data() {
-                    let room = MAX_RESPONSE_BODY.saturating_sub(seen);
-                    seen = seen.saturating_add(data.len());
-                    if keep {
-                        kept.extend_from_slice(&data[..data.len().min(room)]);
-                    }
-                    if data.len() >= room {
+                    if !kept.take(&data) {
                         break;
                     }
                 }
             }
         }
     }
+    let headers = if head.status.is_success() {
+        HeaderMap::new()
+    } else {
+        head.headers
+    };
     Ok(Answer {
         status: head.status,
-        headers: if keep { head.headers } else { HeaderMap::new() },
-        body: kept,
+        headers,
+        body: kept.into_bytes(),
     })
 }
 

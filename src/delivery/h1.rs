@@ -95,6 +95,51 @@ pub fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
     out.extend_from_slice(body);
 }
 
+/// What the server answered: status, headers, and, for answers other than 2xx, the body up to
+/// `MAX_RESPONSE_BODY` (a success's body is read and dropped, its headers not kept).
+#[derive(Debug)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Vec<u8>,
+}
+
+/// An answer's body as courier keeps it, over HTTP/1.1 and HTTP/2 alike: an error's first
+/// `MAX_RESPONSE_BODY` bytes, none of a success's; reading stops at the cap either way.
+#[derive(Debug)]
+pub struct KeptBody {
+    keep: bool,
+    seen: usize,
+    bytes: Vec<u8>,
+}
+
+impl KeptBody {
+    /// Nothing read yet of the body of an answer with `status`.
+    pub fn new(status: StatusCode) -> KeptBody {
+        KeptBody {
+            keep: !status.is_success(),
+            seen: 0,
+            bytes: Vec::new(),
+        }
+    }
+
+    /// Takes the body's next bytes: false once the cap is reached, where reading stops.
+    pub fn take(&mut self, data: &[u8]) -> bool {
+        let room = MAX_RESPONSE_BODY.saturating_sub(self.seen);
+        self.seen = self.seen.saturating_add(data.len());
+        if self.keep {
+            self.bytes
+                .extend_from_slice(data.get(..data.len().min(room)).unwrap_or_default());
+        }
+        data.is_empty() || data.len() < room
+    }
+
+    /// The bytes kept.
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.bytes
+    }
+}
+
 /// What is wrong with an answer courier cannot read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AnswerError {
@@ -183,8 +228,8 @@ pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, 
     for header in answer.headers.iter() {
         let name = header.name.as_bytes();
         if name.eq_ignore_ascii_case(b"content-length") {
-            for part in header.value.split(|&b| b == b',') {
-                let n = decimal(trim(part)).ok_or(AnswerError::BadLength)?;
+            for part in list(header.value) {
+                let n = decimal(part).ok_or(AnswerError::BadLength)?;
                 if length.is_some_and(|seen| seen != n) {
                     return Err(AnswerError::BadLength);
                 }
@@ -192,14 +237,11 @@ pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, 
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             encoded = true;
-            for coding in header.value.split(|&b| b == b',').map(trim).filter(|c| !c.is_empty()) {
+            for coding in list(header.value).filter(|c| !c.is_empty()) {
                 chunked_last = coding.eq_ignore_ascii_case(b"chunked");
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= header
-                .value
-                .split(|&b| b == b',')
-                .any(|t| trim(t).eq_ignore_ascii_case(b"close"));
+            close |= list(header.value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
     }
     // RFC 9112 6.3: no body for these whatever the headers say; Transfer-Encoding over
@@ -247,6 +289,11 @@ pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, 
             keep_alive: reusable && http11 && !close,
         }),
     )))
+}
+
+/// A header's comma-separated items, each without the spaces and tabs around it.
+fn list(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value.split(|&b| b == b',').map(trim)
 }
 
 fn trim(bytes: &[u8]) -> &[u8] {
@@ -390,10 +437,7 @@ impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 /// An answer read to its end or to where courier stopped reading.
 #[derive(Debug)]
 pub struct Exchanged {
-    pub status: StatusCode,
-    pub headers: HeaderMap,
-    /// The body of an answer other than 2xx, up to `MAX_RESPONSE_BODY`.
-    pub body: Vec<u8>,
+    pub answer: Answer,
     /// The answer was read to its end and the server keeps the connection open: it can take
     /// the next request.
     pub reusable: bool,
@@ -456,10 +500,8 @@ impl Connection {
         written.map_err(Failure::Unanswered)?;
 
         let head = self.read_head(request.method == Method::HEAD).await?;
-        let keep = !head.status.is_success();
         let mut reader = BodyReader::new(head.framing);
-        let mut kept = Vec::new();
-        let mut seen = 0usize;
+        let mut kept = KeptBody::new(head.status);
         let complete = loop {
             if reader.is_done() {
                 break true;
@@ -472,12 +514,7 @@ impl Connection {
                     break false;
                 }
             };
-            let room = MAX_RESPONSE_BODY.saturating_sub(seen);
-            seen = seen.saturating_add(data.len());
-            if keep {
-                kept.extend_from_slice(data.get(..data.len().min(room)).unwrap_or_default());
-            }
-            if !data.is_empty() && data.len() >= room {
+            if !kept.take(data) {
                 break false;
             }
             self.consume(used);
@@ -501,9 +538,11 @@ impl Connection {
             self.start = 0;
         }
         Ok(Exchanged {
-            status: head.status,
-            headers: head.headers,
-            body: kept,
+            answer: Answer {
+                status: head.status,
+                headers: head.headers,
+                body: kept.into_bytes(),
+            },
             reusable,
         })
     }

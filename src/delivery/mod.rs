@@ -14,8 +14,8 @@ use url::Url;
 mod client;
 pub mod h1;
 
-pub use client::{path_of, Answer, Client};
-pub use h1::Outgoing;
+pub use client::{path_of, Client};
+pub use h1::{Answer, Outgoing};
 
 use crate::config::MainServerSettings;
 use crate::message::Envelope;
