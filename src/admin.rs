@@ -312,7 +312,7 @@ async fn redis_stats(queues: &[Queue]) -> serde_json::Value {
                 .workers()
                 .await?
                 .into_iter()
-                .map(|(id, age)| serde_json::json!({"worker_id": id, "heartbeat_age_seconds": age.as_secs_f64()}))
+                .map(|w| serde_json::json!({"worker_id": w.id, "heartbeat_age_seconds": w.age.as_secs_f64()}))
                 .collect();
             each.push(serde_json::json!({
                 "queue": queue.name(),

@@ -62,6 +62,7 @@ pub struct Metrics {
     status_updates: IntCounterVec,
     redis_up: IntGauge,
     reaped: IntCounter,
+    strays: IntCounter,
     cert_expiry: Gauge,
     circuit_state: IntGauge,
     released: IntCounterVec,
@@ -282,6 +283,11 @@ impl Metrics {
                 "worker_reaped_messages_total",
                 "Messages returned to the queue from dead workers' processing lists",
             ),
+            strays: counter(
+                r,
+                "worker_strays_returned_total",
+                "Messages found in this worker's own processing list that none of its tasks held (a lost claim reply, an ack a failover lost), returned to the queue",
+            ),
             cert_expiry,
             circuit_state: gauge(
                 r,
@@ -423,6 +429,11 @@ impl Metrics {
 
     pub fn reaped(&self, n: usize) {
         self.reaped.inc_by(n as u64);
+    }
+
+    /// Strays the sweep returned to the queue.
+    pub fn strays_returned(&self, n: usize) {
+        self.strays.inc_by(u64::try_from(n).unwrap_or(u64::MAX));
     }
 
     pub fn set_cert_expiry(&self, at: std::time::SystemTime) {

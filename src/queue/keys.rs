@@ -17,6 +17,9 @@ pub struct Keys {
     pub owners: String,
     /// SHA-1 of an item -> how often it was returned to the queue from a dead worker's hands.
     pub reclaims: String,
+    /// The queue's clock for retry due times: `offset` (ms added to Redis TIME after it
+    /// stepped back) and `last` (the furthest it has read).
+    pub clock: String,
     processing_prefix: String,
 }
 
@@ -53,6 +56,7 @@ impl Keys {
             workers: format!("{prefix}:workers"),
             owners: format!("{prefix}:owners"),
             reclaims: format!("{prefix}:reclaims"),
+            clock: format!("{prefix}:clock"),
             processing_prefix: format!("{prefix}:processing:"),
         }
     }
@@ -66,6 +70,7 @@ impl Keys {
             self.workers.clone(),
             self.owners.clone(),
             self.reclaims.clone(),
+            self.clock.clone(),
             self.processing(worker_id),
         ]
     }

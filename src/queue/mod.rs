@@ -80,6 +80,9 @@ pub struct Claimed {
     pub too_large: usize,
     /// Items returned from dead workers' hands too often, moved to the dead-letter list.
     pub poisoned: usize,
+    /// For each of `items`: whether it has a reclaim count (a worker died holding it), to be
+    /// dropped once it is settled (`Queue::forget_reclaims`).
+    pub counted: Vec<bool>,
 }
 
 /// The result of one promoter pass.
@@ -150,22 +153,47 @@ impl Acks {
 pub struct Holder {
     pub host: String,
     pub pid: u32,
+    /// The boot and PID namespace the holder runs in (`this_machine`); empty when it did not
+    /// say (an older courier).
+    pub machine: String,
     pub token: String,
+    /// Its last heartbeat, as Redis holds it: the value a watcher sees change or not.
+    pub heartbeat: String,
     pub heartbeat_age: Duration,
 }
 
 impl Holder {
-    fn parse(token: String, age_ms: u64) -> Holder {
-        let mut parts = token.splitn(3, '|');
+    fn parse(token: String, heartbeat: String, age_ms: i64) -> Holder {
+        let mut parts = token.splitn(4, '|');
         let host = parts.next().unwrap_or_default().to_string();
         let pid = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let machine = parts.nth(1).unwrap_or_default().to_string();
         Holder {
             host,
             pid,
+            machine,
             token,
-            heartbeat_age: Duration::from_millis(age_ms),
+            heartbeat,
+            heartbeat_age: Duration::from_millis(u64::try_from(age_ms).unwrap_or(0)),
         }
     }
+
+    /// Whether the holder runs on this machine, in this boot and PID namespace, so that its
+    /// pid can be looked up here. A host name alone is not enough: containers and cloned VMs
+    /// share them.
+    pub fn on_this_machine(&self) -> bool {
+        !self.machine.is_empty() && self.host == this_host() && self.machine == this_machine()
+    }
+}
+
+/// A live worker as the queue's live set holds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LiveWorker {
+    pub id: String,
+    /// Its last heartbeat, as Redis holds it (ms since the epoch, in Redis's clock).
+    pub heartbeat: String,
+    /// How old that heartbeat is by Redis's clock: for display only, never to judge liveness.
+    pub age: Duration,
 }
 
 impl std::fmt::Display for Holder {
@@ -189,7 +217,32 @@ pub fn process_token() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_millis();
-    format!("{}|{}|{started}.{n}", this_host(), std::process::id())
+    format!(
+        "{}|{}|{started}.{n}|{}",
+        this_host(),
+        std::process::id(),
+        this_machine()
+    )
+}
+
+/// This boot of this machine and this process's PID namespace, e.g.
+/// `6f1c…-boot/pid:[4026531836]`: two processes see each other's pids only when this is the
+/// same. Empty where it cannot be told (then no holder counts as on this machine).
+pub fn this_machine() -> String {
+    #[cfg(target_os = "linux")]
+    {
+        let boot = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").unwrap_or_default();
+        let namespace = std::fs::read_link("/proc/self/ns/pid").unwrap_or_default();
+        let (boot, namespace) = (boot.trim(), namespace.to_string_lossy());
+        if boot.is_empty() || namespace.is_empty() {
+            return String::new();
+        }
+        format!("{boot}/{namespace}").replace('|', "_")
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        String::new()
+    }
 }
 
 /// This machine's host name.
@@ -326,7 +379,7 @@ impl Queue {
     /// An item that workers dying while holding it returned to the queue more than
     /// `max_reclaims` times (0: no limit) goes to the dead-letter list as `poisoned`.
     pub async fn claim(&self, n: usize, max_bytes: usize, max_reclaims: u32) -> Result<Claimed, QueueError> {
-        let (items, too_large, poisoned): (Vec<Vec<u8>>, usize, usize) = self
+        let (items, too_large, poisoned, counted): (Vec<Vec<u8>>, usize, usize, Vec<usize>) = self
             .scripts
             .claim
             .key(&self.keys.ready)
@@ -340,10 +393,18 @@ impl Queue {
             .arg(max_reclaims)
             .invoke_async(&mut self.conn.clone())
             .await?;
+        // The script gives 1-based places of the items with a reclaim count.
+        let mut flags = vec![false; items.len()];
+        for place in counted {
+            if let Some(flag) = place.checked_sub(1).and_then(|i| flags.get_mut(i)) {
+                *flag = true;
+            }
+        }
         Ok(Claimed {
             items,
             too_large,
             poisoned,
+            counted: flags,
         })
     }
 
@@ -413,6 +474,7 @@ impl Queue {
             .retry
             .key(&self.processing)
             .key(&self.keys.retry)
+            .key(&self.keys.clock)
             .arg(raw)
             .arg(retried)
             .arg(millis(delay))
@@ -449,7 +511,6 @@ impl Queue {
         Ok(moved > 0)
     }
 
-    /// Moves up to `limit` due retries back to the ready list.
     /// Moves up to `limit` due retries back to the ready list, only while it holds fewer than
     /// `high_water` messages.
     pub async fn promote_due(&self, limit: usize, high_water: usize) -> Result<Promoted, QueueError> {
@@ -458,6 +519,7 @@ impl Queue {
             .promote
             .key(&self.keys.retry)
             .key(&self.keys.ready)
+            .key(&self.keys.clock)
             .arg(limit)
             .arg(high_water)
             .invoke_async(&mut self.conn.clone())
@@ -480,32 +542,39 @@ impl Queue {
             .key(&self.keys.ready)
             .key(&self.keys.reclaims)
             .arg(u8::from(died))
+            .arg(scripts::MAX_RECLAIM_ENTRIES)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(n)
     }
 
-    /// Takes this worker's id. `Err(holder)` when a live process holds it. `dead_holder` is a
-    /// holder token known to belong to a process that no longer exists.
+    /// Takes this worker's id. `Err(holder)` when another process holds it. `dead_holder` is
+    /// a holder token known to belong to a process that no longer exists; `silent_heartbeat`
+    /// a heartbeat the caller watched stay unchanged for WORKER_DEAD_AFTER: a holder still
+    /// at it is passed over too.
     pub async fn register(
         &self,
-        dead_after: Duration,
         dead_holder: Option<&str>,
+        silent_heartbeat: Option<&str>,
     ) -> Result<Result<(), Holder>, QueueError> {
-        let reply: (i64, Option<String>, Option<u64>) = self
+        let reply: (i64, Option<String>, Option<String>, Option<i64>) = self
             .scripts
             .register
             .key(&self.keys.workers)
             .key(&self.keys.owners)
             .arg(&self.worker_id)
             .arg(&self.token)
-            .arg(millis(dead_after))
             .arg(dead_holder.unwrap_or(""))
+            .arg(silent_heartbeat.unwrap_or(""))
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(match reply {
-            (1, _, _) => Ok(()),
-            (_, holder, age) => Err(Holder::parse(holder.unwrap_or_default(), age.unwrap_or(0))),
+            (1, ..) => Ok(()),
+            (_, holder, beat, age) => Err(Holder::parse(
+                holder.unwrap_or_default(),
+                beat.unwrap_or_default(),
+                age.unwrap_or(0),
+            )),
         })
     }
 
@@ -527,9 +596,10 @@ impl Queue {
             .await?)
     }
 
-    /// Reaps `worker_id` if its heartbeat is older than `dead_after`; returns the messages
-    /// returned to the queue, `None` if another worker reaped it first or it came back.
-    pub async fn reap(&self, worker_id: &str, dead_after: Duration) -> Result<Option<usize>, QueueError> {
+    /// Reaps `worker_id` if its heartbeat is still `heartbeat` (which the caller watched stay
+    /// so for WORKER_DEAD_AFTER); returns the messages returned to the queue, `None` if another
+    /// worker reaped it first or it came back.
+    pub async fn reap(&self, worker_id: &str, heartbeat: &str) -> Result<Option<usize>, QueueError> {
         let moved: i64 = self
             .scripts
             .reap
@@ -539,7 +609,8 @@ impl Queue {
             .key(&self.keys.ready)
             .key(&self.keys.reclaims)
             .arg(worker_id)
-            .arg(millis(dead_after))
+            .arg(heartbeat)
+            .arg(scripts::MAX_RECLAIM_ENTRIES)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(usize::try_from(moved).ok())
@@ -551,10 +622,10 @@ impl Queue {
         Ok(())
     }
 
-    /// Live workers with the age of their last heartbeat, freshest first.
-    pub async fn workers(&self) -> Result<Vec<(String, Duration)>, QueueError> {
+    /// Live workers with their last heartbeat, freshest first.
+    pub async fn workers(&self) -> Result<Vec<LiveWorker>, QueueError> {
         let mut conn = self.conn.clone();
-        let (time, entries): ((u64, u64), Vec<(String, f64)>) = redis::pipe()
+        let (time, entries): ((u64, u64), Vec<(String, String)>) = redis::pipe()
             .cmd("TIME")
             .zrevrange_withscores(&self.keys.workers, 0, -1)
             .query_async(&mut conn)
@@ -562,8 +633,45 @@ impl Queue {
         let now_ms = time_ms(time);
         Ok(entries
             .into_iter()
-            .map(|(id, at)| (id, Duration::from_millis(now_ms.saturating_sub(score_ms(at)))))
+            .map(|(id, heartbeat)| {
+                let at = score_ms(heartbeat.parse().unwrap_or(0.0));
+                let age = Duration::from_millis(now_ms.saturating_sub(at));
+                LiveWorker { id, heartbeat, age }
+            })
             .collect())
+    }
+
+    /// The oldest items of this worker's processing list (where strays are), up to `limit`.
+    pub async fn processing_items(&self, limit: usize) -> Result<Vec<Bytes>, QueueError> {
+        let from = -isize::try_from(limit).unwrap_or(isize::MAX);
+        let items: Vec<Vec<u8>> = self.conn.clone().lrange(&self.processing, from, -1).await?;
+        Ok(items.into_iter().map(Bytes::from).collect())
+    }
+
+    /// Returns `strays` (items in this worker's processing list that none of its tasks holds)
+    /// to the front of the queue, one copy each; returns how many were still there.
+    pub async fn return_strays(&self, strays: &[Bytes]) -> Result<usize, QueueError> {
+        if strays.is_empty() {
+            return Ok(0);
+        }
+        let mut call = self.scripts.return_strays.key(&self.processing);
+        call.key(&self.keys.ready);
+        for item in strays {
+            call.arg(item.as_ref());
+        }
+        Ok(call.invoke_async(&mut self.conn.clone()).await?)
+    }
+
+    /// Drops the reclaim count of a message this worker settled: handling it killed no one.
+    pub async fn forget_reclaims(&self, raw: &[u8]) -> Result<(), QueueError> {
+        let _: i64 = self
+            .scripts
+            .forget_reclaims
+            .key(&self.keys.reclaims)
+            .arg(raw)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(())
     }
 
     /// Depths of ready, this worker's processing, retry and dead, in one round trip.
@@ -636,9 +744,11 @@ pub struct Snapshot {
     pub workers: Vec<(String, u64)>,
 }
 
-/// The pipelined reply `snapshot` reads: TIME, LLEN, LINDEX, ZCARD, ZRANGE, LLEN, LRANGE, ZRANGE.
+/// The pipelined reply `snapshot` reads: TIME, the clock's offset, LLEN, LINDEX, ZCARD, ZRANGE,
+/// LLEN, LRANGE, ZRANGE.
 type SnapshotReply = (
     (u64, u64),
+    Option<u64>,
     u64,
     Option<Vec<u8>>,
     u64,
@@ -650,8 +760,9 @@ type SnapshotReply = (
 
 /// Reads a snapshot of the queue's keys.
 pub async fn snapshot(conn: &mut Conn, keys: &Keys, dead_limit: usize) -> Result<Snapshot, QueueError> {
-    let ((secs, micros), ready, oldest, retry, next, dead_total, dead, workers): SnapshotReply = redis::pipe()
+    let ((secs, micros), offset, ready, oldest, retry, next, dead_total, dead, workers): SnapshotReply = redis::pipe()
         .cmd("TIME")
+        .hget(&keys.clock, "offset")
         .llen(&keys.ready)
         .lindex(&keys.ready, -1)
         .zcard(&keys.retry)
@@ -662,6 +773,8 @@ pub async fn snapshot(conn: &mut Conn, keys: &Keys, dead_limit: usize) -> Result
         .query_async(conn)
         .await?;
     let now_ms = time_ms((secs, micros));
+    // Retries are due in the queue's clock, which runs ahead of TIME after TIME stepped back.
+    let queue_now = now_ms.saturating_add(offset.unwrap_or(0));
     // The processing lists of the workers the queue knows (live set and id holders): no SCAN,
     // which in a cluster would have to visit every node.
     let owners: Vec<String> = conn.hkeys(&keys.owners).await?;
@@ -680,10 +793,10 @@ pub async fn snapshot(conn: &mut Conn, keys: &Keys, dead_limit: usize) -> Result
         retry,
         next_retry_in_ms: next.first().map(|(_, due)| {
             let due = score_ms(*due);
-            if due >= now_ms {
-                i64::try_from(due - now_ms).unwrap_or(i64::MAX)
+            if due >= queue_now {
+                i64::try_from(due - queue_now).unwrap_or(i64::MAX)
             } else {
-                i64::try_from(now_ms - due).map_or(i64::MIN, |late| -late)
+                i64::try_from(queue_now - due).map_or(i64::MIN, |late| -late)
             }
         }),
         dead,
@@ -701,21 +814,15 @@ pub async fn dead_letters(conn: &mut Conn, keys: &Keys) -> Result<Vec<Vec<u8>>, 
 }
 
 /// Moves one dead-letter record back to the queue (at the back, like a new message) as
-/// `message`, in one script:
-/// either the record leaves the dead list and the message joins the queue, or nothing changes.
-/// `false`: the record was no longer there (requeued or purged meanwhile).
+/// `message`, in one script that copies before it removes. `false`: the record was no longer there (requeued or purged meanwhile).
 pub async fn requeue_dead(conn: &mut Conn, keys: &Keys, record: &[u8], message: &[u8]) -> Result<bool, QueueError> {
-    let moved: i64 = Script::new(
-        r"if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-          redis.call('LPUSH', KEYS[2], ARGV[2])
-          return 1",
-    )
-    .key(&keys.dead)
-    .key(&keys.ready)
-    .arg(record)
-    .arg(message)
-    .invoke_async(conn)
-    .await?;
+    let moved: i64 = scripts::requeue_dead()
+        .key(&keys.dead)
+        .key(&keys.ready)
+        .arg(record)
+        .arg(message)
+        .invoke_async(conn)
+        .await?;
     Ok(moved == 1)
 }
 

@@ -1,7 +1,50 @@
-//! The Lua scripts: each one move of messages between keys of one queue, atomic, declaring
-//! every key it touches (so each runs in one cluster slot), and safe to run twice.
+//! The Lua scripts: each one move of messages between keys of one queue, declaring every key it
+//! touches (so each runs in one cluster slot), and safe to run twice.
+//!
+//! **Copy before remove.** Redis runs a script without interruption but does not undo its
+//! earlier writes when a later command fails (a command the ACL denies, WRONGTYPE, OOM,
+//! READONLY). So every script that moves an item reads it where it is (LRANGE, LPOS,
+//! ZRANGEBYSCORE), writes it to its destination, and removes it from its source last: stopped
+//! at any command, it leaves the item in at least one place. A duplicate is possible; absence
+//! is not. `tests/it/scripts.rs` denies each command of each script in turn and checks this.
+//!
+//! **Queue time.** Due times of retries are in the queue's own clock (`Q:clock`): Redis `TIME`
+//! plus an offset that grows whenever `TIME` is seen to step back, so the clock of the queue
+//! never runs backwards and a retry is not held for the length of a step back.
 
 use redis::Script;
+
+/// The queue's clock, for scripts that take `clock` (the `Q:clock` hash) as a key: Redis TIME
+/// in ms, plus `offset`; when that is behind `last` (the furthest the clock has read, written
+/// at most once a second), TIME stepped back, and `offset` grows by the step.
+const QUEUE_NOW: &str = r"
+local function queue_now(clock)
+  local t = redis.call('TIME')
+  local c = redis.call('HMGET', clock, 'offset', 'last')
+  local offset, last = tonumber(c[1]) or 0, tonumber(c[2]) or 0
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + offset
+  if now < last then
+    redis.call('HSET', clock, 'offset', offset + last - now)
+    return last
+  end
+  if now > last + 1000 then redis.call('HSET', clock, 'last', now) end
+  return now
+end
+";
+
+/// Counts one more reclaim of `item` in the hash `reclaims`, unless the hash already holds
+/// `cap` other items (it stays bounded; such an item is then not counted).
+const COUNT_RECLAIM: &str = r"
+local function count_reclaim(reclaims, item, cap)
+  local sha = redis.sha1hex(item)
+  if redis.call('HLEN', reclaims) < cap or redis.call('HEXISTS', reclaims, sha) == 1 then
+    redis.call('HINCRBY', reclaims, sha, 1)
+  end
+end
+";
+
+/// The most items the reclaim counts hold: past it, items not yet counted are not counted.
+pub(super) const MAX_RECLAIM_ENTRIES: u32 = 100_000;
 
 /// Lua scripts, loaded once and run by hash.
 pub(super) struct Scripts {
@@ -11,10 +54,25 @@ pub(super) struct Scripts {
     pub(super) release: Script,
     pub(super) promote: Script,
     pub(super) give_back: Script,
+    pub(super) return_strays: Script,
+    pub(super) forget_reclaims: Script,
     pub(super) register: Script,
     pub(super) heartbeat: Script,
     pub(super) reap: Script,
     pub(super) deregister: Script,
+}
+
+/// Moves one item ARGV[1] from the list KEYS[1] to KEYS[2]: checks that it is there (LPOS from
+/// the tail, where the oldest claims are), runs `write` (which copies it to its destination),
+/// then removes it. Returns 0 when it was not there (already moved: running it twice does
+/// nothing the second time), 1 when moved.
+fn move_one(write: &str) -> Script {
+    Script::new(&format!(
+        r"if not redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1) then return 0 end
+          {write}
+          redis.call('LREM', KEYS[1], -1, ARGV[1])
+          return 1"
+    ))
 }
 
 impl Scripts {
@@ -27,19 +85,23 @@ impl Scripts {
             // while holding it returned to the queue more than ARGV[5] times (counted in
             // KEYS[4] by its SHA-1; 0: never), as `poisoned`: looked up only while that hash
             // exists, so the happy path costs one EXISTS. ARGV[3] is the worker id as a JSON
-            // string, ARGV[4] the time for `dead_at`. Returns {claimed items, too large,
-            // poisoned}.
+            // string, ARGV[4] the time for `dead_at`. Copies first (LRANGE, then the pushes),
+            // trims the ready list last. Returns {claimed items oldest first, too large,
+            // poisoned, the 1-based places among the claimed of those with a reclaim count}.
             claim: Script::new(
-                r#"local items = redis.call('RPOP', KEYS[1], ARGV[1])
-                  if not items then return {{}, 0, 0} end
+                r#"local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+                  if #items == 0 then return {{}, 0, 0, {}} end
                   local limit = tonumber(ARGV[2])
                   local max_reclaims = tonumber(ARGV[5])
                   local counted = max_reclaims > 0 and redis.call('EXISTS', KEYS[4]) == 1
-                  local keep, big, poisoned = {}, 0, 0
-                  for _, item in ipairs(items) do
-                    local reclaims = 0
+                  local keep, counts, forget, big, poisoned = {}, {}, {}, 0, 0
+                  -- LRANGE lists the oldest (the rightmost) last.
+                  for i = #items, 1, -1 do
+                    local item = items[i]
+                    local reclaims, sha = 0, nil
                     if counted then
-                      reclaims = tonumber(redis.call('HGET', KEYS[4], redis.sha1hex(item)) or '0')
+                      sha = redis.sha1hex(item)
+                      reclaims = tonumber(redis.call('HGET', KEYS[4], sha) or '0')
                     end
                     if #item > limit then
                       big = big + 1
@@ -48,96 +110,111 @@ impl Scripts {
                         .. ARGV[3] .. ',"dead_at":"' .. ARGV[4] .. '","size":' .. #item .. '}\n' .. item)
                     elseif reclaims > max_reclaims then
                       poisoned = poisoned + 1
-                      redis.call('HDEL', KEYS[4], redis.sha1hex(item))
+                      forget[#forget + 1] = sha
                       redis.call('LPUSH', KEYS[3], '{"reason":"poisoned","error":"returned to the queue '
                         .. reclaims .. ' times by the restart or reaping of workers that died holding it, over the limit of '
                         .. ARGV[5] .. ' (worker.max_reclaims)","worker_id":' .. ARGV[3] .. ',"dead_at":"' .. ARGV[4]
                         .. '","reclaims":' .. reclaims .. ',"size":' .. #item .. '}\n' .. item)
                     else
                       keep[#keep + 1] = item
+                      if reclaims > 0 then counts[#counts + 1] = #keep end
                     end
                   end
                   if #keep > 0 then redis.call('LPUSH', KEYS[2], unpack(keep)) end
-                  return {keep, big, poisoned}"#,
+                  redis.call('LTRIM', KEYS[1], 0, -(#items + 1))
+                  if #forget > 0 then redis.call('HDEL', KEYS[4], unpack(forget)) end
+                  return {keep, big, poisoned, counts}"#,
             ),
-            // Moves one message from processing to the retry set, due ARGV[3] ms from now (Redis
-            // time, so every worker agrees). A message no longer in processing (already settled,
-            // or reaped) is left alone: running this twice does nothing the second time.
-            retry: Script::new(
-                r"if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
-                  local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-                  redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), ARGV[2])
-                  return 1",
-            ),
-            // Moves one message from processing to the dead-letter list as its record ARGV[2].
-            dead: Script::new(
-                r"if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
-                  redis.call('LPUSH', KEYS[2], ARGV[2])
-                  return 1",
-            ),
-            // Returns one message from processing KEYS[1] to the front of the ready list KEYS[2]
-            // as it was: no attempt used.
-            release: Script::new(
-                r"if redis.call('LREM', KEYS[1], -1, ARGV[1]) == 0 then return 0 end
-                  redis.call('RPUSH', KEYS[2], ARGV[1])
-                  return 1",
-            ),
-            // Moves up to ARGV[1] due retries to the back of the ready list; returns how many and
-            // the ms until the next one is due (-1: none waiting).
-            // Only while the ready list holds fewer than ARGV[2]: after an outage the retries
-            // that fell due meanwhile join the queue no faster than workers take them, and
-            // the rest wait in the retry set. Returns -2 for the wait when due retries were
-            // held back for that.
-            promote: Script::new(
-                r"local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            // Moves one message ARGV[1] from processing KEYS[1] to the retry set KEYS[2] as
+            // ARGV[2], due ARGV[3] ms from now in queue time (KEYS[3]: the clock).
+            retry: Script::new(&format!(
+                r"{QUEUE_NOW}
+                  if not redis.call('LPOS', KEYS[1], ARGV[1], 'RANK', -1) then return 0 end
+                  redis.call('ZADD', KEYS[2], queue_now(KEYS[3]) + tonumber(ARGV[3]), ARGV[2])
+                  redis.call('LREM', KEYS[1], -1, ARGV[1])
+                  return 1"
+            )),
+            // Moves one message ARGV[1] from processing KEYS[1] to the dead-letter list KEYS[2]
+            // as its record ARGV[2].
+            dead: move_one("redis.call('LPUSH', KEYS[2], ARGV[2])"),
+            // Returns one message ARGV[1] from processing KEYS[1] to the front of the ready
+            // list KEYS[2] as it was: no attempt used.
+            release: move_one("redis.call('RPUSH', KEYS[2], ARGV[1])"),
+            // Moves up to ARGV[1] due retries (KEYS[1]) to the back of the ready list KEYS[2];
+            // returns how many and the ms until the next one is due (-1: none waiting). Only
+            // while the ready list holds fewer than ARGV[2]: after an outage the retries that
+            // fell due meanwhile join the queue no faster than workers take them, and the
+            // rest wait in the retry set. Returns -2 for the wait when due retries were held
+            // back for that. KEYS[3]: the queue's clock.
+            promote: Script::new(&format!(
+                r"{QUEUE_NOW}
+                  local now = queue_now(KEYS[3])
                   local room = math.min(tonumber(ARGV[1]), tonumber(ARGV[2]) - redis.call('LLEN', KEYS[2]))
-                  local due = {}
+                  local due = {{}}
                   if room > 0 then
                     due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, room)
                   end
                   if #due > 0 then
-                    redis.call('ZREM', KEYS[1], unpack(due))
                     redis.call('LPUSH', KEYS[2], unpack(due))
+                    redis.call('ZREM', KEYS[1], unpack(due))
                   end
                   local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-                  if #next == 0 then return {#due, -1} end
-                  if room <= 0 and tonumber(next[2]) <= now then return {#due, -2} end
-                  return {#due, math.max(0, tonumber(next[2]) - now)}",
-            ),
+                  if #next == 0 then return {{#due, -1}} end
+                  if room <= 0 and tonumber(next[2]) <= now then return {{#due, -2}} end
+                  return {{#due, math.max(0, tonumber(next[2]) - now)}}"
+            )),
             // Returns a processing list KEYS[1] to the front of the ready list KEYS[2], oldest
-            // claim first in line. With ARGV[1] = 1 (its worker died holding them) each item's
-            // count in KEYS[3] goes up; the counts expire a week after the last one.
-            give_back: Script::new(
-                r"local n = 0
+            // claim first in line (LMOVE: each item moves in one command). With ARGV[1] = 1
+            // (its worker died holding them) each item's count in KEYS[3] goes up, the hash
+            // holding at most ARGV[2] items; the counts expire a week after the last one.
+            give_back: Script::new(&format!(
+                r"{COUNT_RECLAIM}
+                  local n = 0
                   local item = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
                   while item do
                     n = n + 1
-                    if ARGV[1] == '1' then redis.call('HINCRBY', KEYS[3], redis.sha1hex(item), 1) end
+                    if ARGV[1] == '1' then count_reclaim(KEYS[3], item, tonumber(ARGV[2])) end
                     item = redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT')
                   end
                   if n > 0 and ARGV[1] == '1' then redis.call('EXPIRE', KEYS[3], 604800) end
+                  return n"
+            )),
+            // Returns each of ARGV (items no task of this worker holds) from processing KEYS[1]
+            // to the front of the ready list KEYS[2], one copy each, if it is still there.
+            // Returns how many moved.
+            return_strays: Script::new(
+                r"local n = 0
+                  for _, item in ipairs(ARGV) do
+                    if redis.call('LPOS', KEYS[1], item, 'RANK', -1) then
+                      redis.call('RPUSH', KEYS[2], item)
+                      redis.call('LREM', KEYS[1], -1, item)
+                      n = n + 1
+                    end
+                  end
                   return n",
             ),
-            // Takes worker id ARGV[1] for process ARGV[2], unless another process holds it with a
-            // heartbeat younger than ARGV[3] ms (and is not ARGV[4], a holder known to be dead).
-            // Returns {1, '', 0} or {0, holder, heartbeat age in ms}.
+            // Drops the reclaim count of item ARGV[1] (a worker settled it: it kills no one).
+            forget_reclaims: Script::new(r"return redis.call('HDEL', KEYS[1], redis.sha1hex(ARGV[1]))"),
+            // Takes worker id ARGV[1] for process ARGV[2], unless another process holds it. A
+            // holder is passed over when it is ARGV[3] (known to be dead: its process is gone
+            // from this machine), when it has no heartbeat, or when its heartbeat is still
+            // ARGV[4] (the caller watched it stay so for WORKER_DEAD_AFTER).
+            // Returns {1, '', '', 0} or {0, holder, its heartbeat, the heartbeat's age in ms}.
             register: Script::new(
                 r"local t = redis.call('TIME')
                   local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
                   local holder = redis.call('HGET', KEYS[2], ARGV[1])
                   local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
-                  if holder and holder ~= ARGV[2] and holder ~= ARGV[4] and beat
-                     and now - tonumber(beat) < tonumber(ARGV[3]) then
-                    return {0, holder, now - tonumber(beat)}
+                  if holder and holder ~= ARGV[2] and holder ~= ARGV[3] and beat and beat ~= ARGV[4] then
+                    return {0, holder, beat, now - tonumber(beat)}
                   end
                   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
                   redis.call('ZADD', KEYS[1], now, ARGV[1])
-                  return {1, '', 0}",
+                  return {1, '', '', 0}",
             ),
             // Refreshes the heartbeat in Redis time, unless another process has taken the id
-            // (returns 0 then).
+            // (returns 0 then). Other workers judge liveness by whether this value changes,
+            // not by comparing it with a clock.
             heartbeat: Script::new(
                 r"local holder = redis.call('HGET', KEYS[2], ARGV[1])
                   if holder and holder ~= ARGV[2] then return 0 end
@@ -146,28 +223,28 @@ impl Scripts {
                   redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
                   return 1",
             ),
-            // Reaps worker ARGV[1] if its heartbeat is still older than ARGV[2] ms: its processing
-            // list KEYS[3] goes to the front of the queue KEYS[4], oldest first, each item's
-            // reclaim count in KEYS[5] going up, and it leaves the live set. Returns the messages moved, or -1 when there was nothing to reap
-            // (another worker got there first, or it came back).
-            reap: Script::new(
-                r"local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
-                  if not beat then return -1 end
-                  local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-                  if now - tonumber(beat) < tonumber(ARGV[2]) then return -1 end
+            // Reaps worker ARGV[1] if its heartbeat is still ARGV[2], the value the reaper saw
+            // stay unchanged for WORKER_DEAD_AFTER of its own time: its processing list KEYS[3]
+            // goes to the front of the queue KEYS[4], oldest first, each item's reclaim count
+            // in KEYS[5] going up (at most ARGV[3] items counted), and it leaves the live set.
+            // Returns the messages moved, or -1 when there was nothing to reap (another worker
+            // got there first, or it came back).
+            reap: Script::new(&format!(
+                r"{COUNT_RECLAIM}
+                  local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
+                  if not beat or beat ~= ARGV[2] then return -1 end
                   local n = 0
                   local item = redis.call('LMOVE', KEYS[3], KEYS[4], 'LEFT', 'RIGHT')
                   while item do
                     n = n + 1
-                    redis.call('HINCRBY', KEYS[5], redis.sha1hex(item), 1)
+                    count_reclaim(KEYS[5], item, tonumber(ARGV[3]))
                     item = redis.call('LMOVE', KEYS[3], KEYS[4], 'LEFT', 'RIGHT')
                   end
                   if n > 0 then redis.call('EXPIRE', KEYS[5], 604800) end
                   redis.call('ZREM', KEYS[1], ARGV[1])
                   redis.call('HDEL', KEYS[2], ARGV[1])
-                  return n",
-            ),
+                  return n"
+            )),
             // Leaves the live set, if the id is still this process's.
             deregister: Script::new(
                 r"local holder = redis.call('HGET', KEYS[2], ARGV[1])
@@ -178,4 +255,16 @@ impl Scripts {
             ),
         }
     }
+}
+
+/// Moves one dead-letter record ARGV[1] from the dead list KEYS[1] to the back of the queue
+/// KEYS[2] as the message ARGV[2]. 0: the record was no longer there (requeued or purged
+/// meanwhile).
+pub(super) fn requeue_dead() -> Script {
+    Script::new(
+        r"if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
+          redis.call('LPUSH', KEYS[2], ARGV[2])
+          redis.call('LREM', KEYS[1], 1, ARGV[1])
+          return 1",
+    )
 }

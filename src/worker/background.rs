@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, error, info, warn, Instrument};
 
+use super::liveness::Watch;
 use super::retry::Backoff;
 use super::settle::{log_summary, Context, StatusReport};
 use crate::breaker::State;
@@ -76,6 +77,7 @@ impl Background {
             )
             .instrument(tracing::info_span!("heartbeat")),
         );
+        tasks.spawn(super::sweep::sweeper(context.clone(), stop.clone()).instrument(tracing::info_span!("sweep")));
         for q in 0..context.queues.len() {
             tasks.spawn(
                 promote(context.clone(), q, worker.retry_interval, stop.clone())
@@ -234,6 +236,8 @@ async fn heartbeat(
 ) {
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut watches: Vec<Watch> = context.queues.iter().map(|_| Watch::new(dead_after)).collect();
+    let mut sentinels_answer = true;
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -243,15 +247,26 @@ async fn heartbeat(
             log_summary(&due);
         }
         context.deliverer.close_idle();
+        // Under Sentinel: a master replaced while it still answers is left here. Sentinels
+        // that do not answer say nothing about the master: the heartbeat goes on regardless.
+        match context.connector.check_master().await {
+            Ok(()) if !sentinels_answer => {
+                sentinels_answer = true;
+                info!("The sentinels answer again");
+            }
+            Err(e) if sentinels_answer => {
+                sentinels_answer = false;
+                warn!(error = %one_line(&e), "Cannot ask the sentinels where the master is; heartbeating to the master as it was");
+            }
+            _ => {}
+        }
         let started = Instant::now();
         let beat = async {
-            // Under Sentinel: a master replaced while it still answers is left here.
-            context.connector.check_master().await?;
             let mut kept = true;
             let mut total = (Depths::default(), 0);
-            for (q, queue) in context.queues.iter().enumerate() {
+            for ((q, queue), watch) in context.queues.iter().enumerate().zip(watches.iter_mut()) {
                 kept &= queue.heartbeat().await?;
-                let live = reap(&context, queue, dead_after).await?;
+                let live = reap(&context, queue, watch).await?;
                 let depths = queue.depths().await?;
                 context.metrics.set_active_workers(q, live);
                 context.metrics.set_depths(q, depths);
@@ -278,24 +293,26 @@ async fn heartbeat(
                     shutdown.cancel();
                 }
             }
-            Err(e) => context.redis_error(&e, "heartbeat"),
+            Err(e) => {
+                watches.iter_mut().for_each(Watch::lost_sight);
+                context.redis_error(&e, "heartbeat");
+            }
         }
     }
 }
 
-/// Reaps the queue's workers whose heartbeat is older than `dead_after`; returns how many are
-/// live.
-async fn reap(context: &Context, queue: &Queue, dead_after: Duration) -> Result<usize, QueueError> {
-    let mut live = 0;
-    for (id, age) in queue.workers().await? {
-        if age < dead_after || id == context.worker_id {
-            live += 1;
-        } else if let Some(moved) = queue.reap(&id, dead_after).await? {
+/// Reaps the queue's workers whose heartbeat this worker has watched stay unchanged for
+/// WORKER_DEAD_AFTER (`liveness`); returns how many are live.
+async fn reap(context: &Context, queue: &Queue, watch: &mut Watch) -> Result<usize, QueueError> {
+    let workers = queue.workers().await?;
+    let look = watch.look(tokio::time::Instant::now(), &context.worker_id, &workers);
+    for (id, heartbeat) in look.dead {
+        if let Some(moved) = queue.reap(&id, &heartbeat).await? {
             context.metrics.reaped(moved);
-            warn!(queue = queue.name(), reaped = %id, count = moved, heartbeat_age = ?age, "Reaped a dead worker: its claimed messages are back at the front of the queue");
+            warn!(queue = queue.name(), reaped = %id, count = moved, "Reaped a dead worker (its heartbeat did not change for WORKER_DEAD_AFTER): its claimed messages are back at the front of the queue");
         }
     }
-    Ok(live)
+    Ok(look.live)
 }
 
 /// Turns each SIGHUP into a reload request for the TLS watchers (the main server's and

@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, watch, Semaphore};
+use tokio::sync::{mpsc, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use super::pool::{Job, Pool};
 use super::retry::Backoff;
@@ -27,51 +27,14 @@ pub(super) async fn claim(
     let slots = Arc::new(Semaphore::new(concurrency));
     let mut backoff = Backoff::default();
     let mut waits = Waits::new(context.queues.len());
-    let mut master_changes = context.connector.master_changes();
     // Where the next claim starts looking: always the first queue in priority order, one
     // further each time in round-robin order.
     let mut start = 0;
     let mut pool = Pool::new(context);
-    // Set when a claim failed (its reply may have been lost after Redis ran it, leaving claimed
-    // messages in processing that no task holds) and when the worker followed a Sentinel
-    // failover (the new master may hold claims the old one took back or never passed on). Once
-    // every slot is free, anything left in processing is such an orphan and goes back to the
-    // queue.
-    let mut sweep = false;
     loop {
-        if sweep {
-            let all = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                permits = slots.clone().acquire_many_owned(concurrency as u32) => match permits {
-                    Ok(permits) => permits,
-                    Err(_) => return,
-                },
-            };
-            match give_back_all(context).await {
-                Ok(n) => {
-                    sweep = false;
-                    if n > 0 {
-                        warn!(count = n, "Returned messages no delivery task held to the queue");
-                    }
-                }
-                Err(e) => {
-                    context.redis_error(&e, "sweep");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next()) => {}
-                    }
-                }
-            }
-            drop(all);
-            continue;
-        }
         let first = tokio::select! {
             biased;
             _ = shutdown.cancelled() => return,
-            _ = changed(&mut master_changes) => {
-                sweep = true;
-                continue;
-            }
             permit = slots.clone().acquire_owned() => match permit {
                 Ok(permit) => permit,
                 Err(_) => return,
@@ -105,22 +68,38 @@ pub(super) async fn claim(
             }
         }
         // Not interrupted by shutdown: it is a few short scripts, and whatever they claim is
-        // either delivered here or given back by the drain.
+        // either delivered here or given back by the drain. What they claim is recorded as
+        // held before the sweeper may look (`sweep`).
         let started = Instant::now();
+        let claiming = context.held.claiming.lock().await;
         let (claimed, failed) = claim_in_order(context, permits.len(), start).await;
+        let claimed: Vec<_> = claimed
+            .into_iter()
+            .map(|(q, raw, counted)| {
+                let raw = Bytes::from(raw);
+                (q, context.held.hold(q, &raw), raw, counted)
+            })
+            .collect();
+        drop(claiming);
         if context.order == QueueOrder::RoundRobin {
             start = (start + 1) % context.queues.len().max(1);
         }
-        if let Some(e) = failed {
-            sweep = true;
-            context.redis_error(&e, "claim");
-        } else {
-            context.health.redis_ok(started);
-            backoff.reset();
-        }
+        // A failed claim's reply may have been lost after Redis ran it: `redis_error` asks
+        // for a sweep, which finds what it claimed.
+        let failed = match failed {
+            Some(e) => {
+                context.redis_error(&e, "claim");
+                true
+            }
+            None => {
+                context.health.redis_ok(started);
+                backoff.reset();
+                false
+            }
+        };
         if claimed.is_empty() {
             drop(permits);
-            if sweep {
+            if failed {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(backoff.next()) => continue,
@@ -129,7 +108,6 @@ pub(super) async fn claim(
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => return,
-                _ = changed(&mut master_changes) => sweep = true,
                 waited = waits.any(&context.queues) => if let Err(e) = waited {
                     // The waits have connections of their own, which find out about an outage
                     // on their own schedule; health follows the main connection, which the
@@ -145,16 +123,18 @@ pub(super) async fn claim(
         }
         // Slots not filled (a claim that failed part way) are free again at once.
         let mut permits = permits.into_iter();
-        for (q, raw) in claimed {
+        for (q, held, raw, counted) in claimed {
             let Some(permit) = permits.next() else {
                 break;
             };
             context.flow.token().await;
             pool.hand(Job {
                 q,
-                raw: Bytes::from(raw),
+                raw,
+                counted,
                 slot: permit,
                 in_flight: deliveries.token(),
+                held,
             });
         }
     }
@@ -164,7 +144,11 @@ pub(super) async fn claim(
 /// messages first, the next queue's only for slots the first could not fill. Returns what was
 /// claimed with each item's queue, and the error that stopped it, if any (what was claimed
 /// before the error is still delivered).
-async fn claim_in_order(context: &Context, n: usize, start: usize) -> (Vec<(usize, Vec<u8>)>, Option<QueueError>) {
+async fn claim_in_order(
+    context: &Context,
+    n: usize,
+    start: usize,
+) -> (Vec<(usize, Vec<u8>, bool)>, Option<QueueError>) {
     let count = context.queues.len();
     let mut claimed = Vec::with_capacity(n);
     for k in 0..count {
@@ -181,7 +165,12 @@ async fn claim_in_order(context: &Context, n: usize, start: usize) -> (Vec<(usiz
                 if got.poisoned > 0 {
                     context.poisoned(q, got.poisoned);
                 }
-                claimed.extend(got.items.into_iter().map(|raw| (q, raw)));
+                claimed.extend(
+                    got.items
+                        .into_iter()
+                        .zip(got.counted)
+                        .map(|(raw, counted)| (q, raw, counted)),
+                );
             }
             Err(e) => return (claimed, Some(e)),
         }
@@ -199,19 +188,6 @@ pub(super) async fn give_back_all(context: &Context) -> Result<usize, QueueError
         total += queue.give_back(&context.worker_id, false).await?;
     }
     Ok(total)
-}
-
-/// Resolves when the Sentinel master changed; never without Sentinel.
-async fn changed(changes: &mut Option<watch::Receiver<u64>>) {
-    match changes {
-        Some(receiver) => {
-            if receiver.changed().await.is_err() {
-                *changes = None;
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending().await,
-    }
 }
 
 /// The blocking waits on the queues, one per queue, each on its own connection. They run as

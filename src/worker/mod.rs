@@ -10,10 +10,12 @@ mod background;
 mod claim;
 mod drain;
 mod flow;
+mod liveness;
 mod pool;
 mod retry;
 mod settle;
 mod startup;
+mod sweep;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;

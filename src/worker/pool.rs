@@ -14,31 +14,38 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::settle::{panic_text, Context};
+use super::sweep::HeldItem;
 
-/// One claimed message for a delivery task: its queue, the item as claimed, the slot it
-/// holds and the drain's count of deliveries under way.
+/// One claimed message for a delivery task: its queue, the item as claimed, whether it has a
+/// reclaim count, the slot it holds, the drain's count of deliveries under way and its place
+/// among the items held (which the sweeper leaves alone).
 pub(super) struct Job {
     pub(super) q: usize,
     pub(super) raw: Bytes,
+    pub(super) counted: bool,
     pub(super) slot: OwnedSemaphorePermit,
     pub(super) in_flight: TaskTrackerToken,
+    pub(super) held: HeldItem,
 }
 
 /// What a delivery task does with each message it is handed.
 pub(super) trait Deliver: Send + Sync + 'static {
-    /// Delivers and settles one message.
-    fn deliver(&self, q: usize, raw: Bytes) -> impl Future<Output = ()> + Send;
+    /// Delivers and settles one message; `counted`: it has a reclaim count to drop once settled.
+    fn deliver(&self, q: usize, raw: Bytes, counted: bool) -> impl Future<Output = ()> + Send;
     /// Called once the message's slot is free again.
     fn finished(&self);
 }
 
 impl Deliver for Context {
-    async fn deliver(&self, q: usize, raw: Bytes) {
+    async fn deliver(&self, q: usize, raw: Bytes, counted: bool) {
         // A panic anywhere in the delivery must not leave the message in processing with no
         // task to settle it: catch it here and dead-letter the message.
         let outcome = AssertUnwindSafe(self.process(q, raw.clone())).catch_unwind().await;
         if let Err(panic) = outcome {
             self.internal_error(q, &raw, &panic_text(panic.as_ref())).await;
+        }
+        if counted {
+            self.forget_reclaims(q, &raw).await;
         }
     }
 
@@ -99,13 +106,15 @@ async fn serve<D: Deliver>(
     while let Some(Job {
         q,
         raw,
+        counted,
         slot,
         in_flight,
+        held,
     }) = next
     {
-        deliverer.deliver(q, raw).await;
+        deliverer.deliver(q, raw, counted).await;
         idle.lock().unwrap_or_else(PoisonError::into_inner).push(number);
-        drop((slot, in_flight));
+        drop((slot, in_flight, held));
         deliverer.finished();
         next = jobs.recv().await;
     }
@@ -129,7 +138,7 @@ mod tests {
     }
 
     impl Deliver for Probe {
-        async fn deliver(&self, _q: usize, raw: Bytes) {
+        async fn deliver(&self, _q: usize, raw: Bytes, _counted: bool) {
             // Gives every other task a turn, so that deliveries overlap as they do over a
             // network.
             tokio::task::yield_now().await;
@@ -148,11 +157,15 @@ mod tests {
         let mut pool = Pool::new(&probe);
         let slots = Arc::new(Semaphore::new(slots));
         let tracker = TaskTracker::new();
+        let held = Arc::new(super::super::sweep::Held::default());
         for item in items {
             let slot = slots.clone().acquire_owned().await.unwrap();
+            let raw = Bytes::from_static(item);
             pool.hand(Job {
                 q: 0,
-                raw: Bytes::from_static(item),
+                held: held.hold(0, &raw),
+                raw,
+                counted: false,
                 slot,
                 in_flight: tracker.token(),
             });

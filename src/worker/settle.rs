@@ -55,6 +55,8 @@ pub(super) struct Context {
     pub(super) acks: Vec<crate::queue::Acks>,
     /// Set by the heartbeat when another process has taken this worker's id.
     pub(super) id_taken: std::sync::atomic::AtomicBool,
+    /// What the delivery tasks hold, for telling strays in the processing lists (`sweep`).
+    pub(super) held: Arc<super::sweep::Held>,
 }
 
 impl Context {
@@ -89,10 +91,15 @@ impl Context {
             max_reclaims: worker.max_reclaims,
             flow,
             id_taken: std::sync::atomic::AtomicBool::new(false),
+            held: Arc::default(),
         }
     }
 
+    /// Records a failed Redis call: an outage in `health`, a refusal in the log. Either way
+    /// the call may have run without its reply arriving, so the sweeper is asked to look for
+    /// strays.
     pub(super) fn redis_error(&self, error: &QueueError, during: &str) {
+        self.held.wake.notify_one();
         if error.is_unavailable() {
             self.health.redis_failed(error);
         } else {
@@ -307,12 +314,19 @@ impl Context {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<bool, QueueError>>,
     {
-        let refused = "Redis refused to record an outcome; the message stays in processing and returns to the queue at the next start";
+        let refused = "Redis refused to record an outcome; the message stays in processing, and the next sweep (within 10 s) returns it to the queue";
         let found = until_answered(&self.health, None, refused, op).await.unwrap_or(false);
         if !found {
             debug!("Message was not settled here: no longer in this worker's processing list, or Redis refused");
         }
         found
+    }
+
+    /// Drops a settled message's reclaim count (best effort: the hash is bounded and expires).
+    pub(super) async fn forget_reclaims(&self, q: usize, raw: &[u8]) {
+        if let Err(e) = self.queue(q).forget_reclaims(raw).await {
+            debug!(error = %e, "Could not drop a settled message's reclaim count");
+        }
     }
 
     /// Queues a best-effort status update; never waits.

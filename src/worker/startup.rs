@@ -117,20 +117,24 @@ async fn connect(
     }
 }
 
-/// Takes this worker's id in Redis. A live process holding it is given `dead_after` to go
-/// quiet (a crashed holder elsewhere does); a holder on this host whose process is gone is
-/// taken over at once. `false`: shut down while waiting.
+/// Takes this worker's id in Redis. A holder whose process is gone from this machine (same
+/// boot, same PID namespace) is taken over at once: a restart recovers at once. Any other
+/// holder is watched: if its heartbeat stays unchanged for `dead_after` of this process's own
+/// time, it is dead wherever it ran, and the id is taken; if its heartbeat changes while
+/// watched, it is alive, and this process refuses to start. `false`: shut down while waiting.
 async fn take_id(
     queue: &Queue,
     worker: &WorkerSettings,
     health: &Health,
     shutdown: &CancellationToken,
 ) -> Result<bool, RunError> {
-    let mut waited_since: Option<tokio::time::Instant> = None;
     let mut dead_holder: Option<String> = None;
+    // The holder's token and heartbeat as last seen, and since when they are unchanged.
+    let mut watched: Option<(String, String, tokio::time::Instant)> = None;
+    let mut silent: Option<String> = None;
     loop {
         let Some(taken) = until_answered(health, Some(shutdown), "Redis refused to register this worker", || {
-            queue.register(worker.dead_after, dead_holder.as_deref())
+            queue.register(dead_holder.as_deref(), silent.as_deref())
         })
         .await
         else {
@@ -140,20 +144,31 @@ async fn take_id(
             Ok(()) => return Ok(true),
             Err(holder) => holder,
         };
-        if holder.host == queue::this_host() && !process_alive(holder.pid) {
+        if holder.on_this_machine() && !process_alive(holder.pid) {
             info!(holder = %holder, "Taking over worker id {} from a process that no longer runs", worker.id);
             dead_holder = Some(holder.token);
             continue;
         }
-        let since = *waited_since.get_or_insert_with(|| {
-            warn!(holder = %holder, "Worker id {} is held by another process; waiting up to {:?} for it to go quiet", worker.id, worker.dead_after);
-            tokio::time::Instant::now()
-        });
-        if since.elapsed() >= worker.dead_after {
-            return Err(RunError::IdInUse {
-                worker_id: worker.id.clone(),
-                holder,
-            });
+        let now = tokio::time::Instant::now();
+        match &watched {
+            Some((token, beat, since)) if *token == holder.token && *beat == holder.heartbeat => {
+                if now.saturating_duration_since(*since) >= worker.dead_after {
+                    info!(holder = %holder, "Taking over worker id {}: its holder has not heartbeated for {:?}", worker.id, worker.dead_after);
+                    silent = Some(holder.heartbeat);
+                    continue;
+                }
+            }
+            Some(_) => {
+                // The holder heartbeated while watched: it is alive.
+                return Err(RunError::IdInUse {
+                    worker_id: worker.id.clone(),
+                    holder,
+                });
+            }
+            None => {
+                warn!(holder = %holder, "Worker id {} is held by another process; waiting up to {:?} for it to go quiet", worker.id, worker.dead_after);
+                watched = Some((holder.token.clone(), holder.heartbeat.clone(), now));
+            }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(false),

@@ -18,4 +18,5 @@ mod properties;
 mod queue;
 mod queues;
 mod resilience;
+mod scripts;
 mod sentinel;

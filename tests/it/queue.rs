@@ -1,7 +1,6 @@
 //! The Redis scripts on their own, against a real redis-server: races the worker cannot stage.
 
 use std::collections::BTreeSet;
-use std::time::Duration;
 
 use crate::common::*;
 use courier::queue::{self, Queue};
@@ -24,14 +23,14 @@ async fn racing_reapers_return_each_message_exactly_once() {
         .lpush(keys().processing("dead-worker"), &items)
         .await
         .expect("LPUSH");
-    // A heartbeat from long ago.
+    // A heartbeat the reapers watched stay at 1000.
     let _: () = conn.zadd(keys().workers, "dead-worker", 1_000).await.expect("ZADD");
 
     let mut reapers = Vec::new();
     for i in 0..8 {
         let queue = queue_for(&redis, &format!("reaper-{i}")).await;
         reapers.push(tokio::spawn(async move {
-            queue.reap("dead-worker", Duration::from_secs(30)).await.expect("reap")
+            queue.reap("dead-worker", "1000").await.expect("reap")
         }));
     }
     let mut results = Vec::new();
@@ -58,10 +57,7 @@ async fn racing_reapers_return_each_message_exactly_once() {
 async fn a_live_worker_is_not_reaped() {
     let redis = RedisServer::start().await;
     let live = queue_for(&redis, "alive").await;
-    assert_eq!(
-        live.register(Duration::from_secs(30), None).await.expect("register"),
-        Ok(())
-    );
+    assert_eq!(live.register(None, None).await.expect("register"), Ok(()));
     let _: () = redis
         .conn()
         .await
@@ -69,7 +65,17 @@ async fn a_live_worker_is_not_reaped() {
         .await
         .expect("LPUSH");
     let other = queue_for(&redis, "other").await;
-    assert_eq!(other.reap("alive", Duration::from_secs(30)).await.expect("reap"), None);
+    let seen = other.workers().await.expect("workers");
+    let beat = seen.iter().find(|w| w.id == "alive").expect("listed").heartbeat.clone();
+    // It heartbeats after the reaper looked: the value it watched is gone, so no reap.
+    live.heartbeat().await.expect("heartbeat");
+    let _: () = redis
+        .conn()
+        .await
+        .zincr(keys().workers, "alive", 1)
+        .await
+        .expect("ZINCRBY");
+    assert_eq!(other.reap("alive", &beat).await.expect("reap"), None);
     assert_eq!(len(&redis, &keys().processing("alive")).await, 1);
 }
 
@@ -78,12 +84,9 @@ async fn an_id_held_by_a_live_process_is_refused_and_a_dead_holder_can_be_taken_
     let redis = RedisServer::start().await;
     let first = queue_for(&redis, "worker-1").await;
     let second = queue_for(&redis, "worker-1").await;
-    assert_eq!(
-        first.register(Duration::from_secs(30), None).await.expect("register"),
-        Ok(())
-    );
+    assert_eq!(first.register(None, None).await.expect("register"), Ok(()));
     let holder = second
-        .register(Duration::from_secs(30), None)
+        .register(None, None)
         .await
         .expect("register")
         .expect_err("refused");
@@ -92,10 +95,7 @@ async fn an_id_held_by_a_live_process_is_refused_and_a_dead_holder_can_be_taken_
     assert!(holder.to_string().contains("heartbeat"));
     // Told the holder is dead, the second takes the id; the first then learns it lost it.
     assert_eq!(
-        second
-            .register(Duration::from_secs(30), Some(&holder.token))
-            .await
-            .expect("register"),
+        second.register(Some(&holder.token), None).await.expect("register"),
         Ok(())
     );
     assert!(
