@@ -17,6 +17,7 @@ mod production_redis;
 mod properties;
 mod queue;
 mod queues;
+mod redis_faults;
 mod resilience;
 mod scripts;
 mod sentinel;

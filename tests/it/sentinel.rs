@@ -166,3 +166,62 @@ async fn heartbeats_ask_the_sentinels_on_one_kept_connection() {
     );
     worker.stop().await;
 }
+
+/// Every sentinel down for three times WORKER_DEAD_AFTER while the master is fine: the workers
+/// go on heartbeating to the master and delivering, and nobody is reaped.
+#[tokio::test]
+async fn sentinels_down_longer_than_dead_after_reap_nobody() {
+    let (mut sentinels, pki) = (start_sentinels().await, Pki::new());
+    let sink = start_sink(&pki, sink::delayed(Duration::from_millis(20))).await;
+    let ids: BTreeSet<String> = (0..2000).map(|i| format!("quiet-{i}")).collect();
+    let items: Vec<String> = ids.iter().map(|id| message(id)).collect();
+    let mut master = node(sentinels.set.master.port).await;
+    let _: () = redis::AsyncCommands::lpush(&mut master, Q, &items)
+        .await
+        .expect("LPUSH");
+    let extra = [
+        ("WORKER_CONCURRENCY", "4"),
+        ("WORKER_HEARTBEAT_INTERVAL", "0.5"),
+        ("WORKER_DEAD_AFTER", "3"),
+    ];
+    let mut children = Vec::new();
+    let mut outs = Vec::new();
+    for id in ["w-s1", "w-s2"] {
+        let mut child = spawn_worker(&sentinel_env(&sentinels, &sink, &pki, id, &extra), pki.dir.path());
+        let mut out = Lines::new(&mut child);
+        out.wait_for("through Sentinel").await;
+        outs.push(out);
+        children.push(child);
+    }
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 100).await);
+    for sentinel in &mut sentinels.set.sentinels {
+        sentinel.kill().await;
+    }
+    let during = sink.record.delivered().len();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert!(
+        sink.record.delivered().len() > during + 100,
+        "deliveries go on while the sentinels are down"
+    );
+    for sentinel in &mut sentinels.set.sentinels {
+        sentinel.restart().await.expect("sentinel restarts");
+    }
+    let everything = sink
+        .wait_for(Duration::from_secs(60), |r| {
+            ids.is_subset(&r.delivered().into_iter().collect())
+        })
+        .await;
+    assert!(everything, "all delivered");
+    for child in children {
+        stop_worker(child).await;
+    }
+    for out in &mut outs {
+        out.rest().await;
+        assert!(
+            !out.seen.iter().any(|l| l.contains("Reaped")),
+            "nobody reaped: {}",
+            out.seen.join("\n")
+        );
+    }
+    assert_eq!(sink.record.delivered().len(), ids.len(), "no duplicate");
+}
