@@ -12,6 +12,9 @@
 //! 5. `policy` decides, purely, what the result means: `Ack`, `Retry { delay }` or `Dead`.
 //! 6. `worker` carries that out through `queue` (ack, retry set, dead-letter list), records it
 //!    in `metrics` and the log (`telemetry`), and queues the status PUT.
+//! 7. Beside each worker: a heartbeat that reaps workers it watched fall silent
+//!    (`worker::liveness`), a promoter of due retries, and a sweeper that returns items of its
+//!    own processing lists that no task holds (`worker::sweep`).
 //!
 //! Beside the pipeline: `admin` serves /metrics, /health, /ready and /stats; `shutdown` and
 //! `service` speak signals and systemd; `pki` makes certificates; `cli` is the command line;
