@@ -104,3 +104,30 @@ async fn an_id_held_by_a_live_process_is_refused_and_a_dead_holder_can_be_taken_
     );
     assert!(second.heartbeat().await.expect("heartbeat"));
 }
+
+/// Just after the Redis host's clock stepped back 90 s, the queue's clock has read 90 s
+/// further than `TIME` now does. A retry due 2 s after that must still go out about 2 s later,
+/// not 92 s.
+#[tokio::test]
+async fn a_step_back_of_the_redis_clock_does_not_hold_a_waiting_retry() {
+    let redis = RedisServer::start().await;
+    let queue = queue_for(&redis, "w-clock").await;
+    let mut conn = redis.conn().await;
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await.expect("TIME");
+    let before_step = secs * 1000 + micros / 1000 + 90_000;
+    let _: () = conn.hset(keys().clock, "last", before_step).await.expect("HSET");
+    let _: () = conn
+        .zadd(keys().retry, message("stepped"), before_step + 2_000)
+        .await
+        .expect("ZADD");
+    let started = std::time::Instant::now();
+    let first = queue.promote_due(100, 1000).await.expect("promote");
+    assert_eq!(first.moved, 0);
+    let wait = first.next_due_in.expect("one waiting");
+    assert!(wait <= std::time::Duration::from_secs(2), "due in {wait:?}, not 92 s");
+    // Waiting is the subject here: the promoter sleeps until the due time it was told.
+    tokio::time::sleep(wait).await;
+    let moved = queue.promote_due(100, 1000).await.expect("promote").moved;
+    assert_eq!(moved, 1, "promoted {:?} after the step", started.elapsed());
+    assert_eq!(ids_in(&redis, Q).await.into_iter().collect::<Vec<_>>(), ["stepped"]);
+}
