@@ -2,6 +2,7 @@
 //! command or one Lua script, so a crash at any instant leaves every message in exactly one key
 //! (or, around a crash, two: a duplicate, never a loss). Every script is safe to run twice.
 
+pub mod acl;
 mod connect;
 mod keys;
 mod scripts;
@@ -604,17 +605,7 @@ pub async fn enqueue(conn: &mut Conn, keys: &Keys, items: &[Vec<u8>]) -> Result<
 pub async fn wait_replicas(conn: &mut Conn, keys: &Keys, replicas: u32, timeout_ms: u64) -> Result<u64, QueueError> {
     let mut wait = redis::cmd("WAIT");
     wait.arg(replicas).arg(timeout_ms);
-    match conn.cluster() {
-        Some(mut cluster) => {
-            use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
-            let node = Route::with_key(&keys.ready, SlotAddr::Master);
-            let reply = cluster
-                .route_command(wait, RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(node)))
-                .await?;
-            Ok(redis::from_redis_value(reply).map_err(redis::RedisError::from)?)
-        }
-        None => Ok(wait.query_async(conn).await?),
-    }
+    Ok(conn.query_on_node_of(&keys.ready, &wait).await?)
 }
 
 /// Everything `courier stats` shows, read in a few round trips.
