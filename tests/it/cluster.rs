@@ -199,3 +199,51 @@ async fn a_worker_killed_mid_run_on_a_three_master_cluster_loses_nothing() {
 async fn len_cluster(conn: &mut redis::cluster_async::ClusterConnection, key: &str) -> usize {
     conn.llen(key).await.expect("LLEN")
 }
+
+/// The README's cluster user, exactly, on every node: the worker (whose cluster client asks
+/// each node for the slot map) delivers through it, and `courier check` passes with it.
+#[tokio::test]
+async fn the_documented_cluster_user_delivers() {
+    let (cluster, pki) = (TestCluster::start().await, Pki::new());
+    for node in &cluster.cluster.nodes {
+        set_acl_user(node.port, "courier", &readme_acl("cluster", "cluster-pw")).await;
+    }
+    let sink = start_sink(&pki, sink::fail_first(1, 503)).await;
+    let ids: BTreeSet<String> = (0..30).map(|i| format!("cluster-acl-{i}")).collect();
+    let items: Vec<String> = ids.iter().map(|id| message(id)).collect();
+    let _: () = cluster.conn().await.lpush(Q, &items).await.expect("LPUSH");
+    let seeds = cluster.cluster.seeds();
+    let vars = env_at(
+        1,
+        &sink.url(),
+        &pki,
+        "w-cluster-acl",
+        &[
+            ("REDIS_CLUSTER_NODES", &seeds),
+            ("REDIS_USERNAME", "courier"),
+            ("REDIS_PASSWORD", "cluster-pw"),
+            ("WORKER_BREAKER", "false"),
+        ],
+    );
+    let worker = start_worker(&vars).await;
+    let delivered = sink
+        .wait_for(WAIT, |r| {
+            let seen: BTreeSet<String> = r.delivered().into_iter().collect();
+            seen == ids
+        })
+        .await;
+    assert!(delivered, "every message delivered through the documented user");
+
+    let check = run_courier(&vars, pki.dir.path(), &["check"]).await;
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(report.contains("OK    redis acl      user courier may run"), "{report}");
+    assert!(report.contains("OK    redis cluster  state ok"), "{report}");
+    worker.stop().await;
+    let left: Vec<String> = cluster
+        .all_keys()
+        .await
+        .into_iter()
+        .filter(|k| *k != Keys::clustered(Q).reclaims)
+        .collect();
+    assert!(left.is_empty(), "every key ends empty: {left:?}");
+}
