@@ -80,21 +80,14 @@ impl Conn {
     }
 
     /// After a failed command under Sentinel: one that fails as if the master were gone
-    /// (refused, reset, READONLY: it became a replica) makes the hub ask the sentinels, so the
-    /// caller's retry reaches the new master.
+    /// (`super::unavailable`: refused, reset, READONLY because it became a replica, NOREPLICAS
+    /// because it was cut off from them) makes the hub ask the sentinels, so the caller's
+    /// retry reaches the new master.
     async fn after<T>(&self, result: &Result<T, redis::RedisError>) {
         let Err(e) = result else {
             return;
         };
-        if !matches!(self.0.hub.topology, Shape::Sentinel { .. }) {
-            return;
-        }
-        let lost = e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-            || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
-        if lost {
+        if matches!(self.0.hub.topology, Shape::Sentinel { .. }) && super::unavailable(e) {
             let _ = self.0.hub.check(false).await;
         }
     }

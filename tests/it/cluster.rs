@@ -247,3 +247,80 @@ async fn the_documented_cluster_user_delivers() {
         .collect();
     assert!(left.is_empty(), "every key ends empty: {left:?}");
 }
+
+/// A cluster with a master down (and `cluster-require-full-coverage yes`, the default): a
+/// queue on a node still up meets CLUSTERDOWN, one on the node that is gone meets no
+/// connection at all. Both are Redis being unavailable, not a refusal.
+#[tokio::test]
+async fn a_cluster_with_a_master_down_is_unavailable() {
+    let mut cluster = TestCluster::start().await;
+    let pki = Pki::new();
+    // Two queues on different nodes: one on the node to be killed, one on another.
+    let mut homes: Vec<(u16, &str)> = Vec::new();
+    for queue in ["message_queue", "jobs.b", "jobs.c", "jobs.d", "jobs.e"] {
+        let home = cluster.node_of(queue).await;
+        if homes.iter().all(|(h, _)| *h != home) {
+            homes.push((home, queue));
+        }
+    }
+    assert!(homes.len() >= 2, "{homes:?}");
+    let ((down, lost_queue), (up, kept_queue)) = (homes[0], homes[1]);
+    let vars = env_at(
+        1,
+        "https://127.0.0.1:1",
+        &pki,
+        "w-down",
+        &[("REDIS_CLUSTER_NODES", &cluster.cluster.seeds())],
+    );
+    let settings = settings(&vars);
+    let connector = courier::queue::Connector::new(&settings.redis).expect("connector");
+    let conn = courier::queue::Queue::shared_connection(&connector)
+        .await
+        .expect("connect");
+    let on = |name: &'static str| {
+        let (connector, conn) = (connector.clone(), conn.clone());
+        async move {
+            courier::queue::Queue::connect(&connector, &conn, name, "w-down")
+                .await
+                .expect("queue")
+        }
+    };
+    let (lost, kept) = (on(lost_queue).await, on(kept_queue).await);
+    let node = cluster
+        .cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.port == down)
+        .expect("the node");
+    node.kill().await;
+    // The others mark the cluster failed after the node timeout (2 s).
+    let mut survivor = redis::Client::open(format!("redis://127.0.0.1:{up}/"))
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("node");
+    eventually(|| {
+        let mut survivor = survivor.clone();
+        async move {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut survivor)
+                .await
+                .expect("CLUSTER INFO");
+            info.contains("cluster_state:fail")
+        }
+    })
+    .await;
+    let error = kept.claim(1, 1 << 20, 5).await.expect_err("the cluster is down");
+    assert!(
+        matches!(&error, courier::queue::QueueError::Redis(e) if e.code() == Some("CLUSTERDOWN")),
+        "{error}"
+    );
+    assert!(error.is_unavailable(), "CLUSTERDOWN is an outage: {error}");
+    let error = lost.claim(1, 1 << 20, 5).await.expect_err("the node is gone");
+    assert!(
+        error.is_unavailable(),
+        "a node the client cannot reach is an outage: {error}"
+    );
+    let _: () = redis::cmd("PING").query_async(&mut survivor).await.expect("PING");
+}

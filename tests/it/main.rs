@@ -19,3 +19,4 @@ mod queue;
 mod queues;
 mod resilience;
 mod sentinel;
+mod unavailable;
