@@ -419,3 +419,43 @@ async fn sighup_reloads_the_tls_files_for_redis() {
     );
     stop_worker(worker).await;
 }
+
+/// A REDIS_URL with anything courier does not read (a query, a fragment) is refused at start
+/// with one line naming REDIS_URL, instead of being silently ignored; the same URL without it
+/// runs.
+#[tokio::test]
+async fn a_redis_url_with_a_query_or_fragment_is_refused_and_a_plain_one_runs() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let base = format!("redis://127.0.0.1:{}/0", redis.port);
+    for tail in [
+        "#insecure",
+        "?insecure=true",
+        "?insecure",
+        "?protocol=resp3",
+        "?db=1",
+        "?",
+    ] {
+        let url = format!("{base}{tail}");
+        let vars = env(&redis, "https://localhost:1", &pki, "w-url", &[("REDIS_URL", &url)]);
+        let out = run_courier(&vars, pki.dir.path(), &["run"]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{url}: {stderr}");
+        let line = stderr.trim();
+        assert_eq!(line.lines().count(), 1, "{url}: {stderr}");
+        assert!(
+            line.contains("REDIS_URL") && line.contains("query") && line.contains("remove it"),
+            "{url}: {line}"
+        );
+    }
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let vars = env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-url",
+        &[("REDIS_URL", &base), ("REDIS_PORT", "1")],
+    );
+    let mut worker = spawn_worker(&vars, pki.dir.path());
+    Lines::new(&mut worker).wait_for("Connected to Redis").await;
+    stop_worker(worker).await;
+}
