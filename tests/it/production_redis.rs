@@ -459,3 +459,70 @@ async fn a_redis_url_with_a_query_or_fragment_is_refused_and_a_plain_one_runs() 
     Lines::new(&mut worker).wait_for("Connected to Redis").await;
     stop_worker(worker).await;
 }
+
+/// Sentinels and cluster nodes announce IP addresses, so Redis's certificate must name the IP
+/// (docs/scaling.md): `courier certs issue --server` takes one, and courier connects to
+/// `rediss://<ip>` with it; a certificate naming only a host name is refused for the IP.
+#[tokio::test]
+async fn a_redis_certificate_issued_for_an_ip_address_verifies_for_that_address() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let none = std::collections::HashMap::new();
+    for args in [
+        vec!["certs", "init", "--out", "pki"],
+        vec![
+            "certs",
+            "issue",
+            "--ca",
+            "pki",
+            "--server",
+            "127.0.0.1",
+            "--out",
+            "by-ip",
+        ],
+        vec![
+            "certs",
+            "issue",
+            "--ca",
+            "pki",
+            "--server",
+            "localhost",
+            "--out",
+            "by-name",
+        ],
+    ] {
+        let out = run_courier(&none, d, &args).await;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let path = |p: &str| d.join(p).display().to_string();
+    for (issued, verifies) in [("by-ip", true), ("by-name", false)] {
+        let tls_port = free_port();
+        let (port, cert, key, ca) = (
+            tls_port.to_string(),
+            path(&format!("{issued}/server.crt")),
+            path(&format!("{issued}/server.key")),
+            path("pki/ca.crt"),
+        );
+        let _redis = RedisServer::start_with(&[
+            "--appendonly",
+            "no",
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ])
+        .await;
+        let vars = std::collections::HashMap::from([
+            ("REDIS_URL".to_string(), format!("rediss://127.0.0.1:{tls_port}/0")),
+            ("REDIS_CA_CERT_PATH".to_string(), ca.clone()),
+        ]);
+        let out = run_courier(&vars, d, &["stats"]).await;
+        assert_eq!(out.status.success(), verifies, "{issued}: {out:?}");
+    }
+}
