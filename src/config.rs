@@ -583,6 +583,15 @@ impl Source<'_> {
             "rediss" => true,
             other => return Err(self.invalid(key, &format!("scheme {other}:// is neither redis:// nor rediss://"))),
         };
+        // A query or fragment would be silently ignored (`#insecure` does not turn off
+        // certificate checks, `?db=1` does not choose a database): refused instead. Its text is
+        // not repeated, as it may hold a password.
+        if url.query().is_some() || url.fragment().is_some() {
+            return Err(self.invalid(
+                key,
+                "has a query (?...) or a fragment (#...), which courier does not read: remove it. The database is the path (redis://host:6379/0), TLS is rediss:// and Redis's certificate is always verified (REDIS_CA_CERT_PATH for a private CA)",
+            ));
+        }
         redis.host = match url.host_str() {
             // An IPv6 address comes in brackets, which a socket address does not take.
             Some(host) if !host.is_empty() => host.trim_start_matches('[').trim_end_matches(']').to_string(),
@@ -1265,6 +1274,13 @@ mod tests {
             "http://u:hunter2@h/",
             "redis://u:hunter2@:6379",
             "not a url hunter2",
+            "redis://u:hunter2@h:6379/0#insecure",
+            "redis://u:hunter2@h:6379/0?insecure=true",
+            "rediss://h:6379/0?password=hunter2",
+            "redis://h:6379/0?protocol=resp3",
+            "redis://h:6379?db=1",
+            "redis://h:6379/0?",
+            "redis://h:6379/0#",
         ] {
             let err = load_yaml("", &[("REDIS_URL", url)])
                 .map_err(|e| one_line(&e))

@@ -87,6 +87,43 @@ pub fn config_text(data: &[u8]) {
     }
 }
 
+/// A REDIS_URL: loaded only when it is `redis[s]://[user[:password]@]host[:port][/db]` with
+/// nothing after (a query or fragment would be ignored, so it is refused); refused with one
+/// line naming REDIS_URL that never repeats the URL's password.
+pub fn redis_url(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let env = |name: &str| match name {
+        "REDIS_URL" => Some(text.to_string()),
+        _ => None,
+    };
+    match Settings::from_text(None, &env) {
+        Ok(settings) => {
+            let url = url::Url::parse(text.trim()).expect("a URL that loaded parses");
+            assert!(url.query().is_none() && url.fragment().is_none(), "{text:?}");
+            assert_eq!(
+                url.password().is_some(),
+                !settings.redis.password.is_empty(),
+                "{text:?}"
+            );
+        }
+        Err(e) => {
+            let line = crate::telemetry::one_line(&e);
+            assert!(line.contains("REDIS_URL") && !line.contains('\n'), "{line}");
+            if let Some(password) = url::Url::parse(text.trim())
+                .ok()
+                .and_then(|u| u.password().map(str::to_string))
+            {
+                assert!(
+                    password.len() < 4 || !line.contains(&password),
+                    "the password shows: {line}"
+                );
+            }
+        }
+    }
+}
+
 /// A Retry-After header value: parsed or ignored, and the wait it leads to is never longer
 /// than the retry interval or the cap, whichever is longer.
 pub fn retry_after(data: &[u8]) {

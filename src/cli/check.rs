@@ -11,7 +11,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::RootCertStore;
 use rustls_pki_types::UnixTime;
 
-use crate::config::{ProcessEnv, Settings};
+use crate::config::{ProcessEnv, Settings, Topology};
 use crate::delivery::{probe, rustls_error, Client, DeliveryError};
 use crate::telemetry::one_line;
 use crate::tls::{self, ClientTls};
@@ -353,10 +353,12 @@ async fn redis_checks(settings: &Settings) -> Vec<Check> {
     if connector.clustered() {
         checks.push(cluster_check(&mut conn).await);
     }
-    for name in &r.queues {
-        let keys = crate::queue::Keys::for_topology(name, connector.clustered());
-        checks.push(acl_check(&mut conn, &keys).await);
-    }
+    let keys: Vec<crate::queue::Keys> = r
+        .queues
+        .iter()
+        .map(|name| crate::queue::Keys::for_topology(name, connector.clustered()))
+        .collect();
+    checks.push(acl_check(&mut conn, &keys, &r.topology).await);
     checks.push(data_safety(&mut conn).await);
     checks
 }
@@ -395,86 +397,23 @@ async fn cluster_check(conn: &mut crate::queue::Conn) -> Check {
     }
 }
 
-/// Whether the Redis user may run every command courier uses on this queue's keys, asked of
-/// Redis itself with `ACL DRYRUN` (Redis 7). A user that may not ask is told so, not failed.
-async fn acl_check(conn: &mut crate::queue::Conn, keys: &crate::queue::Keys) -> Check {
-    let user: String = match redis::cmd("ACL").arg("WHOAMI").query_async(conn).await {
-        Ok(user) => user,
-        Err(e) => return Check::warn("redis acl", format!("not verified: ACL WHOAMI failed ({e})")),
-    };
-    let processing = keys.processing("check");
-    let (ready, retry, dead, workers, owners, reclaims) = (
-        keys.ready.as_str(),
-        keys.retry.as_str(),
-        keys.dead.as_str(),
-        keys.workers.as_str(),
-        keys.owners.as_str(),
-        keys.reclaims.as_str(),
-    );
-    let sha = "0".repeat(40);
-    let commands: Vec<(&str, Vec<&str>)> = vec![
-        ("RPOP", vec![ready, "1"]),
-        ("LPUSH", vec![processing.as_str(), "m"]),
-        ("LREM", vec![processing.as_str(), "1", "m"]),
-        ("LMOVE", vec![processing.as_str(), ready, "LEFT", "RIGHT"]),
-        ("BLMOVE", vec![ready, ready, "RIGHT", "RIGHT", "1"]),
-        ("LLEN", vec![ready]),
-        ("LINDEX", vec![ready, "-1"]),
-        ("LRANGE", vec![dead, "0", "-1"]),
-        ("ZADD", vec![retry, "1", "m"]),
-        ("ZRANGEBYSCORE", vec![retry, "-inf", "1"]),
-        ("ZRANGE", vec![retry, "0", "0"]),
-        ("ZREM", vec![retry, "m"]),
-        ("ZCARD", vec![retry]),
-        ("ZSCORE", vec![workers, "w"]),
-        ("ZREVRANGE", vec![workers, "0", "-1"]),
-        ("HGET", vec![owners, "w"]),
-        ("HSET", vec![owners, "w", "v"]),
-        ("HDEL", vec![owners, "w"]),
-        ("EVALSHA", vec![sha.as_str(), "1", ready]),
-        ("SCRIPT", vec!["LOAD", "return 1"]),
-        ("TIME", vec![]),
-        ("INFO", vec!["server"]),
-        ("HKEYS", vec![owners]),
-        ("HINCRBY", vec![reclaims, "h", "1"]),
-        ("EXISTS", vec![reclaims]),
-        ("EXPIRE", vec![reclaims, "60"]),
-        ("DEL", vec![dead]),
-    ];
-    let mut denied = Vec::new();
-    for (command, args) in &commands {
-        let answer: redis::RedisResult<String> = redis::cmd("ACL")
-            .arg("DRYRUN")
-            .arg(&user)
-            .arg(*command)
-            .arg(args)
-            .query_async(conn)
-            .await;
-        match answer {
-            Ok(text) if text == "OK" => {}
-            Ok(_) => denied.push(*command),
-            Err(e) => {
-                return Check::warn(
-                    "redis acl",
-                    format!("not verified: user {user} may not run ACL DRYRUN ({e}); README, \"The Redis courier runs on\", lists what it needs"),
-                )
-            }
-        }
-    }
-    if denied.is_empty() {
-        Check::pass(
+/// Whether the Redis user may run every command courier uses on the queues' keys, asked of
+/// Redis itself with `ACL DRYRUN` (Redis 7) through the list `run` checks at start. A user
+/// that may not ask is told so, not failed.
+async fn acl_check(conn: &mut crate::queue::Conn, keys: &[crate::queue::Keys], topology: &Topology) -> Check {
+    use crate::queue::acl::Permissions;
+    let readme = "README, \"The Redis courier runs on\", lists what it needs";
+    match crate::queue::acl::check(conn, keys, topology).await {
+        Permissions::Granted { user, commands } => Check::pass(
             "redis acl",
-            format!(
-                "user {user} may run the {} commands courier uses on {ready}*",
-                commands.len()
-            ),
-        )
-    } else {
-        Check::fail(
+            format!("user {user} may run the {commands} commands courier uses on the queues' keys"),
+        ),
+        Permissions::Denied { user, missing } => Check::fail(
             "redis acl",
-            format!("user {user} may not run {} on the queue's keys", denied.join(", ")),
-            "grant them (README, \"The Redis courier runs on\", has the ACL SETUSER line)",
-        )
+            format!("user {user} may not run {}", missing.join("; ")),
+            "grant them (README, \"The Redis courier runs on\", has the ACL SETUSER line for each topology)",
+        ),
+        Permissions::Unknown { reason } => Check::warn("redis acl", format!("not verified: {reason}; {readme}")),
     }
 }
 

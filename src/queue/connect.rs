@@ -80,21 +80,14 @@ impl Conn {
     }
 
     /// After a failed command under Sentinel: one that fails as if the master were gone
-    /// (refused, reset, READONLY: it became a replica) makes the hub ask the sentinels, so the
-    /// caller's retry reaches the new master.
+    /// (`super::unavailable`: refused, reset, READONLY because it became a replica, NOREPLICAS
+    /// because it was cut off from them) makes the hub ask the sentinels, so the caller's
+    /// retry reaches the new master.
     async fn after<T>(&self, result: &Result<T, redis::RedisError>) {
         let Err(e) = result else {
             return;
         };
-        if !matches!(self.0.hub.topology, Shape::Sentinel { .. }) {
-            return;
-        }
-        let lost = e.is_io_error()
-            || e.is_connection_dropped()
-            || e.is_connection_refusal()
-            || e.is_timeout()
-            || matches!(e.code(), Some("READONLY" | "MASTERDOWN" | "LOADING"));
-        if lost {
+        if matches!(self.0.hub.topology, Shape::Sentinel { .. }) && super::unavailable(e) {
             let _ = self.0.hub.check(false).await;
         }
     }
@@ -645,12 +638,22 @@ impl Hub {
     }
 
     /// Checks that `address` is a master: a sentinel's answer can run ahead of the promotion.
+    /// `ROLE` is an `@admin` command that courier's ACL user need not have: when it is denied,
+    /// `INFO replication` (which the user has) says the same, as redis-rs's own Sentinel
+    /// client does.
     async fn master_client(&self, address: &(String, u16)) -> Result<(), QueueError> {
         let mut conn = short_connection(&self.server_client(address)?).await?;
-        let role: Vec<Value> = redis::cmd("ROLE").query_async(&mut conn).await?;
-        match role.first() {
-            Some(Value::BulkString(role)) if role.as_slice() == b"master" => Ok(()),
-            _ => Err(QueueError::Redis(redis::RedisError::from((
+        let is_master = match redis::cmd("ROLE").query_async::<Vec<Value>>(&mut conn).await {
+            Ok(role) => matches!(role.first(), Some(Value::BulkString(role)) if role.as_slice() == b"master"),
+            Err(e) if e.code() == Some("NOPERM") => {
+                let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await?;
+                info.lines().any(|line| line.trim() == "role:master")
+            }
+            Err(e) => return Err(e.into()),
+        };
+        match is_master {
+            true => Ok(()),
+            false => Err(QueueError::Redis(redis::RedisError::from((
                 redis::ErrorKind::Client,
                 "the address the sentinels gave is not a master (yet); asking again",
                 format!("{}:{}", address.0, address.1),

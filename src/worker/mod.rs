@@ -56,6 +56,8 @@ pub enum RunError {
     RedisAuth(#[source] queue::QueueError),
     #[error("redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)")]
     RedisVersion { version: String },
+    #[error("redis.username (REDIS_USERNAME) = {user}: Redis's ACL denies this user {missing}; grant them (README, \"The Redis courier runs on\", has the list for each topology)")]
+    RedisPermissions { user: String, missing: String },
     #[error("worker.id (WORKER_ID) = {worker_id}: already in use by a live worker, {holder}; give each process its own WORKER_ID")]
     IdInUse { worker_id: String, holder: queue::Holder },
     /// Another process took this worker's id while it ran (exit 75); it stopped and drained.
@@ -77,6 +79,7 @@ impl RunError {
                 | RunError::RedisSettings(_)
                 | RunError::RedisAuth(_)
                 | RunError::RedisVersion { .. }
+                | RunError::RedisPermissions { .. }
                 | RunError::IdInUse { .. }
         )
     }

@@ -41,6 +41,14 @@ pub(super) async fn join(
         Topology::Sentinel { master, .. } => info!("Connected to Redis master {master} through Sentinel"),
         Topology::Cluster { .. } => info!("Connected to the Redis Cluster"),
     }
+    // Permissions first: a user denied INFO could not even say which version it runs.
+    permissions(&queues, redis).await?;
+    for queue in &queues {
+        let version = queue.server_version().await.map_err(RunError::Redis)?;
+        if !queue::supported_version(&version) {
+            return Err(RunError::RedisVersion { version });
+        }
+    }
     let _ = admin.queues.set(queues.clone());
     for queue in &queues {
         if !take_id(queue, worker, health, shutdown).await? {
@@ -51,6 +59,26 @@ pub(super) async fn join(
         recover(queue, &worker.id, health, shutdown).await;
     }
     Ok(Some((connector, queues)))
+}
+
+/// Refuses to start when Redis says the user lacks a command the worker needs (a script
+/// stopped halfway by a denied command is how messages get lost); goes on, saying so, when
+/// Redis cannot be asked (before 7, or a user that may not run `ACL DRYRUN`).
+async fn permissions(queues: &[Queue], redis: &RedisSettings) -> Result<(), RunError> {
+    match queue::acl::check_queues(queues, &redis.topology).await {
+        queue::acl::Permissions::Granted { user, commands } => {
+            info!(user, commands, "The Redis user may run every command courier needs");
+            Ok(())
+        }
+        queue::acl::Permissions::Denied { user, missing } => Err(RunError::RedisPermissions {
+            user,
+            missing: missing.join("; "),
+        }),
+        queue::acl::Permissions::Unknown { reason } => {
+            warn!(reason, "Could not check the Redis user's permissions; README, \"The Redis courier runs on\", lists what courier needs");
+            Ok(())
+        }
+    }
 }
 
 /// Messages a previous process with this id left in its processing list go back to the front
@@ -94,12 +122,6 @@ async fn connect(
         };
         match connected.await {
             Ok(queues) => {
-                for queue in &queues {
-                    let version = queue.server_version().await.map_err(RunError::Redis)?;
-                    if !queue::supported_version(&version) {
-                        return Err(RunError::RedisVersion { version });
-                    }
-                }
                 health.redis_ok(started);
                 return Ok(Some(queues));
             }

@@ -199,3 +199,128 @@ async fn a_worker_killed_mid_run_on_a_three_master_cluster_loses_nothing() {
 async fn len_cluster(conn: &mut redis::cluster_async::ClusterConnection, key: &str) -> usize {
     conn.llen(key).await.expect("LLEN")
 }
+
+/// The README's cluster user, exactly, on every node: the worker (whose cluster client asks
+/// each node for the slot map) delivers through it, and `courier check` passes with it.
+#[tokio::test]
+async fn the_documented_cluster_user_delivers() {
+    let (cluster, pki) = (TestCluster::start().await, Pki::new());
+    for node in &cluster.cluster.nodes {
+        set_acl_user(node.port, "courier", &readme_acl("cluster", "cluster-pw")).await;
+    }
+    let sink = start_sink(&pki, sink::fail_first(1, 503)).await;
+    let ids: BTreeSet<String> = (0..30).map(|i| format!("cluster-acl-{i}")).collect();
+    let items: Vec<String> = ids.iter().map(|id| message(id)).collect();
+    let _: () = cluster.conn().await.lpush(Q, &items).await.expect("LPUSH");
+    let seeds = cluster.cluster.seeds();
+    let vars = env_at(
+        1,
+        &sink.url(),
+        &pki,
+        "w-cluster-acl",
+        &[
+            ("REDIS_CLUSTER_NODES", &seeds),
+            ("REDIS_USERNAME", "courier"),
+            ("REDIS_PASSWORD", "cluster-pw"),
+            ("WORKER_BREAKER", "false"),
+        ],
+    );
+    let worker = start_worker(&vars).await;
+    let delivered = sink
+        .wait_for(WAIT, |r| {
+            let seen: BTreeSet<String> = r.delivered().into_iter().collect();
+            seen == ids
+        })
+        .await;
+    assert!(delivered, "every message delivered through the documented user");
+
+    let check = run_courier(&vars, pki.dir.path(), &["check"]).await;
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(report.contains("OK    redis acl      user courier may run"), "{report}");
+    assert!(report.contains("OK    redis cluster  state ok"), "{report}");
+    worker.stop().await;
+    let left: Vec<String> = cluster
+        .all_keys()
+        .await
+        .into_iter()
+        .filter(|k| *k != Keys::clustered(Q).reclaims)
+        .collect();
+    assert!(left.is_empty(), "every key ends empty: {left:?}");
+}
+
+/// A cluster with a master down (and `cluster-require-full-coverage yes`, the default): a
+/// queue on a node still up meets CLUSTERDOWN, one on the node that is gone meets no
+/// connection at all. Both are Redis being unavailable, not a refusal.
+#[tokio::test]
+async fn a_cluster_with_a_master_down_is_unavailable() {
+    let mut cluster = TestCluster::start().await;
+    let pki = Pki::new();
+    // Two queues on different nodes: one on the node to be killed, one on another.
+    let mut homes: Vec<(u16, &str)> = Vec::new();
+    for queue in ["message_queue", "jobs.b", "jobs.c", "jobs.d", "jobs.e"] {
+        let home = cluster.node_of(queue).await;
+        if homes.iter().all(|(h, _)| *h != home) {
+            homes.push((home, queue));
+        }
+    }
+    assert!(homes.len() >= 2, "{homes:?}");
+    let ((down, lost_queue), (up, kept_queue)) = (homes[0], homes[1]);
+    let vars = env_at(
+        1,
+        "https://127.0.0.1:1",
+        &pki,
+        "w-down",
+        &[("REDIS_CLUSTER_NODES", &cluster.cluster.seeds())],
+    );
+    let settings = settings(&vars);
+    let connector = courier::queue::Connector::new(&settings.redis).expect("connector");
+    let conn = courier::queue::Queue::shared_connection(&connector)
+        .await
+        .expect("connect");
+    let on = |name: &'static str| {
+        let (connector, conn) = (connector.clone(), conn.clone());
+        async move {
+            courier::queue::Queue::connect(&connector, &conn, name, "w-down")
+                .await
+                .expect("queue")
+        }
+    };
+    let (lost, kept) = (on(lost_queue).await, on(kept_queue).await);
+    let node = cluster
+        .cluster
+        .nodes
+        .iter_mut()
+        .find(|n| n.port == down)
+        .expect("the node");
+    node.kill().await;
+    // The others mark the cluster failed after the node timeout (2 s).
+    let mut survivor = redis::Client::open(format!("redis://127.0.0.1:{up}/"))
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("node");
+    eventually(|| {
+        let mut survivor = survivor.clone();
+        async move {
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut survivor)
+                .await
+                .expect("CLUSTER INFO");
+            info.contains("cluster_state:fail")
+        }
+    })
+    .await;
+    let error = kept.claim(1, 1 << 20, 5).await.expect_err("the cluster is down");
+    assert!(
+        matches!(&error, courier::queue::QueueError::Redis(e) if e.code() == Some("CLUSTERDOWN")),
+        "{error}"
+    );
+    assert!(error.is_unavailable(), "CLUSTERDOWN is an outage: {error}");
+    let error = lost.claim(1, 1 << 20, 5).await.expect_err("the node is gone");
+    assert!(
+        error.is_unavailable(),
+        "a node the client cannot reach is an outage: {error}"
+    );
+    let _: () = redis::cmd("PING").query_async(&mut survivor).await.expect("PING");
+}

@@ -408,3 +408,46 @@ impl Lines {
         .await;
     }
 }
+
+/// The ACL rules README.md documents for one topology (`single`, `sentinel`, `sentinel-user`,
+/// `cluster`): the `ACL SETUSER` line in the fenced block right under `<!-- acl:NAME -->`,
+/// without `ACL SETUSER <user>`, its `>PASSWORD` replaced with `>password`. The tests create
+/// users from these, so the README and what is tested cannot drift apart.
+pub fn readme_acl(topology: &str, password: &str) -> Vec<String> {
+    let readme = include_str!("../../README.md");
+    let marker = format!("<!-- acl:{topology} -->");
+    let mut found = readme.split(marker.as_str());
+    let after = found.nth(1).unwrap_or_else(|| panic!("README.md has no {marker}"));
+    assert!(found.next().is_none(), "README.md has {marker} twice");
+    let mut lines = after.lines().map(str::trim).filter(|l| !l.is_empty());
+    assert_eq!(lines.next(), Some("```"), "a fenced block right under {marker}");
+    let line = lines.next().unwrap_or_default();
+    let rules = line
+        .strip_prefix("ACL SETUSER ")
+        .unwrap_or_else(|| panic!("an ACL SETUSER line under {marker}: {line}"));
+    rules
+        .split_whitespace()
+        .skip(1)
+        .map(|rule| match rule.starts_with('>') {
+            true => format!(">{password}"),
+            false => rule.to_string(),
+        })
+        .collect()
+}
+
+/// Creates (or replaces) the ACL user `name` with `rules` on the Redis at `port`.
+pub async fn set_acl_user(port: u16, name: &str, rules: &[String]) {
+    let mut conn = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+        .expect("url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect");
+    let _: () = redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(name)
+        .arg("reset")
+        .arg(rules)
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_else(|e| panic!("ACL SETUSER {name} {rules:?}: {e}"));
+}

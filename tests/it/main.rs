@@ -21,3 +21,4 @@ mod redis_faults;
 mod resilience;
 mod scripts;
 mod sentinel;
+mod unavailable;

@@ -4,34 +4,11 @@
 use crate::common::*;
 use courier::devtools::sink;
 
-/// The permissions the README documents for courier's ACL user.
-const ACL_RULES: &[&str] = &[
-    "on",
-    ">s3cret:pw",
-    "resetkeys",
-    "~message_queue",
-    "~message_queue:*",
-    "-@all",
-    "+@list",
-    "+@sortedset",
-    "+@hash",
-    "+@scripting",
-    "+@connection",
-    "+info",
-    "+time",
-    "+del",
-    "+exists",
-    "+expire",
-];
+const PASSWORD: &str = "s3cret:pw";
 
+/// Creates `name` with the permissions the README documents for one Redis.
 async fn acl_user(redis: &RedisServer, name: &str) {
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg(name)
-        .arg(ACL_RULES)
-        .query_async(&mut redis.conn().await)
-        .await
-        .expect("ACL SETUSER");
+    set_acl_user(redis.port, name, &readme_acl("single", PASSWORD)).await;
 }
 
 #[tokio::test]
@@ -67,6 +44,53 @@ async fn an_acl_user_with_only_the_documented_permissions_delivers() {
     worker.stop().await;
     for key in [Q.to_string(), keys().retry, keys().processing("w-acl"), keys().workers] {
         assert_eq!(len(&redis, &key).await, 0, "{key} ends empty");
+    }
+}
+
+/// For each command the worker needs, a user denied exactly that one: `courier run` exits 78
+/// with one line naming it, before it has touched the queue.
+#[tokio::test]
+async fn a_user_denied_any_one_command_is_refused_at_start_and_nothing_moves() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let ids: Vec<String> = (0..5).map(|i| format!("kept-{i}")).collect();
+    let items: Vec<String> = ids.iter().map(|id| message(id)).collect();
+    enqueue(&redis, Q, &items).await;
+    let documented = readme_acl("single", PASSWORD);
+    let required = courier::queue::acl::required_commands(&keys(), &courier::config::Topology::Single);
+    let mut names: Vec<String> = required.into_iter().map(|r| r.name).collect();
+    names.dedup();
+    assert!(names.len() > 25, "{names:?}");
+    for name in names {
+        // `SCRIPT LOAD` is the ACL rule `script|load`.
+        let denied = format!("-{}", name.to_lowercase().replace(' ', "|"));
+        let mut rules = documented.clone();
+        rules.push(denied.clone());
+        set_acl_user(redis.port, "courier", &rules).await;
+        let vars = env(
+            &redis,
+            "https://localhost:1",
+            &pki,
+            "w-denied",
+            &[("REDIS_USERNAME", "courier"), ("REDIS_PASSWORD", PASSWORD)],
+        );
+        let out = run_courier(&vars, pki.dir.path(), &["run"]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{denied}: {stderr}");
+        let line = stderr.trim();
+        assert_eq!(line.lines().count(), 1, "{denied}: {stderr}");
+        assert!(
+            line.contains("REDIS_USERNAME") && line.contains(&format!("denies this user {name} on {Q}")),
+            "{denied}: {line}"
+        );
+        let mut conn = redis.conn().await;
+        let held: Vec<String> = redis::AsyncCommands::lrange(&mut conn, Q, 0, -1).await.expect("LRANGE");
+        assert_eq!(
+            held,
+            items.iter().rev().cloned().collect::<Vec<_>>(),
+            "{denied}: the queue is untouched"
+        );
+        let keys: Vec<String> = redis::AsyncCommands::keys(&mut conn, "*").await.expect("KEYS");
+        assert_eq!(keys, [Q], "{denied}: nothing else written");
     }
 }
 
@@ -235,17 +259,14 @@ async fn bad_redis_tls_settings_are_one_line_naming_the_setting() {
 async fn check_names_the_commands_an_acl_user_may_not_run() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
     let sink = start_sink(&pki, sink::always_ok()).await;
-    // Everything courier needs but hashes, and leave to ask Redis about its own permissions.
-    let mut rules: Vec<&str> = ACL_RULES.iter().copied().filter(|r| *r != "+@hash").collect();
-    rules.extend(["+acl|whoami", "+acl|dryrun"]);
-    let _: () = redis::cmd("ACL")
-        .arg("SETUSER")
-        .arg("limited")
-        .arg(&rules)
-        .query_async(&mut redis.conn().await)
-        .await
-        .expect("ACL SETUSER");
+    // Everything courier needs but hashes.
+    let documented = readme_acl("single", PASSWORD);
+    let limited: Vec<String> = documented.iter().filter(|r| *r != "+@hash").cloned().collect();
+    set_acl_user(redis.port, "limited", &limited).await;
     acl_user(&redis, "courier").await;
+    // And one that may not ask Redis about its own permissions.
+    let unasking: Vec<String> = documented.iter().filter(|r| *r != "+acl|dryrun").cloned().collect();
+    set_acl_user(redis.port, "unasking", &unasking).await;
     let check = |extra: Vec<(&'static str, &'static str)>| {
         let vars = env(&redis, &sink.url(), &pki, "w-acl-check", &extra);
         let dir = pki.dir.path().to_path_buf();
@@ -268,8 +289,13 @@ async fn check_names_the_commands_an_acl_user_may_not_run() {
     assert!(line.contains("HGET, HSET, HDEL"), "{line}");
     assert!(!line.contains("RPOP"), "only what is missing is named: {line}");
 
-    // The documented user may not ask Redis about ACLs: not verified, not failed.
+    // The documented user may ask, and may run everything.
     let (passed, stdout) = check(vec![("REDIS_USERNAME", "courier"), ("REDIS_PASSWORD", "s3cret:pw")]).await;
+    assert!(passed, "{stdout}");
+    assert!(stdout.contains("OK    redis acl      user courier may run"), "{stdout}");
+
+    // A user that may not ask: not verified, not failed.
+    let (passed, stdout) = check(vec![("REDIS_USERNAME", "unasking"), ("REDIS_PASSWORD", "s3cret:pw")]).await;
     assert!(passed, "{stdout}");
     assert!(stdout.contains("WARN  redis acl      not verified"), "{stdout}");
 }
@@ -392,4 +418,111 @@ async fn sighup_reloads_the_tls_files_for_redis() {
         "delivered through connections made with the new files"
     );
     stop_worker(worker).await;
+}
+
+/// A REDIS_URL with anything courier does not read (a query, a fragment) is refused at start
+/// with one line naming REDIS_URL, instead of being silently ignored; the same URL without it
+/// runs.
+#[tokio::test]
+async fn a_redis_url_with_a_query_or_fragment_is_refused_and_a_plain_one_runs() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let base = format!("redis://127.0.0.1:{}/0", redis.port);
+    for tail in [
+        "#insecure",
+        "?insecure=true",
+        "?insecure",
+        "?protocol=resp3",
+        "?db=1",
+        "?",
+    ] {
+        let url = format!("{base}{tail}");
+        let vars = env(&redis, "https://localhost:1", &pki, "w-url", &[("REDIS_URL", &url)]);
+        let out = run_courier(&vars, pki.dir.path(), &["run"]).await;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{url}: {stderr}");
+        let line = stderr.trim();
+        assert_eq!(line.lines().count(), 1, "{url}: {stderr}");
+        assert!(
+            line.contains("REDIS_URL") && line.contains("query") && line.contains("remove it"),
+            "{url}: {line}"
+        );
+    }
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    let vars = env(
+        &redis,
+        &sink.url(),
+        &pki,
+        "w-url",
+        &[("REDIS_URL", &base), ("REDIS_PORT", "1")],
+    );
+    let mut worker = spawn_worker(&vars, pki.dir.path());
+    Lines::new(&mut worker).wait_for("Connected to Redis").await;
+    stop_worker(worker).await;
+}
+
+/// Sentinels and cluster nodes announce IP addresses, so Redis's certificate must name the IP
+/// (docs/scaling.md): `courier certs issue --server` takes one, and courier connects to
+/// `rediss://<ip>` with it; a certificate naming only a host name is refused for the IP.
+#[tokio::test]
+async fn a_redis_certificate_issued_for_an_ip_address_verifies_for_that_address() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let d = dir.path();
+    let none = std::collections::HashMap::new();
+    for args in [
+        vec!["certs", "init", "--out", "pki"],
+        vec![
+            "certs",
+            "issue",
+            "--ca",
+            "pki",
+            "--server",
+            "127.0.0.1",
+            "--out",
+            "by-ip",
+        ],
+        vec![
+            "certs",
+            "issue",
+            "--ca",
+            "pki",
+            "--server",
+            "localhost",
+            "--out",
+            "by-name",
+        ],
+    ] {
+        let out = run_courier(&none, d, &args).await;
+        assert!(out.status.success(), "{args:?}: {out:?}");
+    }
+    let path = |p: &str| d.join(p).display().to_string();
+    for (issued, verifies) in [("by-ip", true), ("by-name", false)] {
+        let tls_port = free_port();
+        let (port, cert, key, ca) = (
+            tls_port.to_string(),
+            path(&format!("{issued}/server.crt")),
+            path(&format!("{issued}/server.key")),
+            path("pki/ca.crt"),
+        );
+        let _redis = RedisServer::start_with(&[
+            "--appendonly",
+            "no",
+            "--tls-port",
+            &port,
+            "--tls-cert-file",
+            &cert,
+            "--tls-key-file",
+            &key,
+            "--tls-ca-cert-file",
+            &ca,
+            "--tls-auth-clients",
+            "no",
+        ])
+        .await;
+        let vars = std::collections::HashMap::from([
+            ("REDIS_URL".to_string(), format!("rediss://127.0.0.1:{tls_port}/0")),
+            ("REDIS_CA_CERT_PATH".to_string(), ca.clone()),
+        ]);
+        let out = run_courier(&vars, d, &["stats"]).await;
+        assert_eq!(out.status.success(), verifies, "{issued}: {out:?}");
+    }
 }

@@ -100,6 +100,18 @@ proptest! {
     }
 
     #[test]
+    fn redis_urls_load_plain_or_are_refused_with_one_line(
+        scheme in "redis|rediss|http|[a-z]{1,6}",
+        user in "(courier(:[a-z0-9%]{1,10})?@)?",
+        host in "127\\.0\\.0\\.1|h|\\[::1\\]|",
+        port in "(:[0-9]{1,6})?",
+        path in "(/[0-9a-z]{0,3})?",
+        tail in "(\\?[a-z=&0-9]{0,12})?(#[a-z]{0,8})?",
+    ) {
+        fuzzing::redis_url(format!("{scheme}://{user}{host}{port}{path}{tail}").as_bytes());
+    }
+
+    #[test]
     fn arbitrary_config_text_never_panics(text in "\\PC{0,80}") {
         fuzzing::config_text(text.as_bytes());
     }

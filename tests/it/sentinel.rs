@@ -225,3 +225,70 @@ async fn sentinels_down_longer_than_dead_after_reap_nobody() {
     }
     assert_eq!(sink.record.delivered().len(), ids.len(), "no duplicate");
 }
+
+/// The README's Sentinel users, exactly: the data user on the master (no `ROLE`: the worker
+/// learns the role from `INFO replication`) and the sentinel user on every sentinel. The
+/// worker finds the master through them and delivers; `courier check` passes with them.
+#[tokio::test]
+async fn the_documented_sentinel_users_find_the_master_and_deliver() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let set = harness::Sentinels::start(dir.path(), 0, 2, &["--appendonly", "no"])
+        .await
+        .unwrap_or_else(|e| panic!("sentinels: {e:#}"));
+    let sentinels = TestSentinels { set, _dir: dir };
+    set_acl_user(sentinels.set.master.port, "courier", &readme_acl("sentinel", "data-pw")).await;
+    for sentinel in &sentinels.set.sentinels {
+        set_acl_user(
+            sentinel.port,
+            "courier-sentinel",
+            &readme_acl("sentinel-user", "sentinel-pw"),
+        )
+        .await;
+    }
+    let sink = start_sink(&pki, sink::fail_first(1, 503)).await;
+    let vars = sentinel_env(
+        &sentinels,
+        &sink,
+        &pki,
+        "w-sentinel-acl",
+        &[
+            ("REDIS_USERNAME", "courier"),
+            ("REDIS_PASSWORD", "data-pw"),
+            ("REDIS_SENTINEL_USERNAME", "courier-sentinel"),
+            ("REDIS_SENTINEL_PASSWORD", "sentinel-pw"),
+            ("WORKER_BREAKER", "false"),
+        ],
+    );
+    let ids: BTreeSet<String> = (0..30).map(|i| format!("sentinel-acl-{i}")).collect();
+    let items: Vec<String> = ids.iter().map(|id| message(id)).collect();
+    let mut master = node(sentinels.set.master.port).await;
+    let _: () = redis::AsyncCommands::lpush(&mut master, Q, &items)
+        .await
+        .expect("LPUSH");
+
+    let worker = start_worker(&vars).await;
+    let delivered = sink
+        .wait_for(WAIT, |r| {
+            let seen: BTreeSet<String> = r.delivered().into_iter().collect();
+            seen == ids
+        })
+        .await;
+    assert!(delivered, "every message delivered through the documented users");
+    let clients: String = redis::cmd("CLIENT")
+        .arg("LIST")
+        .query_async(&mut master)
+        .await
+        .expect("CLIENT LIST");
+    assert!(clients.contains("user=courier "), "{clients}");
+
+    let check = run_courier(&vars, pki.dir.path(), &["check"]).await;
+    let report = String::from_utf8_lossy(&check.stdout);
+    assert!(report.contains("OK    redis acl      user courier may run"), "{report}");
+    assert!(report.contains("OK    redis sentinel"), "{report}");
+    // SENTINEL REPLICAS answered the sentinel user (none are up in this set).
+    assert!(report.contains("WARN  redis replicas"), "{report}");
+    worker.stop().await;
+    let left: Vec<String> = redis::AsyncCommands::keys(&mut master, "*").await.expect("KEYS");
+    assert_eq!(left, [keys().clock], "every key but the queue's clock ends empty");
+}
