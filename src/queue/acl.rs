@@ -57,7 +57,6 @@ const COMMANDS: &[(&str, &[Arg])] = &[
     ("HLEN", &[Reclaims]),
     ("HEXISTS", &[Reclaims, Text("h")]),
     ("HMGET", &[Clock, Text("offset"), Text("last")]),
-    ("HSET", &[Clock, Text("last"), Text("1")]),
     ("HKEYS", &[Owners]),
     ("EXISTS", &[Reclaims]),
     ("EXPIRE", &[Reclaims, Text("60")]),
