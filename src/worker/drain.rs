@@ -28,8 +28,15 @@ pub(super) async fn drain(context: Arc<Context>, deliveries: TaskTracker, grace:
         log_summary(&due);
     }
     // Anything still in processing goes back to the front of the queue. A delivery still
-    // under way that settles after this finds its message gone and changes nothing.
-    let returned = match super::claim::give_back_all(&context).await {
+    // under way that settles after this finds its message gone and changes nothing. Not when
+    // another process has taken this id: the processing list is its now, in flight there.
+    let taken = context.id_taken.load(std::sync::atomic::Ordering::Acquire);
+    let given_back = if taken {
+        Ok(0)
+    } else {
+        super::claim::give_back_all(&context).await
+    };
+    let returned = match given_back {
         Ok(n) => {
             if n > 0 {
                 info!(count = n, "Returned unfinished messages to the queue");

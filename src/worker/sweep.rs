@@ -124,6 +124,11 @@ pub(super) async fn sweeper(context: Arc<Context>, stop: CancellationToken) {
             _ = context.held.wake.notified() => {}
             _ = changed(&mut master_changes) => {}
         }
+        // Another process took this id: the processing lists are its, their items in its
+        // hands, not strays.
+        if context.id_taken.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         for (q, queue) in context.queues.iter().enumerate() {
             let swept = async {
                 let _claiming = context.held.claiming.lock().await;
