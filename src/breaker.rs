@@ -1,35 +1,60 @@
 //! The circuit breaker on the main server as a whole. Pure: the caller passes the time, so the
 //! transitions are tested without waiting.
 //!
-//! Closed: every attempt counts in a sliding window; when at least `min_attempts` fell in it
-//! and `failure_rate` of them failed for reasons about the server (it could not be reached,
-//! timed out, failed TLS, or answered 502/503/504), the breaker opens. Open: nothing is
-//! claimed; after `probe_min` one message is let through as a probe (half-open). A probe that
-//! succeeds lets 2, then 4, ... deliveries run at once until the full concurrency, and the
-//! breaker closes; a server failure while half-open opens it again, the next probe twice as
-//! far off (at most `probe_max`).
+//! It tells a dead main server from a struggling one by the most recent attempts, not by an
+//! average over a long window (which a burst of earlier success dilutes):
+//!
+//! - **Closed.** The last `min_attempts` attempts (none older than `window`) are kept. When at
+//!   least `failure_rate` of them were server faults (unreachable, reset, TLS, timeout,
+//!   502/503/504), the breaker opens: with the defaults, 38 of the last 40. A server that still
+//!   answers a real share with success keeps the circuit closed; the adaptive limit, the retry
+//!   schedule and `Retry-After` take that pressure instead.
+//! - **Retried messages delivered.** While the last retried message (one that had failed
+//!   before) was delivered within `retry_grace`, and no retried message has failed with a
+//!   server fault since, failures of first attempts alone do not open it: a server that fails
+//!   a first attempt and takes the second is not dead.
+//! - **The same rejection for everybody.** When `same_status` attempts in a row (of different
+//!   messages: a rejected message is not tried again) were all rejected with one 4xx (a 404
+//!   or 401 after a bad deploy), that is the server's fault, not each message's: it opens, and
+//!   while it is open or probing that status counts as a server fault, so the messages go
+//!   back to the queue instead of to the dead-letter list.
+//! - **Open.** Nothing is claimed. What was under way and fails as the breaker saw coming goes
+//!   back to the queue unchanged. After `probe_min` it turns half-open.
+//! - **Half-open.** One delivery at a time, twice as many after each that the server answers,
+//!   until the full concurrency: then closed. Judged by the rate of its attempts, not by its
+//!   first failure: once `PROBES` of them were tried, a share of faults at `failure_rate` or
+//!   above opens it again, the next probe twice as far off (at most `probe_max`). A probe the
+//!   server fails goes to the back of the queue unchanged (no attempt used: a long outage
+//!   exhausts nobody), so a message that fails on its own cannot be the probe every time.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use crate::delivery::DeliveryError;
+use crate::policy::{Kind, Outcome};
 
 /// The breaker's settings.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BreakerSettings {
     /// Off: the worker never stops claiming (the old worker's behaviour).
     pub enabled: bool,
-    /// The share of server failures among the window's attempts that opens the breaker.
+    /// The share of server faults among the recent attempts that opens the breaker.
     pub failure_rate: f64,
-    /// The fewest attempts in the window for the rate to count.
+    /// How many of the most recent attempts are judged.
     pub min_attempts: u32,
-    /// How far back attempts count.
+    /// Attempts older than this are forgotten.
     pub window: Duration,
     /// The first probe's wait after opening; it doubles after each failed probe.
     pub probe_min: Duration,
     /// The longest wait between probes.
     pub probe_max: Duration,
+    /// Rejections in a row with one status, across messages, that open it (0: never).
+    pub same_status: u32,
+    /// How long a delivered retry keeps first attempts' failures from opening it.
+    pub retry_grace: Duration,
 }
+
+/// Attempts a half-open breaker judges before it may open again.
+pub const PROBES: u32 = 5;
 
 /// The breaker's state, as exported in `worker_circuit_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,28 +83,49 @@ impl State {
     }
 }
 
+/// Why the breaker opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Server faults: unreachable, TLS, timeouts, 502/503/504.
+    Failing,
+    /// Every delivery rejected with this status.
+    SameStatus(u16),
+}
+
 /// What one attempt says about the main server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
-    /// It answered 2xx.
+    /// Delivered.
     Success,
-    /// It could not be reached, timed out, failed TLS or answered 502, 503 or 504.
-    ServerFailure,
-    /// It answered, about the message (4xx, 500, ...): no sign of an outage.
+    /// A server fault (see `Outcome::server_fault`).
+    ServerFault,
+    /// Rejected with this status: about the message, unless everybody's is.
+    Rejected(u16),
+    /// Any other answer (429, 500, ...): the server is there.
     Answered,
 }
 
 impl Verdict {
-    pub fn of(result: &Result<(), DeliveryError>) -> Verdict {
-        match result {
-            Ok(()) => Verdict::Success,
-            Err(DeliveryError::Status { status, .. }) => match status {
-                502..=504 => Verdict::ServerFailure,
-                _ => Verdict::Answered,
-            },
-            Err(_) => Verdict::ServerFailure,
+    pub fn of(outcome: &Outcome) -> Verdict {
+        match (outcome.kind, outcome.status) {
+            (Kind::Delivered, _) => Verdict::Success,
+            _ if outcome.server_fault => Verdict::ServerFault,
+            (Kind::Rejected, Some(status)) => Verdict::Rejected(status),
+            _ => Verdict::Answered,
         }
     }
+}
+
+/// How the worker is to treat an attempt, given what the breaker knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Treat {
+    /// As its outcome says.
+    AsClassified,
+    /// The server's failure, seen while open: back to the queue unchanged, no attempt used.
+    Release,
+    /// The server's failure, seen while probing: to the back of the queue unchanged, no
+    /// attempt used, so that the next probe is another message.
+    Rotate,
 }
 
 /// A change of state, to log and export.
@@ -89,14 +135,8 @@ pub struct Transition {
     pub to: State,
     /// Open: the wait until the next probe.
     pub next_probe_in: Option<Duration>,
-}
-
-/// Attempts in one slice of the window.
-#[derive(Debug, Clone, Copy)]
-struct Slice {
-    started: Instant,
-    attempts: u32,
-    failures: u32,
+    /// Open: why.
+    pub cause: Option<Cause>,
 }
 
 /// The breaker.
@@ -104,64 +144,143 @@ struct Slice {
 pub struct Breaker {
     settings: BreakerSettings,
     state: State,
-    slices: VecDeque<Slice>,
+    cause: Cause,
+    /// Closed: the most recent attempts, oldest first.
+    recent: VecDeque<(Instant, Verdict)>,
+    /// When a retried message was last delivered, unless one has failed with a fault since.
+    retry_delivered: Option<Instant>,
     /// Open: when the next probe may go.
     probe_at: Instant,
     /// Open: the wait before the next probe; doubles after each failed one.
     interval: Duration,
-    /// Half-open: deliveries allowed at once.
+    /// Half-open: deliveries allowed at once, attempts judged and faults among them.
     limit: usize,
+    probed: u32,
+    probe_faults: u32,
 }
-
-/// Slices per window: the window slides in steps of a tenth.
-const SLICES: u32 = 10;
 
 impl Breaker {
     pub fn new(settings: BreakerSettings, now: Instant) -> Breaker {
         Breaker {
             settings,
             state: State::Closed,
-            slices: VecDeque::with_capacity(SLICES as usize + 1),
+            cause: Cause::Failing,
+            recent: VecDeque::with_capacity(Self::kept(&settings) + 1),
+            retry_delivered: None,
             probe_at: now,
             interval: settings.probe_min,
             limit: 1,
+            probed: 0,
+            probe_faults: 0,
         }
+    }
+
+    /// How many recent attempts are kept: enough for either rule.
+    fn kept(settings: &BreakerSettings) -> usize {
+        usize::try_from(settings.min_attempts.max(settings.same_status).max(1)).unwrap_or(usize::MAX)
     }
 
     pub fn state(&self) -> State {
         self.state
     }
 
-    /// Records an attempt's verdict; returns the transition it caused, if any.
-    pub fn record(&mut self, verdict: Verdict, now: Instant) -> Option<Transition> {
+    /// Records an attempt's verdict; `retried`: its message had failed before. Returns how to
+    /// treat the attempt and the transition it caused, if any.
+    pub fn record(&mut self, verdict: Verdict, retried: bool, now: Instant) -> (Treat, Option<Transition>) {
         if !self.settings.enabled {
-            return None;
+            return (Treat::AsClassified, None);
         }
-        match (self.state, verdict) {
-            (State::Closed, _) => {
-                self.count(verdict, now);
-                let (attempts, failures) = self.slices.iter().fold((0u32, 0u32), |(a, f), s| {
-                    (a.saturating_add(s.attempts), f.saturating_add(s.failures))
-                });
-                let rate = f64::from(failures) / f64::from(attempts.max(1));
-                if attempts >= self.settings.min_attempts && rate >= self.settings.failure_rate {
-                    self.interval = self.settings.probe_min;
-                    return Some(self.open(now));
+        match self.state {
+            State::Closed => self.record_closed(verdict, retried, now),
+            State::Open if self.suspect(verdict) => (Treat::Release, None),
+            // What was already under way when it opened and got an answer says nothing new;
+            // the probes decide.
+            State::Open => (Treat::AsClassified, None),
+            State::HalfOpen => {
+                self.probed = self.probed.saturating_add(1);
+                if !self.suspect(verdict) {
+                    // The server answered: let twice as many through, then close.
+                    self.limit = self.limit.saturating_mul(2);
+                    return (Treat::AsClassified, None);
                 }
-                None
+                self.probe_faults = self.probe_faults.saturating_add(1);
+                if self.probed >= PROBES && self.share(self.probe_faults, self.probed) {
+                    self.interval = self.interval.saturating_mul(2).min(self.settings.probe_max);
+                    let cause = self.cause;
+                    return (Treat::Rotate, Some(self.open(cause, now)));
+                }
+                (Treat::Rotate, None)
             }
-            (State::HalfOpen, Verdict::ServerFailure) => {
-                self.interval = (self.interval * 2).min(self.settings.probe_max);
-                Some(self.open(now))
+        }
+    }
+
+    fn record_closed(&mut self, verdict: Verdict, retried: bool, now: Instant) -> (Treat, Option<Transition>) {
+        match (verdict, retried) {
+            (Verdict::Success, true) => self.retry_delivered = Some(now),
+            (Verdict::ServerFault, true) => self.retry_delivered = None,
+            _ => {}
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| now.saturating_duration_since(*at) >= self.settings.window)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= Self::kept(&self.settings) {
+            self.recent.pop_front();
+        }
+        self.recent.push_back((now, verdict));
+        if let Verdict::Rejected(status) = verdict {
+            let run = usize::try_from(self.settings.same_status).unwrap_or(usize::MAX);
+            let same = self
+                .recent
+                .iter()
+                .rev()
+                .take(run)
+                .filter(|(_, v)| *v == Verdict::Rejected(status))
+                .count();
+            if run > 0 && same >= run {
+                self.interval = self.settings.probe_min;
+                return (Treat::Release, Some(self.open(Cause::SameStatus(status), now)));
             }
-            (State::HalfOpen, _) => {
-                // The server answered: let twice as many through, then close.
-                self.limit = self.limit.saturating_mul(2);
-                None
-            }
-            // Open: what was already under way when it opened says nothing new; the probe
-            // decides.
-            (State::Open, _) => None,
+        }
+        if verdict != Verdict::ServerFault {
+            return (Treat::AsClassified, None);
+        }
+        let judged = usize::try_from(self.settings.min_attempts.max(1)).unwrap_or(usize::MAX);
+        let faults = self
+            .recent
+            .iter()
+            .rev()
+            .take(judged)
+            .filter(|(_, v)| *v == Verdict::ServerFault)
+            .count();
+        let retries_get_through = self
+            .retry_delivered
+            .is_some_and(|at| now.saturating_duration_since(at) <= self.settings.retry_grace);
+        if self.recent.len() >= judged
+            && self.share(u32::try_from(faults).unwrap_or(u32::MAX), self.settings.min_attempts)
+            // A first attempt's fault while retries get through does not count.
+            && (retried || !retries_get_through)
+        {
+            self.interval = self.settings.probe_min;
+            return (Treat::AsClassified, Some(self.open(Cause::Failing, now)));
+        }
+        (Treat::AsClassified, None)
+    }
+
+    /// Whether `part` of `whole` reaches the failure rate.
+    fn share(&self, part: u32, whole: u32) -> bool {
+        f64::from(part) >= self.settings.failure_rate * f64::from(whole.max(1))
+    }
+
+    /// A verdict that, while open or probing, counts against the server.
+    fn suspect(&self, verdict: Verdict) -> bool {
+        match (verdict, self.cause) {
+            (Verdict::ServerFault, _) => true,
+            (Verdict::Rejected(status), Cause::SameStatus(same)) => status == same,
+            _ => false,
         }
     }
 
@@ -176,12 +295,14 @@ impl Breaker {
             State::Closed => (concurrency, None),
             State::Open if now >= self.probe_at => {
                 self.limit = 1;
-                (1, Some(self.enter(State::HalfOpen, None)))
+                self.probed = 0;
+                self.probe_faults = 0;
+                (1, Some(self.enter(State::HalfOpen, None, None)))
             }
             State::Open => (0, None),
             State::HalfOpen if self.limit >= concurrency => {
-                self.slices.clear();
-                (concurrency, Some(self.enter(State::Closed, None)))
+                self.recent.clear();
+                (concurrency, Some(self.enter(State::Closed, None, None)))
             }
             State::HalfOpen => (self.limit, None),
         }
@@ -192,46 +313,20 @@ impl Breaker {
         (self.state == State::Open).then_some(self.probe_at)
     }
 
-    fn open(&mut self, now: Instant) -> Transition {
+    fn open(&mut self, cause: Cause, now: Instant) -> Transition {
+        self.cause = cause;
         self.probe_at = now + self.interval;
-        self.enter(State::Open, Some(self.interval))
+        self.enter(State::Open, Some(self.interval), Some(cause))
     }
 
-    fn enter(&mut self, to: State, next_probe_in: Option<Duration>) -> Transition {
+    fn enter(&mut self, to: State, next_probe_in: Option<Duration>, cause: Option<Cause>) -> Transition {
         let from = self.state;
         self.state = to;
         Transition {
             from,
             to,
             next_probe_in,
-        }
-    }
-
-    fn count(&mut self, verdict: Verdict, now: Instant) {
-        let step = self.settings.window / SLICES;
-        while self
-            .slices
-            .front()
-            .is_some_and(|s| now.saturating_duration_since(s.started) >= self.settings.window)
-        {
-            self.slices.pop_front();
-        }
-        let fresh = self
-            .slices
-            .back()
-            .is_some_and(|s| now.saturating_duration_since(s.started) < step);
-        if !fresh {
-            self.slices.push_back(Slice {
-                started: now,
-                attempts: 0,
-                failures: 0,
-            });
-        }
-        if let Some(slice) = self.slices.back_mut() {
-            slice.attempts = slice.attempts.saturating_add(1);
-            if verdict == Verdict::ServerFailure {
-                slice.failures = slice.failures.saturating_add(1);
-            }
+            cause,
         }
     }
 }
@@ -270,16 +365,14 @@ impl Aimd {
     }
 
     /// Records a delivery's outcome and latency.
-    pub fn record(&mut self, result: &Result<(), DeliveryError>, elapsed: Duration, now: Instant) {
+    pub fn record(&mut self, outcome: &Outcome, elapsed: Duration, now: Instant) {
         let seconds = elapsed.as_secs_f64();
-        let overloaded = match result {
-            // Slower than three times the average and by at least 50 ms: a sign of queueing
-            // at the server, not the noise of a fast one.
-            Ok(()) => self.average > 0.0 && seconds > 3.0 * self.average && seconds > self.average + 0.05,
-            Err(DeliveryError::Status { status: 429 | 503, .. }) | Err(DeliveryError::Timeout(_)) => true,
-            Err(_) => false,
-        };
-        if result.is_ok() {
+        let delivered = outcome.kind == Kind::Delivered;
+        // Slower than three times the average and by at least 50 ms: a sign of queueing at the
+        // server, not the noise of a fast one.
+        let overloaded = outcome.overload
+            || (delivered && self.average > 0.0 && seconds > 3.0 * self.average && seconds > self.average + 0.05);
+        if delivered {
             self.average = if self.average == 0.0 {
                 seconds
             } else {
@@ -294,7 +387,7 @@ impl Aimd {
                 self.limit = (self.limit / 2.0).max(1.0);
                 self.last_cut = Some(now);
             }
-        } else if result.is_ok() {
+        } else if delivered {
             self.limit = (self.limit + 1.0 / self.limit).min(self.max);
         }
     }
@@ -303,73 +396,150 @@ impl Aimd {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::DeliveryError;
+    use crate::policy::Outcomes;
 
     const SETTINGS: BreakerSettings = BreakerSettings {
         enabled: true,
-        failure_rate: 0.5,
-        min_attempts: 10,
-        window: Duration::from_secs(10),
+        failure_rate: 0.95,
+        min_attempts: 40,
+        window: Duration::from_secs(60),
         probe_min: Duration::from_secs(1),
         probe_max: Duration::from_secs(8),
+        same_status: 20,
+        retry_grace: Duration::from_secs(2),
     };
 
     fn secs(s: f64) -> Duration {
         Duration::from_secs_f64(s)
     }
 
+    /// Feeds `n` verdicts 1 ms apart from `at`; returns how many went in before it opened.
+    fn feed(b: &mut Breaker, n: u32, at: &mut Instant, mut verdict: impl FnMut(u32) -> (Verdict, bool)) -> Option<u32> {
+        for i in 0..n {
+            *at += secs(0.001);
+            let (v, retried) = verdict(i);
+            if let (_, Some(t)) = b.record(v, retried, *at) {
+                if t.to == State::Open {
+                    return Some(i + 1);
+                }
+            }
+        }
+        None
+    }
+
     #[test]
-    fn opens_on_a_failure_rate_over_enough_attempts_and_not_before() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(SETTINGS, t0);
-        for i in 0..9 {
+    fn a_dead_server_opens_it_within_the_recent_attempts_whatever_came_before() {
+        for earlier in [0, 40, 480, 100_000] {
+            let mut now = Instant::now();
+            let mut b = Breaker::new(SETTINGS, now);
+            assert_eq!(feed(&mut b, earlier, &mut now, |_| (Verdict::Success, false)), None);
+            let opened = feed(&mut b, 1000, &mut now, |_| (Verdict::ServerFault, false));
+            // 38 of the last 40; with no history, the first 40.
+            let expected = if earlier == 0 { 40 } else { 38 };
+            assert_eq!(opened, Some(expected), "after {earlier} successes");
+            assert_eq!(b.admit(16, now + secs(0.5)), (0, None), "nothing goes while open");
+        }
+    }
+
+    #[test]
+    fn a_server_that_answers_a_real_share_keeps_it_closed() {
+        // 60% faults at random (a fixed seed), 40% delivered, over 100,000 attempts.
+        let mut rng = fastrand::Rng::with_seed(7);
+        let mut now = Instant::now();
+        let mut b = Breaker::new(SETTINGS, now);
+        let opened = feed(&mut b, 100_000, &mut now, |_| match rng.f64() < 0.6 {
+            true => (Verdict::ServerFault, rng.bool()),
+            false => (Verdict::Success, rng.bool()),
+        });
+        assert_eq!(opened, None);
+        // 4xx and other answers are the server being there, not failing.
+        let mut b = Breaker::new(SETTINGS, now);
+        let opened = feed(&mut b, 10_000, &mut now, |i| match i % 3 {
+            0 => (Verdict::Answered, false),
+            1 => (Verdict::Rejected(400 + (i % 50) as u16), false),
+            _ => (Verdict::ServerFault, false),
+        });
+        assert_eq!(opened, None);
+    }
+
+    #[test]
+    fn first_attempts_failing_while_retries_are_delivered_do_not_open_it() {
+        let mut now = Instant::now();
+        let mut b = Breaker::new(SETTINGS, now);
+        assert_eq!(feed(&mut b, 1, &mut now, |_| (Verdict::Success, true)), None);
+        assert_eq!(
+            feed(&mut b, 1000, &mut now, |_| (Verdict::ServerFault, false)),
+            None,
+            "first attempts fail for a second: retries get through"
+        );
+        // A retried message failing too ends that at once.
+        let opened = feed(&mut b, 1, &mut now, |_| (Verdict::ServerFault, true));
+        assert_eq!(opened, Some(1));
+        // And the grace runs out on its own.
+        let mut b = Breaker::new(SETTINGS, now);
+        feed(&mut b, 1, &mut now, |_| (Verdict::Success, true));
+        now += secs(2.5);
+        assert_eq!(
+            feed(&mut b, 1000, &mut now, |_| (Verdict::ServerFault, false)),
+            Some(39)
+        );
+    }
+
+    #[test]
+    fn old_attempts_are_forgotten() {
+        let mut now = Instant::now();
+        let mut b = Breaker::new(SETTINGS, now);
+        assert_eq!(feed(&mut b, 39, &mut now, |_| (Verdict::ServerFault, false)), None);
+        now += secs(61.0);
+        assert_eq!(feed(&mut b, 39, &mut now, |_| (Verdict::ServerFault, false)), None);
+        assert_eq!(feed(&mut b, 1, &mut now, |_| (Verdict::ServerFault, false)), Some(1));
+    }
+
+    #[test]
+    fn everybody_rejected_with_one_status_opens_it_and_that_status_is_then_the_server_s() {
+        let mut now = Instant::now();
+        let mut b = Breaker::new(SETTINGS, now);
+        // One message's 404 among successes is that message's.
+        let opened = feed(&mut b, 10_000, &mut now, |i| match i % 10 {
+            0 => (Verdict::Rejected(404), false),
+            _ => (Verdict::Success, false),
+        });
+        assert_eq!(opened, None);
+        // Different statuses in a row are different messages' faults.
+        let opened = feed(&mut b, 100, &mut now, |i| {
+            (Verdict::Rejected(400 + (i % 2) as u16 * 22), false)
+        });
+        assert_eq!(opened, None);
+        // Twenty 404s in a row: the twentieth is not dead-lettered, it opens the breaker.
+        for _ in 0..19 {
+            now += secs(0.001);
             assert_eq!(
-                b.record(Verdict::ServerFailure, t0 + secs(f64::from(i) * 0.01)),
-                None,
-                "too few yet"
+                b.record(Verdict::Rejected(404), false, now),
+                (Treat::AsClassified, None)
             );
         }
-        let opened = b.record(Verdict::ServerFailure, t0 + secs(0.1)).expect("opens");
-        assert_eq!((opened.from, opened.to), (State::Closed, State::Open));
-        assert_eq!(opened.next_probe_in, Some(secs(1.0)));
-        assert_eq!(b.admit(16, t0 + secs(0.5)), (0, None), "nothing goes while open");
+        let (treat, opened) = b.record(Verdict::Rejected(404), false, now);
+        assert_eq!(treat, Treat::Release);
+        let opened = opened.expect("opens");
+        assert_eq!(opened.cause, Some(Cause::SameStatus(404)));
+        // What was under way and meets the same 404 goes back; another status is the message's.
+        assert_eq!(b.record(Verdict::Rejected(404), false, now).0, Treat::Release);
+        assert_eq!(b.record(Verdict::Rejected(422), false, now).0, Treat::AsClassified);
+        // The probe meets the 404 again: retried, not dead-lettered.
+        now += secs(1.0);
+        assert_eq!(b.admit(16, now).0, 1);
+        assert_eq!(b.record(Verdict::Rejected(404), false, now).0, Treat::Rotate);
     }
 
     #[test]
-    fn answers_about_the_message_and_old_failures_do_not_open_it() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(SETTINGS, t0);
-        for i in 0..100 {
-            let verdict = if i % 2 == 0 {
-                Verdict::Answered
-            } else {
-                Verdict::Success
-            };
-            assert_eq!(b.record(verdict, t0 + secs(f64::from(i) * 0.01)), None);
-        }
-        // 9 failures long ago, then 9 successes and 2 failures now: 2 of 11 in the window.
-        let mut b = Breaker::new(SETTINGS, t0);
-        for _ in 0..9 {
-            b.record(Verdict::ServerFailure, t0);
-        }
-        let later = t0 + secs(11.0);
-        for _ in 0..9 {
-            assert_eq!(b.record(Verdict::Success, later), None);
-        }
-        assert_eq!(b.record(Verdict::ServerFailure, later), None);
-        assert_eq!(b.record(Verdict::ServerFailure, later), None);
-        assert_eq!(b.state(), State::Closed);
-    }
-
-    #[test]
-    fn probes_back_off_and_a_good_probe_closes_gradually() {
-        let t0 = Instant::now();
-        let mut b = Breaker::new(SETTINGS, t0);
-        for _ in 0..10 {
-            b.record(Verdict::ServerFailure, t0);
-        }
+    fn probes_are_judged_by_their_rate_and_back_off() {
+        let mut now = Instant::now();
+        let mut b = Breaker::new(SETTINGS, now);
+        feed(&mut b, 40, &mut now, |_| (Verdict::ServerFault, false));
         assert_eq!(b.state(), State::Open);
-        // First probe after 1 s; it fails: the next after 2 s, then 4, then 8, 8 (the cap).
-        let mut now = t0;
+        // First probe after 1 s; all five of its attempts fail: the next after 2 s, then 4,
+        // then 8, 8 (the cap). Each failed probe uses its message's attempt.
         for wait in [1.0, 2.0, 4.0, 8.0, 8.0] {
             assert_eq!(b.admit(16, now + secs(wait - 0.01)).0, 0, "not yet");
             now += secs(wait);
@@ -379,62 +549,82 @@ mod tests {
                 (1, Some(State::HalfOpen)),
                 "probe after {wait} s"
             );
-            let reopened = b.record(Verdict::ServerFailure, now).expect("reopens");
-            assert_eq!(reopened.to, State::Open);
+            for _ in 0..4 {
+                assert_eq!(b.record(Verdict::ServerFault, false, now), (Treat::Rotate, None));
+            }
+            let (treat, reopened) = b.record(Verdict::ServerFault, false, now);
+            assert_eq!(treat, Treat::Rotate);
+            assert_eq!(reopened.expect("reopens").to, State::Open);
         }
-        // A probe that succeeds: 1, 2, 4, 8, 16 at once, then closed.
+        // A probe that fails first and then finds the server answering: not reopened by the
+        // first failure; 2, 4, 8, 16 at once, then closed.
         now += secs(8.0);
         assert_eq!(b.admit(16, now).0, 1);
+        assert_eq!(b.record(Verdict::ServerFault, true, now), (Treat::Rotate, None));
         let mut limits = Vec::new();
-        for _ in 0..5 {
-            b.record(Verdict::Success, now);
+        for i in 0..8 {
+            let verdict = if i % 2 == 0 {
+                Verdict::Success
+            } else {
+                Verdict::ServerFault
+            };
+            b.record(verdict, false, now);
             let (limit, to) = b.admit(16, now);
             limits.push(limit);
-            if let Some(to) = to {
-                assert_eq!(to.to, State::Closed);
+            if to.is_some_and(|t| t.to == State::Closed) {
+                break;
             }
         }
-        assert_eq!(limits, [2, 4, 8, 16, 16]);
+        assert_eq!(limits, [2, 2, 4, 4, 8, 8, 16]);
         assert_eq!(b.state(), State::Closed);
-        // Closed again with a clean window (the one success since): it takes a full count of
-        // attempts to reopen, and the first probe is 1 s off again.
-        for _ in 0..8 {
-            assert_eq!(b.record(Verdict::ServerFailure, now), None);
-        }
-        assert_eq!(
-            b.record(Verdict::ServerFailure, now).and_then(|t| t.next_probe_in),
-            Some(secs(1.0))
-        );
+        // Closed again with a clean slate, and the first probe 1 s off again.
+        let opened = feed(&mut b, 40, &mut now, |_| (Verdict::ServerFault, false));
+        assert_eq!(opened, Some(40));
+        assert_eq!(b.next_probe(), Some(now + secs(1.0)));
+    }
+
+    #[test]
+    fn what_was_under_way_when_it_opened_goes_back_unchanged() {
+        let mut now = Instant::now();
+        let mut b = Breaker::new(SETTINGS, now);
+        feed(&mut b, 40, &mut now, |_| (Verdict::ServerFault, false));
+        assert_eq!(b.record(Verdict::ServerFault, false, now).0, Treat::Release);
+        assert_eq!(b.record(Verdict::Success, false, now).0, Treat::AsClassified);
+        assert_eq!(b.record(Verdict::Rejected(404), false, now).0, Treat::AsClassified);
     }
 
     #[test]
     fn adaptive_concurrency_climbs_on_good_answers_and_halves_on_overload() {
+        let table = Outcomes::default();
         let t0 = Instant::now();
         let mut aimd = Aimd::new(64);
         assert_eq!(aimd.limit(), 16, "starts at a quarter");
         let ms = Duration::from_millis;
+        let ok = table.classify(&Ok(()));
         for i in 0..2000 {
-            aimd.record(&Ok(()), ms(10), t0 + ms(i));
+            aimd.record(&ok, ms(10), t0 + ms(i));
         }
         assert_eq!(aimd.limit(), 64, "good answers take it to the full concurrency");
-        let busy = Err(DeliveryError::Status {
+        let busy = table.classify(&Err(DeliveryError::Status {
             status: 429,
             retry_after: None,
             body: String::new(),
-        });
+        }));
         aimd.record(&busy, ms(10), t0 + ms(3000));
         assert_eq!(aimd.limit(), 32);
         aimd.record(&busy, ms(10), t0 + ms(3001));
         assert_eq!(aimd.limit(), 32, "one cut per average latency (10 ms)");
-        aimd.record(&Ok(()), ms(25), t0 + ms(3050));
+        aimd.record(&ok, ms(25), t0 + ms(3050));
         assert_eq!(aimd.limit(), 32, "a little slower than usual is noise");
-        aimd.record(&Ok(()), ms(500), t0 + ms(3100));
+        aimd.record(&ok, ms(500), t0 + ms(3100));
         assert_eq!(aimd.limit(), 16, "a delivery far slower than usual is overload too");
         for i in 0..100 {
             aimd.record(&busy, ms(10), t0 + ms(4000 + i * 100));
         }
         assert_eq!(aimd.limit(), 1, "never below one");
-        let refused = Err(DeliveryError::Connect(std::sync::Arc::new(std::io::Error::other("x"))));
+        let refused = table.classify(&Err(DeliveryError::Connect(std::sync::Arc::new(
+            std::io::Error::other("x"),
+        ))));
         aimd.record(&refused, ms(1), t0 + ms(20_000));
         assert_eq!(aimd.limit(), 1, "an unreachable server is the breaker's business");
     }
@@ -450,13 +640,14 @@ mod tests {
             t0,
         );
         for _ in 0..1000 {
-            assert_eq!(b.record(Verdict::ServerFailure, t0), None);
+            assert_eq!(b.record(Verdict::ServerFault, false, t0), (Treat::AsClassified, None));
+            assert_eq!(b.record(Verdict::Rejected(404), false, t0), (Treat::AsClassified, None));
         }
         assert_eq!(b.admit(16, t0), (16, None));
     }
 
     #[test]
-    fn verdicts_follow_the_issue_s_list() {
+    fn verdicts_read_the_classified_outcome() {
         let status = |status| {
             Err(DeliveryError::Status {
                 status,
@@ -464,16 +655,26 @@ mod tests {
                 body: String::new(),
             })
         };
+        let of = |table: &Outcomes, result| Verdict::of(&table.classify(&result));
+        let table = Outcomes::default();
         let transport = Err(DeliveryError::Connect(std::sync::Arc::new(std::io::Error::other(
             "refused",
         ))));
-        assert_eq!(Verdict::of(&Ok(())), Verdict::Success);
-        assert_eq!(Verdict::of(&transport), Verdict::ServerFailure);
+        assert_eq!(of(&table, Ok(())), Verdict::Success);
+        assert_eq!(of(&table, transport), Verdict::ServerFault);
         for s in [502, 503, 504] {
-            assert_eq!(Verdict::of(&status(s)), Verdict::ServerFailure, "{s}");
+            assert_eq!(of(&table, status(s)), Verdict::ServerFault, "{s}");
         }
-        for s in [400, 404, 422, 429, 500] {
-            assert_eq!(Verdict::of(&status(s)), Verdict::Answered, "{s}");
+        for s in [429, 500] {
+            assert_eq!(of(&table, status(s)), Verdict::Answered, "{s}");
         }
+        for s in [400, 404, 422] {
+            assert_eq!(of(&table, status(s)), Verdict::Rejected(s), "{s}");
+        }
+        // What the operator set is what the breaker sees.
+        let set = Outcomes::parse("409=delivered,503=reject,404=retry").unwrap();
+        assert_eq!(of(&set, status(409)), Verdict::Success);
+        assert_eq!(of(&set, status(503)), Verdict::Rejected(503));
+        assert_eq!(of(&set, status(404)), Verdict::Answered);
     }
 }

@@ -43,6 +43,7 @@ const KNOWN: &[Known] = &[
     k("main_server.connect_timeout", "MAIN_SERVER_CONNECT_TIMEOUT", "5"),
     k("main_server.request_timeout", "MAIN_SERVER_REQUEST_TIMEOUT", "30"),
     k("main_server.http2", "MAIN_SERVER_HTTP2", "false"),
+    k("main_server.outcomes", "MAIN_SERVER_OUTCOMES", ""),
     k("worker.shutdown_grace", "WORKER_SHUTDOWN_GRACE", "25"),
     k("worker.max_message_bytes", "WORKER_MAX_MESSAGE_BYTES", "1048576"),
     k("worker.heartbeat_interval", "WORKER_HEARTBEAT_INTERVAL", "5"),
@@ -70,9 +71,10 @@ const KNOWN: &[Known] = &[
     k("worker.retry_max_interval", "WORKER_RETRY_MAX_INTERVAL", "3600"),
     k("worker.max_reclaims", "WORKER_MAX_RECLAIMS", "5"),
     k("worker.breaker", "WORKER_BREAKER", "true"),
-    k("worker.breaker_failure_rate", "WORKER_BREAKER_FAILURE_RATE", "0.5"),
-    k("worker.breaker_min_attempts", "WORKER_BREAKER_MIN_ATTEMPTS", "20"),
-    k("worker.breaker_window", "WORKER_BREAKER_WINDOW", "30"),
+    k("worker.breaker_failure_rate", "WORKER_BREAKER_FAILURE_RATE", "0.95"),
+    k("worker.breaker_min_attempts", "WORKER_BREAKER_MIN_ATTEMPTS", "40"),
+    k("worker.breaker_window", "WORKER_BREAKER_WINDOW", "60"),
+    k("worker.breaker_same_status", "WORKER_BREAKER_SAME_STATUS", "20"),
     k("worker.breaker_probe_min", "WORKER_BREAKER_PROBE_MIN", "1"),
     k("worker.breaker_probe_max", "WORKER_BREAKER_PROBE_MAX", "30"),
     k("worker.rate_limit", "WORKER_RATE_LIMIT", "0"),
@@ -270,6 +272,9 @@ pub struct WorkerSettings {
     pub rate_limit: f64,
     /// An AIMD limit on deliveries under way, between 1 and `concurrency`.
     pub adaptive_concurrency: bool,
+    /// Statuses whose outcome the operator set over the default table
+    /// (`main_server.outcomes`, `MAIN_SERVER_OUTCOMES`).
+    pub outcomes: crate::policy::Outcomes,
 }
 
 #[derive(Debug, Clone)]
@@ -843,16 +848,22 @@ impl Source<'_> {
                     "expected a fraction above 0 and at most 1 (0.5: half the attempts)",
                     |rate| rate > 0.0 && rate <= 1.0,
                 )?,
-                min_attempts: self.number("worker.breaker_min_attempts", 1, 1_000_000)?,
+                min_attempts: self.number("worker.breaker_min_attempts", 1, 100_000)?,
                 window: self.seconds("worker.breaker_window", 0.1, 86_400.0)?,
                 probe_min: self.seconds("worker.breaker_probe_min", 0.01, 86_400.0)?,
                 probe_max: self.seconds("worker.breaker_probe_max", 0.01, 86_400.0)?,
+                same_status: self.number("worker.breaker_same_status", 0, 100_000)?,
+                // First attempts failing do not open the breaker while retries get through:
+                // for as long as two retry intervals, at most a minute.
+                retry_grace: retry_interval.saturating_mul(2).min(Duration::from_secs(60)),
             },
             adaptive_concurrency: self.flag("worker.adaptive_concurrency")?,
+            outcomes: crate::policy::Outcomes::parse(&self.text("main_server.outcomes")?)
+                .map_err(|e| self.invalid("main_server.outcomes", &e))?,
             rate_limit: self.real(
                 "worker.rate_limit",
-                "expected deliveries per second, 0 for no limit",
-                |rate| (0.0..=1e9).contains(&rate),
+                "expected deliveries per second from 0.001 (one in 1,000 s) to 1000000, or 0 for no limit",
+                |rate| rate == 0.0 || (0.001..=1e6).contains(&rate),
             )?,
             retry_jitter: self.real(
                 "worker.retry_jitter",

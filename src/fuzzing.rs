@@ -87,6 +87,80 @@ pub fn config_text(data: &[u8]) {
     }
 }
 
+/// The same bytes as each numeric worker setting and as `MAIN_SERVER_OUTCOMES`: refused with
+/// one line naming the setting, or loaded as a value the code can use (the rate limit's wait,
+/// the retry waits and the breaker's clock arithmetic never panic; a 2xx is always delivered).
+pub fn worker_numbers(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    for name in [
+        "WORKER_RATE_LIMIT",
+        "WORKER_RETRY_INTERVAL",
+        "WORKER_RETRY_JITTER",
+        "WORKER_RETRY_MAX_INTERVAL",
+        "WORKER_MAX_ATTEMPTS",
+        "WORKER_CONCURRENCY",
+        "WORKER_BATCH_SIZE",
+        "WORKER_BREAKER_FAILURE_RATE",
+        "WORKER_BREAKER_MIN_ATTEMPTS",
+        "WORKER_BREAKER_WINDOW",
+        "WORKER_BREAKER_PROBE_MIN",
+        "WORKER_BREAKER_PROBE_MAX",
+        "WORKER_BREAKER_SAME_STATUS",
+        "MAIN_SERVER_OUTCOMES",
+    ] {
+        let env = |var: &str| match var {
+            "WORKER_RETRY_BACKOFF" => Some("exponential".to_string()),
+            _ if var == name => Some(text.to_string()),
+            _ => None,
+        };
+        let worker = match Settings::from_text(None, &env) {
+            Ok(settings) => settings.worker,
+            Err(e) => {
+                let line = crate::telemetry::one_line(&e);
+                assert!(line.contains(name) && !line.contains('\n'), "{line}");
+                continue;
+            }
+        };
+        if worker.rate_limit > 0.0 {
+            assert!(std::time::Duration::try_from_secs_f64(1.0 / worker.rate_limit).is_ok());
+        }
+        let policy = Policy {
+            max_attempts: worker.max_attempts,
+            retry_interval: worker.retry_interval,
+            max_retry_after: MAX_RETRY_AFTER,
+            backoff: worker.retry_backoff,
+            jitter: worker.retry_jitter,
+        };
+        for failures in [1, 2, 40, u32::MAX] {
+            let _ = policy.interval(failures, 0.999);
+        }
+        let now = std::time::Instant::now();
+        let mut breaker = crate::breaker::Breaker::new(worker.breaker, now);
+        for i in 0..200u64 {
+            let at = now + std::time::Duration::from_millis(i);
+            let verdict = match i % 3 {
+                0 => crate::breaker::Verdict::ServerFault,
+                1 => crate::breaker::Verdict::Rejected(404),
+                _ => crate::breaker::Verdict::Success,
+            };
+            breaker.record(verdict, i % 2 == 0, at);
+            let _ = breaker.admit(worker.concurrency, at + std::time::Duration::from_secs(86_400));
+        }
+        for status in 100..600u16 {
+            let outcome = worker.outcomes.classify(&Err(DeliveryError::Status {
+                status,
+                retry_after: None,
+                body: String::new(),
+            }));
+            if (200..300).contains(&status) {
+                assert_eq!(outcome.kind, crate::policy::Kind::Delivered, "{status}");
+            }
+        }
+    }
+}
+
 /// A REDIS_URL: loaded only when it is `redis[s]://[user[:password]@]host[:port][/db]` with
 /// nothing after (a query or fragment would be ignored, so it is refused); refused with one
 /// line naming REDIS_URL that never repeats the URL's password.
@@ -142,7 +216,7 @@ pub fn retry_after(data: &[u8]) {
         retry_after: parse_retry_after(&value),
         body: String::new(),
     });
-    match decide(&answer, 0, &policy, 0.5) {
+    match decide(&crate::policy::Outcomes::default().classify(&answer), 0, &policy, 0.5) {
         Settle::Retry { delay, failures: 1 } => assert!(delay <= MAX_RETRY_AFTER, "{delay:?}"),
         other => panic!("a 503 is retried: {other:?}"),
     }

@@ -1,11 +1,28 @@
 //! The retry policy: what the result of one delivery attempt means for the message. Pure: no
 //! I/O, no clock; `worker` carries out the decision and records it.
 //!
-//! | result of the POST | decision |
+//! `classify` reads an attempt's result once, into an `Outcome` that the policy, the circuit
+//! breaker, the adaptive limit and the metrics all read. By default (the old worker's table):
+//!
+//! | result of the POST | outcome | server fault | overload |
+//! |---|---|---|---|
+//! | 2xx | delivered | | |
+//! | connect, TLS, other transport errors | retry | yes | |
+//! | timeout | retry | yes | yes |
+//! | 502, 504 | retry | yes | |
+//! | 503 | retry | yes | yes |
+//! | 429 | retry | | yes |
+//! | 3xx, 408, 425, 500, other 5xx | retry | | |
+//! | other 4xx | rejected | | |
+//!
+//! `MAIN_SERVER_OUTCOMES` (`Outcomes`) maps statuses or ranges to delivered, retry or reject
+//! over that table. `decide` turns an outcome into what happens to the message:
+//!
+//! | outcome | decision |
 //! |---|---|
-//! | 2xx | `Ack` |
-//! | connect, timeout, TLS, other transport errors, 3xx, 408, 425, 429, 5xx | `Retry` after the interval (a longer `Retry-After`, up to the cap, wins) |
-//! | other 4xx | `Dead(rejected)` |
+//! | delivered | `Ack` |
+//! | retry | `Retry` after the interval (a longer `Retry-After`, up to the cap, wins) |
+//! | rejected | `Dead(rejected)` |
 //! | any failure that brings the count to `max_attempts` | `Dead(exhausted)` |
 //!
 //! The wait before a retry is the interval (fixed, or doubling with each failure up to a cap),
@@ -89,21 +106,18 @@ pub fn before_attempt(attempt_count: u32, policy: &Policy) -> Option<Settle> {
 
 /// After an attempt of a message that had failed `attempt_count` times before. `sample` is a
 /// uniform draw from [0, 1) for the jitter (any value when there is none).
-pub fn decide(result: &Result<(), DeliveryError>, attempt_count: u32, policy: &Policy, sample: f64) -> Settle {
-    let Err(error) = result else {
-        return Settle::Ack;
-    };
+pub fn decide(outcome: &Outcome, attempt_count: u32, policy: &Policy, sample: f64) -> Settle {
     let failures = attempt_count.saturating_add(1);
-    let retry_after = match error {
-        DeliveryError::Status { status, .. } if is_permanent(*status) => {
+    match outcome.kind {
+        Kind::Delivered => return Settle::Ack,
+        Kind::Rejected => {
             return Settle::Dead {
                 reason: DeadReason::Rejected,
                 failures,
             }
         }
-        DeliveryError::Status { retry_after, .. } => *retry_after,
-        _ => None,
-    };
+        Kind::Retry => {}
+    }
     if failures >= policy.max_attempts {
         return Settle::Dead {
             reason: DeadReason::Exhausted,
@@ -111,8 +125,148 @@ pub fn decide(result: &Result<(), DeliveryError>, attempt_count: u32, policy: &P
         };
     }
     let interval = policy.interval(failures, sample);
-    let delay = retry_after.map_or(interval, |after| after.min(policy.max_retry_after).max(interval));
+    let delay = outcome
+        .retry_after
+        .map_or(interval, |after| after.min(policy.max_retry_after).max(interval));
     Settle::Retry { delay, failures }
+}
+
+/// What an attempt's result means for the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// The main server has it.
+    Delivered,
+    /// It will answer the same however often it is asked: dead-letter the message.
+    Rejected,
+    /// Ask again later.
+    Retry,
+}
+
+impl Kind {
+    fn parse(text: &str) -> Option<Kind> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "delivered" => Some(Kind::Delivered),
+            "retry" => Some(Kind::Retry),
+            "reject" | "rejected" => Some(Kind::Rejected),
+            _ => None,
+        }
+    }
+}
+
+/// One attempt's result, read once: what it means for the message, and what it says about the
+/// main server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub kind: Kind,
+    /// The HTTP status, when the server answered.
+    pub status: Option<u16>,
+    /// The server could not be reached, failed TLS, timed out, or answered 502, 503 or 504:
+    /// a sign that the server, not the message, is failing (the circuit breaker counts these).
+    pub server_fault: bool,
+    /// 429, 503 or a timeout: the server is overloaded (the adaptive limit backs off).
+    pub overload: bool,
+    /// The wait the server asked for, on a retry.
+    pub retry_after: Option<Duration>,
+}
+
+/// Statuses whose outcome the operator set (`MAIN_SERVER_OUTCOMES`), over the default table.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Outcomes {
+    /// Inclusive ranges, in the order given; the first that holds a status decides.
+    rules: Vec<(u16, u16, Kind)>,
+}
+
+impl Outcomes {
+    /// Reads `409=delivered,404=retry,500-599=reject`: comma-separated `STATUS=OUTCOME` or
+    /// `FIRST-LAST=OUTCOME`, statuses 100 to 599 outside 2xx (a 2xx is always delivered: the
+    /// server has the message), outcomes `delivered`, `retry` or `reject`. Earlier entries win
+    /// where ranges overlap. Returns what is wrong, to be named with the setting.
+    pub fn parse(text: &str) -> Result<Outcomes, String> {
+        let mut rules = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let Some((statuses, kind)) = entry.split_once('=') else {
+                return Err(format!(
+                    "{entry:?} has no '=': expected STATUS=OUTCOME such as 409=delivered"
+                ));
+            };
+            let kind = Kind::parse(kind)
+                .ok_or_else(|| format!("{entry:?}: the outcome must be delivered, retry or reject"))?;
+            let status = |text: &str| {
+                text.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|s| (100..=599).contains(s))
+                    .ok_or_else(|| format!("{entry:?}: {:?} is not an HTTP status from 100 to 599", text.trim()))
+            };
+            let (first, last) = match statuses.split_once('-') {
+                Some((first, last)) => (status(first)?, status(last)?),
+                None => {
+                    let one = status(statuses)?;
+                    (one, one)
+                }
+            };
+            if first > last {
+                return Err(format!("{entry:?}: the range runs backwards"));
+            }
+            if first <= 299 && last >= 200 {
+                return Err(format!(
+                    "{entry:?}: a 2xx is always delivered (the main server has the message)"
+                ));
+            }
+            rules.push((first, last, kind));
+        }
+        Ok(Outcomes { rules })
+    }
+
+    /// What an attempt's result means: the one reading of a `DeliveryError` that the policy,
+    /// the breaker, the adaptive limit and the metrics share.
+    pub fn classify(&self, result: &Result<(), DeliveryError>) -> Outcome {
+        let transport = |overload| Outcome {
+            kind: Kind::Retry,
+            status: None,
+            server_fault: true,
+            overload,
+            retry_after: None,
+        };
+        match result {
+            Ok(()) => Outcome {
+                kind: Kind::Delivered,
+                status: None,
+                server_fault: false,
+                overload: false,
+                retry_after: None,
+            },
+            Err(DeliveryError::Timeout(_)) => transport(true),
+            Err(DeliveryError::Connect(_) | DeliveryError::Tls(_) | DeliveryError::Other(_)) => transport(false),
+            Err(DeliveryError::Status {
+                status, retry_after, ..
+            }) => {
+                let status = *status;
+                let set = self
+                    .rules
+                    .iter()
+                    .find(|(first, last, _)| (*first..=*last).contains(&status))
+                    .map(|rule| rule.2);
+                let kind = match status {
+                    // The server has the message, whatever else is set.
+                    200..=299 => Kind::Delivered,
+                    _ => set.unwrap_or(if is_permanent(status) {
+                        Kind::Rejected
+                    } else {
+                        Kind::Retry
+                    }),
+                };
+                let retrying = kind == Kind::Retry;
+                Outcome {
+                    kind,
+                    status: Some(status),
+                    server_fault: retrying && matches!(status, 502..=504),
+                    overload: retrying && matches!(status, 429 | 503),
+                    retry_after: if retrying { *retry_after } else { None },
+                }
+            }
+        }
+    }
 }
 
 /// A 4xx the main server will answer the same way however often it is asked. 408 (timeout),
@@ -139,6 +293,11 @@ mod tests {
             retry_after: retry_after.map(Duration::from_secs),
             body: String::new(),
         })
+    }
+
+    /// The default table, then the decision.
+    fn judge(result: &Result<(), DeliveryError>, attempt_count: u32, policy: &Policy, sample: f64) -> Settle {
+        decide(&Outcomes::default().classify(result), attempt_count, policy, sample)
     }
 
     fn retry(seconds: u64, failures: u32) -> Settle {
@@ -221,7 +380,7 @@ mod tests {
             ),
         ];
         for (name, result, attempt_count, expected) in rows {
-            assert_eq!(decide(&result, attempt_count, &POLICY, 0.9), expected, "{name}");
+            assert_eq!(judge(&result, attempt_count, &POLICY, 0.9), expected, "{name}");
         }
     }
 
@@ -238,7 +397,7 @@ mod tests {
             retry_interval: Duration::from_secs(7200),
             ..POLICY
         };
-        assert_eq!(decide(&status(503, Some(60)), 0, &policy, 0.5), retry(7200, 1));
+        assert_eq!(judge(&status(503, Some(60)), 0, &policy, 0.5), retry(7200, 1));
     }
 
     #[test]
@@ -253,8 +412,8 @@ mod tests {
         let waits: Vec<u64> = (1..=7).map(|f| policy.interval(f, 0.5).as_secs()).collect();
         assert_eq!(waits, [30, 60, 120, 240, 480, 600, 600]);
         assert_eq!(policy.interval(u32::MAX, 0.5), Duration::from_secs(600));
-        assert_eq!(decide(&status(503, None), 2, &policy, 0.5), retry(120, 3));
-        assert_eq!(decide(&status(503, Some(900)), 0, &policy, 0.5), retry(900, 1));
+        assert_eq!(judge(&status(503, None), 2, &policy, 0.5), retry(120, 3));
+        assert_eq!(judge(&status(503, Some(900)), 0, &policy, 0.5), retry(900, 1));
     }
 
     #[test]
@@ -269,6 +428,112 @@ mod tests {
         };
         assert_eq!(none.interval(1, 0.0), Duration::from_secs(30));
         // A Retry-After is never shortened by the jitter.
-        assert_eq!(decide(&status(503, Some(60)), 0, &policy, 0.0), retry(60, 1));
+        assert_eq!(judge(&status(503, Some(60)), 0, &policy, 0.0), retry(60, 1));
+    }
+
+    /// The one reading of a result: every row of the module's table, what each says about the
+    /// server, and the operator's overrides on top.
+    #[test]
+    fn classify_reads_every_result_once() {
+        let transport = |kind: fn(crate::delivery::Cause) -> DeliveryError| {
+            Err::<(), _>(kind(std::sync::Arc::new(std::io::Error::other("x"))))
+        };
+        let table = Outcomes::default();
+        // (result, kind, server fault, overload, Retry-After kept)
+        type Row = (&'static str, Result<(), DeliveryError>, Kind, bool, bool, bool);
+        let rows: Vec<Row> = vec![
+            ("2xx", Ok(()), Kind::Delivered, false, false, false),
+            (
+                "connect",
+                transport(DeliveryError::Connect),
+                Kind::Retry,
+                true,
+                false,
+                false,
+            ),
+            ("tls", transport(DeliveryError::Tls), Kind::Retry, true, false, false),
+            (
+                "timeout",
+                transport(DeliveryError::Timeout),
+                Kind::Retry,
+                true,
+                true,
+                false,
+            ),
+            (
+                "other",
+                transport(DeliveryError::Other),
+                Kind::Retry,
+                true,
+                false,
+                false,
+            ),
+            ("302", status(302, None), Kind::Retry, false, false, false),
+            ("400", status(400, None), Kind::Rejected, false, false, false),
+            ("404", status(404, None), Kind::Rejected, false, false, false),
+            ("408", status(408, None), Kind::Retry, false, false, false),
+            ("421", status(421, None), Kind::Rejected, false, false, false),
+            (
+                "422 with Retry-After",
+                status(422, Some(9)),
+                Kind::Rejected,
+                false,
+                false,
+                false,
+            ),
+            ("425", status(425, None), Kind::Retry, false, false, false),
+            ("429", status(429, Some(9)), Kind::Retry, false, true, true),
+            ("500", status(500, None), Kind::Retry, false, false, false),
+            ("501", status(501, None), Kind::Retry, false, false, false),
+            ("502", status(502, None), Kind::Retry, true, false, false),
+            ("503", status(503, Some(9)), Kind::Retry, true, true, true),
+            ("504", status(504, None), Kind::Retry, true, false, false),
+        ];
+        for (name, result, kind, fault, overload, after) in rows {
+            let outcome = table.classify(&result);
+            assert_eq!(
+                (
+                    outcome.kind,
+                    outcome.server_fault,
+                    outcome.overload,
+                    outcome.retry_after.is_some()
+                ),
+                (kind, fault, overload, after),
+                "{name}"
+            );
+        }
+        let set = Outcomes::parse("409=delivered, 404=retry,422=reject,500-599=reject,503=retry").unwrap();
+        let kind = |s| set.classify(&status(s, Some(5))).kind;
+        assert_eq!(kind(409), Kind::Delivered);
+        assert_eq!(kind(404), Kind::Retry);
+        assert_eq!(kind(422), Kind::Rejected);
+        assert_eq!(kind(503), Kind::Rejected, "the earlier range wins");
+        assert_eq!(kind(400), Kind::Rejected, "the rest keep the default");
+        assert_eq!(kind(429), Kind::Retry);
+        let rejected_503 = set.classify(&status(503, Some(5)));
+        assert!(!rejected_503.server_fault && rejected_503.retry_after.is_none());
+        assert_eq!(judge(&Ok(()), 0, &POLICY, 0.5), Settle::Ack);
+        assert_eq!(decide(&set.classify(&status(409, None)), 3, &POLICY, 0.5), Settle::Ack);
+        assert_eq!(decide(&set.classify(&status(404, None)), 0, &POLICY, 0.5), retry(30, 1));
+    }
+
+    #[test]
+    fn outcome_settings_are_read_strictly() {
+        assert_eq!(Outcomes::parse("").unwrap(), Outcomes::default());
+        assert!(Outcomes::parse(" 409 = Delivered ,").is_ok());
+        for (text, says) in [
+            ("409", "no '='"),
+            ("409=maybe", "delivered, retry or reject"),
+            ("99=retry", "not an HTTP status"),
+            ("600=retry", "not an HTTP status"),
+            ("4o4=retry", "not an HTTP status"),
+            ("499-400=retry", "backwards"),
+            ("200=retry", "2xx is always delivered"),
+            ("100-599=reject", "2xx is always delivered"),
+            ("-1=retry", "not an HTTP status"),
+        ] {
+            let err = Outcomes::parse(text).unwrap_err();
+            assert!(err.contains(says), "{text}: {err}");
+        }
     }
 }

@@ -146,8 +146,6 @@ pub struct Promoted {
     pub moved: usize,
     /// How long until the next retry is due, if any is waiting.
     pub next_due_in: Option<Duration>,
-    /// Due retries stayed in the retry set because the ready list is full enough.
-    pub held_back: bool,
 }
 
 /// A worker's handle on one of its queues: a multiplexed, self-reconnecting connection for
@@ -566,9 +564,22 @@ impl Queue {
         Ok(moved > 0)
     }
 
-    /// Moves up to `limit` due retries back to the ready list, only while it holds fewer than
-    /// `high_water` messages.
-    pub async fn promote_due(&self, limit: usize, high_water: usize) -> Result<Promoted, QueueError> {
+    /// Returns a message from processing to the back of the ready list unchanged: a probe of
+    /// the circuit breaker that the server failed, so that the next probe is another message.
+    pub async fn rotate(&self, raw: &[u8]) -> Result<bool, QueueError> {
+        let moved: i64 = self
+            .scripts
+            .rotate
+            .key(&self.processing)
+            .key(&self.keys.ready)
+            .arg(raw)
+            .invoke_async(&mut self.conn.clone())
+            .await?;
+        Ok(moved > 0)
+    }
+
+    /// Moves up to `limit` due retries to the front of the ready list, the longest due first.
+    pub async fn promote_due(&self, limit: usize) -> Result<Promoted, QueueError> {
         let (moved, next): (usize, i64) = self
             .scripts
             .promote
@@ -576,13 +587,11 @@ impl Queue {
             .key(&self.keys.ready)
             .key(&self.keys.clock)
             .arg(limit)
-            .arg(high_water)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(Promoted {
             moved,
             next_due_in: u64::try_from(next).ok().map(Duration::from_millis),
-            held_back: next == -2,
         })
     }
 

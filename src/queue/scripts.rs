@@ -52,6 +52,7 @@ pub(super) struct Scripts {
     pub(super) retry: Script,
     pub(super) dead: Script,
     pub(super) release: Script,
+    pub(super) rotate: Script,
     pub(super) promote: Script,
     pub(super) give_back: Script,
     pub(super) return_strays: Script,
@@ -140,27 +141,25 @@ impl Scripts {
             // Returns one message ARGV[1] from processing KEYS[1] to the front of the ready
             // list KEYS[2] as it was: no attempt used.
             release: move_one("redis.call('RPUSH', KEYS[2], ARGV[1])"),
-            // Moves up to ARGV[1] due retries (KEYS[1]) to the back of the ready list KEYS[2];
-            // returns how many and the ms until the next one is due (-1: none waiting). Only
-            // while the ready list holds fewer than ARGV[2]: after an outage the retries that
-            // fell due meanwhile join the queue no faster than workers take them, and the
-            // rest wait in the retry set. Returns -2 for the wait when due retries were held
-            // back for that. KEYS[3]: the queue's clock.
+            // Returns one message ARGV[1] from processing KEYS[1] to the back of the ready list
+            // KEYS[2] as it was: a probe the server failed, so the next probe is another message.
+            rotate: move_one("redis.call('LPUSH', KEYS[2], ARGV[1])"),
+            // Moves up to ARGV[1] due retries (KEYS[1]) to the front of the ready list KEYS[2]
+            // (its right end, where claims take from), the longest due first in line; returns
+            // how many and the ms until the next one is due (-1: none waiting). KEYS[3]: the
+            // queue's clock. How many a call moves is the worker's to pace (`promote`).
             promote: Script::new(&format!(
                 r"{QUEUE_NOW}
                   local now = queue_now(KEYS[3])
-                  local room = math.min(tonumber(ARGV[1]), tonumber(ARGV[2]) - redis.call('LLEN', KEYS[2]))
-                  local due = {{}}
-                  if room > 0 then
-                    due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, room)
-                  end
+                  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
                   if #due > 0 then
-                    redis.call('LPUSH', KEYS[2], unpack(due))
+                    local line = {{}}
+                    for i = #due, 1, -1 do line[#line + 1] = due[i] end
+                    redis.call('RPUSH', KEYS[2], unpack(line))
                     redis.call('ZREM', KEYS[1], unpack(due))
                   end
                   local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
                   if #next == 0 then return {{#due, -1}} end
-                  if room <= 0 and tonumber(next[2]) <= now then return {{#due, -2}} end
                   return {{#due, math.max(0, tonumber(next[2]) - now)}}"
             )),
             // Returns a processing list KEYS[1] to the front of the ready list KEYS[2], oldest

@@ -23,15 +23,10 @@ use crate::queue::{Connector, Depths, Queue, QueueError};
 use crate::telemetry::one_line;
 use crate::tls::ClientTls;
 
-/// Most due retries moved back to the queue by one promoter call.
+/// Most due retries moved to the front of the queue by one promoter call.
 const PROMOTE_BATCH: usize = 1000;
-/// Due retries join the ready list only while it holds fewer than this: after an outage they
-/// do not flood the queue (or the main server) at once.
-const PROMOTE_HIGH_WATER: usize = 1000;
-/// How long the promoter waits when it held due retries back for a full ready list.
-const HELD_BACK_PAUSE: Duration = Duration::from_millis(250);
-/// Status updates waiting while the circuit is open, one per message; past this new ones are
-/// dropped (and counted).
+/// Status updates waiting while the circuit is not closed, one per message; past this new
+/// ones are dropped (and counted).
 const STATUS_BACKLOG: usize = 4096;
 /// The shortest pause between two promotions that leave retries waiting. Retries fall due
 /// continuously under a steady failure rate; without a floor the promoter would wake for
@@ -80,8 +75,16 @@ impl Background {
         tasks.spawn(super::sweep::sweeper(context.clone(), stop.clone()).instrument(tracing::info_span!("sweep")));
         for q in 0..context.queues.len() {
             tasks.spawn(
-                promote(context.clone(), q, worker.retry_interval, stop.clone())
-                    .instrument(tracing::info_span!("promoter")),
+                promote(
+                    context.clone(),
+                    q,
+                    Promotion {
+                        retry_interval: worker.retry_interval,
+                        batch_size: worker.batch_size,
+                    },
+                    stop.clone(),
+                )
+                .instrument(tracing::info_span!("promoter")),
             );
         }
         if context.connector.tls() {
@@ -157,8 +160,11 @@ async fn watchdog(every: Duration, stop: CancellationToken) {
 }
 
 /// Sends status updates with at most `limit` under way at once. While the circuit breaker is
-/// open the updates wait, one per message (the latest wins), and go out when the main server
-/// answers again; past `STATUS_BACKLOG` messages waiting, new ones are dropped and counted.
+/// not closed (open, or probing a server that may still be down) the updates wait, one per
+/// message (the latest wins), and go out when it closes; past `STATUS_BACKLOG` messages
+/// waiting, new ones are dropped and counted. An update the server did not take (unreachable,
+/// 5xx) waits and goes again, 1 s later, then 2, 4, ... up to a minute, at most `PUT_TRIES`
+/// times, and at once when the circuit closes.
 async fn report_statuses(
     deliverer: Arc<Deliverer>,
     metrics: Arc<Metrics>,
@@ -168,50 +174,79 @@ async fn report_statuses(
 ) {
     let slots = Arc::new(Semaphore::new(limit));
     let tasks = TaskTracker::new();
-    let mut waiting: HashMap<String, StatusReport> = HashMap::new();
+    let mut waiting: HashMap<String, Waiting> = HashMap::new();
+    let (again, mut failed) = mpsc::unbounded_channel::<Waiting>();
     let mut open_circuit = true;
     loop {
-        let closing = tokio::select! {
+        let next_try = waiting.values().filter_map(|w| w.not_before).min();
+        let (closing, closed_now) = tokio::select! {
             report = reports.recv() => match report {
                 Some(report) => {
                     if waiting.len() >= STATUS_BACKLOG && !waiting.contains_key(&report.message_id) {
                         metrics.status_update("dropped");
                     } else {
-                        waiting.insert(report.message_id.clone(), report);
+                        waiting.insert(report.message_id.clone(), Waiting { report, tries: 0, not_before: None });
                     }
-                    false
+                    (false, false)
                 }
-                None => true,
+                None => (true, false),
             },
+            Some(back) = failed.recv() => {
+                // Kept, unless a newer update for the message is already waiting.
+                if back.tries >= PUT_TRIES || waiting.len() >= STATUS_BACKLOG {
+                    metrics.status_update("dropped");
+                } else {
+                    waiting.entry(back.report.message_id.clone()).or_insert(back);
+                }
+                (false, false)
+            }
             changed = circuit.changed(), if open_circuit => {
                 open_circuit = changed.is_ok();
-                false
+                (false, *circuit.borrow() == State::Closed)
             }
+            () = sleep_until_or_forever(next_try) => (false, false),
         };
-        let open = *circuit.borrow() == State::Open;
-        if open && !closing {
+        if *circuit.borrow() != State::Closed && !closing {
             continue;
         }
-        for (_, report) in waiting.drain() {
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = waiting
+            .iter()
+            .filter(|(_, w)| closing || closed_now || w.not_before.is_none_or(|at| at <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let Some(mut update) = waiting.remove(&id) else {
+                continue;
+            };
             let Ok(permit) = slots.clone().acquire_owned().await else {
                 break;
             };
             let deliverer = deliverer.clone();
             let metrics = metrics.clone();
+            let again = again.clone();
             tasks.spawn(async move {
                 let StatusReport {
                     message_id,
                     status,
                     attempt_count,
                     error,
-                } = report;
-                match deliverer.update_status(&message_id, status, attempt_count, &error).await {
+                } = &update.report;
+                match deliverer.update_status(message_id, *status, *attempt_count, error).await {
                     Ok(()) => metrics.status_update("ok"),
                     Err(e) => {
                         metrics.status_update("failed");
                         // Counted in worker_status_updates_total{result="failed"}; during an outage
                         // every failed delivery brings one, so they stay out of the normal log.
                         debug!(message_id = %message_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+                        if not_taken(&e) {
+                            update.tries = update.tries.saturating_add(1);
+                            let wait = PUT_RETRY_FIRST
+                                .saturating_mul(1 << update.tries.saturating_sub(1).min(6))
+                                .min(PUT_RETRY_LONGEST);
+                            update.not_before = Some(tokio::time::Instant::now() + wait);
+                            let _ = again.send(update);
+                        }
                     }
                 }
                 drop(permit);
@@ -223,6 +258,37 @@ async fn report_statuses(
     }
     tasks.close();
     tasks.wait().await;
+}
+
+/// A status update waiting to go (again).
+struct Waiting {
+    report: StatusReport,
+    /// Times it was sent and not taken.
+    tries: u32,
+    /// Not before this (after a failed try).
+    not_before: Option<tokio::time::Instant>,
+}
+
+/// Tries of one status update before it is given up (counted as dropped).
+const PUT_TRIES: u32 = 10;
+/// The wait after the first failed try; it doubles up to `PUT_RETRY_LONGEST`.
+const PUT_RETRY_FIRST: Duration = Duration::from_secs(1);
+const PUT_RETRY_LONGEST: Duration = Duration::from_secs(60);
+
+/// Whether the server did not take a status update: it could not be reached, or it failed
+/// (5xx). Any other answer is final.
+fn not_taken(error: &crate::delivery::DeliveryError) -> bool {
+    match error {
+        crate::delivery::DeliveryError::Status { status, .. } => *status >= 500 || *status == 429,
+        _ => true,
+    }
+}
+
+async fn sleep_until_or_forever(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Heartbeats, reaps workers whose heartbeat is older than `dead_after`, counts live workers,
@@ -407,23 +473,24 @@ async fn watch_tls(
     }
 }
 
-/// Moves queue `q`'s due retries back to it, sleeping until the next one is due (at most a
-/// second, so retries other workers schedule are picked up promptly).
-async fn promote(context: Arc<Context>, q: usize, retry_interval: Duration, stop: CancellationToken) {
-    let longest = retry_interval.min(Duration::from_secs(1));
+/// Moves queue `q`'s due retries to the front of it, sleeping until the next one is due (at
+/// most a second, so retries other workers schedule are picked up promptly). A due retry goes
+/// out within its interval and a promoter's pass, not behind the whole backlog. So that after
+/// an outage the retries that fell due meanwhile do not shut new messages out, each pass moves
+/// at most half of what this worker claimed from the queue since the last (at least a batch):
+/// claims then take retries and new messages about one for one.
+async fn promote(context: Arc<Context>, q: usize, settings: Promotion, stop: CancellationToken) {
+    let longest = settings.retry_interval.min(Duration::from_secs(1));
     let mut backoff = Backoff::default();
     loop {
-        let wait = match context.queue(q).promote_due(PROMOTE_BATCH, PROMOTE_HIGH_WATER).await {
+        let budget = share_of_claims(context.claimed_since(q), settings.batch_size);
+        let wait = match context.queue(q).promote_due(budget).await {
             Ok(promoted) => {
                 backoff.reset();
                 if promoted.moved > 0 {
-                    debug!(count = promoted.moved, "Moved due retries back to the queue");
+                    debug!(count = promoted.moved, "Moved due retries to the front of the queue");
                 }
-                if promoted.held_back {
-                    HELD_BACK_PAUSE
-                } else {
-                    next_promotion(promoted.moved, promoted.next_due_in, longest)
-                }
+                next_promotion(promoted.moved, budget, promoted.next_due_in, longest)
             }
             Err(e) => {
                 context.redis_error(&e, "promote");
@@ -437,11 +504,25 @@ async fn promote(context: Arc<Context>, q: usize, retry_interval: Duration, stop
     }
 }
 
-/// How long the promoter sleeps after moving `moved` retries: not at all after a full batch
-/// (more are due), else until the next is due, but at least PROMOTE_GAP and at most `longest`.
-fn next_promotion(moved: usize, next_due_in: Option<Duration>, longest: Duration) -> Duration {
-    if moved == PROMOTE_BATCH {
-        return Duration::ZERO;
+/// What the promoter paces itself by.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Promotion {
+    pub(super) retry_interval: Duration,
+    pub(super) batch_size: usize,
+}
+
+/// How many due retries one pass may move: half of what was claimed since the last, at least
+/// a batch, at most `PROMOTE_BATCH`.
+fn share_of_claims(claimed: usize, batch_size: usize) -> usize {
+    (claimed / 2).max(batch_size).clamp(1, PROMOTE_BATCH)
+}
+
+/// How long the promoter sleeps after moving `moved` of at most `budget` retries: after a full
+/// pass the gap (claims take their share first), else until the next is due, but at least
+/// PROMOTE_GAP and at most `longest`.
+fn next_promotion(moved: usize, budget: usize, next_due_in: Option<Duration>, longest: Duration) -> Duration {
+    if moved >= budget {
+        return PROMOTE_GAP.min(longest);
     }
     next_due_in.map_or(longest, |due| due.clamp(PROMOTE_GAP.min(longest), longest))
 }
@@ -455,26 +536,38 @@ mod tests {
         let second = Duration::from_secs(1);
         let ms = Duration::from_millis;
         assert_eq!(
-            next_promotion(PROMOTE_BATCH, Some(ms(0)), second),
-            Duration::ZERO,
-            "full batch: go on"
+            next_promotion(10, 10, Some(ms(0)), second),
+            PROMOTE_GAP,
+            "full pass: claims take their share, then on"
         );
         assert_eq!(
-            next_promotion(2, Some(ms(1)), second),
+            next_promotion(2, 10, Some(ms(1)), second),
             PROMOTE_GAP,
             "one due every ms: wait the gap"
         );
         assert_eq!(
-            next_promotion(0, Some(ms(300)), second),
+            next_promotion(0, 10, Some(ms(300)), second),
             ms(300),
             "sleeps until the next is due"
         );
-        assert_eq!(next_promotion(0, Some(ms(9_000)), second), second, "at most a second");
-        assert_eq!(next_promotion(0, None, second), second, "nothing waiting");
         assert_eq!(
-            next_promotion(0, Some(ms(1)), ms(5)),
+            next_promotion(0, 10, Some(ms(9_000)), second),
+            second,
+            "at most a second"
+        );
+        assert_eq!(next_promotion(0, 10, None, second), second, "nothing waiting");
+        assert_eq!(
+            next_promotion(0, 10, Some(ms(1)), ms(5)),
             ms(5),
             "a retry interval under the gap wins"
         );
+    }
+
+    #[test]
+    fn retries_take_about_half_of_what_is_claimed() {
+        assert_eq!(share_of_claims(0, 10), 10, "idle: a batch a pass");
+        assert_eq!(share_of_claims(400, 10), 200);
+        assert_eq!(share_of_claims(1_000_000, 10), PROMOTE_BATCH);
+        assert_eq!(share_of_claims(0, 0), 1);
     }
 }

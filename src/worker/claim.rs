@@ -60,8 +60,18 @@ pub(super) async fn claim(
             }
             continue;
         }
+        // Under a rate limit a claim takes only what the limit allows now (a token for each),
+        // so no claimed message waits for its turn; the wait for the first token races
+        // shutdown.
+        tokio::select! {
+            biased;
+            _ = shutdown.cancelled() => return,
+            () = context.flow.token() => {}
+        }
+        let wanted = batch_size.min(limit - others).max(1);
+        let allowed = 1 + context.flow.take_tokens(wanted - 1);
         let mut permits = vec![first];
-        while permits.len() < batch_size.min(limit - others) {
+        while permits.len() < allowed {
             match slots.clone().try_acquire_owned() {
                 Ok(permit) => permits.push(permit),
                 Err(_) => break,
@@ -97,6 +107,7 @@ pub(super) async fn claim(
                 false
             }
         };
+        context.flow.refund(allowed.saturating_sub(claimed.len()));
         if claimed.is_empty() {
             drop(permits);
             if failed {
@@ -127,7 +138,6 @@ pub(super) async fn claim(
             let Some(permit) = permits.next() else {
                 break;
             };
-            context.flow.token().await;
             pool.hand(Job {
                 q,
                 raw,
@@ -165,6 +175,7 @@ async fn claim_in_order(
                 if got.poisoned > 0 {
                     context.poisoned(q, got.poisoned);
                 }
+                context.claimed(q, got.items.len());
                 claimed.extend(
                     got.items
                         .into_iter()

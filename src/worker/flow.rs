@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::admin::Health;
-use crate::breaker::{Aimd, Breaker, State, Transition, Verdict};
+use crate::breaker::{Aimd, Breaker, Cause, State, Transition, Treat, Verdict};
 use crate::config::WorkerSettings;
-use crate::delivery::DeliveryError;
 use crate::metrics::Metrics;
+use crate::policy::Outcome;
 
 /// The longest a `Retry-After` pauses the whole worker.
 const MAX_PAUSE: Duration = Duration::from_secs(300);
@@ -68,34 +68,28 @@ impl Flow {
         self.state.subscribe()
     }
 
-    /// Records an attempt. Returns true when the message should go back to its queue unchanged:
-    /// the server failed while the circuit is open, so the attempt says nothing about the
-    /// message.
-    pub(super) fn record(&self, result: &Result<(), DeliveryError>, elapsed: Duration) -> bool {
-        let verdict = Verdict::of(result);
+    /// Records an attempt's outcome; `retried`: its message had failed before. Returns how to
+    /// treat it: as classified, or as the server's failure (released unchanged while open,
+    /// retried and never rejected while probing).
+    pub(super) fn record(&self, outcome: &Outcome, retried: bool, elapsed: Duration) -> Treat {
         if let Some(adaptive) = &self.adaptive {
             let mut aimd = adaptive.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            aimd.record(result, elapsed, Instant::now().into_std());
+            aimd.record(outcome, elapsed, Instant::now().into_std());
             self.metrics.set_concurrency_limit(aimd.limit());
         }
-        if let Err(DeliveryError::Status {
-            status: 429 | 503,
-            retry_after: Some(after),
-            ..
-        }) = result
-        {
-            self.pause(*after);
+        if let (true, Some(after)) = (outcome.overload, outcome.retry_after) {
+            self.pause(after);
         }
         let now = Instant::now().into_std();
-        let (transition, open) = {
-            let mut breaker = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            let transition = breaker.record(verdict, now);
-            (transition, breaker.state() == State::Open)
-        };
+        let (treat, transition) = self
+            .breaker
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .record(Verdict::of(outcome), retried, now);
         if let Some(transition) = transition {
             self.moved(transition);
         }
-        open && verdict == Verdict::ServerFailure
+        treat
     }
 
     /// The main server asked, with `Retry-After`, for a pause: nothing new starts until then.
@@ -165,18 +159,58 @@ impl Flow {
         }
     }
 
+    /// Takes up to `n` more tokens of the rate limit that are there now, without waiting;
+    /// returns how many (all `n` when there is no limit).
+    pub(super) fn take_tokens(&self, n: usize) -> usize {
+        let Some(bucket) = &self.rate else {
+            return n;
+        };
+        let mut bucket = bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let earned = now.saturating_duration_since(bucket.at).as_secs_f64() * bucket.rate;
+        bucket.tokens = (bucket.tokens + earned).min(bucket.rate.max(1.0));
+        bucket.at = now;
+        // Whole tokens, fewer than `n` or `n`: the conversion cannot lose anything that counts.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let taken = (bucket.tokens.floor().max(0.0) as usize).min(n);
+        #[allow(clippy::cast_precision_loss)]
+        let spent = taken as f64;
+        bucket.tokens -= spent;
+        taken
+    }
+
+    /// Gives back tokens taken for messages a claim did not find.
+    pub(super) fn refund(&self, n: usize) {
+        if let (Some(bucket), 1..) = (&self.rate, n) {
+            let mut bucket = bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            #[allow(clippy::cast_precision_loss)]
+            let back = n as f64;
+            bucket.tokens = (bucket.tokens + back).min(bucket.rate.max(1.0));
+        }
+    }
+
     fn moved(&self, transition: Transition) {
         self.health.set_circuit(transition.to);
         self.state.send_replace(transition.to);
         self.changed.notify_one();
-        match transition.to {
-            State::Open => warn!(
+        match (transition.to, transition.cause) {
+            (State::Open, Some(Cause::SameStatus(status))) => error!(
+                from = transition.from.as_str(),
+                status,
+                next_probe_in = ?transition.next_probe_in.unwrap_or_default(),
+                "Main server rejecting every delivery with HTTP {status}, across different messages: a server fault (a bad deploy, a certificate or route mix-up?), not each message's. Circuit open: no new deliveries, nothing dead-lettered for {status} until a probe gets another answer. /ready answers 503 until then"
+            ),
+            (State::Open, _) => warn!(
                 from = transition.from.as_str(),
                 next_probe_in = ?transition.next_probe_in.unwrap_or_default(),
                 "Main server failing: circuit open. No new deliveries; messages it fails now go back to the queue without using an attempt. /ready answers 503 until it answers again"
             ),
-            State::HalfOpen => info!("Circuit half-open: probing the main server with one delivery"),
-            State::Closed => info!("Main server answering again: circuit closed, full concurrency"),
+            (State::HalfOpen, _) => info!("Circuit half-open: probing the main server with one delivery"),
+            (State::Closed, _) => info!("Main server answering again: circuit closed, full concurrency"),
         }
     }
 }

@@ -11,11 +11,12 @@ use tracing::{debug, error, warn};
 
 use super::retry::until_answered;
 use crate::admin::Health;
+use crate::breaker::Treat;
 use crate::config::{QueueOrder, WorkerSettings};
 use crate::delivery::{Deliverer, Status};
 use crate::message::{dead_letter, DeadReason, Envelope};
 use crate::metrics::Metrics;
-use crate::policy::{self, Policy, Settle};
+use crate::policy::{self, Kind, Outcomes, Policy, Settle};
 use crate::queue::{Connector, Queue, QueueError};
 use crate::telemetry::{Due, Repeat, Repeats};
 
@@ -46,6 +47,8 @@ pub(super) struct Context {
     pub(super) repeats: Repeats,
     /// What each attempt's result means.
     pub(super) policy: Policy,
+    /// The statuses whose outcome the operator set.
+    pub(super) outcomes: Outcomes,
     pub(super) max_message_bytes: usize,
     /// Reclaims past which a message is dead-lettered as `poisoned` (0: never).
     pub(super) max_reclaims: u32,
@@ -57,6 +60,8 @@ pub(super) struct Context {
     pub(super) id_taken: std::sync::atomic::AtomicBool,
     /// What the delivery tasks hold, for telling strays in the processing lists (`sweep`).
     pub(super) held: Arc<super::sweep::Held>,
+    /// Items claimed from each queue since its promoter last looked (it paces itself by them).
+    claimed: Vec<std::sync::atomic::AtomicUsize>,
 }
 
 impl Context {
@@ -69,6 +74,7 @@ impl Context {
         status: mpsc::Sender<StatusReport>,
     ) -> Context {
         let flow = super::flow::Flow::new(worker, health.clone(), metrics.clone());
+        let queue_count = queues.len();
         Context {
             worker_id: worker.id.clone(),
             acks: queues.iter().map(Queue::acks).collect(),
@@ -87,11 +93,15 @@ impl Context {
                 backoff: worker.retry_backoff,
                 jitter: worker.retry_jitter,
             },
+            outcomes: worker.outcomes.clone(),
             max_message_bytes: worker.max_message_bytes,
             max_reclaims: worker.max_reclaims,
             flow,
             id_taken: std::sync::atomic::AtomicBool::new(false),
             held: Arc::default(),
+            claimed: (0..queue_count)
+                .map(|_| std::sync::atomic::AtomicUsize::new(0))
+                .collect(),
         }
     }
 
@@ -105,6 +115,20 @@ impl Context {
         } else {
             error!(error = %error, during, "Redis refused a command");
         }
+    }
+
+    /// Counts items claimed from queue `q`, for its promoter.
+    pub(super) fn claimed(&self, q: usize, count: usize) {
+        if let Some(claimed) = self.claimed.get(q) {
+            claimed.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Items claimed from queue `q` since the last call.
+    pub(super) fn claimed_since(&self, q: usize) -> usize {
+        self.claimed
+            .get(q)
+            .map_or(0, |claimed| claimed.swap(0, std::sync::atomic::Ordering::Relaxed))
     }
 
     /// Queue `q` of this worker. Indexes come only from the claimer, which takes them from
@@ -210,28 +234,52 @@ impl Context {
             self.policy.max_attempts
         );
         let attempt = self.deliverer.deliver(&envelope).await;
-        if self.flow.record(&attempt.result, attempt.elapsed) {
-            // The server failed while the circuit is open: not the message's doing. It goes
-            // back to the front of its queue as it was, no attempt used, no status update.
-            if let Err(e) = &attempt.result {
-                self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
+        let outcome = self.outcomes.classify(&attempt.result);
+        match self
+            .flow
+            .record(&outcome, envelope.attempt_count() > 0, attempt.elapsed)
+        {
+            Treat::AsClassified => {}
+            // The server failed as the circuit opened: not the message's doing. It goes back to
+            // the front of its queue as it was, no attempt used, no status update.
+            Treat::Release => {
+                if let Err(e) = &attempt.result {
+                    self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
+                }
+                if self.settle(|| self.queue(q).release(envelope.raw())).await {
+                    self.metrics.released(q);
+                }
+                return;
             }
-            if self.settle(|| self.queue(q).release(envelope.raw())).await {
-                self.metrics.released(q);
+            // A probe the server failed: to the back of the queue as it was, so the next
+            // probe is another message.
+            Treat::Rotate => {
+                if let Err(e) = &attempt.result {
+                    self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
+                }
+                if self.settle(|| self.queue(q).rotate(envelope.raw())).await {
+                    self.metrics.released(q);
+                }
+                return;
             }
-            return;
         }
-        let (cause, error) = match &attempt.result {
-            Ok(()) => {
+        let (cause, error) = match (&attempt.result, outcome.kind) {
+            (Ok(()), _) => {
                 self.metrics.delivered(q, attempt.elapsed);
                 ("", String::new())
             }
-            Err(e) => {
+            (Err(e), Kind::Delivered) => {
+                // The operator counts this status as delivered (MAIN_SERVER_OUTCOMES).
+                self.metrics.delivered(q, attempt.elapsed);
+                debug!(message_id = id, error = %crate::telemetry::one_line(e), "Counted as delivered (MAIN_SERVER_OUTCOMES)");
+                ("", String::new())
+            }
+            (Err(e), _) => {
                 self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
                 (e.label(), crate::telemetry::one_line(e))
             }
         };
-        let settle = policy::decide(&attempt.result, envelope.attempt_count(), &self.policy, fastrand::f64());
+        let settle = policy::decide(&outcome, envelope.attempt_count(), &self.policy, fastrand::f64());
         self.carry_out(q, &envelope, settle, cause, &error).await;
     }
 

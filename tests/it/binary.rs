@@ -215,6 +215,23 @@ async fn bad_configuration_stops_the_start_with_one_line_naming_the_setting() {
     assert!(!err.contains("hunter2"));
     let err = refused(&with(&[("REDIS_PORT", "not-a-port")]), dir, &[]).await;
     assert!(!err.contains("hunter2") && err.contains("REDIS_PORT"), "{err}");
+
+    // Numbers the code could not use are refused at load, not met by a panic at the first
+    // claim (a rate of 1e-20 a second made a wait of 1e20 seconds).
+    for rate in ["1e-20", "-1", "NaN", "inf"] {
+        let err = refused(&with(&[("WORKER_RATE_LIMIT", rate)]), dir, &[]).await;
+        assert!(
+            err.contains("WORKER_RATE_LIMIT") && err.contains("0.001"),
+            "{rate}: {err}"
+        );
+    }
+    let err = refused(&with(&[("MAIN_SERVER_OUTCOMES", "404=later")]), dir, &[]).await;
+    assert!(
+        err.contains("MAIN_SERVER_OUTCOMES") && err.contains("delivered, retry or reject"),
+        "{err}"
+    );
+    let err = refused(&with(&[("MAIN_SERVER_OUTCOMES", "200=retry")]), dir, &[]).await;
+    assert!(err.contains("MAIN_SERVER_OUTCOMES") && err.contains("2xx"), "{err}");
 }
 
 #[tokio::test]

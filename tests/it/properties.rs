@@ -112,6 +112,19 @@ proptest! {
     }
 
     #[test]
+    fn worker_numbers_and_outcomes_load_usable_or_are_refused_with_one_line(
+        text in prop_oneof![
+            "[-+]?[0-9]{0,4}(\\.[0-9]{0,4})?([eE][-+]?[0-9]{1,3})?",
+            Just("1e-20".to_string()),
+            Just("NaN".to_string()),
+            Just("inf".to_string()),
+            "([0-9]{1,3}(-[0-9]{1,3})?=(delivered|retry|reject|x)[, ]{0,2}){0,4}",
+        ],
+    ) {
+        fuzzing::worker_numbers(text.as_bytes());
+    }
+
+    #[test]
     fn arbitrary_config_text_never_panics(text in "\\PC{0,80}") {
         fuzzing::config_text(text.as_bytes());
     }

@@ -32,7 +32,8 @@ async fn run(script: &str, queue: &Queue, conn: &mut queue::Conn) -> Result<(), 
             .await
             .map(drop),
         "release" => queue.release(raw.as_bytes()).await.map(drop),
-        "promote" => queue.promote_due(100, 1000).await.map(drop),
+        "rotate" => queue.rotate(raw.as_bytes()).await.map(drop),
+        "promote" => queue.promote_due(100).await.map(drop),
         "give_back" => queue.give_back(W, true).await.map(drop),
         "reap" => queue.reap(DEAD_W, "1000").await.map(drop),
         "return_strays" => {
@@ -55,18 +56,10 @@ const SCRIPTS: &[(&str, &[&str])] = &[
     ("retry", &["lpos", "time", "hmget", "hset", "zadd", "lrem"]),
     ("dead", &["lpos", "lpush", "lrem"]),
     ("release", &["lpos", "rpush", "lrem"]),
+    ("rotate", &["lpos", "lpush", "lrem"]),
     (
         "promote",
-        &[
-            "time",
-            "hmget",
-            "hset",
-            "llen",
-            "zrangebyscore",
-            "lpush",
-            "zrem",
-            "zrange",
-        ],
+        &["time", "hmget", "hset", "zrangebyscore", "rpush", "zrem", "zrange"],
     ),
     ("give_back", &["lmove", "hlen", "hincrby", "expire"]),
     (
