@@ -13,6 +13,7 @@ mod delivery;
 mod flow;
 mod hostile;
 mod http1;
+mod http2;
 mod production_redis;
 mod properties;
 mod queue;
