@@ -96,7 +96,9 @@ pub enum Resend {
     /// The HTTP/2 server sent GOAWAY with a last stream id below the request's stream
     /// (RFC 9113 §6.8).
     GoAway,
-    /// The HTTP/2 server reset the request's stream with REFUSED_STREAM (RFC 9113 §8.7).
+    /// The HTTP/2 server reset the request's stream with REFUSED_STREAM (RFC 9113 §8.7). The
+    /// connection itself stays: the request goes again on the shared one (a new one only if
+    /// it has closed), rather than every refusal under load costing a TLS handshake.
     RefusedStream,
     /// 421 Misdirected Request (RFC 9110 §15.5.20): the server asks for a new connection.
     Misdirected,
@@ -224,9 +226,9 @@ impl Client {
         }
     }
 
-    /// One request, sent at most twice: once more, on a new connection and within the same
-    /// time limit, when the server provably never processed it (`Resend`) or answered 421. The
-    /// second try's result stands, whatever it is.
+    /// One request, sent at most twice: once more, within the same time limit, when the server
+    /// provably never processed it (`Resend`) or answered 421, on a new connection (for
+    /// REFUSED_STREAM, on the shared HTTP/2 one). The second try's result stands, whatever it is.
     async fn exchange(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
         let mut next = self.reuse();
         let mut reused = next.is_some();

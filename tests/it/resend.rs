@@ -1,7 +1,9 @@
-//! HTTP/2 servers going away, against the worker over real mutual TLS: a main server written
-//! frame by frame, so that a GOAWAY's last stream id and a REFUSED_STREAM reset land exactly
-//! where the test says. A request the server never processed is sent once more on a new
-//! connection: no attempt spent, no "queued" status PUT, the resend counted.
+//! Requests sent once more without spending an attempt, against the worker over real mutual
+//! TLS. HTTP/2 servers going away: a main server written frame by frame, so that a GOAWAY's
+//! last stream id and a REFUSED_STREAM reset land exactly where the test says; a request the
+//! server never processed goes once more on a new connection, with no "queued" status PUT, and
+//! is counted. 421 Misdirected Request: once more on a new connection, then rejected as the
+//! misconfiguration it is.
 
 use std::sync::Arc;
 
@@ -28,6 +30,7 @@ const REFUSED_STREAM: u32 = 0x7;
 /// name `:status`, not indexed).
 const STATUS_200: &[u8] = &[0x88];
 const STATUS_503: &[u8] = &[0x08, 0x03, b'5', b'0', b'3'];
+const STATUS_421: &[u8] = &[0x08, 0x03, b'4', b'2', b'1'];
 
 /// A request as the server received it, whole.
 #[derive(Debug, Clone)]
@@ -58,6 +61,7 @@ enum Act {
     Ok,
     Unavailable,
     Refuse,
+    Misdirected,
     /// Answer nothing yet: the connection's `goaway_at`-th held request sends the GOAWAY.
     Hold,
 }
@@ -184,6 +188,7 @@ async fn serve(
         let answer = match act {
             Act::Ok => frame(HEADERS, END_HEADERS | END_STREAM, stream, STATUS_200),
             Act::Unavailable => frame(HEADERS, END_HEADERS | END_STREAM, stream, STATUS_503),
+            Act::Misdirected => frame(HEADERS, END_HEADERS | END_STREAM, stream, STATUS_421),
             Act::Refuse => frame(RST_STREAM, 0, stream, &REFUSED_STREAM.to_be_bytes()),
             Act::Hold => {
                 held.push(stream);
@@ -320,4 +325,94 @@ async fn refused_streams_go_again_for_deliveries_and_status_puts() {
     let retry = ids_in(&redis, &keys().retry).await;
     assert_eq!(retry.len(), 1, "busy waits for its retry: {retry:?}");
     assert!(dead_letters(&redis, Q).await.is_empty());
+}
+
+/// 421 over HTTP/2: "once" is answered 421 on the shared connection and delivered on a
+/// connection of its own, as the same attempt; "always" comes back 421 there too and is
+/// rejected with a line that names the misconfiguration.
+#[tokio::test]
+async fn a_421_goes_once_more_on_a_new_connection_then_is_rejected_as_a_misconfiguration() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let server = FrameServer::start(&pki, usize::MAX, |request, before| {
+        let earlier = before.iter().any(|s| s.delivery() == request.delivery());
+        match request.delivery() {
+            Some("always") => Act::Misdirected,
+            Some("once") if !earlier => Act::Misdirected,
+            _ => Act::Ok,
+        }
+    })
+    .await;
+    enqueue(&redis, Q, &[message("once")]).await;
+    let worker = worker_for(&redis, &server, &pki).await;
+    server
+        .wait_for(|seen| seen.iter().filter(|s| s.delivery() == Some("once")).count() == 2)
+        .await;
+    enqueue(&redis, Q, &[message("always")]).await;
+    // The rejected one's "failed" status PUT ends it.
+    let seen = server
+        .wait_for(|seen| seen.iter().any(|s| s.status_put() == Some("failed")))
+        .await;
+    eventually(|| async { len(&redis, &keys().dead).await == 1 }).await;
+    assert_eq!(metric(&worker, &resent("misdirected")).await, 2.0);
+    worker.stop().await;
+
+    for id in ["once", "always"] {
+        let tries: Vec<&Seen> = seen.iter().filter(|s| s.delivery() == Some(id)).collect();
+        assert_eq!(tries.len(), 2, "{id}: twice, no more: {seen:#?}");
+        assert_ne!(tries[0].connection, tries[1].connection, "{id}: on a new connection");
+        assert!(
+            tries.iter().all(|s| s.body["attempt"] == 1),
+            "{id}: one attempt: {tries:?}"
+        );
+    }
+    let dead = dead_letters(&redis, Q).await;
+    assert_eq!(dead[0]["reason"], "rejected", "{dead:?}");
+    let error = dead[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("421") && error.contains("misconfiguration") && error.contains("host name"),
+        "{error}"
+    );
+    let puts: Vec<&Seen> = seen.iter().filter(|s| s.status_put().is_some()).collect();
+    assert_eq!(puts.len(), 1, "one PUT, \"failed\", for the rejected one: {puts:?}");
+    assert_eq!(puts[0].body["attempt_count"], 1, "{puts:?}");
+}
+
+/// 421 over HTTP/1.1 (the reference main server): the same, once more and then rejected.
+#[tokio::test]
+async fn a_421_over_http1_goes_once_more_then_is_rejected() {
+    use courier::devtools::sink::{Endpoint, Reply};
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let seen = std::sync::Mutex::new(std::collections::HashSet::new());
+    let sink = start_sink(
+        &pki,
+        Arc::new(move |call| {
+            let first = seen.lock().unwrap().insert(call.message_id.clone());
+            match (call.endpoint, call.message_id.as_str()) {
+                (Endpoint::Deliver, "always") => Reply::status(421),
+                (Endpoint::Deliver, "once") if first => Reply::status(421),
+                _ => Reply::status(200),
+            }
+        }),
+    )
+    .await;
+    enqueue(&redis, Q, &[message("once"), message("always")]).await;
+    let worker = worker_on(&redis, &sink, &pki, "w-h2", &[("WORKER_RETRY_INTERVAL", "60")]).await;
+    eventually(|| async { len(&redis, Q).await == 0 && len(&redis, &keys().dead).await == 1 }).await;
+    assert_eq!(metric(&worker, &resent("misdirected")).await, 2.0);
+    worker.stop().await;
+    let deliveries = sink.record.deliveries();
+    for id in ["once", "always"] {
+        let tries: Vec<_> = deliveries.iter().filter(|c| c.message_id == id).collect();
+        assert_eq!(tries.len(), 2, "{id}: twice: {deliveries:?}");
+        assert!(tries.iter().all(|c| c.attempt == 1), "{id}: one attempt");
+    }
+    assert_eq!(sink.record.delivered(), ["once"]);
+    let dead = dead_letters(&redis, Q).await;
+    assert!(
+        dead[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("misconfiguration"),
+        "{dead:?}"
+    );
 }
