@@ -34,6 +34,10 @@ type Body = Full<bytes::Bytes>;
 /// the server closes is one that fails.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
 
+/// The most times one request is sent again because the HTTP/2 server proved it never
+/// processed it (GOAWAY, REFUSED_STREAM, closed before sending); after that the failure stands.
+const MAX_RESENDS: u8 = 4;
+
 /// A request that took longer than its limit.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} took longer than {limit:?}")]
@@ -226,13 +230,18 @@ impl Client {
         }
     }
 
-    /// One request, sent at most twice: once more, within the same time limit, when the server
-    /// provably never processed it (`Resend`) or answered 421, on a new connection (for
-    /// REFUSED_STREAM, on the shared HTTP/2 one). The second try's result stands, whatever it is.
+    /// One request, sent again within the same time limit when the server provably never
+    /// processed it (`Resend`) or answered 421, on a new connection (for REFUSED_STREAM, on the
+    /// shared HTTP/2 one). A 421 and an HTTP/1.1 close race go once more, and the second try's
+    /// result stands; HTTP/2's proofs are taken up to `MAX_RESENDS` times.
     async fn exchange(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
         let mut next = self.reuse();
         let mut reused = next.is_some();
-        let mut resent = false;
+        // Resends so far: a 421 and an HTTP/1.1 close race go again only on the first try; an
+        // HTTP/2 request the server proved it never processed goes again each time it proves
+        // so, up to `MAX_RESENDS` (a server that drains every few requests refuses some resends
+        // too, and none of them is an attempt).
+        let mut resends = 0u8;
         loop {
             let sender = match next.take() {
                 Some(sender) => sender,
@@ -243,7 +252,9 @@ impl Client {
             let again = match sender {
                 Sender::H1(mut connection) => match connection.exchange(request, &self.target.host_header).await {
                     // The connection is the wrong one for this host: not kept.
-                    Ok(Exchanged { answer, .. }) if answer.status == StatusCode::MISDIRECTED_REQUEST && !resent => {
+                    Ok(Exchanged { answer, .. })
+                        if answer.status == StatusCode::MISDIRECTED_REQUEST && resends == 0 =>
+                    {
                         Resend::Misdirected
                     }
                     Ok(Exchanged { answer, reusable }) => {
@@ -254,18 +265,18 @@ impl Client {
                     }
                     // A kept connection that closed as the request went out (the server's
                     // keep-alive ran out just then): the server cannot have answered it.
-                    Err(Failure::Unanswered(_)) if reused && !resent => Resend::CloseRace,
+                    Err(Failure::Unanswered(_)) if reused && resends == 0 => Resend::CloseRace,
                     Err(Failure::Unanswered(e) | Failure::Broken(e)) => return Err(from_io(e)),
                     Err(Failure::Answer(e)) => return Err(DeliveryError::Other(Arc::new(e))),
                 },
                 Sender::H2(h2, number) => match send_h2(h2, request, &self.target).await {
-                    Ok(response) if response.status() == StatusCode::MISDIRECTED_REQUEST && !resent => {
+                    Ok(response) if response.status() == StatusCode::MISDIRECTED_REQUEST && resends == 0 => {
                         Resend::Misdirected
                     }
                     Ok(response) => return finish_h2(response).await,
                     // The connection closed before the request went out (hyper handed it
                     // back), or the server said it never processed the stream.
-                    Err((error, unsent)) if !resent => match (unsent, unprocessed(&error)) {
+                    Err((error, unsent)) if resends < MAX_RESENDS => match (unsent, unprocessed(&error)) {
                         (true, _) => {
                             self.forget(number);
                             Resend::CloseRace
@@ -280,7 +291,7 @@ impl Client {
                     Err((error, _)) => return Err(error),
                 },
             };
-            resent = true;
+            resends += 1;
             reused = false;
             tracing::debug!(
                 reason = again.label(),
