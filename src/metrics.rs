@@ -9,6 +9,7 @@ use prometheus::{
     Registry, TextEncoder,
 };
 
+use crate::delivery::Resend;
 use crate::queue::Depths;
 
 /// Label values for `worker_messages_failed_total{reason}`.
@@ -67,6 +68,7 @@ pub struct Metrics {
     circuit_state: IntGauge,
     released: IntCounterVec,
     concurrency_limit: IntGauge,
+    resent: IntCounterVec,
 }
 
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
@@ -306,8 +308,20 @@ impl Metrics {
                 queues,
                 None,
             ),
+            resent: counter_vec(
+                r,
+                "worker_requests_resent_total",
+                "Requests to the main server sent once more on a new connection without counting as an attempt, by reason: the server provably never processed them (close_race, goaway, refused_stream) or answered 421 (misdirected)",
+                "reason",
+                &Resend::ALL.map(Resend::label),
+            ),
             registry,
         }
+    }
+
+    /// A request the delivery client sent once more (`delivery::Resend`).
+    pub fn resent(&self, reason: Resend) {
+        self.resent.with_label_values(&[reason.label()]).inc();
     }
 
     pub fn set_circuit(&self, state: crate::breaker::State) {

@@ -51,9 +51,10 @@ pub struct BenchArgs {
     /// WORKER_CONCURRENCY for the run.
     #[arg(long, default_value_t = 64)]
     pub concurrency: usize,
-    /// WORKER_BATCH_SIZE for the run.
-    #[arg(long, default_value_t = 10)]
-    pub batch_size: usize,
+    /// WORKER_BATCH_SIZE for the run; without it, the worker's default (half the concurrency,
+    /// at least 10).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Approximate bytes per queued message.
     #[arg(long, default_value_t = 200)]
     pub message_bytes: usize,
@@ -167,7 +168,10 @@ pub(super) fn bench(args: BenchArgs) -> ExitCode {
     oneshot(crate::devtools::bench::run(crate::devtools::bench::BenchOptions {
         messages,
         concurrency: concurrency.max(1),
-        batch_size: batch_size.clamp(1, 1000),
+        batch_size: batch_size.map_or_else(
+            || crate::config::default_batch_size(concurrency.max(1)),
+            |size| size.clamp(1, 1000),
+        ),
         message_bytes,
         fail_share: fail_share.clamp(0.0, 1.0),
         latency_rate,

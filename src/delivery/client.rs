@@ -5,7 +5,7 @@
 //! exchange, connecting included, is bounded by the request timeout; every answer's body is read
 //! up to `h1::MAX_RESPONSE_BODY`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +14,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http2, TrySendError};
 use hyper::header::{HeaderMap, HeaderValue};
 use hyper::http::uri::{Authority, Scheme};
-use hyper::{Request, Response, Uri};
+use hyper::{Request, Response, StatusCode, Uri};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
@@ -22,7 +22,7 @@ use tokio_rustls::TlsConnector;
 use url::{Position, Url};
 
 use super::h1::{Answer, Connection, Exchanged, Failure, KeptBody, Outgoing};
-use super::{rustls_error, DeliveryError};
+use super::{find_cause, rustls_error, DeliveryError};
 use crate::config::MainServerSettings;
 use crate::tls::ClientTls;
 
@@ -33,6 +33,10 @@ type Body = Full<bytes::Bytes>;
 /// than reused: servers close theirs after a minute or so (nginx 75 s), and a request sent as
 /// the server closes is one that fails.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
+
+/// The most times one request is sent again because the HTTP/2 server proved it never
+/// processed it (GOAWAY, REFUSED_STREAM, closed before sending); after that the failure stands.
+const MAX_RESENDS: u8 = 4;
 
 /// A request that took longer than its limit.
 #[derive(Debug, thiserror::Error)]
@@ -71,11 +75,61 @@ struct Idle {
 }
 
 /// A connection ready for one request: an HTTP/1.1 one of this request's own (back to the pool
-/// after the answer) or a handle on the shared HTTP/2 connection.
+/// after the answer) or a handle on an HTTP/2 connection: the shared one, with its number, or
+/// (`None`) one made for this request alone.
 enum Sender {
     H1(Connection),
-    H2(http2::SendRequest<Body>),
+    H2(http2::SendRequest<Body>, Option<u64>),
 }
+
+/// The shared HTTP/2 connection and its number, so that a task that saw it go away forgets it
+/// only if no other task has replaced it already.
+struct Shared {
+    sender: http2::SendRequest<Body>,
+    number: u64,
+}
+
+/// Why a request was sent once more, on a new connection, without counting as an attempt:
+/// each is a request the server provably never processed, or (421) one it asks to be sent on
+/// another connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resend {
+    /// A kept connection closed as the request went out, before any byte of an answer
+    /// (HTTP/1.1), or the HTTP/2 connection closed before hyper sent the request.
+    CloseRace,
+    /// The HTTP/2 server sent GOAWAY with a last stream id below the request's stream
+    /// (RFC 9113 §6.8).
+    GoAway,
+    /// The HTTP/2 server reset the request's stream with REFUSED_STREAM (RFC 9113 §8.7). The
+    /// connection itself stays: the request goes again on the shared one (a new one only if
+    /// it has closed), rather than every refusal under load costing a TLS handshake.
+    RefusedStream,
+    /// 421 Misdirected Request (RFC 9110 §15.5.20): the server asks for a new connection.
+    Misdirected,
+}
+
+impl Resend {
+    /// Every reason, for the metric's label values.
+    pub const ALL: [Resend; 4] = [
+        Resend::CloseRace,
+        Resend::GoAway,
+        Resend::RefusedStream,
+        Resend::Misdirected,
+    ];
+
+    /// The bounded label of `worker_requests_resent_total{reason}`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Resend::CloseRace => "close_race",
+            Resend::GoAway => "goaway",
+            Resend::RefusedStream => "refused_stream",
+            Resend::Misdirected => "misdirected",
+        }
+    }
+}
+
+/// Told of every request sent again (the worker counts them in its metrics).
+pub type ResendHook = Arc<dyn Fn(Resend) + Send + Sync>;
 
 /// Keep-alive connections to the main server. Cheap to share; built again (and the old one
 /// dropped once its requests finish) when the TLS files change.
@@ -84,11 +138,14 @@ pub struct Client {
     idle: Mutex<Vec<Idle>>,
     max_idle: usize,
     /// The HTTP/2 connection, when the server took h2.
-    shared: Mutex<Option<http2::SendRequest<Body>>>,
+    shared: Mutex<Option<Shared>>,
+    /// The number of the last HTTP/2 connection made.
+    connections: AtomicU64,
     /// Held while the HTTP/2 connection is made, so that 64 tasks starting at once make one.
     connecting: tokio::sync::Mutex<()>,
     /// The server answered the handshake with HTTP/1.1 although h2 was offered.
     h1_only: AtomicBool,
+    resent: Option<ResendHook>,
 }
 
 impl Client {
@@ -140,9 +197,22 @@ impl Client {
             idle: Mutex::new(Vec::with_capacity(pool_size.max(1))),
             max_idle: pool_size.max(1),
             shared: Mutex::new(None),
+            connections: AtomicU64::new(0),
             connecting: tokio::sync::Mutex::new(()),
             h1_only: AtomicBool::new(false),
+            resent: None,
         })
+    }
+
+    /// The same client, telling `hook` of every request it sends again.
+    #[must_use]
+    pub fn with_resend_hook(mut self, hook: Option<ResendHook>) -> Client {
+        self.set_resend_hook(hook);
+        self
+    }
+
+    pub(super) fn set_resend_hook(&mut self, hook: Option<ResendHook>) {
+        self.resent = hook;
     }
 
     /// Sends a request and reads the answer, all within the request timeout.
@@ -160,18 +230,33 @@ impl Client {
         }
     }
 
+    /// One request, sent again within the same time limit when the server provably never
+    /// processed it (`Resend`) or answered 421, on a new connection (for REFUSED_STREAM, on the
+    /// shared HTTP/2 one). A 421 and an HTTP/1.1 close race go once more, and the second try's
+    /// result stands; HTTP/2's proofs are taken up to `MAX_RESENDS` times.
     async fn exchange(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
-        let mut sender = self.reuse();
-        let mut reused = sender.is_some();
+        let mut next = self.reuse();
+        let mut reused = next.is_some();
+        // Resends so far: a 421 and an HTTP/1.1 close race go again only on the first try; an
+        // HTTP/2 request the server proved it never processed goes again each time it proves
+        // so, up to `MAX_RESENDS` (a server that drains every few requests refuses some resends
+        // too, and none of them is an attempt).
+        let mut resends = 0u8;
         loop {
-            let sender = match sender.take() {
+            let sender = match next.take() {
                 Some(sender) => sender,
                 // Boxed: connecting (TLS handshake state included) is rare and large, and
                 // would otherwise make every delivery task's future large.
                 None => Box::pin(self.connect()).await?,
             };
-            match sender {
+            let again = match sender {
                 Sender::H1(mut connection) => match connection.exchange(request, &self.target.host_header).await {
+                    // The connection is the wrong one for this host: not kept.
+                    Ok(Exchanged { answer, .. })
+                        if answer.status == StatusCode::MISDIRECTED_REQUEST && resends == 0 =>
+                    {
+                        Resend::Misdirected
+                    }
                     Ok(Exchanged { answer, reusable }) => {
                         if reusable {
                             self.keep(connection);
@@ -179,23 +264,57 @@ impl Client {
                         return Ok(answer);
                     }
                     // A kept connection that closed as the request went out (the server's
-                    // keep-alive ran out just then): the server cannot have answered it, so it
-                    // goes once more, on a new connection. A new connection's failure stands.
-                    Err(Failure::Unanswered(_)) if reused => reused = false,
+                    // keep-alive ran out just then): the server cannot have answered it.
+                    Err(Failure::Unanswered(_)) if reused && resends == 0 => Resend::CloseRace,
                     Err(Failure::Unanswered(e) | Failure::Broken(e)) => return Err(from_io(e)),
                     Err(Failure::Answer(e)) => return Err(DeliveryError::Other(Arc::new(e))),
                 },
-                Sender::H2(shared) => match send_h2(shared, request, &self.target).await {
-                    Ok(response) => return finish_h2(response).await,
-                    // The shared connection closed before the request went out: forgotten,
-                    // and the request goes once more on a new one.
-                    Err((_, true)) if reused => {
-                        *lock(&self.shared) = None;
-                        reused = false;
+                Sender::H2(h2, number) => match send_h2(h2, request, &self.target).await {
+                    Ok(response) if response.status() == StatusCode::MISDIRECTED_REQUEST && resends == 0 => {
+                        Resend::Misdirected
                     }
+                    Ok(response) => return finish_h2(response).await,
+                    // The connection closed before the request went out (hyper handed it
+                    // back), or the server said it never processed the stream.
+                    Err((error, unsent)) if resends < MAX_RESENDS => match (unsent, unprocessed(&error)) {
+                        (true, _) => {
+                            self.forget(number);
+                            Resend::CloseRace
+                        }
+                        (false, Some(Resend::GoAway)) => {
+                            self.forget(number);
+                            Resend::GoAway
+                        }
+                        (false, Some(reason)) => reason,
+                        (false, None) => return Err(error),
+                    },
                     Err((error, _)) => return Err(error),
                 },
+            };
+            resends += 1;
+            reused = false;
+            tracing::debug!(
+                reason = again.label(),
+                method = %request.method,
+                path = %request.path,
+                "Sending the request again on a new connection: the main server did not process it"
+            );
+            if let Some(hook) = &self.resent {
+                hook(again);
             }
+            // 421 asks for a connection other than the shared one: one of this request's own.
+            if again == Resend::Misdirected {
+                next = Some(Box::pin(self.target.connect()).await?);
+            }
+        }
+    }
+
+    /// Forgets the shared HTTP/2 connection numbered `number`, which went away, unless another
+    /// task has replaced it already; requests under way on it finish there.
+    fn forget(&self, number: Option<u64>) {
+        let mut shared = lock(&self.shared);
+        if number.is_some() && shared.as_ref().map(|s| s.number) == number {
+            *shared = None;
         }
     }
 
@@ -205,8 +324,8 @@ impl Client {
     fn reuse(&self) -> Option<Sender> {
         if self.target.http2 && !self.h1_only.load(Ordering::Relaxed) {
             let shared = lock(&self.shared);
-            if let Some(sender) = shared.as_ref().filter(|s| !s.is_closed()) {
-                return Some(Sender::H2(sender.clone()));
+            if let Some(Shared { sender, number }) = shared.as_ref().filter(|s| !s.sender.is_closed()) {
+                return Some(Sender::H2(sender.clone(), Some(*number)));
             }
         }
         let mut idle = lock(&self.idle);
@@ -243,15 +362,23 @@ impl Client {
             return self.target.connect().await;
         }
         let _one_at_a_time = self.connecting.lock().await;
-        if let Some(sender) = lock(&self.shared).as_ref().filter(|s| !s.is_closed()) {
-            return Ok(Sender::H2(sender.clone()));
+        if let Some(Shared { sender, number }) = lock(&self.shared).as_ref().filter(|s| !s.sender.is_closed()) {
+            return Ok(Sender::H2(sender.clone(), Some(*number)));
         }
-        let sender = self.target.connect().await?;
-        match &sender {
-            Sender::H2(shared) => *lock(&self.shared) = Some(shared.clone()),
-            Sender::H1(_) => self.h1_only.store(true, Ordering::Relaxed),
+        match self.target.connect().await? {
+            Sender::H2(sender, _) => {
+                let number = self.connections.fetch_add(1, Ordering::Relaxed).wrapping_add(1);
+                *lock(&self.shared) = Some(Shared {
+                    sender: sender.clone(),
+                    number,
+                });
+                Ok(Sender::H2(sender, Some(number)))
+            }
+            Sender::H1(connection) => {
+                self.h1_only.store(true, Ordering::Relaxed);
+                Ok(Sender::H1(connection))
+            }
         }
-        Ok(sender)
     }
 }
 
@@ -350,7 +477,7 @@ impl Target {
                     tracing::debug!(error = %e, "HTTP/2 connection to the main server closed");
                 }
             });
-            return Ok(Sender::H2(sender));
+            return Ok(Sender::H2(sender, None));
         }
         Ok(Sender::H1(Connection::new(stream)))
     }
@@ -360,6 +487,28 @@ impl Target {
 fn not_sent(mut error: TrySendError<Request<Body>>) -> (DeliveryError, bool) {
     let unsent = error.take_message().is_some();
     (from_hyper(error.into_error()), unsent)
+}
+
+/// Whether an HTTP/2 request's failure proves the server never processed it: a GOAWAY the
+/// server sent whose last stream id is below the request's (h2 fails exactly those streams with
+/// the GOAWAY's error; the streams at or below it fail otherwise if the connection then ends),
+/// or a REFUSED_STREAM reset the server sent.
+fn unprocessed(error: &DeliveryError) -> Option<Resend> {
+    let DeliveryError::Other(cause) = error else {
+        return None;
+    };
+    find_cause(&**cause, &mut |e| {
+        let h2 = e.downcast_ref::<h2::Error>()?;
+        if !h2.is_remote() {
+            None
+        } else if h2.is_go_away() {
+            Some(Resend::GoAway)
+        } else if h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM) {
+            Some(Resend::RefusedStream)
+        } else {
+            None
+        }
+    })
 }
 
 /// A read or write that failed as the delivery error it amounts to: TLS when rustls is behind

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_TYPE, LOCATION, RETRY_AFTER, USER_AGENT};
 use hyper::http::uri::PathAndQuery;
-use hyper::Method;
+use hyper::{Method, StatusCode};
 use url::Url;
 
 mod client;
 pub mod h1;
 
-pub use client::{path_of, Client};
+pub use client::{path_of, Client, Resend, ResendHook};
 pub use h1::{Answer, Outgoing};
 
 use crate::config::MainServerSettings;
@@ -150,6 +150,7 @@ pub struct Deliverer {
     worker_id_json: String,
     settings: MainServerSettings,
     pool_size: usize,
+    resent: Option<ResendHook>,
 }
 
 impl Deliverer {
@@ -173,12 +174,27 @@ impl Deliverer {
             worker_id_json: serde_json::to_string(worker_id).unwrap_or_else(|_| "\"\"".into()),
             settings: settings.clone(),
             pool_size,
+            resent: None,
         })
+    }
+
+    /// The same deliverer, telling `hook` of every request its clients send again
+    /// (`Resend`), the clients that later TLS files make included.
+    #[must_use]
+    pub fn with_resend_hook(mut self, hook: ResendHook) -> Deliverer {
+        let client = self.client.get_mut().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // Nothing else holds the client of a deliverer being built.
+        if let Some(client) = Arc::get_mut(client) {
+            client.set_resend_hook(Some(hook.clone()));
+        }
+        self.resent = Some(hook);
+        self
     }
 
     /// Starts using new TLS material for new connections; requests under way finish on theirs.
     pub fn replace_tls(&self, tls: &ClientTls) -> Result<(), DeliveryError> {
-        let client = Arc::new(Client::new(&self.settings, Some(tls), self.pool_size)?);
+        let client =
+            Arc::new(Client::new(&self.settings, Some(tls), self.pool_size)?.with_resend_hook(self.resent.clone()));
         *self.client.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
         Ok(())
     }
@@ -284,6 +300,15 @@ fn outcome(answer: Answer) -> Result<(), DeliveryError> {
     }
     if text.is_empty() {
         text = status.canonical_reason().unwrap_or("no reason given").to_string();
+    }
+    if status == StatusCode::MISDIRECTED_REQUEST {
+        // Asked twice, on two connections (`Client` sends a 421 once more): not the moment.
+        text = format!(
+            "misdirected request, again on a new connection: the server does not serve MAIN_SERVER_URL's host \
+             name on its TLS connections, a misconfiguration; use a host name its certificate and virtual host \
+             answer to (servers that choose their client-certificate policy by SNI need a host name, not an IP \
+             address); it said: {text}"
+        );
     }
     Err(DeliveryError::Status {
         status: status.as_u16(),

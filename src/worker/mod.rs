@@ -122,7 +122,11 @@ impl Worker {
             &worker_id,
             settings.worker.concurrency,
         )
-        .map_err(RunError::MainServer)?;
+        .map_err(RunError::MainServer)?
+        .with_resend_hook({
+            let metrics = metrics.clone();
+            Arc::new(move |reason| metrics.resent(reason))
+        });
         // SIGHUP is ours from here in every state (connecting, waiting for the id, running,
         // draining): a reload request is remembered until the TLS watcher takes it.
         let reload = Arc::new(Notify::new());

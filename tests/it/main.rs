@@ -13,11 +13,13 @@ mod delivery;
 mod flow;
 mod hostile;
 mod http1;
+
 mod production_redis;
 mod properties;
 mod queue;
 mod queues;
 mod redis_faults;
+mod resend;
 mod resilience;
 mod scripts;
 mod sentinel;
