@@ -40,15 +40,30 @@ pub fn queue_item(data: &[u8]) {
         let retried = envelope.with_attempt_count(next);
         let again = Envelope::parse(retried.clone(), usize::MAX).expect("a retried copy parses");
         assert_eq!((again.message_id(), again.attempt_count()), (id, next));
+        assert!(again.carries_trace(), "a retried copy carries a valid traceparent");
+        assert_eq!(
+            again.trace_id(),
+            envelope.trace_id(),
+            "every attempt shares one trace id"
+        );
+        if envelope.carries_trace() {
+            assert_eq!(again.trace(), envelope.trace(), "the producer's trace context is kept");
+        }
         if let Some(original) = &original {
             let mut before = original.clone();
             let mut after: serde_json::Value = serde_json::from_slice(&retried).expect("JSON");
             for value in [&mut before, &mut after] {
                 if let Some(fields) = value.as_object_mut() {
                     fields.remove("attempt_count");
+                    if !envelope.carries_trace() {
+                        fields.remove("traceparent");
+                    }
                 }
             }
-            assert_eq!(before, after, "only attempt_count changes");
+            assert_eq!(
+                before, after,
+                "only attempt_count (and a missing or bad traceparent) changes"
+            );
         }
     }
 
@@ -211,7 +226,7 @@ fn exchange_with(answer: &[u8], piece: usize, to_head: bool) -> Result<(u16, Vec
         },
         path: &path,
         headers: &headers,
-        extra: None,
+        extra: &[],
         body: bytes::Bytes::from_static(b"{}"),
     };
     let host = hyper::header::HeaderValue::from_static("main");

@@ -21,4 +21,5 @@ mod redis_faults;
 mod resilience;
 mod scripts;
 mod sentinel;
+mod trace;
 mod unavailable;
