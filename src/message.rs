@@ -245,13 +245,22 @@ impl Envelope {
         body
     }
 
-    /// The same message with `attempt_count` set to `count` and, when the item had no valid
-    /// `traceparent`, one naming the trace courier started for it (so every attempt shares
-    /// one trace id); every other byte is unchanged.
+    /// The same message with `attempt_count` set to `count`; every other byte is unchanged.
     pub fn with_attempt_count(&self, count: u32) -> Vec<u8> {
+        self.rewrite(count, false)
+    }
+
+    /// The retried copy: `with_attempt_count`, plus, when the item had no valid
+    /// `traceparent`, one naming the trace courier started for it, so every attempt shares
+    /// one trace id. Every other byte is unchanged.
+    pub fn retried(&self, count: u32) -> Vec<u8> {
+        self.rewrite(count, true)
+    }
+
+    fn rewrite(&self, count: u32, keep_trace: bool) -> Vec<u8> {
         let mut number = itoa::Buffer::new();
         let count = number.format(count).as_bytes();
-        let traceparent = (!self.traceparent_valid).then(|| {
+        let traceparent = (keep_trace && !self.traceparent_valid).then(|| {
             let mut quoted = [b'"'; crate::trace::TRACEPARENT_LEN + 2];
             quoted[1..=crate::trace::TRACEPARENT_LEN].copy_from_slice(&self.trace.traceparent());
             quoted
@@ -488,7 +497,12 @@ mod tests {
         // No traceparent: one is written beside attempt_count, naming the trace started now.
         let e = parse(r#"{"message_id":"m","x":1}"#);
         assert!(!e.carries_trace());
-        let again = String::from_utf8(e.with_attempt_count(1)).unwrap();
+        assert_eq!(
+            e.with_attempt_count(1),
+            br#"{"attempt_count":1,"message_id":"m","x":1}"#,
+            "a dead letter's copy"
+        );
+        let again = String::from_utf8(e.retried(1)).unwrap();
         let tp = format!("00-{}-", e.trace_id());
         assert!(
             again.starts_with(&format!(r#"{{"attempt_count":1,"traceparent":"{tp}"#)),
@@ -498,7 +512,7 @@ mod tests {
         let next = parse(&again);
         assert!(next.carries_trace());
         assert_eq!(next.trace_id(), e.trace_id(), "the next attempt has the same trace");
-        assert_eq!(next.with_attempt_count(2), again.replace(":1,", ":2,").into_bytes());
+        assert_eq!(next.retried(2), again.replace(":1,", ":2,").into_bytes());
 
         // A malformed one is replaced where it stands, its tracestate kept in the item but
         // not forwarded.
@@ -507,14 +521,14 @@ mod tests {
         assert!(!e.carries_trace());
         assert_eq!(e.trace().state, None);
         assert_ne!(e.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
-        let again = String::from_utf8(e.with_attempt_count(4)).unwrap();
+        let again = String::from_utf8(e.retried(4)).unwrap();
         let next = parse(&again);
         assert_eq!((next.trace_id(), next.attempt_count()), (e.trace_id(), 4));
         assert!(again.contains(r#""tracestate":"a=b","attempt_count":4}"#), "{again}");
         for odd in ["null", "42", "{}", r#""""#] {
             let e = parse(&format!(r#"{{"message_id":"m","traceparent":{odd}}}"#));
             assert!(
-                parse(&String::from_utf8(e.with_attempt_count(1)).unwrap()).carries_trace(),
+                parse(&String::from_utf8(e.retried(1)).unwrap()).carries_trace(),
                 "{odd}"
             );
         }

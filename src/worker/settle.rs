@@ -251,7 +251,7 @@ impl Context {
                 debug!(message_id = id, trace_id = %trace_id, "Message {id} delivered successfully");
             }
             Settle::Retry { delay, failures } => {
-                let retried = envelope.with_attempt_count(failures);
+                let retried = envelope.retried(failures);
                 if self.settle(|| queue.retry(envelope.raw(), &retried, delay)).await {
                     self.metrics.retried(q);
                 }
