@@ -80,6 +80,8 @@ const KNOWN: &[Known] = &[
     k("worker.breaker_probe_max", "WORKER_BREAKER_PROBE_MAX", "30"),
     k("worker.rate_limit", "WORKER_RATE_LIMIT", "0"),
     k("worker.adaptive_concurrency", "WORKER_ADAPTIVE_CONCURRENCY", "false"),
+    k("main_server.trace_context", "MAIN_SERVER_TRACE_CONTEXT", "true"),
+    k("logging.format", "LOG_FORMAT", "text"),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -246,6 +248,8 @@ pub struct MainServerSettings {
     pub request_timeout: Duration,
     /// Offer HTTP/2 in the TLS handshake; HTTP/1.1 is used when the server does not take it.
     pub http2: bool,
+    /// Send W3C `traceparent` (and the producer's `tracestate`) on the POST and the PUT.
+    pub trace_context: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -301,6 +305,8 @@ pub struct LoggingSettings {
     pub file_path: PathBuf,
     /// A log file rolls over to the next at this size (and at midnight UTC).
     pub max_file_bytes: u64,
+    /// The old worker's text line, or one JSON object per line.
+    pub format: crate::telemetry::LogFormat,
 }
 
 /// Where settings come from: the environment is a parameter so tests need not mutate the
@@ -882,6 +888,7 @@ impl Source<'_> {
             connect_timeout: self.seconds("main_server.connect_timeout", 0.01, 600.0)?,
             request_timeout: self.seconds("main_server.request_timeout", 0.01, 3_600.0)?,
             http2: self.flag("main_server.http2")?,
+            trace_context: self.flag("main_server.trace_context")?,
         };
         let metrics = MetricsSettings {
             enabled: self.flag("metrics.enabled")?,
@@ -895,6 +902,11 @@ impl Source<'_> {
             level,
             file_path: self.path("logging.file_path")?,
             max_file_bytes: max_file_mb.saturating_mul(1024 * 1024),
+            format: match self.text("logging.format")?.trim().to_ascii_lowercase().as_str() {
+                "text" => crate::telemetry::LogFormat::Text,
+                "json" => crate::telemetry::LogFormat::Json,
+                _ => return Err(self.invalid("logging.format", "expected text or json")),
+            },
         };
         Ok(Settings {
             redis,
@@ -1009,6 +1021,22 @@ mod tests {
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, yaml).unwrap();
         Settings::load(Some(&path), &env(vars))
+    }
+
+    #[test]
+    fn log_format_and_trace_context_are_read_and_checked() {
+        let s = load_yaml("", &[]).unwrap();
+        assert_eq!(s.logging.format, crate::telemetry::LogFormat::Text, "text unless asked");
+        assert!(s.main_server.trace_context, "trace context on unless turned off");
+        let s = load_yaml("logging:\n  format: json\n", &[("MAIN_SERVER_TRACE_CONTEXT", "false")]).unwrap();
+        assert_eq!(s.logging.format, crate::telemetry::LogFormat::Json);
+        assert!(!s.main_server.trace_context);
+        let s = load_yaml("", &[("LOG_FORMAT", "JSON")]).unwrap();
+        assert_eq!(s.logging.format, crate::telemetry::LogFormat::Json);
+        let err = one_line(&load_yaml("", &[("LOG_FORMAT", "yaml")]).unwrap_err());
+        assert!(err.contains("LOG_FORMAT") && err.contains("text or json"), "{err}");
+        let err = one_line(&load_yaml("", &[("MAIN_SERVER_TRACE_CONTEXT", "sometimes")]).unwrap_err());
+        assert!(err.contains("MAIN_SERVER_TRACE_CONTEXT"), "{err}");
     }
 
     #[test]

@@ -8,8 +8,8 @@ use crate::delivery::{idempotency_key, parse_retry_after, status_url, DeliveryEr
 use crate::message::{dead_letter, parse_dead_letter, DeadReason, Envelope};
 use crate::policy::{decide, Policy, Settle, MAX_RETRY_AFTER};
 
-/// A queue item: `Envelope::parse` through to the delivery body, the retried copy, the
-/// Idempotency-Key header and the status URL.
+/// A queue item: `Envelope::parse` through to the delivery body, the retried copy (and its
+/// trace context), the Idempotency-Key header and the status URL.
 pub fn queue_item(data: &[u8]) {
     let envelope = match Envelope::parse(data.to_vec(), 1 << 20) {
         Ok(envelope) => envelope,
@@ -37,18 +37,47 @@ pub fn queue_item(data: &[u8]) {
     }
 
     if let Some(next) = envelope.attempt_count().checked_add(1) {
-        let retried = envelope.with_attempt_count(next);
-        let again = Envelope::parse(retried.clone(), usize::MAX).expect("a retried copy parses");
+        let plain = envelope.with_attempt_count(next);
+        let again = Envelope::parse(plain.clone(), usize::MAX).expect("a copy with a new attempt_count parses");
         assert_eq!((again.message_id(), again.attempt_count()), (id, next));
         if let Some(original) = &original {
             let mut before = original.clone();
-            let mut after: serde_json::Value = serde_json::from_slice(&retried).expect("JSON");
+            let mut after: serde_json::Value = serde_json::from_slice(&plain).expect("JSON");
             for value in [&mut before, &mut after] {
                 if let Some(fields) = value.as_object_mut() {
                     fields.remove("attempt_count");
                 }
             }
             assert_eq!(before, after, "only attempt_count changes");
+        }
+
+        let retried = envelope.retried(next);
+        let again = Envelope::parse(retried.clone(), usize::MAX).expect("a retried copy parses");
+        assert_eq!((again.message_id(), again.attempt_count()), (id, next));
+        assert!(again.carries_trace(), "a retried copy carries a valid traceparent");
+        assert_eq!(
+            again.trace_id(),
+            envelope.trace_id(),
+            "every attempt shares one trace id"
+        );
+        if envelope.carries_trace() {
+            assert_eq!(again.trace(), envelope.trace(), "the producer's trace context is kept");
+        }
+        if let Some(original) = &original {
+            let mut before = original.clone();
+            let mut after: serde_json::Value = serde_json::from_slice(&retried).expect("JSON");
+            for value in [&mut before, &mut after] {
+                if let Some(fields) = value.as_object_mut() {
+                    fields.remove("attempt_count");
+                    if !envelope.carries_trace() {
+                        fields.remove("traceparent");
+                    }
+                }
+            }
+            assert_eq!(
+                before, after,
+                "only attempt_count (and a missing or bad traceparent) changes"
+            );
         }
     }
 
@@ -285,7 +314,7 @@ fn exchange_with(answer: &[u8], piece: usize, to_head: bool) -> Result<(u16, Vec
         },
         path: &path,
         headers: &headers,
-        extra: None,
+        extra: &[],
         body: bytes::Bytes::from_static(b"{}"),
     };
     let host = hyper::header::HeaderValue::from_static("main");

@@ -8,7 +8,8 @@
 //!    Lua, and how to reach one Redis, a Sentinel master or a cluster) to move items from
 //!    the worker's queues to its processing lists, one script a batch.
 //! 3. `message` parses each item into an `Envelope` (or names why it is not a message).
-//! 4. `delivery` POSTs it to the main server over the client `tls` set up from the PEM files.
+//! 4. `delivery` POSTs it to the main server over the client `tls` set up from the PEM files,
+//!    with the message's W3C trace context (`trace`).
 //! 5. `policy` decides, purely, what the result means: `Ack`, `Retry { delay }` or `Dead`.
 //! 6. `worker` carries that out through `queue` (ack, retry set, dead-letter list), records it
 //!    in `metrics` and the log (`telemetry`), and queues the status PUT.
@@ -39,4 +40,5 @@ pub mod service;
 pub mod shutdown;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod worker;

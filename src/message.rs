@@ -1,5 +1,6 @@
 //! Queue items: parsing raw bytes from Redis into an `Envelope` once, the delivery body, the
-//! retried copy (only `attempt_count` changes; every other byte is kept), and dead-letter records.
+//! retried copy (only `attempt_count` changes, and a `traceparent` is written when the item had
+//! no valid one; every other byte is kept), and dead-letter records.
 
 use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -8,6 +9,8 @@ use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+
+use crate::trace::{parse_traceparent, parse_tracestate, TraceContext, TraceId};
 
 /// A queue item that is a valid message.
 #[derive(Debug, Clone)]
@@ -23,6 +26,12 @@ pub struct Envelope {
     attempt_span: Option<Range<usize>>,
     payload: Option<Range<usize>>,
     queued_at: Option<SystemTime>,
+    /// The item's trace: from its valid `traceparent`, else a new one.
+    trace: TraceContext,
+    /// Where the `traceparent` value stands in `raw`, when there is one (valid or not).
+    traceparent_span: Option<Range<usize>>,
+    /// Whether `raw` carries a valid `traceparent`; if not, the retried copy gets one.
+    traceparent_valid: bool,
 }
 
 /// Why a queue item is not a message. The label is a bounded metric label value.
@@ -66,6 +75,10 @@ struct Fields<'a> {
     payload: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     queued_at: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    traceparent: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    tracestate: Option<&'a RawValue>,
 }
 
 /// A field that is there, whatever its value (`null` included).
@@ -130,6 +143,22 @@ impl Envelope {
             .queued_at
             .filter(|value| value.get() != "null")
             .and_then(|value| parse_time(value.get()));
+        // A malformed traceparent is replaced, never an error: tracing must not cost a message.
+        let producer = fields
+            .traceparent
+            .and_then(|value| json_string(value.get()))
+            .and_then(|text| parse_traceparent(text.as_bytes()));
+        let trace = match producer {
+            Some((trace_id, flags)) => TraceContext {
+                trace_id,
+                flags,
+                state: fields
+                    .tracestate
+                    .and_then(|value| json_string(value.get()))
+                    .and_then(|text| parse_tracestate(&text)),
+            },
+            None => TraceContext::start(),
+        };
 
         Ok(Envelope {
             raw: Bytes::new(),
@@ -139,6 +168,9 @@ impl Envelope {
             attempt_span: fields.attempt_count.map(span),
             payload: fields.payload.map(span),
             queued_at,
+            traceparent_valid: producer.is_some(),
+            traceparent_span: fields.traceparent.map(span),
+            trace,
         })
     }
 
@@ -153,6 +185,22 @@ impl Envelope {
     /// Failed attempts so far.
     pub fn attempt_count(&self) -> u32 {
         self.attempt_count
+    }
+
+    /// The message's trace: the producer's, or the one courier started for it.
+    pub fn trace(&self) -> &TraceContext {
+        &self.trace
+    }
+
+    /// The message's trace id, for log lines and its dead letter.
+    pub fn trace_id(&self) -> TraceId {
+        self.trace.trace_id
+    }
+
+    /// Whether the item itself carries a valid `traceparent` (from its producer, or written
+    /// into an earlier attempt's retried copy).
+    pub fn carries_trace(&self) -> bool {
+        self.traceparent_valid
     }
 
     /// How long the message waited between `queued_at` and `now`, when it says when it was queued.
@@ -199,27 +247,66 @@ impl Envelope {
 
     /// The same message with `attempt_count` set to `count`; every other byte is unchanged.
     pub fn with_attempt_count(&self, count: u32) -> Vec<u8> {
-        let count = count.to_string();
-        match &self.attempt_span {
-            Some(span) => {
-                let mut out = Vec::with_capacity(self.raw.len() + count.len());
-                out.extend_from_slice(&self.raw[..span.start]);
-                out.extend_from_slice(count.as_bytes());
-                out.extend_from_slice(&self.raw[span.end..]);
-                out
-            }
-            None => {
-                // `parse` saw an object with a message_id, so there is a `{` and a field after it.
-                let open = self.raw.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
-                let mut out = Vec::with_capacity(self.raw.len() + count.len() + 18);
-                out.extend_from_slice(&self.raw[..open]);
-                out.extend_from_slice(b"\"attempt_count\":");
-                out.extend_from_slice(count.as_bytes());
-                out.push(b',');
-                out.extend_from_slice(&self.raw[open..]);
-                out
-            }
+        self.rewrite(count, false)
+    }
+
+    /// The retried copy: `with_attempt_count`, plus, when the item had no valid
+    /// `traceparent`, one naming the trace courier started for it, so every attempt shares
+    /// one trace id. Every other byte is unchanged.
+    pub fn retried(&self, count: u32) -> Vec<u8> {
+        self.rewrite(count, true)
+    }
+
+    fn rewrite(&self, count: u32, keep_trace: bool) -> Vec<u8> {
+        let mut number = itoa::Buffer::new();
+        let count = number.format(count).as_bytes();
+        let traceparent = (keep_trace && !self.traceparent_valid).then(|| {
+            let mut quoted = [b'"'; crate::trace::TRACEPARENT_LEN + 2];
+            quoted[1..=crate::trace::TRACEPARENT_LEN].copy_from_slice(&self.trace.traceparent());
+            quoted
+        });
+        // `parse` saw an object with a message_id, so there is a `{` and a field after it:
+        // new fields go right after the `{`, each followed by a comma.
+        const NONE: &[u8] = b"";
+        const ATTEMPT_KEY: &[u8] = b"\"attempt_count\":";
+        const TRACE_KEY: &[u8] = b"\"traceparent\":";
+        let open = self.raw.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+        let mut edits: [(Range<usize>, &[u8], &[u8]); 2] = [(open..open, NONE, NONE), (open..open, NONE, NONE)];
+        edits[0] = match &self.attempt_span {
+            Some(span) => (span.clone(), NONE, count),
+            None => (open..open, ATTEMPT_KEY, count),
+        };
+        if let Some(value) = &traceparent {
+            edits[1] = match &self.traceparent_span {
+                Some(span) => (span.clone(), NONE, &value[..]),
+                None => (open..open, TRACE_KEY, &value[..]),
+            };
         }
+        edits.sort_by_key(|(span, _, _)| (span.start, span.end));
+        let mut out = Vec::with_capacity(self.raw.len() + count.len() + 80);
+        let mut at = 0;
+        for (span, key, value) in &edits {
+            if key.is_empty() && value.is_empty() {
+                continue;
+            }
+            out.extend_from_slice(&self.raw[at..span.start]);
+            out.extend_from_slice(key);
+            out.extend_from_slice(value);
+            if span.is_empty() {
+                out.push(b',');
+            }
+            at = span.end;
+        }
+        out.extend_from_slice(&self.raw[at..]);
+        out
+    }
+}
+
+/// A JSON string value's text; `None` for any other JSON value.
+fn json_string(json: &str) -> Option<std::borrow::Cow<'_, str>> {
+    match json.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        Some(inner) if !inner.contains(['\\', '"']) => Some(std::borrow::Cow::Borrowed(inner)),
+        _ => serde_json::from_str::<String>(json).ok().map(std::borrow::Cow::Owned),
     }
 }
 
@@ -266,6 +353,19 @@ impl DeadReason {
 /// escaped into the JSON, so a record is never much larger than the message it keeps (JSON
 /// escaping can make control bytes six times their size). `parse_dead_letter` reads it back.
 pub fn dead_letter(raw: &[u8], reason: DeadReason, error: &str, worker_id: &str, message_id: Option<&str>) -> Vec<u8> {
+    dead_letter_traced(raw, reason, error, worker_id, message_id, None)
+}
+
+/// `dead_letter` with the message's trace id in the header (`trace_id`), for `dlq show` and
+/// for finding the message's spans.
+pub fn dead_letter_traced(
+    raw: &[u8],
+    reason: DeadReason,
+    error: &str,
+    worker_id: &str,
+    message_id: Option<&str>,
+    trace_id: Option<TraceId>,
+) -> Vec<u8> {
     let mut header = serde_json::Map::new();
     header.insert("reason".into(), reason.label().into());
     header.insert("error".into(), error.into());
@@ -273,6 +373,9 @@ pub fn dead_letter(raw: &[u8], reason: DeadReason, error: &str, worker_id: &str,
     header.insert("dead_at".into(), dead_at_now().into());
     if let Some(id) = message_id {
         header.insert("message_id".into(), id.into());
+    }
+    if let Some(trace_id) = trace_id {
+        header.insert("trace_id".into(), trace_id.to_string().into());
     }
     header.insert("size".into(), raw.len().into());
     // Compact JSON escapes every newline inside strings, so the first newline ends the header.
@@ -371,26 +474,86 @@ mod tests {
         );
     }
 
+    const TP: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
     #[test]
     fn retried_copy_changes_only_the_attempt_count() {
-        let original = "{ \"message_id\" : \"m\\u0041\",\"attempt_count\": 7 , \"x\": 1.50e3, \"y\":\"\\n\" }";
-        let e = parse(original);
+        let original =
+            format!("{{ \"message_id\" : \"m\\u0041\",\"attempt_count\": 7 , \"x\": 1.50e3, \"y\":\"\\n\", \"traceparent\":\"{TP}\" }}");
+        let e = parse(&original);
         assert_eq!(e.message_id(), "mA");
         let again = String::from_utf8(e.with_attempt_count(8)).unwrap();
         assert_eq!(again, original.replace(": 7 ,", ": 8 ,"));
 
-        let e = parse(r#"  {"message_id":"m","x":1.50e3}"#);
+        let original = format!(r#"  {{"message_id":"m","x":1.50e3,"traceparent":"{TP}"}}"#);
+        let e = parse(&original);
         let again = String::from_utf8(e.with_attempt_count(1)).unwrap();
-        assert_eq!(again, r#"  {"attempt_count":1,"message_id":"m","x":1.50e3}"#);
+        assert_eq!(again, original.replacen('{', r#"{"attempt_count":1,"#, 1));
         assert_eq!(parse(&again).attempt_count(), 1);
     }
 
     #[test]
+    fn a_retried_copy_carries_the_trace_every_attempt_shares() {
+        // No traceparent: one is written beside attempt_count, naming the trace started now.
+        let e = parse(r#"{"message_id":"m","x":1}"#);
+        assert!(!e.carries_trace());
+        assert_eq!(
+            e.with_attempt_count(1),
+            br#"{"attempt_count":1,"message_id":"m","x":1}"#,
+            "a dead letter's copy"
+        );
+        let again = String::from_utf8(e.retried(1)).unwrap();
+        let tp = format!("00-{}-", e.trace_id());
+        assert!(
+            again.starts_with(&format!(r#"{{"attempt_count":1,"traceparent":"{tp}"#)),
+            "{again}"
+        );
+        assert!(again.ends_with(r#"-01","message_id":"m","x":1}"#), "{again}");
+        let next = parse(&again);
+        assert!(next.carries_trace());
+        assert_eq!(next.trace_id(), e.trace_id(), "the next attempt has the same trace");
+        assert_eq!(next.retried(2), again.replace(":1,", ":2,").into_bytes());
+
+        // A malformed one is replaced where it stands, its tracestate kept in the item but
+        // not forwarded.
+        let bad = r#"{"message_id":"m","traceparent":"00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01","tracestate":"a=b","attempt_count":3}"#;
+        let e = parse(bad);
+        assert!(!e.carries_trace());
+        assert_eq!(e.trace().state, None);
+        assert_ne!(e.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        let again = String::from_utf8(e.retried(4)).unwrap();
+        let next = parse(&again);
+        assert_eq!((next.trace_id(), next.attempt_count()), (e.trace_id(), 4));
+        assert!(again.contains(r#""tracestate":"a=b","attempt_count":4}"#), "{again}");
+        for odd in ["null", "42", "{}", r#""""#] {
+            let e = parse(&format!(r#"{{"message_id":"m","traceparent":{odd}}}"#));
+            assert!(
+                parse(&String::from_utf8(e.retried(1)).unwrap()).carries_trace(),
+                "{odd}"
+            );
+        }
+
+        // A valid one is kept, with its tracestate, and its escapes are understood.
+        let good = format!(
+            r#"{{"message_id":"m","traceparent":"\u0030{}","tracestate":"congo=t61rcWkgMzE"}}"#,
+            &TP[1..]
+        );
+        let e = parse(&good);
+        assert!(e.carries_trace());
+        assert_eq!(e.trace_id().to_string(), "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(
+            e.trace().state.as_ref().map(|v| v.as_bytes()),
+            Some(&b"congo=t61rcWkgMzE"[..])
+        );
+    }
+
+    #[test]
     fn a_null_attempt_count_is_replaced_in_place() {
-        let e = parse(r#"{"message_id":"m","attempt_count":  null,"payload":null}"#);
+        let original = format!(r#"{{"message_id":"m","attempt_count":  null,"payload":null,"traceparent":"{TP}"}}"#);
+        let e = parse(&original);
         assert_eq!(e.attempt_count(), 0);
         let again = String::from_utf8(e.with_attempt_count(1)).unwrap();
-        assert_eq!(again, r#"{"message_id":"m","attempt_count":  1,"payload":null}"#);
+        assert_eq!(again, original.replace("  null", "  1"));
         let body: serde_json::Value = serde_json::from_slice(&e.delivery_body("\"w\"")).unwrap();
         assert_eq!(
             body.get("payload"),

@@ -3,6 +3,11 @@
 //! seven files kept):
 //!
 //! `2025-01-15 10:30:45,123 - worker - INFO - [worker-1] - Message delivered message_id=...`
+//!
+//! or, with `LOG_FORMAT=json`, one JSON object per line with the same content, every field its
+//! own key (`LogFormat`):
+//!
+//! `{"ts":"2025-01-15T09:30:45.123Z","level":"INFO","worker_id":"worker-1","message":"Message delivered","message_id":"..."}`
 
 use std::fmt::{self, Write as _};
 use std::io::{BufWriter, Write};
@@ -24,10 +29,24 @@ use tracing_subscriber::Layer;
 /// Keeps the background log writer running; drop it last, when the process exits.
 pub struct LogGuards(#[allow(dead_code)] WorkerGuard);
 
+/// How log lines are written (LOG_FORMAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// The old worker's line, unchanged.
+    Text,
+    /// One JSON object per line: `ts` (RFC 3339, UTC, milliseconds), `level` (the text
+    /// line's names), `worker_id`, `message`, then each of the event's fields as its own key,
+    /// numbers and booleans as such, everything else as a string.
+    Json,
+}
+
 /// The Python worker's line format: time, logger name, level (Python's names), worker id, message, then
-/// the event's fields as `key=value`.
+/// the event's fields as `key=value`. Or, for `LogFormat::Json`, the same as one JSON object.
 pub struct LineFormat {
     worker_id: String,
+    /// The worker id already encoded as a JSON string.
+    worker_id_json: String,
+    format: LogFormat,
 }
 
 impl<S, N> FormatEvent<S, N> for LineFormat
@@ -43,6 +62,9 @@ where
             Level::DEBUG => "DEBUG",
             Level::TRACE => "TRACE",
         };
+        if self.format == LogFormat::Json {
+            return self.format_json(level, &mut writer, event);
+        }
         // Written field by field: chrono's `format` interprets its pattern on every call.
         let now = chrono::Local::now();
         let mut fields = Fields::default();
@@ -61,6 +83,126 @@ where
             fields.message,
             fields.rest
         )
+    }
+}
+
+impl LineFormat {
+    /// One event as one JSON object on one line.
+    fn format_json(&self, level: &str, writer: &mut Writer<'_>, event: &Event<'_>) -> fmt::Result {
+        let now = chrono::Utc::now();
+        let mut fields = JsonFields::default();
+        event.record(&mut fields);
+        let mut message = String::with_capacity(fields.message.len() + 2);
+        json_string_into(&mut message, &fields.message);
+        writeln!(
+            writer,
+            "{{\"ts\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"level\":\"{level}\",\"worker_id\":{},\"message\":{}{}}}",
+            now.year(),
+            now.month(),
+            now.day(),
+            now.hour(),
+            now.minute(),
+            now.second(),
+            now.timestamp_subsec_millis().min(999),
+            self.worker_id_json,
+            message,
+            fields.rest
+        )
+    }
+}
+
+/// An event's fields as JSON members: `rest` holds `,"key":value` for each field but the
+/// message.
+#[derive(Default)]
+struct JsonFields {
+    message: String,
+    rest: String,
+}
+
+impl JsonFields {
+    /// Starts the member `key`: `,"key":`.
+    fn key(&mut self, field: &Field) {
+        self.rest.push(',');
+        json_string_into(&mut self.rest, field.name());
+        self.rest.push(':');
+    }
+}
+
+impl Visit for JsonFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        if field.name() == "message" {
+            self.message.push_str(value);
+        } else {
+            self.key(field);
+            json_string_into(&mut self.rest, value);
+        }
+    }
+
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.key(field);
+        self.rest.push_str(itoa::Buffer::new().format(value));
+    }
+
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.key(field);
+        self.rest.push_str(itoa::Buffer::new().format(value));
+    }
+
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        if value.is_finite() {
+            self.key(field);
+            let _ = write!(self.rest, "{value}");
+        } else {
+            // JSON has no NaN or infinity.
+            self.record_str(field, &value.to_string());
+        }
+    }
+
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.key(field);
+        self.rest.push_str(if value { "true" } else { "false" });
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
+        if field.name() == "message" {
+            let _ = write!(self.message, "{value:?}");
+        } else {
+            // Display-formatted fields (`%x`) arrive here too.
+            self.record_str(field, &format!("{value:?}"));
+        }
+    }
+}
+
+/// `value` as a JSON string, quotes included: `"` and `\\` escaped, control characters as
+/// `\n`, `\t`, ... or `\u00XX`.
+fn json_string_into(out: &mut String, value: &str) {
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if u32::from(c) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+impl LineFormat {
+    /// The format of `worker_id`'s lines.
+    pub fn new(worker_id: &str, format: LogFormat) -> LineFormat {
+        let mut worker_id_json = String::new();
+        json_string_into(&mut worker_id_json, worker_id);
+        LineFormat {
+            worker_id: worker_id.to_string(),
+            worker_id_json,
+            format,
+        }
     }
 }
 
@@ -231,10 +373,16 @@ impl Repeats {
     }
 }
 
-/// Starts logging at `level` to stdout and to files in `dir` that roll over daily and at
-/// `max_file_bytes`, seven kept. Dependencies log at WARNING and above only, so a DEBUG run
-/// shows courier's own lines.
-pub fn init(level: Level, dir: &Path, max_file_bytes: u64, worker_id: &str) -> Result<LogGuards, LogError> {
+/// Starts logging at `level` in `format` to stdout and to files in `dir` that roll over daily
+/// and at `max_file_bytes`, seven kept. Dependencies log at WARNING and above only, so a DEBUG
+/// run shows courier's own lines.
+pub fn init(
+    level: Level,
+    format: LogFormat,
+    dir: &Path,
+    max_file_bytes: u64,
+    worker_id: &str,
+) -> Result<LogGuards, LogError> {
     let file = RollingFile::open(dir, max_file_bytes, KEEP_FILES).map_err(|source| LogError::Directory {
         dir: dir.to_path_buf(),
         source,
@@ -252,9 +400,7 @@ pub fn init(level: Level, dir: &Path, max_file_bytes: u64, worker_id: &str) -> R
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
-                .event_format(LineFormat {
-                    worker_id: worker_id.to_string(),
-                })
+                .event_format(LineFormat::new(worker_id, format))
                 .with_writer(writer)
                 .with_filter(filter),
         )
@@ -442,6 +588,97 @@ impl<F: std::io::Write> Write for Tee<F> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The lines `format` writes for a few events like the worker's.
+    fn lines(format: LogFormat) -> Vec<String> {
+        #[derive(Clone, Default)]
+        struct Sink(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl Write for Sink {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let sink = Sink::default();
+        let writer = sink.clone();
+        let subscriber = tracing_subscriber::registry().with(
+            tracing_subscriber::fmt::layer()
+                .event_format(LineFormat::new("w-\"1\"", format))
+                .with_writer(move || writer.clone()),
+        );
+        tracing::subscriber::with_default(subscriber, || {
+            let error = "main server answered HTTP 503: \"busy\"\nsecond line";
+            let id = "m-1";
+            tracing::warn!(message_id = id, trace_id = %"4bf92f3577b34da6a3ce929d0e0e4736", attempt = 3u32, retry_in = ?Duration::from_millis(1500), error, "Delivery failed; will retry");
+            tracing::error!(
+                reason = "rejected",
+                count = 7u64,
+                ok = false,
+                rate = 0.25,
+                delta = -2i64,
+                "{} more messages moved ({})",
+                7,
+                "rejected"
+            );
+            tracing::info!("Shutdown requested; draining");
+        });
+        let bytes = sink.0.lock().unwrap().clone();
+        String::from_utf8(bytes).unwrap().lines().map(str::to_string).collect()
+    }
+
+    #[test]
+    fn json_lines_carry_every_field_as_its_own_key() {
+        let lines = lines(LogFormat::Json);
+        assert_eq!(lines.len(), 3);
+        let parsed: Vec<serde_json::Value> = lines
+            .iter()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+            .collect();
+        let retry = &parsed[0];
+        let ts = retry["ts"].as_str().unwrap();
+        assert_eq!(ts.len(), 24, "{ts}");
+        assert!(ts.ends_with('Z') && ts.as_bytes()[19] == b'.', "{ts}");
+        assert!(chrono::DateTime::parse_from_rfc3339(ts).is_ok(), "{ts}");
+        assert_eq!(retry["level"], "WARNING");
+        assert_eq!(retry["worker_id"], "w-\"1\"");
+        assert_eq!(retry["message"], "Delivery failed; will retry");
+        assert_eq!(retry["message_id"], "m-1");
+        assert_eq!(retry["trace_id"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(retry["attempt"], 3);
+        assert_eq!(retry["retry_in"], "1.5s");
+        assert_eq!(retry["error"], "main server answered HTTP 503: \"busy\"\nsecond line");
+        let summary = &parsed[1];
+        assert_eq!(summary["message"], "7 more messages moved (rejected)");
+        assert_eq!(
+            (&summary["count"], &summary["ok"], &summary["rate"], &summary["delta"]),
+            (
+                &serde_json::json!(7),
+                &serde_json::json!(false),
+                &serde_json::json!(0.25),
+                &serde_json::json!(-2)
+            )
+        );
+        assert_eq!(parsed[2].as_object().unwrap().len(), 4, "ts, level, worker_id, message");
+    }
+
+    #[test]
+    fn text_lines_are_the_old_workers() {
+        let lines = lines(LogFormat::Text);
+        let rest: Vec<&str> = lines.iter().map(|l| &l[23..]).collect();
+        assert_eq!(
+            rest,
+            [
+                " - worker - WARNING - [w-\"1\"] - Delivery failed; will retry message_id=m-1 \
+                 trace_id=4bf92f3577b34da6a3ce929d0e0e4736 attempt=3 retry_in=1.5s \
+                 error=\"main server answered HTTP 503: \\\"busy\\\"\\nsecond line\"",
+                " - worker - ERROR - [w-\"1\"] - 7 more messages moved (rejected) reason=rejected count=7 ok=false rate=0.25 delta=-2",
+                " - worker - INFO - [w-\"1\"] - Shutdown requested; draining",
+            ]
+        );
+    }
 
     #[test]
     fn quoting_matches_rusts_debug_for_log_values() {

@@ -1,6 +1,6 @@
 //! The command line: every command's options and what runs it. `main.rs` only parses and
 //! hands over to `main` here. One file per command family: `run` (the worker), `check`,
-//! `certs`, `enqueue`, `stats`, `dlq`, and, with the `devtools` feature, `devtools` (the
+//! `certs`, `enqueue`, `stats`, `dlq`, `where` (`locate`), and, with the `devtools` feature, `devtools` (the
 //! reference main server, the demo and the benchmark).
 
 mod certs;
@@ -9,6 +9,7 @@ pub mod check;
 mod devtools;
 mod dlq;
 mod enqueue;
+mod locate;
 mod run;
 mod stats;
 
@@ -135,6 +136,19 @@ enum Command {
     /// Inspect and requeue dead letters.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// Say where a message is now, in every configured queue (or the one named): ready at
+    /// position N, in a worker's processing list, due for retry at T, or dead (reason, time,
+    /// trace id). Exits 1 when it is in none of them (delivered, or never queued).
+    ///
+    /// Example: courier where order-42
+    Where {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        queue: QueueArg,
+        /// The message_id.
+        id: String,
+    },
 }
 
 /// The queue an operator command acts on.
@@ -228,6 +242,28 @@ pub fn main(cli: Cli) -> ExitCode {
             Err(code) => code,
         },
         Command::Dlq(command) => dlq::command(command),
+        Command::Where { config, queue, id } => match settings(config) {
+            Ok(mut settings) => {
+                if let Some(name) = queue.queue {
+                    settings.redis.queues = vec![name];
+                }
+                oneshot(async move {
+                    let found = locate::locate(&settings.redis, &id).await?;
+                    for (queue, place) in &found {
+                        println!("{}", locate::describe(queue, place));
+                    }
+                    if found.is_empty() {
+                        anyhow::bail!(
+                            "message_id {} is in none of {} (delivered, or never queued)",
+                            printable(&format!("{id:?}"), 600),
+                            settings.redis.queue_list()
+                        );
+                    }
+                    Ok(())
+                })
+            }
+            Err(code) => code,
+        },
     }
 }
 
@@ -280,7 +316,14 @@ fn settings_for(config: ConfigArg, queue: QueueArg) -> Result<Settings, ExitCode
 /// Connects for a one-shot command, with an error that says where and what to check.
 /// Also returns the keys of the first queue in the settings (the one the command acts on).
 async fn connect(settings: &RedisSettings) -> anyhow::Result<(crate::queue::Conn, crate::queue::Keys)> {
-    let (conn, clustered) = crate::queue::connect_once(settings).await.map_err(|e| {
+    let (conn, clustered) = connect_clustered(settings).await?;
+    let keys = crate::queue::Keys::for_topology(settings.first_queue(), clustered);
+    Ok((conn, keys))
+}
+
+/// `connect` without the keys: the connection, and whether it is to a cluster.
+async fn connect_clustered(settings: &RedisSettings) -> anyhow::Result<(crate::queue::Conn, bool)> {
+    crate::queue::connect_once(settings).await.map_err(|e| {
         if e.is_tls_files() {
             anyhow::anyhow!("{}", crate::telemetry::one_line(&e))
         } else if e.is_auth() {
@@ -295,9 +338,7 @@ async fn connect(settings: &RedisSettings) -> anyhow::Result<(crate::queue::Conn
                 settings.where_settings()
             )
         }
-    })?;
-    let keys = crate::queue::Keys::for_topology(settings.first_queue(), clustered);
-    Ok((conn, keys))
+    })
 }
 
 fn config_error(message: impl std::fmt::Display) -> ExitCode {

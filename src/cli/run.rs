@@ -38,6 +38,7 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
     };
     let _logs = match crate::telemetry::init(
         settings.logging.level,
+        settings.logging.format,
         &settings.logging.file_path,
         settings.logging.max_file_bytes,
         &settings.worker.id,

@@ -398,7 +398,7 @@ async fn send_h2(
     *request.method_mut() = outgoing.method.clone();
     *request.uri_mut() = uri;
     *request.headers_mut() = outgoing.headers.clone();
-    if let Some((name, value)) = &outgoing.extra {
+    for (name, value) in outgoing.extra {
         request.headers_mut().insert(*name, value.clone());
     }
     if let Err(e) = sender.ready().await {

@@ -52,8 +52,8 @@ pub struct Outgoing<'a> {
     pub path: &'a PathAndQuery,
     /// The headers every request of its kind carries, shared rather than cloned.
     pub headers: &'a HeaderMap,
-    /// One header of this request's own (the Idempotency-Key).
-    pub extra: Option<(&'a HeaderName, HeaderValue)>,
+    /// Headers of this request's own (the Idempotency-Key, the trace context).
+    pub extra: &'a [(&'a HeaderName, HeaderValue)],
     pub body: Bytes,
 }
 
@@ -76,7 +76,7 @@ pub fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
     out.extend_from_slice(b" HTTP/1.1\r\nhost: ");
     out.extend_from_slice(host.as_bytes());
     out.extend_from_slice(b"\r\n");
-    let own = extra.as_ref().map(|(name, value)| (*name, value));
+    let own = extra.iter().map(|(name, value)| (*name, value));
     for (name, value) in headers.iter().chain(own) {
         if name == HOST || name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
             continue;
@@ -660,11 +660,18 @@ mod tests {
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
         let key = HeaderName::from_static("idempotency-key");
+        let trace = HeaderName::from_static("traceparent");
         let request = Outgoing {
             method: Method::POST,
             path: &path,
             headers: &headers,
-            extra: Some((&key, HeaderValue::from_static("m-1"))),
+            extra: &[
+                (&key, HeaderValue::from_static("m-1")),
+                (
+                    &trace,
+                    HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
+                ),
+            ],
             body: Bytes::from_static(b"{\"a\":1}"),
         };
         let mut out = Vec::new();
@@ -672,13 +679,14 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "POST /api/internal/messages/deliver HTTP/1.1\r\nhost: main:8443\r\n\
-             content-type: application/json\r\nidempotency-key: m-1\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+             content-type: application/json\r\nidempotency-key: m-1\r\n\
+             traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
         );
 
         let get = Outgoing {
             method: Method::GET,
             body: Bytes::new(),
-            extra: None,
+            extra: &[],
             ..request
         };
         let mut out = Vec::new();

@@ -20,6 +20,7 @@ pub use h1::{Answer, Outgoing};
 use crate::config::MainServerSettings;
 use crate::message::Envelope;
 use crate::tls::ClientTls;
+use crate::trace::{TraceContext, TRACEPARENT, TRACESTATE};
 
 /// The underlying error of a failed request, kept as the `source()`; shared, so that the
 /// error stays cheap to clone.
@@ -151,6 +152,8 @@ pub struct Deliverer {
     settings: MainServerSettings,
     pool_size: usize,
     resent: Option<ResendHook>,
+    /// Send `traceparent` and `tracestate` (MAIN_SERVER_TRACE_CONTEXT).
+    trace_context: bool,
 }
 
 impl Deliverer {
@@ -175,6 +178,7 @@ impl Deliverer {
             settings: settings.clone(),
             pool_size,
             resent: None,
+            trace_context: settings.trace_context,
         })
     }
 
@@ -212,14 +216,41 @@ impl Deliverer {
             .clone()
     }
 
+    /// The headers of one request: the Idempotency-Key when given, then the trace context
+    /// (a new parent id each time) unless MAIN_SERVER_TRACE_CONTEXT is off. Fills `slots`
+    /// and returns how many it used; no allocation beyond the header values.
+    fn own_headers(
+        &self,
+        key: Option<&str>,
+        trace: &TraceContext,
+        slots: &mut [(&HeaderName, HeaderValue); 3],
+    ) -> usize {
+        let mut used = 0;
+        if let Some(key) = key {
+            slots[used] = (&IDEMPOTENCY_KEY, idempotency_key(key));
+            used += 1;
+        }
+        if self.trace_context {
+            slots[used] = (&TRACEPARENT, trace.traceparent_header());
+            used += 1;
+            if let Some(state) = &trace.state {
+                slots[used] = (&TRACESTATE, state.clone());
+                used += 1;
+            }
+        }
+        used
+    }
+
     /// POSTs one message to `/internal/messages/deliver`.
     pub async fn deliver(&self, envelope: &Envelope) -> Attempt {
         let started = Instant::now();
+        let mut slots = empty_slots();
+        let used = self.own_headers(Some(envelope.message_id()), envelope.trace(), &mut slots);
         let request = Outgoing {
             method: Method::POST,
             path: &self.deliver_path,
             headers: &self.deliver_headers,
-            extra: Some((&IDEMPOTENCY_KEY, idempotency_key(envelope.message_id()))),
+            extra: &slots[..used],
             body: Bytes::from(envelope.delivery_body(&self.worker_id_json)),
         };
         let result = self.client().send(&request).await.and_then(outcome);
@@ -229,13 +260,14 @@ impl Deliverer {
         }
     }
 
-    /// PUTs a message's status to `/internal/messages/{id}/status`.
+    /// PUTs a message's status to `/internal/messages/{id}/status`, in the message's trace.
     pub async fn update_status(
         &self,
         message_id: &str,
         status: Status,
         attempt_count: u32,
         error: &str,
+        trace: &TraceContext,
     ) -> Result<(), DeliveryError> {
         let url = status_url(&self.base, message_id);
         let path = PathAndQuery::try_from(path_of(&url)).map_err(|e| DeliveryError::Other(Arc::new(e)))?;
@@ -244,15 +276,22 @@ impl Deliverer {
             "attempt_count": attempt_count,
             "error_message": error,
         });
+        let mut slots = empty_slots();
+        let used = self.own_headers(None, trace, &mut slots);
         let request = Outgoing {
             method: Method::PUT,
             path: &path,
             headers: &self.deliver_headers,
-            extra: None,
+            extra: &slots[..used],
             body: Bytes::from(body.to_string()),
         };
         self.client().send(&request).await.and_then(outcome)
     }
+}
+
+/// Room for a request's own headers; `Deliverer::own_headers` fills it.
+fn empty_slots() -> [(&'static HeaderName, HeaderValue); 3] {
+    std::array::from_fn(|_| (&IDEMPOTENCY_KEY, HeaderValue::from_static("")))
 }
 
 /// The headers of every request with a JSON body.
@@ -280,7 +319,7 @@ pub async fn probe(client: &Client, url: &Url) -> Result<Answer, DeliveryError> 
         method: Method::GET,
         path: &path,
         headers: &headers,
-        extra: None,
+        extra: &[],
         body: Bytes::new(),
     };
     client.send(&request).await
@@ -331,7 +370,7 @@ pub fn error_text(body: &[u8]) -> String {
 }
 
 /// The header carrying the message id, so the main server can drop a repeated delivery.
-const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+static IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
 
 /// The message id as a header value; `Envelope::parse` refused control characters already.
 pub fn idempotency_key(id: &str) -> HeaderValue {
@@ -399,6 +438,7 @@ mod tests {
             connect_timeout: Duration::from_secs(1),
             request_timeout: Duration::from_secs(1),
             http2: true,
+            trace_context: true,
         };
         assert!(Client::new(&settings, None, 4).is_ok());
         assert!(Deliverer::new(&settings, None, "w", 4).is_ok());

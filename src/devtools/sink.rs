@@ -39,6 +39,9 @@ pub struct Call {
     pub body: serde_json::Value,
     pub idempotency_key: Option<String>,
     pub content_type: Option<String>,
+    /// The W3C trace context headers, when sent.
+    pub traceparent: Option<String>,
+    pub tracestate: Option<String>,
     /// The client certificate's subject.
     pub client: String,
     /// The status the sink answered (0: it cut the connection).
@@ -439,6 +442,7 @@ async fn handle(
     };
     let idempotency_key = header("idempotency-key");
     let content_type = header("content-type");
+    let (traceparent, tracestate) = (header("traceparent"), header("tracestate"));
     let method = request.method().clone();
     let version = request.version();
     let path = request.uri().path().to_string();
@@ -478,6 +482,8 @@ async fn handle(
         body: json,
         idempotency_key,
         content_type,
+        traceparent,
+        tracestate,
         client,
         answered: 0,
         arrived,

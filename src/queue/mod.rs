@@ -5,6 +5,7 @@
 pub mod acl;
 mod connect;
 mod keys;
+mod locate;
 mod scripts;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use redis::{AsyncCommands, Script};
 
 pub use self::connect::{Conn, Connector};
 pub use self::keys::{cluster_safe_name, hash_tag, slot_part, Keys};
+pub use self::locate::{locate, Place};
 use self::scripts::Scripts;
 use crate::config::RedisSettings;
 

@@ -231,14 +231,15 @@ async fn report_statuses(
                     status,
                     attempt_count,
                     error,
+                    trace,
                 } = &update.report;
-                match deliverer.update_status(message_id, *status, *attempt_count, error).await {
+                match deliverer.update_status(message_id, *status, *attempt_count, error, trace).await {
                     Ok(()) => metrics.status_update("ok"),
                     Err(e) => {
                         metrics.status_update("failed");
                         // Counted in worker_status_updates_total{result="failed"}; during an outage
                         // every failed delivery brings one, so they stay out of the normal log.
-                        debug!(message_id = %message_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+                        debug!(message_id = %message_id, trace_id = %trace.trace_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
                         if not_taken(&e) {
                             update.tries = update.tries.saturating_add(1);
                             let wait = PUT_RETRY_FIRST

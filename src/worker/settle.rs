@@ -14,7 +14,7 @@ use crate::admin::Health;
 use crate::breaker::Treat;
 use crate::config::{QueueOrder, WorkerSettings};
 use crate::delivery::{Deliverer, Status};
-use crate::message::{dead_letter, DeadReason, Envelope};
+use crate::message::{dead_letter, dead_letter_traced, DeadReason, Envelope};
 use crate::metrics::Metrics;
 use crate::policy::{self, Kind, Outcomes, Policy, Settle};
 use crate::queue::{Connector, Queue, QueueError};
@@ -29,6 +29,8 @@ pub(super) struct StatusReport {
     pub(super) status: Status,
     pub(super) attempt_count: u32,
     pub(super) error: String,
+    /// The message's trace, for the PUT's `traceparent`.
+    pub(super) trace: crate::trace::TraceContext,
 }
 
 /// What every delivery task needs.
@@ -229,6 +231,7 @@ impl Context {
         let id = envelope.message_id();
         debug!(
             message_id = id,
+            trace_id = %envelope.trace_id(),
             "Processing message {id} (attempt {}/{})",
             u64::from(envelope.attempt_count()) + 1,
             self.policy.max_attempts
@@ -288,29 +291,31 @@ impl Context {
     /// the failure's metric label, `error` its text.
     async fn carry_out(&self, q: usize, envelope: &Envelope, settle: Settle, cause: &'static str, error: &str) {
         let id = envelope.message_id();
+        let trace_id = envelope.trace_id();
         let queue = self.queue(q);
         match settle {
             Settle::Ack => {
                 self.settle(|| self.acks[q].ack(envelope.raw())).await;
-                debug!(message_id = id, "Message {id} delivered successfully");
+                debug!(message_id = id, trace_id = %trace_id, "Message {id} delivered successfully");
             }
             Settle::Retry { delay, failures } => {
-                let retried = envelope.with_attempt_count(failures);
+                let retried = envelope.retried(failures);
                 if self.settle(|| queue.retry(envelope.raw(), &retried, delay)).await {
                     self.metrics.retried(q);
                 }
                 self.repeat(Repeat::Retry, cause, id, error, || {
-                    warn!(message_id = id, attempt = failures, max_attempts = self.policy.max_attempts, retry_in = ?delay, error, "Delivery failed; will retry");
+                    warn!(message_id = id, trace_id = %trace_id, attempt = failures, max_attempts = self.policy.max_attempts, retry_in = ?delay, error, "Delivery failed; will retry");
                 });
-                self.report(id, Status::Queued, failures, error.to_string());
+                self.report(envelope, Status::Queued, failures, error.to_string());
             }
             Settle::Dead { reason, failures } => {
-                let record = dead_letter(
+                let record = dead_letter_traced(
                     &envelope.with_attempt_count(failures),
                     reason,
                     error,
                     &self.worker_id,
                     Some(id),
+                    Some(trace_id),
                 );
                 if self.settle(|| queue.dead(envelope.raw(), &record)).await {
                     self.metrics.dead(q, reason.label());
@@ -318,13 +323,14 @@ impl Context {
                 self.repeat(Repeat::DeadLetter, reason.label(), id, error, || {
                     error!(
                         message_id = id,
+                        trace_id = %trace_id,
                         reason = reason.label(),
                         attempts = failures,
                         error,
                         "Message {id} moved to the dead-letter list"
                     );
                 });
-                self.report(id, Status::Failed, failures, error.to_string());
+                self.report(envelope, Status::Failed, failures, error.to_string());
             }
         }
     }
@@ -334,15 +340,17 @@ impl Context {
     pub(super) async fn internal_error(&self, q: usize, raw: &Bytes, panic: &str) {
         let reason = DeadReason::InternalError;
         // Whatever panicked may be the parser itself: ask it again only behind a guard.
-        let id = std::panic::catch_unwind(|| {
+        let (id, trace_id) = std::panic::catch_unwind(|| {
             Envelope::parse(raw.clone(), usize::MAX)
                 .ok()
-                .map(|e| e.message_id().to_string())
+                .map(|e| (e.message_id().to_string(), e.carries_trace().then(|| e.trace_id())))
         })
         .ok()
-        .flatten();
+        .flatten()
+        .unzip();
+        let trace_id = trace_id.flatten();
         let error = format!("courier failed while handling this message: {panic}");
-        let record = dead_letter(raw, reason, &error, &self.worker_id, id.as_deref());
+        let record = dead_letter_traced(raw, reason, &error, &self.worker_id, id.as_deref(), trace_id);
         if self.settle(|| self.queue(q).dead(raw, &record)).await {
             self.metrics.dead(q, reason.label());
         }
@@ -378,12 +386,13 @@ impl Context {
     }
 
     /// Queues a best-effort status update; never waits.
-    fn report(&self, message_id: &str, status: Status, attempt_count: u32, error: String) {
+    fn report(&self, envelope: &Envelope, status: Status, attempt_count: u32, error: String) {
         let report = StatusReport {
-            message_id: message_id.to_string(),
+            message_id: envelope.message_id().to_string(),
             status,
             attempt_count,
             error,
+            trace: envelope.trace().clone(),
         };
         if self.status.try_send(report).is_err() {
             self.metrics.status_update("dropped");

@@ -77,6 +77,7 @@ async fn certs_init_and_issue_make_a_set_the_worker_and_server_accept() {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(5),
         http2: true,
+        trace_context: true,
     };
     let client = courier::delivery::Client::new(&settings, Some(&tls), 1).unwrap();
     let answer = courier::delivery::probe(&client, &settings.url)

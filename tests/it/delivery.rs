@@ -200,10 +200,17 @@ async fn dead_letters_at_max_attempts_keeping_every_other_byte() {
     assert_eq!(dead[0]["reason"], "exhausted");
     assert_eq!(dead[0]["message_id"], "doomed");
     assert!(dead[0]["error"].as_str().unwrap_or("").contains("503"));
+    // The retried copies carry the trace courier started for the message, in the dead letter too.
+    let kept: serde_json::Value = serde_json::from_str(dead[0]["message"].as_str().unwrap()).unwrap();
+    let traceparent = kept["traceparent"].as_str().unwrap_or_default();
+    assert!(traceparent.contains(dead[0]["trace_id"].as_str().unwrap()), "{kept}");
     assert_eq!(
         dead[0]["message"],
-        format!(r#"{{"attempt_count":3,{}"#, &original[1..]),
-        "only attempt_count changed"
+        format!(
+            r#"{{"attempt_count":3,"traceparent":"{traceparent}",{}"#,
+            &original[1..]
+        ),
+        "only attempt_count changed, and a traceparent was added"
     );
     assert_eq!(len(&redis, &keys().retry).await + len(&redis, Q).await, 0);
 }

@@ -175,6 +175,7 @@ fn deliverer_to(pki: &Pki, url: &str) -> Deliverer {
         connect_timeout: Duration::from_secs(5),
         request_timeout: Duration::from_secs(5),
         http2: false,
+        trace_context: true,
     };
     Deliverer::new(&settings, Some(&tls), "w-raw", 4).expect("deliverer")
 }

@@ -24,4 +24,5 @@ mod resilience;
 mod scripts;
 mod sentinel;
 mod struggling;
+mod trace;
 mod unavailable;

@@ -36,6 +36,14 @@ fn odd_value() -> impl Strategy<Value = String> {
     ]
 }
 
+/// A `traceparent` value: near-valid (any case, any version), or anything else.
+fn traceparent_value() -> impl Strategy<Value = String> {
+    prop_oneof![
+        "\"[0-9a-fA-F]{2}-[0-9a-f0]{32}-[0-9a-fA-F0]{16}-[0-9a-f]{2}(-[a-z]{0,3})?\"",
+        odd_value(),
+    ]
+}
+
 /// A queue item close to the documented format, fields in any combination.
 fn near_message() -> impl Strategy<Value = Vec<u8>> {
     (
@@ -44,8 +52,9 @@ fn near_message() -> impl Strategy<Value = Vec<u8>> {
         proptest::option::of(odd_value()),
         proptest::option::of("\\PC{0,20}"),
         " {0,2}",
+        proptest::option::of(traceparent_value()),
     )
-        .prop_map(|(id, attempts, queued_at, payload, space)| {
+        .prop_map(|(id, attempts, queued_at, payload, space, traceparent)| {
             let mut fields = vec![format!("\"message_id\":{}", serde_json::Value::from(id))];
             if let Some(a) = attempts {
                 fields.push(format!("\"attempt_count\":{space}{a}"));
@@ -55,6 +64,9 @@ fn near_message() -> impl Strategy<Value = Vec<u8>> {
             }
             if let Some(p) = payload {
                 fields.push(format!("\"payload\":{}", serde_json::Value::from(p)));
+            }
+            if let Some(t) = traceparent {
+                fields.push(format!("\"traceparent\":{t}"));
             }
             format!("{space}{{{}}}", fields.join(",")).into_bytes()
         })
