@@ -28,6 +28,7 @@ pub mod config;
 pub mod delivery;
 #[cfg(feature = "devtools")]
 pub mod devtools;
+pub mod dlq;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod message;
