@@ -380,6 +380,30 @@ pub async fn whole(conn: &mut Conn, keys: &Keys, letter: &Letter) -> Result<Opti
         .map(Letter::read))
 }
 
+/// The dead letter at `position`, cut to `cap` bytes, or `None` when there is none (or a
+/// tombstone) there now.
+pub async fn at(conn: &mut Conn, keys: &Keys, position: u64, cap: u64) -> Result<Option<Letter>, QueueError> {
+    if position == 0 {
+        return Ok(None);
+    }
+    let page = queue::dead_page(
+        conn,
+        keys,
+        &PageRequest {
+            from: position,
+            newer: true,
+            max_records: 1,
+            max_bytes: 1,
+            chunk: 1,
+            cap,
+            grep: "",
+            sha: false,
+        },
+    )
+    .await?;
+    Ok(page.slots.into_iter().next().map(Letter::read))
+}
+
 /// Dead letters by reason among the newest `newest`, read in pages of headers (what
 /// `courier stats` shows: bounded work however long the list is).
 pub async fn reasons(conn: &mut Conn, keys: &Keys, newest: u64) -> Result<BTreeMap<String, u64>, QueueError> {

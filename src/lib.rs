@@ -22,6 +22,7 @@
 //! Redis key protocol and why no message is lost: docs/design.md.
 
 pub mod admin;
+mod admin_dlq;
 pub mod breaker;
 pub mod cli;
 pub mod config;

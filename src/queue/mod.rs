@@ -426,6 +426,11 @@ impl Queue {
         &self.keys
     }
 
+    /// The shared connection, for operator work on this queue's keys (the admin port's `/dlq`).
+    pub fn connection(&self) -> Conn {
+        self.conn.clone()
+    }
+
     /// The Redis server's version, e.g. `7.0.15`.
     pub async fn server_version(&self) -> Result<String, QueueError> {
         server_version(&mut self.conn.clone()).await
