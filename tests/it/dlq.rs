@@ -476,3 +476,82 @@ async fn the_dlq_api_needs_the_token_filters_pages_requeues_and_purges() {
     );
     worker.stop().await;
 }
+
+/// The page in Debian's headless Chromium, driven by tests/browser/ui.mjs (playwright-core).
+/// In CI (CI set) the tools must be there (.ci/run installs them); elsewhere a missing tool
+/// skips this test with a loud line.
+#[tokio::test]
+async fn the_page_in_headless_chromium_shows_depths_text_only_and_requeues_a_group() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let script = root.join("tests/browser/ui.mjs");
+    let missing: Vec<&str> = [
+        ("/usr/bin/chromium", std::path::Path::new("/usr/bin/chromium").exists()),
+        (
+            "node",
+            std::process::Command::new("node").arg("--version").output().is_ok(),
+        ),
+        (
+            "tests/browser/node_modules (npm ci --prefix tests/browser)",
+            root.join("tests/browser/node_modules/playwright-core").exists(),
+        ),
+    ]
+    .into_iter()
+    .filter(|(_, there)| !there)
+    .map(|(what, _)| what)
+    .collect();
+    if !missing.is_empty() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "CI must run the browser test; missing: {missing:?}"
+        );
+        eprintln!("\n*** SKIPPED the browser test: missing {missing:?} (bash .ci/run installs them) ***\n");
+        return;
+    }
+    let redis = RedisServer::start().await;
+    let pki = Pki::new();
+    let sink = start_sink(&pki, courier::devtools::sink::always_ok()).await;
+    seed(&redis).await;
+    let hostile = "<img src=x onerror=alert(1)><script>alert(2)</script>";
+    let evil = dead_letter(hostile.as_bytes(), DeadReason::Exhausted, hostile, "w", Some("evil"));
+    let _: () = redis.conn().await.lpush(keys().dead, evil).await.expect("LPUSH");
+    let worker = worker_on(&redis, &sink, &pki, "w-ui", &[("ADMIN_TOKEN", TOKEN)]).await;
+    let base = worker.url("");
+    let shot = root.join("target/ui-screenshot.png");
+    let output = tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(&base)
+        .arg(TOKEN)
+        .arg(&shot)
+        .output()
+        .await
+        .expect("node runs");
+    let said = out(&output);
+    assert!(output.status.success(), "{said}");
+    let seen: serde_json::Value = serde_json::from_slice(&output.stdout).expect("one JSON line");
+    eprintln!("the page showed: {seen}\nscreenshot: {}", shot.display());
+    assert_eq!(seen["dead_shown"], "7", "the dead count set up");
+    assert_eq!(seen["hostile_text"], hostile, "shown as text, exactly");
+    assert_eq!(seen["dialogs"], 0);
+    assert_eq!(seen["filtered"], serde_json::json!(["c-1", "r-2", "r-1"]));
+    assert!(
+        seen["confirm"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("Requeue 3 dead letter(s)"),
+        "{seen}"
+    );
+    // Back in the queue, and so delivered by the worker.
+    assert!(
+        sink.wait_for(WAIT, |r| {
+            let d = r.delivered();
+            ["c-1", "r-1", "r-2"].iter().all(|id| d.iter().any(|x| x == id))
+        })
+        .await
+    );
+    assert_eq!(
+        len(&redis, &keys().dead).await,
+        4,
+        "only the rejected group left the dead list"
+    );
+    worker.stop().await;
+}
