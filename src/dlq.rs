@@ -322,6 +322,7 @@ pub async fn list(
                 cap: PREVIEW_BYTES,
                 grep: filter.grep_text(),
                 sha: false,
+                header_only: false,
             },
         )
         .await?;
@@ -329,7 +330,7 @@ pub async fn list(
             listing.total = page.len;
             first = false;
         }
-        scanned = scanned.saturating_add(u64::try_from(page.slots.len()).unwrap_or(0) + page.tombstones);
+        scanned = scanned.saturating_add(u64::try_from(page.slots.len()).unwrap_or(0) + page.tombstones + page.misses);
         chunk = page.chunk;
         for slot in page.slots {
             let position = slot.position;
@@ -369,6 +370,7 @@ pub async fn whole(conn: &mut Conn, keys: &Keys, letter: &Letter) -> Result<Opti
             cap: 0,
             grep: "",
             sha: false,
+            header_only: false,
         },
     )
     .await?;
@@ -398,6 +400,7 @@ pub async fn at(conn: &mut Conn, keys: &Keys, position: u64, cap: u64) -> Result
             cap,
             grep: "",
             sha: false,
+            header_only: false,
         },
     )
     .await?;
@@ -422,6 +425,7 @@ pub async fn reasons(conn: &mut Conn, keys: &Keys, newest: u64) -> Result<BTreeM
                 cap: 4096,
                 grep: "",
                 sha: false,
+                header_only: true,
             },
         )
         .await?;
@@ -440,7 +444,15 @@ pub async fn reasons(conn: &mut Conn, keys: &Keys, newest: u64) -> Result<BTreeM
 /// to `cap` bytes (0: whole) and with their SHA-1 when `sha`. `each` returns how many of the
 /// page it replaced with tombstones; the walk sweeps them every `SWEEP_EVERY` and at the end,
 /// and continues at the right place. Returns the records read.
-async fn walk<F>(conn: &mut Conn, keys: &Keys, grep: &str, cap: u64, sha: bool, mut each: F) -> Result<u64, QueueError>
+async fn walk<F>(
+    conn: &mut Conn,
+    keys: &Keys,
+    grep: &str,
+    cap: u64,
+    sha: bool,
+    header_only: bool,
+    mut each: F,
+) -> Result<u64, QueueError>
 where
     F: AsyncPageFn,
 {
@@ -461,11 +473,12 @@ where
                 cap,
                 grep,
                 sha,
+                header_only,
             },
         )
         .await?;
         chunk = page.chunk;
-        read = read.saturating_add(u64::try_from(page.slots.len()).unwrap_or(0));
+        read = read.saturating_add(u64::try_from(page.slots.len()).unwrap_or(0) + page.misses);
         // Tombstones a killed run left behind are swept with ours.
         pending = pending.saturating_add(page.tombstones);
         let letters: Vec<(Letter, bool)> = page
@@ -614,7 +627,7 @@ pub async fn stats(conn: &mut Conn, keys: &Keys, filter: &Filter) -> Result<Stat
         total: 0,
     };
     // The header is at the start of each record: a short preview is enough.
-    walk(conn, keys, filter.grep_text(), 4096, false, &mut page).await?;
+    walk(conn, keys, filter.grep_text(), 4096, false, true, &mut page).await?;
     let mut groups: Vec<Group> = page.groups.into_values().collect();
     groups.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.reason.cmp(&b.reason)));
     Ok(Stats {
@@ -759,7 +772,17 @@ pub async fn act(
         Action::Requeue { .. } if !options.dry_run => 0,
         _ => 4096,
     };
-    walk(conn, keys, filter.grep_text(), cap, !options.dry_run, &mut page).await?;
+    let header_only = cap != 0;
+    walk(
+        conn,
+        keys,
+        filter.grep_text(),
+        cap,
+        !options.dry_run,
+        header_only,
+        &mut page,
+    )
+    .await?;
     Ok(page.outcome)
 }
 

@@ -891,6 +891,9 @@ pub struct DeadPage {
     pub len: u64,
     /// Tombstones (`DLQ_TOMBSTONE`) passed.
     pub tombstones: u64,
+    /// Records passed that do not contain the `grep` text.
+    pub misses: u64,
+    /// The records read that contain it.
     pub slots: Vec<DeadSlot>,
 }
 
@@ -911,6 +914,8 @@ pub struct PageRequest<'a> {
     /// Plain text to look for; empty: none.
     pub grep: &'a str,
     pub sha: bool,
+    /// Only each record's first line (the header).
+    pub header_only: bool,
 }
 
 pub use self::scripts::DLQ_TOMBSTONE;
@@ -929,6 +934,7 @@ pub async fn dead_page(conn: &mut Conn, keys: &Keys, request: &PageRequest<'_>) 
         .arg(request.grep)
         .arg(if request.sha { "1" } else { "0" })
         .arg(DLQ_TOMBSTONE)
+        .arg(if request.header_only { "1" } else { "0" })
         .invoke_async(conn)
         .await?;
     Ok(parse_page(reply))
@@ -949,7 +955,7 @@ fn parse_page(reply: redis::Value) -> DeadPage {
     };
     let mut items = items.into_iter();
     let mut head = || items.next().as_ref().map_or(0, number);
-    let (next, chunk, len, tombstones) = (head(), head(), head(), head());
+    let (next, chunk, len, tombstones, misses) = (head(), head(), head(), head(), head());
     let slots = items
         .filter_map(|slot| match slot {
             redis::Value::Array(fields) if fields.len() == 5 => {
@@ -975,6 +981,7 @@ fn parse_page(reply: redis::Value) -> DeadPage {
         chunk,
         len,
         tombstones,
+        misses,
         slots,
     }
 }

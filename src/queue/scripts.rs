@@ -295,9 +295,10 @@ pub const DLQ_TOMBSTONE: &[u8] = b"\x00courier:dlq:removed";
 /// add up to ARGV[4] bytes. Reads with LRANGE in chunks of ARGV[5] records at first, then as
 /// many as fit the byte budget at the size of the largest seen (1 to 256), so that huge
 /// records are read one at a time. Each record comes back cut to ARGV[6] bytes (0: whole), with
-/// whether it contains ARGV[7] (plain text, '' matches all) and, with ARGV[8] = '1', its SHA-1.
+/// its SHA-1 with ARGV[8] = '1', and only up to its first newline (the header) with ARGV[10] =
+/// '1'. Records that do not contain ARGV[7] (plain text; '' matches all) are only counted.
 /// Returns {next position, the chunk size to start the next call with, LLEN, tombstones
-/// passed, {position, size, bytes, grep hit, sha}...}.
+/// passed, records without the text, {position, size, bytes, 1, sha}...}.
 pub(super) fn dlq_page() -> Script {
     Script::new(
         r"local key = KEYS[1]
@@ -306,8 +307,8 @@ pub(super) fn dlq_page() -> Script {
           local chunk, cap, grep, want_sha = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8] == '1'
           local len = redis.call('LLEN', key)
           if p == 0 and dir < 0 then p = len end
-          local out = {0, 0, len, 0}
-          local used, n, tombs, biggest = 0, 0, 0, 1
+          local out = {0, 0, len, 0, 0}
+          local used, n, tombs, biggest, misses = 0, 0, 0, 1, 0
           while n < max_items and used < budget and p >= 1 and p <= len do
             local k = math.max(1, math.min(chunk, max_items - n))
             local a, b
@@ -324,14 +325,18 @@ pub(super) fn dlq_page() -> Script {
               if size > biggest then biggest = size end
               if item == ARGV[9] then
                 tombs = tombs + 1
-              else
-                local hit = 1
-                if grep ~= '' and not string.find(item, grep, 1, true) then hit = 0 end
+              elseif grep == '' or string.find(item, grep, 1, true) then
                 local sha = ''
                 if want_sha then sha = redis.sha1hex(item) end
                 local shown = item
                 if cap > 0 and size > cap then shown = string.sub(item, 1, cap) end
-                out[#out + 1] = {b - (i - 1), size, shown, hit, sha}
+                if ARGV[10] == '1' then
+                  local newline = string.find(shown, '\n', 1, true)
+                  if newline then shown = string.sub(shown, 1, newline) end
+                end
+                out[#out + 1] = {b - (i - 1), size, shown, 1, sha}
+              else
+                misses = misses + 1
               end
               n = n + 1
             end
@@ -339,7 +344,7 @@ pub(super) fn dlq_page() -> Script {
             if dir > 0 then p = b + 1 else p = a - 1 end
             chunk = math.max(1, math.min(256, math.floor(budget / biggest)))
           end
-          out[1], out[2], out[4] = p, chunk, tombs
+          out[1], out[2], out[4], out[5] = p, chunk, tombs, misses
           return out",
     )
 }

@@ -281,7 +281,7 @@ async fn a_requeue_killed_half_way_and_run_again_loses_and_doubles_nothing() {
 async fn big_dead_letters_are_read_one_at_a_time() {
     let redis = RedisServer::start().await;
     let mut conn = redis.conn().await;
-    let big = vec![b'x'; 8 << 20];
+    let big = vec![b'x'; 4 << 20];
     for i in 0..12 {
         let r = dead_letter(
             &big,
@@ -419,6 +419,9 @@ async fn the_dlq_api_needs_the_token_filters_pages_requeues_and_purges() {
     assert_eq!(get(&worker.url("/metrics")).await.0, 200, "/metrics stays open");
     assert_eq!(get(&worker.url("/ready")).await.0, 200);
 
+    // /ready can answer before the admin port has the queues' handles: wait for those.
+    let url = worker.url("/dlq?limit=1");
+    eventually(|| async { call("GET", &url, Some(TOKEN), None).await.0 == 200 }).await;
     let (status, page) = call("GET", &worker.url("/dlq?reason=rejected&limit=2"), Some(TOKEN), None).await;
     assert_eq!(status, 200, "{page}");
     let ids: Vec<&str> = page["items"]
@@ -554,4 +557,81 @@ async fn the_page_in_headless_chromium_shows_depths_text_only_and_requeues_a_gro
         "only the rejected group left the dead list"
     );
     worker.stop().await;
+}
+
+/// The scale benchmark (docs/performance.md): a million dead letters, one in ten rejected
+/// (422) spread through the list, the rest exhausted (503); times and peak RSS of `dlq stats`,
+/// filtered `dlq list`s and `dlq requeue --reason rejected` (100,000). Prints figures; asserts
+/// only that the work was done.
+/// Run: cargo test --test it -- --ignored --nocapture dlq_benchmark_a_million_dead_letters
+#[tokio::test]
+#[ignore = "a benchmark: prints figures, takes a minute"]
+async fn dlq_benchmark_a_million_dead_letters() {
+    let redis = RedisServer::start().await;
+    let mut conn = redis.conn().await;
+    let n = 1_000_000;
+    for batch in 0..n / 10_000 {
+        let _: () = redis::cmd("EVAL")
+        .arg(
+            r#"for i = tonumber(ARGV[2]) + 1, tonumber(ARGV[2]) + tonumber(ARGV[1]) do
+                 local rejected = i % 10 == 0
+                 local header = '{"reason":"' .. (rejected and 'rejected' or 'exhausted')
+                   .. '","error":"main server answered HTTP ' .. (rejected and '422: order ' .. i .. ' invalid' or '503: busy')
+                   .. '","worker_id":"w","dead_at":"2025-01-15T' .. string.format('%02d:%02d:%02d', math.floor(i / 360000) % 24, math.floor(i / 6000) % 60, math.floor(i / 100) % 60)
+                   .. '.000Z","message_id":"m-' .. i .. '","size":120}'
+                 redis.call('LPUSH', KEYS[1], header .. '\n{"message_id":"m-' .. i .. '","attempt_count":3,"payload":{"order":' .. i .. ',"pad":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}}')
+               end
+               return 1"#,
+        )
+        .arg(1)
+        .arg(keys().dead)
+        .arg(10_000)
+        .arg(batch * 10_000)
+        .query_async(&mut conn)
+        .await
+        .expect("load");
+    }
+    let used = info_number(&mut conn, "memory", "used_memory").await;
+    eprintln!(
+        "loaded {n} dead letters: Redis used_memory {:.0} MB",
+        used as f64 / 1048576.0
+    );
+    let (vars, dir) = (vars(&redis), tempfile::tempdir().expect("dir"));
+    let exe = env!("CARGO_BIN_EXE_courier");
+    for args in [
+        &["dlq", "stats"][..],
+        &["dlq", "list", "--reason", "rejected", "--limit", "50"],
+        &["dlq", "list", "--grep", "no such text", "--limit", "1"],
+        &["dlq", "list", "--status", "404", "--limit", "1"],
+        &["dlq", "requeue", "--reason", "rejected", "--dry-run"],
+        &["dlq", "requeue", "--reason", "rejected"],
+    ] {
+        let started = std::time::Instant::now();
+        let output = tokio::process::Command::new("/usr/bin/time")
+            .arg("-f")
+            .arg("peak RSS %M kB")
+            .arg(exe)
+            .args(args)
+            .envs(&vars)
+            .current_dir(dir.path())
+            .output()
+            .await
+            .expect("runs");
+        let took = started.elapsed();
+        let said = out(&output);
+        let rss = said
+            .lines()
+            .find(|l| l.starts_with("peak RSS"))
+            .unwrap_or("")
+            .to_string();
+        let first = said.lines().find(|l| !l.trim().is_empty()).unwrap_or("").to_string();
+        eprintln!(
+            "courier {}: {:.2} s, {rss}; {first}",
+            args.join(" "),
+            took.as_secs_f64()
+        );
+        assert!(output.status.success(), "{said}");
+    }
+    assert_eq!(len(&redis, Q).await, n / 10, "every rejected one requeued once");
+    assert_eq!(len(&redis, &keys().dead).await, n - n / 10);
 }
