@@ -136,6 +136,9 @@ pub struct AdminState {
     /// The Redis part of `/stats` and when it was read: a flood of requests reads Redis at
     /// most once per `STATS_MAX_AGE`, and concurrent requests wait for the one read.
     pub stats_cache: tokio::sync::Mutex<Option<(Instant, serde_json::Value)>>,
+    /// ADMIN_TOKEN: the `/dlq` API and the `/ui` page are served only with it, and only to
+    /// requests that carry it (`crate::admin_dlq`).
+    pub admin_token: Option<crate::config::Secret>,
 }
 
 impl AdminState {
@@ -147,7 +150,14 @@ impl AdminState {
             health,
             queues: OnceLock::new(),
             stats_cache: tokio::sync::Mutex::new(None),
+            admin_token: None,
         }
+    }
+
+    /// Turns on the `/dlq` API and `/ui` page for requests carrying `token`.
+    pub fn with_admin_token(mut self, token: Option<crate::config::Secret>) -> AdminState {
+        self.admin_token = token;
+        self
     }
 }
 
@@ -230,6 +240,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, limits: Limits
 }
 
 async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if path == "/ui" || path.starts_with("/ui/") || path == "/dlq" || path.starts_with("/dlq/") {
+        let mut response = crate::admin_dlq::route(state, request).await;
+        secure_headers(&mut response);
+        return response;
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
@@ -261,7 +277,10 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
             ),
         },
         "/stats" => json(StatusCode::OK, stats(state).await),
-        "/" => text(StatusCode::OK, "courier: /metrics /health /ready /stats\n"),
+        "/" => text(
+            StatusCode::OK,
+            "courier: /metrics /health /ready /stats (and with ADMIN_TOKEN: /ui /dlq /dlq/stats)\n",
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /health, /ready or /stats\n",
@@ -336,13 +355,28 @@ async fn redis_stats(queues: &[Queue]) -> serde_json::Value {
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+/// Headers every answer of the `/dlq` API and the `/ui` page carries: only same-origin
+/// scripts, styles and requests; no framing; no guessing content types.
+fn secure_headers(response: &mut Response<Full<Bytes>>) {
+    use hyper::header;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
 }
 
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+pub(crate) fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = text(status, value.to_string());
     response
         .headers_mut()

@@ -23,12 +23,14 @@
 //! Redis key protocol and why no message is lost: docs/design.md.
 
 pub mod admin;
+mod admin_dlq;
 pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod delivery;
 #[cfg(feature = "devtools")]
 pub mod devtools;
+pub mod dlq;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod message;

@@ -170,10 +170,10 @@ async fn claim_in_order(
         {
             Ok(got) => {
                 if got.too_large > 0 {
-                    context.too_large(q, got.too_large);
+                    context.too_large(q, &got.too_large_ids);
                 }
                 if got.poisoned > 0 {
-                    context.poisoned(q, got.poisoned);
+                    context.poisoned(q, &got.poisoned_ids);
                 }
                 context.claimed(q, got.items.len());
                 claimed.extend(

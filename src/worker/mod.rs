@@ -138,12 +138,15 @@ impl Worker {
             background.clone(),
         ));
         let health = Arc::new(Health::new(metrics.clone()));
-        let admin = Arc::new(AdminState::new(
-            worker_id.clone(),
-            settings.redis.queues.clone(),
-            metrics.clone(),
-            health.clone(),
-        ));
+        let admin = Arc::new(
+            AdminState::new(
+                worker_id.clone(),
+                settings.redis.queues.clone(),
+                metrics.clone(),
+                health.clone(),
+            )
+            .with_admin_token(settings.metrics.admin_token.clone()),
+        );
         let mut admin_addr = None;
         if settings.metrics.enabled {
             let addr = SocketAddr::new(settings.metrics.bind, settings.metrics.port);

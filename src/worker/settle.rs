@@ -140,32 +140,35 @@ impl Context {
     }
 
     /// Counts and reports items the claim script moved to the dead-letter list for their size.
-    pub(super) fn too_large(&self, q: usize, count: usize) {
+    /// `ids`: their message ids as the script found them ('' when it found none).
+    pub(super) fn too_large(&self, q: usize, ids: &[String]) {
         let label = "too_large";
         let error = format!(
             "over the {}-byte limit (worker.max_message_bytes)",
             self.max_message_bytes
         );
-        for _ in 0..count {
+        for id in ids {
             self.metrics.invalid(q, label);
             self.metrics.dead(q, label);
-            self.repeat(Repeat::Invalid, label, "(not read)", &error, || {
-                warn!(reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
+            let id = if id.is_empty() { "(not read)" } else { id.as_str() };
+            self.repeat(Repeat::Invalid, label, id, &error, || {
+                warn!(message_id = id, reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
             });
         }
     }
 
     /// Counts and reports items the claim script dead-lettered as `poisoned`: workers kept
     /// dying while holding them.
-    pub(super) fn poisoned(&self, q: usize, count: usize) {
+    pub(super) fn poisoned(&self, q: usize, ids: &[String]) {
         let label = "poisoned";
         let error = format!(
             "returned to the queue more than {} times by workers that died holding it (worker.max_reclaims)",
             self.max_reclaims
         );
-        for _ in 0..count {
+        for id in ids {
             self.metrics.dead(q, label);
             error!(
+                message_id = if id.is_empty() { "(no message_id)" } else { id.as_str() },
                 queue = self.queue(q).name(),
                 reason = label,
                 error = %error,
