@@ -215,7 +215,8 @@ fn exchange_with(answer: &[u8], piece: usize, to_head: bool) -> Result<(u16, Vec
         body: bytes::Bytes::from_static(b"{}"),
     };
     let host = hyper::header::HeaderValue::from_static("main");
-    let exchange = connection.exchange(&request, &host);
+    let mut arrived = None;
+    let exchange = connection.exchange(&request, &host, &mut arrived);
     let mut exchange = std::pin::pin!(exchange);
     // The stream is always ready, so the exchange never waits: one poll finishes it.
     let Poll::Ready(result) = exchange.as_mut().poll(&mut Context::from_waker(Waker::noop())) else {

@@ -145,24 +145,37 @@ impl Client {
         })
     }
 
-    /// Sends a request and reads the answer, all within the request timeout.
+    /// Sends a request and reads the answer, all within the request timeout. An answer whose
+    /// head arrived in time is that answer: a body still coming at the deadline is cut there,
+    /// the answer marked incomplete and its connection closed (a 2xx is delivered).
     pub async fn send(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
         let limit = self.target.request_timeout;
-        // Polled where they lie rather than moved into a `Timeout`: each move of the
-        // exchange's state is a copy.
-        let exchange = self.exchange(request);
-        let deadline = tokio::time::sleep(limit);
-        tokio::pin!(exchange, deadline);
-        tokio::select! {
-            biased;
-            answer = &mut exchange => answer,
-            () = &mut deadline => Err(Elapsed::error("the request", limit)),
+        let mut arrived = None;
+        {
+            // Polled where they lie rather than moved into a `Timeout`: each move of the
+            // exchange's state is a copy.
+            let exchange = self.exchange(request, &mut arrived);
+            let deadline = tokio::time::sleep(limit);
+            tokio::pin!(exchange, deadline);
+            tokio::select! {
+                biased;
+                answer = &mut exchange => return answer,
+                () = &mut deadline => {}
+            }
+        }
+        match arrived {
+            Some(answer) => {
+                tracing::debug!(status = %answer.status, "main server's answer stalled after its head");
+                Ok(answer)
+            }
+            None => Err(Elapsed::error("the request", limit)),
         }
     }
 
-    async fn exchange(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
+    async fn exchange(&self, request: &Outgoing<'_>, arrived: &mut Option<Answer>) -> Result<Answer, DeliveryError> {
         let mut sender = self.reuse();
         let mut reused = sender.is_some();
+        let host = &self.target.host_header;
         loop {
             let sender = match sender.take() {
                 Some(sender) => sender,
@@ -171,7 +184,7 @@ impl Client {
                 None => Box::pin(self.connect()).await?,
             };
             match sender {
-                Sender::H1(mut connection) => match connection.exchange(request, &self.target.host_header).await {
+                Sender::H1(mut connection) => match connection.exchange(request, host, arrived).await {
                     Ok(Exchanged { answer, reusable }) => {
                         if reusable {
                             self.keep(connection);
@@ -186,7 +199,7 @@ impl Client {
                     Err(Failure::Answer(e)) => return Err(DeliveryError::Other(Arc::new(e))),
                 },
                 Sender::H2(shared) => match send_h2(shared, request, &self.target).await {
-                    Ok(response) => return finish_h2(response).await,
+                    Ok(response) => return finish_h2(response, arrived).await,
                     // The shared connection closed before the request went out: forgotten,
                     // and the request goes once more on a new one.
                     Err((_, true)) if reused => {
@@ -280,37 +293,37 @@ async fn send_h2(
     sender.try_send_request(request).await.map_err(not_sent)
 }
 
-/// Reads an HTTP/2 answer's body, as much of it as `KeptBody` takes.
-async fn finish_h2(response: Response<Incoming>) -> Result<Answer, DeliveryError> {
+/// Reads an HTTP/2 answer's body, as much of it as `KeptBody` takes, into `arrived` (where a
+/// deadline finds it).
+async fn finish_h2(response: Response<Incoming>, arrived: &mut Option<Answer>) -> Result<Answer, DeliveryError> {
     let (head, mut body) = response.into_parts();
     let mut kept = KeptBody::new(head.status);
-    loop {
-        match body.frame().await {
-            None => break,
-            Some(Err(e)) => {
-                // The answer's head arrived: a body that breaks off does not change it.
-                tracing::debug!(error = %e, "main server's answer broke off");
-                break;
-            }
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    if !kept.take(&data) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
     let headers = if head.status.is_success() {
         HeaderMap::new()
     } else {
         head.headers
     };
-    Ok(Answer {
-        status: head.status,
-        headers,
-        body: kept.into_bytes(),
-    })
+    let answer = arrived.insert(Answer::new(head.status, headers));
+    answer.complete = loop {
+        match body.frame().await {
+            None => break true,
+            Some(Err(e)) => {
+                // The answer's head arrived: a body that breaks off does not change it.
+                tracing::debug!(error = %e, "main server's answer broke off");
+                break false;
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if !kept.take(&mut answer.body, &data) {
+                        break true;
+                    }
+                }
+            }
+        }
+    };
+    Ok(arrived
+        .take()
+        .unwrap_or_else(|| Answer::new(head.status, HeaderMap::new())))
 }
 
 impl Target {
