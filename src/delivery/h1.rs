@@ -358,18 +358,22 @@ fn unfold(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
     let mut out = Vec::with_capacity(value.len());
     let mut folding = false;
     for &b in value {
-        if matches!(b, b'\r' | b'\n') {
-            folding = true;
-            while matches!(out.last(), Some(b' ' | b'\t')) {
-                out.pop();
+        match b {
+            b'\r' | b'\n' => {
+                folding = true;
+                while matches!(out.last(), Some(b' ' | b'\t')) {
+                    out.pop();
+                }
             }
-        } else if folding && matches!(b, b' ' | b'\t') {
-        } else {
-            if folding {
-                out.push(b' ');
-                folding = false;
+            // The spaces and tabs that begin a continuation line belong to the fold.
+            b' ' | b'\t' if folding => {}
+            _ => {
+                if folding {
+                    out.push(b' ');
+                    folding = false;
+                }
+                out.push(b);
             }
-            out.push(b);
         }
     }
     std::borrow::Cow::Owned(out)
