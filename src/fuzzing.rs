@@ -300,7 +300,8 @@ enum Seen {
     Failed(String),
     Answered {
         status: u16,
-        /// The body read, an error's only (courier keeps no success's), to the cap.
+        /// The body read: courier's to its cap and an error's only (it keeps no success's),
+        /// hyper's whole.
         body: Vec<u8>,
         /// The body was read to its end.
         complete: bool,
@@ -450,8 +451,13 @@ fn allowed(ours: &Seen, theirs: &Seen, answer: &[u8], to_head: bool, limits: &cr
                 reusable: their_reusable,
             },
         ) if status == their_status => {
+            // hyper's whole body is kept, so that courier's cap shows for a success too.
             let capped = their_body.len() >= limits.body;
-            let kept = their_body.get(..their_body.len().min(limits.body)).unwrap_or_default();
+            let kept = if (200..300).contains(status) {
+                &[][..]
+            } else {
+                their_body.get(..their_body.len().min(limits.body)).unwrap_or_default()
+            };
             if body.as_slice() != kept {
                 return Verdict::Differ;
             }
@@ -461,6 +467,9 @@ fn allowed(ours: &Seen, theirs: &Seen, answer: &[u8], to_head: bool, limits: &cr
             }
             if complete != their_complete {
                 return Verdict::Differ;
+            }
+            if reusable == their_reusable {
+                return Verdict::Same;
             }
             if !*reusable && *their_reusable && hyper_keeps_what_courier_closes(answer) {
                 return Verdict::StopHere;
@@ -654,7 +663,7 @@ async fn hyper_reads(script: Script, to_head: bool) -> Vec<Seen> {
         let reusable = complete && !sender.is_closed() && sender.is_ready();
         seen.push(Seen::Answered {
             status: status.as_u16(),
-            body: if status.is_success() { Vec::new() } else { kept },
+            body: kept,
             complete,
             reusable,
         });

@@ -144,6 +144,19 @@ proptest! {
     }
 }
 
+/// The differential's seeds, among them the inputs on which courier and hyper once disagreed.
+#[test]
+fn differential_seeds_read_as_hyper_reads_them() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/http_differential");
+    let mut read = 0;
+    for entry in std::fs::read_dir(&seeds).expect("the seeds") {
+        let path = entry.expect("a seed").path();
+        fuzzing::http_differential(&std::fs::read(&path).expect("a seed's bytes"));
+        read += 1;
+    }
+    assert!(read >= 6, "{read} seeds");
+}
+
 /// Inputs the fuzzers and these properties found, kept as regressions.
 #[test]
 fn inputs_found_by_fuzzing_stay_fixed() {
