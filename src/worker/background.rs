@@ -163,8 +163,10 @@ async fn watchdog(every: Duration, stop: CancellationToken) {
 /// not closed (open, or probing a server that may still be down) the updates wait, one per
 /// message (the latest wins), and go out when it closes; past `STATUS_BACKLOG` messages
 /// waiting, new ones are dropped and counted. An update the server did not take (unreachable,
-/// 5xx) waits and goes again, 1 s later, then 2, 4, ... up to a minute, at most `PUT_TRIES`
-/// times, and at once when the circuit closes.
+/// 429, 5xx) waits again, and so do all the others: after 1 s (then 2, 4, ... up to a minute)
+/// one goes alone as a probe, and only when the server takes it do the rest follow. A server
+/// that fails status updates while taking deliveries gets one a second or less, not every
+/// update again and again. An update is given up (counted as dropped) after `PUT_TRIES`.
 async fn report_statuses(
     deliverer: Arc<Deliverer>,
     metrics: Arc<Metrics>,
@@ -175,47 +177,69 @@ async fn report_statuses(
     let slots = Arc::new(Semaphore::new(limit));
     let tasks = TaskTracker::new();
     let mut waiting: HashMap<String, Waiting> = HashMap::new();
-    let (again, mut failed) = mpsc::unbounded_channel::<Waiting>();
+    let (done, mut answers) = mpsc::unbounded_channel::<(Waiting, bool)>();
     let mut open_circuit = true;
+    // After an update the server did not take: nothing goes before this, then one alone.
+    let mut paused: Option<tokio::time::Instant> = None;
+    let mut backoff = PUT_RETRY_FIRST;
+    let mut probing = false;
     loop {
-        let next_try = waiting.values().filter_map(|w| w.not_before).min();
-        let (closing, closed_now) = tokio::select! {
+        let closing = tokio::select! {
             report = reports.recv() => match report {
                 Some(report) => {
                     if waiting.len() >= STATUS_BACKLOG && !waiting.contains_key(&report.message_id) {
                         metrics.status_update("dropped");
                     } else {
-                        waiting.insert(report.message_id.clone(), Waiting { report, tries: 0, not_before: None });
+                        waiting.insert(report.message_id.clone(), Waiting { report, tries: 0 });
                     }
-                    (false, false)
+                    false
                 }
-                None => (true, false),
+                None => true,
             },
-            Some(back) = failed.recv() => {
-                // Kept, unless a newer update for the message is already waiting.
-                if back.tries >= PUT_TRIES || waiting.len() >= STATUS_BACKLOG {
-                    metrics.status_update("dropped");
+            Some((update, taken)) = answers.recv() => {
+                probing = false;
+                if taken {
+                    paused = None;
+                    backoff = PUT_RETRY_FIRST;
                 } else {
-                    waiting.entry(back.report.message_id.clone()).or_insert(back);
+                    paused = Some(tokio::time::Instant::now() + backoff);
+                    backoff = backoff.saturating_mul(2).min(PUT_RETRY_LONGEST);
+                    // Kept, unless a newer update for the message is already waiting.
+                    if update.tries >= PUT_TRIES || waiting.len() >= STATUS_BACKLOG {
+                        metrics.status_update("dropped");
+                    } else {
+                        waiting.entry(update.report.message_id.clone()).or_insert(update);
+                    }
                 }
-                (false, false)
+                false
             }
             changed = circuit.changed(), if open_circuit => {
                 open_circuit = changed.is_ok();
-                (false, *circuit.borrow() == State::Closed)
+                if *circuit.borrow() == State::Closed {
+                    // The server answers deliveries again: the held updates go now.
+                    paused = None;
+                    backoff = PUT_RETRY_FIRST;
+                }
+                false
             }
-            () = sleep_until_or_forever(next_try) => (false, false),
+            () = sleep_until_or_forever(paused.filter(|_| !probing)) => false,
         };
-        if *circuit.borrow() != State::Closed && !closing {
-            continue;
+        let mut sending: Vec<String> = Vec::new();
+        if closing {
+            sending.extend(waiting.keys().cloned());
+        } else if *circuit.borrow() == State::Closed && !probing {
+            match paused {
+                None => sending.extend(waiting.keys().cloned()),
+                Some(at) if at <= tokio::time::Instant::now() => {
+                    if let Some(id) = waiting.keys().next() {
+                        probing = true;
+                        sending.push(id.clone());
+                    }
+                }
+                Some(_) => {}
+            }
         }
-        let now = tokio::time::Instant::now();
-        let due: Vec<String> = waiting
-            .iter()
-            .filter(|(_, w)| closing || closed_now || w.not_before.is_none_or(|at| at <= now))
-            .map(|(id, _)| id.clone())
-            .collect();
-        for id in due {
+        for id in sending {
             let Some(mut update) = waiting.remove(&id) else {
                 continue;
             };
@@ -224,7 +248,7 @@ async fn report_statuses(
             };
             let deliverer = deliverer.clone();
             let metrics = metrics.clone();
-            let again = again.clone();
+            let done = done.clone();
             tasks.spawn(async move {
                 let StatusReport {
                     message_id,
@@ -233,23 +257,22 @@ async fn report_statuses(
                     error,
                     trace,
                 } = &update.report;
-                match deliverer.update_status(message_id, *status, *attempt_count, error, trace).await {
-                    Ok(()) => metrics.status_update("ok"),
+                let taken = match deliverer.update_status(message_id, *status, *attempt_count, error, trace).await {
+                    Ok(()) => {
+                        metrics.status_update("ok");
+                        true
+                    }
                     Err(e) => {
                         metrics.status_update("failed");
                         // Counted in worker_status_updates_total{result="failed"}; during an outage
                         // every failed delivery brings one, so they stay out of the normal log.
                         debug!(message_id = %message_id, trace_id = %trace.trace_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
-                        if not_taken(&e) {
-                            update.tries = update.tries.saturating_add(1);
-                            let wait = PUT_RETRY_FIRST
-                                .saturating_mul(1 << update.tries.saturating_sub(1).min(6))
-                                .min(PUT_RETRY_LONGEST);
-                            update.not_before = Some(tokio::time::Instant::now() + wait);
-                            let _ = again.send(update);
-                        }
+                        // Any answer but a failure is final.
+                        !not_taken(&e)
                     }
-                }
+                };
+                update.tries = update.tries.saturating_add(1);
+                let _ = done.send((update, taken));
                 drop(permit);
             });
         }
@@ -264,15 +287,14 @@ async fn report_statuses(
 /// A status update waiting to go (again).
 struct Waiting {
     report: StatusReport,
-    /// Times it was sent and not taken.
+    /// Times it was sent.
     tries: u32,
-    /// Not before this (after a failed try).
-    not_before: Option<tokio::time::Instant>,
 }
 
 /// Tries of one status update before it is given up (counted as dropped).
 const PUT_TRIES: u32 = 10;
-/// The wait after the first failed try; it doubles up to `PUT_RETRY_LONGEST`.
+/// The pause after a status update the server did not take; it doubles up to
+/// `PUT_RETRY_LONGEST` while the probes fail.
 const PUT_RETRY_FIRST: Duration = Duration::from_secs(1);
 const PUT_RETRY_LONGEST: Duration = Duration::from_secs(60);
 

@@ -551,3 +551,37 @@ async fn the_operator_sets_the_outcome_of_a_status() {
         assert_eq!(len(&redis, &key).await, 0, "{key} ends empty");
     }
 }
+
+/// A main server that takes deliveries but fails every status update is not asked again and
+/// again: after the first failures, one update at a time probes it, further apart each time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_failing_status_updates_gets_one_probe_at_a_time() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(
+        &pki,
+        Arc::new(|call: &Call| match (call.endpoint, call.attempt) {
+            (Endpoint::Deliver, 1) => Reply::status(503),
+            (Endpoint::Deliver, _) => Reply::status(200),
+            (Endpoint::Status, _) => Reply::status(503),
+        }),
+    )
+    .await;
+    let ids: Vec<String> = (0..200).map(|i| format!("put-{i}")).collect();
+    enqueue(&redis, Q, &ids.iter().map(|id| message(id)).collect::<Vec<_>>()).await;
+    let worker = worker_on(
+        &redis,
+        &sink,
+        &pki,
+        "w-puts",
+        &[("WORKER_RETRY_INTERVAL", "0.2"), ("WORKER_BREAKER", "false")],
+    )
+    .await;
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() == 200).await);
+    let first = sink.record.statuses().len();
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let later = sink.record.statuses().len() - first;
+    worker.stop().await;
+    eprintln!("puts[{first} status updates until delivered, {later} in the next 6 s]");
+    // 1 s, 2 s, 4 s apart: three or four probes, not 200 updates each sent again.
+    assert!(later <= 5, "{later} status updates in 6 s into a server failing them");
+}
