@@ -6,18 +6,19 @@
 //!
 //! - **Closed.** The last `min_attempts` attempts (none older than `window`) are kept. When at
 //!   least `failure_rate` of them were server faults (unreachable, reset, TLS, timeout,
-//!   502/503/504), the breaker opens: with the defaults, 38 of the last 40. A server that still
-//!   answers a real share with success keeps the circuit closed; the adaptive limit, the retry
-//!   schedule and `Retry-After` take that pressure instead.
+//!   502/503/504), the breaker opens: with the defaults, all of the last 40. A server that
+//!   still answers a real share with success keeps the circuit closed; the adaptive limit, the
+//!   retry schedule and `Retry-After` take that pressure instead.
 //! - **Retried messages delivered.** While the last retried message (one that had failed
 //!   before) was delivered within `retry_grace`, and no retried message has failed with a
 //!   server fault since, failures of first attempts alone do not open it: a server that fails
 //!   a first attempt and takes the second is not dead.
-//! - **The same rejection for everybody.** When `same_status` attempts in a row (of different
-//!   messages: a rejected message is not tried again) were all rejected with one 4xx (a 404
-//!   or 401 after a bad deploy), that is the server's fault, not each message's: it opens, and
-//!   while it is open or probing that status counts as a server fault, so the messages go
-//!   back to the queue instead of to the dead-letter list.
+//! - **Rejections for everybody.** When among the last `same_status` attempts (of different
+//!   messages: a rejected message is not tried again) at most one in ten was delivered and at least
+//!   half were rejected with one 4xx (a 404 or 401 after a bad deploy, perhaps beside 503s of a
+//!   rolling restart), that is the server's fault, not each message's: it opens, and while it
+//!   is open or probing every rejection counts as a server fault, so the messages go back to
+//!   the queue instead of to the dead-letter list.
 //! - **Open.** Nothing is claimed. What was under way and fails as the breaker saw coming goes
 //!   back to the queue unchanged. After `probe_min` it turns half-open.
 //! - **Half-open.** One delivery at a time, twice as many after each that the server answers,
@@ -231,19 +232,9 @@ impl Breaker {
             self.recent.pop_front();
         }
         self.recent.push_back((now, verdict));
-        if let Verdict::Rejected(status) = verdict {
-            let run = usize::try_from(self.settings.same_status).unwrap_or(usize::MAX);
-            let same = self
-                .recent
-                .iter()
-                .rev()
-                .take(run)
-                .filter(|(_, v)| *v == Verdict::Rejected(status))
-                .count();
-            if run > 0 && same >= run {
-                self.interval = self.settings.probe_min;
-                return (Treat::Release, Some(self.open(Cause::SameStatus(status), now)));
-            }
+        if let (Verdict::Rejected(_), Some(status)) = (verdict, self.rejecting()) {
+            self.interval = self.settings.probe_min;
+            return (Treat::Release, Some(self.open(Cause::SameStatus(status), now)));
         }
         if verdict != Verdict::ServerFault {
             return (Treat::AsClassified, None);
@@ -270,6 +261,31 @@ impl Breaker {
         (Treat::AsClassified, None)
     }
 
+    /// The status a misdeployed server rejects (nearly) everything with: among the last
+    /// `same_status` attempts at most one in ten was delivered and at least half were rejected with
+    /// that one status (the rest rejected otherwise or failed: a bad deploy during a rolling
+    /// restart answers 404 and 503).
+    fn rejecting(&self) -> Option<u16> {
+        let run = usize::try_from(self.settings.same_status).unwrap_or(usize::MAX);
+        if run == 0 || self.recent.len() < run {
+            return None;
+        }
+        let mut delivered: usize = 0;
+        let mut statuses: Vec<(u16, usize)> = Vec::new();
+        for (_, verdict) in self.recent.iter().rev().take(run) {
+            match verdict {
+                Verdict::Success => delivered += 1,
+                Verdict::Rejected(status) => match statuses.iter_mut().find(|(s, _)| s == status) {
+                    Some((_, count)) => *count += 1,
+                    None => statuses.push((*status, 1)),
+                },
+                _ => {}
+            }
+        }
+        let (status, count) = statuses.into_iter().max_by_key(|(_, count)| *count)?;
+        (delivered.saturating_mul(10) <= run && count.saturating_mul(2) >= run).then_some(status)
+    }
+
     /// Whether `part` of `whole` reaches the failure rate.
     fn share(&self, part: u32, whole: u32) -> bool {
         f64::from(part) >= self.settings.failure_rate * f64::from(whole.max(1))
@@ -279,7 +295,8 @@ impl Breaker {
     fn suspect(&self, verdict: Verdict) -> bool {
         match (verdict, self.cause) {
             (Verdict::ServerFault, _) => true,
-            (Verdict::Rejected(status), Cause::SameStatus(same)) => status == same,
+            // A misdeployed server's rejections, whatever the status.
+            (Verdict::Rejected(_), Cause::SameStatus(_)) => true,
             _ => false,
         }
     }
@@ -401,7 +418,7 @@ mod tests {
 
     const SETTINGS: BreakerSettings = BreakerSettings {
         enabled: true,
-        failure_rate: 0.95,
+        failure_rate: 1.0,
         min_attempts: 40,
         window: Duration::from_secs(60),
         probe_min: Duration::from_secs(1),
@@ -435,9 +452,7 @@ mod tests {
             let mut b = Breaker::new(SETTINGS, now);
             assert_eq!(feed(&mut b, earlier, &mut now, |_| (Verdict::Success, false)), None);
             let opened = feed(&mut b, 1000, &mut now, |_| (Verdict::ServerFault, false));
-            // 38 of the last 40; with no history, the first 40.
-            let expected = if earlier == 0 { 40 } else { 38 };
-            assert_eq!(opened, Some(expected), "after {earlier} successes");
+            assert_eq!(opened, Some(40), "after {earlier} successes");
             assert_eq!(b.admit(16, now + secs(0.5)), (0, None), "nothing goes while open");
         }
     }
@@ -482,7 +497,7 @@ mod tests {
         now += secs(2.5);
         assert_eq!(
             feed(&mut b, 1000, &mut now, |_| (Verdict::ServerFault, false)),
-            Some(39)
+            Some(40)
         );
     }
 
@@ -497,39 +512,56 @@ mod tests {
     }
 
     #[test]
-    fn everybody_rejected_with_one_status_opens_it_and_that_status_is_then_the_server_s() {
+    fn everybody_rejected_opens_it_and_rejections_are_then_the_server_s() {
         let mut now = Instant::now();
         let mut b = Breaker::new(SETTINGS, now);
-        // One message's 404 among successes is that message's.
+        // One message's 404 among successes is that message's; so are many rejections while
+        // the server delivers the rest.
         let opened = feed(&mut b, 10_000, &mut now, |i| match i % 10 {
             0 => (Verdict::Rejected(404), false),
             _ => (Verdict::Success, false),
         });
         assert_eq!(opened, None);
-        // Different statuses in a row are different messages' faults.
-        let opened = feed(&mut b, 100, &mut now, |i| {
-            (Verdict::Rejected(400 + (i % 2) as u16 * 22), false)
+        let opened = feed(&mut b, 10_000, &mut now, |i| match i % 3 {
+            0 => (Verdict::Rejected(400), false),
+            1 => (Verdict::Rejected(422), false),
+            _ => (Verdict::Success, false),
         });
         assert_eq!(opened, None);
-        // Twenty 404s in a row: the twentieth is not dead-lettered, it opens the breaker.
-        for _ in 0..19 {
-            now += secs(0.001);
-            assert_eq!(
-                b.record(Verdict::Rejected(404), false, now),
-                (Treat::AsClassified, None)
-            );
-        }
+        // Rejections of many statuses with no success are many messages' faults.
+        let opened = feed(&mut b, 100, &mut now, |i| {
+            (Verdict::Rejected(400 + (i % 7) as u16), false)
+        });
+        assert_eq!(opened, None);
+        // A bad deploy during a rolling restart: 404s and 503s, one success: the 404 that
+        // makes ten of the last twenty is not dead-lettered, it opens the breaker.
+        let mut b = Breaker::new(SETTINGS, now);
+        let pattern = |i: u32| match i {
+            0 => (Verdict::Success, false),
+            i if i % 2 == 1 => (Verdict::ServerFault, false),
+            _ => (Verdict::Rejected(404), false),
+        };
+        assert_eq!(feed(&mut b, 19, &mut now, pattern), None);
+        now += secs(0.001);
         let (treat, opened) = b.record(Verdict::Rejected(404), false, now);
         assert_eq!(treat, Treat::Release);
         let opened = opened.expect("opens");
         assert_eq!(opened.cause, Some(Cause::SameStatus(404)));
-        // What was under way and meets the same 404 goes back; another status is the message's.
+        // What was under way and is rejected goes back, whatever the status; a success is one.
         assert_eq!(b.record(Verdict::Rejected(404), false, now).0, Treat::Release);
-        assert_eq!(b.record(Verdict::Rejected(422), false, now).0, Treat::AsClassified);
-        // The probe meets the 404 again: retried, not dead-lettered.
+        assert_eq!(b.record(Verdict::Rejected(422), false, now).0, Treat::Release);
+        assert_eq!(b.record(Verdict::Success, false, now).0, Treat::AsClassified);
+        // The probe is rejected again: to the back of the queue, not dead-lettered.
         now += secs(1.0);
         assert_eq!(b.admit(16, now).0, 1);
         assert_eq!(b.record(Verdict::Rejected(404), false, now).0, Treat::Rotate);
+        // 90% 404s and a success now and then: still the server's.
+        let mut b = Breaker::new(SETTINGS, now);
+        let opened = feed(&mut b, 100, &mut now, |i| match i % 10 {
+            0 => (Verdict::Success, false),
+            _ => (Verdict::Rejected(404), false),
+        });
+        assert!(opened.is_some_and(|n| n <= 20), "{opened:?}");
     }
 
     #[test]

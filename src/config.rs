@@ -72,7 +72,7 @@ const KNOWN: &[Known] = &[
     k("worker.retry_max_interval", "WORKER_RETRY_MAX_INTERVAL", "3600"),
     k("worker.max_reclaims", "WORKER_MAX_RECLAIMS", "5"),
     k("worker.breaker", "WORKER_BREAKER", "true"),
-    k("worker.breaker_failure_rate", "WORKER_BREAKER_FAILURE_RATE", "0.95"),
+    k("worker.breaker_failure_rate", "WORKER_BREAKER_FAILURE_RATE", "1"),
     k("worker.breaker_min_attempts", "WORKER_BREAKER_MIN_ATTEMPTS", "40"),
     k("worker.breaker_window", "WORKER_BREAKER_WINDOW", "60"),
     k("worker.breaker_same_status", "WORKER_BREAKER_SAME_STATUS", "20"),
@@ -834,6 +834,16 @@ impl Source<'_> {
             ));
         }
         let concurrency = self.number("worker.concurrency", 1, 10_000)?;
+        let (probe_min, probe_max) = (
+            self.seconds("worker.breaker_probe_min", 0.01, 86_400.0)?,
+            self.seconds("worker.breaker_probe_max", 0.01, 86_400.0)?,
+        );
+        if probe_min > probe_max {
+            return Err(self.invalid(
+                "worker.breaker_probe_min",
+                "must not be longer than worker.breaker_probe_max (WORKER_BREAKER_PROBE_MAX)",
+            ));
+        }
         let worker = WorkerSettings {
             id,
             concurrency,
@@ -865,12 +875,13 @@ impl Source<'_> {
                 )?,
                 min_attempts: self.number("worker.breaker_min_attempts", 1, 100_000)?,
                 window: self.seconds("worker.breaker_window", 0.1, 86_400.0)?,
-                probe_min: self.seconds("worker.breaker_probe_min", 0.01, 86_400.0)?,
-                probe_max: self.seconds("worker.breaker_probe_max", 0.01, 86_400.0)?,
+                probe_min,
+                probe_max,
                 same_status: self.number("worker.breaker_same_status", 0, 100_000)?,
                 // First attempts failing do not open the breaker while retries get through:
-                // for as long as two retry intervals, at most a minute.
-                retry_grace: retry_interval.saturating_mul(2).min(Duration::from_secs(60)),
+                // for as long as two retry intervals, at most 2 s (longer would let a server
+                // that died after one delivered retry take a retry interval of failures).
+                retry_grace: retry_interval.saturating_mul(2).min(Duration::from_secs(2)),
             },
             adaptive_concurrency: self.flag("worker.adaptive_concurrency")?,
             outcomes: crate::policy::Outcomes::parse(&self.text("main_server.outcomes")?)

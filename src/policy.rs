@@ -213,6 +213,17 @@ impl Outcomes {
                     "{entry:?}: a 2xx is always delivered (the main server has the message)"
                 ));
             }
+            if kind == Kind::Delivered && !(first >= 400 && last <= 499) {
+                return Err(format!(
+                    "{entry:?}: only a 4xx can count as delivered (a 1xx, 3xx or 5xx means the main server does not have the message; it would be lost)"
+                ));
+            }
+            let hidden = (first..=last).all(|s| rules.iter().any(|(f, l, _)| (*f..=*l).contains(&s)));
+            if hidden {
+                return Err(format!(
+                    "{entry:?}: an earlier entry already sets every status it names"
+                ));
+            }
             rules.push((first, last, kind));
         }
         Ok(Outcomes { rules })
@@ -502,7 +513,7 @@ mod tests {
                 "{name}"
             );
         }
-        let set = Outcomes::parse("409=delivered, 404=retry,422=reject,500-599=reject,503=retry").unwrap();
+        let set = Outcomes::parse("409=delivered, 404=retry,422=reject,500-503=reject,503-504=retry").unwrap();
         let kind = |s| set.classify(&status(s, Some(5))).kind;
         assert_eq!(kind(409), Kind::Delivered);
         assert_eq!(kind(404), Kind::Retry);
@@ -531,6 +542,10 @@ mod tests {
             ("200=retry", "2xx is always delivered"),
             ("100-599=reject", "2xx is always delivered"),
             ("-1=retry", "not an HTTP status"),
+            ("500-599=delivered", "only a 4xx can count as delivered"),
+            ("302=delivered", "only a 4xx can count as delivered"),
+            ("404=retry,404=reject", "an earlier entry"),
+            ("400-499=retry,404=reject", "an earlier entry"),
         ] {
             let err = Outcomes::parse(text).unwrap_err();
             assert!(err.contains(says), "{text}: {err}");

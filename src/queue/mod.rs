@@ -151,6 +151,8 @@ pub struct Promoted {
     pub moved: usize,
     /// How long until the next retry is due, if any is waiting.
     pub next_due_in: Option<Duration>,
+    /// The ready list was empty, so up to the fill went.
+    pub filled: bool,
 }
 
 /// A worker's handle on one of its queues: a multiplexed, self-reconnecting connection for
@@ -598,20 +600,23 @@ impl Queue {
         Ok(moved > 0)
     }
 
-    /// Moves up to `limit` due retries to the front of the ready list, the longest due first.
-    pub async fn promote_due(&self, limit: usize) -> Result<Promoted, QueueError> {
-        let (moved, next): (usize, i64) = self
+    /// Moves up to `limit` due retries to the front of the ready list, the longest due first;
+    /// up to `when_empty` when nothing else waits there.
+    pub async fn promote_due(&self, limit: usize, when_empty: usize) -> Result<Promoted, QueueError> {
+        let (moved, next, filled): (usize, i64, u8) = self
             .scripts
             .promote
             .key(&self.keys.retry)
             .key(&self.keys.ready)
             .key(&self.keys.clock)
             .arg(limit)
+            .arg(when_empty)
             .invoke_async(&mut self.conn.clone())
             .await?;
         Ok(Promoted {
             moved,
             next_due_in: u64::try_from(next).ok().map(Duration::from_millis),
+            filled: filled == 1,
         })
     }
 

@@ -171,13 +171,17 @@ impl Scripts {
             // KEYS[2] as it was: a probe the server failed, so the next probe is another message.
             rotate: move_one("redis.call('LPUSH', KEYS[2], ARGV[1])"),
             // Moves up to ARGV[1] due retries (KEYS[1]) to the front of the ready list KEYS[2]
-            // (its right end, where claims take from), the longest due first in line; returns
-            // how many and the ms until the next one is due (-1: none waiting). KEYS[3]: the
+            // (its right end, where claims take from), the longest due first in line, or up to
+            // ARGV[2] when the ready list is empty (no new message waits behind them); returns
+            // how many, the ms until the next one is due (-1: none waiting) and whether the list
+            // was empty. KEYS[3]: the
             // queue's clock. How many a call moves is the worker's to pace (`promote`).
             promote: Script::new(&format!(
                 r"{QUEUE_NOW}
                   local now = queue_now(KEYS[3])
-                  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
+                  local n, filled = tonumber(ARGV[1]), 0
+                  if redis.call('LLEN', KEYS[2]) == 0 then n, filled = math.max(n, tonumber(ARGV[2])), 1 end
+                  local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, n)
                   if #due > 0 then
                     local line = {{}}
                     for i = #due, 1, -1 do line[#line + 1] = due[i] end
@@ -185,8 +189,8 @@ impl Scripts {
                     redis.call('ZREM', KEYS[1], unpack(due))
                   end
                   local next = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-                  if #next == 0 then return {{#due, -1}} end
-                  return {{#due, math.max(0, tonumber(next[2]) - now)}}"
+                  if #next == 0 then return {{#due, -1, filled}} end
+                  return {{#due, math.max(0, tonumber(next[2]) - now), filled}}"
             )),
             // Returns a processing list KEYS[1] to the front of the ready list KEYS[2], oldest
             // claim first in line (LMOVE: each item moves in one command). With ARGV[1] = 1

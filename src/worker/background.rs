@@ -25,6 +25,9 @@ use crate::tls::ClientTls;
 
 /// Most due retries moved to the front of the queue by one promoter call.
 const PROMOTE_BATCH: usize = 1000;
+/// Due retries moved to an empty queue in one call: when no new message waits they go at up
+/// to this many per `PROMOTE_GAP`, and a message arriving then waits behind at most this many.
+const PROMOTE_FILL: usize = 100;
 /// Status updates waiting while the circuit is not closed, one per message; past this new
 /// ones are dropped (and counted).
 const STATUS_BACKLOG: usize = 4096;
@@ -507,13 +510,17 @@ async fn promote(context: Arc<Context>, q: usize, settings: Promotion, stop: Can
     let mut backoff = Backoff::default();
     loop {
         let budget = share_of_claims(context.claimed_since(q), settings.batch_size);
-        let wait = match context.queue(q).promote_due(budget).await {
+        let wait = match context.queue(q).promote_due(budget.0, PROMOTE_FILL).await {
             Ok(promoted) => {
                 backoff.reset();
                 if promoted.moved > 0 {
                     debug!(count = promoted.moved, "Moved due retries to the front of the queue");
                 }
-                next_promotion(promoted.moved, budget, promoted.next_due_in, longest)
+                match promoted.filled {
+                    // Nothing else waited: look again soon, and fill again if they went.
+                    true if promoted.moved > 0 => PROMOTE_GAP.min(longest),
+                    _ => next_promotion(promoted.moved, budget, promoted.next_due_in, longest),
+                }
             }
             Err(e) => {
                 context.redis_error(&e, "promote");
@@ -535,17 +542,25 @@ pub(super) struct Promotion {
 }
 
 /// How many due retries one pass may move: half of what was claimed since the last, at least
-/// a batch, at most `PROMOTE_BATCH`.
-fn share_of_claims(claimed: usize, batch_size: usize) -> usize {
-    (claimed / 2).max(batch_size).clamp(1, PROMOTE_BATCH)
+/// a batch, at most `PROMOTE_BATCH`; and whether the floor (not the claims) set it.
+fn share_of_claims(claimed: usize, batch_size: usize) -> (usize, bool) {
+    let half = claimed / 2;
+    (half.max(batch_size).clamp(1, PROMOTE_BATCH), half < batch_size)
 }
 
-/// How long the promoter sleeps after moving `moved` of at most `budget` retries: after a full
-/// pass the gap (claims take their share first), else until the next is due, but at least
+/// How long the promoter sleeps after moving `moved` of at most `budget` retries. After a full
+/// pass set by the claims, the gap (claims take their share first); after a full pass at the
+/// floor (few claims: an open circuit, a slow worker), `longest`, so the floor is a batch a
+/// second and new messages are not shut out; else until the next is due, but at least
 /// PROMOTE_GAP and at most `longest`.
-fn next_promotion(moved: usize, budget: usize, next_due_in: Option<Duration>, longest: Duration) -> Duration {
+fn next_promotion(
+    moved: usize,
+    (budget, floor): (usize, bool),
+    next_due_in: Option<Duration>,
+    longest: Duration,
+) -> Duration {
     if moved >= budget {
-        return PROMOTE_GAP.min(longest);
+        return if floor { longest } else { PROMOTE_GAP.min(longest) };
     }
     next_due_in.map_or(longest, |due| due.clamp(PROMOTE_GAP.min(longest), longest))
 }
@@ -559,28 +574,33 @@ mod tests {
         let second = Duration::from_secs(1);
         let ms = Duration::from_millis;
         assert_eq!(
-            next_promotion(10, 10, Some(ms(0)), second),
+            next_promotion(10, (10, false), Some(ms(0)), second),
             PROMOTE_GAP,
-            "full pass: claims take their share, then on"
+            "full pass set by the claims: they take their share, then on"
         );
         assert_eq!(
-            next_promotion(2, 10, Some(ms(1)), second),
+            next_promotion(10, (10, true), Some(ms(0)), second),
+            second,
+            "full pass at the floor: a batch a second"
+        );
+        assert_eq!(
+            next_promotion(2, (10, false), Some(ms(1)), second),
             PROMOTE_GAP,
             "one due every ms: wait the gap"
         );
         assert_eq!(
-            next_promotion(0, 10, Some(ms(300)), second),
+            next_promotion(0, (10, false), Some(ms(300)), second),
             ms(300),
             "sleeps until the next is due"
         );
         assert_eq!(
-            next_promotion(0, 10, Some(ms(9_000)), second),
+            next_promotion(0, (10, false), Some(ms(9_000)), second),
             second,
             "at most a second"
         );
-        assert_eq!(next_promotion(0, 10, None, second), second, "nothing waiting");
+        assert_eq!(next_promotion(0, (10, false), None, second), second, "nothing waiting");
         assert_eq!(
-            next_promotion(0, 10, Some(ms(1)), ms(5)),
+            next_promotion(0, (10, false), Some(ms(1)), ms(5)),
             ms(5),
             "a retry interval under the gap wins"
         );
@@ -588,9 +608,9 @@ mod tests {
 
     #[test]
     fn retries_take_about_half_of_what_is_claimed() {
-        assert_eq!(share_of_claims(0, 10), 10, "idle: a batch a pass");
-        assert_eq!(share_of_claims(400, 10), 200);
-        assert_eq!(share_of_claims(1_000_000, 10), PROMOTE_BATCH);
-        assert_eq!(share_of_claims(0, 0), 1);
+        assert_eq!(share_of_claims(0, 10), (10, true), "idle: a batch a pass");
+        assert_eq!(share_of_claims(400, 10), (200, false));
+        assert_eq!(share_of_claims(1_000_000, 10), (PROMOTE_BATCH, false));
+        assert_eq!(share_of_claims(0, 0), (1, false));
     }
 }

@@ -121,13 +121,13 @@ async fn a_step_back_of_the_redis_clock_does_not_hold_a_waiting_retry() {
         .await
         .expect("ZADD");
     let started = std::time::Instant::now();
-    let first = queue.promote_due(100).await.expect("promote");
+    let first = queue.promote_due(100, 100).await.expect("promote");
     assert_eq!(first.moved, 0);
     let wait = first.next_due_in.expect("one waiting");
     assert!(wait <= std::time::Duration::from_secs(2), "due in {wait:?}, not 92 s");
     // Waiting is the subject here: the promoter sleeps until the due time it was told.
     tokio::time::sleep(wait).await;
-    let moved = queue.promote_due(100).await.expect("promote").moved;
+    let moved = queue.promote_due(100, 100).await.expect("promote").moved;
     assert_eq!(moved, 1, "promoted {:?} after the step", started.elapsed());
     assert_eq!(ids_in(&redis, Q).await.into_iter().collect::<Vec<_>>(), ["stepped"]);
 }

@@ -33,7 +33,7 @@ async fn run(script: &str, queue: &Queue, conn: &mut queue::Conn) -> Result<(), 
             .map(drop),
         "release" => queue.release(raw.as_bytes()).await.map(drop),
         "rotate" => queue.rotate(raw.as_bytes()).await.map(drop),
-        "promote" => queue.promote_due(100).await.map(drop),
+        "promote" => queue.promote_due(100, 100).await.map(drop),
         "give_back" => queue.give_back(W, true).await.map(drop),
         "reap" => queue.reap(DEAD_W, "1000").await.map(drop),
         "return_strays" => {

@@ -585,3 +585,49 @@ async fn a_server_failing_status_updates_gets_one_probe_at_a_time() {
     // 1 s, 2 s, 4 s apart: three or four probes, not 200 updates each sent again.
     assert!(later <= 5, "{later} status updates in 6 s into a server failing them");
 }
+
+/// After an outage 1,000 retries fall due at once; a message that arrives then is claimed
+/// about one for one with them, not after all of them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_work_is_not_shut_out_by_a_stampede_of_due_retries() {
+    let (redis, pki) = (RedisServer::start().await, Pki::new());
+    let sink = start_sink(&pki, sink::always_ok()).await;
+    // 1,000 retries, all due now.
+    let mut conn = redis.conn().await;
+    for i in 0..1000 {
+        let item = message(&format!("retry-{i}")).replace("\"payload\"", "\"attempt_count\":1,\"payload\"");
+        let _: () = redis::AsyncCommands::zadd(&mut conn, keys().retry, item, 0)
+            .await
+            .expect("ZADD");
+    }
+    let worker = worker_on(
+        &redis,
+        &sink,
+        &pki,
+        "w-stampede",
+        &[("WORKER_RETRY_INTERVAL", "1"), ("WORKER_RATE_LIMIT", "100")],
+    )
+    .await;
+    assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 50).await);
+    enqueue(&redis, Q, &[message("newcomer")]).await;
+    let arrived = sink.record.delivered().len();
+    assert!(
+        sink.wait_for(WAIT, |r| r.delivered().contains(&"newcomer".to_string()))
+            .await,
+        "the newcomer is delivered"
+    );
+    let before = sink
+        .record
+        .delivered()
+        .iter()
+        .position(|id| id == "newcomer")
+        .unwrap_or(usize::MAX);
+    worker.stop().await;
+    eprintln!("stampede[newcomer enqueued after {arrived} deliveries, delivered as number {before}]");
+    assert!(
+        // Behind at most a fill (100) and a pass's share, not the 950 left.
+        before < arrived + 250,
+        "newcomer waited behind {} retries",
+        before - arrived
+    );
+}
