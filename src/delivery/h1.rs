@@ -291,9 +291,10 @@ pub fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             encoded = true;
-            for coding in list(&value).filter(|c| !c.is_empty()) {
-                chunked_last = coding.eq_ignore_ascii_case(b"chunked");
-            }
+            // As hyper reads it: the last header's last item, an empty one included (so that
+            // `chunked,` is not chunked but read to the close), and only in a text value.
+            chunked_last = value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+                && list(&value).last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"connection") {
             close |= list(&value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
@@ -991,6 +992,11 @@ mod tests {
             ),
             (
                 "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                Framing::UntilClose,
+                false,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n",
                 Framing::UntilClose,
                 false,
             ),
