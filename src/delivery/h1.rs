@@ -291,9 +291,10 @@ pub fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             encoded = true;
-            for coding in list(&value).filter(|c| !c.is_empty()) {
-                chunked_last = coding.eq_ignore_ascii_case(b"chunked");
-            }
+            // As hyper reads it: the last header's last item, an empty one included (so that
+            // `chunked,` is not chunked but read to the close), and only in a text value.
+            chunked_last = value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
+                && list(&value).last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"connection") {
             close |= list(&value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
@@ -470,7 +471,9 @@ impl BodyReader {
                 };
                 Ok((n, input.get(..n).unwrap_or_default()))
             }
+            // A line over the bound is refused whether it arrived whole or in pieces.
             State::ChunkSize => match chunk_size_line(input).map_err(AnswerError::BadChunk)? {
+                Some((used, _)) if used > self.max_line => Err(AnswerError::BadChunk("a chunk size line is too long")),
                 Some((used, size)) => {
                     self.framing(used)?;
                     self.state = if size == 0 {
@@ -509,6 +512,9 @@ impl BodyReader {
                     None => return Err(AnswerError::BadChunk("a trailer line ends in a bare LF")),
                 };
                 let used = end.saturating_add(1);
+                if used > self.max_line {
+                    return Err(AnswerError::BadChunk("a trailer line is too long"));
+                }
                 self.framing(used)?;
                 if line.is_empty() {
                     self.state = State::Done;
@@ -997,6 +1003,11 @@ mod tests {
                 Framing::UntilClose,
                 false,
             ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked,\r\n\r\n",
+                Framing::UntilClose,
+                false,
+            ),
             ("HTTP/1.1 200 OK\r\n\r\n", Framing::UntilClose, false),
             (
                 "HTTP/1.1 204 No Content\r\nContent-Length: 10\r\n\r\n",
@@ -1130,10 +1141,21 @@ mod tests {
         // Incomplete rather than wrong: the connection closing ends it unfinished.
         assert!(matches!(read_body(Framing::Chunked, bad[3], 64), Ok((_, false, _))));
         let long_size = format!("1;{}\r\na\r\n0\r\n\r\n", "e".repeat(MAX_LINE));
-        assert_eq!(
-            read_body(Framing::Chunked, long_size.as_bytes(), 4096).err(),
-            Some(AnswerError::BadChunk("a chunk size line is too long"))
-        );
+        for piece in [4096, long_size.len()] {
+            assert_eq!(
+                read_body(Framing::Chunked, long_size.as_bytes(), piece).err(),
+                Some(AnswerError::BadChunk("a chunk size line is too long")),
+                "in pieces of {piece}"
+            );
+        }
+        let long_trailer = format!("0\r\nT: {}\r\n\r\n", "e".repeat(MAX_LINE));
+        for piece in [4096, long_trailer.len()] {
+            assert_eq!(
+                read_body(Framing::Chunked, long_trailer.as_bytes(), piece).err(),
+                Some(AnswerError::BadChunk("a trailer line is too long")),
+                "in pieces of {piece}"
+            );
+        }
         let tiny: Vec<u8> = b"1;e\r\na\r\n".repeat(usize::try_from(MAX_FRAMING).unwrap() / 6);
         assert_eq!(
             read_body(Framing::Chunked, &tiny, 4096).err(),
