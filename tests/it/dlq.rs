@@ -581,7 +581,8 @@ async fn the_page_in_headless_chromium_shows_depths_text_only_and_requeues_a_gro
 /// (422) spread through the list, the rest exhausted (503); times and peak RSS of `dlq stats`,
 /// filtered `dlq list`s and `dlq requeue --reason rejected` (100,000). Prints figures; asserts
 /// only that the work was done.
-/// Run: cargo test --test it -- --ignored --nocapture dlq_benchmark_a_million_dead_letters
+/// Run: cargo test --release --test it -- --ignored --nocapture dlq_benchmark_a_million_dead_letters
+/// (figures in docs/performance.md; a debug build is ten times slower)
 #[tokio::test]
 #[ignore = "a benchmark: prints figures, takes a minute"]
 async fn dlq_benchmark_a_million_dead_letters() {
