@@ -120,7 +120,7 @@ pub(crate) async fn route(state: &AdminState, request: Request<Incoming>) -> Res
 /// Query parameters of the GET calls.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct Query {
+pub(crate) struct Query {
     reason: Option<String>,
     status: Option<String>,
     since: Option<String>,
@@ -135,14 +135,14 @@ struct Query {
 /// The body of the POST calls.
 #[derive(Debug, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
-struct Act {
+pub(crate) struct Act {
     filter: FilterText,
     ids: Vec<String>,
-    all: bool,
+    pub(crate) all: bool,
     dry_run: bool,
     front: bool,
     limit: Option<u64>,
-    rate: Option<f64>,
+    pub(crate) rate: Option<f64>,
     queue: Option<String>,
 }
 
@@ -183,20 +183,7 @@ async fn api(state: &AdminState, request: Request<Incoming>) -> Result<Response<
             .await
             .map_err(|_| bad_request(format!("the body must be JSON of at most {MAX_BODY} bytes")))?
             .to_bytes();
-        let act: Act = serde_json::from_slice(&body).map_err(|e| bad_request(format!("body: {e}")))?;
-        let mut filter = act.filter.parse(now).map_err(bad_request)?;
-        filter.ids.extend(act.ids.iter().filter(|i| !i.is_empty()).cloned());
-        if filter.is_empty() && !act.all {
-            return Err(bad_request(
-                "refusing to act on every dead letter: send a filter or ids, or \"all\": true",
-            ));
-        }
-        if !filter.is_empty() && act.all {
-            return Err(bad_request("\"all\" and a filter contradict each other"));
-        }
-        if act.rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
-            return Err(bad_request("rate: a number of dead letters per second above 0"));
-        }
+        let (act, filter) = read_act(&body, now).map_err(bad_request)?;
         let action = if path == "/dlq/purge" {
             Action::Purge
         } else {
@@ -227,17 +214,7 @@ async fn api(state: &AdminState, request: Request<Incoming>) -> Result<Response<
             serde_json::json!({"queue": queue.name(), "dry_run": act.dry_run, "outcome": outcome}),
         ));
     }
-    let query: Query = serde_urlencoded(request.uri().query().unwrap_or(""))?;
-    let filter: Filter = FilterText {
-        reason: query.reason.clone(),
-        status: query.status.clone(),
-        since: query.since.clone(),
-        until: query.until.clone(),
-        grep: query.grep.clone(),
-        ids: Vec::new(),
-    }
-    .parse(now)
-    .map_err(bad_request)?;
+    let (query, filter) = read_query(request.uri().query().unwrap_or(""), now).map_err(bad_request)?;
     let queue = queue(state, query.queue.as_deref())?;
     let (mut conn, keys) = (queue.connection(), queue.keys());
     match request.uri().path() {
@@ -281,8 +258,40 @@ async fn api(state: &AdminState, request: Request<Incoming>) -> Result<Response<
     }
 }
 
+/// A POST call's body and the filter it sends, or what is wrong with them.
+pub(crate) fn read_act(body: &[u8], now: chrono::DateTime<chrono::Utc>) -> Result<(Act, Filter), String> {
+    let act: Act = serde_json::from_slice(body).map_err(|e| format!("body: {e}"))?;
+    let mut filter = act.filter.parse(now)?;
+    filter.ids.extend(act.ids.iter().filter(|i| !i.is_empty()).cloned());
+    if filter.is_empty() && !act.all {
+        return Err("refusing to act on every dead letter: send a filter or ids, or \"all\": true".into());
+    }
+    if !filter.is_empty() && act.all {
+        return Err("\"all\" and a filter contradict each other".into());
+    }
+    if act.rate.is_some_and(|r| !dlq::usable_rate(r)) {
+        return Err("rate: a number of dead letters per second of at least 1e-18, such as 50".into());
+    }
+    Ok((act, filter))
+}
+
+/// A GET call's query string and the filter it sends, or what is wrong with them.
+pub(crate) fn read_query(query: &str, now: chrono::DateTime<chrono::Utc>) -> Result<(Query, Filter), String> {
+    let query = serde_urlencoded(query)?;
+    let filter = FilterText {
+        reason: query.reason.clone(),
+        status: query.status.clone(),
+        since: query.since.clone(),
+        until: query.until.clone(),
+        grep: query.grep.clone(),
+        ids: Vec::new(),
+    }
+    .parse(now)?;
+    Ok((query, filter))
+}
+
 /// The query string, each parameter percent-decoded (`+` as a space).
-fn serde_urlencoded(query: &str) -> Result<Query, Response<Full<Bytes>>> {
+fn serde_urlencoded(query: &str) -> Result<Query, String> {
     let mut map = serde_json::Map::new();
     for pair in query.split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
@@ -290,20 +299,20 @@ fn serde_urlencoded(query: &str) -> Result<Query, Response<Full<Bytes>>> {
             percent_encoding::percent_decode_str(&s.replace('+', " "))
                 .decode_utf8()
                 .map(|c| c.into_owned())
-                .map_err(|_| bad_request("the query is not UTF-8"))
+                .map_err(|_| "the query is not UTF-8".to_string())
         };
         let (key, value) = (decode(key)?, decode(value)?);
         let value = match key.as_str() {
             "limit" | "cursor" | "position" => serde_json::Value::from(
                 value
                     .parse::<u64>()
-                    .map_err(|_| bad_request(format!("{key}: {value:?} is not a whole number")))?,
+                    .map_err(|_| format!("{key}: {value:?} is not a whole number"))?,
             ),
             _ => serde_json::Value::from(value),
         };
         map.insert(key, value);
     }
-    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| bad_request(format!("query: {e}")))
+    serde_json::from_value(serde_json::Value::Object(map)).map_err(|e| format!("query: {e}"))
 }
 
 #[cfg(test)]

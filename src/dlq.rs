@@ -28,7 +28,7 @@ use std::time::Duration;
 use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 use chrono::{DateTime, Utc};
 
-use crate::message::{parse_dead_letter, DeadRecord, Envelope};
+use crate::message::{parse_dead_letter, read_dead_header, DeadHeader, Envelope};
 use crate::queue::{self, Conn, DeadPage, Keys, PageRequest, QueueError};
 
 /// The most bytes of records one page script reads (a single larger record is read alone).
@@ -190,42 +190,48 @@ pub struct Letter {
     pub record: Vec<u8>,
     /// Whether `record` is only the start.
     pub truncated: bool,
-    /// `reason`, `error`, `dead_at`, `message_id`, ... (`Null`: not a record courier wrote).
-    pub fields: serde_json::Value,
+    /// The header fields filters and stats read (typed: no `serde_json::Value` per record).
+    pub header: DeadHeader,
     /// The original item (or its start).
     pub message: Vec<u8>,
 }
 
 impl Letter {
-    fn read(slot: queue::DeadSlot) -> Letter {
-        let DeadRecord { fields, message } = parse_dead_letter(&slot.bytes);
+    pub(crate) fn read(slot: queue::DeadSlot) -> Letter {
+        let (header, message) = read_dead_header(&slot.bytes);
         Letter {
             position: slot.position,
             truncated: slot.size > u64::try_from(slot.bytes.len()).unwrap_or(u64::MAX),
             size: slot.size,
             sha: slot.sha,
             record: slot.bytes,
-            fields,
+            header,
             message,
         }
     }
 
+    /// Every header field (`reason`, `error`, `dead_at`, `message_id`, `trace_id`, ...) as
+    /// JSON, parsed on demand (`Null`: not a record courier wrote).
+    pub fn fields(&self) -> serde_json::Value {
+        parse_dead_letter(&self.record).fields
+    }
+
     pub fn reason(&self) -> &str {
-        self.fields["reason"].as_str().unwrap_or("unknown")
+        self.header.reason.as_deref().unwrap_or("unknown")
     }
 
     pub fn error(&self) -> &str {
-        self.fields["error"].as_str().unwrap_or("")
+        self.header.error.as_deref().unwrap_or("")
     }
 
     pub fn message_id(&self) -> Option<&str> {
-        self.fields["message_id"].as_str()
+        self.header.message_id.as_deref()
     }
 
     /// The HTTP status of the main server's answer: the record's `status`, or the one its
     /// error names (`main server answered HTTP 422: ...`).
     pub fn status(&self) -> Option<u16> {
-        if let Some(status) = self.fields["status"].as_u64() {
+        if let Some(status) = self.header.status {
             return u16::try_from(status).ok();
         }
         let error = self.error();
@@ -235,15 +241,15 @@ impl Letter {
     }
 
     pub fn dead_at(&self) -> Option<DateTime<Utc>> {
-        let text = self.fields["dead_at"].as_str()?;
+        let text = self.header.dead_at.as_deref()?;
         DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
     }
 
     /// As one JSON object: the header fields, the message (`message`, or `message_base64`
     /// when not UTF-8; cut at `PREVIEW_BYTES` when `truncated`), `position`, `size`.
     pub fn to_json(&self) -> serde_json::Value {
-        let mut json = match &self.fields {
-            serde_json::Value::Object(fields) => serde_json::Value::Object(fields.clone()),
+        let mut json = match self.fields() {
+            fields @ serde_json::Value::Object(_) => fields,
             _ => serde_json::json!({}),
         };
         match std::str::from_utf8(&self.message) {
@@ -605,7 +611,7 @@ impl AsyncPageFn for StatsPage<'_> {
                 newest: None,
             });
             group.count += 1;
-            if let Some(at) = letter.fields["dead_at"].as_str() {
+            if let Some(at) = letter.header.dead_at.as_deref() {
                 // RFC 3339 in UTC with the same precision, as courier writes them, sort as text.
                 if group.oldest.as_deref().is_none_or(|o| at < o) {
                     group.oldest = Some(at.to_string());
@@ -668,6 +674,13 @@ pub struct Options {
     pub rate: Option<f64>,
 }
 
+/// Whether `rate` (dead letters per second) is one a requeue can keep: finite and at least
+/// 1e-18, so the wait between two moves is a `Duration` (at 1e-45 it is not, and the wait
+/// became "forever").
+pub fn usable_rate(rate: f64) -> bool {
+    rate.is_finite() && rate >= 1e-18
+}
+
 /// What a requeue or purge did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct Outcome {
@@ -704,9 +717,14 @@ impl<P: FnMut(&Outcome)> AsyncPageFn for MovePage<'_, P> {
     ) -> Result<(u64, bool), QueueError> {
         let mut replaced = 0;
         self.outcome.scanned += u64::try_from(page.len()).unwrap_or(0);
+        // Without a rate the page's moves go in one pipeline (each still its own script).
+        let rate = self.options.rate.filter(|r| *r > 0.0);
+        let mut batch = Vec::new();
+        let mut stop = false;
         for (letter, hit) in page {
             if self.options.limit.is_some_and(|limit| self.outcome.matched >= limit) {
-                return Ok((replaced, true));
+                stop = true;
+                break;
             }
             if !self.filter.matches(&letter, hit) {
                 continue;
@@ -720,32 +738,57 @@ impl<P: FnMut(&Outcome)> AsyncPageFn for MovePage<'_, P> {
             if self.options.dry_run {
                 continue;
             }
-            if let Some(rate) = self.options.rate.filter(|r| *r > 0.0) {
-                // The n-th move waits until n / rate seconds after the start.
-                #[allow(clippy::cast_precision_loss)]
-                let due = Duration::try_from_secs_f64(self.outcome.done as f64 / rate).unwrap_or(Duration::MAX);
-                if let Some(wait) = due.checked_sub(self.started.elapsed()) {
-                    tokio::time::sleep(wait).await;
-                }
+            let one = queue::DeadMove {
+                position: letter.position,
+                message: match self.action {
+                    Action::Requeue { .. } => letter.requeued(),
+                    Action::Purge => Vec::new(),
+                },
+                sha: letter.sha,
+            };
+            let Some(rate) = rate else {
+                batch.push(one);
+                continue;
+            };
+            // The n-th move waits until n / rate seconds after the start.
+            #[allow(clippy::cast_precision_loss)]
+            let due = Duration::try_from_secs_f64(self.outcome.done as f64 / rate).unwrap_or(Duration::MAX);
+            if let Some(wait) = due.checked_sub(self.started.elapsed()) {
+                tokio::time::sleep(wait).await;
             }
             let moved = match self.action {
                 Action::Requeue { front } => {
-                    queue::requeue_dead_at(conn, keys, letter.position, &letter.sha, &letter.requeued(), front).await?
+                    queue::requeue_dead_at(conn, keys, one.position, &one.sha, &one.message, front).await?
                 }
-                Action::Purge => queue::drop_dead_at(conn, keys, letter.position, &letter.sha).await?,
+                Action::Purge => queue::drop_dead_at(conn, keys, one.position, &one.sha).await?,
             };
-            if moved {
-                self.outcome.done += 1;
-                replaced += 1;
-            } else {
-                self.outcome.changed += 1;
-            }
+            replaced += self.count(moved);
             if self.outcome.done % 500 == 0 {
                 (self.progress)(&self.outcome);
             }
         }
+        let requeue = match self.action {
+            Action::Requeue { front } => Some(front),
+            Action::Purge => None,
+        };
+        for moved in queue::move_dead_many(conn, keys, &batch, requeue).await? {
+            replaced += self.count(moved);
+        }
         (self.progress)(&self.outcome);
-        Ok((replaced, false))
+        Ok((replaced, stop))
+    }
+}
+
+impl<P> MovePage<'_, P> {
+    /// Counts one move's outcome; 1 when it left a tombstone.
+    fn count(&mut self, moved: bool) -> u64 {
+        if moved {
+            self.outcome.done += 1;
+            1
+        } else {
+            self.outcome.changed += 1;
+            0
+        }
     }
 }
 

@@ -65,15 +65,15 @@ fn on_terminal() -> bool {
 
 /// One dead letter as a line of the table.
 fn row(letter: &Letter) -> String {
-    let f = &letter.fields;
-    let field = |name: &str, max: usize| printable(f[name].as_str().unwrap_or(""), max);
+    let h = &letter.header;
+    let field = |text: &Option<String>, max: usize| printable(text.as_deref().unwrap_or(""), max);
     format!(
         "{:<24} {:<20} {:<6} {:<25} {}",
         printable(letter.message_id().unwrap_or("(no message_id)"), 64),
-        field("reason", 32),
+        field(&h.reason, 32),
         letter.status().map(|s| s.to_string()).unwrap_or_default(),
-        field("dead_at", 32),
-        field("error", 80),
+        field(&h.dead_at, 32),
+        field(&h.error, 80),
     )
 }
 
@@ -272,8 +272,8 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
             front,
             limit,
         } => {
-            if rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
-                eprintln!("courier: --rate must be a number of dead letters per second above 0, such as 50");
+            if rate.is_some_and(|r| !dlq::usable_rate(r)) {
+                eprintln!("courier: --rate must be a number of dead letters per second of at least 1e-18, such as 50");
                 return ExitCode::from(2);
             }
             match settings_for(config, queue) {

@@ -956,7 +956,7 @@ pub async fn dead_page(conn: &mut Conn, keys: &Keys, request: &PageRequest<'_>) 
     Ok(parse_page(reply))
 }
 
-fn parse_page(reply: redis::Value) -> DeadPage {
+pub(crate) fn parse_page(reply: redis::Value) -> DeadPage {
     let number = |v: &redis::Value| match v {
         redis::Value::Int(n) => u64::try_from(*n).unwrap_or(0),
         _ => 0,
@@ -1037,6 +1037,62 @@ pub async fn drop_dead_at(conn: &mut Conn, keys: &Keys, position: u64, sha: &str
         .invoke_async(conn)
         .await?;
     Ok(dropped == 1)
+}
+
+/// One record for `move_dead_many`: its position, its SHA-1 when read, and the message to
+/// requeue (ignored by a purge).
+#[derive(Debug, Clone)]
+pub struct DeadMove {
+    pub position: u64,
+    pub sha: String,
+    pub message: Vec<u8>,
+}
+
+/// `requeue_dead_at` (with `requeue: Some(front)`) or `drop_dead_at` (`None`) for many records
+/// in one round trip: the same scripts, one call per record, each still checking the SHA-1,
+/// copying and only then setting the tombstone, sent as `EVALSHA` in one pipeline once the
+/// script is loaded. Killed or cut off half way, the calls Redis ran are done and the others
+/// not; run again, the done ones are tombstones (skipped), so nothing is lost or doubled.
+/// Returns, in order, whether each record moved.
+pub async fn move_dead_many(
+    conn: &mut Conn,
+    keys: &Keys,
+    moves: &[DeadMove],
+    requeue: Option<bool>,
+) -> Result<Vec<bool>, QueueError> {
+    if moves.is_empty() {
+        return Ok(Vec::new());
+    }
+    let script = match requeue {
+        Some(_) => scripts::dlq_requeue(),
+        None => scripts::dlq_drop(),
+    };
+    // Loaded before each batch, so a script cache flushed meanwhile (a restart, a failover)
+    // costs a round trip, not a NOSCRIPT error.
+    let _: String = script.prepare_invoke().load_async(conn).await?;
+    let mut pipe = redis::pipe();
+    for one in moves {
+        let call = pipe.cmd("EVALSHA").arg(script.get_hash());
+        match requeue {
+            Some(front) => call
+                .arg(2)
+                .arg(&keys.dead)
+                .arg(&keys.ready)
+                .arg(one.position)
+                .arg(&one.sha)
+                .arg(&one.message)
+                .arg(if front { "1" } else { "0" })
+                .arg(DLQ_TOMBSTONE),
+            None => call
+                .arg(1)
+                .arg(&keys.dead)
+                .arg(one.position)
+                .arg(&one.sha)
+                .arg(DLQ_TOMBSTONE),
+        };
+    }
+    let moved: Vec<i64> = pipe.query_async(conn).await?;
+    Ok(moved.into_iter().map(|m| m == 1).collect())
 }
 
 /// Removes up to `count` tombstones, searching from the tail (where a walk from the oldest

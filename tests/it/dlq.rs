@@ -333,17 +333,35 @@ async fn the_claim_script_records_message_ids_of_too_large_and_poisoned_items() 
         .await
         .expect("queue");
     let big = format!(r#"{{"payload":"{}","message_id":"huge-1"}}"#, "x".repeat(500));
-    enqueue(&redis, Q, &[big]).await;
+    // Returned to the queue twice by workers that died holding it, over max_reclaims 1.
+    let poison = r#"{"payload":"boom","message_id":"poison-1"}"#.to_string();
+    let mut c = redis.conn().await;
+    let sha: String = redis::cmd("EVAL")
+        .arg("return redis.sha1hex(ARGV[1])")
+        .arg(0)
+        .arg(&poison)
+        .query_async(&mut c)
+        .await
+        .expect("sha1");
+    let _: () = c.hset(keys().reclaims, sha, 2).await.expect("HSET");
+    enqueue(&redis, Q, &[big, poison]).await;
     let claimed = queue.claim(10, 300, 1).await.expect("claim");
     assert_eq!(claimed.too_large_ids, ["huge-1"]);
+    assert_eq!(claimed.poisoned_ids, ["poison-1"]);
     let dead = dead_letters(&redis, Q).await;
-    assert_eq!(dead[0]["message_id"], "huge-1", "{:?}", dead[0]);
-    let shown = run_courier(&vars, pki.dir.path(), &["dlq", "show", "huge-1"]).await;
-    assert!(
-        shown.status.success() && out(&shown).contains("too_large"),
-        "{}",
-        out(&shown)
-    );
+    for (reason, id) in [("too_large", "huge-1"), ("poisoned", "poison-1")] {
+        let letter = dead
+            .iter()
+            .find(|d| d["reason"] == reason)
+            .unwrap_or_else(|| panic!("no {reason} dead letter: {dead:?}"));
+        assert_eq!(letter["message_id"], id, "{letter:?}");
+        let shown = run_courier(&vars, pki.dir.path(), &["dlq", "show", id]).await;
+        assert!(
+            shown.status.success() && out(&shown).contains(reason),
+            "{}",
+            out(&shown)
+        );
+    }
 }
 
 async fn call(
@@ -563,7 +581,8 @@ async fn the_page_in_headless_chromium_shows_depths_text_only_and_requeues_a_gro
 /// (422) spread through the list, the rest exhausted (503); times and peak RSS of `dlq stats`,
 /// filtered `dlq list`s and `dlq requeue --reason rejected` (100,000). Prints figures; asserts
 /// only that the work was done.
-/// Run: cargo test --test it -- --ignored --nocapture dlq_benchmark_a_million_dead_letters
+/// Run: cargo test --release --test it -- --ignored --nocapture dlq_benchmark_a_million_dead_letters
+/// (figures in docs/performance.md; a debug build is ten times slower)
 #[tokio::test]
 #[ignore = "a benchmark: prints figures, takes a minute"]
 async fn dlq_benchmark_a_million_dead_letters() {

@@ -147,6 +147,94 @@ proptest! {
     }
 
     #[test]
+    fn dead_letter_headers_read_typed_as_they_read_as_json(
+        reason in prop_oneof![Just("\"rejected\"".to_string()), Just("null".to_string()), odd_value()],
+        error in prop_oneof![Just("\"main server answered HTTP 422: order 7\"".to_string()), odd_value()],
+        status in proptest::option::of(odd_value()),
+        extra in proptest::option::of(("[a-z_]{1,10}", odd_value())),
+        id in proptest::option::of(id_text()),
+        twice in any::<bool>(),
+        space in " {0,2}",
+        message in "\\PC{0,20}",
+    ) {
+        let mut fields = vec![format!("\"reason\":{space}{reason}"), format!("\"error\":{error}")];
+        if let Some(status) = status {
+            fields.push(format!("\"status\":{status}"));
+        }
+        if let Some((name, value)) = extra {
+            fields.push(format!("\"{name}\":{value}"));
+        }
+        if let Some(id) = id {
+            fields.push(format!("\"message_id\":{}", serde_json::Value::from(id)));
+        }
+        if twice {
+            fields.push("\"reason\":\"exhausted\"".to_string());
+        }
+        fuzzing::dlq_header(format!("{{{}}}\n{message}", fields.join(",")).as_bytes());
+    }
+
+    #[test]
+    fn arbitrary_dead_letter_headers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fuzzing::dlq_header(&bytes);
+    }
+
+    #[test]
+    fn time_bounds_are_times_or_refused_with_one_line(
+        text in prop_oneof![
+            "[0-9]{0,25}[smhdw]?",
+            "-?[0-9]{1,6}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}:[0-9]{2}(\\.[0-9]{1,12})?(Z|[+-][0-9]{2}:[0-9]{2})",
+            "\\PC{0,30}",
+        ],
+    ) {
+        fuzzing::time_bound(text.as_bytes());
+    }
+
+    #[test]
+    fn admin_queries_and_bodies_are_read_or_refused(
+        query in "((reason|status|since|until|grep|limit|cursor|position|queue|x)=[a-z0-9%+,:-]{0,12}&?){0,5}",
+        body in prop_oneof![
+            Just("{}".to_string()),
+            Just("{\"all\":true}".to_string()),
+            Just("{\"filter\":{\"reason\":\"rejected\"},\"all\":true}".to_string()),
+            odd_value().prop_map(|rate| format!("{{\"ids\":[\"m\"],\"rate\":{rate}}}")),
+            odd_value().prop_map(|limit| format!("{{\"filter\":{{\"status\":\"422\"}},\"limit\":{limit}}}")),
+            "\\PC{0,40}".prop_map(|since| format!("{{\"filter\":{{\"since\":{}}}}}", serde_json::Value::from(since))),
+        ],
+    ) {
+        let mut get = vec![0u8];
+        get.extend_from_slice(query.as_bytes());
+        fuzzing::admin_input(&get);
+        let mut post = vec![1u8];
+        post.extend_from_slice(body.as_bytes());
+        fuzzing::admin_input(&post);
+    }
+
+    #[test]
+    fn page_replies_of_any_shape_read_or_come_back_empty(
+        head in proptest::collection::vec(any::<i64>(), 0..6),
+        slots in proptest::collection::vec((any::<i64>(), any::<i64>(), proptest::collection::vec(any::<u8>(), 0..40), 0i64..3, "[0-9a-f]{0,40}", 5usize..7), 0..4),
+    ) {
+        let mut reply = format!("*{}\r\n", head.len() + slots.len()).into_bytes();
+        for n in &head {
+            reply.extend_from_slice(format!(":{n}\r\n").as_bytes());
+        }
+        for (position, size, bytes, hit, sha, fields) in slots {
+            reply.extend_from_slice(format!("*{fields}\r\n:{position}\r\n:{size}\r\n${}\r\n", bytes.len()).as_bytes());
+            reply.extend_from_slice(&bytes);
+            reply.extend_from_slice(format!("\r\n:{hit}\r\n${}\r\n{sha}\r\n", sha.len()).as_bytes());
+            for _ in 5..fields {
+                reply.extend_from_slice(b":0\r\n");
+            }
+        }
+        fuzzing::dlq_page_reply(&reply);
+    }
+
+    #[test]
+    fn arbitrary_page_replies_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+        fuzzing::dlq_page_reply(&bytes);
+    }
+
+    #[test]
     fn arbitrary_answers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         fuzzing::http_answer(&bytes);
     }
@@ -191,6 +279,9 @@ fn inputs_found_by_fuzzing_stay_fixed() {
     fuzzing::queue_item(b"{\"message_id\":\"m-1\",\"anv\"\t\t\t\t\t\t:9e004005}");
     // An id that happens to be the text of the header fallback.
     fuzzing::queue_item(br#"{"message_id":"invalid","queouc,ut":null}"#);
+    // A requeue rate of 1.4e-45 per second was taken: the wait between two moves overflowed
+    // a Duration and became "forever".
+    fuzzing::admin_input(b"\x01{\"ids\":[\"m\"],\"rate\":1.4e-45}");
 }
 
 /// An answer close to what a main server sends: a status line, some of the headers that decide
