@@ -31,6 +31,7 @@ pub mod delivery;
 pub mod devtools;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
+pub mod health;
 pub mod message;
 pub mod metrics;
 pub mod pki;

@@ -18,8 +18,9 @@ use super::settle::{log_summary, Context, StatusReport};
 use crate::breaker::State;
 use crate::config::{TlsSettings, WorkerSettings};
 use crate::delivery::Deliverer;
+use crate::health::{Health, QueueStat};
 use crate::metrics::Metrics;
-use crate::queue::{Connector, Depths, Queue, QueueError};
+use crate::queue::{Connector, Depths, LiveWorker, Queue, QueueError};
 use crate::telemetry::one_line;
 use crate::tls::ClientTls;
 
@@ -309,6 +310,10 @@ async fn heartbeat(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
+            () = context.health.stats_wanted() => {
+                read_for_stats(&context.queues, &context.health).await;
+                continue;
+            }
         }
         for due in context.repeats.due(false) {
             log_summary(&due);
@@ -328,13 +333,20 @@ async fn heartbeat(
             _ => {}
         }
         let started = Instant::now();
+        let answers = context.health.asks();
+        let mut read = Vec::with_capacity(context.queues.len());
         let beat = async {
             let mut kept = true;
             let mut total = (Depths::default(), 0);
             for ((q, queue), watch) in context.queues.iter().enumerate().zip(watches.iter_mut()) {
                 kept &= queue.heartbeat().await?;
-                let live = reap(&context, queue, watch).await?;
+                let (live, workers) = reap(&context, queue, watch).await?;
                 let depths = queue.depths().await?;
+                read.push(QueueStat {
+                    queue: queue.name().to_string(),
+                    depths,
+                    workers,
+                });
                 context.metrics.set_active_workers(q, live);
                 context.metrics.set_depths(q, depths);
                 total.0.ready = total.0.ready.saturating_add(depths.ready);
@@ -345,7 +357,15 @@ async fn heartbeat(
             }
             Ok::<_, QueueError>((kept, total))
         };
-        match beat.await {
+        let beat = beat.await;
+        context.health.publish_queues(
+            answers,
+            match &beat {
+                Ok(_) => Ok(read),
+                Err(e) => Err(format!("Redis: {e}")),
+            },
+        );
+        match beat {
             Ok((kept, (depths, live))) => {
                 context.health.redis_ok(started);
                 crate::service::status(&format!(
@@ -369,17 +389,36 @@ async fn heartbeat(
 }
 
 /// Reaps the queue's workers whose heartbeat this worker has watched stay unchanged for
-/// WORKER_DEAD_AFTER (`liveness`); returns how many are live.
-async fn reap(context: &Context, queue: &Queue, watch: &mut Watch) -> Result<usize, QueueError> {
-    let workers = queue.workers().await?;
+/// WORKER_DEAD_AFTER (`liveness`); returns how many are live, and the live set as read.
+async fn reap(context: &Context, queue: &Queue, watch: &mut Watch) -> Result<(usize, Vec<LiveWorker>), QueueError> {
+    let mut workers = queue.workers().await?;
     let look = watch.look(tokio::time::Instant::now(), &context.worker_id, &workers);
+    workers.retain(|w| !look.dead.iter().any(|(id, _)| *id == w.id));
     for (id, heartbeat) in look.dead {
         if let Some(moved) = queue.reap(&id, &heartbeat).await? {
             context.metrics.reaped(moved);
             warn!(queue = queue.name(), reaped = %id, count = moved, "Reaped a dead worker (its heartbeat did not change for WORKER_DEAD_AFTER): its claimed messages are back at the front of the queue");
         }
     }
-    Ok(look.live)
+    Ok((look.live, workers))
+}
+
+/// Reads the queues for `/stats` when it asks between two beats: their depths and live sets,
+/// nothing else (no heartbeat, no reaping).
+async fn read_for_stats(queues: &[Queue], health: &Health) {
+    let answers = health.asks();
+    let read = async {
+        let mut read = Vec::with_capacity(queues.len());
+        for queue in queues {
+            read.push(QueueStat {
+                queue: queue.name().to_string(),
+                depths: queue.depths().await?,
+                workers: queue.workers().await?,
+            });
+        }
+        Ok::<_, QueueError>(read)
+    };
+    health.publish_queues(answers, read.await.map_err(|e| format!("Redis: {e}")));
 }
 
 /// Turns each SIGHUP into a reload request for the TLS watchers (the main server's and

@@ -9,9 +9,9 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::admin::Health;
 use crate::breaker::{Aimd, Breaker, Cause, State, Transition, Treat, Verdict};
 use crate::config::WorkerSettings;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::policy::Outcome;
 

@@ -24,13 +24,13 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, Instrument};
+use tracing::info;
 
 use self::background::{forward_hangups, Background, TlsWatch};
 use self::settle::Context;
-use crate::admin::{self, AdminState, Health};
 use crate::config::Settings;
 use crate::delivery::Deliverer;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::queue;
 use crate::tls::ClientTls;
@@ -44,6 +44,7 @@ const STATUS_BACKLOG: usize = 4096;
 pub enum RunError {
     #[error("main_server: the HTTP client cannot be built")]
     MainServer(#[source] crate::delivery::DeliveryError),
+    /// The admin port (`admin::open`) could not listen.
     #[error("metrics.port (WORKER_METRICS_PORT) = {}: pick a free port or set WORKER_METRICS_ENABLED=false; cannot listen on {addr}", addr.port())]
     AdminPort {
         addr: SocketAddr,
@@ -85,18 +86,17 @@ impl RunError {
     }
 }
 
-/// A started worker: its admin port is listening; `run` does the work.
+/// A started worker: `run` does the work; `admin::open` serves its health and metrics.
 pub struct Worker {
     settings: Settings,
     tls: Option<ClientTls>,
     deliverer: Arc<Deliverer>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    admin: Arc<AdminState>,
-    admin_addr: Option<SocketAddr>,
     /// Cancelled by the caller: stop claiming and drain.
     shutdown: CancellationToken,
-    /// Cancelled by the worker itself once drained: stops the admin port and background tasks.
+    /// Cancelled by the worker itself once drained: stops the background tasks (and the admin
+    /// port, given `stopped()`).
     background: CancellationToken,
     /// Notified on SIGHUP: read the TLS files again.
     reload: Arc<Notify>,
@@ -105,7 +105,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Builds the HTTP client and opens the admin port. Nothing touches Redis yet.
+    /// Builds the HTTP client. Nothing touches Redis yet.
     pub async fn start(
         settings: Settings,
         tls: Option<ClientTls>,
@@ -138,34 +138,12 @@ impl Worker {
             background.clone(),
         ));
         let health = Arc::new(Health::new(metrics.clone()));
-        let admin = Arc::new(AdminState::new(
-            worker_id.clone(),
-            settings.redis.queues.clone(),
-            metrics.clone(),
-            health.clone(),
-        ));
-        let mut admin_addr = None;
-        if settings.metrics.enabled {
-            let addr = SocketAddr::new(settings.metrics.bind, settings.metrics.port);
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::AdminPort { addr, source })?;
-            let addr = listener.local_addr().map_err(RunError::Io)?;
-            info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
-            tokio::spawn(
-                admin::serve(listener, admin.clone(), admin::Limits::default(), background.clone())
-                    .instrument(tracing::info_span!("admin")),
-            );
-            admin_addr = Some(addr);
-        }
         Ok(Worker {
             settings,
             tls,
             deliverer: Arc::new(deliverer),
             metrics,
             health,
-            admin,
-            admin_addr,
             shutdown,
             background,
             reload,
@@ -173,9 +151,24 @@ impl Worker {
         })
     }
 
-    /// Where `/metrics` and friends are served, when enabled.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// What it counts, for `/metrics`.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// What it tells the outside, for `/ready` and `/stats`.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Cancelled once the worker has drained and left.
+    pub fn stopped(&self) -> CancellationToken {
+        self.background.clone()
     }
 
     /// The life of a worker: join the queue, recover what this id left claimed, start the
@@ -187,8 +180,6 @@ impl Worker {
             deliverer,
             metrics,
             health,
-            admin,
-            admin_addr: _,
             shutdown,
             background,
             reload,
@@ -201,7 +192,7 @@ impl Worker {
             ..
         } = settings;
 
-        let Some((connector, queues)) = startup::join(&redis, &worker, &health, &admin, &shutdown).await? else {
+        let Some((connector, queues)) = startup::join(&redis, &worker, &health, &shutdown).await? else {
             background.cancel();
             return Ok(());
         };

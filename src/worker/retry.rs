@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use crate::admin::Health;
+use crate::health::Health;
 use crate::queue::QueueError;
 
 /// Runs `op` until Redis answers it. While Redis is unreachable the outage is recorded in

@@ -10,10 +10,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use super::retry::until_answered;
-use crate::admin::Health;
 use crate::breaker::Treat;
 use crate::config::{QueueOrder, WorkerSettings};
 use crate::delivery::{Deliverer, Status};
+use crate::health::Health;
 use crate::message::{dead_letter, dead_letter_traced, DeadReason, Envelope};
 use crate::metrics::Metrics;
 use crate::policy::{self, Kind, Outcomes, Policy, Settle};

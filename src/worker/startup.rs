@@ -9,8 +9,8 @@ use tracing::{error, info, warn};
 
 use super::retry::{until_answered, Backoff};
 use super::RunError;
-use crate::admin::{AdminState, Health};
 use crate::config::{RedisSettings, Topology, WorkerSettings};
+use crate::health::Health;
 use crate::queue::{self, Connector, Queue};
 
 /// Joins the queues: connects (waiting while Redis is down), takes this worker's id on each
@@ -20,7 +20,6 @@ pub(super) async fn join(
     redis: &RedisSettings,
     worker: &WorkerSettings,
     health: &Health,
-    admin: &AdminState,
     shutdown: &CancellationToken,
 ) -> Result<Option<(Connector, Vec<Queue>)>, RunError> {
     info!(
@@ -49,7 +48,6 @@ pub(super) async fn join(
             return Err(RunError::RedisVersion { version });
         }
     }
-    let _ = admin.queues.set(queues.clone());
     for queue in &queues {
         if !take_id(queue, worker, health, shutdown).await? {
             return Ok(None);

@@ -190,7 +190,9 @@ pub async fn start_worker(vars: &HashMap<String, String>) -> InProcess {
     let worker = Worker::start(settings, Some(tls), shutdown.clone())
         .await
         .expect("worker starts");
-    let admin = worker.admin_addr();
+    let admin = courier::admin::open(worker.settings(), worker.metrics(), worker.health(), worker.stopped())
+        .await
+        .expect("admin port opens");
     InProcess {
         shutdown,
         admin,
