@@ -14,7 +14,7 @@ use tracing::{debug, error, info, warn, Instrument};
 
 use super::liveness::Watch;
 use super::retry::Backoff;
-use super::settle::{log_summary, Context, StatusReport};
+use super::settle::{Context, StatusReport};
 use crate::breaker::State;
 use crate::config::{TlsSettings, WorkerSettings};
 use crate::delivery::Deliverer;
@@ -316,7 +316,7 @@ async fn heartbeat(
             }
         }
         for due in context.repeats.due(false) {
-            log_summary(&due);
+            due.log();
         }
         context.deliverer.close_idle();
         // Under Sentinel: a master replaced while it still answers is left here. Sentinels

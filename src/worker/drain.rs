@@ -8,7 +8,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::background::Background;
-use super::settle::{log_summary, Context};
+use super::settle::Context;
 
 /// Drains and leaves. The order matters: the heartbeat stops before the worker leaves the
 /// live set (a late tick would rejoin it), and it leaves only once nothing is left in its
@@ -25,7 +25,7 @@ pub(super) async fn drain(context: Arc<Context>, deliveries: TaskTracker, grace:
         );
     }
     for due in context.repeats.due(true) {
-        log_summary(&due);
+        due.log();
     }
     // Anything still in processing goes back to the front of the queue. A delivery still
     // under way that settles after this finds its message gone and changes nothing. Not when

@@ -13,8 +13,9 @@ use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::settle::{panic_text, Context};
+use super::settle::Context;
 use super::sweep::HeldItem;
+use crate::telemetry::panic_text;
 
 /// One claimed message for a delivery task: its queue, the item as claimed, whether it has a
 /// reclaim count, the slot it holds, the drain's count of deliveries under way and its place

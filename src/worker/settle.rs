@@ -179,13 +179,14 @@ impl Context {
     fn repeat(&self, kind: Repeat, cause: &'static str, message_id: &str, error: &str, full: impl FnOnce()) {
         match self.repeats.record(kind, cause, message_id, error) {
             Some(1) => full(),
-            Some(count) => log_summary(&Due {
+            Some(count) => Due {
                 kind,
                 cause,
                 count,
                 message_id: message_id.to_string(),
                 error: error.to_string(),
-            }),
+            }
+            .log(),
             None => {}
         }
     }
@@ -398,35 +399,4 @@ impl Context {
             self.metrics.status_update("dropped");
         }
     }
-}
-
-/// One summary line for events counted since the last line of their kind and cause.
-pub(super) fn log_summary(due: &Due) {
-    let Due {
-        kind,
-        cause,
-        count,
-        message_id,
-        error,
-    } = due;
-    match kind {
-        Repeat::Retry => {
-            warn!(cause, count, latest_message_id = %message_id, latest_error = %error, "Delivery failed {count} more times ({cause}) since the last report; each will be retried")
-        }
-        Repeat::DeadLetter => {
-            error!(reason = cause, count, latest_message_id = %message_id, latest_error = %error, "{count} more messages moved to the dead-letter list ({cause}) since the last report")
-        }
-        Repeat::Invalid => {
-            warn!(reason = cause, count, latest_error = %error, "{count} more invalid messages moved to the dead-letter list ({cause}) since the last report")
-        }
-    }
-}
-
-/// The text a panic was raised with, when it was a string.
-pub(super) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with no message".to_string())
 }
