@@ -10,15 +10,20 @@ mod background;
 mod claim;
 mod drain;
 mod flow;
+mod heartbeat;
 mod liveness;
 mod pool;
+mod process;
+mod promote;
+mod reload;
 mod retry;
 mod settle;
+mod shared;
 mod startup;
+mod status;
 mod sweep;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, Notify};
@@ -26,12 +31,19 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
 
-use self::background::{forward_hangups, Background, TlsWatch};
-use self::settle::Context;
+use self::background::Background;
+use self::claim::Claimer;
+use self::flow::Flow;
+use self::process::Delivery;
+use self::reload::{forward_hangups, Reloads, TlsWatch};
+use self::settle::Settler;
+use self::shared::Shared;
+use self::status::Statuses;
 use crate::config::Settings;
 use crate::delivery::Deliverer;
 use crate::health::Health;
 use crate::metrics::Metrics;
+use crate::policy::{self, Policy};
 use crate::queue;
 use crate::tls::ClientTls;
 
@@ -192,31 +204,56 @@ impl Worker {
             ..
         } = settings;
 
-        let Some((connector, queues)) = startup::join(&redis, &worker, &health, &shutdown).await? else {
+        let Some(joined) = startup::join(&redis, &worker, &health, &shutdown).await? else {
             background.cancel();
             return Ok(());
         };
+        let shared = Arc::new(Shared::new(worker.id.clone(), joined, metrics.clone(), health.clone()));
         let (status_tx, status_rx) = mpsc::channel(STATUS_BACKLOG);
-        let context = Arc::new(Context::new(
-            &worker,
-            (connector, queues, redis.order),
-            deliverer,
-            metrics,
-            health,
-            status_tx,
-        ));
-        let tls = tls.map(|current| TlsWatch {
-            settings: tls_settings,
-            current,
-            reload,
+        let flow = Arc::new(Flow::new(&worker, health, metrics));
+        let policy = Policy {
+            max_attempts: worker.max_attempts,
+            retry_interval: worker.retry_interval,
+            max_retry_after: policy::MAX_RETRY_AFTER,
+            backoff: worker.retry_backoff,
+            jitter: worker.retry_jitter,
+        };
+        let delivery = Arc::new(Delivery {
+            settler: Settler::new(shared.clone(), policy, status_tx),
+            deliverer: deliverer.clone(),
+            outcomes: worker.outcomes.clone(),
+            flow: flow.clone(),
+            max_message_bytes: worker.max_message_bytes,
         });
-        let tasks = Background::start(&context, status_rx, &worker, (tls, reload_redis), &shutdown, background);
+        let reloads = Reloads {
+            tls: tls.map(|current| TlsWatch {
+                settings: tls_settings,
+                current,
+                reload,
+            }),
+            redis: reload_redis,
+        };
+        let statuses = Statuses {
+            reports: status_rx,
+            circuit: flow.subscribe(),
+        };
+        let tasks = Background::start(&shared, &deliverer, statuses, &worker, reloads, &shutdown, background);
         crate::service::ready(&format!("Delivering from {} as {}", redis.queue_list(), worker.id));
 
         let deliveries = TaskTracker::new();
-        claim::claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;
-        let id_taken = context.id_taken.load(Ordering::Acquire);
-        drain::drain(context, deliveries, worker.shutdown_grace, tasks).await;
+        let claimer = Claimer {
+            shared: shared.clone(),
+            flow,
+            order: redis.order,
+            concurrency: worker.concurrency,
+            batch_size: worker.batch_size,
+            max_message_bytes: worker.max_message_bytes,
+            max_reclaims: worker.max_reclaims,
+        };
+        claimer.claim(&delivery, &deliveries, &shutdown).await;
+        drop(claimer);
+        let id_taken = shared.id_taken();
+        drain::drain(shared, delivery, deliveries, worker.shutdown_grace, tasks).await;
         info!("Worker {} stopped", worker.id);
         match id_taken {
             true => Err(RunError::IdTaken { worker_id: worker.id }),

@@ -13,6 +13,12 @@ use crate::config::{RedisSettings, Topology, WorkerSettings};
 use crate::health::Health;
 use crate::queue::{self, Connector, Queue};
 
+/// The queues joined, and how they were reached.
+pub(super) struct Joined {
+    pub(super) connector: Connector,
+    pub(super) queues: Vec<Queue>,
+}
+
 /// Joins the queues: connects (waiting while Redis is down), takes this worker's id on each
 /// (waiting for a live holder to go quiet) and returns what this id left claimed to each
 /// queue. `None`: asked to stop first.
@@ -21,7 +27,7 @@ pub(super) async fn join(
     worker: &WorkerSettings,
     health: &Health,
     shutdown: &CancellationToken,
-) -> Result<Option<(Connector, Vec<Queue>)>, RunError> {
+) -> Result<Option<Joined>, RunError> {
     info!(
         queues = %redis.queue_list(),
         order = ?redis.order,
@@ -56,7 +62,7 @@ pub(super) async fn join(
     for queue in &queues {
         recover(queue, &worker.id, health, shutdown).await;
     }
-    Ok(Some((connector, queues)))
+    Ok(Some(Joined { connector, queues }))
 }
 
 /// Refuses to start when Redis says the user lacks a command the worker needs (a script

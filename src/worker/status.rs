@@ -1,0 +1,161 @@
+//! The status reporter: sends the main server a status update for each retried or
+//! dead-lettered message, holding them while the circuit is not closed.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Semaphore};
+use tokio_util::task::TaskTracker;
+use tracing::debug;
+
+use super::settle::StatusReport;
+use crate::breaker::State;
+use crate::delivery::Deliverer;
+use crate::metrics::Metrics;
+
+/// Status updates waiting while the circuit is not closed, one per message; past this new
+/// ones are dropped (and counted).
+const STATUS_BACKLOG: usize = 4096;
+
+/// The status updates to send, and the circuit's state they wait on.
+pub(super) struct Statuses {
+    pub(super) reports: mpsc::Receiver<StatusReport>,
+    pub(super) circuit: watch::Receiver<State>,
+}
+
+/// Sends status updates with at most `limit` under way at once. While the circuit breaker is
+/// not closed (open, or probing a server that may still be down) the updates wait, one per
+/// message (the latest wins), and go out when it closes; past `STATUS_BACKLOG` messages
+/// waiting, new ones are dropped and counted. An update the server did not take (unreachable,
+/// 5xx) waits and goes again, 1 s later, then 2, 4, ... up to a minute, at most `PUT_TRIES`
+/// times, and at once when the circuit closes.
+pub(super) async fn report_statuses(
+    deliverer: Arc<Deliverer>,
+    metrics: Arc<Metrics>,
+    statuses: Statuses,
+    limit: usize,
+) {
+    let Statuses {
+        mut reports,
+        mut circuit,
+    } = statuses;
+    let slots = Arc::new(Semaphore::new(limit));
+    let tasks = TaskTracker::new();
+    let mut waiting: HashMap<String, Waiting> = HashMap::new();
+    let (again, mut failed) = mpsc::unbounded_channel::<Waiting>();
+    let mut open_circuit = true;
+    loop {
+        let next_try = waiting.values().filter_map(|w| w.not_before).min();
+        let (closing, closed_now) = tokio::select! {
+            report = reports.recv() => match report {
+                Some(report) => {
+                    if waiting.len() >= STATUS_BACKLOG && !waiting.contains_key(&report.message_id) {
+                        metrics.status_update("dropped");
+                    } else {
+                        waiting.insert(report.message_id.clone(), Waiting { report, tries: 0, not_before: None });
+                    }
+                    (false, false)
+                }
+                None => (true, false),
+            },
+            Some(back) = failed.recv() => {
+                // Kept, unless a newer update for the message is already waiting.
+                if back.tries >= PUT_TRIES || waiting.len() >= STATUS_BACKLOG {
+                    metrics.status_update("dropped");
+                } else {
+                    waiting.entry(back.report.message_id.clone()).or_insert(back);
+                }
+                (false, false)
+            }
+            changed = circuit.changed(), if open_circuit => {
+                open_circuit = changed.is_ok();
+                (false, *circuit.borrow() == State::Closed)
+            }
+            () = sleep_until_or_forever(next_try) => (false, false),
+        };
+        if *circuit.borrow() != State::Closed && !closing {
+            continue;
+        }
+        let now = tokio::time::Instant::now();
+        let due: Vec<String> = waiting
+            .iter()
+            .filter(|(_, w)| closing || closed_now || w.not_before.is_none_or(|at| at <= now))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in due {
+            let Some(mut update) = waiting.remove(&id) else {
+                continue;
+            };
+            let Ok(permit) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let deliverer = deliverer.clone();
+            let metrics = metrics.clone();
+            let again = again.clone();
+            tasks.spawn(async move {
+                let StatusReport {
+                    message_id,
+                    status,
+                    attempt_count,
+                    error,
+                    trace,
+                } = &update.report;
+                match deliverer.update_status(message_id, *status, *attempt_count, error, trace).await {
+                    Ok(()) => metrics.status_update("ok"),
+                    Err(e) => {
+                        metrics.status_update("failed");
+                        // Counted in worker_status_updates_total{result="failed"}; during an outage
+                        // every failed delivery brings one, so they stay out of the normal log.
+                        debug!(message_id = %message_id, trace_id = %trace.trace_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+                        if not_taken(&e) {
+                            update.tries = update.tries.saturating_add(1);
+                            let wait = PUT_RETRY_FIRST
+                                .saturating_mul(1 << update.tries.saturating_sub(1).min(6))
+                                .min(PUT_RETRY_LONGEST);
+                            update.not_before = Some(tokio::time::Instant::now() + wait);
+                            let _ = again.send(update);
+                        }
+                    }
+                }
+                drop(permit);
+            });
+        }
+        if closing {
+            break;
+        }
+    }
+    tasks.close();
+    tasks.wait().await;
+}
+
+/// A status update waiting to go (again).
+struct Waiting {
+    report: StatusReport,
+    /// Times it was sent and not taken.
+    tries: u32,
+    /// Not before this (after a failed try).
+    not_before: Option<tokio::time::Instant>,
+}
+
+/// Tries of one status update before it is given up (counted as dropped).
+const PUT_TRIES: u32 = 10;
+/// The wait after the first failed try; it doubles up to `PUT_RETRY_LONGEST`.
+const PUT_RETRY_FIRST: Duration = Duration::from_secs(1);
+const PUT_RETRY_LONGEST: Duration = Duration::from_secs(60);
+
+/// Whether the server did not take a status update: it could not be reached, or it failed
+/// (5xx). Any other answer is final.
+fn not_taken(error: &crate::delivery::DeliveryError) -> bool {
+    match error {
+        crate::delivery::DeliveryError::Status { status, .. } => *status >= 500 || *status == 429,
+        _ => true,
+    }
+}
+
+async fn sleep_until_or_forever(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
