@@ -26,7 +26,7 @@ mod sweep;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::info;
@@ -46,9 +46,6 @@ use crate::metrics::Metrics;
 use crate::policy::{self, Policy};
 use crate::queue;
 use crate::tls::ClientTls;
-
-/// Status updates waiting to be sent; past this they are dropped (and counted).
-const STATUS_BACKLOG: usize = 4096;
 
 /// Why the worker could not start or run. Each variant keeps its cause as `source()`; the
 /// command line renders the chain as one line.
@@ -209,7 +206,7 @@ impl Worker {
             return Ok(());
         };
         let shared = Arc::new(Shared::new(worker.id.clone(), joined, metrics.clone(), health.clone()));
-        let (status_tx, status_rx) = mpsc::channel(STATUS_BACKLOG);
+        let (status_tx, status_rx) = status::channel();
         let flow = Arc::new(Flow::new(&worker, health, metrics));
         let policy = Policy {
             max_attempts: worker.max_attempts,

@@ -14,9 +14,17 @@ use crate::breaker::State;
 use crate::delivery::Deliverer;
 use crate::metrics::Metrics;
 
-/// Status updates waiting while the circuit is not closed, one per message; past this new
-/// ones are dropped (and counted).
-const STATUS_BACKLOG: usize = 4096;
+/// Messages whose status update waits (the circuit is not closed, or a try failed), one
+/// update per message; past this new ones are dropped (and counted).
+const WAITING_MESSAGES: usize = 4096;
+/// Status updates the settler has handed over and the reporter not yet taken; past this the
+/// settler drops new ones (and counts them) rather than wait.
+const HANDED_OVER: usize = 4096;
+
+/// The settler's end and the reporter's end of the hand-over of status updates.
+pub(super) fn channel() -> (mpsc::Sender<StatusReport>, mpsc::Receiver<StatusReport>) {
+    mpsc::channel(HANDED_OVER)
+}
 
 /// The status updates to send, and the circuit's state they wait on.
 pub(super) struct Statuses {
@@ -26,7 +34,7 @@ pub(super) struct Statuses {
 
 /// Sends status updates with at most `limit` under way at once. While the circuit breaker is
 /// not closed (open, or probing a server that may still be down) the updates wait, one per
-/// message (the latest wins), and go out when it closes; past `STATUS_BACKLOG` messages
+/// message (the latest wins), and go out when it closes; past `WAITING_MESSAGES` messages
 /// waiting, new ones are dropped and counted. An update the server did not take (unreachable,
 /// 5xx) waits and goes again, 1 s later, then 2, 4, ... up to a minute, at most `PUT_TRIES`
 /// times, and at once when the circuit closes.
@@ -50,7 +58,7 @@ pub(super) async fn report_statuses(
         let (closing, closed_now) = tokio::select! {
             report = reports.recv() => match report {
                 Some(report) => {
-                    if waiting.len() >= STATUS_BACKLOG && !waiting.contains_key(&report.message_id) {
+                    if waiting.len() >= WAITING_MESSAGES && !waiting.contains_key(&report.message_id) {
                         metrics.status_update("dropped");
                     } else {
                         waiting.insert(report.message_id.clone(), Waiting { report, tries: 0, not_before: None });
@@ -61,7 +69,7 @@ pub(super) async fn report_statuses(
             },
             Some(back) = failed.recv() => {
                 // Kept, unless a newer update for the message is already waiting.
-                if back.tries >= PUT_TRIES || waiting.len() >= STATUS_BACKLOG {
+                if back.tries >= PUT_TRIES || waiting.len() >= WAITING_MESSAGES {
                     metrics.status_update("dropped");
                 } else {
                     waiting.entry(back.report.message_id.clone()).or_insert(back);
