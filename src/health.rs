@@ -3,7 +3,7 @@
 //! writes it; `admin` only renders it (/ready, /stats).
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{watch, Notify};
@@ -12,6 +12,7 @@ use tracing::{error, info};
 use crate::breaker::State;
 use crate::metrics::Metrics;
 use crate::queue::{Depths, LiveWorker, QueueError};
+use crate::sync::lock;
 
 /// What the worker tells the outside about itself.
 pub struct Health {
@@ -72,13 +73,13 @@ impl Health {
 
     /// The circuit breaker moved to `state`.
     pub fn set_circuit(&self, state: State) {
-        *self.circuit.lock().unwrap_or_else(PoisonError::into_inner) = state;
+        *lock(&self.circuit) = state;
         self.metrics.set_circuit(state);
     }
 
     /// The circuit breaker's state.
     pub fn circuit(&self) -> State {
-        *self.circuit.lock().unwrap_or_else(PoisonError::into_inner)
+        *lock(&self.circuit)
     }
 
     /// A Redis call that started at `started` succeeded. Logs the recovery once when Redis had

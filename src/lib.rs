@@ -39,6 +39,7 @@ pub mod policy;
 pub mod queue;
 pub mod service;
 pub mod shutdown;
+mod sync;
 pub mod telemetry;
 pub mod tls;
 pub mod trace;

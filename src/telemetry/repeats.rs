@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::sync::lock;
 use tracing::{error, warn};
 
 /// Counts repeated events and says when to log them: the first at once, then at most one line
@@ -95,7 +96,7 @@ impl Repeats {
 
     /// Records one event; `Some(count)` when a line is due now (1: log it in full).
     pub fn record(&self, kind: Repeat, cause: &'static str, message_id: &str, error: &str) -> Option<u64> {
-        let mut causes = self.causes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut causes = lock(&self.causes);
         let pending = causes.entry((kind, cause)).or_insert_with(|| Pending {
             summary: Summary::new(self.every),
             latest: (String::new(), String::new()),
@@ -109,7 +110,7 @@ impl Repeats {
 
     /// Lines for events not yet logged whose interval is over (all of them with `all`, at stop).
     pub fn due(&self, all: bool) -> Vec<Due> {
-        let mut causes = self.causes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut causes = lock(&self.causes);
         let now = Instant::now();
         causes
             .iter_mut()

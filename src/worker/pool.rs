@@ -5,7 +5,7 @@
 //! them, so there are never more than the most deliveries ever under way at once.
 
 use std::future::Future;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
@@ -13,6 +13,7 @@ use tokio_util::task::task_tracker::TaskTrackerToken;
 
 use super::shared::QueueId;
 use super::sweep::HeldItem;
+use crate::sync::lock;
 
 /// One claimed message for a delivery task: its queue, the item as claimed, whether it has a
 /// reclaim count, the slot it holds, the drain's count of deliveries under way and its place
@@ -57,7 +58,7 @@ impl<D: Deliver> Pool<D> {
     /// among the waiting before it frees its slot, so while slots bound the deliveries under
     /// way, tasks are started only while the load grows.
     pub(super) fn hand(&mut self, job: Job) {
-        let waiting = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let waiting = lock(&self.idle).pop();
         let job = match waiting.and_then(|task| self.tasks.get(task)) {
             Some(task) => match task.try_send(job) {
                 Ok(()) => return,
@@ -93,7 +94,7 @@ async fn serve<D: Deliver>(
     }) = next
     {
         deliverer.deliver(q, raw, counted).await;
-        idle.lock().unwrap_or_else(PoisonError::into_inner).push(number);
+        lock(&idle).push(number);
         drop((slot, in_flight, held));
         deliverer.finished();
         next = jobs.recv().await;

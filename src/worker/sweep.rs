@@ -11,7 +11,7 @@
 //! in `Held` is no task's.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::shared::{QueueId, Shared};
+use crate::sync::lock;
 
 /// How often the processing lists are swept without being asked.
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -55,7 +56,7 @@ pub(super) struct HeldItem {
 
 impl Held {
     fn slab(&self) -> std::sync::MutexGuard<'_, Slab> {
-        self.items.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.items)
     }
 
     /// Records that a task holds `raw`, claimed from queue `q`.
