@@ -23,6 +23,7 @@
 //! Redis key protocol and why no message is lost: docs/design.md.
 
 pub mod admin;
+mod backoff;
 pub mod breaker;
 pub mod cli;
 pub mod config;

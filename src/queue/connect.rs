@@ -329,7 +329,7 @@ impl Connector {
         let Shape::Sentinel { master_name } = &self.hub.topology else {
             return;
         };
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = crate::backoff::Backoff::default();
         loop {
             // Built afresh each round: a TLS reload may have replaced the files.
             let sentinels = self.hub.sentinel_clients().unwrap_or_default();
@@ -355,9 +355,8 @@ impl Connector {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next()) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
-use super::retry::Backoff;
 use super::shared::{QueueId, Shared};
+use crate::backoff::Backoff;
 
 /// Most due retries moved to the front of the queue by one promoter call.
 const PROMOTE_BATCH: usize = 1000;

@@ -7,8 +7,9 @@ use std::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::retry::{until_answered, Backoff};
+use super::retry::until_answered;
 use super::RunError;
+use crate::backoff::Backoff;
 use crate::config::{RedisSettings, Topology, WorkerSettings};
 use crate::health::Health;
 use crate::queue::{self, Connector, Queue};
