@@ -43,8 +43,9 @@ pub enum LogFormat {
     Json,
 }
 
-/// The Python worker's line format: time, logger name, level (Python's names), worker id, message, then
-/// the event's fields as `key=value`. Or, for `LogFormat::Json`, the same as one JSON object.
+/// The Python worker's line format: time, logger name, level (Python's names), worker id,
+/// message, then the event's fields as `key=value`. Or, for `LogFormat::Json`, the same as
+/// one JSON object.
 pub struct LineFormat {
     worker_id: String,
     /// The worker id already encoded as a JSON string.

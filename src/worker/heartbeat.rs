@@ -16,7 +16,8 @@ use crate::queue::{Depths, LiveWorker, Queue, QueueError};
 use crate::telemetry::one_line;
 
 /// Heartbeats, reaps workers whose heartbeat is older than `dead_after`, counts live workers,
-/// refreshes the queue-depth gauges and closes kept connections the main server closed. Stops the worker if another process takes its id.
+/// refreshes the queue-depth gauges and the queues `/stats` shows, and closes kept
+/// connections the main server closed. Stops the worker if another process takes its id.
 pub(super) async fn heartbeat(
     shared: Arc<Shared>,
     deliverer: Arc<Deliverer>,
