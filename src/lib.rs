@@ -17,7 +17,9 @@
 //!    (`worker::liveness`), a promoter of due retries, and a sweeper that returns items of its
 //!    own processing lists that no task holds (`worker::sweep`).
 //!
-//! Beside the pipeline: `admin` serves /metrics, /health, /ready and /stats; `shutdown` and
+//! Beside the pipeline: `health` holds what the worker tells the outside (Redis up,
+//! draining, the circuit, the queues as the heartbeat read them), which `admin` serves as
+//! /metrics, /health, /ready and /stats; `shutdown` and
 //! `service` speak signals and systemd; `pki` makes certificates; `cli` is the command line;
 //! `devtools` (a feature) holds the reference main server, the demo and the benchmark. The
 //! Redis key protocol and why no message is lost: docs/design.md.

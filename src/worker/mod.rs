@@ -1,10 +1,18 @@
 //! The worker: the life of one worker process, from joining the queue to leaving it.
 //!
-//! `startup` connects, takes the worker id and recovers leftovers; `claim` takes messages
-//! while delivery slots are free and hands them to `pool`'s delivery tasks; `settle` delivers
-//! one message and carries out what `policy` decides; `background` runs the heartbeat and
-//! reaper, the promoter, the TLS watcher and the status reporter; `drain` finishes in-flight
-//! work on shutdown; `retry` is the one way a Redis operation is retried.
+//! `startup` connects, takes the worker id and recovers leftovers. Then each role holds only
+//! what it uses, beside the `Shared` state (id, queues, metrics, health, log summaries):
+//!
+//! - the `Claimer` (`claim`) takes messages while delivery slots are free (`flow` says how
+//!   many) and hands them to `pool`'s delivery tasks;
+//! - a delivery task runs `process` for each message: parse, ask the main server, let `flow`
+//!   and `policy` decide, and have the `Settler` (`settle`) carry it out in Redis, the
+//!   metrics and the log, and hand the status update to `status`;
+//! - beside them (`background`): the `heartbeat` (with reaping by `liveness`), a `promote`r
+//!   of due retries per queue, the `sweep`er of strays, the TLS watchers (`reload`) and the
+//!   `status` reporter;
+//! - `drain` finishes in-flight work on shutdown; `retry` is the one way a Redis operation
+//!   is retried.
 
 mod background;
 mod claim;
