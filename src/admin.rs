@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -21,6 +21,7 @@ use tracing::{info, warn, Instrument};
 
 use crate::health::{Health, QueueStats};
 use crate::metrics::Metrics;
+use crate::queue::Queue;
 use crate::telemetry::Summary;
 
 /// What the admin handlers read.
@@ -30,6 +31,11 @@ pub struct AdminState {
     pub queue_names: Vec<String>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
+    /// The worker's queues once it has joined them, for the `/dlq` API.
+    pub queues: Arc<OnceLock<Vec<Queue>>>,
+    /// ADMIN_TOKEN: the `/dlq` API and the `/ui` page are served only with it, and only to
+    /// requests that carry it (`crate::admin_dlq`).
+    pub admin_token: Option<crate::config::Secret>,
 }
 
 impl AdminState {
@@ -39,7 +45,21 @@ impl AdminState {
             queue_names,
             metrics,
             health,
+            queues: Arc::default(),
+            admin_token: None,
         }
+    }
+
+    /// Turns on the `/dlq` API and `/ui` page for requests carrying `token`.
+    pub fn with_admin_token(mut self, token: Option<crate::config::Secret>) -> AdminState {
+        self.admin_token = token;
+        self
+    }
+
+    /// Acts on `queues` (the worker's, once joined) for the `/dlq` API.
+    pub fn with_queues(mut self, queues: Arc<OnceLock<Vec<Queue>>>) -> AdminState {
+        self.queues = queues;
+        self
     }
 }
 
@@ -80,14 +100,24 @@ pub struct PortError {
     pub source: std::io::Error,
 }
 
-/// Opens the admin port when `settings.metrics.enabled` and serves the worker's `metrics` and
-/// `health` on it until `stop`; returns where it listens.
-pub async fn open(
-    settings: &crate::config::Settings,
-    metrics: Arc<Metrics>,
-    health: Arc<Health>,
-    stop: CancellationToken,
-) -> Result<Option<SocketAddr>, PortError> {
+/// What the admin port serves of a worker: its counts, its health, its queues once joined (for
+/// the `/dlq` API), and when it has stopped.
+pub struct Served {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub queues: Arc<OnceLock<Vec<Queue>>>,
+    pub stop: CancellationToken,
+}
+
+/// Opens the admin port when `settings.metrics.enabled` and serves a worker on it until
+/// `served.stop`; returns where it listens.
+pub async fn open(settings: &crate::config::Settings, served: Served) -> Result<Option<SocketAddr>, PortError> {
+    let Served {
+        metrics,
+        health,
+        queues,
+        stop,
+    } = served;
     if !settings.metrics.enabled {
         return Ok(None);
     }
@@ -102,7 +132,9 @@ pub async fn open(
         settings.redis.queues.clone(),
         metrics,
         health,
-    );
+    )
+    .with_admin_token(settings.metrics.admin_token.clone())
+    .with_queues(queues);
     tokio::spawn(serve(listener, Arc::new(state), Limits::default(), stop).instrument(tracing::info_span!("admin")));
     Ok(Some(addr))
 }
@@ -157,6 +189,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, limits: Limits
 }
 
 async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = request.uri().path();
+    if path == "/ui" || path.starts_with("/ui/") || path == "/dlq" || path.starts_with("/dlq/") {
+        let mut response = crate::admin_dlq::route(state, request).await;
+        secure_headers(&mut response);
+        return response;
+    }
     if request.method() != Method::GET && request.method() != Method::HEAD {
         return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
     }
@@ -188,7 +226,10 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
             ),
         },
         "/stats" => json(StatusCode::OK, stats(state).await),
-        "/" => text(StatusCode::OK, "courier: /metrics /health /ready /stats\n"),
+        "/" => text(
+            StatusCode::OK,
+            "courier: /metrics /health /ready /stats (and with ADMIN_TOKEN: /ui /dlq /dlq/stats)\n",
+        ),
         _ => text(
             StatusCode::NOT_FOUND,
             "not found: try /metrics, /health, /ready or /stats\n",
@@ -245,13 +286,28 @@ fn redis_stats(read: Result<Vec<crate::health::QueueStat>, String>) -> serde_jso
     }
 }
 
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+/// Headers every answer of the `/dlq` API and the `/ui` page carries: only same-origin
+/// scripts, styles and requests; no framing; no guessing content types.
+fn secure_headers(response: &mut Response<Full<Bytes>>) {
+    use hyper::header;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+    );
+    headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+}
+
+pub(crate) fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(body.into()));
     *response.status_mut() = status;
     response
 }
 
-fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
+pub(crate) fn json(status: StatusCode, value: serde_json::Value) -> Response<Full<Bytes>> {
     let mut response = text(status, value.to_string());
     response
         .headers_mut()

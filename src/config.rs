@@ -82,6 +82,7 @@ const KNOWN: &[Known] = &[
     k("worker.adaptive_concurrency", "WORKER_ADAPTIVE_CONCURRENCY", "false"),
     k("main_server.trace_context", "MAIN_SERVER_TRACE_CONTEXT", "true"),
     k("logging.format", "LOG_FORMAT", "text"),
+    k("metrics.admin_token", "ADMIN_TOKEN", ""),
 ];
 
 const fn k(key: &'static str, env: &'static str, default: &'static str) -> Known {
@@ -297,6 +298,9 @@ pub struct MetricsSettings {
     pub enabled: bool,
     pub bind: IpAddr,
     pub port: u16,
+    /// The bearer token of the admin port's `/dlq` API and `/ui` page (ADMIN_TOKEN); `None`:
+    /// they are off.
+    pub admin_token: Option<Secret>,
 }
 
 #[derive(Debug, Clone)]
@@ -481,7 +485,7 @@ impl Source<'_> {
         let known = KNOWN.iter().find(|k| k.key == key);
         let env = known.map(|k| k.env).unwrap_or("");
         // A password never shows, nor a URL, which may carry one.
-        let value = if key.ends_with("password") || key == "redis.url" {
+        let value = if key.ends_with("password") || key.ends_with("token") || key == "redis.url" {
             String::new()
         } else {
             match self.merged.get_string(key) {
@@ -894,6 +898,16 @@ impl Source<'_> {
             enabled: self.flag("metrics.enabled")?,
             bind: self.parse("metrics.bind", "expected an IP address such as 0.0.0.0 or 127.0.0.1")?,
             port: self.number("metrics.port", 0, u16::MAX)?,
+            admin_token: match self.text("metrics.admin_token")? {
+                token if token.is_empty() => None,
+                token if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) => {
+                    return Err(self.invalid(
+                        "metrics.admin_token",
+                        "expected at least 16 characters without spaces, e.g. from `openssl rand -hex 32`",
+                    ))
+                }
+                token => Some(Secret(token)),
+            },
         };
         let level = parse_level(&self.text("logging.level")?)
             .ok_or_else(|| self.invalid("logging.level", "expected DEBUG, INFO, WARNING or ERROR"))?;

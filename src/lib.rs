@@ -25,6 +25,7 @@
 //! Redis key protocol and why no message is lost: docs/design.md.
 
 pub mod admin;
+mod admin_dlq;
 mod backoff;
 pub mod breaker;
 pub mod cli;
@@ -32,6 +33,7 @@ pub mod config;
 pub mod delivery;
 #[cfg(feature = "devtools")]
 pub mod devtools;
+pub mod dlq;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod health;

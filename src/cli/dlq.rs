@@ -1,15 +1,14 @@
-//! `courier dlq list|show|requeue|purge`: dead letters, read in any shape, printed with
-//! control characters escaped, and moved back to the queue one script each.
+//! `courier dlq list|stats|show|requeue|purge`: dead letters, read in any shape through
+//! `crate::dlq`, printed with control characters escaped, and moved back to the queue one
+//! script each.
 
 use std::process::ExitCode;
 
-use anyhow::bail;
-use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
+use anyhow::{anyhow, bail};
 
-use super::{connect, oneshot, settings_for, DlqCommand};
+use super::{connect, oneshot, settings_for, DlqCommand, FilterArgs};
 use crate::config::RedisSettings;
-use crate::message::{parse_dead_letter, DeadRecord, Envelope};
-use crate::queue;
+use crate::dlq::{self, parse_time_bound, Action, Filter, Letter, Options, Outcome};
 
 /// Text from Redis or the main server made safe for a terminal: control characters (escape
 /// sequences among them) shown escaped as `\u{1b}`, `\n` and so on, and at most `max`
@@ -38,90 +37,196 @@ pub fn printable(text: &str, max: usize) -> String {
     out
 }
 
-/// One dead letter, decoded.
-#[derive(Debug, Clone)]
-pub struct DeadLetter {
-    /// The record exactly as stored (needed to remove it).
-    pub record: Vec<u8>,
-    pub fields: serde_json::Value,
-    /// The original queue item.
-    pub message: Vec<u8>,
-}
-
-impl DeadLetter {
-    fn parse(record: Vec<u8>) -> DeadLetter {
-        let DeadRecord { fields, message } = parse_dead_letter(&record);
-        DeadLetter {
-            record,
-            fields,
-            message,
-        }
-    }
-
-    /// The record as one JSON object for `--json` and `dlq show`: the header fields and the
-    /// original item as `message` (or `message_base64` when it is not UTF-8). JSON escapes
-    /// every control character, so this is safe to print.
-    pub fn to_json(&self) -> serde_json::Value {
-        let mut json = match &self.fields {
-            serde_json::Value::Object(fields) => serde_json::Value::Object(fields.clone()),
-            _ => serde_json::json!({}),
+impl FilterArgs {
+    /// The filter, or one line naming the option that is wrong.
+    fn filter(&self) -> anyhow::Result<Filter> {
+        let now = chrono::Utc::now();
+        let time = |name: &str, text: &Option<String>| {
+            text.as_deref()
+                .map(|t| parse_time_bound(t, now).map_err(|e| anyhow!("--{name}: {e}")))
+                .transpose()
         };
-        match std::str::from_utf8(&self.message) {
-            Ok(text) => json["message"] = text.into(),
-            Err(_) => json["message_base64"] = BASE64.encode(&self.message).into(),
-        }
-        json
-    }
-
-    pub fn message_id(&self) -> Option<&str> {
-        self.fields["message_id"].as_str()
-    }
-
-    /// The message as it goes back to the queue: `attempt_count` reset to 0 when it is a valid
-    /// message that has failed attempts, otherwise the original bytes unchanged.
-    pub fn requeued(&self) -> Vec<u8> {
-        match Envelope::parse(self.message.clone(), usize::MAX) {
-            Ok(envelope) if envelope.attempt_count() > 0 => envelope.with_attempt_count(0),
-            _ => self.message.clone(),
-        }
+        Ok(Filter {
+            reason: self.reason.iter().filter(|r| !r.is_empty()).cloned().collect(),
+            status: self.status.clone(),
+            since: time("since", &self.since)?,
+            until: time("until", &self.until)?,
+            grep: self.grep.clone().filter(|g| !g.is_empty()),
+            ids: Vec::new(),
+        })
     }
 }
 
-/// Every dead letter, newest first.
-pub async fn dead_letters(settings: &RedisSettings) -> anyhow::Result<Vec<DeadLetter>> {
-    let (mut conn, keys) = connect(settings).await?;
-    let records = queue::dead_letters(&mut conn, &keys).await?;
-    Ok(records.into_iter().map(DeadLetter::parse).collect())
+/// Whether stdout is a terminal (progress lines are for people).
+fn on_terminal() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal()
 }
 
-/// Requeues the dead letters with these message ids (all of them when `ids` is empty and
-/// `all`), oldest first so they keep their order. Each moves atomically; an interrupted run
-/// leaves every record either still dead or back in the queue. Returns (requeued, not found).
-pub async fn requeue(settings: &RedisSettings, ids: &[String], all: bool) -> anyhow::Result<(usize, Vec<String>)> {
-    let letters = dead_letters(settings).await?;
+/// One dead letter as a line of the table.
+fn row(letter: &Letter) -> String {
+    let f = &letter.fields;
+    let field = |name: &str, max: usize| printable(f[name].as_str().unwrap_or(""), max);
+    format!(
+        "{:<24} {:<20} {:<6} {:<25} {}",
+        printable(letter.message_id().unwrap_or("(no message_id)"), 64),
+        field("reason", 32),
+        letter.status().map(|s| s.to_string()).unwrap_or_default(),
+        field("dead_at", 32),
+        field("error", 80),
+    )
+}
+
+/// `dlq list`.
+async fn list(settings: &RedisSettings, queue: &str, filter: &Filter, limit: usize, json: bool) -> anyhow::Result<()> {
     let (mut conn, keys) = connect(settings).await?;
-    let mut moved = 0;
-    let mut found = std::collections::HashSet::new();
-    for letter in letters.iter().rev() {
-        let wanted = all || letter.message_id().is_some_and(|id| ids.iter().any(|w| w == id));
-        if !wanted {
-            continue;
-        }
-        if queue::requeue_dead(&mut conn, &keys, &letter.record, &letter.requeued()).await? {
-            moved += 1;
-            if let Some(id) = letter.message_id() {
-                found.insert(id.to_string());
-            }
+    let listing = dlq::list(&mut conn, &keys, filter, None, limit, u64::MAX).await?;
+    if !json {
+        let what = if filter.is_empty() { "" } else { " matching" };
+        println!(
+            "{} of {} dead letter(s) on {}:dead{what}, newest first",
+            listing.letters.len(),
+            listing.total,
+            printable(queue, 64)
+        );
+    }
+    for letter in &listing.letters {
+        if json {
+            println!("{}", letter.to_json());
+        } else {
+            // Everything here came from a queue item or the main server: escaped and cut by
+            // characters before it reaches the terminal.
+            println!("{}", row(letter));
         }
     }
-    let missing = ids.iter().filter(|id| !found.contains(*id)).cloned().collect();
-    Ok((moved, missing))
+    Ok(())
 }
 
-/// Deletes every dead letter.
-pub async fn purge(settings: &RedisSettings) -> anyhow::Result<u64> {
+/// `dlq stats`.
+async fn stats(settings: &RedisSettings, filter: &Filter, json: bool) -> anyhow::Result<()> {
     let (mut conn, keys) = connect(settings).await?;
-    Ok(queue::purge_dead(&mut conn, &keys).await?)
+    let stats = dlq::stats(&mut conn, &keys, filter).await?;
+    if json {
+        println!("{}", serde_json::to_string(&stats)?);
+        return Ok(());
+    }
+    println!("{} dead letter(s)", stats.total);
+    println!(
+        "{:>8}  {:<20} {:<6} {:<24} {:<24} error",
+        "count", "reason", "status", "oldest", "newest"
+    );
+    for g in &stats.groups {
+        println!(
+            "{:>8}  {:<20} {:<6} {:<24} {:<24} {}",
+            g.count,
+            printable(&g.reason, 20),
+            g.status.map(|s| s.to_string()).unwrap_or_default(),
+            printable(g.oldest.as_deref().unwrap_or(""), 24),
+            printable(g.newest.as_deref().unwrap_or(""), 24),
+            printable(&g.error, 100),
+        );
+    }
+    Ok(())
+}
+
+/// `dlq show ID`: every dead letter of that id, whole.
+async fn show(settings: &RedisSettings, id: &str) -> anyhow::Result<()> {
+    let (mut conn, keys) = connect(settings).await?;
+    let filter = Filter {
+        ids: vec![id.to_string()],
+        ..Filter::default()
+    };
+    let mut from = None;
+    let mut shown = 0;
+    loop {
+        let listing = dlq::list(&mut conn, &keys, &filter, from, 1, u64::MAX).await?;
+        for letter in &listing.letters {
+            // The listing holds the start of the record; read this one whole.
+            let json = match dlq::whole(&mut conn, &keys, letter).await? {
+                Some(whole) => whole.to_json(),
+                None => letter.to_json(),
+            };
+            println!("{}", serde_json::to_string_pretty(&json).unwrap_or_default());
+            shown += 1;
+        }
+        match listing.next {
+            Some(next) if !listing.letters.is_empty() => from = Some(next),
+            _ => break,
+        }
+    }
+    if shown == 0 {
+        bail!("no dead letter with message_id {id:?}; `courier dlq list` shows what there is");
+    }
+    Ok(())
+}
+
+/// `dlq requeue` and `dlq purge`.
+async fn act(
+    settings: &RedisSettings,
+    queue: &str,
+    filter: &Filter,
+    action: Action,
+    options: &Options,
+) -> anyhow::Result<Outcome> {
+    let (mut conn, keys) = connect(settings).await?;
+    let terminal = on_terminal() && !options.dry_run;
+    let mut last = std::time::Instant::now();
+    let outcome = dlq::act(&mut conn, &keys, filter, action, options, |o| {
+        if terminal && last.elapsed() >= std::time::Duration::from_millis(200) {
+            last = std::time::Instant::now();
+            eprint!("\r{} read, {} selected, {} done   ", o.scanned, o.matched, o.done);
+        }
+    })
+    .await?;
+    if terminal {
+        eprintln!();
+    }
+    let verb = match action {
+        Action::Requeue { front: true } => "requeue at the front of",
+        Action::Requeue { front: false } => "requeue at the back of",
+        Action::Purge => "delete from the dead letters of",
+    };
+    if options.dry_run {
+        println!(
+            "dry run: would {verb} {}: {} of {} dead letter(s)",
+            printable(queue, 64),
+            outcome.matched,
+            outcome.scanned
+        );
+        for id in &outcome.ids {
+            println!("  {}", printable(id, 64));
+        }
+        if outcome.matched > outcome.ids.len() as u64 {
+            println!(
+                "  ... and {} without an id or not listed",
+                outcome.matched - outcome.ids.len() as u64
+            );
+        }
+    } else {
+        let done = match action {
+            Action::Requeue { .. } => "requeued (attempt_count 0)",
+            Action::Purge => "deleted",
+        };
+        println!(
+            "{done}: {} of {} selected dead letter(s) on {} ({} read)",
+            outcome.done,
+            outcome.matched,
+            printable(queue, 64),
+            outcome.scanned
+        );
+        if outcome.changed > 0 {
+            println!(
+                "{} selected dead letter(s) were moved or removed by someone else meanwhile; run again to catch any still there",
+                outcome.changed
+            );
+        }
+    }
+    Ok(outcome)
+}
+
+/// The ids asked for that were not acted on.
+fn missing(ids: &[String], outcome: &Outcome) -> Vec<String> {
+    ids.iter().filter(|id| !outcome.ids.contains(id)).cloned().collect()
 }
 
 /// `courier dlq ...`.
@@ -130,84 +235,94 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
         DlqCommand::List {
             config,
             queue,
+            filter,
             limit,
             json,
         } => match settings_for(config, queue) {
             Ok(settings) => oneshot(async move {
-                let letters = dead_letters(&settings.redis).await?;
-                if !json {
-                    println!(
-                        "{} dead letter(s) on {}:dead, newest first",
-                        letters.len(),
-                        settings.redis.first_queue()
-                    );
-                }
-                for letter in letters.iter().take(limit) {
-                    if json {
-                        println!("{}", letter.to_json());
-                        continue;
-                    }
-                    // Everything here came from a queue item or the main server: escaped and
-                    // cut by characters before it reaches the terminal.
-                    let f = &letter.fields;
-                    let field = |name: &str, max: usize| printable(f[name].as_str().unwrap_or(""), max);
-                    println!(
-                        "{:<24} {:<20} {:<25} {}",
-                        printable(letter.message_id().unwrap_or("(no message_id)"), 64),
-                        field("reason", 32),
-                        field("dead_at", 32),
-                        field("error", 80),
-                    );
-                }
-                Ok(())
+                let filter = filter.filter()?;
+                list(&settings.redis, settings.redis.first_queue(), &filter, limit, json).await
+            }),
+            Err(code) => code,
+        },
+        DlqCommand::Stats {
+            config,
+            queue,
+            filter,
+            json,
+        } => match settings_for(config, queue) {
+            Ok(settings) => oneshot(async move {
+                let filter = filter.filter()?;
+                stats(&settings.redis, &filter, json).await
             }),
             Err(code) => code,
         },
         DlqCommand::Show { config, queue, id } => match settings_for(config, queue) {
-            Ok(settings) => oneshot(async move {
-                let letters = dead_letters(&settings.redis).await?;
-                let matching: Vec<_> = letters.iter().filter(|l| l.message_id() == Some(id.as_str())).collect();
-                if matching.is_empty() {
-                    bail!("no dead letter with message_id {id:?}; `courier dlq list` shows what there is");
-                }
-                for letter in matching {
-                    println!(
-                        "{}",
-                        serde_json::to_string_pretty(&letter.to_json()).unwrap_or_default()
-                    );
-                }
-                Ok(())
-            }),
+            Ok(settings) => oneshot(async move { show(&settings.redis, &id).await }),
             Err(code) => code,
         },
         DlqCommand::Requeue {
             config,
             queue,
             ids,
+            filter,
             all,
-        } => match settings_for(config, queue) {
-            Ok(settings) => oneshot(async move {
-                let (moved, missing) = requeue(&settings.redis, &ids, all).await?;
-                println!(
-                    "requeued {moved} message(s) onto {} with attempt_count 0",
-                    settings.redis.first_queue()
-                );
-                if !missing.is_empty() {
-                    bail!("not in the dead-letter list: {}", missing.join(", "));
-                }
-                Ok(())
-            }),
-            Err(code) => code,
-        },
-        DlqCommand::Purge { config, queue, yes } => {
-            if !yes {
-                eprintln!("courier: purge deletes every dead letter for good; pass --yes to do it");
+            dry_run,
+            rate,
+            front,
+            limit,
+        } => {
+            if rate.is_some_and(|r| !r.is_finite() || r <= 0.0) {
+                eprintln!("courier: --rate must be a number of dead letters per second above 0, such as 50");
+                return ExitCode::from(2);
+            }
+            match settings_for(config, queue) {
+                Ok(settings) => oneshot(async move {
+                    let mut filter = filter.filter()?;
+                    filter.ids.clone_from(&ids);
+                    refuse_everything(&filter, all, "requeue")?;
+                    let options = Options { dry_run, limit, rate };
+                    let queue = settings.redis.first_queue().to_string();
+                    let outcome = act(&settings.redis, &queue, &filter, Action::Requeue { front }, &options).await?;
+                    let missing = missing(&ids, &outcome);
+                    if !missing.is_empty() {
+                        bail!("not in the dead-letter list: {}", missing.join(", "));
+                    }
+                    Ok(())
+                }),
+                Err(code) => code,
+            }
+        }
+        DlqCommand::Purge {
+            config,
+            queue,
+            filter,
+            all,
+            dry_run,
+            yes,
+            limit,
+        } => {
+            if !yes && !dry_run {
+                eprintln!("courier: purge deletes dead letters for good; pass --yes to do it, or --dry-run to see what it would delete");
                 return ExitCode::FAILURE;
             }
             match settings_for(config, queue) {
                 Ok(settings) => oneshot(async move {
-                    let n = purge(&settings.redis).await?;
-                    println!("deleted {n} dead letter(s) from {}:dead", settings.redis.first_queue());
+                    let filter = filter.filter()?;
+                    refuse_everything(&filter, all, "purge")?;
+                    let queue = settings.redis.first_queue().to_string();
+                    if filter.is_empty() && !dry_run && limit.is_none() {
+                        let (mut conn, keys) = connect(&settings.redis).await?;
+                        let n = dlq::purge_all(&mut conn, &keys).await?;
+                        println!("deleted {n} dead letter(s) from {}:dead", printable(&queue, 64));
+                        return Ok(());
+                    }
+                    let options = Options {
+                        dry_run,
+                        limit,
+                        rate: None,
+                    };
+                    act(&settings.redis, &queue, &filter, Action::Purge, &options).await?;
                     Ok(())
                 }),
                 Err(code) => code,
@@ -215,6 +330,18 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
         }
     }
 }
+
+/// Requeue and purge act on everything only when told so.
+fn refuse_everything(filter: &Filter, all: bool, verb: &str) -> anyhow::Result<()> {
+    if filter.is_empty() && !all {
+        bail!("refusing to {verb} every dead letter: name message ids, narrow with --reason, --status, --since, --until or --grep, or pass --all");
+    }
+    if !filter.is_empty() && all {
+        bail!("--all and a filter contradict each other: drop --all to {verb} only what the filter selects");
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -394,20 +394,60 @@ enum CertsCommand {
     },
 }
 
+/// Which dead letters: every option narrows the selection.
+#[derive(clap::Args, Debug, Clone, Default)]
+struct FilterArgs {
+    /// Only these reasons (comma-separated or repeated): rejected, exhausted, invalid_json,
+    /// invalid_message_id, invalid_attempt_count, poisoned, too_large, internal_error.
+    #[arg(long, value_delimiter = ',')]
+    reason: Vec<String>,
+    /// Only these HTTP statuses of the main server's answer (comma-separated or repeated).
+    #[arg(long, value_delimiter = ',')]
+    status: Vec<u16>,
+    /// Only those dead at or after this time: RFC 3339 (2025-01-15T10:00:00Z) or a duration
+    /// back from now (90s, 30m, 2h, 7d).
+    #[arg(long, value_name = "TIME")]
+    since: Option<String>,
+    /// Only those dead before this time (same forms as --since).
+    #[arg(long, value_name = "TIME")]
+    until: Option<String>,
+    /// Only those whose record contains this text (in the message or the error), as is.
+    #[arg(long, value_name = "TEXT")]
+    grep: Option<String>,
+}
+
 #[derive(Subcommand)]
 enum DlqCommand {
-    /// List dead letters, newest first.
+    /// List dead letters, newest first, optionally filtered.
     ///
-    /// Example: courier dlq list --limit 20
+    /// Examples: courier dlq list --limit 20
+    ///           courier dlq list --reason rejected --status 422 --since 2h --grep order-
     List {
         #[command(flatten)]
         config: ConfigArg,
         #[command(flatten)]
         queue: QueueArg,
+        #[command(flatten)]
+        filter: FilterArgs,
         /// Show at most this many.
         #[arg(long, default_value_t = 50)]
         limit: usize,
-        /// Print JSON lines (the stored records).
+        /// Print JSON lines (header fields, message, position, size).
+        #[arg(long)]
+        json: bool,
+    },
+    /// Dead letters grouped by reason, HTTP status and error (ids, numbers and times in the
+    /// error folded, so that one cause is one row), with count, oldest and newest.
+    ///
+    /// Example: courier dlq stats --since 1d
+    Stats {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[command(flatten)]
+        queue: QueueArg,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -422,9 +462,13 @@ enum DlqCommand {
         /// The message_id.
         id: String,
     },
-    /// Move dead letters back to the queue with attempt_count reset to 0 and the reason dropped.
+    /// Move dead letters back to the queue with attempt_count reset to 0, oldest first, one
+    /// at a time (each copied to the queue before it leaves the dead list). Needs ids, a
+    /// filter or --all.
     ///
     /// Examples: courier dlq requeue order-42 order-43
+    ///           courier dlq requeue --reason rejected --status 503 --since 2h --dry-run
+    ///           courier dlq requeue --reason exhausted --rate 50 --front
     ///           courier dlq requeue --all
     Requeue {
         #[command(flatten)]
@@ -432,22 +476,49 @@ enum DlqCommand {
         #[command(flatten)]
         queue: QueueArg,
         /// Message ids to requeue.
-        #[arg(required_unless_present = "all", conflicts_with = "all")]
         ids: Vec<String>,
-        /// Requeue every dead letter.
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Requeue every dead letter (needed when no id or filter is given).
         #[arg(long)]
         all: bool,
+        /// Only say what would move, and how many.
+        #[arg(long)]
+        dry_run: bool,
+        /// At most this many per second.
+        #[arg(long, value_name = "N")]
+        rate: Option<f64>,
+        /// Put them at the front of the queue (delivered next) instead of the back.
+        #[arg(long)]
+        front: bool,
+        /// Requeue at most this many (the oldest).
+        #[arg(long)]
+        limit: Option<u64>,
     },
-    /// Delete every dead letter. Needs --yes.
+    /// Delete dead letters for good: those a filter selects, or --all. Needs --yes (or
+    /// --dry-run).
     ///
-    /// Example: courier dlq purge --yes
+    /// Examples: courier dlq purge --reason invalid_json --dry-run
+    ///           courier dlq purge --reason invalid_json --yes
+    ///           courier dlq purge --all --yes
     Purge {
         #[command(flatten)]
         config: ConfigArg,
         #[command(flatten)]
         queue: QueueArg,
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Delete every dead letter (needed when no filter is given).
+        #[arg(long)]
+        all: bool,
+        /// Only say what would be deleted, and how many.
+        #[arg(long)]
+        dry_run: bool,
         /// Really delete them.
         #[arg(long)]
         yes: bool,
+        /// Delete at most this many (the oldest).
+        #[arg(long)]
+        limit: Option<u64>,
     },
 }

@@ -5,8 +5,11 @@ use std::time::{Duration, SystemTime};
 
 use super::{connect, printable};
 use crate::config::{RedisSettings, Settings};
-use crate::message::{parse_dead_letter, Envelope};
+use crate::message::Envelope;
 use crate::queue;
+
+/// `dead_by_reason` counts the newest this many dead letters.
+const REASONS_OF: u64 = 100_000;
 
 /// Waits between `stats --watch` refreshes.
 const WATCH_EVERY: Duration = Duration::from_secs(2);
@@ -14,14 +17,9 @@ const WATCH_EVERY: Duration = Duration::from_secs(2);
 /// `courier stats`: the queue at a glance, as JSON.
 async fn stats(settings: &RedisSettings) -> anyhow::Result<serde_json::Value> {
     let (mut conn, keys) = connect(settings).await?;
-    let snapshot = queue::snapshot(&mut conn, &keys, 100_000).await?;
-    let mut by_reason: BTreeMap<String, u64> = BTreeMap::new();
-    for record in &snapshot.dead {
-        let reason = parse_dead_letter(record).fields["reason"]
-            .as_str()
-            .map_or_else(|| "unknown".to_string(), str::to_string);
-        *by_reason.entry(reason).or_default() += 1;
-    }
+    let snapshot = queue::snapshot(&mut conn, &keys).await?;
+    // The newest REASONS_OF dead letters, read in pages of headers; `dlq stats` counts them all.
+    let by_reason = crate::dlq::reasons(&mut conn, &keys, REASONS_OF).await?;
     let oldest_age = snapshot.oldest_ready.as_ref().and_then(|raw| {
         let envelope = Envelope::parse(raw.clone(), usize::MAX).ok()?;
         envelope.waited(SystemTime::now()).map(|d| d.as_secs_f64())

@@ -215,18 +215,30 @@ impl Client {
         self.resent = hook;
     }
 
-    /// Sends a request and reads the answer, all within the request timeout.
+    /// Sends a request and reads the answer, all within the request timeout. An answer whose
+    /// head arrived in time is that answer: a body still coming at the deadline is cut there,
+    /// the answer marked incomplete and its connection closed (a 2xx is delivered).
     pub async fn send(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
         let limit = self.target.request_timeout;
-        // Polled where they lie rather than moved into a `Timeout`: each move of the
-        // exchange's state is a copy.
-        let exchange = self.exchange(request);
-        let deadline = tokio::time::sleep(limit);
-        tokio::pin!(exchange, deadline);
-        tokio::select! {
-            biased;
-            answer = &mut exchange => answer,
-            () = &mut deadline => Err(Elapsed::error("the request", limit)),
+        let mut arrived = None;
+        {
+            // Polled where they lie rather than moved into a `Timeout`: each move of the
+            // exchange's state is a copy.
+            let exchange = self.exchange(request, &mut arrived);
+            let deadline = tokio::time::sleep(limit);
+            tokio::pin!(exchange, deadline);
+            tokio::select! {
+                biased;
+                answer = &mut exchange => return answer,
+                () = &mut deadline => {}
+            }
+        }
+        match arrived {
+            Some(answer) => {
+                tracing::debug!(status = %answer.status, "main server's answer stalled after its head");
+                Ok(answer)
+            }
+            None => Err(Elapsed::error("the request", limit)),
         }
     }
 
@@ -234,7 +246,7 @@ impl Client {
     /// processed it (`Resend`) or answered 421, on a new connection (for REFUSED_STREAM, on the
     /// shared HTTP/2 one). A 421 and an HTTP/1.1 close race go once more, and the second try's
     /// result stands; HTTP/2's proofs are taken up to `MAX_RESENDS` times.
-    async fn exchange(&self, request: &Outgoing<'_>) -> Result<Answer, DeliveryError> {
+    async fn exchange(&self, request: &Outgoing<'_>, arrived: &mut Option<Answer>) -> Result<Answer, DeliveryError> {
         let mut next = self.reuse();
         let mut reused = next.is_some();
         // Resends so far: a 421 and an HTTP/1.1 close race go again only on the first try; an
@@ -250,30 +262,32 @@ impl Client {
                 None => Box::pin(self.connect()).await?,
             };
             let again = match sender {
-                Sender::H1(mut connection) => match connection.exchange(request, &self.target.host_header).await {
-                    // The connection is the wrong one for this host: not kept.
-                    Ok(Exchanged { answer, .. })
-                        if answer.status == StatusCode::MISDIRECTED_REQUEST && resends == 0 =>
-                    {
-                        Resend::Misdirected
-                    }
-                    Ok(Exchanged { answer, reusable }) => {
-                        if reusable {
-                            self.keep(connection);
+                Sender::H1(mut connection) => {
+                    match connection.exchange(request, &self.target.host_header, arrived).await {
+                        // The connection is the wrong one for this host: not kept.
+                        Ok(Exchanged { answer, .. })
+                            if answer.status == StatusCode::MISDIRECTED_REQUEST && resends == 0 =>
+                        {
+                            Resend::Misdirected
                         }
-                        return Ok(answer);
+                        Ok(Exchanged { answer, reusable }) => {
+                            if reusable {
+                                self.keep(connection);
+                            }
+                            return Ok(answer);
+                        }
+                        // A kept connection that closed as the request went out (the server's
+                        // keep-alive ran out just then): the server cannot have answered it.
+                        Err(Failure::Unanswered(_)) if reused && resends == 0 => Resend::CloseRace,
+                        Err(Failure::Unanswered(e) | Failure::Broken(e)) => return Err(from_io(e)),
+                        Err(Failure::Answer(e)) => return Err(DeliveryError::Other(Arc::new(e))),
                     }
-                    // A kept connection that closed as the request went out (the server's
-                    // keep-alive ran out just then): the server cannot have answered it.
-                    Err(Failure::Unanswered(_)) if reused && resends == 0 => Resend::CloseRace,
-                    Err(Failure::Unanswered(e) | Failure::Broken(e)) => return Err(from_io(e)),
-                    Err(Failure::Answer(e)) => return Err(DeliveryError::Other(Arc::new(e))),
-                },
+                }
                 Sender::H2(h2, number) => match send_h2(h2, request, &self.target).await {
                     Ok(response) if response.status() == StatusCode::MISDIRECTED_REQUEST && resends == 0 => {
                         Resend::Misdirected
                     }
-                    Ok(response) => return finish_h2(response).await,
+                    Ok(response) => return finish_h2(response, arrived).await,
                     // The connection closed before the request went out (hyper handed it
                     // back), or the server said it never processed the stream.
                     Err((error, unsent)) if resends < MAX_RESENDS => match (unsent, unprocessed(&error)) {
@@ -407,37 +421,37 @@ async fn send_h2(
     sender.try_send_request(request).await.map_err(not_sent)
 }
 
-/// Reads an HTTP/2 answer's body, as much of it as `KeptBody` takes.
-async fn finish_h2(response: Response<Incoming>) -> Result<Answer, DeliveryError> {
+/// Reads an HTTP/2 answer's body, as much of it as `KeptBody` takes, into `arrived` (where a
+/// deadline finds it).
+async fn finish_h2(response: Response<Incoming>, arrived: &mut Option<Answer>) -> Result<Answer, DeliveryError> {
     let (head, mut body) = response.into_parts();
     let mut kept = KeptBody::new(head.status);
-    loop {
-        match body.frame().await {
-            None => break,
-            Some(Err(e)) => {
-                // The answer's head arrived: a body that breaks off does not change it.
-                tracing::debug!(error = %e, "main server's answer broke off");
-                break;
-            }
-            Some(Ok(frame)) => {
-                if let Ok(data) = frame.into_data() {
-                    if !kept.take(&data) {
-                        break;
-                    }
-                }
-            }
-        }
-    }
     let headers = if head.status.is_success() {
         HeaderMap::new()
     } else {
         head.headers
     };
-    Ok(Answer {
-        status: head.status,
-        headers,
-        body: kept.into_bytes(),
-    })
+    let answer = arrived.insert(Answer::new(head.status, headers));
+    answer.complete = loop {
+        match body.frame().await {
+            None => break true,
+            Some(Err(e)) => {
+                // The answer's head arrived: a body that breaks off does not change it.
+                tracing::debug!(error = %e, "main server's answer broke off");
+                break false;
+            }
+            Some(Ok(frame)) => {
+                if let Ok(data) = frame.into_data() {
+                    if !kept.take(&mut answer.body, &data) {
+                        break true;
+                    }
+                }
+            }
+        }
+    };
+    Ok(arrived
+        .take()
+        .unwrap_or_else(|| Answer::new(head.status, HeaderMap::new())))
 }
 
 impl Target {

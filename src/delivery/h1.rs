@@ -7,19 +7,24 @@
 //! The answer is outside input. Its head is bounded (`MAX_HEAD`, `MAX_HEADERS`, `MAX_INTERIM`);
 //! its body's framing follows RFC 9112 section 6.3 (Transfer-Encoding before Content-Length,
 //! conflicting lengths refused, a body without either read until the server closes); chunked
-//! framing is bounded (`MAX_LINE`, `MAX_FRAMING`); and the body is read at most to
-//! `MAX_RESPONSE_BODY`. The parsing is sans-IO (`parse_head`, `BodyReader`) so that the fuzz
-//! target and the property tests drive exactly what the connection runs.
+//! framing is read as strictly as hyper reads it (`1*HEXDIG [ext] CRLF`, CRLF line ends only)
+//! and bounded (`MAX_LINE`, `MAX_FRAMING`); and the body is read at most to
+//! `MAX_RESPONSE_BODY`. An answer's head decides: once it has arrived, a body that breaks off,
+//! stalls past the request timeout or ends in a TCP close without TLS `close_notify` leaves the
+//! answer what its head said, marked incomplete, and the connection is not kept. The parsing is
+//! sans-IO (`parse_head`, `BodyReader`) so that the fuzz targets and the property tests drive
+//! exactly what the connection runs; `fuzz/fuzz_targets/http_differential.rs` reads the same
+//! bytes with hyper's client and compares.
 
 use std::io;
 use std::pin::Pin;
-use std::task::{Context, Waker};
+use std::task::{Context, Poll, Waker};
 
 use bytes::Bytes;
 use hyper::header::{HeaderMap, HeaderName, HeaderValue, CONTENT_LENGTH, HOST, TRANSFER_ENCODING};
 use hyper::http::uri::PathAndQuery;
 use hyper::{Method, StatusCode};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
 /// The most of a response body courier reads. Only an error's text is of use, and the first
 /// 200 characters of it at that: a main server that answers with megabytes costs 64 KiB.
@@ -38,8 +43,37 @@ pub const MAX_INTERIM: usize = 8;
 pub const MAX_LINE: usize = 8 * 1024;
 
 /// The most bytes of chunked framing (sizes, extensions, trailers) read for one answer, so
-/// that a body of one-byte chunks cannot keep the worker reading framing.
-pub const MAX_FRAMING: u64 = 64 * 1024;
+/// that a body of one-byte chunks cannot keep the worker reading framing. At most hyper's
+/// bounds (16 KiB of extensions, 16 KiB of trailers), so that nothing hyper refuses for its
+/// size courier reads.
+pub const MAX_FRAMING: u64 = 16 * 1024;
+
+/// The bounds an answer is read within: `Limits::DEFAULT` for the main server; the fuzz
+/// harness makes them small enough for the fuzzer to reach.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Status line and headers (`MAX_HEAD`).
+    pub head: usize,
+    /// Interim (1xx) answers before the final one (`MAX_INTERIM`).
+    pub interim: usize,
+    /// A line of chunked framing (`MAX_LINE`).
+    pub line: usize,
+    /// All chunked framing of one answer (`MAX_FRAMING`).
+    pub framing: u64,
+    /// The body read (`MAX_RESPONSE_BODY`).
+    pub body: usize,
+}
+
+impl Limits {
+    /// The bounds for the main server's answers.
+    pub const DEFAULT: Limits = Limits {
+        head: MAX_HEAD,
+        interim: MAX_INTERIM,
+        line: MAX_LINE,
+        framing: MAX_FRAMING,
+        body: MAX_RESPONSE_BODY,
+    };
+}
 
 /// How much a read asks for.
 const READ_SIZE: usize = 8 * 1024;
@@ -102,41 +136,57 @@ pub struct Answer {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Vec<u8>,
+    /// The body was read to its end (or to the cap). False when it broke off, stalled past the
+    /// request timeout, or ended in a TCP close without TLS `close_notify` (RFC 9112 section
+    /// 9.8): the status stands, the kept text is only what arrived.
+    pub complete: bool,
 }
 
-/// An answer's body as courier keeps it, over HTTP/1.1 and HTTP/2 alike: an error's first
-/// `MAX_RESPONSE_BODY` bytes, none of a success's; reading stops at the cap either way.
+impl Answer {
+    /// An answer whose head has arrived and none of its body.
+    pub fn new(status: StatusCode, headers: HeaderMap) -> Answer {
+        Answer {
+            status,
+            headers,
+            body: Vec::new(),
+            complete: false,
+        }
+    }
+}
+
+/// How much of an answer's body courier keeps, over HTTP/1.1 and HTTP/2 alike: an error's
+/// first `cap` bytes, none of a success's; reading stops at the cap either way.
 #[derive(Debug)]
 pub struct KeptBody {
     keep: bool,
     seen: usize,
-    bytes: Vec<u8>,
+    cap: usize,
 }
 
 impl KeptBody {
-    /// Nothing read yet of the body of an answer with `status`.
+    /// Nothing read yet of the body of an answer with `status`, up to `MAX_RESPONSE_BODY`.
     pub fn new(status: StatusCode) -> KeptBody {
+        KeptBody::with_cap(status, MAX_RESPONSE_BODY)
+    }
+
+    /// Nothing read yet of the body of an answer with `status`, up to `cap` bytes.
+    pub fn with_cap(status: StatusCode, cap: usize) -> KeptBody {
         KeptBody {
             keep: !status.is_success(),
             seen: 0,
-            bytes: Vec::new(),
+            cap,
         }
     }
 
-    /// Takes the body's next bytes: false once the cap is reached, where reading stops.
-    pub fn take(&mut self, data: &[u8]) -> bool {
-        let room = MAX_RESPONSE_BODY.saturating_sub(self.seen);
+    /// Takes the body's next bytes into `into`: false once the cap is reached, where reading
+    /// stops.
+    pub fn take(&mut self, into: &mut Vec<u8>, data: &[u8]) -> bool {
+        let room = self.cap.saturating_sub(self.seen);
         self.seen = self.seen.saturating_add(data.len());
         if self.keep {
-            self.bytes
-                .extend_from_slice(data.get(..data.len().min(room)).unwrap_or_default());
+            into.extend_from_slice(data.get(..data.len().min(room)).unwrap_or_default());
         }
         data.is_empty() || data.len() < room
-    }
-
-    /// The bytes kept.
-    pub fn into_bytes(self) -> Vec<u8> {
-        self.bytes
     }
 }
 
@@ -194,21 +244,24 @@ pub enum Parsed {
 }
 
 /// Parses the answer head at the start of `buf`: `None` while it is incomplete, else how many
-/// bytes it took and what it says. `to_head` is whether the request was a HEAD.
-pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, AnswerError> {
+/// bytes it took and what it says. `to_head` is whether the request was a HEAD. A header folded
+/// over lines (`obs-fold`) is read with each fold as one space (RFC 9112 section 5.2).
+pub fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(usize, Parsed)>, AnswerError> {
     // Left uninitialised: httparse fills only the slots the answer uses, and writing 100 empty
     // ones first cost more than the parse of a typical answer.
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
     let mut answer = httparse::Response::new(&mut []);
-    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut answer, buf, &mut slots);
+    let parsed = httparse::ParserConfig::default()
+        .allow_obsolete_multiline_headers_in_responses(true)
+        .parse_response_with_uninit_headers(&mut answer, buf, &mut slots);
     let used = match parsed {
         Ok(httparse::Status::Complete(used)) => used,
-        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(AnswerError::HeadTooLarge),
+        Ok(httparse::Status::Partial) if buf.len() >= limits.head => return Err(AnswerError::HeadTooLarge),
         Ok(httparse::Status::Partial) => return Ok(None),
         Err(httparse::Error::TooManyHeaders) => return Err(AnswerError::TooManyHeaders),
         Err(e) => return Err(AnswerError::Malformed(e)),
     };
-    if used > MAX_HEAD {
+    if used > limits.head {
         return Err(AnswerError::HeadTooLarge);
     }
     let code = answer.code.unwrap_or(0);
@@ -222,31 +275,33 @@ pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, 
     let http11 = answer.version == Some(1);
 
     let mut length: Option<u64> = None;
+    let mut bad_length = false;
     let mut encoded = false;
     let mut chunked_last = false;
     let mut close = false;
     for header in answer.headers.iter() {
         let name = header.name.as_bytes();
+        let value = unfold(header.value);
         if name.eq_ignore_ascii_case(b"content-length") {
-            for part in list(header.value) {
-                let n = decimal(part).ok_or(AnswerError::BadLength)?;
-                if length.is_some_and(|seen| seen != n) {
-                    return Err(AnswerError::BadLength);
+            for part in list(&value) {
+                match decimal(part) {
+                    Some(n) if length.is_none_or(|seen| seen == n) => length = Some(n),
+                    _ => bad_length = true,
                 }
-                length = Some(n);
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             encoded = true;
-            for coding in list(header.value).filter(|c| !c.is_empty()) {
+            for coding in list(&value).filter(|c| !c.is_empty()) {
                 chunked_last = coding.eq_ignore_ascii_case(b"chunked");
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= list(header.value).any(|t| t.eq_ignore_ascii_case(b"close"));
+            close |= list(&value).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
     }
-    // RFC 9112 6.3: no body for these whatever the headers say; Transfer-Encoding over
-    // Content-Length (and the connection closed after, as the two disagree); chunked only
-    // as the last coding, else the body runs to the close.
+    // RFC 9112 6.3: no body for these whatever the headers say (their lengths not even
+    // checked, as hyper does); Transfer-Encoding over Content-Length (and the connection
+    // closed after, as the two disagree); chunked only as the last coding, else the body runs
+    // to the close.
     let (framing, reusable) = if to_head || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         (Framing::Empty, true)
     } else if encoded {
@@ -254,10 +309,12 @@ pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, 
             return Err(AnswerError::EncodedHttp10);
         }
         if chunked_last {
-            (Framing::Chunked, length.is_none())
+            (Framing::Chunked, length.is_none() && !bad_length)
         } else {
             (Framing::UntilClose, false)
         }
+    } else if bad_length {
+        return Err(AnswerError::BadLength);
     } else {
         match length {
             Some(0) => (Framing::Empty, true),
@@ -272,7 +329,7 @@ pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, 
         for header in answer.headers.iter() {
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(header.name.as_bytes()),
-                HeaderValue::from_bytes(header.value),
+                HeaderValue::from_bytes(&unfold(header.value)),
             ) {
                 map.append(name, value);
             }
@@ -289,6 +346,37 @@ pub fn parse_head(buf: &[u8], to_head: bool) -> Result<Option<(usize, Parsed)>, 
             keep_alive: reusable && http11 && !close,
         }),
     )))
+}
+
+/// A header value with each `obs-fold` (a line break and the spaces and tabs around it)
+/// replaced by one space, as hyper does; borrowed as it is when it has none (httparse leaves
+/// line breaks in a value only for a fold).
+fn unfold(value: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if !value.contains(&b'\n') {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    let mut out = Vec::with_capacity(value.len());
+    let mut folding = false;
+    for &b in value {
+        match b {
+            b'\r' | b'\n' => {
+                folding = true;
+                while matches!(out.last(), Some(b' ' | b'\t')) {
+                    out.pop();
+                }
+            }
+            // The spaces and tabs that begin a continuation line belong to the fold.
+            b' ' | b'\t' if folding => {}
+            _ => {
+                if folding {
+                    out.push(b' ');
+                    folding = false;
+                }
+                out.push(b);
+            }
+        }
+    }
+    std::borrow::Cow::Owned(out)
 }
 
 /// A header's comma-separated items, each without the spaces and tabs around it.
@@ -308,15 +396,18 @@ fn trim(bytes: &[u8]) -> &[u8] {
     bytes.get(start..end).unwrap_or_default()
 }
 
-/// A Content-Length: ASCII digits only, within u64.
+/// A Content-Length: ASCII digits only, at most `u64::MAX - 2` (hyper's largest length).
 fn decimal(digits: &[u8]) -> Option<u64> {
     if digits.is_empty() {
         return None;
     }
-    digits.iter().try_fold(0u64, |n, &d| {
-        let digit = d.checked_sub(b'0').filter(|d| *d <= 9)?;
-        n.checked_mul(10)?.checked_add(u64::from(digit))
-    })
+    digits
+        .iter()
+        .try_fold(0u64, |n, &d| {
+            let digit = d.checked_sub(b'0').filter(|d| *d <= 9)?;
+            n.checked_mul(10)?.checked_add(u64::from(digit))
+        })
+        .filter(|n| *n <= u64::MAX - 2)
 }
 
 /// Reads a body by its framing from whatever bytes arrive, one step at a time.
@@ -324,6 +415,9 @@ fn decimal(digits: &[u8]) -> Option<u64> {
 pub struct BodyReader {
     state: State,
     framing_read: u64,
+    trailers: usize,
+    max_line: usize,
+    max_framing: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -339,14 +433,20 @@ enum State {
 
 impl BodyReader {
     /// A reader for a body framed as `framing` says, nothing of it read yet.
-    pub fn new(framing: Framing) -> BodyReader {
+    pub fn new(framing: Framing, limits: &Limits) -> BodyReader {
         let state = match framing {
             Framing::Empty => State::Done,
             Framing::Length(n) => State::Length(n),
             Framing::Chunked => State::ChunkSize,
             Framing::UntilClose => State::UntilClose,
         };
-        BodyReader { state, framing_read: 0 }
+        BodyReader {
+            state,
+            framing_read: 0,
+            trailers: 0,
+            max_line: limits.line,
+            max_framing: limits.framing,
+        }
     }
 
     /// The whole body has been read.
@@ -370,8 +470,8 @@ impl BodyReader {
                 };
                 Ok((n, input.get(..n).unwrap_or_default()))
             }
-            State::ChunkSize => match httparse::parse_chunk_size(input) {
-                Ok(httparse::Status::Complete((used, size))) => {
+            State::ChunkSize => match chunk_size_line(input).map_err(AnswerError::BadChunk)? {
+                Some((used, size)) => {
                     self.framing(used)?;
                     self.state = if size == 0 {
                         State::Trailer
@@ -380,11 +480,8 @@ impl BodyReader {
                     };
                     Ok((used, &[]))
                 }
-                Ok(httparse::Status::Partial) if input.len() >= MAX_LINE => {
-                    Err(AnswerError::BadChunk("a chunk size line is too long"))
-                }
-                Ok(httparse::Status::Partial) => Ok((0, &[])),
-                Err(_) => Err(AnswerError::BadChunk("a chunk size is not hexadecimal")),
+                None if input.len() >= self.max_line => Err(AnswerError::BadChunk("a chunk size line is too long")),
+                None => Ok((0, &[])),
             },
             State::ChunkEnd => match input {
                 [b'\r', b'\n', ..] => {
@@ -393,20 +490,39 @@ impl BodyReader {
                     Ok((2, &[]))
                 }
                 [] | [b'\r'] => Ok((0, &[])),
-                _ => Err(AnswerError::BadChunk("a chunk's data is longer than its size")),
+                _ => Err(AnswerError::BadChunk("a chunk's data is not followed by CRLF")),
             },
-            State::Trailer => match input.iter().position(|&b| b == b'\n') {
-                Some(end) => {
-                    let used = end.saturating_add(1);
-                    self.framing(used)?;
-                    if matches!(input.get(..end), Some([] | [b'\r'])) {
-                        self.state = State::Done;
+            // RFC 9112 7.1.2: header fields, each line ending in CRLF, then an empty line.
+            State::Trailer => {
+                let Some(end) = input.iter().position(|&b| b == b'\n') else {
+                    if input.len() >= self.max_line {
+                        return Err(AnswerError::BadChunk("a trailer line is too long"));
                     }
-                    Ok((used, &[]))
+                    if input.split_last().is_some_and(|(_, before)| before.contains(&b'\r')) {
+                        return Err(AnswerError::BadChunk("a trailer line has a CR without LF"));
+                    }
+                    return Ok((0, &[]));
+                };
+                let line = match input.get(..end).and_then(|l| l.strip_suffix(b"\r")) {
+                    Some(line) if !line.contains(&b'\r') => line,
+                    Some(_) => return Err(AnswerError::BadChunk("a trailer line has a CR without LF")),
+                    None => return Err(AnswerError::BadChunk("a trailer line ends in a bare LF")),
+                };
+                let used = end.saturating_add(1);
+                self.framing(used)?;
+                if line.is_empty() {
+                    self.state = State::Done;
+                } else {
+                    self.trailers = self.trailers.saturating_add(1);
+                    if self.trailers > MAX_HEADERS {
+                        return Err(AnswerError::BadChunk("too many trailers"));
+                    }
+                    if !is_field(line) {
+                        return Err(AnswerError::BadChunk("a trailer is not a header field"));
+                    }
                 }
-                None if input.len() >= MAX_LINE => Err(AnswerError::BadChunk("a trailer line is too long")),
-                None => Ok((0, &[])),
-            },
+                Ok((used, &[]))
+            }
             State::UntilClose => Ok((input.len(), input)),
         }
     }
@@ -423,11 +539,70 @@ impl BodyReader {
         self.framing_read = self
             .framing_read
             .saturating_add(u64::try_from(used).unwrap_or(u64::MAX));
-        if self.framing_read > MAX_FRAMING {
+        if self.framing_read > self.max_framing {
             return Err(AnswerError::BadChunk("too much chunk framing"));
         }
         Ok(())
     }
+}
+
+/// A chunk-size line at the start of `input`, read as hyper reads it: `1*HEXDIG`, then spaces
+/// or tabs, then an optional `;` extension of any bytes but CR and LF, then CRLF. `None` while
+/// incomplete; else how many bytes it took and the size. Refused: no digit first, a size over
+/// 64 bits, a bare LF anywhere, a CR not followed by LF, anything else after the size.
+fn chunk_size_line(input: &[u8]) -> Result<Option<(usize, u64)>, &'static str> {
+    let mut size = 0u64;
+    let mut at = 0usize;
+    while let Some(digit) = input.get(at).and_then(|&b| char::from(b).to_digit(16)) {
+        size = size
+            .checked_mul(16)
+            .and_then(|s| s.checked_add(u64::from(digit)))
+            .ok_or("a chunk size is larger than 64 bits")?;
+        at = at.saturating_add(1);
+    }
+    if at == 0 {
+        return if input.is_empty() {
+            Ok(None)
+        } else {
+            Err("a chunk size line does not start with a hex digit")
+        };
+    }
+    while matches!(input.get(at), Some(b' ' | b'\t')) {
+        at = at.saturating_add(1);
+    }
+    if input.get(at) == Some(&b';') {
+        match input
+            .get(at..)
+            .and_then(|rest| rest.iter().position(|&b| matches!(b, b'\r' | b'\n')))
+        {
+            Some(end) => at = at.saturating_add(end),
+            None => return Ok(None),
+        }
+        if input.get(at) == Some(&b'\n') {
+            return Err("a chunk extension contains a bare LF");
+        }
+    }
+    match (input.get(at), input.get(at.saturating_add(1))) {
+        (None, _) | (Some(b'\r'), None) => Ok(None),
+        (Some(b'\r'), Some(b'\n')) => Ok(Some((at.saturating_add(2), size))),
+        (Some(b'\r'), Some(_)) => Err("a chunk size line has a CR without LF"),
+        (Some(b'\n'), _) => Err("a chunk size line ends in a bare LF"),
+        (Some(_), _) => Err("a chunk size is not hexadecimal"),
+    }
+}
+
+/// A header field line: a token, a colon, then a value of visible characters, spaces and tabs
+/// (what httparse takes, and so what hyper takes in trailers).
+fn is_field(line: &[u8]) -> bool {
+    let Some(colon) = line.iter().position(|&b| b == b':') else {
+        return false;
+    };
+    let (name, value) = line.split_at(colon);
+    !name.is_empty()
+        && name
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+        && value.iter().skip(1).all(|&b| b == b'\t' || (b >= b' ' && b != 0x7f))
 }
 
 /// A TLS or plain TCP stream (any byte stream, for the fuzz target).
@@ -455,22 +630,30 @@ pub enum Failure {
 }
 
 /// One HTTP/1.1 connection: its stream, the bytes read from it and not yet parsed
-/// (`buf[start..]`), and the buffer a request is written from.
+/// (`buf[start..]`), the buffer a request is written from, and the bounds its answers are
+/// read within.
 pub struct Connection {
     io: Box<dyn Io>,
     buf: Vec<u8>,
     start: usize,
     out: Vec<u8>,
+    limits: Limits,
 }
 
 impl Connection {
     /// A connection over `io`, connected (and through TLS) already.
     pub fn new(io: impl Io + 'static) -> Connection {
+        Connection::with_limits(io, Limits::DEFAULT)
+    }
+
+    /// A connection over `io` whose answers are read within `limits`.
+    pub fn with_limits(io: impl Io + 'static, limits: Limits) -> Connection {
         Connection {
             io: Box::new(io),
             buf: Vec::new(),
             start: 0,
             out: Vec::new(),
+            limits,
         }
     }
 
@@ -486,72 +669,139 @@ impl Connection {
         Pin::new(&mut *self.io).poll_read(&mut cx, &mut probe).is_pending()
     }
 
-    /// Sends `request` and reads the answer.
-    pub async fn exchange(&mut self, request: &Outgoing<'_>, host: &HeaderValue) -> Result<Exchanged, Failure> {
+    /// Sends `request` and reads the answer. Once a final answer's head has arrived, the
+    /// answer is in `arrived`, its body filling in: a caller whose deadline passes first takes
+    /// it from there, as the head decides (and the connection goes with the dropped exchange).
+    pub async fn exchange(
+        &mut self,
+        request: &Outgoing<'_>,
+        host: &HeaderValue,
+        arrived: &mut Option<Answer>,
+    ) -> Result<Exchanged, Failure> {
         self.out.clear();
         encode(&mut self.out, request, host);
-        let written = match self.io.write_all(&self.out).await {
-            Ok(()) => self.io.flush().await,
-            Err(e) => Err(e),
-        };
+        let written = self.write_out().await;
         if self.out.capacity() > 4 * READ_SIZE {
             self.out = Vec::new();
         }
-        written.map_err(Failure::Unanswered)?;
-
-        let head = self.read_head(request.method == Method::HEAD).await?;
-        let mut reader = BodyReader::new(head.framing);
-        let mut kept = KeptBody::new(head.status);
-        let complete = loop {
+        // The server may answer before taking the whole request (a 413 or 401 to a large
+        // body, then a close): its answer stands, and the connection is not used again.
+        let whole = matches!(written, Ok(true));
+        let head = match (self.read_head(request.method == Method::HEAD).await, written) {
+            (Ok(head), _) => head,
+            // Nothing came back after a failed write: the write's error is the failure.
+            (Err(Failure::Unanswered(_)), Err(e)) => return Err(Failure::Unanswered(e)),
+            (Err(failure), _) => return Err(failure),
+        };
+        let mut reader = BodyReader::new(head.framing, &self.limits);
+        let mut kept = KeptBody::with_cap(head.status, self.limits.body);
+        let status = head.status;
+        let answer = arrived.insert(Answer::new(head.status, head.headers));
+        let (complete, ended) = loop {
             if reader.is_done() {
-                break true;
+                break (true, true);
             }
             let (used, data) = match reader.step(self.buf.get(self.start..).unwrap_or_default()) {
                 Ok(step) => step,
                 Err(e) => {
                     // The answer's head arrived: a body that breaks off does not change it.
                     tracing::debug!(error = %e, "main server's answer broke off");
-                    break false;
+                    break (false, false);
                 }
             };
-            if !kept.take(data) {
-                break false;
+            if !kept.take(&mut answer.body, data) {
+                // The cap: as much as courier reads, not the end of the body.
+                break (true, false);
             }
             self.consume(used);
             if used > 0 {
                 continue;
             }
             match self.fill().await {
-                Ok(0) => break reader.closed(),
+                Ok(0) => {
+                    let done = reader.closed();
+                    break (done, done);
+                }
                 Ok(_) => {}
-                // A TLS peer that closes without close_notify ends a body read to the close.
-                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => break reader.closed(),
+                // RFC 9112 9.8: a TLS connection closed without close_notify may have been cut
+                // by anyone on the way, so a body read to the close is incomplete.
+                Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                    tracing::debug!("main server closed the connection without TLS close_notify");
+                    break (false, false);
+                }
                 Err(e) => {
                     tracing::debug!(error = %e, "main server's answer broke off");
-                    break false;
+                    break (false, false);
                 }
             }
         };
-        let reusable = complete && head.keep_alive && self.start == self.buf.len();
+        answer.complete = complete;
+        let reusable = ended && whole && head.keep_alive && self.start == self.buf.len();
         if reusable && self.buf.capacity() > 4 * READ_SIZE {
             self.buf = Vec::new();
             self.start = 0;
         }
-        Ok(Exchanged {
-            answer: Answer {
-                status: head.status,
-                headers: head.headers,
-                body: kept.into_bytes(),
-            },
-            reusable,
+        let answer = arrived.take().unwrap_or_else(|| Answer::new(status, HeaderMap::new()));
+        Ok(Exchanged { answer, reusable })
+    }
+
+    /// Writes the request in `out`. While the server takes no more of it, reads what the server
+    /// sends: a server may answer early (a 413 or 401 to a large body) and stop reading, and its
+    /// answer must not be lost to the write's failure. True when the request went out whole,
+    /// false when a final answer arrived first. No read is tried while writes go through, so
+    /// a request that fits the socket's buffer costs its write alone.
+    async fn write_out(&mut self) -> io::Result<bool> {
+        let mut written = 0usize;
+        let mut reading = true;
+        std::future::poll_fn(|cx| loop {
+            let Some(rest) = self.out.get(written..).filter(|rest| !rest.is_empty()) else {
+                return Pin::new(&mut *self.io).poll_flush(cx).map_ok(|()| true);
+            };
+            match Pin::new(&mut *self.io).poll_write(cx, rest) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => {
+                    written = written.saturating_add(n);
+                    continue;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending if !reading => return Poll::Pending,
+                Poll::Pending => {}
+            }
+            match self.poll_fill(cx) {
+                Poll::Pending => return Poll::Pending,
+                // The read side ended: the write (or the read of the head after it) tells why.
+                Poll::Ready(Ok(0) | Err(_)) => reading = false,
+                Poll::Ready(Ok(_)) => {
+                    if self.answer_arrived() {
+                        return Poll::Ready(Ok(false));
+                    }
+                }
+            }
         })
+        .await
+    }
+
+    /// Whether what has been read holds a final answer's head (or an answer courier refuses),
+    /// after any interim ones.
+    fn answer_arrived(&self) -> bool {
+        let mut at = self.start;
+        for _ in 0..=self.limits.interim {
+            match parse_head(self.buf.get(at..).unwrap_or_default(), false, &self.limits) {
+                Ok(Some((used, Parsed::Interim))) => at = at.saturating_add(used),
+                Ok(None) => return false,
+                Ok(Some((_, Parsed::Final(_)))) | Err(_) => return true,
+            }
+        }
+        true
     }
 
     /// Reads until a final answer's head is complete, skipping interim ones.
     async fn read_head(&mut self, to_head: bool) -> Result<Head, Failure> {
         let mut interim = 0usize;
         loop {
-            match parse_head(self.buf.get(self.start..).unwrap_or_default(), to_head).map_err(Failure::Answer)? {
+            match parse_head(self.buf.get(self.start..).unwrap_or_default(), to_head, &self.limits)
+                .map_err(Failure::Answer)?
+            {
                 Some((used, Parsed::Final(head))) => {
                     self.consume(used);
                     return Ok(head);
@@ -559,7 +809,7 @@ impl Connection {
                 Some((used, Parsed::Interim)) => {
                     self.consume(used);
                     interim = interim.saturating_add(1);
-                    if interim > MAX_INTERIM {
+                    if interim > self.limits.interim {
                         return Err(Failure::Answer(AnswerError::TooManyInterim));
                     }
                     continue;
@@ -597,6 +847,21 @@ impl Connection {
         self.buf.reserve(READ_SIZE);
         self.io.read_buf(&mut self.buf).await
     }
+
+    /// `fill` as a poll, for reading while a write waits (rare: the buffer is zeroed first).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        if self.start > 0 {
+            self.buf.drain(..self.start);
+            self.start = 0;
+        }
+        let filled = self.buf.len();
+        self.buf.resize(filled.saturating_add(READ_SIZE), 0);
+        let mut read = ReadBuf::new(self.buf.get_mut(filled..).unwrap_or_default());
+        let polled = Pin::new(&mut *self.io).poll_read(cx, &mut read);
+        let n = read.filled().len();
+        self.buf.truncate(filled.saturating_add(n));
+        polled.map_ok(|()| n)
+    }
 }
 
 impl Drop for Connection {
@@ -614,7 +879,7 @@ mod tests {
     use super::*;
 
     fn head(text: &str) -> Result<Option<(usize, Parsed)>, AnswerError> {
-        parse_head(text.as_bytes(), false)
+        parse_head(text.as_bytes(), false, &Limits::DEFAULT)
     }
 
     fn final_head(text: &str) -> Head {
@@ -629,7 +894,7 @@ mod tests {
 
     /// Reads a body fed in pieces of `piece` bytes; the data and whether it completed.
     fn read_body(framing: Framing, bytes: &[u8], piece: usize) -> Result<(Vec<u8>, bool, usize), AnswerError> {
-        let mut reader = BodyReader::new(framing);
+        let mut reader = BodyReader::new(framing, &Limits::DEFAULT);
         let mut data = Vec::new();
         let mut buf: Vec<u8> = Vec::new();
         let mut fed = 0;
@@ -758,7 +1023,7 @@ mod tests {
             let head = final_head(text);
             assert_eq!((head.framing, head.keep_alive), (framing, keep_alive), "{text:?}");
         }
-        let to_head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", true);
+        let to_head = parse_head(b"HTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\n", true, &Limits::DEFAULT);
         assert!(matches!(
             to_head,
             Ok(Some((
@@ -873,6 +1138,83 @@ mod tests {
         assert_eq!(
             read_body(Framing::Chunked, &tiny, 4096).err(),
             Some(AnswerError::BadChunk("too much chunk framing"))
+        );
+    }
+
+    #[test]
+    fn chunk_size_lines_are_read_as_strictly_as_hyper_reads_them() {
+        let good: [(&[u8], u64); 6] = [
+            (b"5\r\nhello\r\n0\r\n\r\n", 5),
+            (b"5 \t\r\nhello\r\n0\r\n\r\n", 5),
+            (b"5 ;a=b\r\nhello\r\n0\r\n\r\n", 5),
+            (b"5;\x80\"\t\r\nhello\r\n0\r\n\r\n", 5),
+            (b"0000000000000000000005\r\nhello\r\n0\r\n\r\n", 5),
+            (b"A\r\n0123456789\r\n0\r\n\r\n", 10),
+        ];
+        for (body, size) in good {
+            let (data, done, left) = read_body(Framing::Chunked, body, 1).unwrap();
+            assert_eq!((data.len() as u64, done, left), (size, true, 0), "{body:?}");
+        }
+        // What hyper refuses ("missing size digit", "chunk extension contains newline",
+        // "Invalid Size", "overflow", "Invalid chunk size LF"), in whatever pieces it arrives.
+        let bad: [(&[u8], &str); 10] = [
+            (b"\r\n\r\n", "does not start with a hex digit"),
+            (b";ext\r\nhello\r\n", "does not start with a hex digit"),
+            (b" 5\r\nhello\r\n", "does not start with a hex digit"),
+            (b"5;a\nb\r\nhello\r\n", "extension contains a bare LF"),
+            (b"5\nhello\r\n", "ends in a bare LF"),
+            (b"5 5\r\nhello\r\n", "not hexadecimal"),
+            (b"5x\r\nhello\r\n", "not hexadecimal"),
+            (b"5\rhello\r\n", "CR without LF"),
+            (b"10000000000000000\r\n", "larger than 64 bits"),
+            (b"5\r\nhello\n0\r\n\r\n", "not followed by CRLF"),
+        ];
+        for (body, named) in bad {
+            for piece in [1, 3, 64] {
+                match read_body(Framing::Chunked, body, piece) {
+                    Err(AnswerError::BadChunk(why)) => assert!(why.contains(named), "{body:?}: {why}"),
+                    other => panic!("{body:?} in pieces of {piece}: {other:?}"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn trailers_are_header_fields_on_crlf_lines() {
+        let (data, done, _) = read_body(Framing::Chunked, b"1\r\na\r\n0\r\nA: b\r\nC:\td e\r\n\r\n", 2).unwrap();
+        assert_eq!((data.as_slice(), done), (&b"a"[..], true));
+        let bad: [&[u8]; 5] = [
+            b"0\r\nA: b\n\r\n",
+            b"0\r\n\n",
+            b"0\r\nno colon\r\n\r\n",
+            b"0\r\n folded: x\r\n\r\n",
+            b"0\r\nA: b\rc\r\n\r\n",
+        ];
+        for body in bad {
+            assert!(
+                matches!(read_body(Framing::Chunked, body, 1), Err(AnswerError::BadChunk(_))),
+                "{body:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_folded_header_reads_as_one_line_with_a_space() {
+        let busy = final_head(
+            "HTTP/1.1 503 Busy\r\nRetry-After:\r\n 7\r\nX-Why: over\r\n \t loaded \r\nContent-Length: 0\r\n\r\n",
+        );
+        assert_eq!(busy.headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"7"[..]));
+        assert_eq!(
+            busy.headers.get("x-why").map(|v| v.as_bytes()),
+            Some(&b"over loaded"[..])
+        );
+        assert_eq!(busy.framing, Framing::Empty);
+        let folded_length = final_head("HTTP/1.1 500 Oops\r\nContent-Length:\r\n 3\r\n\r\n");
+        assert_eq!(folded_length.framing, Framing::Length(3));
+        assert_eq!(
+            head("HTTP/1.1 200 OK\r\nContent-Length: 18446744073709551614\r\n\r\n").err(),
+            Some(AnswerError::BadLength),
+            "over hyper's largest length"
         );
     }
 }

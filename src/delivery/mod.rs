@@ -325,7 +325,12 @@ pub async fn probe(client: &Client, url: &Url) -> Result<Answer, DeliveryError> 
 /// What an answer means for the request: 2xx delivered; anything else an error carrying the
 /// status, Retry-After and one clean line of the body (a redirect names where it pointed).
 fn outcome(answer: Answer) -> Result<(), DeliveryError> {
-    let Answer { status, headers, body } = answer;
+    let Answer {
+        status,
+        headers,
+        body,
+        complete,
+    } = answer;
     if status.is_success() {
         return Ok(());
     }
@@ -345,6 +350,10 @@ fn outcome(answer: Answer) -> Result<(), DeliveryError> {
              answer to (servers that choose their client-certificate policy by SNI need a host name, not an IP \
              address); it said: {text}"
         );
+    }
+    if !complete {
+        // What arrived of it, said as it is (RFC 9112 9.8: a cut body is not the whole).
+        text.push_str(" (answer incomplete)");
     }
     Err(DeliveryError::Status {
         status: status.as_u16(),

@@ -34,6 +34,8 @@ const SHA: Arg = Text("0000000000000000000000000000000000000000");
 const COMMANDS: &[(&str, &[Arg])] = &[
     ("LRANGE", &[Processing, Text("0"), Text("-1")]),
     ("LINDEX", &[Ready, Text("-1")]),
+    // The admin port's /dlq requeue and purge (`dlq_requeue`, `dlq_drop`).
+    ("LSET", &[Dead, Text("-1"), Text("m")]),
     ("LPOS", &[Processing, Text("m")]),
     ("LLEN", &[Ready]),
     ("LPUSH", &[Processing, Text("m")]),

@@ -137,6 +137,9 @@ pub struct Claimed {
     pub too_large: usize,
     /// Items returned from dead workers' hands too often, moved to the dead-letter list.
     pub poisoned: usize,
+    /// The message ids of the `too_large` and `poisoned` items ('' when unknown).
+    pub too_large_ids: Vec<String>,
+    pub poisoned_ids: Vec<String>,
     /// For each of `items`: whether it has a reclaim count (a worker died holding it), to be
     /// dropped once it is settled (`Queue::forget_reclaims`).
     pub counted: Vec<bool>,
@@ -423,6 +426,11 @@ impl Queue {
         &self.keys
     }
 
+    /// The shared connection, for operator work on this queue's keys (the admin port's `/dlq`).
+    pub fn connection(&self) -> Conn {
+        self.conn.clone()
+    }
+
     /// The Redis server's version, e.g. `7.0.15`.
     pub async fn server_version(&self) -> Result<String, QueueError> {
         server_version(&mut self.conn.clone()).await
@@ -434,7 +442,15 @@ impl Queue {
     /// An item that workers dying while holding it returned to the queue more than
     /// `max_reclaims` times (0: no limit) goes to the dead-letter list as `poisoned`.
     pub async fn claim(&self, n: usize, max_bytes: usize, max_reclaims: u32) -> Result<Claimed, QueueError> {
-        let (items, too_large, poisoned, counted): (Vec<Vec<u8>>, usize, usize, Vec<usize>) = self
+        #[allow(clippy::type_complexity)]
+        let (items, too_large, poisoned, counted, too_large_ids, poisoned_ids): (
+            Vec<Vec<u8>>,
+            usize,
+            usize,
+            Vec<usize>,
+            Vec<String>,
+            Vec<String>,
+        ) = self
             .scripts
             .claim
             .key(&self.keys.ready)
@@ -459,6 +475,8 @@ impl Queue {
             items,
             too_large,
             poisoned,
+            too_large_ids,
+            poisoned_ids,
             counted: flags,
         })
     }
@@ -792,16 +810,13 @@ pub struct Snapshot {
     pub retry: u64,
     /// How long until the next retry is due (negative: overdue).
     pub next_retry_in_ms: Option<i64>,
-    /// Dead-letter records (newest first), at most `dead_limit` of them.
-    #[serde(skip)]
-    pub dead: Vec<Vec<u8>>,
     pub dead_total: u64,
     /// Worker id -> heartbeat age in ms.
     pub workers: Vec<(String, u64)>,
 }
 
 /// The pipelined reply `snapshot` reads: TIME, the clock's offset, LLEN, LINDEX, ZCARD, ZRANGE,
-/// LLEN, LRANGE, ZRANGE.
+/// LLEN, ZRANGE.
 type SnapshotReply = (
     (u64, u64),
     Option<u64>,
@@ -810,13 +825,12 @@ type SnapshotReply = (
     u64,
     Vec<(Vec<u8>, f64)>,
     u64,
-    Vec<Vec<u8>>,
     Vec<(String, f64)>,
 );
 
-/// Reads a snapshot of the queue's keys.
-pub async fn snapshot(conn: &mut Conn, keys: &Keys, dead_limit: usize) -> Result<Snapshot, QueueError> {
-    let ((secs, micros), offset, ready, oldest, retry, next, dead_total, dead, workers): SnapshotReply = redis::pipe()
+/// Reads a snapshot of the queue's keys (no dead-letter records: `crate::dlq` pages through those).
+pub async fn snapshot(conn: &mut Conn, keys: &Keys) -> Result<Snapshot, QueueError> {
+    let ((secs, micros), offset, ready, oldest, retry, next, dead_total, workers): SnapshotReply = redis::pipe()
         .cmd("TIME")
         .hget(&keys.clock, "offset")
         .llen(&keys.ready)
@@ -824,7 +838,6 @@ pub async fn snapshot(conn: &mut Conn, keys: &Keys, dead_limit: usize) -> Result
         .zcard(&keys.retry)
         .zrange_withscores(&keys.retry, 0, 0)
         .llen(&keys.dead)
-        .lrange(&keys.dead, 0, isize::try_from(dead_limit).unwrap_or(isize::MAX) - 1)
         .zrange_withscores(&keys.workers, 0, -1)
         .query_async(conn)
         .await?;
@@ -855,7 +868,6 @@ pub async fn snapshot(conn: &mut Conn, keys: &Keys, dead_limit: usize) -> Result
                 i64::try_from(queue_now - due).map_or(i64::MIN, |late| -late)
             }
         }),
-        dead,
         dead_total,
         workers: workers
             .into_iter()
@@ -864,22 +876,178 @@ pub async fn snapshot(conn: &mut Conn, keys: &Keys, dead_limit: usize) -> Result
     })
 }
 
-/// Every dead-letter record, newest first.
-pub async fn dead_letters(conn: &mut Conn, keys: &Keys) -> Result<Vec<Vec<u8>>, QueueError> {
-    Ok(conn.lrange(&keys.dead, 0, -1).await?)
+/// One dead-letter record as `dead_page` reads it.
+#[derive(Debug, Clone)]
+pub struct DeadSlot {
+    /// Its position counted from the tail of the list (1 = the oldest).
+    pub position: u64,
+    /// Its whole size in bytes.
+    pub size: u64,
+    /// The record, or its first `cap` bytes.
+    pub bytes: Vec<u8>,
+    /// Whether it contains the `grep` text.
+    pub hit: bool,
+    /// Its SHA-1 (hex), when asked for.
+    pub sha: String,
 }
 
-/// Moves one dead-letter record back to the queue (at the back, like a new message) as
-/// `message`, in one script that copies before it removes. `false`: the record was no longer there (requeued or purged meanwhile).
-pub async fn requeue_dead(conn: &mut Conn, keys: &Keys, record: &[u8], message: &[u8]) -> Result<bool, QueueError> {
-    let moved: i64 = scripts::requeue_dead()
+/// A page of the dead-letter list, from `dead_page`.
+#[derive(Debug, Clone, Default)]
+pub struct DeadPage {
+    /// Where the next page starts (0 or past LLEN: the walk is over).
+    pub next: u64,
+    /// The chunk size to start the next call with.
+    pub chunk: u64,
+    /// LLEN when the page was read.
+    pub len: u64,
+    /// Tombstones (`DLQ_TOMBSTONE`) passed.
+    pub tombstones: u64,
+    /// Records passed that do not contain the `grep` text.
+    pub misses: u64,
+    /// The records read that contain it.
+    pub slots: Vec<DeadSlot>,
+}
+
+/// How `dead_page` reads.
+#[derive(Debug, Clone)]
+pub struct PageRequest<'a> {
+    /// The position to start at (0 with `newer: false`: the newest).
+    pub from: u64,
+    /// Toward the newer records (up from the tail), or the older.
+    pub newer: bool,
+    pub max_records: u64,
+    /// Stop once the records read add up to this many bytes (at least one is read).
+    pub max_bytes: u64,
+    /// The first LRANGE's size.
+    pub chunk: u64,
+    /// Cut each record to this many bytes; 0: whole.
+    pub cap: u64,
+    /// Plain text to look for; empty: none.
+    pub grep: &'a str,
+    pub sha: bool,
+    /// Only each record's first line (the header).
+    pub header_only: bool,
+}
+
+pub use self::scripts::DLQ_TOMBSTONE;
+
+/// Reads a page of the dead-letter list by position from the tail, in one script call whose
+/// memory is bounded by `max_bytes` (plus one chunk: see `scripts::dlq_page`).
+pub async fn dead_page(conn: &mut Conn, keys: &Keys, request: &PageRequest<'_>) -> Result<DeadPage, QueueError> {
+    let reply: redis::Value = scripts::dlq_page()
+        .key(&keys.dead)
+        .arg(request.from)
+        .arg(if request.newer { 1 } else { -1 })
+        .arg(request.max_records)
+        .arg(request.max_bytes)
+        .arg(request.chunk.max(1))
+        .arg(request.cap)
+        .arg(request.grep)
+        .arg(if request.sha { "1" } else { "0" })
+        .arg(DLQ_TOMBSTONE)
+        .arg(if request.header_only { "1" } else { "0" })
+        .invoke_async(conn)
+        .await?;
+    Ok(parse_page(reply))
+}
+
+fn parse_page(reply: redis::Value) -> DeadPage {
+    let number = |v: &redis::Value| match v {
+        redis::Value::Int(n) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    };
+    let bytes = |v: redis::Value| match v {
+        redis::Value::BulkString(b) => b,
+        redis::Value::SimpleString(s) => s.into_bytes(),
+        _ => Vec::new(),
+    };
+    let redis::Value::Array(items) = reply else {
+        return DeadPage::default();
+    };
+    let mut items = items.into_iter();
+    let mut head = || items.next().as_ref().map_or(0, number);
+    let (next, chunk, len, tombstones, misses) = (head(), head(), head(), head(), head());
+    let slots = items
+        .filter_map(|slot| match slot {
+            redis::Value::Array(fields) if fields.len() == 5 => {
+                let mut fields = fields.into_iter();
+                let position = fields.next().as_ref().map_or(0, number);
+                let size = fields.next().as_ref().map_or(0, number);
+                let record = fields.next().map(bytes).unwrap_or_default();
+                let hit = fields.next().as_ref().map_or(0, number) == 1;
+                let sha = String::from_utf8(fields.next().map(bytes).unwrap_or_default()).unwrap_or_default();
+                Some(DeadSlot {
+                    position,
+                    size,
+                    bytes: record,
+                    hit,
+                    sha,
+                })
+            }
+            _ => None,
+        })
+        .collect();
+    DeadPage {
+        next,
+        chunk,
+        len,
+        tombstones,
+        misses,
+        slots,
+    }
+}
+
+/// Moves the dead letter at `position` (from the tail), if it is still the record with SHA-1
+/// `sha`, to the queue as `message`: to its front (delivered next) or back. Copies, then puts
+/// a tombstone in its place (`sweep_dead` removes those). `false`: another record is there now.
+pub async fn requeue_dead_at(
+    conn: &mut Conn,
+    keys: &Keys,
+    position: u64,
+    sha: &str,
+    message: &[u8],
+    front: bool,
+) -> Result<bool, QueueError> {
+    let moved: i64 = scripts::dlq_requeue()
         .key(&keys.dead)
         .key(&keys.ready)
-        .arg(record)
+        .arg(position)
+        .arg(sha)
         .arg(message)
+        .arg(if front { "1" } else { "0" })
+        .arg(DLQ_TOMBSTONE)
         .invoke_async(conn)
         .await?;
     Ok(moved == 1)
+}
+
+/// Deletes the dead letter at `position` if it is still the record with SHA-1 `sha` (leaving
+/// a tombstone for `sweep_dead`). `false`: another record is there now.
+pub async fn drop_dead_at(conn: &mut Conn, keys: &Keys, position: u64, sha: &str) -> Result<bool, QueueError> {
+    let dropped: i64 = scripts::dlq_drop()
+        .key(&keys.dead)
+        .arg(position)
+        .arg(sha)
+        .arg(DLQ_TOMBSTONE)
+        .invoke_async(conn)
+        .await?;
+    Ok(dropped == 1)
+}
+
+/// Removes up to `count` tombstones, searching from the tail (where a walk from the oldest
+/// left them); returns how many went.
+pub async fn sweep_dead(conn: &mut Conn, keys: &Keys, count: u64) -> Result<u64, QueueError> {
+    if count == 0 {
+        return Ok(0);
+    }
+    let count = -i64::try_from(count).unwrap_or(i64::MAX);
+    let removed: u64 = redis::cmd("LREM")
+        .arg(&keys.dead)
+        .arg(count)
+        .arg(DLQ_TOMBSTONE)
+        .query_async(conn)
+        .await?;
+    Ok(removed)
 }
 
 /// Deletes the dead-letter list; returns how many records it held.

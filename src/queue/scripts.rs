@@ -32,6 +32,26 @@ local function queue_now(clock)
 end
 ";
 
+/// The message id of a queue item, for the dead-letter records the claim script writes, so
+/// that `dlq show ID` finds them: `message_id(item, true)` decodes the item (one within the
+/// size limit); `message_id(item, false)` (an item over it, which may be huge) looks for a
+/// `"message_id":"..."` without escapes in its first 64 KiB. '' when there is none.
+/// `id_field(id)` is `,"message_id":"..."` or '' for the record's header.
+const MESSAGE_ID: &str = r#"
+local function message_id(item, decode)
+  if decode then
+    local ok, value = pcall(cjson.decode, item)
+    if ok and type(value) == 'table' and type(value['message_id']) == 'string' then return value['message_id'] end
+    return ''
+  end
+  return string.match(string.sub(item, 1, 65536), '"message_id"%s*:%s*"([^"\\%c]*)"') or ''
+end
+local function id_field(id)
+  if id == '' then return '' end
+  return ',"message_id":' .. cjson.encode(id)
+end
+"#;
+
 /// Counts one more reclaim of `item` in the hash `reclaims`, unless the hash already holds
 /// `cap` other items (it stays bounded; such an item is then not counted).
 const COUNT_RECLAIM: &str = r"
@@ -89,13 +109,15 @@ impl Scripts {
             // string, ARGV[4] the time for `dead_at`. Copies first (LRANGE, then the pushes),
             // trims the ready list last. Returns {claimed items oldest first, too large,
             // poisoned, the 1-based places among the claimed of those with a reclaim count}.
-            claim: Script::new(
-                r#"local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
-                  if #items == 0 then return {{}, 0, 0, {}} end
+            claim: Script::new(&format!(
+                r#"{MESSAGE_ID}
+                  local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
+                  if #items == 0 then return {{{{}}, 0, 0, {{}}, {{}}, {{}}}} end
                   local limit = tonumber(ARGV[2])
                   local max_reclaims = tonumber(ARGV[5])
                   local counted = max_reclaims > 0 and redis.call('EXISTS', KEYS[4]) == 1
-                  local keep, counts, forget, big, poisoned = {}, {}, {}, 0, 0
+                  local keep, counts, forget, big, poisoned = {{}}, {{}}, {{}}, 0, 0
+                  local big_ids, poisoned_ids = {{}}, {{}}
                   -- LRANGE lists the oldest (the rightmost) last.
                   for i = #items, 1, -1 do
                     local item = items[i]
@@ -106,16 +128,20 @@ impl Scripts {
                     end
                     if #item > limit then
                       big = big + 1
-                      redis.call('LPUSH', KEYS[3], '{"reason":"too_large","error":"message is ' .. #item
+                      local id = message_id(item, false)
+                      big_ids[#big_ids + 1] = id
+                      redis.call('LPUSH', KEYS[3], '{{"reason":"too_large","error":"message is ' .. #item
                         .. ' bytes, over the ' .. ARGV[2] .. '-byte limit (worker.max_message_bytes)","worker_id":'
-                        .. ARGV[3] .. ',"dead_at":"' .. ARGV[4] .. '","size":' .. #item .. '}\n' .. item)
+                        .. ARGV[3] .. ',"dead_at":"' .. ARGV[4] .. '"' .. id_field(id) .. ',"size":' .. #item .. '}}\n' .. item)
                     elseif reclaims > max_reclaims then
                       poisoned = poisoned + 1
                       forget[#forget + 1] = sha
-                      redis.call('LPUSH', KEYS[3], '{"reason":"poisoned","error":"returned to the queue '
+                      local id = message_id(item, true)
+                      poisoned_ids[#poisoned_ids + 1] = id
+                      redis.call('LPUSH', KEYS[3], '{{"reason":"poisoned","error":"returned to the queue '
                         .. reclaims .. ' times by the restart or reaping of workers that died holding it, over the limit of '
                         .. ARGV[5] .. ' (worker.max_reclaims)","worker_id":' .. ARGV[3] .. ',"dead_at":"' .. ARGV[4]
-                        .. '","reclaims":' .. reclaims .. ',"size":' .. #item .. '}\n' .. item)
+                        .. '"' .. id_field(id) .. ',"reclaims":' .. reclaims .. ',"size":' .. #item .. '}}\n' .. item)
                     else
                       keep[#keep + 1] = item
                       if reclaims > 0 then counts[#counts + 1] = #keep end
@@ -124,8 +150,8 @@ impl Scripts {
                   if #keep > 0 then redis.call('LPUSH', KEYS[2], unpack(keep)) end
                   redis.call('LTRIM', KEYS[1], 0, -(#items + 1))
                   if #forget > 0 then redis.call('HDEL', KEYS[4], unpack(forget)) end
-                  return {keep, big, poisoned, counts}"#,
-            ),
+                  return {{keep, big, poisoned, counts, big_ids, poisoned_ids}}"#
+            )),
             // Moves one message ARGV[1] from processing KEYS[1] to the retry set KEYS[2] as
             // ARGV[2], due ARGV[3] ms from now in queue time (KEYS[3]: the clock).
             retry: Script::new(&format!(
@@ -256,14 +282,101 @@ impl Scripts {
     }
 }
 
-/// Moves one dead-letter record ARGV[1] from the dead list KEYS[1] to the back of the queue
-/// KEYS[2] as the message ARGV[2]. 0: the record was no longer there (requeued or purged
-/// meanwhile).
-pub(super) fn requeue_dead() -> Script {
+/// What stands in a dead-letter list for a record that `dlq_requeue` or `dlq_drop` took out,
+/// until `LREM` removes it at the end of a page: setting it keeps every other record at its
+/// place, so a walk by position is not disturbed by its own removals. Readers skip it.
+pub const DLQ_TOMBSTONE: &[u8] = b"\x00courier:dlq:removed";
+
+/// Reads part of the dead-letter list KEYS[1] by position counted from the tail (1 = the
+/// oldest; a position is stable while workers LPUSH new dead letters at the head). From
+/// position ARGV[1] (0 with ARGV[2] = -1: the newest, LLEN), in direction ARGV[2] (1: toward
+/// the newer, -1: toward the older), at most ARGV[3] records, stopping once the records read
+/// add up to ARGV[4] bytes. Reads with LRANGE in chunks of ARGV[5] records at first, then as
+/// many as fit the byte budget at the size of the largest seen (1 to 256), so that huge
+/// records are read one at a time. Each record comes back cut to ARGV[6] bytes (0: whole), with
+/// its SHA-1 with ARGV[8] = '1', and only up to its first newline (the header) with ARGV[10] =
+/// '1'. Records that do not contain ARGV[7] (plain text; '' matches all) are only counted.
+/// Returns {next position, the chunk size to start the next call with, LLEN, tombstones
+/// passed, records without the text, {position, size, bytes, 1, sha}...}.
+pub(super) fn dlq_page() -> Script {
     Script::new(
-        r"if not redis.call('LPOS', KEYS[1], ARGV[1]) then return 0 end
-          redis.call('LPUSH', KEYS[2], ARGV[2])
-          redis.call('LREM', KEYS[1], 1, ARGV[1])
+        r"local key = KEYS[1]
+          local p, dir = tonumber(ARGV[1]), tonumber(ARGV[2])
+          local max_items, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
+          local chunk, cap, grep, want_sha = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8] == '1'
+          local len = redis.call('LLEN', key)
+          if p == 0 and dir < 0 then p = len end
+          local out = {0, 0, len, 0, 0}
+          local used, n, tombs, biggest, misses = 0, 0, 0, 1, 0
+          while n < max_items and used < budget and p >= 1 and p <= len do
+            local k = math.max(1, math.min(chunk, max_items - n))
+            local a, b
+            if dir > 0 then a, b = p, math.min(p + k - 1, len) else a, b = math.max(p - k + 1, 1), p end
+            local items = redis.call('LRANGE', key, -b, -a)
+            local count = #items
+            if count == 0 then break end
+            for j = 1, count do
+              local i = j
+              if dir > 0 then i = count - j + 1 end
+              local item = items[i]
+              local size = #item
+              used = used + size
+              if size > biggest then biggest = size end
+              if item == ARGV[9] then
+                tombs = tombs + 1
+              elseif grep == '' or string.find(item, grep, 1, true) then
+                local sha = ''
+                if want_sha then sha = redis.sha1hex(item) end
+                local shown = item
+                if cap > 0 and size > cap then shown = string.sub(item, 1, cap) end
+                if ARGV[10] == '1' then
+                  local newline = string.find(shown, '\n', 1, true)
+                  if newline then shown = string.sub(shown, 1, newline) end
+                end
+                out[#out + 1] = {b - (i - 1), size, shown, 1, sha}
+              else
+                misses = misses + 1
+              end
+              n = n + 1
+            end
+            items = nil
+            if dir > 0 then p = b + 1 else p = a - 1 end
+            chunk = math.max(1, math.min(256, math.floor(budget / biggest)))
+          end
+          out[1], out[2], out[4], out[5] = p, chunk, tombs, misses
+          return out",
+    )
+}
+
+/// Moves the dead letter at position ARGV[1] (from the tail) of KEYS[1] to the queue KEYS[2]
+/// as the message ARGV[3], if the record there still has SHA-1 ARGV[2]: copies it to the back
+/// of the queue (ARGV[4] = '0', LPUSH, like a new message) or the front ('1', RPUSH), then
+/// sets the tombstone ARGV[5] in its place. 1: moved; 0: the record there is another one now
+/// (moved or removed by someone else meanwhile).
+pub(super) fn dlq_requeue() -> Script {
+    Script::new(
+        r"local at = -tonumber(ARGV[1])
+          local item = redis.call('LINDEX', KEYS[1], at)
+          if not item or item == ARGV[5] or redis.sha1hex(item) ~= ARGV[2] then return 0 end
+          if ARGV[4] == '1' then
+            redis.call('RPUSH', KEYS[2], ARGV[3])
+          else
+            redis.call('LPUSH', KEYS[2], ARGV[3])
+          end
+          redis.call('LSET', KEYS[1], at, ARGV[5])
+          return 1",
+    )
+}
+
+/// Deletes the dead letter at position ARGV[1] (from the tail) of KEYS[1] if the record there
+/// still has SHA-1 ARGV[2], by setting the tombstone ARGV[3] in its place. 1: deleted, 0: the
+/// record there is another one now.
+pub(super) fn dlq_drop() -> Script {
+    Script::new(
+        r"local at = -tonumber(ARGV[1])
+          local item = redis.call('LINDEX', KEYS[1], at)
+          if not item or item == ARGV[3] or redis.sha1hex(item) ~= ARGV[2] then return 0 end
+          redis.call('LSET', KEYS[1], at, ARGV[3])
           return 1",
     )
 }

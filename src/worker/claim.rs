@@ -196,10 +196,10 @@ impl Claimer {
             {
                 Ok(got) => {
                     if got.too_large > 0 {
-                        self.too_large(q, got.too_large);
+                        self.too_large(q, &got.too_large_ids);
                     }
                     if got.poisoned > 0 {
-                        self.poisoned(q, got.poisoned);
+                        self.poisoned(q, &got.poisoned_ids);
                     }
                     shared.claimed(q, got.items.len());
                     items.extend(
@@ -219,32 +219,35 @@ impl Claimer {
     }
 
     /// Counts and reports items the claim script moved to the dead-letter list for their size.
-    fn too_large(&self, q: QueueId, count: usize) {
+    /// `ids`: their message ids as the script found them ('' when it found none).
+    fn too_large(&self, q: QueueId, ids: &[String]) {
         let label = "too_large";
         let error = format!(
             "over the {}-byte limit (worker.max_message_bytes)",
             self.max_message_bytes
         );
-        for _ in 0..count {
+        for id in ids {
             self.shared.metrics.invalid(q.index(), label);
             self.shared.metrics.dead(q.index(), label);
-            self.shared.repeat(Repeat::Invalid, label, "(not read)", &error, || {
-            warn!(reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
-        });
+            let id = if id.is_empty() { "(not read)" } else { id.as_str() };
+            self.shared.repeat(Repeat::Invalid, label, id, &error, || {
+                warn!(message_id = id, reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
+            });
         }
     }
 
     /// Counts and reports items the claim script dead-lettered as `poisoned`: workers kept
     /// dying while holding them.
-    fn poisoned(&self, q: QueueId, count: usize) {
+    fn poisoned(&self, q: QueueId, ids: &[String]) {
         let label = "poisoned";
         let error = format!(
             "returned to the queue more than {} times by workers that died holding it (worker.max_reclaims)",
             self.max_reclaims
         );
-        for _ in 0..count {
+        for id in ids {
             self.shared.metrics.dead(q.index(), label);
             error!(
+                message_id = if id.is_empty() { "(no message_id)" } else { id.as_str() },
                 queue = self.shared.queue(q).name(),
                 reason = label,
                 error = %error,

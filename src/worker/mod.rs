@@ -32,7 +32,7 @@ mod status;
 mod sweep;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -52,7 +52,7 @@ use crate::delivery::Deliverer;
 use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::policy::{self, Policy};
-use crate::queue;
+use crate::queue::{self, Queue};
 use crate::tls::ClientTls;
 
 /// Why the worker could not start or run. Each variant keeps its cause as `source()`; the
@@ -110,6 +110,8 @@ pub struct Worker {
     deliverer: Arc<Deliverer>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Its queues, once joined.
+    joined: Arc<OnceLock<Vec<Queue>>>,
     /// Cancelled by the caller: stop claiming and drain.
     shutdown: CancellationToken,
     /// Cancelled by the worker itself once drained: stops the background tasks (and the admin
@@ -161,6 +163,7 @@ impl Worker {
             deliverer: Arc::new(deliverer),
             metrics,
             health,
+            joined: Arc::default(),
             shutdown,
             background,
             reload,
@@ -188,6 +191,11 @@ impl Worker {
         self.background.clone()
     }
 
+    /// Its queues, set once it has joined them (for the admin port's `/dlq` API).
+    pub fn queues(&self) -> Arc<OnceLock<Vec<Queue>>> {
+        self.joined.clone()
+    }
+
     /// The life of a worker: join the queue, recover what this id left claimed, start the
     /// background tasks, claim and deliver until `shutdown` is cancelled, then drain and leave.
     pub async fn run(self) -> Result<(), RunError> {
@@ -197,6 +205,7 @@ impl Worker {
             deliverer,
             metrics,
             health,
+            joined,
             shutdown,
             background,
             reload,
@@ -209,7 +218,7 @@ impl Worker {
             ..
         } = settings;
 
-        let Some(joined) = startup::join(&redis, &worker, &health, &shutdown).await? else {
+        let Some(joined) = startup::join(&redis, &worker, &health, &joined, &shutdown).await? else {
             background.cancel();
             return Ok(());
         };

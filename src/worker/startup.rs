@@ -2,6 +2,7 @@
 //! wait for a holder to go quiet), and return what a previous process with this id left
 //! claimed.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
@@ -27,6 +28,7 @@ pub(super) async fn join(
     redis: &RedisSettings,
     worker: &WorkerSettings,
     health: &Health,
+    joined: &OnceLock<Vec<Queue>>,
     shutdown: &CancellationToken,
 ) -> Result<Option<Joined>, RunError> {
     info!(
@@ -55,6 +57,7 @@ pub(super) async fn join(
             return Err(RunError::RedisVersion { version });
         }
     }
+    let _ = joined.set(queues.clone());
     for queue in &queues {
         if !take_id(queue, worker, health, shutdown).await? {
             return Ok(None);

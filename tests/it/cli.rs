@@ -188,7 +188,7 @@ async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes()
     }
 
     let (list, _) = text(&run_courier(&vars, dir.path(), &["dlq", "list"]).await);
-    assert!(list.starts_with("3 dead letter(s)"), "{list}");
+    assert!(list.starts_with("3 of 3 dead letter(s)"), "{list}");
     assert!(
         list.contains("tired") && list.contains("exhausted") && list.contains("(no message_id)"),
         "{list}"
@@ -222,7 +222,10 @@ async fn dlq_lists_shows_requeues_with_attempts_reset_and_purges_only_with_yes()
     let refused = run_courier(&vars, dir.path(), &["dlq", "purge"]).await;
     assert!(!refused.status.success() && text(&refused).1.contains("--yes"));
     assert_eq!(len(&redis, &keys().dead).await, 1);
-    assert!(run_courier(&vars, dir.path(), &["dlq", "purge", "--yes"])
+    let everything = run_courier(&vars, dir.path(), &["dlq", "purge", "--yes"]).await;
+    assert!(!everything.status.success() && text(&everything).1.contains("--all"));
+    assert_eq!(len(&redis, &keys().dead).await, 1);
+    assert!(run_courier(&vars, dir.path(), &["dlq", "purge", "--all", "--yes"])
         .await
         .status
         .success());

@@ -26,6 +26,10 @@ enum Then {
     AnswerThenShutdown(&'static str),
     /// Close the connection without answering.
     Close,
+    /// Answer, then neither send more nor close until the client does (a body that stalls).
+    AnswerThenStall(&'static str),
+    /// Answer, then end the TCP connection without TLS `close_notify` (cut on the way).
+    AnswerThenCut(&'static str),
 }
 
 /// A request as the server saw it: which connection (numbered from 0 as accepted), and the
@@ -80,7 +84,11 @@ impl RawServer {
                         };
                         let then = script(overall, on_connection);
                         let answer = match then {
-                            Then::Answer(text) | Then::AnswerAndClose(text) | Then::AnswerThenShutdown(text) => text,
+                            Then::Answer(text)
+                            | Then::AnswerAndClose(text)
+                            | Then::AnswerThenShutdown(text)
+                            | Then::AnswerThenStall(text)
+                            | Then::AnswerThenCut(text) => text,
                             Then::Close => "",
                         };
                         if tls.write_all(answer.as_bytes()).await.is_err() || tls.flush().await.is_err() {
@@ -97,6 +105,16 @@ impl RawServer {
                             }
                             Then::AnswerAndClose(_) | Then::Close => {
                                 let _ = tls.shutdown().await;
+                                return;
+                            }
+                            Then::AnswerThenStall(_) => {
+                                let mut rest = Vec::new();
+                                let clean = tls.read_to_end(&mut rest).await.is_ok();
+                                closes.lock().unwrap().push((connection, clean));
+                                return;
+                            }
+                            Then::AnswerThenCut(_) => {
+                                let _ = tls.get_mut().0.shutdown().await;
                                 return;
                             }
                         }
@@ -162,6 +180,10 @@ async fn read_request(tls: &mut (impl AsyncReadExt + Unpin)) -> Result<Vec<u8>, 
 }
 
 fn deliverer_to(pki: &Pki, url: &str) -> Deliverer {
+    deliverer_within(pki, url, Duration::from_secs(5))
+}
+
+fn deliverer_within(pki: &Pki, url: &str, request_timeout: Duration) -> Deliverer {
     let tls = ClientTls::load(&TlsSettings {
         enabled: true,
         reload_interval: Duration::from_secs(60),
@@ -173,7 +195,7 @@ fn deliverer_to(pki: &Pki, url: &str) -> Deliverer {
     let settings = MainServerSettings {
         url: url.parse().expect("url"),
         connect_timeout: Duration::from_secs(5),
-        request_timeout: Duration::from_secs(5),
+        request_timeout,
         http2: false,
         trace_context: true,
     };
@@ -349,4 +371,126 @@ async fn the_heartbeat_sweep_closes_kept_connections_the_server_closed_and_only_
     drop(deliverer);
     eventually(|| async { server.closed_by_client().contains(&kept) }).await;
     assert!(server.all_closed_cleanly(), "closed with a close_notify");
+}
+
+/// The status and error text of an attempt the main server answered with an error.
+fn status_of(result: Result<(), DeliveryError>) -> (u16, String) {
+    match result {
+        Err(DeliveryError::Status { status, body, .. }) => (status, body),
+        other => panic!("an error status: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn chunk_lines_hyper_refuses_are_refused_and_folded_headers_read_as_one() {
+    let pki = Pki::new();
+    let server = RawServer::start(&pki, |overall, _| match overall {
+        // No hex digit: once taken as the last chunk, the connection kept.
+        0 => Then::Answer("HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n\r\n\r\n"),
+        // A bare LF inside an extension: once it swallowed the next line.
+        1 => Then::Answer("HTTP/1.1 503 Busy\r\nTransfer-Encoding: chunked\r\n\r\n4;a\nb\r\nbusy\r\n0\r\n\r\n"),
+        // obs-fold (RFC 9112 5.2): read as a space, the answer kept.
+        2 => Then::Answer("HTTP/1.1 503 Busy\r\nRetry-After:\r\n 7\r\nContent-Length: 4\r\n\r\nbusy"),
+        _ => Then::Answer(OK),
+    })
+    .await;
+    let deliverer = deliverer_to(&pki, &server.url);
+    for id in ["no-digit", "bare-lf"] {
+        let (status, text) = status_of(deliver(&deliverer, id).await);
+        assert_eq!(status, 503, "{id}: the head decides");
+        assert!(text.ends_with("(answer incomplete)"), "{id}: {text}");
+    }
+    match deliver(&deliverer, "folded").await {
+        Err(DeliveryError::Status {
+            status: 503,
+            retry_after,
+            body,
+        }) => assert_eq!((retry_after, body.as_str()), (Some(Duration::from_secs(7)), "busy")),
+        other => panic!("a 503 with a folded Retry-After: {other:?}"),
+    }
+    deliver(&deliverer, "after").await.expect("delivered");
+    let connections: Vec<usize> = server.seen().iter().map(|s| s.connection).collect();
+    assert_eq!(
+        connections,
+        [0, 1, 2, 2],
+        "no connection kept after a chunk line refused; kept after the folded header"
+    );
+}
+
+#[tokio::test]
+async fn an_answer_whose_body_stalls_is_what_its_head_says_and_its_connection_is_dropped() {
+    let pki = Pki::new();
+    let server = RawServer::start(&pki, |overall, _| match overall {
+        0 => Then::AnswerThenStall("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}"),
+        1 => Then::AnswerThenStall("HTTP/1.1 503 Service Unavailable\r\nContent-Length: 100\r\n\r\nbusy"),
+        _ => Then::Answer(OK),
+    })
+    .await;
+    let deliverer = deliverer_within(&pki, &server.url, Duration::from_millis(400));
+    deliver(&deliverer, "accepted")
+        .await
+        .expect("a 200 whose body stalls past the timeout is delivered");
+    let (status, text) = status_of(deliver(&deliverer, "busy").await);
+    assert_eq!((status, text.as_str()), (503, "busy (answer incomplete)"));
+    deliver(&deliverer, "after").await.expect("delivered");
+    let connections: Vec<usize> = server.seen().iter().map(|s| s.connection).collect();
+    assert_eq!(connections, [0, 1, 2], "a stalled connection is not used again");
+    eventually(|| async { server.closed_by_client().len() == 2 }).await;
+}
+
+#[tokio::test]
+async fn a_body_read_to_a_close_without_close_notify_is_marked_incomplete() {
+    let pki = Pki::new();
+    let server = RawServer::start(&pki, |overall, _| match overall {
+        0 => Then::AnswerThenCut("HTTP/1.1 500 Internal Server Error\r\n\r\npartial text"),
+        _ => Then::AnswerAndClose("HTTP/1.1 500 Internal Server Error\r\n\r\nwhole text"),
+    })
+    .await;
+    let deliverer = deliverer_to(&pki, &server.url);
+    let (status, text) = status_of(deliver(&deliverer, "cut").await);
+    assert_eq!((status, text.as_str()), (500, "partial text (answer incomplete)"));
+    let (status, text) = status_of(deliver(&deliverer, "clean").await);
+    assert_eq!(
+        (status, text.as_str()),
+        (500, "whole text"),
+        "close_notify ends it whole"
+    );
+}
+
+#[tokio::test]
+async fn an_early_answer_to_a_large_body_is_read_not_lost_to_the_write() {
+    let pki = Pki::new();
+    let config = pki.sink_tls().server_config().expect("server TLS");
+    let acceptor = TlsAcceptor::from(Arc::new(config));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let release = Arc::new(tokio::sync::Notify::new());
+    let held = release.clone();
+    // Reads the request's head only, answers 413, says goodbye in TLS and shuts its side, and
+    // then reads nothing more: the client's body has nowhere to go.
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let mut tls = acceptor.accept(tcp).await.expect("TLS");
+        let mut head = Vec::new();
+        while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+            let mut chunk = [0u8; 1024];
+            match tls.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => head.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let answer = "HTTP/1.1 413 Payload Too Large\r\nConnection: close\r\nContent-Length: 8\r\n\r\ntoo big!";
+        tls.write_all(answer.as_bytes()).await.expect("answer");
+        let _ = tls.shutdown().await;
+        held.notified().await;
+    });
+    let deliverer = deliverer_within(&pki, &format!("https://localhost:{port}/"), Duration::from_secs(3));
+    // 4 MiB: more than loopback's socket buffers take while the server reads nothing (1 MiB
+    // fitted in them here, so its write ended and the 413 was read either way).
+    let big = format!(r#"{{"message_id":"big","payload":"{}"}}"#, "x".repeat(4 << 20));
+    let envelope = Envelope::parse(big.into_bytes(), 8 << 20).expect("a valid message");
+    let result = deliverer.deliver(&envelope).await.result;
+    release.notify_one();
+    let (status, text) = status_of(result);
+    assert_eq!((status, text.as_str()), (413, "too big!"));
 }

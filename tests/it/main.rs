@@ -10,6 +10,7 @@ mod binary;
 mod cli;
 mod cluster;
 mod delivery;
+mod dlq;
 mod flow;
 mod hostile;
 mod http1;

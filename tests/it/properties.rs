@@ -150,6 +150,36 @@ proptest! {
     fn arbitrary_answers_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
         fuzzing::http_answer(&bytes);
     }
+
+    #[test]
+    fn answers_near_http_read_as_hyper_reads_them(
+        answers in proptest::collection::vec(near_answer(), 1..4),
+        config in any::<u8>(),
+    ) {
+        // Each answer's own first byte (near_answer's read size) is dropped: one config byte
+        // leads, the answers follow separated as the differential expects.
+        let mut input = vec![config];
+        for (n, answer) in answers.iter().enumerate() {
+            if n > 0 {
+                input.extend_from_slice(b"\0\0");
+            }
+            input.extend_from_slice(answer.get(1..).unwrap_or_default());
+        }
+        fuzzing::http_differential(&input);
+    }
+}
+
+/// The differential's seeds, among them the inputs on which courier and hyper once disagreed.
+#[test]
+fn differential_seeds_read_as_hyper_reads_them() {
+    let seeds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/http_differential");
+    let mut read = 0;
+    for entry in std::fs::read_dir(&seeds).expect("the seeds") {
+        let path = entry.expect("a seed").path();
+        fuzzing::http_differential(&std::fs::read(&path).expect("a seed's bytes"));
+        read += 1;
+    }
+    assert!(read >= 6, "{read} seeds");
 }
 
 /// Inputs the fuzzers and these properties found, kept as regressions.

@@ -145,7 +145,7 @@ async fn each_queue_keeps_its_own_retries_and_dead_letters() {
     let ambiguous = run_courier(&vars, dir, &["dlq", "list"]).await;
     assert!(!ambiguous.status.success());
     assert!(String::from_utf8_lossy(&ambiguous.stderr).contains("--queue"));
-    let requeued = run_courier(&vars, dir, &["dlq", "purge", "--yes", "--queue", "jobs.low"]).await;
+    let requeued = run_courier(&vars, dir, &["dlq", "purge", "--all", "--yes", "--queue", "jobs.low"]).await;
     assert!(requeued.status.success());
     let stats = run_courier(&vars, dir, &["stats", "--json", "--queue", "jobs.medium"]).await;
     let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("stats JSON");

@@ -40,9 +40,9 @@ async fn run(script: &str, queue: &Queue, conn: &mut queue::Conn) -> Result<(), 
             let strays = [item("p-1").into(), item("p-2").into()];
             queue.return_strays(&strays).await.map(drop)
         }
-        "requeue_dead" => {
-            let record = dead_record("x-1");
-            queue::requeue_dead(conn, &keys(), record.as_bytes(), item("x-1").as_bytes())
+        "dlq_requeue" => {
+            let sha = sha1(conn, &dead_record("x-1")).await;
+            queue::requeue_dead_at(conn, &keys(), 1, &sha, item("x-1").as_bytes(), false)
                 .await
                 .map(drop)
         }
@@ -67,8 +67,19 @@ const SCRIPTS: &[(&str, &[&str])] = &[
         &["zscore", "lmove", "hlen", "hincrby", "expire", "zrem", "hdel"],
     ),
     ("return_strays", &["lpos", "rpush", "lrem"]),
-    ("requeue_dead", &["lpos", "lpush", "lrem"]),
+    ("dlq_requeue", &["lindex", "lpush", "lset"]),
 ];
+
+/// The SHA-1 of `text`, as Redis computes it.
+async fn sha1(conn: &mut queue::Conn, text: &str) -> String {
+    redis::cmd("EVAL")
+        .arg("return redis.sha1hex(ARGV[1])")
+        .arg(0)
+        .arg(text)
+        .query_async(conn)
+        .await
+        .expect("sha1")
+}
 
 /// A queued item; the same bytes each time, as the scripts find items by their bytes.
 fn item(id: &str) -> String {
