@@ -25,7 +25,6 @@
 //! Redis key protocol and why no message is lost: docs/design.md.
 
 pub mod admin;
-mod admin_dlq;
 mod backoff;
 pub mod breaker;
 pub mod cli;

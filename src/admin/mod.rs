@@ -2,6 +2,8 @@
 //! (liveness), `/ready` (503 while Redis is unreachable, before the first connection and while
 //! draining) and `/stats` (queue depths, counters, live workers, as JSON).
 
+mod dlq;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
@@ -34,7 +36,7 @@ pub struct AdminState {
     /// The worker's queues once it has joined them, for the `/dlq` API.
     pub queues: Arc<OnceLock<Vec<Queue>>>,
     /// ADMIN_TOKEN: the `/dlq` API and the `/ui` page are served only with it, and only to
-    /// requests that carry it (`crate::admin_dlq`).
+    /// requests that carry it (`dlq`).
     pub admin_token: Option<crate::config::Secret>,
 }
 
@@ -191,7 +193,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, limits: Limits
 async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if path == "/ui" || path.starts_with("/ui/") || path == "/dlq" || path.starts_with("/dlq/") {
-        let mut response = crate::admin_dlq::route(state, request).await;
+        let mut response = dlq::route(state, request).await;
         secure_headers(&mut response);
         return response;
     }
