@@ -178,7 +178,7 @@ pub fn worker_numbers(data: &[u8]) {
             let _ = breaker.admit(worker.concurrency, at + std::time::Duration::from_secs(86_400));
         }
         for status in 100..600u16 {
-            let outcome = worker.outcomes.classify(&Err(DeliveryError::Status {
+            let outcome = crate::policy::Outcomes::from(&worker.outcomes).classify(&Err(DeliveryError::Status {
                 status,
                 retry_after: None,
                 body: String::new(),

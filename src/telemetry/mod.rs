@@ -28,20 +28,10 @@ use tracing_subscriber::Layer;
 mod repeats;
 
 pub use self::repeats::{panic_text, Due, Repeat, Repeats, Summary};
+pub use crate::config::LogFormat;
 
 /// Keeps the background log writer running; drop it last, when the process exits.
 pub struct LogGuards(#[allow(dead_code)] WorkerGuard);
-
-/// How log lines are written (LOG_FORMAT).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// The old worker's line, unchanged.
-    Text,
-    /// One JSON object per line: `ts` (RFC 3339, UTC, milliseconds), `level` (the text
-    /// line's names), `worker_id`, `message`, then each of the event's fields as its own key,
-    /// numbers and booleans as such, everything else as a string.
-    Json,
-}
 
 /// The Python worker's line format: time, logger name, level (Python's names), worker id,
 /// message, then the event's fields as `key=value`. Or, for `LogFormat::Json`, the same as

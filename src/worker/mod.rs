@@ -51,7 +51,7 @@ use crate::config::Settings;
 use crate::delivery::Deliverer;
 use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::policy::{self, Policy};
+use crate::policy::{self, Outcomes, Policy};
 use crate::queue::{self, Queue};
 use crate::tls::ClientTls;
 
@@ -235,7 +235,7 @@ impl Worker {
         let delivery = Arc::new(Delivery {
             settler: Settler::new(shared.clone(), policy, status_tx),
             deliverer: deliverer.clone(),
-            outcomes: worker.outcomes.clone(),
+            outcomes: Outcomes::from(&worker.outcomes),
             flow: flow.clone(),
             max_message_bytes: worker.max_message_bytes,
         });
