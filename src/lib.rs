@@ -3,7 +3,8 @@
 //!
 //! How a message moves through the modules:
 //!
-//! 1. `config` turns config.yaml and the environment into typed `Settings`, once.
+//! 1. `config` turns config.yaml and the environment into typed `Settings`, once. It imports
+//!    no other module; no module of `src/` is in a cycle (docs/design.md, "The map of the code").
 //! 2. `worker` composes the rest. Its claimer asks `queue` (which alone knows key names and
 //!    Lua, and how to reach one Redis, a Sentinel master or a cluster) to move items from
 //!    the worker's queues to its processing lists, one script a batch.
@@ -11,7 +12,8 @@
 //! 4. `delivery` POSTs it to the main server over the client `tls` set up from the PEM files,
 //!    with the message's W3C trace context (`trace`).
 //! 5. `policy` decides, purely, what the result means: `Ack`, `Retry { delay }` or `Dead`.
-//! 6. `worker` carries that out through `queue` (ack, retry set, dead-letter list), records it
+//! 6. `worker` (a `Claimer`, delivery tasks, a `Settler`, each holding only what it uses)
+//!    carries that out through `queue` (ack, retry set, dead-letter list), records it
 //!    in `metrics` and the log (`telemetry`), and queues the status PUT.
 //! 7. Beside each worker: a heartbeat that reaps workers it watched fall silent
 //!    (`worker::liveness`), a promoter of due retries, and a sweeper that returns items of its
