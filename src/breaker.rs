@@ -31,28 +31,8 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+pub use crate::config::BreakerSettings;
 use crate::policy::{Kind, Outcome};
-
-/// The breaker's settings.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BreakerSettings {
-    /// Off: the worker never stops claiming (the old worker's behaviour).
-    pub enabled: bool,
-    /// The share of server faults among the recent attempts that opens the breaker.
-    pub failure_rate: f64,
-    /// How many of the most recent attempts are judged.
-    pub min_attempts: u32,
-    /// Attempts older than this are forgotten.
-    pub window: Duration,
-    /// The first probe's wait after opening; it doubles after each failed probe.
-    pub probe_min: Duration,
-    /// The longest wait between probes.
-    pub probe_max: Duration,
-    /// Rejections in a row with one status, across messages, that open it (0: never).
-    pub same_status: u32,
-    /// How long a delivered retry keeps first attempts' failures from opening it.
-    pub retry_grace: Duration,
-}
 
 /// Attempts a half-open breaker judges before it may open again.
 pub const PROBES: u32 = 5;

@@ -267,20 +267,20 @@ pub struct WorkerSettings {
     /// Runtime threads: 1 (one thread), N, or 0 for one per core.
     pub threads: usize,
     /// Fixed (the old worker's) or exponential waits between attempts.
-    pub retry_backoff: crate::policy::Backoff,
+    pub retry_backoff: Backoff,
     /// Spread of each wait, a fraction (0: none).
     pub retry_jitter: f64,
     /// A message returned from dead workers' hands more often is dead-lettered (0: never).
     pub max_reclaims: u32,
     /// The circuit breaker on the main server.
-    pub breaker: crate::breaker::BreakerSettings,
+    pub breaker: BreakerSettings,
     /// Deliveries per second at most (0: no limit).
     pub rate_limit: f64,
     /// An AIMD limit on deliveries under way, between 1 and `concurrency`.
     pub adaptive_concurrency: bool,
     /// Statuses whose outcome the operator set over the default table
     /// (`main_server.outcomes`, `MAIN_SERVER_OUTCOMES`).
-    pub outcomes: crate::policy::Outcomes,
+    pub outcomes: OutcomeRules,
 }
 
 #[derive(Debug, Clone)]
@@ -310,7 +310,7 @@ pub struct LoggingSettings {
     /// A log file rolls over to the next at this size (and at midnight UTC).
     pub max_file_bytes: u64,
     /// The old worker's text line, or one JSON object per line.
-    pub format: crate::telemetry::LogFormat,
+    pub format: LogFormat,
 }
 
 /// Where settings come from: the environment is a parameter so tests need not mutate the
@@ -804,7 +804,7 @@ impl Source<'_> {
                     "a Redis Cluster has only database 0; leave REDIS_DB at 0",
                 ));
             }
-            if let Some(name) = redis.queues.iter().find(|q| !crate::queue::cluster_safe_name(q)) {
+            if let Some(name) = redis.queues.iter().find(|q| !cluster_safe_name(q)) {
                 return Err(self.invalid(
                     "redis.queue_names",
                     &format!("queue {name:?} has braces that are not a hash tag; in a cluster a queue name may contain {{...}} only as a non-empty hash tag"),
@@ -859,14 +859,14 @@ impl Source<'_> {
             dead_after,
             threads: self.number("worker.threads", 0, 1024)?,
             retry_backoff: match self.text("worker.retry_backoff")?.trim().to_ascii_lowercase().as_str() {
-                "fixed" => crate::policy::Backoff::Fixed,
-                "exponential" => crate::policy::Backoff::Exponential {
+                "fixed" => Backoff::Fixed,
+                "exponential" => Backoff::Exponential {
                     max_interval: self.seconds("worker.retry_max_interval", 0.01, 7.0 * 86_400.0)?,
                 },
                 _ => return Err(self.invalid("worker.retry_backoff", "expected fixed or exponential")),
             },
             max_reclaims: self.number("worker.max_reclaims", 0, 1_000_000)?,
-            breaker: crate::breaker::BreakerSettings {
+            breaker: BreakerSettings {
                 enabled: self.flag("worker.breaker")?,
                 failure_rate: self.real(
                     "worker.breaker_failure_rate",
@@ -884,7 +884,7 @@ impl Source<'_> {
                 retry_grace: retry_interval.saturating_mul(2).min(Duration::from_secs(2)),
             },
             adaptive_concurrency: self.flag("worker.adaptive_concurrency")?,
-            outcomes: crate::policy::Outcomes::parse(&self.text("main_server.outcomes")?)
+            outcomes: OutcomeRules::parse(&self.text("main_server.outcomes")?)
                 .map_err(|e| self.invalid("main_server.outcomes", &e))?,
             rate_limit: self.real(
                 "worker.rate_limit",
@@ -928,8 +928,8 @@ impl Source<'_> {
             file_path: self.path("logging.file_path")?,
             max_file_bytes: max_file_mb.saturating_mul(1024 * 1024),
             format: match self.text("logging.format")?.trim().to_ascii_lowercase().as_str() {
-                "text" => crate::telemetry::LogFormat::Text,
-                "json" => crate::telemetry::LogFormat::Json,
+                "text" => LogFormat::Text,
+                "json" => LogFormat::Json,
                 _ => return Err(self.invalid("logging.format", "expected text or json")),
             },
         };
@@ -1030,6 +1030,147 @@ pub fn known_settings() -> impl Iterator<Item = (&'static str, &'static str, &'s
     KNOWN.iter().map(|k| (k.key, k.env, k.default))
 }
 
+// Plain types and rules that the configured modules read: config imports none of them, so it
+// can be read and tested alone (docs/design.md, "The map of the code").
+
+/// The breaker's settings.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BreakerSettings {
+    /// Off: the worker never stops claiming (the old worker's behaviour).
+    pub enabled: bool,
+    /// The share of server faults among the recent attempts that opens the breaker.
+    pub failure_rate: f64,
+    /// How many of the most recent attempts are judged.
+    pub min_attempts: u32,
+    /// Attempts older than this are forgotten.
+    pub window: Duration,
+    /// The first probe's wait after opening; it doubles after each failed probe.
+    pub probe_min: Duration,
+    /// The longest wait between probes.
+    pub probe_max: Duration,
+    /// Rejections in a row with one status, across messages, that open it (0: never).
+    pub same_status: u32,
+    /// How long a delivered retry keeps first attempts' failures from opening it.
+    pub retry_grace: Duration,
+}
+
+/// How the wait grows with the failures.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Backoff {
+    /// Always `retry_interval`.
+    Fixed,
+    /// `retry_interval × 2^(failures − 1)`, at most `max_interval`.
+    Exponential { max_interval: Duration },
+}
+
+/// What an HTTP status means for the message, as the operator may set it
+/// (`MAIN_SERVER_OUTCOMES`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusOutcome {
+    Delivered,
+    Retry,
+    Reject,
+}
+
+impl StatusOutcome {
+    fn parse(text: &str) -> Option<StatusOutcome> {
+        match text.trim().to_ascii_lowercase().as_str() {
+            "delivered" => Some(StatusOutcome::Delivered),
+            "retry" => Some(StatusOutcome::Retry),
+            "reject" | "rejected" => Some(StatusOutcome::Reject),
+            _ => None,
+        }
+    }
+}
+
+/// Statuses whose outcome the operator set (`MAIN_SERVER_OUTCOMES`), over the default table
+/// (`policy::Outcomes` reads them).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutcomeRules {
+    /// Inclusive ranges, in the order given; the first that holds a status decides.
+    pub rules: Vec<(u16, u16, StatusOutcome)>,
+}
+
+impl OutcomeRules {
+    /// Reads `409=delivered,404=retry,500-599=reject`: comma-separated `STATUS=OUTCOME` or
+    /// `FIRST-LAST=OUTCOME`, statuses 100 to 599 outside 2xx (a 2xx is always delivered: the
+    /// server has the message), outcomes `delivered`, `retry` or `reject`. Earlier entries win
+    /// where ranges overlap. Returns what is wrong, to be named with the setting.
+    pub fn parse(text: &str) -> Result<OutcomeRules, String> {
+        let mut rules = Vec::new();
+        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let Some((statuses, kind)) = entry.split_once('=') else {
+                return Err(format!(
+                    "{entry:?} has no '=': expected STATUS=OUTCOME such as 409=delivered"
+                ));
+            };
+            let kind = StatusOutcome::parse(kind)
+                .ok_or_else(|| format!("{entry:?}: the outcome must be delivered, retry or reject"))?;
+            let status = |text: &str| {
+                text.trim()
+                    .parse::<u16>()
+                    .ok()
+                    .filter(|s| (100..=599).contains(s))
+                    .ok_or_else(|| format!("{entry:?}: {:?} is not an HTTP status from 100 to 599", text.trim()))
+            };
+            let (first, last) = match statuses.split_once('-') {
+                Some((first, last)) => (status(first)?, status(last)?),
+                None => {
+                    let one = status(statuses)?;
+                    (one, one)
+                }
+            };
+            if first > last {
+                return Err(format!("{entry:?}: the range runs backwards"));
+            }
+            if first <= 299 && last >= 200 {
+                return Err(format!(
+                    "{entry:?}: a 2xx is always delivered (the main server has the message)"
+                ));
+            }
+            if kind == StatusOutcome::Delivered && !(first >= 400 && last <= 499) {
+                return Err(format!(
+                    "{entry:?}: only a 4xx can count as delivered (a 1xx, 3xx or 5xx means the main server does not have the message; it would be lost)"
+                ));
+            }
+            let hidden = (first..=last).all(|s| rules.iter().any(|(f, l, _)| (*f..=*l).contains(&s)));
+            if hidden {
+                return Err(format!(
+                    "{entry:?}: an earlier entry already sets every status it names"
+                ));
+            }
+            rules.push((first, last, kind));
+        }
+        Ok(OutcomeRules { rules })
+    }
+}
+
+/// How log lines are written (LOG_FORMAT).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    /// The old worker's line, unchanged.
+    Text,
+    /// One JSON object per line: `ts` (RFC 3339, UTC, milliseconds), `level` (the text
+    /// line's names), `worker_id`, `message`, then each of the event's fields as its own key,
+    /// numbers and booleans as such, everything else as a string.
+    Json,
+}
+
+/// The hash tag of a key: the text between its first `{` and the first `}` after it, when
+/// that is not empty. Redis Cluster hashes only this part of a key that has one.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = &key[open + 1..];
+    let close = rest.find('}')?;
+    (close > 0).then(|| &rest[..close])
+}
+
+/// Whether a queue name can be used in a cluster: no braces, or a proper hash tag. A name with
+/// stray braces (`a{}b`, `a}b{`) would hash differently from its derived keys.
+pub fn cluster_safe_name(name: &str) -> bool {
+    hash_tag(name).is_some() || !name.contains(['{', '}'])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1051,13 +1192,13 @@ mod tests {
     #[test]
     fn log_format_and_trace_context_are_read_and_checked() {
         let s = load_yaml("", &[]).unwrap();
-        assert_eq!(s.logging.format, crate::telemetry::LogFormat::Text, "text unless asked");
+        assert_eq!(s.logging.format, LogFormat::Text, "text unless asked");
         assert!(s.main_server.trace_context, "trace context on unless turned off");
         let s = load_yaml("logging:\n  format: json\n", &[("MAIN_SERVER_TRACE_CONTEXT", "false")]).unwrap();
-        assert_eq!(s.logging.format, crate::telemetry::LogFormat::Json);
+        assert_eq!(s.logging.format, LogFormat::Json);
         assert!(!s.main_server.trace_context);
         let s = load_yaml("", &[("LOG_FORMAT", "JSON")]).unwrap();
-        assert_eq!(s.logging.format, crate::telemetry::LogFormat::Json);
+        assert_eq!(s.logging.format, LogFormat::Json);
         let err = one_line(&load_yaml("", &[("LOG_FORMAT", "yaml")]).unwrap_err());
         assert!(err.contains("LOG_FORMAT") && err.contains("text or json"), "{err}");
         let err = one_line(&load_yaml("", &[("MAIN_SERVER_TRACE_CONTEXT", "sometimes")]).unwrap_err());

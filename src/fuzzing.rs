@@ -178,7 +178,7 @@ pub fn worker_numbers(data: &[u8]) {
             let _ = breaker.admit(worker.concurrency, at + std::time::Duration::from_secs(86_400));
         }
         for status in 100..600u16 {
-            let outcome = worker.outcomes.classify(&Err(DeliveryError::Status {
+            let outcome = crate::policy::Outcomes::from(&worker.outcomes).classify(&Err(DeliveryError::Status {
                 status,
                 retry_after: None,
                 body: String::new(),
@@ -343,12 +343,12 @@ pub fn admin_input(data: &[u8]) {
         let Ok(query) = std::str::from_utf8(rest) else {
             return;
         };
-        match crate::admin_dlq::read_query(query, now) {
+        match crate::admin::dlq::read_query(query, now) {
             Ok((_, filter)) => assert!(filter.grep.as_deref() != Some(""), "an empty grep is no filter"),
             Err(e) => assert!(!e.is_empty()),
         }
     } else {
-        match crate::admin_dlq::read_act(rest, now) {
+        match crate::admin::dlq::read_act(rest, now) {
             Ok((act, filter)) => {
                 assert!(act.all || !filter.is_empty(), "everything only with \"all\"");
                 if let Some(rate) = act.rate {

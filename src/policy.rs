@@ -28,6 +28,8 @@
 //! The wait before a retry is the interval (fixed, or doubling with each failure up to a cap),
 //! spread by the jitter fraction when one is set; a longer `Retry-After` always wins.
 
+pub use crate::config::Backoff;
+use crate::config::{OutcomeRules, StatusOutcome};
 use std::time::Duration;
 
 use crate::delivery::DeliveryError;
@@ -47,15 +49,6 @@ pub struct Policy {
     /// Spread of the wait: each is the interval times a factor drawn from `1 ± jitter`.
     /// 0 keeps the old worker's exact interval.
     pub jitter: f64,
-}
-
-/// How the wait grows with the failures.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Backoff {
-    /// Always `retry_interval`.
-    Fixed,
-    /// `retry_interval × 2^(failures − 1)`, at most `max_interval`.
-    Exponential { max_interval: Duration },
 }
 
 impl Policy {
@@ -142,17 +135,6 @@ pub enum Kind {
     Retry,
 }
 
-impl Kind {
-    fn parse(text: &str) -> Option<Kind> {
-        match text.trim().to_ascii_lowercase().as_str() {
-            "delivered" => Some(Kind::Delivered),
-            "retry" => Some(Kind::Retry),
-            "reject" | "rejected" => Some(Kind::Rejected),
-            _ => None,
-        }
-    }
-}
-
 /// One attempt's result, read once: what it means for the message, and what it says about the
 /// main server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,57 +158,29 @@ pub struct Outcomes {
     rules: Vec<(u16, u16, Kind)>,
 }
 
-impl Outcomes {
-    /// Reads `409=delivered,404=retry,500-599=reject`: comma-separated `STATUS=OUTCOME` or
-    /// `FIRST-LAST=OUTCOME`, statuses 100 to 599 outside 2xx (a 2xx is always delivered: the
-    /// server has the message), outcomes `delivered`, `retry` or `reject`. Earlier entries win
-    /// where ranges overlap. Returns what is wrong, to be named with the setting.
-    pub fn parse(text: &str) -> Result<Outcomes, String> {
-        let mut rules = Vec::new();
-        for entry in text.split(',').map(str::trim).filter(|e| !e.is_empty()) {
-            let Some((statuses, kind)) = entry.split_once('=') else {
-                return Err(format!(
-                    "{entry:?} has no '=': expected STATUS=OUTCOME such as 409=delivered"
-                ));
-            };
-            let kind = Kind::parse(kind)
-                .ok_or_else(|| format!("{entry:?}: the outcome must be delivered, retry or reject"))?;
-            let status = |text: &str| {
-                text.trim()
-                    .parse::<u16>()
-                    .ok()
-                    .filter(|s| (100..=599).contains(s))
-                    .ok_or_else(|| format!("{entry:?}: {:?} is not an HTTP status from 100 to 599", text.trim()))
-            };
-            let (first, last) = match statuses.split_once('-') {
-                Some((first, last)) => (status(first)?, status(last)?),
-                None => {
-                    let one = status(statuses)?;
-                    (one, one)
-                }
-            };
-            if first > last {
-                return Err(format!("{entry:?}: the range runs backwards"));
-            }
-            if first <= 299 && last >= 200 {
-                return Err(format!(
-                    "{entry:?}: a 2xx is always delivered (the main server has the message)"
-                ));
-            }
-            if kind == Kind::Delivered && !(first >= 400 && last <= 499) {
-                return Err(format!(
-                    "{entry:?}: only a 4xx can count as delivered (a 1xx, 3xx or 5xx means the main server does not have the message; it would be lost)"
-                ));
-            }
-            let hidden = (first..=last).all(|s| rules.iter().any(|(f, l, _)| (*f..=*l).contains(&s)));
-            if hidden {
-                return Err(format!(
-                    "{entry:?}: an earlier entry already sets every status it names"
-                ));
-            }
-            rules.push((first, last, kind));
+impl From<&OutcomeRules> for Outcomes {
+    fn from(rules: &OutcomeRules) -> Outcomes {
+        Outcomes {
+            rules: rules
+                .rules
+                .iter()
+                .map(|&(first, last, outcome)| {
+                    let kind = match outcome {
+                        StatusOutcome::Delivered => Kind::Delivered,
+                        StatusOutcome::Retry => Kind::Retry,
+                        StatusOutcome::Reject => Kind::Rejected,
+                    };
+                    (first, last, kind)
+                })
+                .collect(),
         }
-        Ok(Outcomes { rules })
+    }
+}
+
+impl Outcomes {
+    /// Reads `409=delivered,404=retry,500-599=reject` (`config::OutcomeRules::parse`).
+    pub fn parse(text: &str) -> Result<Outcomes, String> {
+        OutcomeRules::parse(text).map(|rules| Outcomes::from(&rules))
     }
 
     /// What an attempt's result means: the one reading of a `DeliveryError` that the policy,

@@ -268,9 +268,7 @@ pub(super) async fn sink(args: SinkArgs) -> anyhow::Result<()> {
         if report_latency && status == 200 {
             if let Some(sent) = call.body["payload"]["t"].as_u64() {
                 let now = u64::try_from(chrono::Utc::now().timestamp_micros()).unwrap_or(0);
-                seen.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .push(now.saturating_sub(sent));
+                crate::sync::lock(&seen).push(now.saturating_sub(sent));
             }
         }
         if !quiet {
@@ -301,7 +299,7 @@ pub(super) async fn sink(args: SinkArgs) -> anyhow::Result<()> {
     );
     crate::shutdown::requested().await;
     if report_latency {
-        let mut all = latencies.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut all = crate::sync::lock(&latencies).clone();
         all.sort_unstable();
         let at = |q: f64| {
             all.get(((all.len() as f64 * q) as usize).min(all.len().saturating_sub(1)))

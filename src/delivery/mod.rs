@@ -199,7 +199,7 @@ impl Deliverer {
     pub fn replace_tls(&self, tls: &ClientTls) -> Result<(), DeliveryError> {
         let client =
             Arc::new(Client::new(&self.settings, Some(tls), self.pool_size)?.with_resend_hook(self.resent.clone()));
-        *self.client.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+        *crate::sync::write(&self.client) = client;
         Ok(())
     }
 
@@ -210,10 +210,7 @@ impl Deliverer {
     }
 
     fn client(&self) -> Arc<Client> {
-        self.client
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .clone()
+        crate::sync::read(&self.client).clone()
     }
 
     /// The headers of one request: the Idempotency-Key when given, then the trace context

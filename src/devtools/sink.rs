@@ -125,7 +125,7 @@ impl Record {
     fn push(&self, call: Call) {
         self.served.fetch_add(1, Ordering::Relaxed);
         if self.keep_calls {
-            self.calls.lock().unwrap_or_else(|p| p.into_inner()).push(call);
+            crate::sync::lock(&self.calls).push(call);
             self.changed();
         }
     }
@@ -144,7 +144,7 @@ impl Record {
 
     /// Every call so far, in arrival order.
     pub fn calls(&self) -> Vec<Call> {
-        self.calls.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        crate::sync::lock(&self.calls).clone()
     }
 
     /// Delivery calls so far.
@@ -165,9 +165,7 @@ impl Record {
 
     /// Message ids of deliveries answered 2xx, in order, duplicates included.
     pub fn delivered(&self) -> Vec<String> {
-        self.calls
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        crate::sync::lock(&self.calls)
             .iter()
             .filter(|c| c.endpoint == Endpoint::Deliver && (200..300).contains(&c.answered))
             .map(|c| c.message_id.clone())
@@ -176,10 +174,7 @@ impl Record {
 
     /// TLS handshakes the sink refused, with the reason.
     pub fn handshake_failures(&self) -> Vec<String> {
-        self.handshake_failures
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        crate::sync::lock(&self.handshake_failures).clone()
     }
 }
 
@@ -313,7 +308,7 @@ impl Sink {
     /// only clients that pass the new checks get through.
     pub fn replace_tls(&self, tls: &SinkTls) -> Result<(), SinkError> {
         let acceptor = TlsAcceptor::from(Arc::new(tls.server_config()?));
-        let mut served = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        let mut served = crate::sync::lock(&self.tls);
         served.connections.cancel();
         *served = Served {
             acceptor,
@@ -372,7 +367,7 @@ async fn accept(
         };
         let _ = stream.set_nodelay(true);
         let (acceptor, closed) = {
-            let served = served.lock().unwrap_or_else(|p| p.into_inner());
+            let served = crate::sync::lock(&served);
             (served.acceptor.clone(), served.connections.clone())
         };
         let (record, behaviour) = (record.clone(), behaviour.clone());
@@ -380,11 +375,7 @@ async fn accept(
             let tls = match acceptor.accept(stream).await {
                 Ok(tls) => tls,
                 Err(e) => {
-                    record
-                        .handshake_failures
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .push(e.to_string());
+                    crate::sync::lock(&record.handshake_failures).push(e.to_string());
                     record.changed();
                     return;
                 }

@@ -14,6 +14,7 @@ use tracing::{info, warn};
 
 use super::QueueError;
 use crate::config::{RedisSettings, Topology};
+use crate::sync::lock;
 
 /// How long connecting to any Redis node or sentinel may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,12 +63,7 @@ enum Link {
 
 impl Conn {
     fn link(&self) -> Result<Link, redis::RedisError> {
-        let state = self
-            .0
-            .hub
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let state = crate::sync::read(&self.0.hub.state);
         // `index` is only ever handed out for a link in the list, the list never shrinks,
         // and a link is closed only when the last handle on it goes: never while one exists.
         match state.links.get(self.0.index) {
@@ -269,13 +265,10 @@ impl Connector {
         let _replacing = hub.asking.lock().await;
         // The next question to a sentinel goes on a connection made with the new files.
         *hub.kept_sentinel() = None;
-        let previous = std::mem::replace(
-            &mut *hub.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner),
-            tls,
-        );
+        let previous = std::mem::replace(&mut *crate::sync::write(&hub.tls), tls);
         let server = hub.current_server();
         if let Err(e) = hub.replace_links(server.as_ref()).await {
-            *hub.tls.write().unwrap_or_else(std::sync::PoisonError::into_inner) = previous;
+            *crate::sync::write(&hub.tls) = previous;
             return Err(e);
         }
         Ok(())
@@ -336,7 +329,7 @@ impl Connector {
         let Shape::Sentinel { master_name } = &self.hub.topology else {
             return;
         };
-        let mut backoff = Duration::from_millis(100);
+        let mut backoff = crate::backoff::Backoff::default();
         loop {
             // Built afresh each round: a TLS reload may have replaced the files.
             let sentinels = self.hub.sentinel_clients().unwrap_or_default();
@@ -362,9 +355,8 @@ impl Connector {
             }
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(backoff) => {}
+                _ = tokio::time::sleep(backoff.next()) => {}
             }
-            backoff = (backoff * 2).min(Duration::from_secs(5));
         }
     }
 }
@@ -452,22 +444,15 @@ fn client_for(
 
 impl Hub {
     fn write_state(&self) -> std::sync::RwLockWriteGuard<'_, State> {
-        self.state.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+        crate::sync::write(&self.state)
     }
 
     fn current_server(&self) -> Option<(String, u16)> {
-        self.state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .server
-            .clone()
+        crate::sync::read(&self.state).server.clone()
     }
 
     fn certificates(&self) -> Option<redis::TlsCertificates> {
-        self.tls
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        crate::sync::read(&self.tls).clone()
     }
 
     /// A client for the Redis at `server`, with courier's user and database.
@@ -549,10 +534,7 @@ impl Hub {
     /// Callers hold `asking`, so no link is added meanwhile; one whose last handle goes
     /// meanwhile stays closed.
     async fn replace_links(&self, server: Option<&(String, u16)>) -> Result<(), QueueError> {
-        let open: Vec<(usize, Duration)> = self
-            .state
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        let open: Vec<(usize, Duration)> = crate::sync::read(&self.state)
             .links
             .iter()
             .enumerate()
@@ -574,7 +556,7 @@ impl Hub {
     }
 
     fn kept_sentinel(&self) -> std::sync::MutexGuard<'_, Option<redis::aio::MultiplexedConnection>> {
-        self.sentinel.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.sentinel)
     }
 
     /// Runs `cmd` on the sentinel that answered last, then on each sentinel in turn; the

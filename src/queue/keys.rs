@@ -1,5 +1,7 @@
 //! The Redis keys of one queue, and the one rule that keeps them together in a cluster.
 
+pub use crate::config::{cluster_safe_name, hash_tag};
+
 /// The Redis keys of one queue. On one Redis (or a Sentinel-watched master) they are the queue
 /// name and `name:suffix`, the names courier has always used. In a cluster every derived key
 /// carries the queue name as a hash tag (`{name}:retry`), so it hashes to the same slot as
@@ -81,24 +83,9 @@ impl Keys {
     }
 }
 
-/// The hash tag of a key: the text between its first `{` and the first `}` after it, when
-/// that is not empty. Redis Cluster hashes only this part of a key that has one.
-pub fn hash_tag(key: &str) -> Option<&str> {
-    let open = key.find('{')?;
-    let rest = &key[open + 1..];
-    let close = rest.find('}')?;
-    (close > 0).then(|| &rest[..close])
-}
-
 /// The part of a key Redis Cluster hashes to find its slot.
 pub fn slot_part(key: &str) -> &str {
     hash_tag(key).unwrap_or(key)
-}
-
-/// Whether a queue name can be used in a cluster: no braces, or a proper hash tag. A name with
-/// stray braces (`a{}b`, `a}b{`) would hash differently from its derived keys.
-pub fn cluster_safe_name(name: &str) -> bool {
-    hash_tag(name).is_some() || !name.contains(['{', '}'])
 }
 
 #[cfg(test)]

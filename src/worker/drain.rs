@@ -8,14 +8,21 @@ use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 
 use super::background::Background;
-use super::settle::{log_summary, Context};
+use super::process::Delivery;
+use super::shared::Shared;
 
 /// Drains and leaves. The order matters: the heartbeat stops before the worker leaves the
 /// live set (a late tick would rejoin it), and it leaves only once nothing is left in its
 /// processing list (a worker that has left is never reaped).
-pub(super) async fn drain(context: Arc<Context>, deliveries: TaskTracker, grace: Duration, background: Background) {
+pub(super) async fn drain(
+    shared: Arc<Shared>,
+    delivery: Arc<Delivery>,
+    deliveries: TaskTracker,
+    grace: Duration,
+    background: Background,
+) {
     crate::service::stopping();
-    context.health.set_draining();
+    shared.health.set_draining();
     deliveries.close();
     info!(in_flight = deliveries.len(), grace = ?grace, "Stopping: no new claims; finishing in-flight deliveries");
     if tokio::time::timeout(grace, deliveries.wait()).await.is_err() {
@@ -24,17 +31,14 @@ pub(super) async fn drain(context: Arc<Context>, deliveries: TaskTracker, grace:
             "Grace period over; returning unfinished messages to the queue"
         );
     }
-    for due in context.repeats.due(true) {
-        log_summary(&due);
-    }
+    shared.log_summaries(true);
     // Anything still in processing goes back to the front of the queue. A delivery still
     // under way that settles after this finds its message gone and changes nothing. Not when
     // another process has taken this id: the processing list is its now, in flight there.
-    let taken = context.id_taken.load(std::sync::atomic::Ordering::Acquire);
-    let given_back = if taken {
+    let given_back = if shared.id_taken() {
         Ok(0)
     } else {
-        super::claim::give_back_all(&context).await
+        shared.give_back_all().await
     };
     let returned = match given_back {
         Ok(n) => {
@@ -53,12 +57,13 @@ pub(super) async fn drain(context: Arc<Context>, deliveries: TaskTracker, grace:
     };
     background.stop().await;
     if returned {
-        for queue in &context.queues {
+        for (_, queue) in shared.queues() {
             if let Err(e) = queue.deregister().await {
                 warn!(queue = queue.name(), error = %e, "Could not remove this worker from the live set; it will be reaped");
             }
         }
     }
-    drop(context);
+    // The status updates end once their last sender, the settler, is gone.
+    drop((shared, delivery));
     background.flush_statuses().await;
 }

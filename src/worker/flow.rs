@@ -9,11 +9,12 @@ use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use crate::admin::Health;
 use crate::breaker::{Aimd, Breaker, Cause, State, Transition, Treat, Verdict};
 use crate::config::WorkerSettings;
+use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::policy::Outcome;
+use crate::sync::lock;
 
 /// The longest a `Retry-After` pauses the whole worker.
 const MAX_PAUSE: Duration = Duration::from_secs(300);
@@ -73,7 +74,7 @@ impl Flow {
     /// retried and never rejected while probing).
     pub(super) fn record(&self, outcome: &Outcome, retried: bool, elapsed: Duration) -> Treat {
         if let Some(adaptive) = &self.adaptive {
-            let mut aimd = adaptive.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut aimd = lock(adaptive);
             aimd.record(outcome, elapsed, Instant::now().into_std());
             self.metrics.set_concurrency_limit(aimd.limit());
         }
@@ -81,11 +82,7 @@ impl Flow {
             self.pause(after);
         }
         let now = Instant::now().into_std();
-        let (treat, transition) = self
-            .breaker
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .record(Verdict::of(outcome), retried, now);
+        let (treat, transition) = lock(&self.breaker).record(Verdict::of(outcome), retried, now);
         if let Some(transition) = transition {
             self.moved(transition);
         }
@@ -95,10 +92,7 @@ impl Flow {
     /// The main server asked, with `Retry-After`, for a pause: nothing new starts until then.
     fn pause(&self, after: Duration) {
         let until = Instant::now() + after.min(MAX_PAUSE);
-        let mut paused = self
-            .paused_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut paused = lock(&self.paused_until);
         if paused.is_none_or(|at| at < until) {
             *paused = Some(until);
         }
@@ -108,17 +102,13 @@ impl Flow {
     /// the concurrency (a probe or the end of a pause falls due).
     pub(super) fn admit(&self) -> (usize, Option<Instant>) {
         let now = Instant::now();
-        if let Some(until) = *self
-            .paused_until
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-        {
+        if let Some(until) = *lock(&self.paused_until) {
             if now < until {
                 return (0, Some(until));
             }
         }
         let (limit, transition, probe) = {
-            let mut breaker = self.breaker.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut breaker = lock(&self.breaker);
             let (limit, transition) = breaker.admit(self.concurrency, now.into_std());
             (limit, transition, breaker.next_probe())
         };
@@ -126,12 +116,7 @@ impl Flow {
             self.moved(transition);
         }
         let limit = match &self.adaptive {
-            Some(adaptive) => limit.min(
-                adaptive
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .limit(),
-            ),
+            Some(adaptive) => limit.min(lock(adaptive).limit()),
             None => limit,
         };
         (limit, probe.map(Instant::from_std))
@@ -144,7 +129,7 @@ impl Flow {
         };
         loop {
             let wait = {
-                let mut bucket = bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut bucket = lock(bucket);
                 let now = Instant::now();
                 let earned = now.saturating_duration_since(bucket.at).as_secs_f64() * bucket.rate;
                 bucket.tokens = (bucket.tokens + earned).min(bucket.rate.max(1.0));
@@ -165,7 +150,7 @@ impl Flow {
         let Some(bucket) = &self.rate else {
             return n;
         };
-        let mut bucket = bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut bucket = lock(bucket);
         let now = Instant::now();
         let earned = now.saturating_duration_since(bucket.at).as_secs_f64() * bucket.rate;
         bucket.tokens = (bucket.tokens + earned).min(bucket.rate.max(1.0));
@@ -186,7 +171,7 @@ impl Flow {
     /// Gives back tokens taken for messages a claim did not find.
     pub(super) fn refund(&self, n: usize) {
         if let (Some(bucket), 1..) = (&self.rate, n) {
-            let mut bucket = bucket.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            let mut bucket = lock(bucket);
             #[allow(clippy::cast_precision_loss)]
             let back = n as f64;
             bucket.tokens = (bucket.tokens + back).min(bucket.rate.max(1.0));

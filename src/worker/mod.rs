@@ -1,42 +1,59 @@
 //! The worker: the life of one worker process, from joining the queue to leaving it.
 //!
-//! `startup` connects, takes the worker id and recovers leftovers; `claim` takes messages
-//! while delivery slots are free and hands them to `pool`'s delivery tasks; `settle` delivers
-//! one message and carries out what `policy` decides; `background` runs the heartbeat and
-//! reaper, the promoter, the TLS watcher and the status reporter; `drain` finishes in-flight
-//! work on shutdown; `retry` is the one way a Redis operation is retried.
+//! `startup` connects, takes the worker id and recovers leftovers. Then each role holds only
+//! what it uses, beside the `Shared` state (id, queues, metrics, health, log summaries):
+//!
+//! - the `Claimer` (`claim`) takes messages while delivery slots are free (`flow` says how
+//!   many) and hands them to `pool`'s delivery tasks;
+//! - a delivery task runs `process` for each message: parse, ask the main server, let `flow`
+//!   and `policy` decide, and have the `Settler` (`settle`) carry it out in Redis, the
+//!   metrics and the log, and hand the status update to `status`;
+//! - beside them (`background`): the `heartbeat` (with reaping by `liveness`), a `promote`r
+//!   of due retries per queue, the `sweep`er of strays, the TLS watchers (`reload`) and the
+//!   `status` reporter;
+//! - `drain` finishes in-flight work on shutdown; `retry` is the one way a Redis operation
+//!   is retried.
 
 mod background;
 mod claim;
 mod drain;
 mod flow;
+mod heartbeat;
 mod liveness;
 mod pool;
+mod process;
+mod promote;
+mod reload;
 mod retry;
 mod settle;
+mod shared;
 mod startup;
+mod status;
 mod sweep;
 
 use std::net::SocketAddr;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, Instrument};
+use tracing::info;
 
-use self::background::{forward_hangups, Background, TlsWatch};
-use self::settle::Context;
-use crate::admin::{self, AdminState, Health};
+use self::background::Background;
+use self::claim::Claimer;
+use self::flow::Flow;
+use self::process::Delivery;
+use self::reload::{forward_hangups, Reloads, TlsWatch};
+use self::settle::Settler;
+use self::shared::Shared;
+use self::status::Statuses;
 use crate::config::Settings;
 use crate::delivery::Deliverer;
+use crate::health::Health;
 use crate::metrics::Metrics;
-use crate::queue;
+use crate::policy::{self, Outcomes, Policy};
+use crate::queue::{self, Queue};
 use crate::tls::ClientTls;
-
-/// Status updates waiting to be sent; past this they are dropped (and counted).
-const STATUS_BACKLOG: usize = 4096;
 
 /// Why the worker could not start or run. Each variant keeps its cause as `source()`; the
 /// command line renders the chain as one line.
@@ -44,6 +61,7 @@ const STATUS_BACKLOG: usize = 4096;
 pub enum RunError {
     #[error("main_server: the HTTP client cannot be built")]
     MainServer(#[source] crate::delivery::DeliveryError),
+    /// The admin port (`admin::open`) could not listen.
     #[error("metrics.port (WORKER_METRICS_PORT) = {}: pick a free port or set WORKER_METRICS_ENABLED=false; cannot listen on {addr}", addr.port())]
     AdminPort {
         addr: SocketAddr,
@@ -85,18 +103,19 @@ impl RunError {
     }
 }
 
-/// A started worker: its admin port is listening; `run` does the work.
+/// A started worker: `run` does the work; `admin::open` serves its health and metrics.
 pub struct Worker {
     settings: Settings,
     tls: Option<ClientTls>,
     deliverer: Arc<Deliverer>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    admin: Arc<AdminState>,
-    admin_addr: Option<SocketAddr>,
+    /// Its queues, once joined.
+    joined: Arc<OnceLock<Vec<Queue>>>,
     /// Cancelled by the caller: stop claiming and drain.
     shutdown: CancellationToken,
-    /// Cancelled by the worker itself once drained: stops the admin port and background tasks.
+    /// Cancelled by the worker itself once drained: stops the background tasks (and the admin
+    /// port, given `stopped()`).
     background: CancellationToken,
     /// Notified on SIGHUP: read the TLS files again.
     reload: Arc<Notify>,
@@ -105,7 +124,7 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// Builds the HTTP client and opens the admin port. Nothing touches Redis yet.
+    /// Builds the HTTP client. Nothing touches Redis yet.
     pub async fn start(
         settings: Settings,
         tls: Option<ClientTls>,
@@ -138,37 +157,13 @@ impl Worker {
             background.clone(),
         ));
         let health = Arc::new(Health::new(metrics.clone()));
-        let admin = Arc::new(
-            AdminState::new(
-                worker_id.clone(),
-                settings.redis.queues.clone(),
-                metrics.clone(),
-                health.clone(),
-            )
-            .with_admin_token(settings.metrics.admin_token.clone()),
-        );
-        let mut admin_addr = None;
-        if settings.metrics.enabled {
-            let addr = SocketAddr::new(settings.metrics.bind, settings.metrics.port);
-            let listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|source| RunError::AdminPort { addr, source })?;
-            let addr = listener.local_addr().map_err(RunError::Io)?;
-            info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
-            tokio::spawn(
-                admin::serve(listener, admin.clone(), admin::Limits::default(), background.clone())
-                    .instrument(tracing::info_span!("admin")),
-            );
-            admin_addr = Some(addr);
-        }
         Ok(Worker {
             settings,
             tls,
             deliverer: Arc::new(deliverer),
             metrics,
             health,
-            admin,
-            admin_addr,
+            joined: Arc::default(),
             shutdown,
             background,
             reload,
@@ -176,9 +171,29 @@ impl Worker {
         })
     }
 
-    /// Where `/metrics` and friends are served, when enabled.
-    pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+    /// The settings it runs with.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// What it counts, for `/metrics`.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    /// What it tells the outside, for `/ready` and `/stats`.
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Cancelled once the worker has drained and left.
+    pub fn stopped(&self) -> CancellationToken {
+        self.background.clone()
+    }
+
+    /// Its queues, set once it has joined them (for the admin port's `/dlq` API).
+    pub fn queues(&self) -> Arc<OnceLock<Vec<Queue>>> {
+        self.joined.clone()
     }
 
     /// The life of a worker: join the queue, recover what this id left claimed, start the
@@ -190,8 +205,7 @@ impl Worker {
             deliverer,
             metrics,
             health,
-            admin,
-            admin_addr: _,
+            joined,
             shutdown,
             background,
             reload,
@@ -204,31 +218,56 @@ impl Worker {
             ..
         } = settings;
 
-        let Some((connector, queues)) = startup::join(&redis, &worker, &health, &admin, &shutdown).await? else {
+        let Some(joined) = startup::join(&redis, &worker, &health, &joined, &shutdown).await? else {
             background.cancel();
             return Ok(());
         };
-        let (status_tx, status_rx) = mpsc::channel(STATUS_BACKLOG);
-        let context = Arc::new(Context::new(
-            &worker,
-            (connector, queues, redis.order),
-            deliverer,
-            metrics,
-            health,
-            status_tx,
-        ));
-        let tls = tls.map(|current| TlsWatch {
-            settings: tls_settings,
-            current,
-            reload,
+        let shared = Arc::new(Shared::new(worker.id.clone(), joined, metrics.clone(), health.clone()));
+        let (status_tx, status_rx) = status::channel();
+        let flow = Arc::new(Flow::new(&worker, health, metrics));
+        let policy = Policy {
+            max_attempts: worker.max_attempts,
+            retry_interval: worker.retry_interval,
+            max_retry_after: policy::MAX_RETRY_AFTER,
+            backoff: worker.retry_backoff,
+            jitter: worker.retry_jitter,
+        };
+        let delivery = Arc::new(Delivery {
+            settler: Settler::new(shared.clone(), policy, status_tx),
+            deliverer: deliverer.clone(),
+            outcomes: Outcomes::from(&worker.outcomes),
+            flow: flow.clone(),
+            max_message_bytes: worker.max_message_bytes,
         });
-        let tasks = Background::start(&context, status_rx, &worker, (tls, reload_redis), &shutdown, background);
+        let reloads = Reloads {
+            tls: tls.map(|current| TlsWatch {
+                settings: tls_settings,
+                current,
+                reload,
+            }),
+            redis: reload_redis,
+        };
+        let statuses = Statuses {
+            reports: status_rx,
+            circuit: flow.subscribe(),
+        };
+        let tasks = Background::start(&shared, &deliverer, statuses, &worker, reloads, &shutdown, background);
         crate::service::ready(&format!("Delivering from {} as {}", redis.queue_list(), worker.id));
 
         let deliveries = TaskTracker::new();
-        claim::claim(&context, &deliveries, worker.concurrency, worker.batch_size, &shutdown).await;
-        let id_taken = context.id_taken.load(Ordering::Acquire);
-        drain::drain(context, deliveries, worker.shutdown_grace, tasks).await;
+        let claimer = Claimer {
+            shared: shared.clone(),
+            flow,
+            order: redis.order,
+            concurrency: worker.concurrency,
+            batch_size: worker.batch_size,
+            max_message_bytes: worker.max_message_bytes,
+            max_reclaims: worker.max_reclaims,
+        };
+        claimer.claim(&delivery, &deliveries, &shutdown).await;
+        drop(claimer);
+        let id_taken = shared.id_taken();
+        drain::drain(shared, delivery, deliveries, worker.shutdown_grace, tasks).await;
         info!("Worker {} stopped", worker.id);
         match id_taken {
             true => Err(RunError::IdTaken { worker_id: worker.id }),

@@ -5,22 +5,21 @@
 //! them, so there are never more than the most deliveries ever under way at once.
 
 use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures_util::FutureExt as _;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio_util::task::task_tracker::TaskTrackerToken;
 
-use super::settle::{panic_text, Context};
+use super::shared::QueueId;
 use super::sweep::HeldItem;
+use crate::sync::lock;
 
 /// One claimed message for a delivery task: its queue, the item as claimed, whether it has a
 /// reclaim count, the slot it holds, the drain's count of deliveries under way and its place
 /// among the items held (which the sweeper leaves alone).
 pub(super) struct Job {
-    pub(super) q: usize,
+    pub(super) q: QueueId,
     pub(super) raw: Bytes,
     pub(super) counted: bool,
     pub(super) slot: OwnedSemaphorePermit,
@@ -31,27 +30,9 @@ pub(super) struct Job {
 /// What a delivery task does with each message it is handed.
 pub(super) trait Deliver: Send + Sync + 'static {
     /// Delivers and settles one message; `counted`: it has a reclaim count to drop once settled.
-    fn deliver(&self, q: usize, raw: Bytes, counted: bool) -> impl Future<Output = ()> + Send;
+    fn deliver(&self, q: QueueId, raw: Bytes, counted: bool) -> impl Future<Output = ()> + Send;
     /// Called once the message's slot is free again.
     fn finished(&self);
-}
-
-impl Deliver for Context {
-    async fn deliver(&self, q: usize, raw: Bytes, counted: bool) {
-        // A panic anywhere in the delivery must not leave the message in processing with no
-        // task to settle it: catch it here and dead-letter the message.
-        let outcome = AssertUnwindSafe(self.process(q, raw.clone())).catch_unwind().await;
-        if let Err(panic) = outcome {
-            self.internal_error(q, &raw, &panic_text(panic.as_ref())).await;
-        }
-        if counted {
-            self.forget_reclaims(q, &raw).await;
-        }
-    }
-
-    fn finished(&self) {
-        self.flow.changed.notify_one();
-    }
 }
 
 /// The delivery tasks, owned by the claimer. They end when it drops this, each after the
@@ -77,7 +58,7 @@ impl<D: Deliver> Pool<D> {
     /// among the waiting before it frees its slot, so while slots bound the deliveries under
     /// way, tasks are started only while the load grows.
     pub(super) fn hand(&mut self, job: Job) {
-        let waiting = self.idle.lock().unwrap_or_else(PoisonError::into_inner).pop();
+        let waiting = lock(&self.idle).pop();
         let job = match waiting.and_then(|task| self.tasks.get(task)) {
             Some(task) => match task.try_send(job) {
                 Ok(()) => return,
@@ -113,7 +94,7 @@ async fn serve<D: Deliver>(
     }) = next
     {
         deliverer.deliver(q, raw, counted).await;
-        idle.lock().unwrap_or_else(PoisonError::into_inner).push(number);
+        lock(&idle).push(number);
         drop((slot, in_flight, held));
         deliverer.finished();
         next = jobs.recv().await;
@@ -138,7 +119,7 @@ mod tests {
     }
 
     impl Deliver for Probe {
-        async fn deliver(&self, _q: usize, raw: Bytes, _counted: bool) {
+        async fn deliver(&self, _q: QueueId, raw: Bytes, _counted: bool) {
             // Gives every other task a turn, so that deliveries overlap as they do over a
             // network.
             tokio::task::yield_now().await;
@@ -162,8 +143,8 @@ mod tests {
             let slot = slots.clone().acquire_owned().await.unwrap();
             let raw = Bytes::from_static(item);
             pool.hand(Job {
-                q: 0,
-                held: held.hold(0, &raw),
+                q: QueueId::nth(0),
+                held: held.hold(QueueId::nth(0), &raw),
                 raw,
                 counted: false,
                 slot,

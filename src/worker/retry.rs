@@ -2,12 +2,13 @@
 //! capped exponential backoff and try again; give up only on a stop request or a refusal.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tracing::error;
 
-use crate::admin::Health;
+use crate::backoff::Backoff;
+use crate::health::Health;
 use crate::queue::QueueError;
 
 /// Runs `op` until Redis answers it. While Redis is unreachable the outage is recorded in
@@ -47,37 +48,5 @@ where
                 return None;
             }
         }
-    }
-}
-
-/// Capped exponential backoff: 100 ms doubling to 5 s.
-#[derive(Default)]
-pub(super) struct Backoff {
-    pub(super) attempts: u32,
-}
-
-impl Backoff {
-    pub(super) fn next(&mut self) -> Duration {
-        let delay = Duration::from_millis(100) * 2u32.saturating_pow(self.attempts.min(6));
-        self.attempts += 1;
-        delay.min(Duration::from_secs(5))
-    }
-
-    pub(super) fn reset(&mut self) {
-        self.attempts = 0;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_and_caps() {
-        let mut b = Backoff::default();
-        let delays: Vec<u128> = (0..8).map(|_| b.next().as_millis()).collect();
-        assert_eq!(delays, [100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        b.reset();
-        assert_eq!(b.next(), Duration::from_millis(100));
     }
 }

@@ -1,27 +1,20 @@
-//! Delivering one claimed message and settling the outcome: parse, ask the main server, let
-//! `policy` decide, and carry the decision out in Redis, the metrics, the log and a status
-//! update. A task that fails unexpectedly still settles its message, as `internal_error`.
+//! Settling a message: carrying out what `policy` decided (ack, retry, dead letter) in Redis,
+//! the metrics and the log, and queueing the status update for the main server. A task that
+//! fails unexpectedly still settles its message, as `internal_error`.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use super::retry::until_answered;
-use crate::admin::Health;
-use crate::breaker::Treat;
-use crate::config::{QueueOrder, WorkerSettings};
-use crate::delivery::{Deliverer, Status};
-use crate::message::{dead_letter, dead_letter_traced, DeadReason, Envelope};
-use crate::metrics::Metrics;
-use crate::policy::{self, Kind, Outcomes, Policy, Settle};
-use crate::queue::{Connector, Queue, QueueError};
-use crate::telemetry::{Due, Repeat, Repeats};
-
-/// At most one summary line per cause in this long (the first occurrence is logged at once).
-const LOG_SUMMARY_EVERY: Duration = Duration::from_secs(10);
+use super::shared::{QueueId, Shared};
+use crate::delivery::Status;
+use crate::message::{dead_letter, dead_letter_traced, DeadReason, Envelope, Malformed};
+use crate::policy::{Policy, Settle};
+use crate::queue::{Acks, QueueError};
+use crate::telemetry::Repeat;
 
 /// A status update for the main server, sent in the background.
 pub(super) struct StatusReport {
@@ -33,280 +26,66 @@ pub(super) struct StatusReport {
     pub(super) trace: crate::trace::TraceContext,
 }
 
-/// What every delivery task needs.
-pub(super) struct Context {
-    pub(super) worker_id: String,
-    /// The worker's queues, in the configured order; a claimed message carries its index.
-    pub(super) queues: Vec<Queue>,
-    /// How the queues were reached, for following a Sentinel master.
-    pub(super) connector: Connector,
-    pub(super) order: QueueOrder,
-    pub(super) deliverer: Arc<Deliverer>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) health: Arc<Health>,
-    pub(super) status: mpsc::Sender<StatusReport>,
-    /// Retry, dead-letter and invalid-message lines, summarised per cause.
-    pub(super) repeats: Repeats,
+/// Carries out decisions: the one role that settles messages in Redis.
+pub(super) struct Settler {
+    pub(super) shared: Arc<Shared>,
     /// What each attempt's result means.
     pub(super) policy: Policy,
-    /// The statuses whose outcome the operator set.
-    pub(super) outcomes: Outcomes,
-    pub(super) max_message_bytes: usize,
-    /// Reclaims past which a message is dead-lettered as `poisoned` (0: never).
-    pub(super) max_reclaims: u32,
-    /// The circuit breaker, the pause on Retry-After and the rate limit.
-    pub(super) flow: super::flow::Flow,
     /// Each queue's acknowledgements, gathered into pipelines.
-    pub(super) acks: Vec<crate::queue::Acks>,
-    /// Set by the heartbeat when another process has taken this worker's id.
-    pub(super) id_taken: std::sync::atomic::AtomicBool,
-    /// What the delivery tasks hold, for telling strays in the processing lists (`sweep`).
-    pub(super) held: Arc<super::sweep::Held>,
-    /// Items claimed from each queue since its promoter last looked (it paces itself by them).
-    claimed: Vec<std::sync::atomic::AtomicUsize>,
+    acks: Vec<Acks>,
+    status: mpsc::Sender<StatusReport>,
 }
 
-impl Context {
-    pub(super) fn new(
-        worker: &WorkerSettings,
-        (connector, queues, order): (Connector, Vec<Queue>, QueueOrder),
-        deliverer: Arc<Deliverer>,
-        metrics: Arc<Metrics>,
-        health: Arc<Health>,
-        status: mpsc::Sender<StatusReport>,
-    ) -> Context {
-        let flow = super::flow::Flow::new(worker, health.clone(), metrics.clone());
-        let queue_count = queues.len();
-        Context {
-            worker_id: worker.id.clone(),
-            acks: queues.iter().map(Queue::acks).collect(),
-            queues,
-            connector,
-            order,
-            deliverer,
-            metrics,
-            health,
+impl Settler {
+    pub(super) fn new(shared: Arc<Shared>, policy: Policy, status: mpsc::Sender<StatusReport>) -> Settler {
+        Settler {
+            acks: shared.queues().map(|(_, queue)| queue.acks()).collect(),
+            shared,
+            policy,
             status,
-            repeats: Repeats::new(LOG_SUMMARY_EVERY),
-            policy: Policy {
-                max_attempts: worker.max_attempts,
-                retry_interval: worker.retry_interval,
-                max_retry_after: policy::MAX_RETRY_AFTER,
-                backoff: worker.retry_backoff,
-                jitter: worker.retry_jitter,
-            },
-            outcomes: worker.outcomes.clone(),
-            max_message_bytes: worker.max_message_bytes,
-            max_reclaims: worker.max_reclaims,
-            flow,
-            id_taken: std::sync::atomic::AtomicBool::new(false),
-            held: Arc::default(),
-            claimed: (0..queue_count)
-                .map(|_| std::sync::atomic::AtomicUsize::new(0))
-                .collect(),
         }
     }
 
-    /// Records a failed Redis call: an outage in `health`, a refusal in the log. Either way
-    /// the call may have run without its reply arriving, so the sweeper is asked to look for
-    /// strays.
-    pub(super) fn redis_error(&self, error: &QueueError, during: &str) {
-        self.held.wake.notify_one();
-        if error.is_unavailable() {
-            self.health.redis_failed(error);
-        } else {
-            error!(error = %error, during, "Redis refused a command");
+    /// Moves an item that is not a message to the dead-letter list, exactly as it was.
+    pub(super) async fn invalid(&self, q: QueueId, raw: &Bytes, malformed: &Malformed) {
+        let shared = &self.shared;
+        let reason = DeadReason::Malformed(malformed.label());
+        shared.metrics.invalid(q.index(), malformed.label());
+        let record = dead_letter(raw, reason, &malformed.to_string(), &shared.worker_id, None);
+        if self.settle(|| shared.queue(q).dead(raw, &record)).await {
+            shared.metrics.dead(q.index(), reason.label());
         }
-    }
-
-    /// Counts items claimed from queue `q`, for its promoter.
-    pub(super) fn claimed(&self, q: usize, count: usize) {
-        if let Some(claimed) = self.claimed.get(q) {
-            claimed.fetch_add(count, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-
-    /// Items claimed from queue `q` since the last call.
-    pub(super) fn claimed_since(&self, q: usize) -> usize {
-        self.claimed
-            .get(q)
-            .map_or(0, |claimed| claimed.swap(0, std::sync::atomic::Ordering::Relaxed))
-    }
-
-    /// Queue `q` of this worker. Indexes come only from the claimer, which takes them from
-    /// this list.
-    pub(super) fn queue(&self, q: usize) -> &Queue {
-        &self.queues[q]
-    }
-
-    /// Counts and reports items the claim script moved to the dead-letter list for their size.
-    /// `ids`: their message ids as the script found them ('' when it found none).
-    pub(super) fn too_large(&self, q: usize, ids: &[String]) {
-        let label = "too_large";
-        let error = format!(
-            "over the {}-byte limit (worker.max_message_bytes)",
-            self.max_message_bytes
-        );
-        for id in ids {
-            self.metrics.invalid(q, label);
-            self.metrics.dead(q, label);
-            let id = if id.is_empty() { "(not read)" } else { id.as_str() };
-            self.repeat(Repeat::Invalid, label, id, &error, || {
-                warn!(message_id = id, reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
-            });
-        }
-    }
-
-    /// Counts and reports items the claim script dead-lettered as `poisoned`: workers kept
-    /// dying while holding them.
-    pub(super) fn poisoned(&self, q: usize, ids: &[String]) {
-        let label = "poisoned";
-        let error = format!(
-            "returned to the queue more than {} times by workers that died holding it (worker.max_reclaims)",
-            self.max_reclaims
-        );
-        for id in ids {
-            self.metrics.dead(q, label);
-            error!(
-                message_id = if id.is_empty() { "(no message_id)" } else { id.as_str() },
-                queue = self.queue(q).name(),
-                reason = label,
-                error = %error,
-                "A message that workers kept dying on was moved to the dead-letter list; `courier dlq show` has it"
-            );
-        }
-    }
-
-    /// Logs an event that can repeat for every message through the summary: `full` logs the
-    /// first in full; later ones within the interval are counted and reported together.
-    fn repeat(&self, kind: Repeat, cause: &'static str, message_id: &str, error: &str, full: impl FnOnce()) {
-        match self.repeats.record(kind, cause, message_id, error) {
-            Some(1) => full(),
-            Some(count) => log_summary(&Due {
-                kind,
-                cause,
-                count,
-                message_id: message_id.to_string(),
-                error: error.to_string(),
-            }),
-            None => {}
-        }
-    }
-
-    /// Delivers one item claimed from queue `q` and settles the outcome.
-    pub(super) async fn process(&self, q: usize, raw: Bytes) {
-        #[cfg(feature = "fault-injection")]
-        if raw.starts_with(b"{\"message_id\":\"courier-test-panic") {
-            panic!("fault injection: a delivery task panics");
-        }
-        let envelope = match Envelope::parse(raw, self.max_message_bytes) {
-            Ok(envelope) => envelope,
-            Err((raw, malformed)) => {
-                let reason = DeadReason::Malformed(malformed.label());
-                self.metrics.invalid(q, malformed.label());
-                let record = dead_letter(&raw, reason, &malformed.to_string(), &self.worker_id, None);
-                if self.settle(|| self.queue(q).dead(&raw, &record)).await {
-                    self.metrics.dead(q, reason.label());
-                }
-                let error = malformed.to_string();
-                self.repeat(Repeat::Invalid, reason.label(), "(invalid)", &error, || {
-                    warn!(reason = reason.label(), error = %error, "Invalid message moved to the dead-letter list");
-                });
-                return;
-            }
-        };
-        if let Some(settle) = policy::before_attempt(envelope.attempt_count(), &self.policy) {
-            let error = format!(
-                "attempt_count {} is already at max_attempts {}",
-                envelope.attempt_count(),
-                self.policy.max_attempts
-            );
-            self.carry_out(q, &envelope, settle, "", &error).await;
-            return;
-        }
-        if envelope.attempt_count() == 0 {
-            if let Some(waited) = envelope.waited(SystemTime::now()) {
-                self.metrics.queue_wait(q, waited);
-            }
-        }
-
-        let _processing = self.metrics.processing();
-        let id = envelope.message_id();
-        debug!(
-            message_id = id,
-            trace_id = %envelope.trace_id(),
-            "Processing message {id} (attempt {}/{})",
-            u64::from(envelope.attempt_count()) + 1,
-            self.policy.max_attempts
-        );
-        let attempt = self.deliverer.deliver(&envelope).await;
-        let outcome = self.outcomes.classify(&attempt.result);
-        match self
-            .flow
-            .record(&outcome, envelope.attempt_count() > 0, attempt.elapsed)
-        {
-            Treat::AsClassified => {}
-            // The server failed as the circuit opened: not the message's doing. It goes back to
-            // the front of its queue as it was, no attempt used, no status update.
-            Treat::Release => {
-                if let Err(e) = &attempt.result {
-                    self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
-                }
-                if self.settle(|| self.queue(q).release(envelope.raw())).await {
-                    self.metrics.released(q);
-                }
-                return;
-            }
-            // A probe the server failed: to the back of the queue as it was, so the next
-            // probe is another message.
-            Treat::Rotate => {
-                if let Err(e) = &attempt.result {
-                    self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
-                }
-                if self.settle(|| self.queue(q).rotate(envelope.raw())).await {
-                    self.metrics.released(q);
-                }
-                return;
-            }
-        }
-        let (cause, error) = match (&attempt.result, outcome.kind) {
-            (Ok(()), _) => {
-                self.metrics.delivered(q, attempt.elapsed);
-                ("", String::new())
-            }
-            (Err(e), Kind::Delivered) => {
-                // The operator counts this status as delivered (MAIN_SERVER_OUTCOMES).
-                self.metrics.delivered(q, attempt.elapsed);
-                debug!(message_id = id, error = %crate::telemetry::one_line(e), "Counted as delivered (MAIN_SERVER_OUTCOMES)");
-                ("", String::new())
-            }
-            (Err(e), _) => {
-                self.metrics.failed(q, e.label(), e.status_class(), attempt.elapsed);
-                (e.label(), crate::telemetry::one_line(e))
-            }
-        };
-        let settle = policy::decide(&outcome, envelope.attempt_count(), &self.policy, fastrand::f64());
-        self.carry_out(q, &envelope, settle, cause, &error).await;
+        let error = malformed.to_string();
+        shared.repeat(Repeat::Invalid, reason.label(), "(invalid)", &error, || {
+            warn!(reason = reason.label(), error = %error, "Invalid message moved to the dead-letter list");
+        });
     }
 
     /// Carries out a decision: the one place that settles a message in Redis, records what was
     /// decided in the metrics, writes the log line and queues the status update. `cause` is
     /// the failure's metric label, `error` its text.
-    async fn carry_out(&self, q: usize, envelope: &Envelope, settle: Settle, cause: &'static str, error: &str) {
+    pub(super) async fn carry_out(
+        &self,
+        q: QueueId,
+        envelope: &Envelope,
+        settle: Settle,
+        cause: &'static str,
+        error: &str,
+    ) {
         let id = envelope.message_id();
         let trace_id = envelope.trace_id();
-        let queue = self.queue(q);
+        let queue = self.shared.queue(q);
         match settle {
             Settle::Ack => {
-                self.settle(|| self.acks[q].ack(envelope.raw())).await;
+                self.settle(|| self.acks[q.index()].ack(envelope.raw())).await;
                 debug!(message_id = id, trace_id = %trace_id, "Message {id} delivered successfully");
             }
             Settle::Retry { delay, failures } => {
                 let retried = envelope.retried(failures);
                 if self.settle(|| queue.retry(envelope.raw(), &retried, delay)).await {
-                    self.metrics.retried(q);
+                    self.shared.metrics.retried(q.index());
                 }
-                self.repeat(Repeat::Retry, cause, id, error, || {
+                self.shared.repeat(Repeat::Retry, cause, id, error, || {
                     warn!(message_id = id, trace_id = %trace_id, attempt = failures, max_attempts = self.policy.max_attempts, retry_in = ?delay, error, "Delivery failed; will retry");
                 });
                 self.report(envelope, Status::Queued, failures, error.to_string());
@@ -316,14 +95,14 @@ impl Context {
                     &envelope.with_attempt_count(failures),
                     reason,
                     error,
-                    &self.worker_id,
+                    &self.shared.worker_id,
                     Some(id),
                     Some(trace_id),
                 );
                 if self.settle(|| queue.dead(envelope.raw(), &record)).await {
-                    self.metrics.dead(q, reason.label());
+                    self.shared.metrics.dead(q.index(), reason.label());
                 }
-                self.repeat(Repeat::DeadLetter, reason.label(), id, error, || {
+                self.shared.repeat(Repeat::DeadLetter, reason.label(), id, error, || {
                     error!(
                         message_id = id,
                         trace_id = %trace_id,
@@ -340,7 +119,7 @@ impl Context {
 
     /// The second line of defence: a delivery task panicked. The message goes to the
     /// dead-letter list exactly as it was claimed, with reason `internal_error`.
-    pub(super) async fn internal_error(&self, q: usize, raw: &Bytes, panic: &str) {
+    pub(super) async fn internal_error(&self, q: QueueId, raw: &Bytes, panic: &str) {
         let reason = DeadReason::InternalError;
         // Whatever panicked may be the parser itself: ask it again only behind a guard.
         let (id, trace_id) = std::panic::catch_unwind(|| {
@@ -353,9 +132,9 @@ impl Context {
         .unzip();
         let trace_id = trace_id.flatten();
         let error = format!("courier failed while handling this message: {panic}");
-        let record = dead_letter_traced(raw, reason, &error, &self.worker_id, id.as_deref(), trace_id);
-        if self.settle(|| self.queue(q).dead(raw, &record)).await {
-            self.metrics.dead(q, reason.label());
+        let record = dead_letter_traced(raw, reason, &error, &self.shared.worker_id, id.as_deref(), trace_id);
+        if self.settle(|| self.shared.queue(q).dead(raw, &record)).await {
+            self.shared.metrics.dead(q.index(), reason.label());
         }
         error!(
             message_id = id.as_deref().unwrap_or("(unreadable)"),
@@ -368,13 +147,15 @@ impl Context {
     /// Runs a settle until Redis has recorded it. While Redis is unreachable the outcome is held
     /// here (and the slot with it, so no new work is claimed). Returns whether the message was
     /// still ours to settle.
-    async fn settle<F, Fut>(&self, op: F) -> bool
+    pub(super) async fn settle<F, Fut>(&self, op: F) -> bool
     where
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<bool, QueueError>>,
     {
         let refused = "Redis refused to record an outcome; the message stays in processing, and the next sweep (within 10 s) returns it to the queue";
-        let found = until_answered(&self.health, None, refused, op).await.unwrap_or(false);
+        let found = until_answered(&self.shared.health, None, refused, op)
+            .await
+            .unwrap_or(false);
         if !found {
             debug!("Message was not settled here: no longer in this worker's processing list, or Redis refused");
         }
@@ -382,8 +163,8 @@ impl Context {
     }
 
     /// Drops a settled message's reclaim count (best effort: the hash is bounded and expires).
-    pub(super) async fn forget_reclaims(&self, q: usize, raw: &[u8]) {
-        if let Err(e) = self.queue(q).forget_reclaims(raw).await {
+    pub(super) async fn forget_reclaims(&self, q: QueueId, raw: &[u8]) {
+        if let Err(e) = self.shared.queue(q).forget_reclaims(raw).await {
             debug!(error = %e, "Could not drop a settled message's reclaim count");
         }
     }
@@ -398,38 +179,7 @@ impl Context {
             trace: envelope.trace().clone(),
         };
         if self.status.try_send(report).is_err() {
-            self.metrics.status_update("dropped");
+            self.shared.metrics.status_update("dropped");
         }
     }
-}
-
-/// One summary line for events counted since the last line of their kind and cause.
-pub(super) fn log_summary(due: &Due) {
-    let Due {
-        kind,
-        cause,
-        count,
-        message_id,
-        error,
-    } = due;
-    match kind {
-        Repeat::Retry => {
-            warn!(cause, count, latest_message_id = %message_id, latest_error = %error, "Delivery failed {count} more times ({cause}) since the last report; each will be retried")
-        }
-        Repeat::DeadLetter => {
-            error!(reason = cause, count, latest_message_id = %message_id, latest_error = %error, "{count} more messages moved to the dead-letter list ({cause}) since the last report")
-        }
-        Repeat::Invalid => {
-            warn!(reason = cause, count, latest_error = %error, "{count} more invalid messages moved to the dead-letter list ({cause}) since the last report")
-        }
-    }
-}
-
-/// The text a panic was raised with, when it was a string.
-pub(super) fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic with no message".to_string())
 }

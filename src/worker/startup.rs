@@ -2,16 +2,24 @@
 //! wait for a holder to go quiet), and return what a previous process with this id left
 //! claimed.
 
+use std::sync::OnceLock;
 use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use super::retry::{until_answered, Backoff};
+use super::retry::until_answered;
 use super::RunError;
-use crate::admin::{AdminState, Health};
+use crate::backoff::Backoff;
 use crate::config::{RedisSettings, Topology, WorkerSettings};
+use crate::health::Health;
 use crate::queue::{self, Connector, Queue};
+
+/// The queues joined, and how they were reached.
+pub(super) struct Joined {
+    pub(super) connector: Connector,
+    pub(super) queues: Vec<Queue>,
+}
 
 /// Joins the queues: connects (waiting while Redis is down), takes this worker's id on each
 /// (waiting for a live holder to go quiet) and returns what this id left claimed to each
@@ -20,9 +28,9 @@ pub(super) async fn join(
     redis: &RedisSettings,
     worker: &WorkerSettings,
     health: &Health,
-    admin: &AdminState,
+    joined: &OnceLock<Vec<Queue>>,
     shutdown: &CancellationToken,
-) -> Result<Option<(Connector, Vec<Queue>)>, RunError> {
+) -> Result<Option<Joined>, RunError> {
     info!(
         queues = %redis.queue_list(),
         order = ?redis.order,
@@ -49,7 +57,7 @@ pub(super) async fn join(
             return Err(RunError::RedisVersion { version });
         }
     }
-    let _ = admin.queues.set(queues.clone());
+    let _ = joined.set(queues.clone());
     for queue in &queues {
         if !take_id(queue, worker, health, shutdown).await? {
             return Ok(None);
@@ -58,7 +66,7 @@ pub(super) async fn join(
     for queue in &queues {
         recover(queue, &worker.id, health, shutdown).await;
     }
-    Ok(Some((connector, queues)))
+    Ok(Some(Joined { connector, queues }))
 }
 
 /// Refuses to start when Redis says the user lacks a command the worker needs (a script

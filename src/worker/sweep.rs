@@ -11,7 +11,7 @@
 //! in `Held` is no task's.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -19,7 +19,8 @@ use tokio::sync::{watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use super::settle::Context;
+use super::shared::{QueueId, Shared};
+use crate::sync::lock;
 
 /// How often the processing lists are swept without being asked.
 pub(super) const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -43,7 +44,7 @@ pub(super) struct Held {
 /// Held items in numbered places, reused: recording and dropping one costs no hashing.
 #[derive(Default)]
 struct Slab {
-    places: Vec<Option<(usize, Bytes)>>,
+    places: Vec<Option<(QueueId, Bytes)>>,
     free: Vec<usize>,
 }
 
@@ -55,11 +56,11 @@ pub(super) struct HeldItem {
 
 impl Held {
     fn slab(&self) -> std::sync::MutexGuard<'_, Slab> {
-        self.items.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.items)
     }
 
     /// Records that a task holds `raw`, claimed from queue `q`.
-    pub(super) fn hold(self: &Arc<Self>, q: usize, raw: &Bytes) -> HeldItem {
+    pub(super) fn hold(self: &Arc<Self>, q: QueueId, raw: &Bytes) -> HeldItem {
         let mut slab = self.slab();
         let place = match slab.free.pop() {
             Some(place) => {
@@ -80,7 +81,7 @@ impl Held {
     }
 
     /// How many copies of each item of queue `q` the tasks hold.
-    fn counts(&self, q: usize) -> HashMap<Bytes, usize> {
+    fn counts(&self, q: QueueId) -> HashMap<Bytes, usize> {
         let mut counts = HashMap::new();
         for (_, raw) in self.slab().places.iter().flatten().filter(|(at, _)| *at == q) {
             *counts.entry(raw.clone()).or_insert(0) += 1;
@@ -115,31 +116,31 @@ fn strays(listed: Vec<Bytes>, mut held: HashMap<Bytes, usize>) -> Vec<Bytes> {
 
 /// Sweeps every `SWEEP_EVERY`, when asked (`Held::wake`) and when the Sentinel master
 /// changed, until `stop`.
-pub(super) async fn sweeper(context: Arc<Context>, stop: CancellationToken) {
-    let mut master_changes = context.connector.master_changes();
+pub(super) async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
+    let mut master_changes = shared.connector.master_changes();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(SWEEP_EVERY) => {}
-            _ = context.held.wake.notified() => {}
+            _ = shared.held.wake.notified() => {}
             _ = changed(&mut master_changes) => {}
         }
         // Another process took this id: the processing lists are its, their items in its
         // hands, not strays.
-        if context.id_taken.load(std::sync::atomic::Ordering::Acquire) {
+        if shared.id_taken() {
             return;
         }
-        for (q, queue) in context.queues.iter().enumerate() {
+        for (q, queue) in shared.queues() {
             let swept = async {
-                let _claiming = context.held.claiming.lock().await;
-                let held = context.held.counts(q);
+                let _claiming = shared.held.claiming.lock().await;
+                let held = shared.held.counts(q);
                 let listed = queue.processing_items(SWEEP_LIMIT).await?;
                 queue.return_strays(&strays(listed, held)).await
             };
             match swept.await {
                 Ok(0) => {}
                 Ok(n) => {
-                    context.metrics.strays_returned(n);
+                    shared.metrics.strays_returned(n);
                     warn!(
                         queue = queue.name(),
                         count = n,
@@ -183,21 +184,27 @@ mod tests {
     #[test]
     fn only_copies_beyond_those_held_are_strays() {
         let held = Arc::new(Held::default());
-        let _a = held.hold(0, &b("a"));
-        let _a_again = held.hold(0, &b("a"));
-        let other_queue = held.hold(1, &b("c"));
+        let _a = held.hold(QueueId::nth(0), &b("a"));
+        let _a_again = held.hold(QueueId::nth(0), &b("a"));
+        let other_queue = held.hold(QueueId::nth(1), &b("c"));
         let listed = vec![b("a"), b("b"), b("a"), b("a"), b("c")];
-        assert_eq!(strays(listed.clone(), held.counts(0)), vec![b("b"), b("a"), b("c")]);
+        assert_eq!(
+            strays(listed.clone(), held.counts(QueueId::nth(0))),
+            vec![b("b"), b("a"), b("c")]
+        );
         drop(other_queue);
-        assert!(held.counts(1).is_empty(), "a dropped item is no longer held");
-        assert_eq!(strays(vec![b("a")], held.counts(0)), Vec::<Bytes>::new());
+        assert!(
+            held.counts(QueueId::nth(1)).is_empty(),
+            "a dropped item is no longer held"
+        );
+        assert_eq!(strays(vec![b("a")], held.counts(QueueId::nth(0))), Vec::<Bytes>::new());
     }
 
     #[test]
     fn places_are_reused() {
         let held = Arc::new(Held::default());
         for _ in 0..100 {
-            let _item = held.hold(0, &b("x"));
+            let _item = held.hold(QueueId::nth(0), &b("x"));
         }
         assert_eq!(held.slab().places.len(), 1);
     }

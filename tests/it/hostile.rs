@@ -311,7 +311,7 @@ async fn stats_and_the_shipped_config_take_hostile_values() {
 /// An admin port of its own, on a free port, serving within `limits`.
 async fn admin_port(limits: courier::admin::Limits) -> std::net::SocketAddr {
     let metrics = Arc::new(courier::metrics::Metrics::new("w-admin", &[Q.to_string()]));
-    let health = Arc::new(courier::admin::Health::new(metrics.clone()));
+    let health = Arc::new(courier::health::Health::new(metrics.clone()));
     let state = Arc::new(courier::admin::AdminState::new(
         "w-admin".into(),
         vec![Q.to_string()],

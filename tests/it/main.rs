@@ -14,6 +14,7 @@ mod dlq;
 mod flow;
 mod hostile;
 mod http1;
+mod layout;
 
 mod production_redis;
 mod properties;

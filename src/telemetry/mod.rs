@@ -12,7 +12,6 @@
 use std::fmt::{self, Write as _};
 use std::io::{BufWriter, Write};
 use std::path::Path;
-use std::time::{Duration, Instant};
 
 use chrono::{Datelike, Timelike};
 use tracing::field::{Field, Visit};
@@ -26,22 +25,17 @@ use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::Layer;
 
+mod repeats;
+
+pub use self::repeats::{panic_text, Due, Repeat, Repeats, Summary};
+pub use crate::config::LogFormat;
+
 /// Keeps the background log writer running; drop it last, when the process exits.
 pub struct LogGuards(#[allow(dead_code)] WorkerGuard);
 
-/// How log lines are written (LOG_FORMAT).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
-    /// The old worker's line, unchanged.
-    Text,
-    /// One JSON object per line: `ts` (RFC 3339, UTC, milliseconds), `level` (the text
-    /// line's names), `worker_id`, `message`, then each of the event's fields as its own key,
-    /// numbers and booleans as such, everything else as a string.
-    Json,
-}
-
-/// The Python worker's line format: time, logger name, level (Python's names), worker id, message, then
-/// the event's fields as `key=value`. Or, for `LogFormat::Json`, the same as one JSON object.
+/// The Python worker's line format: time, logger name, level (Python's names), worker id,
+/// message, then the event's fields as `key=value`. Or, for `LogFormat::Json`, the same as
+/// one JSON object.
 pub struct LineFormat {
     worker_id: String,
     /// The worker id already encoded as a JSON string.
@@ -247,129 +241,6 @@ fn quote_into(out: &mut String, value: &str) {
             c if c.is_control() => out.extend(c.escape_debug()),
             c => out.push(c),
         }
-    }
-}
-
-/// Counts repeated events and says when to log them: the first at once, then at most one line
-/// per interval with how many happened since the last line.
-#[derive(Debug)]
-pub struct Summary {
-    every: Duration,
-    last: Option<Instant>,
-    unlogged: u64,
-}
-
-impl Summary {
-    pub fn new(every: Duration) -> Summary {
-        Summary {
-            every,
-            last: None,
-            unlogged: 0,
-        }
-    }
-
-    /// Events recorded and not yet covered by a line, when the interval since the last line is
-    /// over (or at once with `all`); they count as logged from then.
-    pub fn take_due(&mut self, now: Instant, all: bool) -> Option<u64> {
-        let over = self
-            .last
-            .is_none_or(|last| now.saturating_duration_since(last) >= self.every);
-        if self.unlogged == 0 || !(over || all) {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
-
-    /// Records one event at `now`; `Some(n)` when a line is due, covering `n` events.
-    pub fn record(&mut self, now: Instant) -> Option<u64> {
-        self.unlogged = self.unlogged.saturating_add(1);
-        if self
-            .last
-            .is_some_and(|last| now.saturating_duration_since(last) < self.every)
-        {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.unlogged))
-    }
-}
-
-/// Repeated log lines of one kind per cause, summarised: the first in full at once, then at
-/// most one line per interval with how many there were and the latest in full. The metrics
-/// count every event; the log says what is going on without writing a line per message.
-pub struct Repeats {
-    every: std::time::Duration,
-    causes: std::sync::Mutex<std::collections::HashMap<(Repeat, &'static str), Pending>>,
-}
-
-/// The kinds of line that can repeat for every message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Repeat {
-    /// A failed delivery that will be retried.
-    Retry,
-    /// A message moved to the dead-letter list.
-    DeadLetter,
-    /// A queue item that is not a message.
-    Invalid,
-}
-
-struct Pending {
-    summary: Summary,
-    /// The latest event not yet logged: its message id and error.
-    latest: (String, String),
-}
-
-/// A summary line that is due: how many events, and the latest one.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Due {
-    pub kind: Repeat,
-    pub cause: &'static str,
-    pub count: u64,
-    pub message_id: String,
-    pub error: String,
-}
-
-impl Repeats {
-    pub fn new(every: std::time::Duration) -> Repeats {
-        Repeats {
-            every,
-            causes: std::sync::Mutex::new(std::collections::HashMap::new()),
-        }
-    }
-
-    /// Records one event; `Some(count)` when a line is due now (1: log it in full).
-    pub fn record(&self, kind: Repeat, cause: &'static str, message_id: &str, error: &str) -> Option<u64> {
-        let mut causes = self.causes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let pending = causes.entry((kind, cause)).or_insert_with(|| Pending {
-            summary: Summary::new(self.every),
-            latest: (String::new(), String::new()),
-        });
-        let due = pending.summary.record(std::time::Instant::now());
-        if due.is_none() {
-            pending.latest = (message_id.to_string(), error.to_string());
-        }
-        due
-    }
-
-    /// Lines for events not yet logged whose interval is over (all of them with `all`, at stop).
-    pub fn due(&self, all: bool) -> Vec<Due> {
-        let mut causes = self.causes.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        let now = std::time::Instant::now();
-        causes
-            .iter_mut()
-            .filter_map(|(&(kind, cause), pending)| {
-                let count = pending.summary.take_due(now, all)?;
-                let (message_id, error) = std::mem::take(&mut pending.latest);
-                Some(Due {
-                    kind,
-                    cause,
-                    count,
-                    message_id,
-                    error,
-                })
-            })
-            .collect()
     }
 }
 
@@ -587,6 +458,8 @@ impl<F: std::io::Write> Write for Tee<F> {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
 
     /// The lines `format` writes for a few events like the worker's.
@@ -723,34 +596,5 @@ mod tests {
         let mut again = RollingFile::open(dir.path(), 1000, KEEP_FILES).unwrap();
         assert_eq!(again.index, newest);
         again.write_all(b"after restart\n").unwrap();
-    }
-
-    #[test]
-    fn repeated_events_make_one_line_per_interval_with_a_count() {
-        let start = Instant::now();
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        let mut summary = Summary::new(Duration::from_secs(10));
-        assert_eq!(summary.record(at(0)), Some(1), "the first at once");
-        for ms in 1..=99 {
-            assert_eq!(summary.record(at(ms * 100)), None, "quiet within the interval");
-        }
-        assert_eq!(summary.record(at(10_000)), Some(100), "then one line for all of them");
-        assert_eq!(summary.record(at(10_001)), None);
-        assert_eq!(summary.record(at(25_000)), Some(2));
-    }
-
-    #[test]
-    fn a_quiet_spell_reports_what_is_left_and_stop_reports_everything() {
-        let start = Instant::now();
-        let at = |ms: u64| start + Duration::from_millis(ms);
-        let mut summary = Summary::new(Duration::from_secs(10));
-        assert_eq!(summary.record(at(0)), Some(1));
-        assert_eq!(summary.record(at(1)), None);
-        assert_eq!(summary.take_due(at(5_000), false), None, "interval not over");
-        assert_eq!(summary.take_due(at(10_000), false), Some(1));
-        assert_eq!(summary.take_due(at(30_000), false), None, "nothing left");
-        assert_eq!(summary.record(at(30_001)), Some(1));
-        assert_eq!(summary.record(at(30_002)), None);
-        assert_eq!(summary.take_due(at(30_003), true), Some(1), "at stop");
     }
 }

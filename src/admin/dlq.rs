@@ -20,7 +20,7 @@ use hyper::body::Incoming;
 use hyper::header::{HeaderValue, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use hyper::{Method, Request, Response, StatusCode};
 
-use crate::admin::{json, text, AdminState};
+use super::{json, text, AdminState};
 use crate::dlq::{self, Action, Filter, FilterText, Options};
 use crate::queue::Queue;
 

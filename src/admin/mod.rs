@@ -2,8 +2,10 @@
 //! (liveness), `/ready` (503 while Redis is unreachable, before the first connection and while
 //! draining) and `/stats` (queue depths, counters, live workers, as JSON).
 
+pub(crate) mod dlq;
+
 use std::convert::Infallible;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -17,112 +19,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn, Instrument};
 
+use crate::health::{Health, QueueStats};
 use crate::metrics::Metrics;
-use crate::queue::{Queue, QueueError};
+use crate::queue::Queue;
 use crate::telemetry::Summary;
-
-/// What the worker tells the outside about itself.
-pub struct Health {
-    redis_up: AtomicBool,
-    /// When the current outage was noticed, in ns since `started`.
-    down_at: AtomicU64,
-    connected_once: AtomicBool,
-    draining: AtomicBool,
-    /// The circuit breaker's state (`breaker::State::gauge`).
-    circuit: std::sync::atomic::AtomicI64,
-    started: Instant,
-    metrics: Arc<Metrics>,
-}
-
-impl Health {
-    pub fn new(metrics: Arc<Metrics>) -> Health {
-        metrics.set_redis_up(false);
-        Health {
-            redis_up: AtomicBool::new(false),
-            down_at: AtomicU64::new(0),
-            connected_once: AtomicBool::new(false),
-            draining: AtomicBool::new(false),
-            circuit: std::sync::atomic::AtomicI64::new(0),
-            started: Instant::now(),
-            metrics,
-        }
-    }
-
-    /// The circuit breaker moved to `state`.
-    pub fn set_circuit(&self, state: crate::breaker::State) {
-        self.circuit.store(state.gauge(), Ordering::Release);
-        self.metrics.set_circuit(state);
-    }
-
-    /// The circuit breaker's state: closed, half_open or open.
-    pub fn circuit(&self) -> &'static str {
-        match self.circuit.load(Ordering::Acquire) {
-            0 => "closed",
-            1 => "half_open",
-            _ => "open",
-        }
-    }
-
-    /// A Redis call that started at `started` succeeded. Logs the recovery once when Redis had
-    /// been unreachable; a late reply to a call that began before the outage was noticed
-    /// proves nothing and is ignored.
-    pub fn redis_ok(&self, started: Instant) {
-        if self.redis_up.load(Ordering::Acquire) {
-            return;
-        }
-        if self.since_start(started) < self.down_at.load(Ordering::Acquire) {
-            return;
-        }
-        if !self.redis_up.swap(true, Ordering::AcqRel) {
-            self.metrics.set_redis_up(true);
-            if self.connected_once.swap(true, Ordering::AcqRel) {
-                info!("Redis is reachable again; resuming");
-            }
-        }
-    }
-
-    /// Redis could not be reached. Logs the outage once, not once per failed call.
-    pub fn redis_failed(&self, error: &QueueError) {
-        if self.redis_up.swap(false, Ordering::AcqRel) {
-            self.down_at.store(self.since_start(Instant::now()), Ordering::Release);
-            self.metrics.set_redis_up(false);
-            error!(error = %error, "Redis is unreachable; holding results and retrying with backoff");
-        }
-    }
-
-    fn since_start(&self, at: Instant) -> u64 {
-        u64::try_from(at.saturating_duration_since(self.started).as_nanos()).unwrap_or(u64::MAX)
-    }
-
-    pub fn redis_up(&self) -> bool {
-        self.redis_up.load(Ordering::Acquire)
-    }
-
-    pub fn set_draining(&self) {
-        self.draining.store(true, Ordering::Release);
-    }
-
-    pub fn draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
-    }
-
-    /// Why the worker is not ready, or `None` when it is.
-    pub fn not_ready_reason(&self) -> Option<&'static str> {
-        if self.draining() {
-            Some("draining")
-        } else if !self.connected_once.load(Ordering::Acquire) {
-            Some("connecting to Redis")
-        } else if !self.redis_up() {
-            Some("Redis unreachable")
-        } else if self.circuit.load(Ordering::Acquire) == 2 {
-            Some("main server failing (circuit open)")
-        } else {
-            None
-        }
-    }
-}
 
 /// What the admin handlers read.
 pub struct AdminState {
@@ -131,13 +33,10 @@ pub struct AdminState {
     pub queue_names: Vec<String>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    /// Set once Redis is first connected.
-    pub queues: OnceLock<Vec<Queue>>,
-    /// The Redis part of `/stats` and when it was read: a flood of requests reads Redis at
-    /// most once per `STATS_MAX_AGE`, and concurrent requests wait for the one read.
-    pub stats_cache: tokio::sync::Mutex<Option<(Instant, serde_json::Value)>>,
+    /// The worker's queues once it has joined them, for the `/dlq` API.
+    pub queues: Arc<OnceLock<Vec<Queue>>>,
     /// ADMIN_TOKEN: the `/dlq` API and the `/ui` page are served only with it, and only to
-    /// requests that carry it (`crate::admin_dlq`).
+    /// requests that carry it (`dlq`).
     pub admin_token: Option<crate::config::Secret>,
 }
 
@@ -148,8 +47,7 @@ impl AdminState {
             queue_names,
             metrics,
             health,
-            queues: OnceLock::new(),
-            stats_cache: tokio::sync::Mutex::new(None),
+            queues: Arc::default(),
             admin_token: None,
         }
     }
@@ -159,9 +57,16 @@ impl AdminState {
         self.admin_token = token;
         self
     }
+
+    /// Acts on `queues` (the worker's, once joined) for the `/dlq` API.
+    pub fn with_queues(mut self, queues: Arc<OnceLock<Vec<Queue>>>) -> AdminState {
+        self.queues = queues;
+        self
+    }
 }
 
-/// How old the Redis figures in `/stats` may be.
+/// How old the Redis figures in `/stats` may be: a flood of requests has the heartbeat read
+/// Redis at most once in this long.
 const STATS_MAX_AGE: Duration = Duration::from_secs(1);
 
 /// What one client may hold of the admin port.
@@ -188,6 +93,52 @@ impl Default for Limits {
             accept_error_interval: Duration::from_secs(10),
         }
     }
+}
+
+/// The admin port could not be opened.
+#[derive(Debug)]
+pub struct PortError {
+    pub addr: SocketAddr,
+    pub source: std::io::Error,
+}
+
+/// What the admin port serves of a worker: its counts, its health, its queues once joined (for
+/// the `/dlq` API), and when it has stopped.
+pub struct Served {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub queues: Arc<OnceLock<Vec<Queue>>>,
+    pub stop: CancellationToken,
+}
+
+/// Opens the admin port when `settings.metrics.enabled` and serves a worker on it until
+/// `served.stop`; returns where it listens.
+pub async fn open(settings: &crate::config::Settings, served: Served) -> Result<Option<SocketAddr>, PortError> {
+    let Served {
+        metrics,
+        health,
+        queues,
+        stop,
+    } = served;
+    if !settings.metrics.enabled {
+        return Ok(None);
+    }
+    let addr = SocketAddr::new(settings.metrics.bind, settings.metrics.port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| PortError { addr, source })?;
+    let addr = listener.local_addr().map_err(|source| PortError { addr, source })?;
+    info!(address = %addr, "Prometheus metrics server started on port {}", addr.port());
+    let state = AdminState::new(
+        settings.worker.id.clone(),
+        settings.redis.queues.clone(),
+        metrics,
+        health,
+    )
+    .with_admin_token(settings.metrics.admin_token.clone())
+    .with_queues(queues);
+    tokio::spawn(serve(listener, Arc::new(state), Limits::default(), stop).instrument(tracing::info_span!("admin")));
+    Ok(Some(addr))
 }
 
 /// Serves until `stop` is cancelled, within `limits`.
@@ -242,7 +193,7 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, limits: Limits
 async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<Bytes>> {
     let path = request.uri().path();
     if path == "/ui" || path.starts_with("/ui/") || path == "/dlq" || path.starts_with("/dlq/") {
-        let mut response = crate::admin_dlq::route(state, request).await;
+        let mut response = dlq::route(state, request).await;
         secure_headers(&mut response);
         return response;
     }
@@ -263,7 +214,7 @@ async fn route(state: &AdminState, request: Request<Incoming>) -> Response<Full<
             serde_json::json!({
                 "status": "ok",
                 "worker_id": state.worker_id,
-                "uptime_seconds": state.health.started.elapsed().as_secs(),
+                "uptime_seconds": state.health.uptime().as_secs(),
             }),
         ),
         "/ready" => match state.health.not_ready_reason() {
@@ -296,53 +247,36 @@ async fn stats(state: &AdminState) -> serde_json::Value {
         "ready": state.health.not_ready_reason().is_none(),
         "draining": state.health.draining(),
         "redis_up": state.health.redis_up(),
-        "circuit": state.health.circuit(),
-        "uptime_seconds": state.health.started.elapsed().as_secs(),
+        "circuit": state.health.circuit().as_str(),
+        "uptime_seconds": state.health.uptime().as_secs(),
         "counters": state.metrics.totals(),
     });
-    let Some(queues) = state.queues.get() else {
+    let Some(QueueStats { read, .. }) = state.health.queue_stats(STATS_MAX_AGE, Duration::from_secs(2)).await else {
         stats["error"] = "not connected to Redis yet".into();
         return stats;
     };
-    let mut cache = state.stats_cache.lock().await;
-    let fresh = cache.as_ref().filter(|(at, _)| at.elapsed() < STATS_MAX_AGE);
-    let from_redis = match fresh {
-        Some((_, value)) => value.clone(),
-        None => {
-            let value = redis_stats(queues).await;
-            *cache = Some((Instant::now(), value.clone()));
-            value
-        }
-    };
-    drop(cache);
-    if let (Some(stats), serde_json::Value::Object(from_redis)) = (stats.as_object_mut(), from_redis) {
+    if let (Some(stats), serde_json::Value::Object(from_redis)) = (stats.as_object_mut(), redis_stats(read)) {
         stats.extend(from_redis);
     }
     stats
 }
 
-/// The part of `/stats` read from Redis: for each queue its depths and live workers (the
-/// first queue's also at the top level, as before several queues), or the error.
-async fn redis_stats(queues: &[Queue]) -> serde_json::Value {
-    let lookup = async {
-        let mut each = Vec::with_capacity(queues.len());
-        for queue in queues {
-            let workers: Vec<serde_json::Value> = queue
-                .workers()
-                .await?
+/// The part of `/stats` the heartbeat read from Redis: for each queue its depths and live
+/// workers (the first queue's also at the top level, as before several queues), or the error.
+fn redis_stats(read: Result<Vec<crate::health::QueueStat>, String>) -> serde_json::Value {
+    match read {
+        Ok(queues) => {
+            let each: Vec<serde_json::Value> = queues
                 .into_iter()
-                .map(|w| serde_json::json!({"worker_id": w.id, "heartbeat_age_seconds": w.age.as_secs_f64()}))
+                .map(|queue| {
+                    let workers: Vec<serde_json::Value> = queue
+                        .workers
+                        .into_iter()
+                        .map(|w| serde_json::json!({"worker_id": w.id, "heartbeat_age_seconds": w.age.as_secs_f64()}))
+                        .collect();
+                    serde_json::json!({"queue": queue.queue, "depths": queue.depths, "workers": workers})
+                })
                 .collect();
-            each.push(serde_json::json!({
-                "queue": queue.name(),
-                "depths": queue.depths().await?,
-                "workers": workers,
-            }));
-        }
-        Ok::<_, QueueError>(each)
-    };
-    match tokio::time::timeout(Duration::from_secs(2), lookup).await {
-        Ok(Ok(each)) => {
             let first = each.first().cloned().unwrap_or_default();
             serde_json::json!({
                 "depths": first.get("depths"),
@@ -350,8 +284,7 @@ async fn redis_stats(queues: &[Queue]) -> serde_json::Value {
                 "queues_detail": each,
             })
         }
-        Ok(Err(e)) => serde_json::json!({"error": format!("Redis: {e}")}),
-        Err(_) => serde_json::json!({"error": "Redis did not answer within 2 s"}),
+        Err(e) => serde_json::json!({"error": e}),
     }
 }
 
