@@ -294,11 +294,11 @@ pub fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(
     let mut encoded = false;
     let mut chunked_last = false;
     let mut close = false;
+    // Only the three headers that frame the answer are read (and unfolded) here.
     for header in answer.headers.iter() {
         let name = header.name.as_bytes();
-        let value = unfold(header.value);
         if name.eq_ignore_ascii_case(b"content-length") {
-            for part in list(&value) {
+            for part in list(&unfold(header.value)) {
                 match decimal(part) {
                     Some(n) if length.is_none_or(|seen| seen == n) => length = Some(n),
                     _ => bad_length = true,
@@ -306,11 +306,11 @@ pub fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(
             }
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             encoded = true;
-            for coding in list(&value).filter(|c| !c.is_empty()) {
+            for coding in list(&unfold(header.value)).filter(|c| !c.is_empty()) {
                 chunked_last = coding.eq_ignore_ascii_case(b"chunked");
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= list(&value).any(|t| t.eq_ignore_ascii_case(b"close"));
+            close |= list(&unfold(header.value)).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
     }
     // RFC 9112 6.3: no body for these whatever the headers say (their lengths not even
