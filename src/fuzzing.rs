@@ -429,6 +429,7 @@ fn exchange_with(answer: &[u8], piece: usize, to_head: bool) -> Result<(u16, Vec
         path: &path,
         headers: &headers,
         extra: &[],
+        trace: None,
         body: bytes::Bytes::from_static(b"{}"),
     };
     let host = hyper::header::HeaderValue::from_static("main");
@@ -780,6 +781,7 @@ async fn courier_reads(script: Script, to_head: bool, limits: crate::delivery::h
             path: &path,
             headers: &headers,
             extra: &[],
+            trace: None,
             body: if to_head {
                 bytes::Bytes::new()
             } else {

@@ -91,10 +91,30 @@ impl TraceContext {
         out
     }
 
-    /// `traceparent` as a header value.
-    pub fn traceparent_header(&self) -> HeaderValue {
+    /// The headers a request in this trace carries: a `traceparent` with a new parent id,
+    /// and the producer's `tracestate`, if any. Written into the request's head by the
+    /// HTTP/1.1 encoder, no header value built.
+    pub fn headers(&self) -> TraceHeaders<'_> {
+        TraceHeaders {
+            parent: self.traceparent(),
+            state: self.state.as_ref(),
+        }
+    }
+}
+
+/// A request's trace context: its `traceparent` (lower-case hex digits and dashes, always a
+/// valid header value) and the `tracestate` forwarded with it.
+#[derive(Debug, Clone, Copy)]
+pub struct TraceHeaders<'a> {
+    pub parent: [u8; TRACEPARENT_LEN],
+    pub state: Option<&'a HeaderValue>,
+}
+
+impl TraceHeaders<'_> {
+    /// `traceparent` as a header value (for HTTP/2, whose requests hold `HeaderValue`s).
+    pub fn parent_value(&self) -> HeaderValue {
         // Hex digits and dashes are always a valid header value.
-        HeaderValue::from_bytes(&self.traceparent()).unwrap_or_else(|_| HeaderValue::from_static(""))
+        HeaderValue::from_bytes(&self.parent).unwrap_or_else(|_| HeaderValue::from_static(""))
     }
 }
 
@@ -157,12 +177,22 @@ fn hex_byte(two: &[u8]) -> Option<u8> {
     }
 }
 
+/// Each byte's two lower-case hex digits, so that a byte is one load and one store.
+static HEX_PAIRS: [[u8; 2]; 256] = {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut pairs = [[0u8; 2]; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        pairs[byte] = [DIGITS[byte >> 4], DIGITS[byte & 0x0f]];
+        byte += 1;
+    }
+    pairs
+};
+
 /// `bytes` as lower-case hex into `out`, which is twice as long.
 fn hex_into(out: &mut [u8], bytes: &[u8]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
-        pair[0] = DIGITS[usize::from(byte >> 4)];
-        pair[1] = DIGITS[usize::from(byte & 0x0f)];
+        pair.copy_from_slice(&HEX_PAIRS[usize::from(*byte)]);
     }
 }
 
@@ -226,6 +256,15 @@ mod tests {
         let started = TraceContext::start();
         let sent = started.traceparent();
         assert_eq!(parse_traceparent(&sent), Some((started.trace_id, 1)));
+    }
+
+    #[test]
+    fn every_byte_is_written_as_two_lower_case_hex_digits() {
+        let bytes: Vec<u8> = (0..=255).collect();
+        let mut out = vec![0u8; 512];
+        hex_into(&mut out, &bytes);
+        let expected: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
     }
 
     #[test]

@@ -25,6 +25,7 @@ use super::h1::{Answer, Connection, Exchanged, Failure, KeptBody, Outgoing};
 use super::{find_cause, rustls_error, DeliveryError};
 use crate::config::MainServerSettings;
 use crate::tls::ClientTls;
+use crate::trace::{TRACEPARENT, TRACESTATE};
 
 /// A request body on the HTTP/2 connection: always whole.
 type Body = Full<bytes::Bytes>;
@@ -414,6 +415,12 @@ async fn send_h2(
     *request.headers_mut() = outgoing.headers.clone();
     for (name, value) in outgoing.extra {
         request.headers_mut().insert(*name, value.clone());
+    }
+    if let Some(trace) = &outgoing.trace {
+        request.headers_mut().insert(&TRACEPARENT, trace.parent_value());
+        if let Some(state) = trace.state {
+            request.headers_mut().insert(&TRACESTATE, state.clone());
+        }
     }
     if let Err(e) = sender.ready().await {
         return Err((from_hyper(e), true));

@@ -26,6 +26,8 @@ use hyper::http::uri::PathAndQuery;
 use hyper::{Method, StatusCode};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
+use crate::trace::TraceHeaders;
+
 /// The most of a response body courier reads. Only an error's text is of use, and the first
 /// 200 characters of it at that: a main server that answers with megabytes costs 64 KiB.
 pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
@@ -86,14 +88,16 @@ pub struct Outgoing<'a> {
     pub path: &'a PathAndQuery,
     /// The headers every request of its kind carries, shared rather than cloned.
     pub headers: &'a HeaderMap,
-    /// Headers of this request's own (the Idempotency-Key, the trace context).
+    /// Headers of this request's own (the Idempotency-Key).
     pub extra: &'a [(&'a HeaderName, HeaderValue)],
+    /// The trace context, sent after `extra`: `traceparent`, then `tracestate` if any.
+    pub trace: Option<TraceHeaders<'a>>,
     pub body: Bytes,
 }
 
 /// Writes `request` as HTTP/1.1, head and body together, for one write. Header names and
-/// values come from `http`'s types, which refuse CR, LF and NUL, so nothing in them can end a
-/// line early. A Host, Content-Length or Transfer-Encoding among `headers` is left out: the
+/// values come from `http`'s types, which refuse CR, LF and NUL, or are a `traceparent`'s hex
+/// digits and dashes, so nothing in them can end a line early. A Host, Content-Length or Transfer-Encoding among `headers` is left out: the
 /// request states its own.
 pub fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
     let Outgoing {
@@ -101,6 +105,7 @@ pub fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
         path,
         headers,
         extra,
+        trace,
         body,
     } = request;
     out.reserve(256usize.saturating_add(body.len()));
@@ -119,6 +124,16 @@ pub fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
         out.extend_from_slice(b": ");
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+    if let Some(trace) = trace {
+        out.extend_from_slice(b"traceparent: ");
+        out.extend_from_slice(&trace.parent);
+        out.extend_from_slice(b"\r\n");
+        if let Some(state) = trace.state {
+            out.extend_from_slice(b"tracestate: ");
+            out.extend_from_slice(state.as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
     }
     if !body.is_empty() || !(method == Method::GET || method == Method::HEAD) {
         out.extend_from_slice(b"content-length: ");
@@ -279,11 +294,11 @@ pub fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(
     let mut encoded = false;
     let mut chunked_last = false;
     let mut close = false;
+    // Only the three headers that frame the answer are read (and unfolded) here.
     for header in answer.headers.iter() {
         let name = header.name.as_bytes();
-        let value = unfold(header.value);
         if name.eq_ignore_ascii_case(b"content-length") {
-            for part in list(&value) {
+            for part in list(&unfold(header.value)) {
                 match decimal(part) {
                     Some(n) if length.is_none_or(|seen| seen == n) => length = Some(n),
                     _ => bad_length = true,
@@ -293,10 +308,11 @@ pub fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(
             encoded = true;
             // As hyper reads it: the last header's last item, an empty one included (so that
             // `chunked,` is not chunked but read to the close), and only in a text value.
+            let value = unfold(header.value);
             chunked_last = value.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b))
                 && list(&value).last().is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
         } else if name.eq_ignore_ascii_case(b"connection") {
-            close |= list(&value).any(|t| t.eq_ignore_ascii_case(b"close"));
+            close |= list(&unfold(header.value)).any(|t| t.eq_ignore_ascii_case(b"close"));
         }
     }
     // RFC 9112 6.3: no body for these whatever the headers say (their lengths not even
@@ -931,18 +947,16 @@ mod tests {
         headers.insert("content-type", HeaderValue::from_static("application/json"));
         headers.insert(CONTENT_LENGTH, HeaderValue::from_static("999"));
         let key = HeaderName::from_static("idempotency-key");
-        let trace = HeaderName::from_static("traceparent");
+        let state = HeaderValue::from_static("congo=t61rcWkgMzE");
         let request = Outgoing {
             method: Method::POST,
             path: &path,
             headers: &headers,
-            extra: &[
-                (&key, HeaderValue::from_static("m-1")),
-                (
-                    &trace,
-                    HeaderValue::from_static("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"),
-                ),
-            ],
+            extra: &[(&key, HeaderValue::from_static("m-1"))],
+            trace: Some(TraceHeaders {
+                parent: *b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+                state: Some(&state),
+            }),
             body: Bytes::from_static(b"{\"a\":1}"),
         };
         let mut out = Vec::new();
@@ -951,13 +965,15 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "POST /api/internal/messages/deliver HTTP/1.1\r\nhost: main:8443\r\n\
              content-type: application/json\r\nidempotency-key: m-1\r\n\
-             traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
+             traceparent: 00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01\r\n\
+             tracestate: congo=t61rcWkgMzE\r\ncontent-length: 7\r\n\r\n{\"a\":1}"
         );
 
         let get = Outgoing {
             method: Method::GET,
             body: Bytes::new(),
             extra: &[],
+            trace: None,
             ..request
         };
         let mut out = Vec::new();

@@ -20,7 +20,7 @@ pub use h1::{Answer, Outgoing};
 use crate::config::MainServerSettings;
 use crate::message::Envelope;
 use crate::tls::ClientTls;
-use crate::trace::{TraceContext, TRACEPARENT, TRACESTATE};
+use crate::trace::{TraceContext, TraceHeaders};
 
 /// The underlying error of a failed request, kept as the `source()`; shared, so that the
 /// error stays cheap to clone.
@@ -213,41 +213,22 @@ impl Deliverer {
         crate::sync::read(&self.client).clone()
     }
 
-    /// The headers of one request: the Idempotency-Key when given, then the trace context
-    /// (a new parent id each time) unless MAIN_SERVER_TRACE_CONTEXT is off. Fills `slots`
-    /// and returns how many it used; no allocation beyond the header values.
-    fn own_headers(
-        &self,
-        key: Option<&str>,
-        trace: &TraceContext,
-        slots: &mut [(&HeaderName, HeaderValue); 3],
-    ) -> usize {
-        let mut used = 0;
-        if let Some(key) = key {
-            slots[used] = (&IDEMPOTENCY_KEY, idempotency_key(key));
-            used += 1;
-        }
-        if self.trace_context {
-            slots[used] = (&TRACEPARENT, trace.traceparent_header());
-            used += 1;
-            if let Some(state) = &trace.state {
-                slots[used] = (&TRACESTATE, state.clone());
-                used += 1;
-            }
-        }
-        used
+    /// The trace context a request carries (a new parent id each time), unless
+    /// MAIN_SERVER_TRACE_CONTEXT is off.
+    fn trace_headers<'t>(&self, trace: &'t TraceContext) -> Option<TraceHeaders<'t>> {
+        self.trace_context.then(|| trace.headers())
     }
 
     /// POSTs one message to `/internal/messages/deliver`.
     pub async fn deliver(&self, envelope: &Envelope) -> Attempt {
         let started = Instant::now();
-        let mut slots = empty_slots();
-        let used = self.own_headers(Some(envelope.message_id()), envelope.trace(), &mut slots);
+        let key = [(&IDEMPOTENCY_KEY, idempotency_key(envelope.message_id()))];
         let request = Outgoing {
             method: Method::POST,
             path: &self.deliver_path,
             headers: &self.deliver_headers,
-            extra: &slots[..used],
+            extra: &key,
+            trace: self.trace_headers(envelope.trace()),
             body: Bytes::from(envelope.delivery_body(&self.worker_id_json)),
         };
         let result = self.client().send(&request).await.and_then(outcome);
@@ -273,22 +254,16 @@ impl Deliverer {
             "attempt_count": attempt_count,
             "error_message": error,
         });
-        let mut slots = empty_slots();
-        let used = self.own_headers(None, trace, &mut slots);
         let request = Outgoing {
             method: Method::PUT,
             path: &path,
             headers: &self.deliver_headers,
-            extra: &slots[..used],
+            extra: &[],
+            trace: self.trace_headers(trace),
             body: Bytes::from(body.to_string()),
         };
         self.client().send(&request).await.and_then(outcome)
     }
-}
-
-/// Room for a request's own headers; `Deliverer::own_headers` fills it.
-fn empty_slots() -> [(&'static HeaderName, HeaderValue); 3] {
-    std::array::from_fn(|_| (&IDEMPOTENCY_KEY, HeaderValue::from_static("")))
 }
 
 /// The headers of every request with a JSON body.
@@ -317,6 +292,7 @@ pub async fn probe(client: &Client, url: &Url) -> Result<Answer, DeliveryError> 
         path: &path,
         headers: &headers,
         extra: &[],
+        trace: None,
         body: Bytes::new(),
     };
     client.send(&request).await

@@ -26,32 +26,45 @@ fn sent(call: &Call) -> (String, String, String) {
 #[tokio::test]
 async fn traceparent_is_forwarded_with_a_new_parent_id_and_the_same_trace_id_across_retries() {
     let (redis, pki) = (RedisServer::start().await, Pki::new());
-    let sink = start_sink(&pki, sink::fail_first(2, 503)).await;
-    let item =
-        format!(r#"{{"message_id":"traced","traceparent":"{PRODUCER}","tracestate":"congo=t61rcWkgMzE","payload":1}}"#);
-    enqueue(&redis, Q, &[item]).await;
-    let worker = worker_on(&redis, &sink, &pki, "w-trace", &[]).await;
-    assert!(
-        sink.wait_for(WAIT, |r| r.delivered().len() == 1 && r.statuses().len() == 2)
-            .await
-    );
-    worker.stop().await;
-
-    let calls = sink.record.calls();
-    assert_eq!(calls.len(), 5, "three POSTs, two PUTs");
-    let mut parents = std::collections::HashSet::new();
-    for call in &calls {
-        let (trace, parent, flags) = sent(call);
-        assert_eq!(
-            trace, "4bf92f3577b34da6a3ce929d0e0e4736",
-            "the producer's trace: {call:?}"
+    // HTTP/1.1 writes the trace headers into the request's head itself; HTTP/2 gives them to
+    // hyper as header values.
+    for (http2, version) in [("false", hyper::Version::HTTP_11), ("true", hyper::Version::HTTP_2)] {
+        let sink = start_sink(&pki, sink::fail_first(2, 503)).await;
+        let item = format!(
+            r#"{{"message_id":"traced-{http2}","traceparent":"{PRODUCER}","tracestate":"congo=t61rcWkgMzE","payload":1}}"#
         );
-        assert_eq!(flags, "01", "the producer's flags");
-        assert_ne!(parent, "00f067aa0ba902b7", "the parent id is courier's own");
-        parents.insert(parent);
-        assert_eq!(call.tracestate.as_deref(), Some("congo=t61rcWkgMzE"), "{call:?}");
+        enqueue(&redis, Q, &[item]).await;
+        let worker = worker_on(
+            &redis,
+            &sink,
+            &pki,
+            &format!("w-trace-{http2}"),
+            &[("MAIN_SERVER_HTTP2", http2)],
+        )
+        .await;
+        assert!(
+            sink.wait_for(WAIT, |r| r.delivered().len() == 1 && r.statuses().len() == 2)
+                .await
+        );
+        worker.stop().await;
+
+        let calls = sink.record.calls();
+        assert_eq!(calls.len(), 5, "three POSTs, two PUTs");
+        let mut parents = std::collections::HashSet::new();
+        for call in &calls {
+            assert_eq!(call.version, version, "MAIN_SERVER_HTTP2={http2}");
+            let (trace, parent, flags) = sent(call);
+            assert_eq!(
+                trace, "4bf92f3577b34da6a3ce929d0e0e4736",
+                "the producer's trace: {call:?}"
+            );
+            assert_eq!(flags, "01", "the producer's flags");
+            assert_ne!(parent, "00f067aa0ba902b7", "the parent id is courier's own");
+            parents.insert(parent);
+            assert_eq!(call.tracestate.as_deref(), Some("congo=t61rcWkgMzE"), "{call:?}");
+        }
+        assert_eq!(parents.len(), 5, "a new parent id for every request");
     }
-    assert_eq!(parents.len(), 5, "a new parent id for every request");
 }
 
 #[tokio::test]
