@@ -575,23 +575,18 @@ impl Queue {
     /// Returns a message from processing to the front of the ready list unchanged: its attempt
     /// was stopped by the circuit breaker, not failed by the message.
     pub async fn release(&self, raw: &[u8]) -> Result<bool, QueueError> {
-        let moved: i64 = self
-            .scripts
-            .release
-            .key(&self.processing)
-            .key(&self.keys.ready)
-            .arg(raw)
-            .invoke_async(&mut self.conn.clone())
-            .await?;
-        Ok(moved > 0)
+        self.back_unchanged(&self.scripts.release, raw).await
     }
 
     /// Returns a message from processing to the back of the ready list unchanged: a probe of
     /// the circuit breaker that the server failed, so that the next probe is another message.
     pub async fn rotate(&self, raw: &[u8]) -> Result<bool, QueueError> {
-        let moved: i64 = self
-            .scripts
-            .rotate
+        self.back_unchanged(&self.scripts.rotate, raw).await
+    }
+
+    /// Runs one of the scripts that move a message from processing to the ready list as it was.
+    async fn back_unchanged(&self, script: &Script, raw: &[u8]) -> Result<bool, QueueError> {
+        let moved: i64 = script
             .key(&self.processing)
             .key(&self.keys.ready)
             .arg(raw)
