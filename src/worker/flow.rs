@@ -42,6 +42,16 @@ struct Bucket {
     at: Instant,
 }
 
+impl Bucket {
+    /// Adds the tokens earned since it was last looked at, at most one second's worth.
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let earned = now.saturating_duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + earned).min(self.rate.max(1.0));
+        self.at = now;
+    }
+}
+
 impl Flow {
     pub(super) fn new(worker: &WorkerSettings, health: Arc<Health>, metrics: Arc<Metrics>) -> Flow {
         let (breaker, concurrency, rate_limit) = (worker.breaker, worker.concurrency, worker.rate_limit);
@@ -130,10 +140,7 @@ impl Flow {
         loop {
             let wait = {
                 let mut bucket = lock(bucket);
-                let now = Instant::now();
-                let earned = now.saturating_duration_since(bucket.at).as_secs_f64() * bucket.rate;
-                bucket.tokens = (bucket.tokens + earned).min(bucket.rate.max(1.0));
-                bucket.at = now;
+                bucket.refill();
                 if bucket.tokens >= 1.0 {
                     bucket.tokens -= 1.0;
                     return;
@@ -151,10 +158,7 @@ impl Flow {
             return n;
         };
         let mut bucket = lock(bucket);
-        let now = Instant::now();
-        let earned = now.saturating_duration_since(bucket.at).as_secs_f64() * bucket.rate;
-        bucket.tokens = (bucket.tokens + earned).min(bucket.rate.max(1.0));
-        bucket.at = now;
+        bucket.refill();
         // Whole tokens, fewer than `n` or `n`: the conversion cannot lose anything that counts.
         #[allow(
             clippy::cast_possible_truncation,
