@@ -110,92 +110,6 @@ fn cluster_env(cluster: &TestCluster, sink_url: &str, pki: &Pki, worker_id: &str
     )
 }
 
-#[tokio::test]
-async fn a_worker_killed_mid_run_on_a_three_master_cluster_loses_nothing() {
-    let (cluster, pki) = (TestCluster::start().await, Pki::new());
-    // Every derived key sits with its queue; the queues themselves spread over the nodes.
-    let mut nodes = BTreeSet::new();
-    for queue in QUEUES {
-        let home = cluster.node_of(queue).await;
-        nodes.insert(home);
-        for key in Keys::clustered(queue).all("worker-a") {
-            assert_eq!(cluster.node_of(&key).await, home, "{key} lives with {queue}");
-        }
-    }
-    assert!(nodes.len() >= 2, "the queues live on different nodes: {nodes:?}");
-
-    // Slow enough answers that the worker holds a good number of messages when it dies.
-    let sink = start_sink(&pki, sink::delayed(Duration::from_millis(5))).await;
-    let mut conn = cluster.conn().await;
-    let mut all = BTreeSet::new();
-    for queue in QUEUES {
-        let items: Vec<String> = (0..500)
-            .map(|i| {
-                let id = format!("{queue}-{i}");
-                all.insert(id.clone());
-                message(&id)
-            })
-            .collect();
-        // Producers push to the plain queue name, as they always have.
-        let _: () = conn.lpush(queue, &items).await.expect("LPUSH");
-    }
-
-    let dir = pki.dir.path();
-    let mut first = spawn_worker(&cluster_env(&cluster, &sink.url(), &pki, "worker-a"), dir);
-    assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 200).await);
-    first.kill().await.expect("SIGKILL");
-    let mut held = 0;
-    for queue in QUEUES {
-        held += len_cluster(&mut conn, &Keys::clustered(queue).processing("worker-a")).await;
-    }
-    assert!(held > 0, "the killed worker held messages");
-
-    // A second worker reaps the first's processing lists and delivers everything.
-    let second = spawn_worker(&cluster_env(&cluster, &sink.url(), &pki, "worker-b"), dir);
-    let delivered_all = sink
-        .wait_for(Duration::from_secs(60), |r| {
-            let seen: BTreeSet<String> = r.delivered().into_iter().collect();
-            all.is_subset(&seen)
-        })
-        .await;
-    assert!(delivered_all, "every message delivered at least once");
-    // When the first worker had delivered all it held before it died, the second delivers
-    // everything before its reaper comes round: wait for that to empty the first's lists.
-    eventually(|| async {
-        let mut conn = cluster.conn().await;
-        let mut held = 0;
-        for queue in QUEUES {
-            held += len_cluster(&mut conn, &Keys::clustered(queue).processing("worker-a")).await;
-        }
-        held == 0
-    })
-    .await;
-
-    // The operator commands work against the cluster too.
-    let vars = cluster_env(&cluster, &sink.url(), &pki, "cli");
-    let stats = run_courier(&vars, dir, &["stats", "--json", "--queue", "jobs.b"]).await;
-    assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
-    let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("JSON");
-    assert_eq!(stats["ready"], 0);
-    let check = run_courier(&vars, dir, &["check"]).await;
-    let report = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        report.contains("redis cluster") && report.contains("state ok"),
-        "{report}"
-    );
-
-    stop_worker(second).await;
-    // The reaped messages' reclaim counts went with their delivery; each queue's clock stays.
-    let clocks: Vec<String> = QUEUES.iter().map(|q| Keys::clustered(q).clock).collect();
-    let left: Vec<String> = cluster
-        .all_keys()
-        .await
-        .into_iter()
-        .filter(|k| !clocks.contains(k))
-        .collect();
-    assert!(left.is_empty(), "every key of every queue ends empty: {left:?}");
-}
-
 async fn len_cluster(conn: &mut redis::cluster_async::ClusterConnection, key: &str) -> usize {
     conn.llen(key).await.expect("LLEN")
 }
@@ -323,4 +237,95 @@ async fn a_cluster_with_a_master_down_is_unavailable() {
         "a node the client cannot reach is an outage: {error}"
     );
     let _: () = redis::cmd("PING").query_async(&mut survivor).await.expect("PING");
+}
+
+/// Whole runs of thousands of messages, seconds each: `--skip slow::` leaves them out.
+mod slow {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_worker_killed_mid_run_on_a_three_master_cluster_loses_nothing() {
+        let (cluster, pki) = (TestCluster::start().await, Pki::new());
+        // Every derived key sits with its queue; the queues themselves spread over the nodes.
+        let mut nodes = BTreeSet::new();
+        for queue in QUEUES {
+            let home = cluster.node_of(queue).await;
+            nodes.insert(home);
+            for key in Keys::clustered(queue).all("worker-a") {
+                assert_eq!(cluster.node_of(&key).await, home, "{key} lives with {queue}");
+            }
+        }
+        assert!(nodes.len() >= 2, "the queues live on different nodes: {nodes:?}");
+
+        // Slow enough answers that the worker holds a good number of messages when it dies.
+        let sink = start_sink(&pki, sink::delayed(Duration::from_millis(5))).await;
+        let mut conn = cluster.conn().await;
+        let mut all = BTreeSet::new();
+        for queue in QUEUES {
+            let items: Vec<String> = (0..500)
+                .map(|i| {
+                    let id = format!("{queue}-{i}");
+                    all.insert(id.clone());
+                    message(&id)
+                })
+                .collect();
+            // Producers push to the plain queue name, as they always have.
+            let _: () = conn.lpush(queue, &items).await.expect("LPUSH");
+        }
+
+        let dir = pki.dir.path();
+        let mut first = spawn_worker(&cluster_env(&cluster, &sink.url(), &pki, "worker-a"), dir);
+        assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 200).await);
+        first.kill().await.expect("SIGKILL");
+        let mut held = 0;
+        for queue in QUEUES {
+            held += len_cluster(&mut conn, &Keys::clustered(queue).processing("worker-a")).await;
+        }
+        assert!(held > 0, "the killed worker held messages");
+
+        // A second worker reaps the first's processing lists and delivers everything.
+        let second = spawn_worker(&cluster_env(&cluster, &sink.url(), &pki, "worker-b"), dir);
+        let delivered_all = sink
+            .wait_for(Duration::from_secs(60), |r| {
+                let seen: BTreeSet<String> = r.delivered().into_iter().collect();
+                all.is_subset(&seen)
+            })
+            .await;
+        assert!(delivered_all, "every message delivered at least once");
+        // When the first worker had delivered all it held before it died, the second delivers
+        // everything before its reaper comes round: wait for that to empty the first's lists.
+        eventually(|| async {
+            let mut conn = cluster.conn().await;
+            let mut held = 0;
+            for queue in QUEUES {
+                held += len_cluster(&mut conn, &Keys::clustered(queue).processing("worker-a")).await;
+            }
+            held == 0
+        })
+        .await;
+
+        // The operator commands work against the cluster too.
+        let vars = cluster_env(&cluster, &sink.url(), &pki, "cli");
+        let stats = run_courier(&vars, dir, &["stats", "--json", "--queue", "jobs.b"]).await;
+        assert!(stats.status.success(), "{}", String::from_utf8_lossy(&stats.stderr));
+        let stats: serde_json::Value = serde_json::from_slice(&stats.stdout).expect("JSON");
+        assert_eq!(stats["ready"], 0);
+        let check = run_courier(&vars, dir, &["check"]).await;
+        let report = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            report.contains("redis cluster") && report.contains("state ok"),
+            "{report}"
+        );
+
+        stop_worker(second).await;
+        // The reaped messages' reclaim counts went with their delivery; each queue's clock stays.
+        let clocks: Vec<String> = QUEUES.iter().map(|q| Keys::clustered(q).clock).collect();
+        let left: Vec<String> = cluster
+            .all_keys()
+            .await
+            .into_iter()
+            .filter(|k| !clocks.contains(k))
+            .collect();
+        assert!(left.is_empty(), "every key of every queue ends empty: {left:?}");
+    }
 }

@@ -197,35 +197,35 @@ mod slow {
             "the outage used at most a couple of attempts: {most_attempts}"
         );
     }
-}
 
-#[tokio::test]
-async fn the_rate_limit_holds_within_ten_percent_over_five_seconds() {
-    let (redis, pki) = (RedisServer::start().await, Pki::new());
-    let sink = start_sink(&pki, sink::always_ok()).await;
-    let items: Vec<String> = (0..900).map(|i| message(&format!("rate-{i}"))).collect();
-    enqueue(&redis, Q, &items).await;
-    let worker = worker_on(
-        &redis,
-        &sink,
-        &pki,
-        "w-rate",
-        &[("WORKER_RATE_LIMIT", "100"), ("WORKER_CONCURRENCY", "32")],
-    )
-    .await;
-    assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 700).await);
-    worker.stop().await;
-    let arrivals: Vec<std::time::Instant> = sink.record.deliveries().iter().map(|c| c.arrived).collect();
-    let first = *arrivals.iter().min().expect("deliveries");
-    // Five seconds, starting one second in (past the bucket's first token).
-    let from = first + std::time::Duration::from_secs(1);
-    let to = from + std::time::Duration::from_secs(5);
-    let in_window = arrivals.iter().filter(|at| **at >= from && **at < to).count();
-    eprintln!("rate[{in_window} deliveries in 5 s at WORKER_RATE_LIMIT=100]");
-    assert!(
-        (450..=550).contains(&in_window),
-        "{in_window} in 5 s, expected 500 ± 10%"
-    );
+    #[tokio::test]
+    async fn the_rate_limit_holds_within_ten_percent_over_five_seconds() {
+        let (redis, pki) = (RedisServer::start().await, Pki::new());
+        let sink = start_sink(&pki, sink::always_ok()).await;
+        let items: Vec<String> = (0..900).map(|i| message(&format!("rate-{i}"))).collect();
+        enqueue(&redis, Q, &items).await;
+        let worker = worker_on(
+            &redis,
+            &sink,
+            &pki,
+            "w-rate",
+            &[("WORKER_RATE_LIMIT", "100"), ("WORKER_CONCURRENCY", "32")],
+        )
+        .await;
+        assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 700).await);
+        worker.stop().await;
+        let arrivals: Vec<std::time::Instant> = sink.record.deliveries().iter().map(|c| c.arrived).collect();
+        let first = *arrivals.iter().min().expect("deliveries");
+        // Five seconds, starting one second in (past the bucket's first token).
+        let from = first + std::time::Duration::from_secs(1);
+        let to = from + std::time::Duration::from_secs(5);
+        let in_window = arrivals.iter().filter(|at| **at >= from && **at < to).count();
+        eprintln!("rate[{in_window} deliveries in 5 s at WORKER_RATE_LIMIT=100]");
+        assert!(
+            (450..=550).contains(&in_window),
+            "{in_window} in 5 s, expected 500 ± 10%"
+        );
+    }
 }
 
 #[tokio::test]

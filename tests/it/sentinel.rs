@@ -44,76 +44,6 @@ async fn node(port: u16) -> redis::aio::MultiplexedConnection {
         .expect("connect")
 }
 
-#[tokio::test]
-async fn the_worker_follows_a_failover_and_loses_nothing() {
-    let (sentinels, pki) = (start_sentinels().await, Pki::new());
-    let sink = start_sink(&pki, sink::delayed(Duration::from_millis(3))).await;
-    let replica_port = sentinels.set.replicas[0].port;
-    let vars = sentinel_env(&sentinels, &sink, &pki, "w-sentinel", &[("WORKER_CONCURRENCY", "8")]);
-    let dir = pki.dir.path();
-    // A producer that cannot afford to lose a push waits for the replica.
-    let ids: BTreeSet<String> = (0..1500).map(|i| format!("failover-{i}")).collect();
-    let items: Vec<String> = ids.iter().map(|id| message(id)).collect();
-    let mut master = node(sentinels.set.master.port).await;
-    let _: () = redis::AsyncCommands::lpush(&mut master, Q, &items)
-        .await
-        .expect("LPUSH");
-    let replicated: u64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(10_000)
-        .query_async(&mut master)
-        .await
-        .expect("WAIT");
-    assert_eq!(replicated, 1);
-
-    let check = run_courier(&vars, dir, &["check"]).await;
-    let report = String::from_utf8_lossy(&check.stdout);
-    let master_port = sentinels.set.master.port;
-    assert!(
-        report.contains(&format!("names 127.0.0.1:{master_port} as the master")),
-        "{report}"
-    );
-    assert!(report.contains("1 healthy replica(s)"), "{report}");
-
-    let mut worker = spawn_worker(&vars, dir);
-    let mut out = Lines::new(&mut worker);
-    out.wait_for("through Sentinel").await;
-    assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 200).await);
-    let mut sentinels = sentinels;
-    sentinels.set.master.kill().await;
-
-    let line = out.wait_for("Redis master changed").await;
-    assert!(line.contains(&format!("127.0.0.1:{replica_port}")), "{line}");
-    let everything = sink
-        .wait_for(Duration::from_secs(60), |r| {
-            let seen: BTreeSet<String> = r.delivered().into_iter().collect();
-            ids.is_subset(&seen)
-        })
-        .await;
-    assert!(everything, "every message delivered at least once across the failover");
-
-    // With its only replica promoted, the new master has none: check says so.
-    let check = run_courier(&vars, dir, &["check"]).await;
-    let report = String::from_utf8_lossy(&check.stdout);
-    assert!(
-        report.contains(&format!("names 127.0.0.1:{replica_port} as the master")),
-        "{report}"
-    );
-    assert!(report.contains("no healthy replica"), "{report}");
-
-    stop_worker(worker).await;
-    let left: Vec<String> = redis::cmd("KEYS")
-        .arg("*")
-        .query_async(&mut node(replica_port).await)
-        .await
-        .expect("KEYS");
-    assert_eq!(
-        left,
-        [keys().clock],
-        "every key but the queue's clock ends empty on the new master"
-    );
-}
-
 /// The sentinels' count of connections ever received, summed.
 async fn connections_received(sentinels: &TestSentinels) -> u64 {
     let mut total = 0;
@@ -291,4 +221,79 @@ async fn the_documented_sentinel_users_find_the_master_and_deliver() {
     worker.stop().await;
     let left: Vec<String> = redis::AsyncCommands::keys(&mut master, "*").await.expect("KEYS");
     assert_eq!(left, [keys().clock], "every key but the queue's clock ends empty");
+}
+
+/// Whole runs of thousands of messages, seconds each: `--skip slow::` leaves them out.
+mod slow {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_worker_follows_a_failover_and_loses_nothing() {
+        let (sentinels, pki) = (start_sentinels().await, Pki::new());
+        let sink = start_sink(&pki, sink::delayed(Duration::from_millis(3))).await;
+        let replica_port = sentinels.set.replicas[0].port;
+        let vars = sentinel_env(&sentinels, &sink, &pki, "w-sentinel", &[("WORKER_CONCURRENCY", "8")]);
+        let dir = pki.dir.path();
+        // A producer that cannot afford to lose a push waits for the replica.
+        let ids: BTreeSet<String> = (0..1500).map(|i| format!("failover-{i}")).collect();
+        let items: Vec<String> = ids.iter().map(|id| message(id)).collect();
+        let mut master = node(sentinels.set.master.port).await;
+        let _: () = redis::AsyncCommands::lpush(&mut master, Q, &items)
+            .await
+            .expect("LPUSH");
+        let replicated: u64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(10_000)
+            .query_async(&mut master)
+            .await
+            .expect("WAIT");
+        assert_eq!(replicated, 1);
+
+        let check = run_courier(&vars, dir, &["check"]).await;
+        let report = String::from_utf8_lossy(&check.stdout);
+        let master_port = sentinels.set.master.port;
+        assert!(
+            report.contains(&format!("names 127.0.0.1:{master_port} as the master")),
+            "{report}"
+        );
+        assert!(report.contains("1 healthy replica(s)"), "{report}");
+
+        let mut worker = spawn_worker(&vars, dir);
+        let mut out = Lines::new(&mut worker);
+        out.wait_for("through Sentinel").await;
+        assert!(sink.wait_for(WAIT, |r| r.delivered().len() >= 200).await);
+        let mut sentinels = sentinels;
+        sentinels.set.master.kill().await;
+
+        let line = out.wait_for("Redis master changed").await;
+        assert!(line.contains(&format!("127.0.0.1:{replica_port}")), "{line}");
+        let everything = sink
+            .wait_for(Duration::from_secs(60), |r| {
+                let seen: BTreeSet<String> = r.delivered().into_iter().collect();
+                ids.is_subset(&seen)
+            })
+            .await;
+        assert!(everything, "every message delivered at least once across the failover");
+
+        // With its only replica promoted, the new master has none: check says so.
+        let check = run_courier(&vars, dir, &["check"]).await;
+        let report = String::from_utf8_lossy(&check.stdout);
+        assert!(
+            report.contains(&format!("names 127.0.0.1:{replica_port} as the master")),
+            "{report}"
+        );
+        assert!(report.contains("no healthy replica"), "{report}");
+
+        stop_worker(worker).await;
+        let left: Vec<String> = redis::cmd("KEYS")
+            .arg("*")
+            .query_async(&mut node(replica_port).await)
+            .await
+            .expect("KEYS");
+        assert_eq!(
+            left,
+            [keys().clock],
+            "every key but the queue's clock ends empty on the new master"
+        );
+    }
 }
