@@ -548,8 +548,6 @@ impl Source<'_> {
         Ok(PathBuf::from(text.trim()))
     }
 
-    /// `redis://[user[:password]@]host[:port][/db]`: replaces host, port and database, and the
-    /// user and password when it names them (percent-encoded characters allowed).
     /// The files for TLS to Redis, checked for consistency (present ones are read at start).
     fn redis_tls(&self, on: bool) -> Result<Option<RedisTls>, ConfigError> {
         let optional = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
@@ -585,7 +583,9 @@ impl Source<'_> {
         Ok(Some(RedisTls { ca_file, client }))
     }
 
-    /// Applies a Redis URL; true when it asks for TLS (`rediss://`).
+    /// Applies a Redis URL, `redis://[user[:password]@]host[:port][/db]`: replaces host, port
+    /// and database, and the user and password when it names them (percent-encoded characters
+    /// allowed). True when it asks for TLS (`rediss://`).
     fn apply_redis_url(&self, text: &str, redis: &mut RedisSettings) -> Result<bool, ConfigError> {
         let key = "redis.url";
         let url = Url::parse(text).map_err(|e| {
