@@ -1,6 +1,6 @@
 //! Settings: the Python worker's defaults, an optional `config.yaml` with `${VAR}` /
-//! `${VAR:-default}` expanded, and that worker's environment variables on top. Everything is parsed and checked once,
-//! here; past `Settings::load` nothing re-checks.
+//! `${VAR:-default}` expanded, and that worker's environment variables on top. Everything is
+//! parsed and checked once, here; past `Settings::load` nothing re-checks.
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -575,7 +575,8 @@ impl Source<'_> {
             if ca_file.is_some() || client.is_some() {
                 return Err(self.invalid(
                     "redis.tls",
-                    "is off while REDIS_CA_CERT_PATH, REDIS_CERT_PATH or REDIS_KEY_PATH is set; set REDIS_TLS=true or use a rediss:// REDIS_URL",
+                    "is off while REDIS_CA_CERT_PATH, REDIS_CERT_PATH or REDIS_KEY_PATH is set; \
+                     set REDIS_TLS=true or use a rediss:// REDIS_URL",
                 ));
             }
             return Ok(None);
@@ -605,7 +606,9 @@ impl Source<'_> {
         if url.query().is_some() || url.fragment().is_some() {
             return Err(self.invalid(
                 key,
-                "has a query (?...) or a fragment (#...), which courier does not read: remove it. The database is the path (redis://host:6379/0), TLS is rediss:// and Redis's certificate is always verified (REDIS_CA_CERT_PATH for a private CA)",
+                "has a query (?...) or a fragment (#...), which courier does not read: remove it. \
+                 The database is the path (redis://host:6379/0), TLS is rediss:// and Redis's \
+                 certificate is always verified (REDIS_CA_CERT_PATH for a private CA)",
             ));
         }
         redis.host = match url.host_str() {
@@ -662,7 +665,8 @@ impl Source<'_> {
             {
                 return Err(self.invalid(
                     key,
-                    "expected non-empty names of up to 200 characters without spaces, separated by commas",
+                    "expected non-empty names of up to 200 characters without spaces, \
+                     separated by commas",
                 ));
             }
         }
@@ -705,17 +709,22 @@ impl Source<'_> {
             (false, true) if url => Err(self.conflict(
                 "redis.sentinels",
                 "redis.url",
-                "with sentinels the master's address comes from them; put user and password in REDIS_USERNAME and REDIS_PASSWORD and unset REDIS_URL",
+                "with sentinels the master's address comes from them; put user and password \
+                 in REDIS_USERNAME and REDIS_PASSWORD and unset REDIS_URL",
             )),
             (true, false) if url => Err(self.conflict(
                 "redis.cluster_nodes",
                 "redis.url",
-                "in Cluster mode the nodes come from REDIS_CLUSTER_NODES; put user and password in REDIS_USERNAME and REDIS_PASSWORD and unset REDIS_URL",
+                "in Cluster mode the nodes come from REDIS_CLUSTER_NODES; put user and password \
+                 in REDIS_USERNAME and REDIS_PASSWORD and unset REDIS_URL",
             )),
             (false, true) => {
                 let master = self.text("redis.sentinel_master")?.trim().to_string();
                 if master.is_empty() || master.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(self.invalid("redis.sentinel_master", "expected the master's name as the sentinels know it, e.g. mymaster"));
+                    return Err(self.invalid(
+                        "redis.sentinel_master",
+                        "expected the master's name as the sentinels know it, e.g. mymaster",
+                    ));
                 }
                 Ok(Topology::Sentinel {
                     sentinels,
@@ -755,7 +764,8 @@ impl Source<'_> {
             ("http", true) => {
                 return Err(self.invalid(
                     "main_server.url",
-                    "must start with https:// while TLS is enabled (set TLS_ENABLED=false only for a plain-HTTP test server)",
+                    "must start with https:// while TLS is enabled \
+                     (set TLS_ENABLED=false only for a plain-HTTP test server)",
                 ))
             }
             ("https", false) => {
@@ -807,7 +817,10 @@ impl Source<'_> {
             if let Some(name) = redis.queues.iter().find(|q| !cluster_safe_name(q)) {
                 return Err(self.invalid(
                     "redis.queue_names",
-                    &format!("queue {name:?} has braces that are not a hash tag; in a cluster a queue name may contain {{...}} only as a non-empty hash tag"),
+                    &format!(
+                        "queue {name:?} has braces that are not a hash tag; in a cluster a queue \
+                         name may contain {{...}} only as a non-empty hash tag"
+                    ),
                 ));
             }
         }
@@ -888,7 +901,8 @@ impl Source<'_> {
                 .map_err(|e| self.invalid("main_server.outcomes", &e))?,
             rate_limit: self.real(
                 "worker.rate_limit",
-                "expected deliveries per second from 0.001 (one in 1,000 s) to 1000000, or 0 for no limit",
+                "expected deliveries per second from 0.001 (one in 1,000 s) to 1000000, \
+                 or 0 for no limit",
                 |rate| rate == 0.0 || (0.001..=1e6).contains(&rate),
             )?,
             retry_jitter: self.real(
@@ -914,7 +928,8 @@ impl Source<'_> {
                 token if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) => {
                     return Err(self.invalid(
                         "metrics.admin_token",
-                        "expected at least 16 characters without spaces, e.g. from `openssl rand -hex 32`",
+                        "expected at least 16 characters without spaces, \
+                         e.g. from `openssl rand -hex 32`",
                     ))
                 }
                 token => Some(Secret(token)),
@@ -1130,7 +1145,8 @@ impl OutcomeRules {
             }
             if kind == StatusOutcome::Delivered && !(first >= 400 && last <= 499) {
                 return Err(format!(
-                    "{entry:?}: only a 4xx can count as delivered (a 1xx, 3xx or 5xx means the main server does not have the message; it would be lost)"
+                    "{entry:?}: only a 4xx can count as delivered (a 1xx, 3xx or 5xx means \
+                     the main server does not have the message; it would be lost)"
                 ));
             }
             let hidden = (first..=last).all(|s| rules.iter().any(|(f, l, _)| (*f..=*l).contains(&s)));
@@ -1267,10 +1283,23 @@ mod tests {
 
     #[test]
     fn the_old_workers_config_file_loads_with_its_bare_variables_unset() {
-        let old = "redis:\n  host: \"${REDIS_HOST}\"\n  port: ${REDIS_PORT}\n  queue_name: \"message_queue\"\n\
-                    worker:\n  concurrency: ${WORKER_CONCURRENCY}\n  retry_interval: ${WORKER_RETRY_INTERVAL}\n  max_attempts: ${WORKER_MAX_ATTEMPTS}\n\
-                    tls:\n  enabled: true\n  cert_file: \"certs/worker.crt\"\n  key_file: \"certs/worker.key\"\n  ca_file: \"certs/ca.crt\"\n\
-                    metrics:\n  enabled: true\n  port: 9100\n";
+        let old = r#"redis:
+  host: "${REDIS_HOST}"
+  port: ${REDIS_PORT}
+  queue_name: "message_queue"
+worker:
+  concurrency: ${WORKER_CONCURRENCY}
+  retry_interval: ${WORKER_RETRY_INTERVAL}
+  max_attempts: ${WORKER_MAX_ATTEMPTS}
+tls:
+  enabled: true
+  cert_file: "certs/worker.crt"
+  key_file: "certs/worker.key"
+  ca_file: "certs/ca.crt"
+metrics:
+  enabled: true
+  port: 9100
+"#;
         let s = load_yaml(old, &[("REDIS_HOST", "redis.internal")]).unwrap();
         assert_eq!(s.redis.host, "redis.internal");
         assert_eq!(s.redis.port, 6379);
