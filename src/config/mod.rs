@@ -1223,7 +1223,7 @@ mod tests {
 
     #[test]
     fn the_shipped_config_yaml_loads_and_variables_still_win() {
-        let shipped = include_str!("../config.yaml");
+        let shipped = include_str!("../../config.yaml");
         let s = load_yaml(shipped, &[]).unwrap_or_else(|e| panic!("config.yaml must load: {e}"));
         assert!(!s.main_server.http2, "HTTP/1.1 unless asked");
         assert_eq!((s.worker.concurrency, s.worker.batch_size), (4, 10));
@@ -1322,7 +1322,7 @@ metrics:
 
     #[test]
     fn any_character_in_a_variable_works_and_comments_are_never_expanded() {
-        let shipped = include_str!("../config.yaml");
+        let shipped = include_str!("../../config.yaml");
         for password in [
             "p\"q",
             "ends\\",
@@ -1414,8 +1414,8 @@ metrics:
 
     #[test]
     fn every_setting_is_documented_in_the_readme_and_the_shipped_config() {
-        let readme = include_str!("../README.md");
-        let shipped = include_str!("../config.yaml");
+        let readme = include_str!("../../README.md");
+        let shipped = include_str!("../../config.yaml");
         for (key, env, _default) in known_settings() {
             let row = format!("| `{env}` | `{key}` | ");
             assert!(readme.contains(&row), "README lacks the row for {env}");
