@@ -10,10 +10,12 @@ use std::time::Duration;
 use config::{Config, File, FileFormat, Value, ValueKind};
 use url::Url;
 
+mod env;
 mod keys;
 #[cfg(test)]
 mod testing;
 
+pub use env::{Env, InstanceEnv, ProcessEnv};
 use keys::KNOWN;
 pub use keys::{default_batch_size, known_settings};
 
@@ -239,44 +241,6 @@ pub struct LoggingSettings {
     pub max_file_bytes: u64,
     /// The old worker's text line, or one JSON object per line.
     pub format: LogFormat,
-}
-
-/// Where settings come from: the environment is a parameter so tests need not mutate the
-/// process's own.
-pub trait Env {
-    fn var(&self, name: &str) -> Option<String>;
-}
-
-/// The real process environment.
-pub struct ProcessEnv;
-
-impl Env for ProcessEnv {
-    fn var(&self, name: &str) -> Option<String> {
-        std::env::var(name).ok()
-    }
-}
-
-/// The environment of a systemd instance `worker@N` run with `--instance N`: WORKER_ID defaults
-/// to `worker-N` and WORKER_METRICS_PORT to 9100 + N - 1; set either variable to override it.
-pub struct InstanceEnv<E: Env> {
-    pub instance: u32,
-    pub env: E,
-}
-
-impl<E: Env> Env for InstanceEnv<E> {
-    fn var(&self, name: &str) -> Option<String> {
-        self.env.var(name).or_else(|| match name {
-            "WORKER_ID" => Some(format!("worker-{}", self.instance)),
-            "WORKER_METRICS_PORT" => Some((9099 + u64::from(self.instance)).to_string()),
-            _ => None,
-        })
-    }
-}
-
-impl<F: Fn(&str) -> Option<String>> Env for F {
-    fn var(&self, name: &str) -> Option<String> {
-        self(name)
-    }
 }
 
 impl Settings {
@@ -1242,22 +1206,6 @@ metrics:
             .map_err(|e| one_line(&e))
             .unwrap_err();
         assert!(!err.contains("hunter2"), "{err}");
-    }
-
-    #[test]
-    fn an_instance_number_derives_id_and_port_unless_the_environment_says_otherwise() {
-        let derived = InstanceEnv {
-            instance: 3,
-            env: env(&[]),
-        };
-        let s = Settings::load(None, &derived).unwrap();
-        assert_eq!((s.worker.id.as_str(), s.metrics.port), ("worker-3", 9102));
-        let overridden = InstanceEnv {
-            instance: 3,
-            env: env(&[("WORKER_METRICS_PORT", "9200"), ("WORKER_ID", "special")]),
-        };
-        let s = Settings::load(None, &overridden).unwrap();
-        assert_eq!((s.worker.id.as_str(), s.metrics.port), ("special", 9200));
     }
 
     #[test]
