@@ -2,17 +2,17 @@
 //! `${VAR:-default}` expanded, and that worker's environment variables on top. Everything is
 //! parsed and checked once, here; past `Settings::load` nothing re-checks.
 
-use std::fmt;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use config::{Config, File, FileFormat, Value, ValueKind};
+use config::{Config, File, FileFormat};
 use url::Url;
 
 mod env;
 mod expand;
 mod keys;
+mod read;
 #[cfg(test)]
 mod testing;
 
@@ -21,53 +21,8 @@ use expand::expand_values;
 pub use expand::{expand, ExpandError};
 use keys::KNOWN;
 pub use keys::{default_batch_size, known_settings};
-
-/// Why the configuration was refused. Each names the setting or the file; a cause, where
-/// there is one, is the `source()` (render the whole with `telemetry::one_line`).
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    #[error("config file {}: cannot read it; pass an existing file to --config", path.display())]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error("config file {}: not valid YAML", path.display())]
-    Yaml {
-        path: PathBuf,
-        #[source]
-        source: config::ConfigError,
-    },
-    #[error("config file {}: `{key}`", path.display())]
-    Expand {
-        path: PathBuf,
-        key: String,
-        #[source]
-        source: ExpandError,
-    },
-    #[error("{0}")]
-    Setting(String),
-}
-
-/// A password: kept out of `Debug` output and logs.
-#[derive(Clone, Default, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    /// The secret itself, for the one place that must send it.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(if self.0.is_empty() { "\"\"" } else { "\"***\"" })
-    }
-}
+use read::{parse_level, Source};
+pub use read::{ConfigError, Secret};
 
 /// Everything courier needs to run, typed and checked.
 #[derive(Debug, Clone)]
@@ -301,94 +256,7 @@ impl Settings {
     }
 }
 
-/// The merged configuration, read key by key with errors that name the key and its variable.
-struct Source<'a> {
-    merged: &'a Config,
-    env: &'a dyn Env,
-}
-
 impl Source<'_> {
-    /// The setting's text, or an error naming it.
-    fn text(&self, key: &str) -> Result<String, ConfigError> {
-        let value: Value = self.merged.get(key).map_err(|e| self.invalid(key, &e.to_string()))?;
-        match value.kind {
-            ValueKind::Table(_) | ValueKind::Array(_) => {
-                Err(self.invalid(key, "expected a single value, found a list or mapping"))
-            }
-            ValueKind::Nil => Ok(String::new()),
-            _ => value.into_string().map_err(|e| self.invalid(key, &e.to_string())),
-        }
-    }
-
-    /// One line naming the setting, its variable, the offending value (never a password's) and
-    /// what was expected.
-    fn invalid(&self, key: &str, expected: &str) -> ConfigError {
-        let known = KNOWN.iter().find(|k| k.key == key);
-        let env = known.map(|k| k.env).unwrap_or("");
-        // A password never shows, nor a URL, which may carry one.
-        let value = if key.ends_with("password") || key.ends_with("token") || key == "redis.url" {
-            String::new()
-        } else {
-            match self.merged.get_string(key) {
-                Ok(v) => format!(" = {v:?}"),
-                Err(_) => String::new(),
-            }
-        };
-        let origin = match self.env.var(env) {
-            Some(_) => format!(" (from environment variable {env})"),
-            None => format!(" (environment variable {env})"),
-        };
-        ConfigError::Setting(format!("invalid setting {key}{value}{origin}: {expected}"))
-    }
-
-    fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T, ConfigError> {
-        self.text(key)?.trim().parse().map_err(|_| self.invalid(key, expected))
-    }
-
-    fn number<T>(&self, key: &str, min: T, max: T) -> Result<T, ConfigError>
-    where
-        T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
-    {
-        let expected = format!("expected a whole number from {min} to {max}");
-        let value: T = self.parse(key, &expected)?;
-        if value < min || value > max {
-            return Err(self.invalid(key, &expected));
-        }
-        Ok(value)
-    }
-
-    /// A number for which `fits` holds; otherwise refused with `expected`.
-    fn real(&self, key: &str, expected: &str, fits: impl Fn(f64) -> bool) -> Result<f64, ConfigError> {
-        let value: f64 = self.parse(key, expected)?;
-        if !fits(value) {
-            return Err(self.invalid(key, expected));
-        }
-        Ok(value)
-    }
-
-    /// A duration in seconds; fractions allowed (`0.5`).
-    fn seconds(&self, key: &str, min: f64, max: f64) -> Result<Duration, ConfigError> {
-        let expected = format!("expected a number of seconds from {min} to {max}");
-        let value = self.real(key, &expected, |value| (min..=max).contains(&value))?;
-        Ok(Duration::from_secs_f64(value))
-    }
-
-    fn flag(&self, key: &str) -> Result<bool, ConfigError> {
-        match self.text(key)?.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => Ok(true),
-            "false" | "0" | "no" | "off" => Ok(false),
-            _ => Err(self.invalid(key, "expected true or false")),
-        }
-    }
-
-    fn path(&self, key: &str) -> Result<PathBuf, ConfigError> {
-        let text = self.text(key)?;
-        if text.trim().is_empty() {
-            return Err(self.invalid(key, "expected a file path, found nothing"));
-        }
-        Ok(PathBuf::from(text.trim()))
-    }
-
     /// The files for TLS to Redis, checked for consistency (present ones are read at start).
     fn redis_tls(&self, on: bool) -> Result<Option<RedisTls>, ConfigError> {
         let optional = |key: &str| -> Result<Option<PathBuf>, ConfigError> {
@@ -577,16 +445,6 @@ impl Source<'_> {
             (true, false) => Ok(Topology::Cluster { nodes }),
             (true, true) => Ok(Topology::Single),
         }
-    }
-
-    /// Two settings that cannot go together: one line naming both.
-    fn conflict(&self, first: &str, second: &str, why: &str) -> ConfigError {
-        let env = |key: &str| KNOWN.iter().find(|k| k.key == key).map(|k| k.env).unwrap_or("");
-        ConfigError::Setting(format!(
-            "conflicting settings {first} ({}) and {second} ({}): {why}",
-            env(first),
-            env(second)
-        ))
     }
 
     fn settings(&self) -> Result<Settings, ConfigError> {
@@ -797,18 +655,6 @@ impl Source<'_> {
             metrics,
             logging,
         })
-    }
-}
-
-/// Python's level names as the old worker took them, plus TRACE and WARN.
-fn parse_level(text: &str) -> Option<tracing::Level> {
-    match text.trim().to_ascii_uppercase().as_str() {
-        "TRACE" => Some(tracing::Level::TRACE),
-        "DEBUG" => Some(tracing::Level::DEBUG),
-        "INFO" => Some(tracing::Level::INFO),
-        "WARNING" | "WARN" => Some(tracing::Level::WARN),
-        "ERROR" | "CRITICAL" => Some(tracing::Level::ERROR),
-        _ => None,
     }
 }
 
@@ -1037,25 +883,6 @@ mod tests {
     }
 
     #[test]
-    fn bad_numbers_name_the_setting_and_the_variable() {
-        let err = load_yaml("", &[("WORKER_CONCURRENCY", "many")])
-            .map_err(|e| one_line(&e))
-            .unwrap_err();
-        assert!(
-            err.contains("worker.concurrency") && err.contains("WORKER_CONCURRENCY") && err.contains("\"many\""),
-            "{err}"
-        );
-        let err = load_yaml("redis:\n  port: 70000\n", &[])
-            .map_err(|e| one_line(&e))
-            .unwrap_err();
-        assert!(err.contains("redis.port") && err.contains("70000"), "{err}");
-        let err = load_yaml("", &[("WORKER_CONCURRENCY", "0")])
-            .map_err(|e| one_line(&e))
-            .unwrap_err();
-        assert!(err.contains("from 1 to"), "{err}");
-    }
-
-    #[test]
     fn plain_http_is_refused_while_tls_is_enabled() {
         let err = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000")])
             .map_err(|e| one_line(&e))
@@ -1063,17 +890,6 @@ mod tests {
         assert!(err.contains("main_server.url") && err.contains("https://"), "{err}");
         let ok = load_yaml("", &[("MAIN_SERVER_URL", "http://main:8000"), ("TLS_ENABLED", "false")]).unwrap();
         assert!(!ok.tls.enabled);
-    }
-
-    #[test]
-    fn passwords_never_appear_in_errors_or_debug_output() {
-        let s = load_yaml("", &[("REDIS_PASSWORD", "hunter2")]).unwrap();
-        assert_eq!(s.redis.password.expose(), "hunter2");
-        assert!(!format!("{s:?}").contains("hunter2"));
-        let err = load_yaml("redis:\n  password:\n    nested: hunter2\n", &[])
-            .map_err(|e| one_line(&e))
-            .unwrap_err();
-        assert!(!err.contains("hunter2"), "{err}");
     }
 
     #[test]
