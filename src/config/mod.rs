@@ -1,6 +1,13 @@
 //! Settings: the Python worker's defaults, an optional `config.yaml` with `${VAR}` /
 //! `${VAR:-default}` expanded, and that worker's environment variables on top. Everything is
 //! parsed and checked once, here; past `Settings::load` nothing re-checks.
+//!
+//! This file holds `Settings`, the load (defaults, then the file, then the environment) and
+//! the small sections (`tls`, `main_server`, `metrics`, `logging`). The rest, a file each:
+//! `keys` (every known setting, its variable and default), `env` (where variables come from),
+//! `expand` (`${VAR}` in the file), `read` (the typed readers and `ConfigError`), and the
+//! sections with the plain types the configured modules read: `redis`, `worker`, `outcomes`.
+//! `config` imports no other module of the crate (docs/design.md, "The map of the code").
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -149,18 +156,44 @@ impl Settings {
 }
 
 impl Source<'_> {
+    /// Every section, read in the order the checks have always run: of several wrong settings,
+    /// the one named is the same. The main server's URL comes right after `tls`, whose
+    /// `enabled` it must agree with.
     fn settings(&self) -> Result<Settings, ConfigError> {
-        let tls = TlsSettings {
+        let tls = self.tls()?;
+        let url = self.main_server_url(tls.enabled)?;
+        let redis = self.redis()?;
+        let worker = self.worker()?;
+        let main_server = self.main_server(url)?;
+        let metrics = self.metrics()?;
+        let logging = self.logging()?;
+        Ok(Settings {
+            redis,
+            main_server,
+            worker,
+            tls,
+            metrics,
+            logging,
+        })
+    }
+
+    /// The `tls` section: the worker's certificate, key and CA for the main server.
+    fn tls(&self) -> Result<TlsSettings, ConfigError> {
+        Ok(TlsSettings {
             enabled: self.flag("tls.enabled")?,
             reload_interval: self.seconds("tls.reload_interval", 0.05, 86_400.0)?,
             cert_file: self.path("tls.cert_file")?,
             key_file: self.path("tls.key_file")?,
             ca_file: self.path("tls.ca_file")?,
-        };
+        })
+    }
+
+    /// MAIN_SERVER_URL: https:// while TLS is on, http:// while it is off, with a host.
+    fn main_server_url(&self, tls_enabled: bool) -> Result<Url, ConfigError> {
         let url_text = self.text("main_server.url")?;
         let url =
             Url::parse(url_text.trim()).map_err(|e| self.invalid("main_server.url", &format!("not a URL ({e})")))?;
-        match (url.scheme(), tls.enabled) {
+        match (url.scheme(), tls_enabled) {
             ("https", true) | ("http", false) => {}
             ("http", true) => {
                 return Err(self.invalid(
@@ -180,19 +213,23 @@ impl Source<'_> {
         if url.host_str().is_none() {
             return Err(self.invalid("main_server.url", "has no host name"));
         }
+        Ok(url)
+    }
 
-        let redis = self.redis()?;
-
-        let worker = self.worker()?;
-
-        let main_server = MainServerSettings {
+    /// The rest of the `main_server` section, around its checked `url`.
+    fn main_server(&self, url: Url) -> Result<MainServerSettings, ConfigError> {
+        Ok(MainServerSettings {
             url,
             connect_timeout: self.seconds("main_server.connect_timeout", 0.01, 600.0)?,
             request_timeout: self.seconds("main_server.request_timeout", 0.01, 3_600.0)?,
             http2: self.flag("main_server.http2")?,
             trace_context: self.flag("main_server.trace_context")?,
-        };
-        let metrics = MetricsSettings {
+        })
+    }
+
+    /// The `metrics` section: the admin port and its token.
+    fn metrics(&self) -> Result<MetricsSettings, ConfigError> {
+        Ok(MetricsSettings {
             enabled: self.flag("metrics.enabled")?,
             bind: self.parse("metrics.bind", "expected an IP address such as 0.0.0.0 or 127.0.0.1")?,
             port: self.number("metrics.port", 0, u16::MAX)?,
@@ -207,11 +244,15 @@ impl Source<'_> {
                 }
                 token => Some(Secret(token)),
             },
-        };
+        })
+    }
+
+    /// The `logging` section.
+    fn logging(&self) -> Result<LoggingSettings, ConfigError> {
         let level = parse_level(&self.text("logging.level")?)
             .ok_or_else(|| self.invalid("logging.level", "expected DEBUG, INFO, WARNING or ERROR"))?;
         let max_file_mb: u64 = self.number("logging.max_file_mb", 1, 1_000_000)?;
-        let logging = LoggingSettings {
+        Ok(LoggingSettings {
             level,
             file_path: self.path("logging.file_path")?,
             max_file_bytes: max_file_mb.saturating_mul(1024 * 1024),
@@ -220,14 +261,6 @@ impl Source<'_> {
                 "json" => LogFormat::Json,
                 _ => return Err(self.invalid("logging.format", "expected text or json")),
             },
-        };
-        Ok(Settings {
-            redis,
-            main_server,
-            worker,
-            tls,
-            metrics,
-            logging,
         })
     }
 }
