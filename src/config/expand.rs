@@ -9,10 +9,13 @@ use super::Env;
 /// Why a `${VAR}` in a config value could not be expanded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ExpandError {
+    /// `${` with no `}` after it.
     #[error("`${{` without a closing `}}`")]
     Unclosed,
+    /// Between the braces, something other than a variable's name (and a default).
     #[error("`${{{0}}}` is not a variable reference")]
     NotAReference(String),
+    /// A variable that is not set, has no default and is not one of courier's.
     #[error("${{{0}}} is not set and has no default; set it or write ${{{0}:-value}}")]
     Unset(String),
 }

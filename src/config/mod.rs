@@ -40,18 +40,28 @@ pub use worker::{Backoff, BreakerSettings, WorkerSettings};
 /// Everything courier needs to run, typed and checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
+    /// Where Redis is, how to log in, and the queues.
     pub redis: RedisSettings,
+    /// Where messages are delivered.
     pub main_server: MainServerSettings,
+    /// The worker's id, pace, retries and breaker.
     pub worker: WorkerSettings,
+    /// The worker's certificate for the main server.
     pub tls: TlsSettings,
+    /// The admin port.
     pub metrics: MetricsSettings,
+    /// The log files.
     pub logging: LoggingSettings,
 }
 
+/// The main server messages are delivered to (`main_server`).
 #[derive(Debug, Clone)]
 pub struct MainServerSettings {
+    /// Its base URL: https:// while TLS is on, http:// while it is off.
     pub url: Url,
+    /// TCP and TLS connect timeout.
     pub connect_timeout: Duration,
+    /// Whole-request timeout.
     pub request_timeout: Duration,
     /// Offer HTTP/2 in the TLS handshake; HTTP/1.1 is used when the server does not take it.
     pub http2: bool,
@@ -59,29 +69,41 @@ pub struct MainServerSettings {
     pub trace_context: bool,
 }
 
+/// Mutual TLS to the main server (`tls`): PEM files, read at start and when they change.
 #[derive(Debug, Clone)]
 pub struct TlsSettings {
+    /// Off only for a plain-http:// test server.
     pub enabled: bool,
     /// How often the files are checked for changes (SIGHUP checks at once).
     pub reload_interval: Duration,
+    /// The worker's client certificate (a chain allowed).
     pub cert_file: PathBuf,
+    /// Its private key.
     pub key_file: PathBuf,
+    /// The only CA trusted for the main server.
     pub ca_file: PathBuf,
 }
 
+/// The admin port (`metrics`): /metrics, /health, /ready, /stats, and /dlq and /ui with a token.
 #[derive(Debug, Clone)]
 pub struct MetricsSettings {
+    /// Off: no admin port at all.
     pub enabled: bool,
+    /// The address it listens on.
     pub bind: IpAddr,
+    /// Its port (0: one the system picks).
     pub port: u16,
     /// The bearer token of the admin port's `/dlq` API and `/ui` page (ADMIN_TOKEN); `None`:
     /// they are off.
     pub admin_token: Option<Secret>,
 }
 
+/// The log (`logging`).
 #[derive(Debug, Clone)]
 pub struct LoggingSettings {
+    /// The least severe level written.
     pub level: tracing::Level,
+    /// The directory of the log files.
     pub file_path: PathBuf,
     /// A log file rolls over to the next at this size (and at midnight UTC).
     pub max_file_bytes: u64,

@@ -5,8 +5,11 @@
 /// (`MAIN_SERVER_OUTCOMES`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StatusOutcome {
+    /// The server has the message: acknowledged.
     Delivered,
+    /// Tried again later.
     Retry,
+    /// Dead-lettered at once.
     Reject,
 }
 

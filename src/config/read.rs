@@ -15,18 +15,21 @@ use super::{Env, ExpandError};
 /// there is one, is the `source()` (render the whole with `telemetry::one_line`).
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
+    /// The config file could not be read.
     #[error("config file {}: cannot read it; pass an existing file to --config", path.display())]
     Read {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    /// The config file is not YAML (or its values do not merge).
     #[error("config file {}: not valid YAML", path.display())]
     Yaml {
         path: PathBuf,
         #[source]
         source: config::ConfigError,
     },
+    /// A `${VAR}` in the value of `key` could not be expanded.
     #[error("config file {}: `{key}`", path.display())]
     Expand {
         path: PathBuf,
@@ -34,6 +37,7 @@ pub enum ConfigError {
         #[source]
         source: ExpandError,
     },
+    /// A setting is unknown, wrong or in conflict with another: the line says which.
     #[error("{0}")]
     Setting(String),
 }
@@ -47,6 +51,7 @@ impl Secret {
     pub fn expose(&self) -> &str {
         &self.0
     }
+    /// True when no password is set.
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
@@ -98,10 +103,12 @@ impl Source<'_> {
         ConfigError::Setting(format!("invalid setting {key}{value}{origin}: {expected}"))
     }
 
+    /// The setting parsed as a `T`; otherwise refused with `expected`.
     pub(super) fn parse<T: std::str::FromStr>(&self, key: &str, expected: &str) -> Result<T, ConfigError> {
         self.text(key)?.trim().parse().map_err(|_| self.invalid(key, expected))
     }
 
+    /// A whole number from `min` to `max`.
     pub(super) fn number<T>(&self, key: &str, min: T, max: T) -> Result<T, ConfigError>
     where
         T: std::str::FromStr + PartialOrd + fmt::Display + Copy,
@@ -130,6 +137,7 @@ impl Source<'_> {
         Ok(Duration::from_secs_f64(value))
     }
 
+    /// true/false, 1/0, yes/no or on/off.
     pub(super) fn flag(&self, key: &str) -> Result<bool, ConfigError> {
         match self.text(key)?.trim().to_ascii_lowercase().as_str() {
             "true" | "1" | "yes" | "on" => Ok(true),
@@ -138,6 +146,7 @@ impl Source<'_> {
         }
     }
 
+    /// A file or directory path, which may not be empty.
     pub(super) fn path(&self, key: &str) -> Result<PathBuf, ConfigError> {
         let text = self.text(key)?;
         if text.trim().is_empty() {

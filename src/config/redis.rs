@@ -8,13 +8,18 @@ use url::Url;
 
 use super::{ConfigError, Secret, Source};
 
+/// Redis (`redis`): where it is, how to log in, the queues, TLS.
 #[derive(Debug, Clone)]
 pub struct RedisSettings {
+    /// The host of a single Redis (REDIS_HOST, or REDIS_URL's).
     pub host: String,
+    /// Its port.
     pub port: u16,
+    /// The database number (always 0 in a cluster).
     pub db: i64,
     /// An ACL user; empty: the default user.
     pub username: String,
+    /// The password of that user; empty: none.
     pub password: Secret,
     /// The queues this worker takes messages from, in priority order; never empty.
     pub queues: Vec<String>,
@@ -88,7 +93,9 @@ pub enum Topology {
 /// `tls-auth-clients yes`, the client certificate and key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisTls {
+    /// The only CA trusted for Redis's certificate; `None`: the system's trust store.
     pub ca_file: Option<PathBuf>,
+    /// The client certificate and its key, when Redis asks for one.
     pub client: Option<(PathBuf, PathBuf)>,
 }
 

@@ -5,16 +5,26 @@ use std::time::Duration;
 
 use super::{default_batch_size, ConfigError, OutcomeRules, Source};
 
+/// The worker (`worker`, and `main_server.outcomes`).
 #[derive(Debug, Clone)]
 pub struct WorkerSettings {
+    /// Unique among the workers of one Redis; part of its processing list's key.
     pub id: String,
+    /// Delivery slots: messages delivered at once.
     pub concurrency: usize,
+    /// The wait before a failed message is tried again (the first wait, when exponential).
     pub retry_interval: Duration,
+    /// Attempts before a message is dead-lettered.
     pub max_attempts: u32,
+    /// The most messages claimed in one Redis call.
     pub batch_size: usize,
+    /// How long deliveries under way get on shutdown.
     pub shutdown_grace: Duration,
+    /// Larger items are dead-lettered as `too_large`.
     pub max_message_bytes: usize,
+    /// Time between heartbeats (and gauge refreshes).
     pub heartbeat_interval: Duration,
+    /// A worker whose heartbeat stayed unchanged this long counts as gone.
     pub dead_after: Duration,
     /// Runtime threads: 1 (one thread), N, or 0 for one per core.
     pub threads: usize,
@@ -65,7 +75,10 @@ pub enum Backoff {
     /// Always `retry_interval`.
     Fixed,
     /// `retry_interval × 2^(failures − 1)`, at most `max_interval`.
-    Exponential { max_interval: Duration },
+    Exponential {
+        /// The longest wait.
+        max_interval: Duration,
+    },
 }
 
 impl Source<'_> {
