@@ -1,6 +1,7 @@
 //! The last check of `courier check`: a real request to the main server over mutual TLS, and
 //! on failure a fix named by what went wrong.
 
+use super::tls::tls_fix;
 use super::Check;
 use crate::config::Settings;
 use crate::delivery::{probe, rustls_error, Client, DeliveryError};
@@ -41,7 +42,7 @@ pub(super) async fn main_server_check(settings: &Settings, tls: &ClientTls) -> C
     let Some(error) = failed else {
         return Check::fail("main server", "no answer", "check MAIN_SERVER_URL");
     };
-    let tls = rustls_error(&error).map(|tls| super::tls::tls_fix(tls, url.host_str().unwrap_or("")));
+    let tls = rustls_error(&error).map(|tls| tls_fix(tls, url.host_str().unwrap_or("")));
     let closed = closed_without_answer(&error);
     let fix = match (tls, &error) {
         (Some(fix), _) => fix,
@@ -49,7 +50,10 @@ pub(super) async fn main_server_check(settings: &Settings, tls: &ClientTls) -> C
         (None, DeliveryError::Timeout(_)) => {
             "the main server did not answer in time: check the host, port and firewall".to_string()
         }
-        (None, _) if closed => "the main server closed the connection without answering: it most likely refused the worker certificate; check that it trusts the CA that issued WORKER_CERT_PATH, and MAIN_SERVER_URL".to_string(),
+        (None, _) if closed => "the main server closed the connection without answering: it \
+                                most likely refused the worker certificate; check that it \
+                                trusts the CA that issued WORKER_CERT_PATH, and MAIN_SERVER_URL"
+            .to_string(),
         (None, _) => "check MAIN_SERVER_URL".to_string(),
     };
     Check::fail("main server", one_line(&error), fix)

@@ -4,6 +4,7 @@
 
 use super::{Check, Verdict};
 use crate::config::{Settings, Topology};
+use crate::queue::{Conn, Keys};
 use crate::telemetry::one_line;
 
 /// Reachable with the credentials and new enough; under Sentinel, the master and its replicas;
@@ -26,7 +27,8 @@ pub(super) async fn redis_checks(settings: &Settings) -> Vec<Check> {
                 checks.push(Check::fail(
                     "redis sentinel",
                     format!("{}: {}", r.describe(), one_line(&e)),
-                    "start the sentinels, or correct REDIS_SENTINELS, REDIS_SENTINEL_MASTER and the sentinels' credentials",
+                    "start the sentinels, or correct REDIS_SENTINELS, REDIS_SENTINEL_MASTER and \
+                     the sentinels' credentials",
                 ));
                 return checks;
             }
@@ -36,7 +38,9 @@ pub(super) async fn redis_checks(settings: &Settings) -> Vec<Check> {
                 Check {
                     name: "redis replicas",
                     verdict: Verdict::Warn,
-                    detail: "the master has no healthy replica: a failover has nowhere to go, and whatever the master loses is lost".into(),
+                    detail: "the master has no healthy replica: a failover has nowhere to go, and \
+                             whatever the master loses is lost"
+                        .into(),
                     fix: Some("add a replica (replicaof) and let the sentinels see it".into()),
                 }
             } else {
@@ -67,10 +71,10 @@ pub(super) async fn redis_checks(settings: &Settings) -> Vec<Check> {
     if connector.clustered() {
         checks.push(cluster_check(&mut conn).await);
     }
-    let keys: Vec<crate::queue::Keys> = r
+    let keys: Vec<Keys> = r
         .queues
         .iter()
-        .map(|name| crate::queue::Keys::for_topology(name, connector.clustered()))
+        .map(|name| Keys::for_topology(name, connector.clustered()))
         .collect();
     checks.push(acl_check(&mut conn, &keys, &r.topology).await);
     checks.push(data_safety(&mut conn).await);
@@ -78,7 +82,7 @@ pub(super) async fn redis_checks(settings: &Settings) -> Vec<Check> {
 }
 
 /// The cluster's own view of itself: `cluster_state:ok` and every slot served.
-async fn cluster_check(conn: &mut crate::queue::Conn) -> Check {
+async fn cluster_check(conn: &mut Conn) -> Check {
     let texts = crate::queue::info_texts(conn, "CLUSTER", "INFO").await;
     let field = |text: &str, name: &str| {
         text.lines()
@@ -101,7 +105,8 @@ async fn cluster_check(conn: &mut crate::queue::Conn) -> Check {
                 field(text, "cluster_state").unwrap_or_default(),
                 field(text, "cluster_slots_ok").unwrap_or_default()
             ),
-            "bring the failed nodes back or fail over to their replicas (redis-cli --cluster check)",
+            "bring the failed nodes back or fail over to their replicas \
+             (redis-cli --cluster check)",
         ),
         None => Check::fail(
             "redis cluster",
@@ -114,7 +119,7 @@ async fn cluster_check(conn: &mut crate::queue::Conn) -> Check {
 /// Whether the Redis user may run every command courier uses on the queues' keys, asked of
 /// Redis itself with `ACL DRYRUN` (Redis 7) through the list `run` checks at start. A user
 /// that may not ask is told so, not failed.
-async fn acl_check(conn: &mut crate::queue::Conn, keys: &[crate::queue::Keys], topology: &Topology) -> Check {
+async fn acl_check(conn: &mut Conn, keys: &[Keys], topology: &Topology) -> Check {
     use crate::queue::acl::Permissions;
     let readme = "README, \"The Redis courier runs on\", lists what it needs";
     match crate::queue::acl::check(conn, keys, topology).await {
@@ -125,7 +130,8 @@ async fn acl_check(conn: &mut crate::queue::Conn, keys: &[crate::queue::Keys], t
         Permissions::Denied { user, missing } => Check::fail(
             "redis acl",
             format!("user {user} may not run {}", missing.join("; ")),
-            "grant them (README, \"The Redis courier runs on\", has the ACL SETUSER line for each topology)",
+            "grant them (README, \"The Redis courier runs on\", has the ACL SETUSER line for each \
+             topology)",
         ),
         Permissions::Unknown { reason } => Check::warn("redis acl", format!("not verified: {reason}; {readme}")),
     }
@@ -134,7 +140,7 @@ async fn acl_check(conn: &mut crate::queue::Conn, keys: &[crate::queue::Keys], t
 /// Whether Redis could drop queued messages: an eviction policy other than `noeviction`, or
 /// no persistence at all. Read from `INFO` (which managed services allow) and `CONFIG GET
 /// save` where permitted. Warnings, not failures: a cache-only Redis may be a choice.
-async fn data_safety(conn: &mut crate::queue::Conn) -> Check {
+async fn data_safety(conn: &mut Conn) -> Check {
     // A cluster answers INFO for every master: all of them count.
     let memory = crate::queue::info_texts(conn, "INFO", "memory").await.join("\n");
     let persistence = crate::queue::info_texts(conn, "INFO", "persistence").await.join("\n");
@@ -167,8 +173,11 @@ async fn data_safety(conn: &mut crate::queue::Conn) -> Check {
             .filter(|l| l.starts_with("aof_enabled:"))
             .all(|l| l.trim() == "aof_enabled:1");
     if !aof && save.as_deref().is_some_and(|s| s.trim().is_empty()) {
-        problems
-            .push("persistence is off (no AOF, no RDB snapshots): a Redis restart loses every queued message".into());
+        problems.push(
+            "persistence is off (no AOF, no RDB snapshots): a Redis restart loses every queued \
+             message"
+                .into(),
+        );
         fixes.push("set appendonly yes (or RDB save points)".to_string());
     }
     if problems.is_empty() {
@@ -185,7 +194,7 @@ async fn data_safety(conn: &mut crate::queue::Conn) -> Check {
     }
 }
 
-async fn redis_check(r: &crate::config::RedisSettings, conn: &mut crate::queue::Conn) -> Check {
+async fn redis_check(r: &crate::config::RedisSettings, conn: &mut Conn) -> Check {
     match crate::queue::server_version(conn).await {
         Ok(version) => {
             if crate::queue::supported_version(&version) {

@@ -121,7 +121,8 @@ fn chain_check(
         Err(e) => Check::fail(
             "chain",
             format!("the certificate does not verify against CA_CERT_PATH ({e})"),
-            "issue the worker certificate from the main server's CA (or, if the main server trusts a separate client CA, check with that one)",
+            "issue the worker certificate from the main server's CA (or, if the main server \
+             trusts a separate client CA, check with that one)",
         ),
     }
 }
@@ -148,7 +149,8 @@ fn key_permissions(path: &Path) -> Check {
                 Check::pass(
                     "key access",
                     format!(
-                        "mode {mode:o}: its owner and group {} can read it; keep that group to the service",
+                        "mode {mode:o}: its owner and group {} can read it; keep that group to \
+                         the service",
                         meta.gid()
                     ),
                 )
@@ -179,20 +181,27 @@ pub(super) fn tls_fix(error: &rustls::Error, host: &str) -> String {
     use rustls::{AlertDescription as Alert, CertificateError as Cert, Error};
     match error {
         Error::InvalidCertificate(Cert::UnknownIssuer | Cert::BadSignature) => {
-            "the main server's certificate is not signed by CA_CERT_PATH: point CA_CERT_PATH at its CA".to_string()
+            "the main server's certificate is not signed by CA_CERT_PATH: point CA_CERT_PATH at \
+             its CA"
+                .to_string()
         }
         Error::InvalidCertificate(Cert::NotValidForName | Cert::NotValidForNameContext { .. }) => format!(
-            "the main server's certificate does not name {host}: use the name it was issued for in MAIN_SERVER_URL, or reissue it with {host} as a subject alternative name"
+            "the main server's certificate does not name {host}: use the name it was issued for \
+             in MAIN_SERVER_URL, or reissue it with {host} as a subject alternative name"
         ),
         Error::InvalidCertificate(Cert::Expired | Cert::ExpiredContext { .. }) => {
-            "the main server's certificate has expired: renew it on the main server (or check this machine's clock)"
+            "the main server's certificate has expired: renew it on the main server (or check \
+             this machine's clock)"
                 .to_string()
         }
         Error::InvalidCertificate(Cert::NotValidYet | Cert::NotValidYetContext { .. }) => {
             "the main server's certificate is not valid yet: check the clocks of both machines".to_string()
         }
         Error::InvalidCertificate(other) => {
-            format!("the main server's certificate was refused ({other:?}): reissue it from the CA in CA_CERT_PATH")
+            format!(
+                "the main server's certificate was refused ({other:?}): reissue it from the CA in \
+                 CA_CERT_PATH"
+            )
         }
         Error::AlertReceived(
             Alert::BadCertificate
@@ -204,14 +213,22 @@ pub(super) fn tls_fix(error: &rustls::Error, host: &str) -> String {
             | Alert::UnsupportedCertificate
             | Alert::AccessDenied
             | Alert::DecryptError,
-        ) => "the main server refused the worker certificate: check that it trusts the CA that issued WORKER_CERT_PATH and that the certificate is current".to_string(),
+        ) => "the main server refused the worker certificate: check that it trusts the CA that \
+              issued WORKER_CERT_PATH and that the certificate is current"
+            .to_string(),
         Error::InvalidMessage(_) | Error::InappropriateMessage { .. } => {
-            "the main server does not speak TLS on that port: check MAIN_SERVER_URL's port, or whether it serves plain HTTP"
+            "the main server does not speak TLS on that port: check MAIN_SERVER_URL's port, or \
+             whether it serves plain HTTP"
                 .to_string()
         }
         Error::NoApplicationProtocol | Error::PeerIncompatible(_) => {
-            "the main server and courier share no TLS version, cipher or protocol: it needs TLS 1.2 or 1.3 and HTTP/1.1 or HTTP/2".to_string()
+            "the main server and courier share no TLS version, cipher or protocol: it needs TLS \
+             1.2 or 1.3 and HTTP/1.1 or HTTP/2"
+                .to_string()
         }
-        other => format!("the TLS handshake with the main server failed ({other}): check both sides' certificates"),
+        other => format!(
+            "the TLS handshake with the main server failed ({other}): check both sides' \
+             certificates"
+        ),
     }
 }
