@@ -15,8 +15,12 @@
 //!
 //! Linux only: it reads /proc.
 //!
-//! `measure` reads /proc and the clock, `rig` starts what a drain runs on, `report` prints.
+//! `run` reads as those steps. Beside it: `measure` (/proc, wait4, the clock), the rig
+//! (`rig`: Redis and the worker; `main_server`: the main server and the network in front of
+//! it; `baseline`: `ab -k`), and `report`, which prints.
 
+mod baseline;
+mod main_server;
 mod measure;
 mod report;
 mod rig;
@@ -27,10 +31,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context as _};
 use redis::AsyncCommands;
 
-use self::measure::{cpu_time, micros_now, ticks_per_second, wait_delivered};
-use self::report::{median, median_drain, print_baseline, print_rounds, render_latency};
-use self::rig::{baseline, signal, start_sink, stop, Drain, Network, Rig, Server, SinkProcess, CLUSTER_QUEUES};
-use crate::devtools::harness::{free_port, Pki, RedisServer};
+use tokio::process::Child;
+
+use self::baseline::{baseline, Baseline};
+use self::main_server::{MainServers, Network};
+use self::measure::{cpu_time, micros_now, wait_delivered};
+use self::report::Report;
+use self::rig::{stop, Drain, Redis, Rig};
+use crate::devtools::harness::Pki;
 
 /// What to measure.
 #[derive(Debug, Clone)]
@@ -81,87 +89,65 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let exe = std::env::current_exe().context("cannot find the courier binary")?;
     let work = tempfile::tempdir()?;
     let pki = Pki::write(work.path(), "worker")?;
-    let (redis, cluster, redis_env, queues) = match options.cluster {
-        false => {
-            let redis = RedisServer::start(work.path(), &["--appendonly", "no"]).await?;
-            let env = vec![
-                ("REDIS_HOST", "127.0.0.1".to_string()),
-                ("REDIS_PORT", redis.port.to_string()),
-            ];
-            (Some(redis), None, env, vec!["message_queue".to_string()])
-        }
-        true => {
-            let cluster = crate::devtools::harness::Cluster::start(work.path(), 3, &["--appendonly", "no"]).await?;
-            let queues: Vec<String> = CLUSTER_QUEUES.iter().map(|q| q.to_string()).collect();
-            let env = vec![
-                ("REDIS_CLUSTER_NODES", cluster.seeds()),
-                ("REDIS_QUEUE_NAMES", queues.join(",")),
-                ("REDIS_QUEUE_ORDER", "round_robin".to_string()),
-            ];
-            (None, Some(cluster), env, queues)
-        }
-    };
-    let redis_pids: Vec<u32> = match (&redis, &cluster) {
-        (Some(redis), _) => redis.pid().into_iter().collect(),
-        (_, Some(cluster)) => cluster.nodes.iter().filter_map(RedisServer::pid).collect(),
-        _ => Vec::new(),
-    };
+    let redis = Redis::start(work.path(), options.cluster).await?;
     let network = Network::new(options.rtt);
-    let own = |sink: &SinkProcess| Server {
-        url: sink.url.clone(),
-        pid: sink.child.id(),
-        ca: pki.ca_file.clone(),
-        cert: pki.cert_file.clone(),
-        key: pki.key_file.clone(),
-    };
-    let (mut sink, server) = match &options.main_server {
-        Some(External { url, ca, cert, key }) => {
-            let server = Server {
-                url: url.trim_end_matches('/').to_string(),
-                pid: None,
-                ca: ca.clone(),
-                cert: cert.clone(),
-                key: key.clone(),
-            };
-            (None, server)
-        }
-        None => {
-            let sink = start_sink(&exe, &pki, options.fail_share, &network).await?;
-            let server = own(&sink);
-            (Some(sink), server)
-        }
-    };
-    // With --paired, a clean main server for the clean drain of each pair.
-    let clean = match options.paired && options.fail_share > 0.0 {
-        true => Some(start_sink(&exe, &pki, 0.0, &network).await?),
-        false => None,
-    };
-    let clean_server = clean.as_ref().map(own);
-    let lookup = |name: &str| {
-        redis_env
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.clone())
-            .or_else(|| (name == "TLS_ENABLED").then(|| "false".to_string()))
-            .or_else(|| (name == "MAIN_SERVER_URL").then(|| "http://127.0.0.1:1".to_string()))
-    };
-    let settings = crate::config::Settings::load(None, &lookup).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let conn = crate::queue::Connector::new(&settings.redis)?
-        .connect(Duration::from_secs(30))
-        .await?;
-    crate::tls::install_default_provider();
-    let mut rig = Rig {
-        exe,
-        redis_env,
-        redis_pids,
-        queues,
-        conn,
-        metrics_port: free_port()?,
-        ticks: ticks_per_second(),
-        work,
-    };
+    let servers = MainServers::start(&options, &exe, &pki, &network).await?;
+    let mut rig = Rig::new(exe, work, &redis).await?;
 
-    let n = options.messages as u64;
+    let Rounds {
+        drains,
+        baselines,
+        enqueue_rate,
+        item_bytes,
+        worker,
+    } = drain_rounds(&mut rig, &options, &servers).await?;
+    let idle_cpu = idle_cpu(&worker, rig.ticks, options.idle_seconds).await?;
+    // Only the reference main server reads the payloads' timestamps.
+    let latency_rate = if servers.measures_latency() {
+        options.latency_rate
+    } else {
+        0
+    };
+    if latency_rate > 0 {
+        let drained = options.messages as u64;
+        latency_phase(&mut rig, latency_rate, options.latency_seconds, drained).await?;
+    }
+    stop(worker).await?;
+
+    let main_server_cpu = servers.server.pid.is_some();
+    let latency = servers.stop().await?;
+    drop(redis);
+    report::print(&Report {
+        options: &options,
+        network: &network,
+        enqueue_rate,
+        item_bytes,
+        drains: &drains,
+        baselines: &baselines,
+        main_server_cpu,
+        idle_cpu,
+        latency_rate,
+        latency: latency.as_deref(),
+    });
+    Ok(())
+}
+
+/// What the rounds of drains left behind.
+struct Rounds {
+    /// Every drain's figures, in order (with --paired, clean and failing in turn).
+    drains: Vec<Drain>,
+    /// One `ab -k` run before each round, with --baseline.
+    baselines: Vec<Baseline>,
+    /// The rate of the last fill, and the size of one item it queued.
+    enqueue_rate: f64,
+    item_bytes: usize,
+    /// The worker of the last drain, still running.
+    worker: Child,
+}
+
+/// `--repeat` rounds, each: the baseline (with --baseline), a clean drain (with --paired),
+/// then the measured drain, each into a queue filled for it and by a fresh worker.
+async fn drain_rounds(rig: &mut Rig, options: &BenchOptions, servers: &MainServers) -> anyhow::Result<Rounds> {
     let repeat = options.repeat.max(1);
     let mut drains = Vec::new();
     let (mut enqueue_rate, mut item_bytes) = (0.0, 0);
@@ -169,16 +155,16 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
     let mut baselines = Vec::new();
     for round in 0..repeat {
         if options.baseline {
-            baselines.push(baseline(&options, &server, rig.work.path()).await?);
+            baselines.push(baseline(options, &servers.server, rig.work.path()).await?);
         }
-        if let Some(clean) = &clean_server {
+        if let Some(clean) = &servers.clean_server {
             rig.fill(options.messages, options.message_bytes).await?;
-            let (figures, worker) = rig.drain(&options, clean, false).await?;
+            let (figures, worker) = rig.drain(options, clean, false).await?;
             stop(worker).await?;
             drains.push(figures);
         }
         (enqueue_rate, item_bytes) = rig.fill(options.messages, options.message_bytes).await?;
-        let (figures, worker) = rig.drain(&options, &server, options.fail_share > 0.0).await?;
+        let (figures, worker) = rig.drain(options, &servers.server, options.fail_share > 0.0).await?;
         drains.push(figures);
         if round + 1 == repeat {
             last = Some(worker);
@@ -186,169 +172,50 @@ pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
             stop(worker).await?;
         }
     }
-    let worker = last.context("no drain ran")?;
+    Ok(Rounds {
+        drains,
+        baselines,
+        enqueue_rate,
+        item_bytes,
+        worker: last.context("no drain ran")?,
+    })
+}
+
+/// The CPU time the worker uses over `seconds` with its queue empty.
+async fn idle_cpu(worker: &Child, ticks: f64, seconds: u64) -> anyhow::Result<Duration> {
     let pid = worker.id().context("worker gone")?;
+    let idle_from = cpu_time(pid, ticks)?;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    Ok(cpu_time(pid, ticks)? - idle_from)
+}
 
-    let idle_from = cpu_time(pid, rig.ticks)?;
-    tokio::time::sleep(Duration::from_secs(options.idle_seconds)).await;
-    let idle_cpu = cpu_time(pid, rig.ticks)? - idle_from;
-
+/// Enqueues `rate` messages a second for `seconds` while the worker runs, each with its
+/// enqueue time for the reference main server to measure; waits until the worker has
+/// delivered them too (after the `drained` ones).
+async fn latency_phase(rig: &mut Rig, rate: usize, seconds: u64, drained: u64) -> anyhow::Result<()> {
     let mut latency_sent = 0u64;
-    // Only the reference main server reads the payloads' timestamps.
-    let latency_rate = if sink.is_some() { options.latency_rate } else { 0 };
-    if latency_rate > 0 {
-        // Every millisecond, the messages due by then: a steady stream, as producers make,
-        // rather than bursts (20 at once every 10 ms made the burst's tail the p99).
-        let mut ticker = tokio::time::interval(Duration::from_millis(1));
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let started = Instant::now();
-        // Exactly rate × seconds messages: stopping at a deadline instead would leave out the
-        // ones due in its last tick.
-        let rate = u64::try_from(latency_rate).unwrap_or(u64::MAX);
-        let total = rate.saturating_mul(options.latency_seconds);
-        while latency_sent < total {
-            ticker.tick().await;
-            let due = started.elapsed().as_micros().saturating_mul(u128::from(rate)) / 1_000_000;
-            let due = u64::try_from(due).unwrap_or(u64::MAX).min(total);
-            if due <= latency_sent {
-                continue;
-            }
-            let items: Vec<String> = (latency_sent..due)
-                .map(|i| format!(r#"{{"message_id":"lat-{i}","payload":{{"t":{}}}}}"#, micros_now()))
-                .collect();
-            let queue = &rig.queues[latency_sent as usize % rig.queues.len()];
-            let _: () = rig.conn.lpush(queue, items).await?;
-            latency_sent = due;
+    // Every millisecond, the messages due by then: a steady stream, as producers make,
+    // rather than bursts (20 at once every 10 ms made the burst's tail the p99).
+    let mut ticker = tokio::time::interval(Duration::from_millis(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let started = Instant::now();
+    // Exactly rate × seconds messages: stopping at a deadline instead would leave out the
+    // ones due in its last tick.
+    let rate = u64::try_from(rate).unwrap_or(u64::MAX);
+    let total = rate.saturating_mul(seconds);
+    while latency_sent < total {
+        ticker.tick().await;
+        let due = started.elapsed().as_micros().saturating_mul(u128::from(rate)) / 1_000_000;
+        let due = u64::try_from(due).unwrap_or(u64::MAX).min(total);
+        if due <= latency_sent {
+            continue;
         }
-        wait_delivered(rig.metrics_port, n + latency_sent, Duration::from_secs(120)).await?;
-    }
-
-    stop(worker).await?;
-    let mut latency = String::from("not measured");
-    if let Some(sink) = &mut sink {
-        signal(&sink.child, "INT")?;
-        while let Ok(Some(line)) = sink.lines.next_line().await {
-            if let Some(rest) = line.strip_prefix("latency_us ") {
-                latency = render_latency(rest);
-            }
-        }
-        let _ = sink.child.wait().await;
-    }
-    drop(clean);
-    drop(redis);
-    drop(cluster);
-
-    let against = match &options.main_server {
-        Some(external) => external.url.clone(),
-        None => "the reference main server".to_string(),
-    };
-    println!(
-        "courier bench: {} messages of {item_bytes} bytes into {against} over {}, concurrency {}, batch {}, {:.0}% answered 503, {}, {}",
-        options.messages,
-        network.describe(),
-        options.concurrency,
-        options.batch_size,
-        options.fail_share * 100.0,
-        if options.http2 { "HTTP/2" } else { "HTTP/1.1" },
-        if options.cluster {
-            "3-master Redis Cluster, 3 queues round-robin"
-        } else {
-            "one Redis, one queue"
-        }
-    );
-    println!("  {:<22}{enqueue_rate:>10.0} msg/s", "enqueue (pipelined)");
-    if drains.len() > 1 {
-        print_rounds(&drains);
-    }
-    let failing: Vec<Drain> = drains
-        .iter()
-        .copied()
-        .filter(|d| d.failing == (options.fail_share > 0.0))
-        .collect();
-    let d = median_drain(&failing);
-    let of = if failing.len() > 1 {
-        format!("median of {}, ", failing.len())
-    } else {
-        String::new()
-    };
-    println!(
-        "  {:<22}{:>10.0} msg/s   ({of}{n} delivered in {:.2} s)",
-        "drain", d.rate, d.seconds
-    );
-    println!(
-        "  {:<22}{:>10.0} msg/s   ({of}first {} delivered in {:.2} s)",
-        "first 90%",
-        d.first_ninety_rate,
-        n * 9 / 10,
-        d.first_ninety_seconds
-    );
-    println!(
-        "  {:<22}{:>10.1} µs/msg   ({of}{:.2} s user+system; {:.1} µs/msg of it in the kernel)",
-        "worker CPU", d.cpu_us, d.cpu_seconds, d.system_us
-    );
-    println!(
-        "  {:<22}{:>10.2} per msg (read + write system calls)",
-        "worker syscalls", d.syscalls
-    );
-    let main_cpu = match server.pid {
-        Some(_) => format!("{:.1}", d.sink_cpu_us),
-        None => "not measured".to_string(),
-    };
-    println!(
-        "  {:<22}{:>10.1} µs/msg   (main server {main_cpu}, redis-server {:.1}, all nodes)",
-        "other CPU",
-        d.sink_cpu_us + d.redis_cpu_us,
-        d.redis_cpu_us
-    );
-    println!(
-        "  {:<22}{:>10.1} %      (CPU time the hypervisor gave away during the drain)",
-        "machine steal",
-        d.steal * 100.0
-    );
-    println!(
-        "  {:<22}{:>10.1} MB",
-        "worker peak RSS",
-        drains.iter().map(|d| d.rss_mb).fold(0.0, f64::max)
-    );
-    println!(
-        "  {:<22}{:>10.2} %      (over {} s with the queue empty)",
-        "worker idle CPU",
-        100.0 * idle_cpu.as_secs_f64() / options.idle_seconds.max(1) as f64,
-        options.idle_seconds
-    );
-    if latency_rate > 0 {
-        println!(
-            "  {:<22}{latency}   ({} msg/s for {} s)",
-            "enqueue→delivery", latency_rate, options.latency_seconds
-        );
-    }
-    if !baselines.is_empty() {
-        print_baseline(&options, &baselines, &failing);
-    }
-    if let Some(rtt) = network.rtt() {
-        // Each request holds one of the worker's slots for at least a round trip.
-        let ceiling = options.concurrency as f64 / rtt.as_secs_f64();
-        println!(
-            "  {:<22}{ceiling:>10.0} msg/s  (concurrency / round trip; the drain reached {:.0}% of it)",
-            "ceiling",
-            100.0 * d.rate / ceiling
-        );
-    }
-    if options.paired && options.fail_share > 0.0 {
-        let ratios: Vec<f64> = drains
-            .chunks(2)
-            .filter_map(|pair| match pair {
-                [clean, failing] => Some(failing.first_ninety_rate / clean.first_ninety_rate),
-                _ => None,
-            })
+        let items: Vec<String> = (latency_sent..due)
+            .map(|i| format!(r#"{{"message_id":"lat-{i}","payload":{{"t":{}}}}}"#, micros_now()))
             .collect();
-        let rendered: Vec<String> = ratios.iter().map(|r| format!("{:.0}%", r * 100.0)).collect();
-        println!(
-            "  {:<22}{:>10.0} %      (first 90% with failures / clean, per pair: {})",
-            "failing vs clean",
-            median(&ratios) * 100.0,
-            rendered.join(" ")
-        );
+        let queue = &rig.queues[latency_sent as usize % rig.queues.len()];
+        let _: () = rig.conn.lpush(queue, items).await?;
+        latency_sent = due;
     }
-    Ok(())
+    wait_delivered(rig.metrics_port, drained + latency_sent, Duration::from_secs(120)).await
 }

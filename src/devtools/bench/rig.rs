@@ -1,141 +1,73 @@
-//! The rig a benchmark runs on: the reference main server (`SinkProcess`) and the network in
-//! front of it, the main server a drain delivers to (`Server`), Redis and the worker
-//! (`Rig`, whose `drain` measures one run), and the `ab -k` baseline against the same server.
+//! The rig a benchmark runs on: a private Redis (one server, or a 3-master cluster), and the
+//! worker binary started against it for each drain (`Rig::drain` measures one).
 
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
+use anyhow::Context as _;
 use redis::AsyncCommands;
-use tokio::io::{AsyncBufReadExt, BufReader};
+use tempfile::TempDir;
 use tokio::process::{Child, Command};
 
+use super::main_server::Server;
 use super::measure::{
-    cpu_time, cpu_times, machine_ticks, micros_now, peak_rss, syscalls, wait_delivered, wait_with_usage,
+    cpu_time, cpu_times, machine_ticks, micros_now, peak_rss, syscalls, ticks_per_second, wait_delivered,
 };
 use super::BenchOptions;
-use crate::devtools::harness::{free_port, Pki};
-
-/// The main server a drain delivers to.
-pub(super) struct Server {
-    pub(super) url: String,
-    /// Its process, when the bench started it: its CPU time is counted.
-    pub(super) pid: Option<u32>,
-    pub(super) ca: PathBuf,
-    pub(super) cert: PathBuf,
-    pub(super) key: PathBuf,
-}
+use crate::devtools::harness::{free_port, Cluster, RedisServer};
 
 /// The queues of a cluster run: three, spread over the masters by their names' slots.
-pub(super) const CLUSTER_QUEUES: [&str; 3] = ["bench.0", "bench.1", "bench.2"];
+const CLUSTER_QUEUES: [&str; 3] = ["bench.0", "bench.1", "bench.2"];
 
-pub(super) fn signal(child: &Child, name: &str) -> anyhow::Result<()> {
-    let pid = child.id().context("process already gone")?;
-    std::process::Command::new("kill")
-        .args(["-s", name, &pid.to_string()])
-        .status()?;
-    Ok(())
+/// The private Redis of a run, without persistence; it stops when dropped.
+pub(super) enum Redis {
+    /// One redis-server with one queue.
+    One(Box<RedisServer>),
+    /// A 3-master cluster with `CLUSTER_QUEUES`, taken round-robin.
+    Cluster(Cluster),
 }
 
-/// A reference main server process.
-pub(super) struct SinkProcess {
-    pub(super) child: Child,
-    pub(super) lines: tokio::io::Lines<BufReader<tokio::process::ChildStdout>>,
-    /// Where the worker reaches it.
-    pub(super) url: String,
-}
-
-/// What lies between the worker and the reference main server.
-pub(super) enum Network {
-    Loopback,
-    /// A network namespace behind a veth pair with netem delay.
-    Netem(crate::devtools::netem::Namespace, Duration),
-    /// A delay proxy in this process, where netem could not be set up.
-    Proxy(Duration),
-}
-
-impl Network {
-    /// Netem when it can be set up, else the delay proxy (saying why); loopback without `rtt`.
-    pub(super) fn new(rtt: Option<Duration>) -> Network {
-        let Some(rtt) = rtt else {
-            return Network::Loopback;
-        };
-        match crate::devtools::netem::Namespace::create(rtt) {
-            Ok(namespace) => Network::Netem(namespace, rtt),
-            Err(e) => {
-                println!("netem is not available here ({e:#}); using a delay proxy instead");
-                Network::Proxy(rtt)
-            }
-        }
+impl Redis {
+    /// Starts a cluster when `cluster`, else one server, in `dir`.
+    pub(super) async fn start(dir: &std::path::Path, cluster: bool) -> anyhow::Result<Redis> {
+        let args = ["--appendonly", "no"];
+        Ok(match cluster {
+            false => Redis::One(Box::new(RedisServer::start(dir, &args).await?)),
+            true => Redis::Cluster(Cluster::start(dir, 3, &args).await?),
+        })
     }
 
-    pub(super) fn describe(&self) -> String {
+    /// The queues the worker takes from.
+    fn queues(&self) -> Vec<String> {
         match self {
-            Network::Loopback => "loopback".to_string(),
-            Network::Netem(_, rtt) => format!("{:.1} ms round trip (netem)", rtt.as_secs_f64() * 1000.0),
-            Network::Proxy(rtt) => format!("{:.1} ms round trip (delay proxy)", rtt.as_secs_f64() * 1000.0),
+            Redis::One(_) => vec!["message_queue".to_string()],
+            Redis::Cluster(_) => CLUSTER_QUEUES.iter().map(|q| q.to_string()).collect(),
         }
     }
 
-    pub(super) fn rtt(&self) -> Option<Duration> {
+    /// The worker's Redis settings beyond the defaults (where Redis is, which queues).
+    fn env(&self) -> Vec<(&'static str, String)> {
         match self {
-            Network::Loopback => None,
-            Network::Netem(_, rtt) | Network::Proxy(rtt) => Some(*rtt),
+            Redis::One(redis) => vec![
+                ("REDIS_HOST", "127.0.0.1".to_string()),
+                ("REDIS_PORT", redis.port.to_string()),
+            ],
+            Redis::Cluster(cluster) => vec![
+                ("REDIS_CLUSTER_NODES", cluster.seeds()),
+                ("REDIS_QUEUE_NAMES", self.queues().join(",")),
+                ("REDIS_QUEUE_ORDER", "round_robin".to_string()),
+            ],
         }
     }
-}
 
-pub(super) async fn start_sink(
-    exe: &std::path::Path,
-    pki: &Pki,
-    fail_share: f64,
-    network: &Network,
-) -> anyhow::Result<SinkProcess> {
-    let port = free_port()?;
-    let (mut command, host) = match network {
-        Network::Netem(namespace, _) => {
-            let [ip, netns, exec, name] = namespace.exec();
-            let mut command = Command::new(ip);
-            command.args([netns, exec, name]).arg(exe);
-            (command, crate::devtools::netem::SERVER_IP)
-        }
-        _ => (Command::new(exe), "127.0.0.1"),
-    };
-    let mut child = command
-        .args([
-            "sink",
-            "--quiet",
-            "--report-latency",
-            "--listen",
-            &format!("{host}:{port}"),
-        ])
-        .arg("--cert")
-        .arg(&pki.server_cert_file)
-        .arg("--key")
-        .arg(&pki.server_key_file)
-        .arg("--client-ca")
-        .arg(&pki.ca_file)
-        .args(["--fail-share", &fail_share.to_string()])
-        .stdout(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .context("cannot start the reference main server")?;
-    let mut lines = BufReader::new(child.stdout.take().context("sink output")?).lines();
-    while let Some(line) = lines.next_line().await? {
-        if line.contains("listening") {
-            break;
+    /// The redis-server processes, whose CPU time counts.
+    fn pids(&self) -> Vec<u32> {
+        match self {
+            Redis::One(redis) => redis.pid().into_iter().collect(),
+            Redis::Cluster(cluster) => cluster.nodes.iter().filter_map(RedisServer::pid).collect(),
         }
     }
-    let url = match network {
-        Network::Loopback => format!("https://localhost:{port}"),
-        Network::Netem(..) => format!("https://{host}:{port}"),
-        Network::Proxy(rtt) => {
-            let proxy = crate::devtools::netem::delay_proxy(([127, 0, 0, 1], port).into(), *rtt).await?;
-            format!("https://localhost:{proxy}")
-        }
-    };
-    Ok(SinkProcess { child, lines, url })
 }
 
 /// What one drain measured.
@@ -160,12 +92,12 @@ pub(super) struct Drain {
 
 /// The parts every drain uses.
 pub(super) struct Rig {
-    pub(super) exe: std::path::PathBuf,
-    pub(super) work: tempfile::TempDir,
+    exe: PathBuf,
+    pub(super) work: TempDir,
     /// The worker's Redis settings beyond the defaults (where Redis is, which queues).
-    pub(super) redis_env: Vec<(&'static str, String)>,
+    redis_env: Vec<(&'static str, String)>,
     /// The redis-server processes, whose CPU time counts.
-    pub(super) redis_pids: Vec<u32>,
+    redis_pids: Vec<u32>,
     pub(super) queues: Vec<String>,
     pub(super) conn: crate::queue::Conn,
     pub(super) metrics_port: u16,
@@ -173,8 +105,39 @@ pub(super) struct Rig {
 }
 
 impl Rig {
+    /// The rig for the worker binary `exe`, working in `work`, against `redis`; connects to
+    /// Redis for the bench's own enqueues.
+    pub(super) async fn new(exe: PathBuf, work: TempDir, redis: &Redis) -> anyhow::Result<Rig> {
+        let redis_env = redis.env();
+        // The settings the worker reads from that environment, for the bench's own
+        // connection, which needs neither TLS files nor a main server.
+        let lookup = |name: &str| {
+            redis_env
+                .iter()
+                .find(|(k, _)| *k == name)
+                .map(|(_, v)| v.clone())
+                .or_else(|| (name == "TLS_ENABLED").then(|| "false".to_string()))
+                .or_else(|| (name == "MAIN_SERVER_URL").then(|| "http://127.0.0.1:1".to_string()))
+        };
+        let settings = crate::config::Settings::load(None, &lookup).map_err(|e| anyhow::anyhow!("{e}"))?;
+        let conn = crate::queue::Connector::new(&settings.redis)?
+            .connect(Duration::from_secs(30))
+            .await?;
+        crate::tls::install_default_provider();
+        Ok(Rig {
+            exe,
+            redis_env,
+            redis_pids: redis.pids(),
+            queues: redis.queues(),
+            conn,
+            metrics_port: free_port()?,
+            ticks: ticks_per_second(),
+            work,
+        })
+    }
+
     /// CPU time of every redis-server together.
-    pub(super) fn redis_cpu(&self) -> anyhow::Result<Duration> {
+    fn redis_cpu(&self) -> anyhow::Result<Duration> {
         let mut total = Duration::ZERO;
         for pid in &self.redis_pids {
             total += cpu_time(*pid, self.ticks)?;
@@ -271,111 +234,18 @@ impl Rig {
     }
 }
 
+/// Sends the signal `name` (TERM, INT) to a child process.
+pub(super) fn signal(child: &Child, name: &str) -> anyhow::Result<()> {
+    let pid = child.id().context("process already gone")?;
+    std::process::Command::new("kill")
+        .args(["-s", name, &pid.to_string()])
+        .status()?;
+    Ok(())
+}
+
 /// Stops a worker and waits for it to exit.
 pub(super) async fn stop(mut worker: Child) -> anyhow::Result<()> {
     signal(&worker, "TERM")?;
     let _ = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await;
     Ok(())
-}
-
-/// What the lean client made of the main server in one run.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Baseline {
-    pub(super) rate: f64,
-    pub(super) cpu_us: f64,
-    /// The part of `cpu_us` spent in the kernel.
-    pub(super) system_us: f64,
-}
-
-/// `ab -k` (apache2-utils) at the worker's concurrency, as many POSTs as the drain has
-/// messages, each with a delivery body of the drain's size, over the same mutual TLS; its CPU
-/// time comes from wait4's resource usage.
-pub(super) async fn baseline(
-    options: &BenchOptions,
-    server: &Server,
-    work: &std::path::Path,
-) -> anyhow::Result<Baseline> {
-    if which("ab").is_none() {
-        bail!("--baseline needs ab: apt-get install apache2-utils");
-    }
-    // ab takes the client certificate and key in one file.
-    let identity = work.join("ab-identity.pem");
-    let mut pem = std::fs::read(&server.cert).with_context(|| format!("cannot read {}", server.cert.display()))?;
-    pem.extend(std::fs::read(&server.key).with_context(|| format!("cannot read {}", server.key.display()))?);
-    std::fs::write(&identity, pem)?;
-    let pad = "x".repeat(options.message_bytes.saturating_sub(90));
-    let body = work.join("ab-body.json");
-    std::fs::write(
-        &body,
-        format!(r#"{{"message_id":"bench-0","worker_id":"bench","attempt":1,"payload":{{"pad":"{pad}"}}}}"#),
-    )?;
-    let output = work.join("ab-output.txt");
-    let child = std::process::Command::new("ab")
-        .args([
-            "-q",
-            "-k",
-            "-c",
-            &options.concurrency.to_string(),
-            "-n",
-            &options.messages.to_string(),
-        ])
-        .arg("-E")
-        .arg(&identity)
-        .arg("-p")
-        .arg(&body)
-        .args(["-T", "application/json"])
-        .arg(format!("{}/internal/messages/deliver", server.url))
-        .stdout(std::fs::File::create(&output)?)
-        .stderr(Stdio::null())
-        .spawn()
-        .context("cannot start ab")?;
-    let pid = child.id();
-    let (status, user, system) = tokio::task::spawn_blocking(move || wait_with_usage(pid)).await??;
-    let text = std::fs::read_to_string(&output)?;
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse::<f64>().ok())
-    };
-    let rate = field("Requests per second:").filter(|_| status == 0);
-    let Some(rate) = rate else {
-        bail!("ab failed (exit {status}):\n{text}");
-    };
-    // ab counts an answer whose length differs from the first as failed ("Length"): a server
-    // that puts a time in its answers is not failing.
-    let length = text
-        .split(", Length: ")
-        .nth(1)
-        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
-        .and_then(|n| n.parse::<f64>().ok())
-        .unwrap_or(0.0);
-    let failed = field("Failed requests:").unwrap_or(0.0) - length + field("Non-2xx responses:").unwrap_or(0.0);
-    if failed > 0.0 {
-        let detail: Vec<&str> = text
-            .lines()
-            .filter(|l| l.contains("Failed requests") || l.contains("(Connect") || l.contains("Non-2xx"))
-            .map(str::trim)
-            .collect();
-        bail!(
-            "ab saw {failed} failed requests ({}); is {} a main server that answers 200?",
-            detail.join(" "),
-            server.url
-        );
-    }
-    let per_request = |d: Duration| d.as_secs_f64() * 1e6 / options.messages.max(1) as f64;
-    Ok(Baseline {
-        rate,
-        cpu_us: per_request(user + system),
-        system_us: per_request(system),
-    })
-}
-
-/// The path of a program on PATH.
-pub(super) fn which(program: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join(program))
-        .find(|path| path.is_file())
 }
