@@ -76,7 +76,8 @@ fn print_header(report: &Report) {
         None => "the reference main server".to_string(),
     };
     println!(
-        "courier bench: {} messages of {item_bytes} bytes into {against} over {}, concurrency {}, batch {}, {:.0}% answered 503, {}, {}",
+        "courier bench: {} messages of {item_bytes} bytes into {against} over {}, concurrency {}, \
+         batch {}, {:.0}% answered 503, {}, {}",
         options.messages,
         network.describe(),
         options.concurrency,
@@ -199,7 +200,8 @@ fn print_baseline(options: &BenchOptions, baselines: &[Baseline], drains: &[Drai
     let cpu = median(&baselines.iter().map(|b| b.cpu_us).collect::<Vec<_>>());
     let system = median(&baselines.iter().map(|b| b.system_us).collect::<Vec<_>>());
     println!(
-        "  {:<22}{rate:>10.0} req/s  (ab -k -c {}, median of {}; {cpu:.1} µs/req CPU, {system:.1} of it in the kernel)",
+        "  {:<22}{rate:>10.0} req/s  (ab -k -c {}, median of {}; {cpu:.1} µs/req CPU, {system:.1} \
+         of it in the kernel)",
         "baseline",
         options.concurrency,
         baselines.len()
@@ -223,7 +225,8 @@ fn print_baseline(options: &BenchOptions, baselines: &[Baseline], drains: &[Drai
     if !costs.is_empty() {
         let rendered: Vec<String> = costs.iter().map(|r| format!("{:.2}", r)).collect();
         println!(
-            "  {:<22}{:>10.2} x      (courier's CPU per message / the baseline's per request, per round: {})",
+            "  {:<22}{:>10.2} x      (courier's CPU per message / the baseline's per request, per \
+             round: {})",
             "CPU vs baseline",
             median(&costs),
             rendered.join(" ")
