@@ -21,18 +21,24 @@ use self::tls::tls_checks;
 /// One check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Verdict {
+    /// Passes.
     Pass,
     /// Passes, with something to know.
     Warn,
+    /// Fails, with a fix; any failure makes `courier check` exit 1.
     Fail,
 }
 
 /// One line of `courier check`.
 #[derive(Debug, Clone)]
 pub struct Check {
+    /// What was checked ("key match", "redis acl").
     pub name: &'static str,
+    /// Pass, warn or fail.
     pub verdict: Verdict,
+    /// What was found.
     pub detail: String,
+    /// What to do about it: on a failure, and on some warnings.
     pub fix: Option<String>,
 }
 

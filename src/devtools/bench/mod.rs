@@ -43,8 +43,11 @@ use crate::devtools::harness::Pki;
 /// What to measure.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
+    /// Messages each drain delivers.
     pub messages: usize,
+    /// The worker's WORKER_CONCURRENCY (and `ab -c` for the baseline).
     pub concurrency: usize,
+    /// The worker's WORKER_BATCH_SIZE.
     pub batch_size: usize,
     /// Approximate size of each queued message in bytes.
     pub message_bytes: usize,
@@ -52,7 +55,9 @@ pub struct BenchOptions {
     pub fail_share: f64,
     /// Messages per second in the latency phase (0 skips it).
     pub latency_rate: usize,
+    /// How long the latency phase enqueues.
     pub latency_seconds: u64,
+    /// How long the idle phase measures the worker with its queue empty.
     pub idle_seconds: u64,
     /// The worker offers HTTP/2 (MAIN_SERVER_HTTP2), which the main server takes.
     pub http2: bool,
@@ -75,9 +80,13 @@ pub struct BenchOptions {
 /// A main server the bench did not start (nginx, say), and the files to reach it with.
 #[derive(Debug, Clone)]
 pub struct External {
+    /// Its https:// URL.
     pub url: String,
+    /// The CA that signed its certificate.
     pub ca: PathBuf,
+    /// The client certificate the worker and `ab` present.
     pub cert: PathBuf,
+    /// That certificate's private key.
     pub key: PathBuf,
 }
 
