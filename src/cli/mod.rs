@@ -1,7 +1,7 @@
 //! The command line: every command's options and what runs it. `main.rs` only parses and
 //! hands over to `main` here. One file per command family: `run` (the worker), `check`,
-//! `certs`, `enqueue`, `stats`, `dlq`, `where` (`locate`), and, with the `devtools` feature, `devtools` (the
-//! reference main server, the demo and the benchmark).
+//! `certs`, `enqueue`, `stats`, `dlq`, `where` (`locate`), and, with the `devtools` feature,
+//! `devtools` (the reference main server, the demo and the benchmark).
 
 mod certs;
 pub mod check;
@@ -19,6 +19,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::config::{ProcessEnv, RedisSettings, Settings};
+use crate::queue::{Conn, Keys};
+use crate::telemetry::one_line;
 
 pub use self::dlq::printable;
 
@@ -40,6 +42,7 @@ pub struct Cli {
     command: Command,
 }
 
+/// The commands; each variant's doc comment is its `--help` text.
 #[derive(Subcommand)]
 enum Command {
     /// Run the worker: claim messages from Redis and deliver them to the main server.
@@ -47,7 +50,8 @@ enum Command {
     /// Settings come from the Python worker's environment variables (REDIS_HOST, MAIN_SERVER_URL,
     /// WORKER_ID, WORKER_CONCURRENCY, ...) over config.yaml over the defaults.
     ///
-    /// Example: WORKER_ID=worker-1 MAIN_SERVER_URL=https://main:8000 courier run --config config.yaml
+    /// Example: WORKER_ID=worker-1 MAIN_SERVER_URL=https://main:8000 courier run
+    /// --config config.yaml
     Run {
         /// The config file; without it, ./config.yaml is read when present.
         #[arg(long, short, env = "COURIER_CONFIG", value_name = "FILE")]
@@ -85,7 +89,8 @@ enum Command {
     /// Run the reference main server (mutual TLS, the two endpoints), printing each call.
     /// Failure injection for smoke tests: a share of 503s, failing first attempts, delays.
     ///
-    /// Example: courier sink --listen 127.0.0.1:8443 --cert certs/server.crt --key certs/server.key --client-ca certs/ca.crt --fail-share 0.1
+    /// Example: courier sink --listen 127.0.0.1:8443 --cert certs/server.crt --key
+    /// certs/server.key --client-ca certs/ca.crt --fail-share 0.1
     #[cfg(feature = "devtools")]
     Sink(devtools::SinkArgs),
     /// Push messages onto the queue in the documented format.
@@ -302,7 +307,7 @@ fn oneshot<F: std::future::Future<Output = anyhow::Result<()>>>(work: F) -> Exit
 /// Loads settings for an operator command; a bad configuration exits 78.
 fn settings(config: ConfigArg) -> Result<Settings, ExitCode> {
     let file = config.config.or_else(Settings::default_file);
-    Settings::load(file.as_deref(), &ProcessEnv).map_err(|e| config_error(crate::telemetry::one_line(&e)))
+    Settings::load(file.as_deref(), &ProcessEnv).map_err(|e| config_error(one_line(&e)))
 }
 
 /// Settings for a command on one queue (`--queue`, or the only one configured).
@@ -312,23 +317,23 @@ fn settings_for(config: ConfigArg, queue: QueueArg) -> Result<Settings, ExitCode
     Ok(settings)
 }
 
-/// `anyhow` for the errors of one-shot commands.
 /// Connects for a one-shot command, with an error that says where and what to check.
 /// Also returns the keys of the first queue in the settings (the one the command acts on).
-async fn connect(settings: &RedisSettings) -> anyhow::Result<(crate::queue::Conn, crate::queue::Keys)> {
+async fn connect(settings: &RedisSettings) -> anyhow::Result<(Conn, Keys)> {
     let (conn, clustered) = connect_clustered(settings).await?;
-    let keys = crate::queue::Keys::for_topology(settings.first_queue(), clustered);
+    let keys = Keys::for_topology(settings.first_queue(), clustered);
     Ok((conn, keys))
 }
 
 /// `connect` without the keys: the connection, and whether it is to a cluster.
-async fn connect_clustered(settings: &RedisSettings) -> anyhow::Result<(crate::queue::Conn, bool)> {
+async fn connect_clustered(settings: &RedisSettings) -> anyhow::Result<(Conn, bool)> {
     crate::queue::connect_once(settings).await.map_err(|e| {
         if e.is_tls_files() {
-            anyhow::anyhow!("{}", crate::telemetry::one_line(&e))
+            anyhow::anyhow!("{}", one_line(&e))
         } else if e.is_auth() {
             anyhow::anyhow!(
-                "{} refused the credentials ({e}); check REDIS_USERNAME and REDIS_PASSWORD (or the user in REDIS_URL)",
+                "{} refused the credentials ({e}); check REDIS_USERNAME and REDIS_PASSWORD (or \
+                 the user in REDIS_URL)",
                 settings.describe()
             )
         } else {
@@ -341,11 +346,13 @@ async fn connect_clustered(settings: &RedisSettings) -> anyhow::Result<(crate::q
     })
 }
 
+/// Prints a configuration error on stderr; returns the exit code for it, 78 (`EXIT_CONFIG`).
 fn config_error(message: impl std::fmt::Display) -> ExitCode {
     eprintln!("courier: configuration error: {message}");
     ExitCode::from(EXIT_CONFIG)
 }
 
+/// `courier certs`: its two steps.
 #[derive(Subcommand)]
 enum CertsCommand {
     /// Make a new CA: DIR/ca.crt and DIR/ca.key (0600).
@@ -416,6 +423,7 @@ struct FilterArgs {
     grep: Option<String>,
 }
 
+/// `courier dlq`: what it does with dead letters.
 #[derive(Subcommand)]
 enum DlqCommand {
     /// List dead letters, newest first, optionally filtered.
