@@ -2,7 +2,6 @@
 //! stream that releases each answer when its request is written: the differences allowed are
 //! listed on `http_differential`, and only `allowed` lets them through.
 
-use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -11,21 +10,11 @@ use hyper::header::HeaderValue;
 use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Method};
 use hyper_util::rt::TokioIo;
-use tokio::io::ReadBuf;
 use tokio::time::timeout;
 
-use super::{Polled, Server, Stream};
+use super::{End, Script, Stream};
 use crate::delivery::h1::{parse_head, AnswerError, BodyReader, Connection, Failure, Limits};
 use crate::delivery::h1::{Outgoing, Parsed};
-
-/// How a scripted stream ends once every answer has been read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum End {
-    Eof,
-    Reset,
-    /// The server neither answers nor closes: the request timeout ends it.
-    Pending,
-}
 
 /// What one exchange came to, as both clients are compared on it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -399,72 +388,4 @@ async fn hyper_reads(script: Script, to_head: bool) -> Vec<Seen> {
         }
     }
     seen
-}
-
-/// A server's side of a connection, scripted: answer `k` is released when the `k`-th request
-/// starts (each request goes out in one write), read `piece` bytes at a time; after the last,
-/// the stream ends as `end` says. Writes are taken whole.
-struct Script {
-    answers: Vec<Vec<u8>>,
-    /// Answers released (requests seen), and how far into them reading has come.
-    released: usize,
-    answer: usize,
-    at: usize,
-    piece: usize,
-    end: End,
-    waiting: Option<Waker>,
-}
-
-impl Script {
-    fn new(answers: &[Vec<u8>], piece: usize, end: End) -> Script {
-        Script {
-            answers: answers.to_vec(),
-            released: 0,
-            answer: 0,
-            at: 0,
-            piece,
-            end,
-            waiting: None,
-        }
-    }
-}
-
-impl Server for Script {
-    fn send(&mut self, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Polled<()> {
-        loop {
-            if self.answer >= self.released {
-                if self.answer < self.answers.len() {
-                    // The server waits for the next request.
-                    self.waiting = Some(cx.waker().clone());
-                    return Poll::Pending;
-                }
-                return match self.end {
-                    End::Eof => Poll::Ready(Ok(())),
-                    End::Reset => Poll::Ready(Err(std::io::ErrorKind::ConnectionReset.into())),
-                    End::Pending => Poll::Pending,
-                };
-            }
-            let (answer, at, piece) = (self.answer, self.at, self.piece);
-            let rest = self.answers.get(answer).and_then(|a| a.get(at..)).unwrap_or_default();
-            if rest.is_empty() {
-                self.answer = answer.saturating_add(1);
-                self.at = 0;
-                continue;
-            }
-            let n = rest.len().min(piece).min(buf.remaining());
-            buf.put_slice(rest.get(..n).unwrap_or_default());
-            self.at = at.saturating_add(n);
-            return Poll::Ready(Ok(()));
-        }
-    }
-
-    fn heard(&mut self, written: &[u8]) {
-        // Each request goes out in one write: its start releases the next answer.
-        if written.starts_with(b"POST /") || written.starts_with(b"HEAD /") {
-            self.released = self.released.saturating_add(1).min(self.answers.len());
-            if let Some(waker) = self.waiting.take() {
-                waker.wake();
-            }
-        }
-    }
 }

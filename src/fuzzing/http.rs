@@ -10,9 +10,8 @@ use std::time::Duration;
 use hyper::header::HeaderValue;
 use hyper::http::uri::PathAndQuery;
 use hyper::{HeaderMap, Method};
-use tokio::io::ReadBuf;
 
-use super::{Polled, Server, Stream};
+use super::{Pieces, Stream};
 use crate::delivery::h1::{Connection, Failure, Outgoing, MAX_RESPONSE_BODY};
 use crate::delivery::{parse_retry_after, DeliveryError};
 use crate::policy::{decide, Backoff, Outcomes, Policy, Settle, MAX_RETRY_AFTER};
@@ -111,25 +110,5 @@ fn exchange_with(answer: &[u8], piece: usize, to_head: bool) -> Reading {
         Err(Failure::Answer(e)) => Err(e.to_string()),
         Err(Failure::Unanswered(e)) => Err(format!("unanswered: {:?}", e.kind())),
         Err(Failure::Broken(e)) => Err(format!("broken: {:?}", e.kind())),
-    }
-}
-
-/// A server that takes any write and sends `answer` back `piece` bytes at a time, then ends.
-struct Pieces {
-    answer: Vec<u8>,
-    /// How much of `answer` was read, kept where the check can see it once the connection
-    /// owns the stream.
-    at: Arc<AtomicUsize>,
-    piece: usize,
-}
-
-impl Server for Pieces {
-    fn send(&mut self, _: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Polled<()> {
-        let at = self.at.load(Ordering::Relaxed);
-        let rest = self.answer.get(at..).unwrap_or_default();
-        let n = rest.len().min(self.piece).min(buf.remaining());
-        buf.put_slice(rest.get(..n).unwrap_or_default());
-        self.at.store(at.saturating_add(n), Ordering::Relaxed);
-        Poll::Ready(Ok(()))
     }
 }
