@@ -31,11 +31,11 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-pub use crate::config::BreakerSettings;
+pub(crate) use crate::config::BreakerSettings;
 use crate::policy::{Kind, Outcome};
 
 /// Attempts a half-open breaker judges before it may open again.
-pub const PROBES: u32 = 5;
+pub(crate) const PROBES: u32 = 5;
 
 /// The breaker's state, as exported in `worker_circuit_state`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,7 +66,7 @@ impl State {
 
 /// Why the breaker opened.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
+pub(crate) enum Cause {
     /// Server faults: unreachable, TLS, timeouts, 502/503/504.
     Failing,
     /// Every delivery rejected with this status.
@@ -75,7 +75,7 @@ pub enum Cause {
 
 /// What one attempt says about the main server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Delivered.
     Success,
     /// A server fault (see `Outcome::server_fault`).
@@ -87,7 +87,7 @@ pub enum Verdict {
 }
 
 impl Verdict {
-    pub fn of(outcome: &Outcome) -> Verdict {
+    pub(crate) fn of(outcome: &Outcome) -> Verdict {
         match (outcome.kind, outcome.status) {
             (Kind::Delivered, _) => Verdict::Success,
             _ if outcome.server_fault => Verdict::ServerFault,
@@ -99,7 +99,7 @@ impl Verdict {
 
 /// How the worker is to treat an attempt, given what the breaker knows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Treat {
+pub(crate) enum Treat {
     /// As its outcome says.
     AsClassified,
     /// The server's failure, seen while open: back to the queue unchanged, no attempt used.
@@ -111,7 +111,7 @@ pub enum Treat {
 
 /// A change of state, to log and export.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Transition {
+pub(crate) struct Transition {
     pub from: State,
     pub to: State,
     /// Open: the wait until the next probe.
@@ -122,7 +122,7 @@ pub struct Transition {
 
 /// The breaker.
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     settings: BreakerSettings,
     state: State,
     cause: Cause,
@@ -141,7 +141,7 @@ pub struct Breaker {
 }
 
 impl Breaker {
-    pub fn new(settings: BreakerSettings, now: Instant) -> Breaker {
+    pub(crate) fn new(settings: BreakerSettings, now: Instant) -> Breaker {
         Breaker {
             settings,
             state: State::Closed,
@@ -161,13 +161,14 @@ impl Breaker {
         usize::try_from(settings.min_attempts.max(settings.same_status).max(1)).unwrap_or(usize::MAX)
     }
 
-    pub fn state(&self) -> State {
+    #[cfg(test)]
+    pub(crate) fn state(&self) -> State {
         self.state
     }
 
     /// Records an attempt's verdict; `retried`: its message had failed before. Returns how to
     /// treat the attempt and the transition it caused, if any.
-    pub fn record(&mut self, verdict: Verdict, retried: bool, now: Instant) -> (Treat, Option<Transition>) {
+    pub(crate) fn record(&mut self, verdict: Verdict, retried: bool, now: Instant) -> (Treat, Option<Transition>) {
         if !self.settings.enabled {
             return (Treat::AsClassified, None);
         }
@@ -284,7 +285,7 @@ impl Breaker {
     /// How many deliveries may be under way now, out of `concurrency`; moves from open to
     /// half-open when a probe is due and from half-open to closed once the limit reaches the
     /// full concurrency. Returns the limit and the transition, if any.
-    pub fn admit(&mut self, concurrency: usize, now: Instant) -> (usize, Option<Transition>) {
+    pub(crate) fn admit(&mut self, concurrency: usize, now: Instant) -> (usize, Option<Transition>) {
         if !self.settings.enabled {
             return (concurrency, None);
         }
@@ -306,7 +307,7 @@ impl Breaker {
     }
 
     /// When the next probe may go, while open.
-    pub fn next_probe(&self) -> Option<Instant> {
+    pub(crate) fn next_probe(&self) -> Option<Instant> {
         (self.state == State::Open).then_some(self.probe_at)
     }
 
@@ -334,7 +335,7 @@ impl Breaker {
 /// taking over three times the running average (and 50 ms more) halves it, at most once per
 /// average latency.
 #[derive(Debug)]
-pub struct Aimd {
+pub(crate) struct Aimd {
     limit: f64,
     max: f64,
     /// Running average of successful deliveries' latency, seconds (0: none yet).
@@ -343,7 +344,7 @@ pub struct Aimd {
 }
 
 impl Aimd {
-    pub fn new(max: usize) -> Aimd {
+    pub(crate) fn new(max: usize) -> Aimd {
         let max = max.max(1) as f64;
         Aimd {
             limit: 1.0_f64.max(max / 4.0).min(max),
@@ -354,7 +355,7 @@ impl Aimd {
     }
 
     /// The whole deliveries that may be under way.
-    pub fn limit(&self) -> usize {
+    pub(crate) fn limit(&self) -> usize {
         // Between 1 and `max`, which came from a usize: the conversion is exact.
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let limit = self.limit.floor() as usize;
@@ -362,7 +363,7 @@ impl Aimd {
     }
 
     /// Records a delivery's outcome and latency.
-    pub fn record(&mut self, outcome: &Outcome, elapsed: Duration, now: Instant) {
+    pub(crate) fn record(&mut self, outcome: &Outcome, elapsed: Duration, now: Instant) {
         let seconds = elapsed.as_secs_f64();
         let delivered = outcome.kind == Kind::Delivered;
         // Slower than three times the average and by at least 50 ms: a sign of queueing at the

@@ -28,22 +28,22 @@
 
 pub mod admin;
 mod backoff;
-pub mod breaker;
+mod breaker;
 pub mod cli;
 pub mod config;
 pub mod delivery;
 #[cfg(feature = "devtools")]
 pub mod devtools;
-pub mod dlq;
+mod dlq;
 #[cfg(feature = "fuzzing")]
 pub mod fuzzing;
 pub mod health;
 pub mod message;
 pub mod metrics;
 pub mod pki;
-pub mod policy;
+mod policy;
 pub mod queue;
-pub mod service;
+mod service;
 pub mod shutdown;
 mod sync;
 pub mod telemetry;

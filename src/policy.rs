@@ -28,7 +28,7 @@
 //! The wait before a retry is the interval (fixed, or doubling with each failure up to a cap),
 //! spread by the jitter fraction when one is set; a longer `Retry-After` always wins.
 
-pub use crate::config::Backoff;
+pub(crate) use crate::config::Backoff;
 use crate::config::{OutcomeRules, StatusOutcome};
 use std::time::Duration;
 
@@ -37,7 +37,7 @@ use crate::message::DeadReason;
 
 /// The settings the decision depends on.
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Policy {
+pub(crate) struct Policy {
     /// Attempts before a message is dead-lettered as `exhausted`.
     pub max_attempts: u32,
     /// The wait before the next attempt.
@@ -54,7 +54,7 @@ pub struct Policy {
 impl Policy {
     /// The wait before the retry that follows failure number `failures` (1-based), before any
     /// `Retry-After`; `sample` is a uniform draw from [0, 1) for the jitter.
-    pub fn interval(&self, failures: u32, sample: f64) -> Duration {
+    pub(crate) fn interval(&self, failures: u32, sample: f64) -> Duration {
         let base = match self.backoff {
             Backoff::Fixed => self.retry_interval,
             Backoff::Exponential { max_interval } => {
@@ -75,11 +75,11 @@ impl Policy {
 }
 
 /// The longest `Retry-After` courier honours unless told otherwise.
-pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
 
 /// What to do with a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Settle {
+pub(crate) enum Settle {
     /// Delivered: remove it from processing.
     Ack,
     /// Try again after `delay`, with `failures` as its new `attempt_count`.
@@ -90,7 +90,7 @@ pub enum Settle {
 
 /// Before an attempt: a message whose `attempt_count` is already at `max_attempts` is
 /// dead-lettered without one.
-pub fn before_attempt(attempt_count: u32, policy: &Policy) -> Option<Settle> {
+pub(crate) fn before_attempt(attempt_count: u32, policy: &Policy) -> Option<Settle> {
     (attempt_count >= policy.max_attempts).then_some(Settle::Dead {
         reason: DeadReason::Exhausted,
         failures: attempt_count,
@@ -99,7 +99,7 @@ pub fn before_attempt(attempt_count: u32, policy: &Policy) -> Option<Settle> {
 
 /// After an attempt of a message that had failed `attempt_count` times before. `sample` is a
 /// uniform draw from [0, 1) for the jitter (any value when there is none).
-pub fn decide(outcome: &Outcome, attempt_count: u32, policy: &Policy, sample: f64) -> Settle {
+pub(crate) fn decide(outcome: &Outcome, attempt_count: u32, policy: &Policy, sample: f64) -> Settle {
     let failures = attempt_count.saturating_add(1);
     match outcome.kind {
         Kind::Delivered => return Settle::Ack,
@@ -126,7 +126,7 @@ pub fn decide(outcome: &Outcome, attempt_count: u32, policy: &Policy, sample: f6
 
 /// What an attempt's result means for the message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     /// The main server has it.
     Delivered,
     /// It will answer the same however often it is asked: dead-letter the message.
@@ -138,7 +138,7 @@ pub enum Kind {
 /// One attempt's result, read once: what it means for the message, and what it says about the
 /// main server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     pub kind: Kind,
     /// The HTTP status, when the server answered.
     pub status: Option<u16>,
@@ -153,7 +153,7 @@ pub struct Outcome {
 
 /// Statuses whose outcome the operator set (`MAIN_SERVER_OUTCOMES`), over the default table.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Outcomes {
+pub(crate) struct Outcomes {
     /// Inclusive ranges, in the order given; the first that holds a status decides.
     rules: Vec<(u16, u16, Kind)>,
 }
@@ -179,13 +179,14 @@ impl From<&OutcomeRules> for Outcomes {
 
 impl Outcomes {
     /// Reads `409=delivered,404=retry,500-599=reject` (`config::OutcomeRules::parse`).
-    pub fn parse(text: &str) -> Result<Outcomes, String> {
+    #[cfg(test)]
+    pub(crate) fn parse(text: &str) -> Result<Outcomes, String> {
         OutcomeRules::parse(text).map(|rules| Outcomes::from(&rules))
     }
 
     /// What an attempt's result means: the one reading of a `DeliveryError` that the policy,
     /// the breaker, the adaptive limit and the metrics share.
-    pub fn classify(&self, result: &Result<(), DeliveryError>) -> Outcome {
+    pub(crate) fn classify(&self, result: &Result<(), DeliveryError>) -> Outcome {
         let transport = |overload| Outcome {
             kind: Kind::Retry,
             status: None,

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 /// The worker is connected and claiming.
-pub fn ready(status: &str) {
+pub(crate) fn ready(status: &str) {
     #[cfg(unix)]
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)]);
     #[cfg(not(unix))]
@@ -13,7 +13,7 @@ pub fn ready(status: &str) {
 }
 
 /// A line for `systemctl status`.
-pub fn status(status: &str) {
+pub(crate) fn status(status: &str) {
     #[cfg(unix)]
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Status(status)]);
     #[cfg(not(unix))]
@@ -21,13 +21,13 @@ pub fn status(status: &str) {
 }
 
 /// The worker has begun to drain.
-pub fn stopping() {
+pub(crate) fn stopping() {
     #[cfg(unix)]
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Stopping]);
 }
 
 /// How often the service manager expects a watchdog ping, when it expects any.
-pub fn watchdog_interval() -> Option<Duration> {
+pub(crate) fn watchdog_interval() -> Option<Duration> {
     #[cfg(unix)]
     return sd_notify::watchdog_enabled();
     #[cfg(not(unix))]
@@ -35,7 +35,7 @@ pub fn watchdog_interval() -> Option<Duration> {
 }
 
 /// One watchdog ping.
-pub fn watchdog_ping() {
+pub(crate) fn watchdog_ping() {
     #[cfg(unix)]
     let _ = sd_notify::notify(&[sd_notify::NotifyState::Watchdog]);
 }

@@ -54,7 +54,7 @@ pub async fn requested() -> &'static str {
 mod imp {
     use tokio::signal::unix::{signal, SignalKind};
 
-    pub async fn requested() -> &'static str {
+    pub(super) async fn requested() -> &'static str {
         // Installing a handler only fails when the OS refuses; then Ctrl+C via tokio still works.
         match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
             (Ok(mut term), Ok(mut int)) => tokio::select! {
@@ -73,7 +73,7 @@ mod imp {
 mod imp {
     use tokio::signal::windows;
 
-    pub async fn requested() -> &'static str {
+    pub(super) async fn requested() -> &'static str {
         match (
             windows::ctrl_c(),
             windows::ctrl_break(),

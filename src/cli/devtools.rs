@@ -20,7 +20,7 @@ use crate::devtools::sink::{Endpoint, Reply, Sink, SinkTls};
 ///
 /// Example: courier demo --messages 5000
 #[derive(Debug, clap::Args)]
-pub struct DemoArgs {
+pub(super) struct DemoArgs {
     /// How many messages to send.
     #[arg(long, default_value_t = 5000)]
     pub messages: usize,
@@ -44,7 +44,7 @@ pub struct DemoArgs {
 ///
 /// Example: courier bench --messages 200000 --concurrency 64
 #[derive(Debug, clap::Args)]
-pub struct BenchArgs {
+pub(super) struct BenchArgs {
     /// Messages to drain.
     #[arg(long, default_value_t = 200_000)]
     pub messages: usize,
@@ -197,7 +197,7 @@ fn in_share(message_id: &str, attempt: u64, share: f64) -> bool {
 
 /// `courier sink`'s options.
 #[derive(Debug, clap::Args)]
-pub struct SinkArgs {
+pub(super) struct SinkArgs {
     /// Address to listen on.
     #[arg(long, default_value = "127.0.0.1:8443")]
     pub listen: SocketAddr,

@@ -7,7 +7,7 @@ use crate::queue::{self, Keys, Place};
 
 /// One line per place the message is in, for a person. Everything that came from Redis is
 /// escaped and cut before it reaches the terminal.
-pub fn describe(queue: &str, place: &Place) -> String {
+pub(super) fn describe(queue: &str, place: &Place) -> String {
     let queue = printable(queue, 64);
     match place {
         Place::Ready { position } => {
@@ -56,7 +56,7 @@ pub fn describe(queue: &str, place: &Place) -> String {
 }
 
 /// The places of message `id` in every configured queue, as (queue name, place).
-pub async fn locate(settings: &RedisSettings, id: &str) -> anyhow::Result<Vec<(String, Place)>> {
+pub(super) async fn locate(settings: &RedisSettings, id: &str) -> anyhow::Result<Vec<(String, Place)>> {
     let (mut conn, clustered) = connect_clustered(settings).await?;
     let mut found = Vec::new();
     for name in &settings.queues {

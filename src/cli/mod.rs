@@ -4,7 +4,7 @@
 //! `devtools` (the reference main server, the demo and the benchmark).
 
 mod certs;
-pub mod check;
+mod check;
 #[cfg(feature = "devtools")]
 mod devtools;
 mod dlq;

@@ -42,7 +42,7 @@ const MAX_RESENDS: u8 = 4;
 /// A request that took longer than its limit.
 #[derive(Debug, thiserror::Error)]
 #[error("{what} took longer than {limit:?}")]
-pub struct Elapsed {
+pub(super) struct Elapsed {
     what: &'static str,
     limit: Duration,
 }
@@ -557,7 +557,7 @@ fn from_hyper(error: hyper::Error) -> DeliveryError {
 /// rather than a panic for callers that build settings themselves).
 #[derive(Debug, thiserror::Error)]
 #[error("cannot send requests to {0}")]
-pub struct InvalidUrl(String);
+pub(super) struct InvalidUrl(String);
 
 /// The pool's locks guard plain data; a panic elsewhere while one was held leaves nothing
 /// half-changed, so a poisoned lock is used as is.

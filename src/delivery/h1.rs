@@ -30,30 +30,30 @@ use crate::trace::TraceHeaders;
 
 /// The most of a response body courier reads. Only an error's text is of use, and the first
 /// 200 characters of it at that: a main server that answers with megabytes costs 64 KiB.
-pub const MAX_RESPONSE_BODY: usize = 64 * 1024;
+pub(crate) const MAX_RESPONSE_BODY: usize = 64 * 1024;
 
 /// The most an answer's head (status line and headers) may take.
-pub const MAX_HEAD: usize = 64 * 1024;
+pub(crate) const MAX_HEAD: usize = 64 * 1024;
 
 /// The most headers an answer may carry (hyper's limit too).
-pub const MAX_HEADERS: usize = 100;
+pub(crate) const MAX_HEADERS: usize = 100;
 
 /// The most interim (1xx) answers read before the final one.
-pub const MAX_INTERIM: usize = 8;
+pub(crate) const MAX_INTERIM: usize = 8;
 
 /// The longest line of chunked framing: a chunk's size with its extensions, or a trailer.
-pub const MAX_LINE: usize = 8 * 1024;
+pub(crate) const MAX_LINE: usize = 8 * 1024;
 
 /// The most bytes of chunked framing (sizes, extensions, trailers) read for one answer, so
 /// that a body of one-byte chunks cannot keep the worker reading framing. At most hyper's
 /// bounds (16 KiB of extensions, 16 KiB of trailers), so that nothing hyper refuses for its
 /// size courier reads.
-pub const MAX_FRAMING: u64 = 16 * 1024;
+pub(crate) const MAX_FRAMING: u64 = 16 * 1024;
 
 /// The bounds an answer is read within: `Limits::DEFAULT` for the main server; the fuzz
 /// harness makes them small enough for the fuzzer to reach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Status line and headers (`MAX_HEAD`).
     pub head: usize,
     /// Interim (1xx) answers before the final one (`MAX_INTERIM`).
@@ -68,7 +68,7 @@ pub struct Limits {
 
 impl Limits {
     /// The bounds for the main server's answers.
-    pub const DEFAULT: Limits = Limits {
+    pub(crate) const DEFAULT: Limits = Limits {
         head: MAX_HEAD,
         interim: MAX_INTERIM,
         line: MAX_LINE,
@@ -99,7 +99,7 @@ pub struct Outgoing<'a> {
 /// values come from `http`'s types, which refuse CR, LF and NUL, or are a `traceparent`'s hex
 /// digits and dashes, so nothing in them can end a line early. A Host, Content-Length or Transfer-Encoding among `headers` is left out: the
 /// request states its own.
-pub fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
+pub(crate) fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
     let Outgoing {
         method,
         path,
@@ -172,7 +172,7 @@ impl Answer {
 /// How much of an answer's body courier keeps, over HTTP/1.1 and HTTP/2 alike: an error's
 /// first `cap` bytes, none of a success's; reading stops at the cap either way.
 #[derive(Debug)]
-pub struct KeptBody {
+pub(crate) struct KeptBody {
     keep: bool,
     seen: usize,
     cap: usize,
@@ -180,12 +180,12 @@ pub struct KeptBody {
 
 impl KeptBody {
     /// Nothing read yet of the body of an answer with `status`, up to `MAX_RESPONSE_BODY`.
-    pub fn new(status: StatusCode) -> KeptBody {
+    pub(crate) fn new(status: StatusCode) -> KeptBody {
         KeptBody::with_cap(status, MAX_RESPONSE_BODY)
     }
 
     /// Nothing read yet of the body of an answer with `status`, up to `cap` bytes.
-    pub fn with_cap(status: StatusCode, cap: usize) -> KeptBody {
+    pub(crate) fn with_cap(status: StatusCode, cap: usize) -> KeptBody {
         KeptBody {
             keep: !status.is_success(),
             seen: 0,
@@ -195,7 +195,7 @@ impl KeptBody {
 
     /// Takes the body's next bytes into `into`: false once the cap is reached, where reading
     /// stops.
-    pub fn take(&mut self, into: &mut Vec<u8>, data: &[u8]) -> bool {
+    pub(crate) fn take(&mut self, into: &mut Vec<u8>, data: &[u8]) -> bool {
         let room = self.cap.saturating_sub(self.seen);
         self.seen = self.seen.saturating_add(data.len());
         if self.keep {
@@ -207,7 +207,7 @@ impl KeptBody {
 
 /// What is wrong with an answer courier cannot read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum AnswerError {
+pub(crate) enum AnswerError {
     #[error("the main server's answer is not HTTP/1.1 ({0})")]
     Malformed(httparse::Error),
     #[error("the main server's answer head is larger than {MAX_HEAD} bytes")]
@@ -228,7 +228,7 @@ pub enum AnswerError {
 
 /// How an answer's body ends.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Framing {
+pub(crate) enum Framing {
     /// No body: 204, 304, an answer to HEAD, or Content-Length 0.
     Empty,
     /// Content-Length bytes.
@@ -240,7 +240,7 @@ pub enum Framing {
 
 /// An answer's head, as far as courier uses it.
 #[derive(Debug)]
-pub struct Head {
+pub(crate) struct Head {
     pub status: StatusCode,
     /// The headers of an answer other than 2xx (its Retry-After and Location are read); a
     /// success's are not kept.
@@ -252,7 +252,7 @@ pub struct Head {
 
 /// A complete head at the start of a buffer.
 #[derive(Debug)]
-pub enum Parsed {
+pub(crate) enum Parsed {
     /// An interim answer (1xx other than 101): another head follows.
     Interim,
     Final(Head),
@@ -261,7 +261,7 @@ pub enum Parsed {
 /// Parses the answer head at the start of `buf`: `None` while it is incomplete, else how many
 /// bytes it took and what it says. `to_head` is whether the request was a HEAD. A header folded
 /// over lines (`obs-fold`) is read with each fold as one space (RFC 9112 section 5.2).
-pub fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(usize, Parsed)>, AnswerError> {
+pub(crate) fn parse_head(buf: &[u8], to_head: bool, limits: &Limits) -> Result<Option<(usize, Parsed)>, AnswerError> {
     // Left uninitialised: httparse fills only the slots the answer uses, and writing 100 empty
     // ones first cost more than the parse of a typical answer.
     let mut slots = [const { std::mem::MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
@@ -429,7 +429,7 @@ fn decimal(digits: &[u8]) -> Option<u64> {
 
 /// Reads a body by its framing from whatever bytes arrive, one step at a time.
 #[derive(Debug)]
-pub struct BodyReader {
+pub(crate) struct BodyReader {
     state: State,
     framing_read: u64,
     trailers: usize,
@@ -450,7 +450,7 @@ enum State {
 
 impl BodyReader {
     /// A reader for a body framed as `framing` says, nothing of it read yet.
-    pub fn new(framing: Framing, limits: &Limits) -> BodyReader {
+    pub(crate) fn new(framing: Framing, limits: &Limits) -> BodyReader {
         let state = match framing {
             Framing::Empty => State::Done,
             Framing::Length(n) => State::Length(n),
@@ -467,13 +467,13 @@ impl BodyReader {
     }
 
     /// The whole body has been read.
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.state == State::Done
     }
 
     /// Takes what it can from the start of `input`: how many bytes it used, and the body's
     /// data among them. Using none means it needs more bytes than `input` holds.
-    pub fn step<'a>(&mut self, input: &'a [u8]) -> Result<(usize, &'a [u8]), AnswerError> {
+    pub(crate) fn step<'a>(&mut self, input: &'a [u8]) -> Result<(usize, &'a [u8]), AnswerError> {
         match self.state {
             State::Done => Ok((0, &[])),
             State::Length(left) | State::ChunkData(left) => {
@@ -550,7 +550,7 @@ impl BodyReader {
     }
 
     /// The server closed the connection: whether that completes the body.
-    pub fn closed(&mut self) -> bool {
+    pub(crate) fn closed(&mut self) -> bool {
         if self.state == State::UntilClose {
             self.state = State::Done;
         }
@@ -628,12 +628,12 @@ fn is_field(line: &[u8]) -> bool {
 }
 
 /// A TLS or plain TCP stream (any byte stream, for the fuzz target).
-pub trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
+pub(crate) trait Io: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Io for T {}
 
 /// An answer read to its end or to where courier stopped reading.
 #[derive(Debug)]
-pub struct Exchanged {
+pub(crate) struct Exchanged {
     pub answer: Answer,
     /// The answer was read to its end and the server keeps the connection open: it can take
     /// the next request.
@@ -642,7 +642,7 @@ pub struct Exchanged {
 
 /// Why an exchange failed.
 #[derive(Debug)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The connection closed or broke before any byte of an answer arrived. On a kept
     /// connection, the server may have closed it as the request went out.
     Unanswered(io::Error),
@@ -654,7 +654,7 @@ pub enum Failure {
 /// One HTTP/1.1 connection: its stream, the bytes read from it and not yet parsed
 /// (`buf[start..]`), the buffer a request is written from, and the bounds its answers are
 /// read within.
-pub struct Connection {
+pub(crate) struct Connection {
     io: Box<dyn Io>,
     buf: Vec<u8>,
     start: usize,
@@ -664,12 +664,12 @@ pub struct Connection {
 
 impl Connection {
     /// A connection over `io`, connected (and through TLS) already.
-    pub fn new(io: impl Io + 'static) -> Connection {
+    pub(crate) fn new(io: impl Io + 'static) -> Connection {
         Connection::with_limits(io, Limits::DEFAULT)
     }
 
     /// A connection over `io` whose answers are read within `limits`.
-    pub fn with_limits(io: impl Io + 'static, limits: Limits) -> Connection {
+    pub(crate) fn with_limits(io: impl Io + 'static, limits: Limits) -> Connection {
         Connection {
             io: Box::new(io),
             buf: Vec::new(),
@@ -681,7 +681,7 @@ impl Connection {
 
     /// Whether a kept connection can take a request: the server has neither closed it nor
     /// sent anything unasked. Looks without waiting; no system call when nothing arrived.
-    pub fn is_open(&mut self) -> bool {
+    pub(crate) fn is_open(&mut self) -> bool {
         if self.start < self.buf.len() {
             return false;
         }
@@ -694,7 +694,7 @@ impl Connection {
     /// Sends `request` and reads the answer. Once a final answer's head has arrived, the
     /// answer is in `arrived`, its body filling in: a caller whose deadline passes first takes
     /// it from there, as the head decides (and the connection goes with the dropped exchange).
-    pub async fn exchange(
+    pub(crate) async fn exchange(
         &mut self,
         request: &Outgoing<'_>,
         host: &HeaderValue,

@@ -12,7 +12,7 @@ use hyper::{Method, StatusCode};
 use url::Url;
 
 mod client;
-pub mod h1;
+pub(crate) mod h1;
 
 pub use client::{path_of, Client, Resend, ResendHook};
 pub use h1::{Answer, Outgoing};

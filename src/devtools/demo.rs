@@ -21,7 +21,7 @@ use crate::worker::Worker;
 
 /// What the demo does.
 #[derive(Debug, Clone)]
-pub struct DemoOptions {
+pub(crate) struct DemoOptions {
     pub messages: usize,
     /// Share of messages whose first two attempts fail with 503.
     pub flaky_share: f64,
@@ -32,7 +32,7 @@ pub struct DemoOptions {
 }
 
 /// Runs the demo until every message is delivered or dead-lettered, or Ctrl+C.
-pub async fn run(options: DemoOptions) -> anyhow::Result<()> {
+pub(crate) async fn run(options: DemoOptions) -> anyhow::Result<()> {
     // Listen for Ctrl+C from the start, so an early one still cleans up.
     let interrupted = CancellationToken::new();
     let on_signal = interrupted.clone();

@@ -3,8 +3,8 @@
 //! reference main server; `demo`, the whole pipeline on one machine; `bench`, the benchmark; `harness`, the
 //! private redis-server and throwaway PKI that these and the integration tests run against.
 
-pub mod bench;
-pub mod demo;
+pub(crate) mod bench;
+pub(crate) mod demo;
 pub mod harness;
-pub mod netem;
+mod netem;
 pub mod sink;

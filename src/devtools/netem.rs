@@ -17,17 +17,17 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 
 /// The main server's address inside the namespace (the bench's server certificate names it).
-pub const SERVER_IP: &str = "10.201.0.2";
+pub(super) const SERVER_IP: &str = "10.201.0.2";
 const HOST_IP: &str = "10.201.0.1";
 
 /// A network namespace behind a delayed veth pair; removed (with the pair) when dropped.
-pub struct Namespace {
+pub(super) struct Namespace {
     name: String,
 }
 
 impl Namespace {
     /// Makes the namespace and the delayed link, or says why it cannot.
-    pub fn create(rtt: Duration) -> anyhow::Result<Namespace> {
+    pub(super) fn create(rtt: Duration) -> anyhow::Result<Namespace> {
         let id = std::process::id();
         let namespace = Namespace {
             name: format!("courier-bench-{id}"),
@@ -74,7 +74,7 @@ impl Namespace {
     }
 
     /// The command prefix that runs a program inside the namespace.
-    pub fn exec(&self) -> [&str; 4] {
+    pub(super) fn exec(&self) -> [&str; 4] {
         ["ip", "netns", "exec", self.name.as_str()]
     }
 }
@@ -88,7 +88,7 @@ impl Drop for Namespace {
 
 /// Listens on 127.0.0.1 and forwards every connection to `target`, each direction delayed by
 /// half of `rtt`. Returns the port; the proxy runs until the runtime ends.
-pub async fn delay_proxy(target: std::net::SocketAddr, rtt: Duration) -> anyhow::Result<u16> {
+pub(super) async fn delay_proxy(target: std::net::SocketAddr, rtt: Duration) -> anyhow::Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let port = listener.local_addr()?.port();
     let half = rtt / 2;

@@ -9,7 +9,7 @@ use crate::queue::{self, Conn, Keys, QueueError};
 
 /// What a requeue or purge does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Action {
+pub(crate) enum Action {
     /// Back to the queue: to its front (delivered next) or back.
     Requeue {
         /// To the front, rather than the back.
@@ -21,7 +21,7 @@ pub enum Action {
 
 /// How a requeue or purge runs.
 #[derive(Debug, Clone, Default)]
-pub struct Options {
+pub(crate) struct Options {
     /// Only count what would be acted on.
     pub dry_run: bool,
     /// At most this many.
@@ -33,13 +33,13 @@ pub struct Options {
 /// Whether `rate` (dead letters per second) is one a requeue can keep: finite and at least
 /// 1e-18, so the wait between two moves is a `Duration` (at 1e-45 it is not, and the wait
 /// became "forever").
-pub fn usable_rate(rate: f64) -> bool {
+pub(crate) fn usable_rate(rate: f64) -> bool {
     rate.is_finite() && rate >= 1e-18
 }
 
 /// What a requeue or purge did.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Outcome {
+pub(crate) struct Outcome {
     /// Records read.
     pub scanned: u64,
     /// Records the filter selected (with `dry_run`: what would move).
@@ -152,7 +152,7 @@ impl<P> MovePage<'_, P> {
 
 /// Requeues or purges the dead letters `filter` selects, oldest first (so requeued messages
 /// keep their order), one script each. `progress` hears how far it got now and then.
-pub async fn act(
+pub(crate) async fn act(
     conn: &mut Conn,
     keys: &Keys,
     filter: &Filter,
@@ -188,6 +188,6 @@ pub async fn act(
 }
 
 /// Deletes the whole dead-letter list; returns how many records it held.
-pub async fn purge_all(conn: &mut Conn, keys: &Keys) -> Result<u64, QueueError> {
+pub(crate) async fn purge_all(conn: &mut Conn, keys: &Keys) -> Result<u64, QueueError> {
     queue::purge_dead(conn, keys).await
 }

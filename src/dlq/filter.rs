@@ -7,7 +7,7 @@ use super::Letter;
 
 /// Which dead letters a command acts on. Empty: all.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Filter {
+pub(crate) struct Filter {
     /// Any of these reasons (`rejected`, `exhausted`, `invalid_json`, ...).
     pub reason: Vec<String>,
     /// Any of these HTTP statuses of the main server's last answer.
@@ -24,7 +24,7 @@ pub struct Filter {
 
 impl Filter {
     /// No condition at all: every dead letter.
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.reason.is_empty()
             && self.status.is_empty()
             && self.since.is_none()
@@ -39,7 +39,7 @@ impl Filter {
     }
 
     /// Whether a letter passes every condition (the grep was checked in Redis: `hit`).
-    pub fn matches(&self, letter: &Letter, hit: bool) -> bool {
+    pub(crate) fn matches(&self, letter: &Letter, hit: bool) -> bool {
         if !hit {
             return false;
         }
@@ -71,7 +71,7 @@ impl Filter {
 /// it: lists comma-separated or as arrays, times as RFC 3339 or durations.
 #[derive(Debug, Clone, Default, serde::Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct FilterText {
+pub(crate) struct FilterText {
     /// Reasons, comma-separated.
     pub reason: Option<String>,
     /// HTTP statuses, comma-separated.
@@ -88,7 +88,7 @@ pub struct FilterText {
 
 impl FilterText {
     /// The filter, or what is wrong with it (naming the field).
-    pub fn parse(&self, now: DateTime<Utc>) -> Result<Filter, String> {
+    pub(crate) fn parse(&self, now: DateTime<Utc>) -> Result<Filter, String> {
         let list = |text: &Option<String>| -> Vec<String> {
             text.as_deref()
                 .unwrap_or("")
@@ -124,7 +124,7 @@ impl FilterText {
 
 /// A time bound for `--since` / `--until`: RFC 3339 (`2025-01-15T10:00:00Z`) or a duration
 /// back from `now` (`90s`, `30m`, `2h`, `7d`).
-pub fn parse_time_bound(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
+pub(crate) fn parse_time_bound(text: &str, now: DateTime<Utc>) -> Result<DateTime<Utc>, String> {
     let text = text.trim();
     if let Ok(at) = DateTime::parse_from_rfc3339(text) {
         return Ok(at.with_timezone(&Utc));

@@ -9,7 +9,7 @@ use crate::queue::DeadSlot;
 
 /// One dead letter as read: where it is, its header fields and (the start of) its message.
 #[derive(Debug, Clone)]
-pub struct Letter {
+pub(crate) struct Letter {
     /// Its position from the tail when read: the cursor of one letter.
     pub position: u64,
     /// The whole record's size in bytes.
@@ -43,28 +43,28 @@ impl Letter {
 
     /// Every header field (`reason`, `error`, `dead_at`, `message_id`, `trace_id`, ...) as
     /// JSON, parsed on demand (`Null`: not a record courier wrote).
-    pub fn fields(&self) -> serde_json::Value {
+    pub(crate) fn fields(&self) -> serde_json::Value {
         parse_dead_letter(&self.record).fields
     }
 
     /// The header's `reason` (`unknown` without one).
-    pub fn reason(&self) -> &str {
+    pub(crate) fn reason(&self) -> &str {
         self.header.reason.as_deref().unwrap_or("unknown")
     }
 
     /// The header's `error` (empty without one).
-    pub fn error(&self) -> &str {
+    pub(crate) fn error(&self) -> &str {
         self.header.error.as_deref().unwrap_or("")
     }
 
     /// The header's `message_id`, if it has one.
-    pub fn message_id(&self) -> Option<&str> {
+    pub(crate) fn message_id(&self) -> Option<&str> {
         self.header.message_id.as_deref()
     }
 
     /// The HTTP status of the main server's answer: the record's `status`, or the one its
     /// error names (`main server answered HTTP 422: ...`).
-    pub fn status(&self) -> Option<u16> {
+    pub(crate) fn status(&self) -> Option<u16> {
         if let Some(status) = self.header.status {
             return u16::try_from(status).ok();
         }
@@ -75,14 +75,14 @@ impl Letter {
     }
 
     /// When it was dead-lettered: the header's `dead_at`, if that reads as RFC 3339.
-    pub fn dead_at(&self) -> Option<DateTime<Utc>> {
+    pub(crate) fn dead_at(&self) -> Option<DateTime<Utc>> {
         let text = self.header.dead_at.as_deref()?;
         DateTime::parse_from_rfc3339(text).ok().map(|t| t.with_timezone(&Utc))
     }
 
     /// As one JSON object: the header fields, the message (`message`, or `message_base64`
     /// when not UTF-8; cut at `PREVIEW_BYTES` when `truncated`), `position`, `size`.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let mut json = match self.fields() {
             fields @ serde_json::Value::Object(_) => fields,
             _ => serde_json::json!({}),
@@ -107,7 +107,7 @@ impl Letter {
     /// The message as it goes back to the queue: `attempt_count` reset to 0 when it is a valid
     /// message that has failed attempts, otherwise the original bytes unchanged. Needs the
     /// whole record.
-    pub fn requeued(&self) -> Vec<u8> {
+    pub(crate) fn requeued(&self) -> Vec<u8> {
         match Envelope::parse(self.message.clone(), usize::MAX) {
             Ok(envelope) if envelope.attempt_count() > 0 => envelope.with_attempt_count(0),
             _ => self.message.clone(),

@@ -32,19 +32,21 @@ mod letter;
 mod pages;
 mod stats;
 
-pub use self::act::{act, purge_all, usable_rate, Action, Options, Outcome};
-pub use self::filter::{parse_time_bound, Filter, FilterText};
-pub use self::letter::Letter;
-pub use self::pages::{at, list, reasons, whole, Listing};
-pub use self::stats::{fold_error, stats, Group, Stats};
+pub(crate) use self::act::{act, purge_all, usable_rate, Action, Options, Outcome};
+pub(crate) use self::filter::{parse_time_bound, Filter, FilterText};
+pub(crate) use self::letter::Letter;
+pub(crate) use self::pages::{at, list, reasons, whole};
+#[cfg(feature = "fuzzing")]
+pub(crate) use self::stats::fold_error;
+pub(crate) use self::stats::stats;
 
 /// The most bytes of records one page script reads (a single larger record is read alone).
-pub const PAGE_BYTES: u64 = 4 << 20;
+pub(crate) const PAGE_BYTES: u64 = 4 << 20;
 /// The most records one page script reads.
-pub const PAGE_RECORDS: u64 = 2000;
+pub(crate) const PAGE_RECORDS: u64 = 2000;
 /// Listing and stats read at most this much of each record: the header and the start of the
 /// message.
-pub const PREVIEW_BYTES: u64 = 64 << 10;
+pub(crate) const PREVIEW_BYTES: u64 = 64 << 10;
 /// Tombstones are swept after this many requeues or deletions (and at the end). Each sweep is
 /// one `LREM` from the tail as deep as the walk has gone.
-pub const SWEEP_EVERY: u64 = 2000;
+pub(crate) const SWEEP_EVERY: u64 = 2000;

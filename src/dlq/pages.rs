@@ -9,7 +9,7 @@ use crate::queue::{self, Conn, DeadPage, DeadSlot, Keys, PageRequest, QueueError
 
 /// A page of letters that match a filter, newest first, and where the next page starts.
 #[derive(Debug, Clone, Default)]
-pub struct Listing {
+pub(crate) struct Listing {
     /// The letters, newest first.
     pub letters: Vec<Letter>,
     /// The position to pass as `from` for the next page; `None`: no more.
@@ -21,7 +21,7 @@ pub struct Listing {
 /// Up to `limit` letters matching `filter`, newest first, starting at position `from` (None:
 /// the newest). Reads pages of records cut to `PREVIEW_BYTES` until it has `limit` or has read
 /// `scan_budget` records (a cursor to go on from is returned either way).
-pub async fn list(
+pub(crate) async fn list(
     conn: &mut Conn,
     keys: &Keys,
     filter: &Filter,
@@ -87,7 +87,7 @@ pub async fn list(
 
 /// The whole record of a letter `list` returned cut (or `None` when it was whole already,
 /// or is no longer at its position).
-pub async fn whole(conn: &mut Conn, keys: &Keys, letter: &Letter) -> Result<Option<Letter>, QueueError> {
+pub(crate) async fn whole(conn: &mut Conn, keys: &Keys, letter: &Letter) -> Result<Option<Letter>, QueueError> {
     if !letter.truncated {
         return Ok(None);
     }
@@ -99,7 +99,7 @@ pub async fn whole(conn: &mut Conn, keys: &Keys, letter: &Letter) -> Result<Opti
 
 /// The dead letter at `position`, cut to `cap` bytes, or `None` when there is none (or a
 /// tombstone) there now.
-pub async fn at(conn: &mut Conn, keys: &Keys, position: u64, cap: u64) -> Result<Option<Letter>, QueueError> {
+pub(crate) async fn at(conn: &mut Conn, keys: &Keys, position: u64, cap: u64) -> Result<Option<Letter>, QueueError> {
     if position == 0 {
         return Ok(None);
     }
@@ -126,7 +126,7 @@ async fn read_one(conn: &mut Conn, keys: &Keys, position: u64, cap: u64) -> Resu
 
 /// Dead letters by reason among the newest `newest`, read in pages of headers (what
 /// `courier stats` shows: bounded work however long the list is).
-pub async fn reasons(conn: &mut Conn, keys: &Keys, newest: u64) -> Result<BTreeMap<String, u64>, QueueError> {
+pub(crate) async fn reasons(conn: &mut Conn, keys: &Keys, newest: u64) -> Result<BTreeMap<String, u64>, QueueError> {
     let mut by_reason = BTreeMap::new();
     let (mut at, mut chunk, mut read) = (0u64, 1u64, 0u64);
     loop {

@@ -10,7 +10,7 @@ use crate::queue::{Conn, Keys, QueueError};
 /// Dead letters grouped by cause: reason, status and the error with its ids, numbers and
 /// times folded.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct Stats {
+pub(crate) struct Stats {
     /// The dead letters that matched.
     pub total: u64,
     /// Their causes, largest group first.
@@ -19,7 +19,7 @@ pub struct Stats {
 
 /// The dead letters of one cause.
 #[derive(Debug, Clone, serde::Serialize, PartialEq, Eq)]
-pub struct Group {
+pub(crate) struct Group {
     /// Their reason (`rejected`, `exhausted`, ...).
     pub reason: String,
     /// The main server's HTTP status, when it answered.
@@ -40,7 +40,7 @@ const MAX_GROUPS: usize = 1000;
 
 /// The error text with what varies between instances of one cause folded: runs of digits
 /// become `N`, long hexadecimal or id-like words `<id>`; cut at 200 characters.
-pub fn fold_error(error: &str) -> String {
+pub(crate) fn fold_error(error: &str) -> String {
     let mut out = String::new();
     let separator = |c: char| c.is_whitespace() || matches!(c, '"' | '\'' | ',' | '/' | '=' | ':');
     for word in error.split_inclusive(separator) {
@@ -121,7 +121,7 @@ impl AsyncPageFn for StatsPage<'_> {
 }
 
 /// Dead letters matching `filter`, grouped by cause, largest group first.
-pub async fn stats(conn: &mut Conn, keys: &Keys, filter: &Filter) -> Result<Stats, QueueError> {
+pub(crate) async fn stats(conn: &mut Conn, keys: &Keys, filter: &Filter) -> Result<Stats, QueueError> {
     let mut page = StatsPage {
         filter,
         groups: BTreeMap::new(),

@@ -4,6 +4,9 @@
 //! demo, the benchmark) take most of the time; `cargo test --test it -- --skip slow::` runs
 //! the rest in well under a minute.
 
+// A test crate has no public surface: `pub` in its modules only shares helpers between them.
+#![allow(unreachable_pub)]
+
 mod common;
 
 mod binary;

@@ -20,7 +20,7 @@ use self::tls::tls_checks;
 
 /// One check's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
+pub(super) enum Verdict {
     /// Passes.
     Pass,
     /// Passes, with something to know.
@@ -31,7 +31,7 @@ pub enum Verdict {
 
 /// One line of `courier check`.
 #[derive(Debug, Clone)]
-pub struct Check {
+pub(super) struct Check {
     /// What was checked ("key match", "redis acl").
     pub name: &'static str,
     /// Pass, warn or fail.
@@ -71,7 +71,7 @@ impl Check {
     }
 
     /// `OK    name   detail`, and a `fix:` line under a failure.
-    pub fn render(&self) -> String {
+    pub(super) fn render(&self) -> String {
         let label = match self.verdict {
             Verdict::Pass => "OK  ",
             Verdict::Warn => "WARN",
@@ -106,7 +106,7 @@ pub(super) fn command(file: Option<PathBuf>) -> ExitCode {
 }
 
 /// Runs every check that can run; later checks that depend on a failed one are skipped.
-pub async fn run(file: Option<&Path>) -> Vec<Check> {
+pub(super) async fn run(file: Option<&Path>) -> Vec<Check> {
     let mut checks = Vec::new();
     let settings = match Settings::load(file, &ProcessEnv) {
         Ok(settings) => {

@@ -42,7 +42,7 @@ use crate::devtools::harness::Pki;
 
 /// What to measure.
 #[derive(Debug, Clone)]
-pub struct BenchOptions {
+pub(crate) struct BenchOptions {
     /// Messages each drain delivers.
     pub messages: usize,
     /// The worker's WORKER_CONCURRENCY (and `ab -c` for the baseline).
@@ -79,7 +79,7 @@ pub struct BenchOptions {
 
 /// A main server the bench did not start (nginx, say), and the files to reach it with.
 #[derive(Debug, Clone)]
-pub struct External {
+pub(crate) struct External {
     /// Its https:// URL.
     pub url: String,
     /// The CA that signed its certificate.
@@ -91,7 +91,7 @@ pub struct External {
 }
 
 /// Runs the benchmark and prints its figures.
-pub async fn run(options: BenchOptions) -> anyhow::Result<()> {
+pub(crate) async fn run(options: BenchOptions) -> anyhow::Result<()> {
     if !cfg!(target_os = "linux") {
         bail!("courier bench reads /proc and runs on Linux only");
     }
