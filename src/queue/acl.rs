@@ -190,8 +190,8 @@ pub async fn check_queues(queues: &[Queue], topology: &Topology) -> Permissions 
             reason: "no queue to check".to_string(),
         };
     };
-    let keys: Vec<Keys> = queues.iter().map(|q| q.keys.clone()).collect();
-    check(&mut first.conn.clone(), &keys, topology).await
+    let keys: Vec<Keys> = queues.iter().map(|q| q.keys().clone()).collect();
+    check(&mut first.connection(), &keys, topology).await
 }
 
 impl Conn {
