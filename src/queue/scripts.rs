@@ -14,15 +14,33 @@
 
 use redis::Script;
 
+/// Lua: `redis_ms()`, Redis `TIME` in ms since the epoch. A macro, so that `NOW_MS` and
+/// `QUEUE_NOW` (which builds on it) are one text spliced with `concat!`.
+macro_rules! redis_ms {
+    () => {
+        r"
+local function redis_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"
+    };
+}
+
+/// `redis_ms()`, for the scripts that stamp a time (`register`, `heartbeat`).
+const NOW_MS: &str = redis_ms!();
+
 /// The queue's clock, for scripts that take `clock` (the `Q:clock` hash) as a key: Redis TIME
 /// in ms, plus `offset`; when that is behind `last` (the furthest the clock has read, written
 /// at most once a second), TIME stepped back, and `offset` grows by the step.
-const QUEUE_NOW: &str = r"
+const QUEUE_NOW: &str = concat!(
+    redis_ms!(),
+    r"
 local function queue_now(clock)
-  local t = redis.call('TIME')
+  local time = redis_ms()
   local c = redis.call('HMGET', clock, 'offset', 'last')
   local offset, last = tonumber(c[1]) or 0, tonumber(c[2]) or 0
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + offset
+  local now = time + offset
   if now < last then
     redis.call('HSET', clock, 'offset', offset + last - now)
     return last
@@ -30,7 +48,8 @@ local function queue_now(clock)
   if now > last + 1000 then redis.call('HSET', clock, 'last', now) end
   return now
 end
-";
+"
+);
 
 /// The message id of a queue item, for the dead-letter records the claim script writes, so
 /// that `dlq show ID` finds them: `message_id(item, true)` decodes the item (one within the
@@ -229,29 +248,29 @@ impl Scripts {
             // from this machine), when it has no heartbeat, or when its heartbeat is still
             // ARGV[4] (the caller watched it stay so for WORKER_DEAD_AFTER).
             // Returns {1, '', '', 0} or {0, holder, its heartbeat, the heartbeat's age in ms}.
-            register: Script::new(
-                r"local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            register: Script::new(&format!(
+                r"{NOW_MS}
+                  local now = redis_ms()
                   local holder = redis.call('HGET', KEYS[2], ARGV[1])
                   local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
                   if holder and holder ~= ARGV[2] and holder ~= ARGV[3] and beat and beat ~= ARGV[4] then
-                    return {0, holder, beat, now - tonumber(beat)}
+                    return {{0, holder, beat, now - tonumber(beat)}}
                   end
                   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
                   redis.call('ZADD', KEYS[1], now, ARGV[1])
-                  return {1, '', '', 0}",
-            ),
+                  return {{1, '', '', 0}}"
+            )),
             // Refreshes the heartbeat in Redis time, unless another process has taken the id
             // (returns 0 then). Other workers judge liveness by whether this value changes,
             // not by comparing it with a clock.
-            heartbeat: Script::new(
-                r"local holder = redis.call('HGET', KEYS[2], ARGV[1])
+            heartbeat: Script::new(&format!(
+                r"{NOW_MS}
+                  local holder = redis.call('HGET', KEYS[2], ARGV[1])
                   if holder and holder ~= ARGV[2] then return 0 end
                   if not holder then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
-                  local t = redis.call('TIME')
-                  redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
-                  return 1",
-            ),
+                  redis.call('ZADD', KEYS[1], redis_ms(), ARGV[1])
+                  return 1"
+            )),
             // Reaps worker ARGV[1] if its heartbeat is still ARGV[2], the value the reaper saw
             // stay unchanged for WORKER_DEAD_AFTER of its own time: its processing list KEYS[3]
             // goes to the front of the queue KEYS[4], oldest first, each item's reclaim count
