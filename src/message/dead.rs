@@ -199,6 +199,37 @@ pub fn read_dead_header(record: &[u8]) -> (DeadHeader, Vec<u8>) {
 mod tests {
     use super::*;
 
+    /// The bytes a record is written with, pinned: the header's fields in the order they have
+    /// always had (by name), escaped as serde_json escapes.
+    #[test]
+    fn a_dead_letter_is_written_byte_for_byte_as_always() {
+        let dead_at = |record: &[u8]| parse_dead_letter(record).fields["dead_at"].as_str().map(str::to_string);
+        let (trace_id, _) = crate::trace::parse_traceparent(b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+            .expect("traceparent");
+        let raw = b"{\"message_id\":\"m/1\"}\n\x00\xff";
+        let error = "422 \"bad\"\n\u{1}\u{7f}\u{e9}/\\";
+        let record = dead_letter_traced(raw, DeadReason::Rejected, error, "w-1", Some("m/1"), Some(trace_id));
+        let at = dead_at(&record).expect("dead_at");
+        let mut expected = format!(
+            r#"{{"dead_at":"{at}","error":"422 \"bad\"\n\u0001{}{}/\\","message_id":"m/1","reason":"rejected","size":{},"trace_id":"4bf92f3577b34da6a3ce929d0e0e4736","worker_id":"w-1"}}"#,
+            '\u{7f}',
+            '\u{e9}',
+            raw.len()
+        )
+        .into_bytes();
+        expected.push(b'\n');
+        expected.extend_from_slice(raw);
+        assert_eq!(String::from_utf8_lossy(&record), String::from_utf8_lossy(&expected));
+        assert_eq!(record, expected);
+
+        let record = dead_letter(b"x", DeadReason::Malformed("invalid_json"), "e", "w", None);
+        let at = dead_at(&record).expect("dead_at");
+        let expected = format!(
+            "{{\"dead_at\":\"{at}\",\"error\":\"e\",\"reason\":\"invalid_json\",\"size\":1,\"worker_id\":\"w\"}}\nx"
+        );
+        assert_eq!(String::from_utf8_lossy(&record), expected);
+    }
+
     #[test]
     fn dead_letters_keep_the_original_exactly() {
         for raw in [
