@@ -50,24 +50,122 @@ pub fn dead_letter_traced(
     message_id: Option<&str>,
     trace_id: Option<TraceId>,
 ) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    header.insert("reason".into(), reason.label().into());
-    header.insert("error".into(), error.into());
-    header.insert("worker_id".into(), worker_id.into());
-    header.insert("dead_at".into(), dead_at_now().into());
+    // By name: the order these fields have always had (they came from a sorted map), so that
+    // a record's bytes stay what they were.
+    let mut header = Header::new();
+    header.text("dead_at", &dead_at_now());
+    header.text("error", error);
     if let Some(id) = message_id {
-        header.insert("message_id".into(), id.into());
+        header.text("message_id", id);
     }
+    header.text("reason", reason.label());
+    header.number("size", raw.len());
     if let Some(trace_id) = trace_id {
-        header.insert("trace_id".into(), trace_id.to_string().into());
+        header.text("trace_id", &trace_id.to_string());
     }
-    header.insert("size".into(), raw.len().into());
-    // Compact JSON escapes every newline inside strings, so the first newline ends the header.
-    let mut record = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_else(|_| b"{}".to_vec());
-    record.reserve(raw.len() + 1);
+    header.text("worker_id", worker_id);
+    let header = header.line();
+    let mut record = Vec::with_capacity(header.len() + 1 + raw.len());
+    record.extend_from_slice(header.as_bytes());
     record.push(b'\n');
     record.extend_from_slice(raw);
     record
+}
+
+/// The headers of the dead letters the claim script writes itself, so that the item never
+/// leaves Redis: one over the size limit, and one that workers dying while holding it returned
+/// to the queue too often. `Header` writes them as it writes `dead_letter`'s, in the order
+/// these have always had, with `$name$` holes for what only the script knows, which it fills
+/// (`scripts.rs`, `fill`): `size` and `reclaims` (numbers), `limit` and `max` (the limits it
+/// was given), `worker` (the worker id as JSON), `at` (`dead_at`), and `id` (the whole
+/// `,"message_id":...` field, or nothing when the item has no id).
+#[derive(Debug, Clone)]
+pub(crate) struct ClaimHeaders {
+    /// Reason `too_large`: over `worker.max_message_bytes`.
+    pub(crate) too_large: String,
+    /// Reason `poisoned`: returned more than `worker.max_reclaims` times.
+    pub(crate) poisoned: String,
+}
+
+/// The claim script's headers (`ClaimHeaders`).
+pub(crate) fn claim_headers() -> ClaimHeaders {
+    let mut too_large = Header::new();
+    too_large.text("reason", "too_large");
+    too_large.text(
+        "error",
+        "message is $size$ bytes, over the $limit$-byte limit (worker.max_message_bytes)",
+    );
+    too_large.hole("worker_id", "worker");
+    too_large.text("dead_at", "$at$");
+    too_large.optional("id");
+    too_large.hole("size", "size");
+    let mut poisoned = Header::new();
+    poisoned.text("reason", "poisoned");
+    poisoned.text(
+        "error",
+        "returned to the queue $reclaims$ times by the restart or reaping of workers that died \
+         holding it, over the limit of $max$ (worker.max_reclaims)",
+    );
+    poisoned.hole("worker_id", "worker");
+    poisoned.text("dead_at", "$at$");
+    poisoned.optional("id");
+    poisoned.hole("reclaims", "reclaims");
+    poisoned.hole("size", "size");
+    ClaimHeaders {
+        too_large: too_large.line(),
+        poisoned: poisoned.line(),
+    }
+}
+
+/// A dead letter's header line, written field by field in the order given, as compact JSON
+/// (`{"name":value,...}`): the one writer of headers, for `dead_letter` and `claim_headers`.
+/// Compact JSON escapes every newline inside strings, so the first newline of a record ends
+/// its header.
+struct Header(String);
+
+impl Header {
+    fn new() -> Header {
+        Header(String::from("{"))
+    }
+
+    /// Starts a field: the comma before it (but the first) and its name.
+    fn name(&mut self, name: &str) {
+        if self.0.len() > 1 {
+            self.0.push(',');
+        }
+        self.0.push_str(&serde_json::Value::from(name).to_string());
+        self.0.push(':');
+    }
+
+    /// A field whose value is text.
+    fn text(&mut self, name: &str, value: &str) {
+        self.name(name);
+        self.0.push_str(&serde_json::Value::from(value).to_string());
+    }
+
+    /// A field whose value is a number.
+    fn number(&mut self, name: &str, value: usize) {
+        self.name(name);
+        self.0.push_str(&value.to_string());
+    }
+
+    /// A field whose value the claim script writes, as JSON, in place of `$hole$`.
+    fn hole(&mut self, name: &str, hole: &str) {
+        self.name(name);
+        self.0.push_str(&format!("${hole}$"));
+    }
+
+    /// A place between fields where the claim script writes a whole field (its comma
+    /// included) or nothing, in place of `$hole$`.
+    fn optional(&mut self, hole: &str) {
+        self.0.push_str(&format!("${hole}$"));
+    }
+
+    /// The header line, closed.
+    fn line(mut self) -> String {
+        self.0.push('}');
+        self.0
+    }
 }
 
 /// The time a dead letter is written, as it appears in its `dead_at`.

@@ -11,6 +11,7 @@ use serde_json::value::RawValue;
 
 mod dead;
 
+pub(crate) use self::dead::{claim_headers, ClaimHeaders};
 pub use self::dead::{
     dead_at_now, dead_letter, dead_letter_traced, parse_dead_letter, read_dead_header, DeadHeader, DeadReason,
     DeadRecord,

@@ -14,6 +14,8 @@
 
 use redis::Script;
 
+use crate::message::{claim_headers, ClaimHeaders};
+
 /// Lua: `redis_ms()`, Redis `TIME` in ms since the epoch. A macro, so that `NOW_MS` and
 /// `QUEUE_NOW` (which builds on it) are one text spliced with `concat!`.
 macro_rules! redis_ms {
@@ -71,6 +73,15 @@ local function id_field(id)
 end
 "#;
 
+/// Fills the `$name$` holes of a dead letter's header that the worker wrote for the claim
+/// script (`message::claim_headers`) with `values`, a table by name: what only the script
+/// knows. One pass, so a value is never read for holes itself.
+const FILL: &str = r"
+local function fill(header, values)
+  return (string.gsub(header, '%$(%a+)%$', values))
+end
+";
+
 /// Counts one more reclaim of `item` in the hash `reclaims`, unless the hash already holds
 /// `cap` other items (it stays bounded; such an item is then not counted).
 const COUNT_RECLAIM: &str = r"
@@ -117,19 +128,22 @@ fn move_one(write: &str) -> Script {
 
 impl Scripts {
     pub(super) fn new() -> Scripts {
+        let ClaimHeaders { too_large, poisoned } = claim_headers();
         Scripts {
             // Moves up to ARGV[1] messages from the right of the ready list to the processing
             // list. An item over ARGV[2] bytes never travels to the worker: it goes straight to
             // the dead-letter list KEYS[3] as a record (header line, then the item as it is;
-            // the same form as `message::dead_letter`). So does an item that workers dying
-            // while holding it returned to the queue more than ARGV[5] times (counted in
-            // KEYS[4] by its SHA-1; 0: never), as `poisoned`: looked up only while that hash
-            // exists, so the happy path costs one EXISTS. ARGV[3] is the worker id as a JSON
-            // string, ARGV[4] the time for `dead_at`. Copies first (LRANGE, then the pushes),
-            // trims the ready list last. Returns {claimed items oldest first, too large,
-            // poisoned, the 1-based places among the claimed of those with a reclaim count}.
+            // the header is `message::claim_headers`, its holes filled). So does an item that
+            // workers dying while holding it returned to the queue more than ARGV[5] times
+            // (counted in KEYS[4] by its SHA-1; 0: never), as `poisoned`: looked up only while
+            // that hash exists, so the happy path costs one EXISTS. ARGV[3] is the worker id as
+            // a JSON string, ARGV[4] the time for `dead_at`. Copies first (LRANGE, then the
+            // pushes), trims the ready list last. Returns {claimed items oldest first, too
+            // large, poisoned, the 1-based places among the claimed of those with a reclaim
+            // count}.
             claim: Script::new(&format!(
-                r#"{MESSAGE_ID}
+                r#"{MESSAGE_ID}{FILL}
+                  local TOO_LARGE, POISONED = [[{too_large}]], [[{poisoned}]]
                   local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
                   if #items == 0 then return {{{{}}, 0, 0, {{}}, {{}}, {{}}}} end
                   local limit = tonumber(ARGV[2])
@@ -149,18 +163,17 @@ impl Scripts {
                       big = big + 1
                       local id = message_id(item, false)
                       big_ids[#big_ids + 1] = id
-                      redis.call('LPUSH', KEYS[3], '{{"reason":"too_large","error":"message is ' .. #item
-                        .. ' bytes, over the ' .. ARGV[2] .. '-byte limit (worker.max_message_bytes)","worker_id":'
-                        .. ARGV[3] .. ',"dead_at":"' .. ARGV[4] .. '"' .. id_field(id) .. ',"size":' .. #item .. '}}\n' .. item)
+                      local header = fill(TOO_LARGE, {{size = #item, limit = ARGV[2], worker = ARGV[3],
+                                                      at = ARGV[4], id = id_field(id)}})
+                      redis.call('LPUSH', KEYS[3], header .. '\n' .. item)
                     elseif reclaims > max_reclaims then
                       poisoned = poisoned + 1
                       forget[#forget + 1] = sha
                       local id = message_id(item, true)
                       poisoned_ids[#poisoned_ids + 1] = id
-                      redis.call('LPUSH', KEYS[3], '{{"reason":"poisoned","error":"returned to the queue '
-                        .. reclaims .. ' times by the restart or reaping of workers that died holding it, over the limit of '
-                        .. ARGV[5] .. ' (worker.max_reclaims)","worker_id":' .. ARGV[3] .. ',"dead_at":"' .. ARGV[4]
-                        .. '"' .. id_field(id) .. ',"reclaims":' .. reclaims .. ',"size":' .. #item .. '}}\n' .. item)
+                      local header = fill(POISONED, {{reclaims = reclaims, max = ARGV[5], worker = ARGV[3],
+                                                     at = ARGV[4], id = id_field(id), size = #item}})
+                      redis.call('LPUSH', KEYS[3], header .. '\n' .. item)
                     else
                       keep[#keep + 1] = item
                       if reclaims > 0 then counts[#counts + 1] = #keep end
@@ -402,4 +415,17 @@ pub(super) fn dlq_drop() -> Script {
           redis.call('LSET', KEYS[1], at, ARGV[3])
           return 1",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_claim_headers_fit_in_a_lua_long_string() {
+        let ClaimHeaders { too_large, poisoned } = claim_headers();
+        for header in [too_large, poisoned] {
+            assert!(!header.contains("]]") && !header.contains('\n'), "{header}");
+        }
+    }
 }
