@@ -44,6 +44,7 @@ pub struct PageRequest<'a> {
     pub from: u64,
     /// Toward the newer records (up from the tail), or the older.
     pub newer: bool,
+    /// Stop after this many records.
     pub max_records: u64,
     /// Stop once the records read add up to this many bytes (at least one is read).
     pub max_bytes: u64,
@@ -53,6 +54,7 @@ pub struct PageRequest<'a> {
     pub cap: u64,
     /// Plain text to look for; empty: none.
     pub grep: &'a str,
+    /// Whether to compute each record's SHA-1 (for requeue and drop).
     pub sha: bool,
     /// Only each record's first line (the header).
     pub header_only: bool,
@@ -78,6 +80,7 @@ pub async fn dead_page(conn: &mut Conn, keys: &Keys, request: &PageRequest<'_>) 
     Ok(parse_page(reply))
 }
 
+/// Reads `scripts::dlq_page`'s reply; anything else is an empty page.
 pub(crate) fn parse_page(reply: redis::Value) -> DeadPage {
     let number = |v: &redis::Value| match v {
         redis::Value::Int(n) => u64::try_from(*n).unwrap_or(0),
@@ -165,8 +168,11 @@ pub async fn drop_dead_at(conn: &mut Conn, keys: &Keys, position: u64, sha: &str
 /// requeue (ignored by a purge).
 #[derive(Debug, Clone)]
 pub struct DeadMove {
+    /// Its position from the tail.
     pub position: u64,
+    /// The SHA-1 it had when read: it moves only if it still has it.
     pub sha: String,
+    /// The message to put on the queue.
     pub message: Vec<u8>,
 }
 

@@ -4,6 +4,7 @@
 /// A failed Redis call, with the question the caller asks of it answered.
 #[derive(Debug, thiserror::Error)]
 pub enum QueueError {
+    /// Redis, or the way to it, failed the call.
     #[error(transparent)]
     Redis(#[from] redis::RedisError),
     /// The files for TLS to Redis could not be used.

@@ -18,9 +18,13 @@ const BLOCK_SECONDS: f64 = 5.0;
 /// Depths of the queue's keys.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Depths {
+    /// Messages waiting in the ready list.
     pub ready: u64,
+    /// Messages in this worker's processing list.
     pub processing: u64,
+    /// Messages waiting in the retry set.
     pub retry: u64,
+    /// Records in the dead-letter list.
     pub dead: u64,
 }
 
@@ -33,8 +37,9 @@ pub struct Claimed {
     pub too_large: usize,
     /// Items returned from dead workers' hands too often, moved to the dead-letter list.
     pub poisoned: usize,
-    /// The message ids of the `too_large` and `poisoned` items ('' when unknown).
+    /// The message ids of the `too_large` items ('' when unknown).
     pub too_large_ids: Vec<String>,
+    /// The message ids of the `poisoned` items ('' when unknown).
     pub poisoned_ids: Vec<String>,
     /// For each of `items`: whether it has a reclaim count (a worker died holding it), to be
     /// dropped once it is settled (`Queue::forget_reclaims`).
@@ -44,6 +49,7 @@ pub struct Claimed {
 /// The result of one promoter pass.
 #[derive(Debug, Clone, Copy)]
 pub struct Promoted {
+    /// Retries moved to the ready list.
     pub moved: usize,
     /// How long until the next retry is due, if any is waiting.
     pub next_due_in: Option<Duration>,
@@ -63,7 +69,7 @@ pub struct Queue {
     worker_id: String,
     /// The worker id as a JSON string, for records the claim script writes.
     worker_id_json: String,
-    /// This process, as recorded against its worker id: `host|pid|started_ms`.
+    /// This process, as recorded against its worker id (`process_token`).
     token: String,
     scripts: std::sync::Arc<Scripts>,
 }
@@ -103,6 +109,7 @@ impl Queue {
         &self.keys.name
     }
 
+    /// The queue's key names.
     pub fn keys(&self) -> &Keys {
         &self.keys
     }

@@ -7,18 +7,23 @@ use std::time::Duration;
 /// Who holds a worker id, from `register`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Holder {
+    /// The host name it registered from.
     pub host: String,
+    /// Its process id on that host (0 when the token did not say).
     pub pid: u32,
     /// The boot and PID namespace the holder runs in (`this_machine`); empty when it did not
     /// say (an older courier).
     pub machine: String,
+    /// Its whole token: `host|pid|started|machine`.
     pub token: String,
     /// Its last heartbeat, as Redis holds it: the value a watcher sees change or not.
     pub heartbeat: String,
+    /// How old that heartbeat is by Redis's clock.
     pub heartbeat_age: Duration,
 }
 
 impl Holder {
+    /// A holder from `register`'s answer: its token, heartbeat and the heartbeat's age in ms.
     pub(super) fn parse(token: String, heartbeat: String, age_ms: i64) -> Holder {
         let mut parts = token.splitn(4, '|');
         let host = parts.next().unwrap_or_default().to_string();
@@ -57,6 +62,7 @@ impl std::fmt::Display for Holder {
 /// A live worker as the queue's live set holds it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LiveWorker {
+    /// Its worker id.
     pub id: String,
     /// Its last heartbeat, as Redis holds it (ms since the epoch, in Redis's clock).
     pub heartbeat: String,

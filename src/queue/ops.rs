@@ -35,14 +35,17 @@ pub async fn wait_replicas(conn: &mut Conn, keys: &Keys, replicas: u32, timeout_
 /// Everything `courier stats` shows, read in a few round trips.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Snapshot {
+    /// Messages waiting in the ready list.
     pub ready: u64,
     /// The next message in line (the oldest), if any.
     pub oldest_ready: Option<Vec<u8>>,
     /// Worker id -> messages it has claimed.
     pub processing: Vec<(String, u64)>,
+    /// Messages waiting in the retry set.
     pub retry: u64,
     /// How long until the next retry is due (negative: overdue).
     pub next_retry_in_ms: Option<i64>,
+    /// Records in the dead-letter list.
     pub dead_total: u64,
     /// Worker id -> heartbeat age in ms.
     pub workers: Vec<(String, u64)>,

@@ -127,6 +127,7 @@ fn move_one(write: &str) -> Script {
 }
 
 impl Scripts {
+    /// Every script, built once per queue handle (loaded into Redis on first use).
     pub(super) fn new() -> Scripts {
         let ClaimHeaders { too_large, poisoned } = claim_headers();
         Scripts {

@@ -23,6 +23,7 @@ pub(super) fn score_ms(score: f64) -> u64 {
     }
 }
 
+/// A duration in whole ms, saturating.
 pub(super) fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
