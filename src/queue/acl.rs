@@ -166,7 +166,8 @@ pub async fn check(conn: &mut Conn, queues: &[Keys], topology: &Topology) -> Per
                 Err(e) => {
                     return Permissions::Unknown {
                         reason: format!(
-                            "user {user} may not run ACL DRYRUN, or this Redis has none (older than 7): {e}"
+                            "user {user} may not run ACL DRYRUN, or this Redis has none \
+                             (older than 7): {e}"
                         ),
                     }
                 }

@@ -110,13 +110,17 @@ mod tests {
         };
         // Redis 6.2's words for a write inside a script on a replica, and on too few replicas.
         for wrapped in [
-            "-ERR Error running script (call to f_8144b9d19a9245450524fb3d7cc9251f67976e88): @user_script:1: @user_script: 1: -READONLY You can't write against a read only replica.\r\n",
-            "-ERR Error running script (call to f_1): @user_script:5: -NOREPLICAS Not enough good replicas to write.\r\n",
+            "-ERR Error running script (call to f_8144b9d19a9245450524fb3d7cc9251f67976e88): \
+             @user_script:1: @user_script: 1: -READONLY You can't write against a read only \
+             replica.\r\n",
+            "-ERR Error running script (call to f_1): @user_script:5: -NOREPLICAS Not enough good \
+             replicas to write.\r\n",
         ] {
             assert!(error(wrapped).is_unavailable(), "{wrapped}");
         }
         for refused in [
-            "-ERR Error running script (call to f_1): @user_script:1: -WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+            "-ERR Error running script (call to f_1): @user_script:1: -WRONGTYPE Operation against \
+             a key holding the wrong kind of value\r\n",
             "-NOPERM this user has no permissions to run the 'expire' command\r\n",
             "-ERR Error running script: -1 is not a count\r\n",
             "-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",

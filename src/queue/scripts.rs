@@ -62,7 +62,9 @@ const MESSAGE_ID: &str = r#"
 local function message_id(item, decode)
   if decode then
     local ok, value = pcall(cjson.decode, item)
-    if ok and type(value) == 'table' and type(value['message_id']) == 'string' then return value['message_id'] end
+    if ok and type(value) == 'table' and type(value['message_id']) == 'string' then
+      return value['message_id']
+    end
     return ''
   end
   return string.match(string.sub(item, 1, 65536), '"message_id"%s*:%s*"([^"\\%c]*)"') or ''
@@ -164,16 +166,16 @@ impl Scripts {
                       big = big + 1
                       local id = message_id(item, false)
                       big_ids[#big_ids + 1] = id
-                      local header = fill(TOO_LARGE, {{size = #item, limit = ARGV[2], worker = ARGV[3],
-                                                      at = ARGV[4], id = id_field(id)}})
+                      local header = fill(TOO_LARGE, {{size = #item, limit = ARGV[2],
+                        worker = ARGV[3], at = ARGV[4], id = id_field(id)}})
                       redis.call('LPUSH', KEYS[3], header .. '\n' .. item)
                     elseif reclaims > max_reclaims then
                       poisoned = poisoned + 1
                       forget[#forget + 1] = sha
                       local id = message_id(item, true)
                       poisoned_ids[#poisoned_ids + 1] = id
-                      local header = fill(POISONED, {{reclaims = reclaims, max = ARGV[5], worker = ARGV[3],
-                                                     at = ARGV[4], id = id_field(id), size = #item}})
+                      local header = fill(POISONED, {{reclaims = reclaims, max = ARGV[5],
+                        worker = ARGV[3], at = ARGV[4], id = id_field(id), size = #item}})
                       redis.call('LPUSH', KEYS[3], header .. '\n' .. item)
                     else
                       keep[#keep + 1] = item
@@ -213,7 +215,9 @@ impl Scripts {
                 r"{QUEUE_NOW}
                   local now = queue_now(KEYS[3])
                   local n, filled = tonumber(ARGV[1]), 0
-                  if redis.call('LLEN', KEYS[2]) == 0 then n, filled = math.max(n, tonumber(ARGV[2])), 1 end
+                  if redis.call('LLEN', KEYS[2]) == 0 then
+                    n, filled = math.max(n, tonumber(ARGV[2])), 1
+                  end
                   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, n)
                   if #due > 0 then
                     local line = {{}}
@@ -267,7 +271,8 @@ impl Scripts {
                   local now = redis_ms()
                   local holder = redis.call('HGET', KEYS[2], ARGV[1])
                   local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
-                  if holder and holder ~= ARGV[2] and holder ~= ARGV[3] and beat and beat ~= ARGV[4] then
+                  if holder and holder ~= ARGV[2] and holder ~= ARGV[3]
+                     and beat and beat ~= ARGV[4] then
                     return {{0, holder, beat, now - tonumber(beat)}}
                   end
                   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
@@ -340,7 +345,8 @@ pub(super) fn dlq_page() -> Script {
         r"local key = KEYS[1]
           local p, dir = tonumber(ARGV[1]), tonumber(ARGV[2])
           local max_items, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
-          local chunk, cap, grep, want_sha = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8] == '1'
+          local chunk, cap = tonumber(ARGV[5]), tonumber(ARGV[6])
+          local grep, want_sha = ARGV[7], ARGV[8] == '1'
           local len = redis.call('LLEN', key)
           if p == 0 and dir < 0 then p = len end
           local out = {0, 0, len, 0, 0}
@@ -348,7 +354,11 @@ pub(super) fn dlq_page() -> Script {
           while n < max_items and used < budget and p >= 1 and p <= len do
             local k = math.max(1, math.min(chunk, max_items - n))
             local a, b
-            if dir > 0 then a, b = p, math.min(p + k - 1, len) else a, b = math.max(p - k + 1, 1), p end
+            if dir > 0 then
+              a, b = p, math.min(p + k - 1, len)
+            else
+              a, b = math.max(p - k + 1, 1), p
+            end
             local items = redis.call('LRANGE', key, -b, -a)
             local count = #items
             if count == 0 then break end

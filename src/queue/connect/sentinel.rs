@@ -232,7 +232,8 @@ impl Hub {
             address.ok_or_else(|| {
                 redis::RedisError::from((
                     redis::ErrorKind::Client,
-                    "the sentinels do not know this master name; check redis.sentinel_master (REDIS_SENTINEL_MASTER)",
+                    "the sentinels do not know this master name; \
+                     check redis.sentinel_master (REDIS_SENTINEL_MASTER)",
                     master_name.clone(),
                 ))
             })
@@ -292,7 +293,8 @@ impl Hub {
         warn!(
             old = %old.map(|(h, p)| format!("{h}:{p}")).unwrap_or_default(),
             new = %format!("{}:{}", address.0, address.1),
-            "Redis master changed (Sentinel); following it. This worker's processing lists will be swept for messages the failover did not carry over"
+            "Redis master changed (Sentinel); following it. This worker's processing lists will \
+             be swept for messages the failover did not carry over"
         );
         if let Shape::Sentinel(sentinel) = &self.topology {
             sentinel.changes.send_modify(|n| *n = n.wrapping_add(1));
