@@ -166,7 +166,8 @@ pub async fn check(conn: &mut Conn, queues: &[Keys], topology: &Topology) -> Per
                 Err(e) => {
                     return Permissions::Unknown {
                         reason: format!(
-                            "user {user} may not run ACL DRYRUN, or this Redis has none (older than 7): {e}"
+                            "user {user} may not run ACL DRYRUN, or this Redis has none \
+                             (older than 7): {e}"
                         ),
                     }
                 }
@@ -190,8 +191,8 @@ pub async fn check_queues(queues: &[Queue], topology: &Topology) -> Permissions 
             reason: "no queue to check".to_string(),
         };
     };
-    let keys: Vec<Keys> = queues.iter().map(|q| q.keys.clone()).collect();
-    check(&mut first.conn.clone(), &keys, topology).await
+    let keys: Vec<Keys> = queues.iter().map(|q| q.keys().clone()).collect();
+    check(&mut first.connection(), &keys, topology).await
 }
 
 impl Conn {

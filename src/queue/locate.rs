@@ -9,7 +9,8 @@
 
 use redis::AsyncCommands;
 
-use super::{score_ms, time_ms, Conn, Keys, QueueError};
+use super::time::{score_ms, time_ms};
+use super::{Conn, Keys, QueueError};
 use crate::message::{parse_dead_letter, Envelope};
 
 /// Items read per round trip.

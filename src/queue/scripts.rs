@@ -14,15 +14,35 @@
 
 use redis::Script;
 
+use crate::message::{claim_headers, ClaimHeaders};
+
+/// Lua: `redis_ms()`, Redis `TIME` in ms since the epoch. A macro, so that `NOW_MS` and
+/// `QUEUE_NOW` (which builds on it) are one text spliced with `concat!`.
+macro_rules! redis_ms {
+    () => {
+        r"
+local function redis_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+"
+    };
+}
+
+/// `redis_ms()`, for the scripts that stamp a time (`register`, `heartbeat`).
+const NOW_MS: &str = redis_ms!();
+
 /// The queue's clock, for scripts that take `clock` (the `Q:clock` hash) as a key: Redis TIME
 /// in ms, plus `offset`; when that is behind `last` (the furthest the clock has read, written
 /// at most once a second), TIME stepped back, and `offset` grows by the step.
-const QUEUE_NOW: &str = r"
+const QUEUE_NOW: &str = concat!(
+    redis_ms!(),
+    r"
 local function queue_now(clock)
-  local t = redis.call('TIME')
+  local time = redis_ms()
   local c = redis.call('HMGET', clock, 'offset', 'last')
   local offset, last = tonumber(c[1]) or 0, tonumber(c[2]) or 0
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + offset
+  local now = time + offset
   if now < last then
     redis.call('HSET', clock, 'offset', offset + last - now)
     return last
@@ -30,7 +50,8 @@ local function queue_now(clock)
   if now > last + 1000 then redis.call('HSET', clock, 'last', now) end
   return now
 end
-";
+"
+);
 
 /// The message id of a queue item, for the dead-letter records the claim script writes, so
 /// that `dlq show ID` finds them: `message_id(item, true)` decodes the item (one within the
@@ -41,7 +62,9 @@ const MESSAGE_ID: &str = r#"
 local function message_id(item, decode)
   if decode then
     local ok, value = pcall(cjson.decode, item)
-    if ok and type(value) == 'table' and type(value['message_id']) == 'string' then return value['message_id'] end
+    if ok and type(value) == 'table' and type(value['message_id']) == 'string' then
+      return value['message_id']
+    end
     return ''
   end
   return string.match(string.sub(item, 1, 65536), '"message_id"%s*:%s*"([^"\\%c]*)"') or ''
@@ -51,6 +74,15 @@ local function id_field(id)
   return ',"message_id":' .. cjson.encode(id)
 end
 "#;
+
+/// Fills the `$name$` holes of a dead letter's header that the worker wrote for the claim
+/// script (`message::claim_headers`) with `values`, a table by name: what only the script
+/// knows. One pass, so a value is never read for holes itself.
+const FILL: &str = r"
+local function fill(header, values)
+  return (string.gsub(header, '%$(%a+)%$', values))
+end
+";
 
 /// Counts one more reclaim of `item` in the hash `reclaims`, unless the hash already holds
 /// `cap` other items (it stays bounded; such an item is then not counted).
@@ -97,20 +129,24 @@ fn move_one(write: &str) -> Script {
 }
 
 impl Scripts {
+    /// Every script, built once per queue handle (loaded into Redis on first use).
     pub(super) fn new() -> Scripts {
+        let ClaimHeaders { too_large, poisoned } = claim_headers();
         Scripts {
             // Moves up to ARGV[1] messages from the right of the ready list to the processing
             // list. An item over ARGV[2] bytes never travels to the worker: it goes straight to
             // the dead-letter list KEYS[3] as a record (header line, then the item as it is;
-            // the same form as `message::dead_letter`). So does an item that workers dying
-            // while holding it returned to the queue more than ARGV[5] times (counted in
-            // KEYS[4] by its SHA-1; 0: never), as `poisoned`: looked up only while that hash
-            // exists, so the happy path costs one EXISTS. ARGV[3] is the worker id as a JSON
-            // string, ARGV[4] the time for `dead_at`. Copies first (LRANGE, then the pushes),
-            // trims the ready list last. Returns {claimed items oldest first, too large,
-            // poisoned, the 1-based places among the claimed of those with a reclaim count}.
+            // the header is `message::claim_headers`, its holes filled). So does an item that
+            // workers dying while holding it returned to the queue more than ARGV[5] times
+            // (counted in KEYS[4] by its SHA-1; 0: never), as `poisoned`: looked up only while
+            // that hash exists, so the happy path costs one EXISTS. ARGV[3] is the worker id as
+            // a JSON string, ARGV[4] the time for `dead_at`. Copies first (LRANGE, then the
+            // pushes), trims the ready list last. Returns {claimed items oldest first, too
+            // large, poisoned, the 1-based places among the claimed of those with a reclaim
+            // count}.
             claim: Script::new(&format!(
-                r#"{MESSAGE_ID}
+                r#"{MESSAGE_ID}{FILL}
+                  local TOO_LARGE, POISONED = [[{too_large}]], [[{poisoned}]]
                   local items = redis.call('LRANGE', KEYS[1], -tonumber(ARGV[1]), -1)
                   if #items == 0 then return {{{{}}, 0, 0, {{}}, {{}}, {{}}}} end
                   local limit = tonumber(ARGV[2])
@@ -130,18 +166,17 @@ impl Scripts {
                       big = big + 1
                       local id = message_id(item, false)
                       big_ids[#big_ids + 1] = id
-                      redis.call('LPUSH', KEYS[3], '{{"reason":"too_large","error":"message is ' .. #item
-                        .. ' bytes, over the ' .. ARGV[2] .. '-byte limit (worker.max_message_bytes)","worker_id":'
-                        .. ARGV[3] .. ',"dead_at":"' .. ARGV[4] .. '"' .. id_field(id) .. ',"size":' .. #item .. '}}\n' .. item)
+                      local header = fill(TOO_LARGE, {{size = #item, limit = ARGV[2],
+                        worker = ARGV[3], at = ARGV[4], id = id_field(id)}})
+                      redis.call('LPUSH', KEYS[3], header .. '\n' .. item)
                     elseif reclaims > max_reclaims then
                       poisoned = poisoned + 1
                       forget[#forget + 1] = sha
                       local id = message_id(item, true)
                       poisoned_ids[#poisoned_ids + 1] = id
-                      redis.call('LPUSH', KEYS[3], '{{"reason":"poisoned","error":"returned to the queue '
-                        .. reclaims .. ' times by the restart or reaping of workers that died holding it, over the limit of '
-                        .. ARGV[5] .. ' (worker.max_reclaims)","worker_id":' .. ARGV[3] .. ',"dead_at":"' .. ARGV[4]
-                        .. '"' .. id_field(id) .. ',"reclaims":' .. reclaims .. ',"size":' .. #item .. '}}\n' .. item)
+                      local header = fill(POISONED, {{reclaims = reclaims, max = ARGV[5],
+                        worker = ARGV[3], at = ARGV[4], id = id_field(id), size = #item}})
+                      redis.call('LPUSH', KEYS[3], header .. '\n' .. item)
                     else
                       keep[#keep + 1] = item
                       if reclaims > 0 then counts[#counts + 1] = #keep end
@@ -180,7 +215,9 @@ impl Scripts {
                 r"{QUEUE_NOW}
                   local now = queue_now(KEYS[3])
                   local n, filled = tonumber(ARGV[1]), 0
-                  if redis.call('LLEN', KEYS[2]) == 0 then n, filled = math.max(n, tonumber(ARGV[2])), 1 end
+                  if redis.call('LLEN', KEYS[2]) == 0 then
+                    n, filled = math.max(n, tonumber(ARGV[2])), 1
+                  end
                   local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, n)
                   if #due > 0 then
                     local line = {{}}
@@ -229,29 +266,30 @@ impl Scripts {
             // from this machine), when it has no heartbeat, or when its heartbeat is still
             // ARGV[4] (the caller watched it stay so for WORKER_DEAD_AFTER).
             // Returns {1, '', '', 0} or {0, holder, its heartbeat, the heartbeat's age in ms}.
-            register: Script::new(
-                r"local t = redis.call('TIME')
-                  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+            register: Script::new(&format!(
+                r"{NOW_MS}
+                  local now = redis_ms()
                   local holder = redis.call('HGET', KEYS[2], ARGV[1])
                   local beat = redis.call('ZSCORE', KEYS[1], ARGV[1])
-                  if holder and holder ~= ARGV[2] and holder ~= ARGV[3] and beat and beat ~= ARGV[4] then
-                    return {0, holder, beat, now - tonumber(beat)}
+                  if holder and holder ~= ARGV[2] and holder ~= ARGV[3]
+                     and beat and beat ~= ARGV[4] then
+                    return {{0, holder, beat, now - tonumber(beat)}}
                   end
                   redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
                   redis.call('ZADD', KEYS[1], now, ARGV[1])
-                  return {1, '', '', 0}",
-            ),
+                  return {{1, '', '', 0}}"
+            )),
             // Refreshes the heartbeat in Redis time, unless another process has taken the id
             // (returns 0 then). Other workers judge liveness by whether this value changes,
             // not by comparing it with a clock.
-            heartbeat: Script::new(
-                r"local holder = redis.call('HGET', KEYS[2], ARGV[1])
+            heartbeat: Script::new(&format!(
+                r"{NOW_MS}
+                  local holder = redis.call('HGET', KEYS[2], ARGV[1])
                   if holder and holder ~= ARGV[2] then return 0 end
                   if not holder then redis.call('HSET', KEYS[2], ARGV[1], ARGV[2]) end
-                  local t = redis.call('TIME')
-                  redis.call('ZADD', KEYS[1], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
-                  return 1",
-            ),
+                  redis.call('ZADD', KEYS[1], redis_ms(), ARGV[1])
+                  return 1"
+            )),
             // Reaps worker ARGV[1] if its heartbeat is still ARGV[2], the value the reaper saw
             // stay unchanged for WORKER_DEAD_AFTER of its own time: its processing list KEYS[3]
             // goes to the front of the queue KEYS[4], oldest first, each item's reclaim count
@@ -307,7 +345,8 @@ pub(super) fn dlq_page() -> Script {
         r"local key = KEYS[1]
           local p, dir = tonumber(ARGV[1]), tonumber(ARGV[2])
           local max_items, budget = tonumber(ARGV[3]), tonumber(ARGV[4])
-          local chunk, cap, grep, want_sha = tonumber(ARGV[5]), tonumber(ARGV[6]), ARGV[7], ARGV[8] == '1'
+          local chunk, cap = tonumber(ARGV[5]), tonumber(ARGV[6])
+          local grep, want_sha = ARGV[7], ARGV[8] == '1'
           local len = redis.call('LLEN', key)
           if p == 0 and dir < 0 then p = len end
           local out = {0, 0, len, 0, 0}
@@ -315,7 +354,11 @@ pub(super) fn dlq_page() -> Script {
           while n < max_items and used < budget and p >= 1 and p <= len do
             local k = math.max(1, math.min(chunk, max_items - n))
             local a, b
-            if dir > 0 then a, b = p, math.min(p + k - 1, len) else a, b = math.max(p - k + 1, 1), p end
+            if dir > 0 then
+              a, b = p, math.min(p + k - 1, len)
+            else
+              a, b = math.max(p - k + 1, 1), p
+            end
             local items = redis.call('LRANGE', key, -b, -a)
             local count = #items
             if count == 0 then break end
@@ -383,4 +426,17 @@ pub(super) fn dlq_drop() -> Script {
           redis.call('LSET', KEYS[1], at, ARGV[3])
           return 1",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_claim_headers_fit_in_a_lua_long_string() {
+        let ClaimHeaders { too_large, poisoned } = claim_headers();
+        for header in [too_large, poisoned] {
+            assert!(!header.contains("]]") && !header.contains('\n'), "{header}");
+        }
+    }
 }

@@ -131,3 +131,65 @@ async fn a_step_back_of_the_redis_clock_does_not_hold_a_waiting_retry() {
     assert_eq!(moved, 1, "promoted {:?} after the step", started.elapsed());
     assert_eq!(ids_in(&redis, Q).await.into_iter().collect::<Vec<_>>(), ["stepped"]);
 }
+
+/// The dead letters the claim script writes itself (too large, poisoned) keep their bytes: the
+/// header's fields in their order, the numbers, the message id as the script encodes it (or
+/// none), then the item exactly as it was.
+#[tokio::test]
+async fn the_claim_script_writes_its_dead_letters_byte_for_byte_as_always() {
+    let redis = RedisServer::start().await;
+    let queue = queue_for(&redis, "w-bytes").await;
+    let mut conn = redis.conn().await;
+    let big_with_id = format!(r#"{{"message_id":"huge/1","payload":"{}"}}"#, "x".repeat(400));
+    let big = format!(r#"{{"payload":"{}"}}"#, "y".repeat(400));
+    let poison_with_id = r#"{"message_id":"poison/2","payload":"boom"}"#.to_string();
+    let poison = r#"{"payload":"no id"}"#.to_string();
+    for item in [&poison_with_id, &poison] {
+        let sha: String = redis::cmd("EVAL")
+            .arg("return redis.sha1hex(ARGV[1])")
+            .arg(0)
+            .arg(item)
+            .query_async(&mut conn)
+            .await
+            .expect("sha1");
+        let _: () = conn.hset(keys().reclaims, sha, 2).await.expect("HSET");
+    }
+    let items = [big_with_id.clone(), big.clone(), poison_with_id.clone(), poison.clone()];
+    enqueue(&redis, Q, &items).await;
+    let claimed = queue.claim(10, 300, 1).await.expect("claim");
+    assert!(claimed.items.is_empty(), "{:?}", claimed.items);
+
+    let records: Vec<Vec<u8>> = conn.lrange(keys().dead, 0, -1).await.expect("LRANGE");
+    let at = courier::message::parse_dead_letter(&records[0]).fields["dead_at"]
+        .as_str()
+        .expect("dead_at")
+        .to_string();
+    let too_large = |item: &str, id: &str| {
+        let n = item.len();
+        format!(
+            "{{\"reason\":\"too_large\",\"error\":\"message is {n} bytes, over the 300-byte limit \
+             (worker.max_message_bytes)\",\"worker_id\":\"w-bytes\",\"dead_at\":\"{at}\"{id},\
+             \"size\":{n}}}\n{item}"
+        )
+    };
+    let poisoned = |item: &str, id: &str| {
+        let n = item.len();
+        format!(
+            "{{\"reason\":\"poisoned\",\"error\":\"returned to the queue 2 times by the restart or \
+             reaping of workers that died holding it, over the limit of 1 (worker.max_reclaims)\",\
+             \"worker_id\":\"w-bytes\",\"dead_at\":\"{at}\"{id},\"reclaims\":2,\"size\":{n}}}\n{item}"
+        )
+    };
+    // Newest first; the script encodes ids as cjson does (`/` as `\/`).
+    let expected = [
+        poisoned(&poison, ""),
+        poisoned(&poison_with_id, r#","message_id":"poison\/2""#),
+        too_large(&big, ""),
+        too_large(&big_with_id, r#","message_id":"huge\/1""#),
+    ];
+    let records: Vec<String> = records
+        .iter()
+        .map(|r| String::from_utf8_lossy(r).into_owned())
+        .collect();
+    assert_eq!(records, expected);
+}

@@ -1,15 +1,21 @@
 //! Queue items: parsing raw bytes from Redis into an `Envelope` once, the delivery body, the
 //! retried copy (only `attempt_count` changes, and a `traceparent` is written when the item had
-//! no valid one; every other byte is kept), and dead-letter records.
+//! no valid one; every other byte is kept), and dead-letter records (`dead.rs`).
 
 use std::ops::Range;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use base64::{engine::general_purpose::STANDARD as BASE64, Engine};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+mod dead;
+
+pub(crate) use self::dead::{claim_headers, ClaimHeaders};
+pub use self::dead::{
+    dead_at_now, dead_letter, dead_letter_traced, parse_dead_letter, read_dead_header, DeadHeader, DeadReason,
+    DeadRecord,
+};
 use crate::trace::{parse_traceparent, parse_tracestate, TraceContext, TraceId};
 
 /// A queue item that is a valid message.
@@ -324,193 +330,6 @@ fn parse_time(json: &str) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_nanos(u64::try_from(nanos).ok()?))
 }
 
-/// Why a message went to the dead-letter list. The label is a bounded metric label value.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadReason {
-    /// Not a message at all; carries the `Malformed` label.
-    Malformed(&'static str),
-    /// The main server answered with a permanent 4xx.
-    Rejected,
-    /// `attempt_count` reached `max_attempts`.
-    Exhausted,
-    /// courier itself failed while handling the message (a bug): kept here, never lost.
-    InternalError,
-}
-
-impl DeadReason {
-    pub fn label(self) -> &'static str {
-        match self {
-            DeadReason::Malformed(label) => label,
-            DeadReason::Rejected => "rejected",
-            DeadReason::Exhausted => "exhausted",
-            DeadReason::InternalError => "internal_error",
-        }
-    }
-}
-
-/// A dead-letter record: one line of JSON with the reason, the error, who and when, then a
-/// newline, then the original item exactly as it was. The item is stored as it is, not
-/// escaped into the JSON, so a record is never much larger than the message it keeps (JSON
-/// escaping can make control bytes six times their size). `parse_dead_letter` reads it back.
-pub fn dead_letter(raw: &[u8], reason: DeadReason, error: &str, worker_id: &str, message_id: Option<&str>) -> Vec<u8> {
-    dead_letter_traced(raw, reason, error, worker_id, message_id, None)
-}
-
-/// `dead_letter` with the message's trace id in the header (`trace_id`), for `dlq show` and
-/// for finding the message's spans.
-pub fn dead_letter_traced(
-    raw: &[u8],
-    reason: DeadReason,
-    error: &str,
-    worker_id: &str,
-    message_id: Option<&str>,
-    trace_id: Option<TraceId>,
-) -> Vec<u8> {
-    let mut header = serde_json::Map::new();
-    header.insert("reason".into(), reason.label().into());
-    header.insert("error".into(), error.into());
-    header.insert("worker_id".into(), worker_id.into());
-    header.insert("dead_at".into(), dead_at_now().into());
-    if let Some(id) = message_id {
-        header.insert("message_id".into(), id.into());
-    }
-    if let Some(trace_id) = trace_id {
-        header.insert("trace_id".into(), trace_id.to_string().into());
-    }
-    header.insert("size".into(), raw.len().into());
-    // Compact JSON escapes every newline inside strings, so the first newline ends the header.
-    let mut record = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap_or_else(|_| b"{}".to_vec());
-    record.reserve(raw.len() + 1);
-    record.push(b'\n');
-    record.extend_from_slice(raw);
-    record
-}
-
-/// The time a dead letter is written, as it appears in its `dead_at`.
-pub fn dead_at_now() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
-/// A dead-letter record read back: its header fields and the original item.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DeadRecord {
-    /// `reason`, `error`, `worker_id`, `dead_at`, `message_id`, ...; `Null` when the record
-    /// is not one courier wrote.
-    pub fields: serde_json::Value,
-    /// The queue item exactly as it was when it died.
-    pub message: Vec<u8>,
-}
-
-/// Reads a dead-letter record of any shape: the header-and-item form courier writes now, the
-/// all-JSON form earlier versions wrote (`message`, or `message_base64` when the item was not
-/// UTF-8), or anything else, which is kept whole as the message. Never fails, never panics.
-pub fn parse_dead_letter(record: &[u8]) -> DeadRecord {
-    let is_record = |v: &serde_json::Value| v.get("reason").is_some_and(serde_json::Value::is_string);
-    if let Some(newline) = record.iter().position(|&b| b == b'\n') {
-        if let Ok(fields) = serde_json::from_slice::<serde_json::Value>(&record[..newline]) {
-            if is_record(&fields) {
-                return DeadRecord {
-                    fields,
-                    message: record[newline + 1..].to_vec(),
-                };
-            }
-        }
-    }
-    if let Ok(fields) = serde_json::from_slice::<serde_json::Value>(record) {
-        if is_record(&fields) {
-            let message = match (&fields["message"], &fields["message_base64"]) {
-                (serde_json::Value::String(text), _) => Some(text.as_bytes().to_vec()),
-                (_, serde_json::Value::String(b64)) => BASE64.decode(b64).ok(),
-                _ => None,
-            };
-            if let Some(message) = message {
-                return DeadRecord { fields, message };
-            }
-        }
-    }
-    DeadRecord {
-        fields: serde_json::Value::Null,
-        message: record.to_vec(),
-    }
-}
-
-/// The header fields of a dead letter that filters and stats read. What `DeadRecord::fields`
-/// holds for them (a field absent or of another type: `None`), read without building a
-/// `serde_json::Value` of the header when the record is in the form courier writes.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct DeadHeader {
-    pub reason: Option<String>,
-    pub error: Option<String>,
-    pub dead_at: Option<String>,
-    pub message_id: Option<String>,
-    /// `status`, when it is a number that fits a `u64`.
-    pub status: Option<u64>,
-}
-
-impl DeadHeader {
-    /// The same fields out of a parsed header (the slow path, and the reference for the fast).
-    pub fn from_fields(fields: &serde_json::Value) -> DeadHeader {
-        let text = |name: &str| fields[name].as_str().map(str::to_string);
-        DeadHeader {
-            reason: text("reason"),
-            error: text("error"),
-            dead_at: text("dead_at"),
-            message_id: text("message_id"),
-            status: fields["status"].as_u64(),
-        }
-    }
-}
-
-/// The header line as serde reads it, borrowing the strings that need no unescaping. Unknown
-/// fields are skipped; a field of another type or given twice fails the parse, and the caller
-/// falls back to `parse_dead_letter` (which reads those as `serde_json::Value` does).
-#[derive(Deserialize)]
-struct HeaderLine<'a> {
-    #[serde(borrow, default)]
-    reason: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    error: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    dead_at: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    message_id: Option<std::borrow::Cow<'a, str>>,
-    #[serde(borrow, default)]
-    status: Option<&'a RawValue>,
-}
-
-/// Reads a dead letter's header fields and its message: the same as `parse_dead_letter`
-/// followed by `DeadHeader::from_fields`, but the header of a record in the form courier
-/// writes is read into a typed struct (no `serde_json::Value` tree), which is what makes
-/// `dlq stats` and filtered walks over a million records cheap. Never fails, never panics.
-pub fn read_dead_header(record: &[u8]) -> (DeadHeader, Vec<u8>) {
-    if let Some(newline) = record.iter().position(|&b| b == b'\n') {
-        let (line, rest) = record.split_at(newline);
-        if let Ok(head) = serde_json::from_slice::<HeaderLine<'_>>(line) {
-            // `parse_dead_letter` takes the header form only when `reason` is a string. (One
-            // difference stays: a number out of f64 range in a field not read here makes
-            // `serde_json::Value` refuse the line, so `parse_dead_letter` keeps such a record
-            // whole, while this reads its header. courier never writes one.)
-            if head.reason.is_some() {
-                let owned = |text: Option<std::borrow::Cow<'_, str>>| text.map(std::borrow::Cow::into_owned);
-                let status = head
-                    .status
-                    .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw.get()).ok())
-                    .and_then(|value| value.as_u64());
-                let header = DeadHeader {
-                    reason: owned(head.reason),
-                    error: owned(head.error),
-                    dead_at: owned(head.dead_at),
-                    message_id: owned(head.message_id),
-                    status,
-                };
-                return (header, rest.get(1..).unwrap_or_default().to_vec());
-            }
-        }
-    }
-    let DeadRecord { fields, message } = parse_dead_letter(record);
-    (DeadHeader::from_fields(&fields), message)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -659,44 +478,6 @@ mod tests {
     fn malformed_items_come_back_byte_for_byte() {
         let (raw, _) = Envelope::parse(b"\x00\xffjunk".to_vec(), 64).unwrap_err();
         assert_eq!(&raw[..], b"\x00\xffjunk");
-    }
-
-    #[test]
-    fn dead_letters_keep_the_original_exactly() {
-        for raw in [
-            &b"not json"[..],
-            b"\xff\x00a",
-            b"{\"message_id\":\"m\"}\n\n\x01\x1b[31m",
-        ] {
-            let record = dead_letter(raw, DeadReason::Malformed("invalid_json"), "boom\nline", "w", Some("m"));
-            let read = parse_dead_letter(&record);
-            assert_eq!(read.message, raw);
-            assert_eq!(read.fields["reason"], "invalid_json");
-            assert_eq!(read.fields["error"], "boom\nline");
-            assert_eq!(read.fields["size"], raw.len());
-        }
-    }
-
-    #[test]
-    fn dead_letters_are_not_amplified_by_escaping() {
-        let raw = vec![1u8; 100_000];
-        let record = dead_letter(&raw, DeadReason::Malformed("too_large"), "e", "w", None);
-        assert!(record.len() < raw.len() + 300, "{} bytes", record.len());
-    }
-
-    #[test]
-    fn earlier_all_json_records_and_foreign_items_still_read() {
-        let old = br#"{"reason":"exhausted","error":"e","message":"{\"message_id\":\"x\"}"}"#;
-        let read = parse_dead_letter(old);
-        assert_eq!(read.message, br#"{"message_id":"x"}"#);
-        assert_eq!(read.fields["reason"], "exhausted");
-        let old = br#"{"reason":"invalid_json","message_base64":"/wBh"}"#;
-        assert_eq!(parse_dead_letter(old).message, b"\xff\x00a");
-        for foreign in [&b"garbage"[..], b"{\"a\":1}\nrest", b"", b"\n"] {
-            let read = parse_dead_letter(foreign);
-            assert_eq!(read.message, foreign);
-            assert!(read.fields.is_null());
-        }
     }
 
     #[test]
