@@ -139,3 +139,52 @@ fn the_reader_finds_uses_in_paths_and_groups() {
     let found: Vec<String> = uses(text, &known).into_iter().collect();
     assert_eq!(found, ["a", "b", "c"]);
 }
+
+/// Every Rust file of `src/`, with its path relative to `src/` and its number of lines.
+fn file_lengths() -> Vec<(String, usize)> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut files = Vec::new();
+    rust_files(&src, &mut files);
+    files
+        .into_iter()
+        .map(|path| {
+            let text = std::fs::read_to_string(&path).expect("source file");
+            let name = path.strip_prefix(&src).unwrap_or(&path).display().to_string();
+            (name.replace('\\', "/"), text.lines().count())
+        })
+        .collect()
+}
+
+/// A file holds one concern a reader can take in: none over 750 lines, but the HTTP/1.1
+/// exchange (one parser and its state machine), which may not grow much past its size.
+#[test]
+fn no_source_file_holds_more_than_one_concern_s_worth_of_lines() {
+    let lengths = file_lengths();
+    assert!(lengths.len() > 40, "read the files of src/: {lengths:?}");
+    let long: Vec<String> = lengths
+        .iter()
+        .filter(|(name, lines)| *lines > if name == "delivery/h1.rs" { 1_300 } else { 750 })
+        .map(|(name, lines)| format!("{name}: {lines} lines"))
+        .collect();
+    assert!(long.is_empty(), "files to split by concern:\n{}", long.join("\n"));
+}
+
+/// The worker's roles stay small enough to hold in mind one at a time.
+#[test]
+fn no_worker_file_is_over_400_lines() {
+    let long: Vec<String> = file_lengths()
+        .into_iter()
+        .filter(|(name, lines)| name.starts_with("worker/") && *lines > 400)
+        .map(|(name, lines)| format!("{name}: {lines} lines"))
+        .collect();
+    assert!(long.is_empty(), "worker files to split:\n{}", long.join("\n"));
+}
+
+/// The worker tells the outside through `health`; it does not know the admin port's module.
+#[test]
+fn the_worker_does_not_depend_on_the_admin_port() {
+    let graph = graph();
+    let worker = graph.get("worker").expect("the worker module");
+    assert!(!worker.is_empty(), "read the worker's uses: {worker:?}");
+    assert!(!worker.contains("admin"), "worker uses admin: {worker:?}");
+}
