@@ -290,6 +290,17 @@ pub async fn ids_in(redis: &RedisServer, key: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The SHA-1 Redis computes for `item`: the key of its reclaim count in `Q:reclaims`.
+pub async fn redis_sha1(conn: &mut redis::aio::MultiplexedConnection, item: &str) -> String {
+    redis::cmd("EVAL")
+        .arg("return redis.sha1hex(ARGV[1])")
+        .arg(0)
+        .arg(item)
+        .query_async(conn)
+        .await
+        .expect("sha1")
+}
+
 pub async fn len(redis: &RedisServer, key: &str) -> usize {
     let mut conn = redis.conn().await;
     let kind: String = redis::cmd("TYPE").arg(key).query_async(&mut conn).await.expect("TYPE");

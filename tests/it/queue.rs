@@ -145,13 +145,7 @@ async fn the_claim_script_writes_its_dead_letters_byte_for_byte_as_always() {
     let poison_with_id = r#"{"message_id":"poison/2","payload":"boom"}"#.to_string();
     let poison = r#"{"payload":"no id"}"#.to_string();
     for item in [&poison_with_id, &poison] {
-        let sha: String = redis::cmd("EVAL")
-            .arg("return redis.sha1hex(ARGV[1])")
-            .arg(0)
-            .arg(item)
-            .query_async(&mut conn)
-            .await
-            .expect("sha1");
+        let sha = redis_sha1(&mut conn, item).await;
         let _: () = conn.hset(keys().reclaims, sha, 2).await.expect("HSET");
     }
     let items = [big_with_id.clone(), big.clone(), poison_with_id.clone(), poison.clone()];

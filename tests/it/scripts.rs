@@ -101,13 +101,7 @@ async fn fill(redis: &RedisServer) -> BTreeSet<String> {
     let ready = [item("r-1"), big, poisoned.clone(), counted.clone(), item("r-2")];
     let _: () = conn.lpush(&k.ready, &ready).await.expect("LPUSH");
     for (item, count) in [(&poisoned, 5), (&counted, 1)] {
-        let sha: String = redis::cmd("EVAL")
-            .arg("return redis.sha1hex(ARGV[1])")
-            .arg(0)
-            .arg(item)
-            .query_async(&mut conn)
-            .await
-            .expect("sha1");
+        let sha = redis_sha1(&mut conn, item).await;
         let _: () = conn.hset(&k.reclaims, sha, count).await.expect("HSET");
     }
     let _: () = conn
