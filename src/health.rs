@@ -105,7 +105,10 @@ impl Health {
         if self.redis_up.swap(false, Ordering::AcqRel) {
             self.down_at.store(self.since_start(Instant::now()), Ordering::Release);
             self.metrics.set_redis_up(false);
-            error!(error = %error, "Redis is unreachable; holding results and retrying with backoff");
+            error!(
+                error = %error,
+                "Redis is unreachable; holding results and retrying with backoff"
+            );
         }
     }
 

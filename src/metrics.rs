@@ -1,5 +1,6 @@
-//! Every metric courier exports, declared once with its help text. The Python worker's names come first;
-//! every series carries a `worker_id` label. Code records events through the small methods here.
+//! Every metric courier exports, declared once with its help text. The Python worker's names
+//! come first; every series carries a `worker_id` label. Code records events through the small
+//! methods here.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -288,30 +289,36 @@ impl Metrics {
             strays: counter(
                 r,
                 "worker_strays_returned_total",
-                "Messages found in this worker's own processing list that none of its tasks held (a lost claim reply, an ack a failover lost), returned to the queue",
+                "Messages found in this worker's own processing list that none of its tasks held \
+                 (a lost claim reply, an ack a failover lost), returned to the queue",
             ),
             cert_expiry,
             circuit_state: gauge(
                 r,
                 "worker_circuit_state",
-                "The circuit breaker on the main server: 0 closed, 1 half-open (probing), 2 open (not claiming)",
+                "The circuit breaker on the main server: 0 closed, 1 half-open (probing), 2 open \
+                 (not claiming)",
             ),
             concurrency_limit: gauge(
                 r,
                 "worker_concurrency_limit",
-                "Deliveries allowed under way at once by adaptive concurrency (WORKER_ADAPTIVE_CONCURRENCY)",
+                "Deliveries allowed under way at once by adaptive concurrency \
+                 (WORKER_ADAPTIVE_CONCURRENCY)",
             ),
             released: queue_counter(
                 r,
                 "worker_released_messages_total",
-                "Messages returned to their queue without using an attempt: the main server failed while the circuit was open",
+                "Messages returned to their queue without using an attempt: the main server failed \
+                 while the circuit was open",
                 queues,
                 None,
             ),
             resent: counter_vec(
                 r,
                 "worker_requests_resent_total",
-                "Requests to the main server sent once more on a new connection without counting as an attempt, by reason: the server provably never processed them (close_race, goaway, refused_stream) or answered 421 (misdirected)",
+                "Requests to the main server sent once more on a new connection without counting \
+                 as an attempt, by reason: the server provably never processed them (close_race, \
+                 goaway, refused_stream) or answered 421 (misdirected)",
                 "reason",
                 &Resend::ALL.map(Resend::label),
             ),

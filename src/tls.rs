@@ -113,7 +113,10 @@ pub fn read_key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'sta
 fn read(setting: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
     std::fs::read(path).map_err(|e| {
         let hint = match e.kind() {
-            std::io::ErrorKind::NotFound => "file not found; make one with `courier certs` or point the setting at it",
+            std::io::ErrorKind::NotFound => {
+                "file not found; make one with `courier certs` or \
+                 point the setting at it"
+            }
             std::io::ErrorKind::PermissionDenied => "permission denied; let the worker's user read it",
             _ => "cannot be read",
         };

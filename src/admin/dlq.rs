@@ -264,13 +264,17 @@ pub(crate) fn read_act(body: &[u8], now: chrono::DateTime<chrono::Utc>) -> Resul
     let mut filter = act.filter.parse(now)?;
     filter.ids.extend(act.ids.iter().filter(|i| !i.is_empty()).cloned());
     if filter.is_empty() && !act.all {
-        return Err("refusing to act on every dead letter: send a filter or ids, or \"all\": true".into());
+        return Err("refusing to act on every dead letter: send a filter or ids, \
+                    or \"all\": true"
+            .into());
     }
     if !filter.is_empty() && act.all {
         return Err("\"all\" and a filter contradict each other".into());
     }
     if act.rate.is_some_and(|r| !dlq::usable_rate(r)) {
-        return Err("rate: a number of dead letters per second of at least 1e-18, such as 50".into());
+        return Err("rate: a number of dead letters per second of at least 1e-18, \
+                    such as 50"
+            .into());
     }
     Ok((act, filter))
 }

@@ -166,7 +166,12 @@ pub async fn serve(listener: TcpListener, state: Arc<AdminState>, limits: Limits
         let Ok(permit) = slots.clone().try_acquire_owned() else {
             drop(stream);
             if let Some(count) = refused.record(Instant::now()) {
-                warn!(count, limit = limits.max_connections, peer = %peer, "Admin port is at its connection limit; closed new connections at once");
+                warn!(
+                    count,
+                    limit = limits.max_connections,
+                    peer = %peer,
+                    "Admin port is at its connection limit; closed new connections at once"
+                );
             }
             continue;
         };
@@ -295,7 +300,10 @@ fn secure_headers(response: &mut Response<Full<Bytes>>) {
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_SECURITY_POLICY,
-        HeaderValue::from_static("default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'"),
+        HeaderValue::from_static(
+            "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; \
+             form-action 'none'",
+        ),
     );
     headers.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));

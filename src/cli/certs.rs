@@ -37,7 +37,10 @@ pub(super) fn certs(command: CertsCommand) -> anyhow::Result<()> {
             let ca = Authority::new(&name).context("Failed to make the CA")?;
             write_new(&out.join("ca.crt"), &ca.cert_pem, false, force)?;
             write_new(&out.join("ca.key"), &ca.key_pem, true, force)?;
-            println!("keep ca.key offline; give ca.crt to workers (CA_CERT_PATH) and to the main server");
+            println!(
+                "keep ca.key offline; give ca.crt to workers (CA_CERT_PATH) \
+                 and to the main server"
+            );
             Ok(())
         }
         CertsCommand::Issue {

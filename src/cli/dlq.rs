@@ -216,7 +216,8 @@ async fn act(
         );
         if outcome.changed > 0 {
             println!(
-                "{} selected dead letter(s) were moved or removed by someone else meanwhile; run again to catch any still there",
+                "{} selected dead letter(s) were moved or removed by someone else meanwhile; run \
+                 again to catch any still there",
                 outcome.changed
             );
         }
@@ -273,7 +274,10 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
             limit,
         } => {
             if rate.is_some_and(|r| !dlq::usable_rate(r)) {
-                eprintln!("courier: --rate must be a number of dead letters per second of at least 1e-18, such as 50");
+                eprintln!(
+                    "courier: --rate must be a number of dead letters per second of at least \
+                     1e-18, such as 50"
+                );
                 return ExitCode::from(2);
             }
             match settings_for(config, queue) {
@@ -303,7 +307,10 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
             limit,
         } => {
             if !yes && !dry_run {
-                eprintln!("courier: purge deletes dead letters for good; pass --yes to do it, or --dry-run to see what it would delete");
+                eprintln!(
+                    "courier: purge deletes dead letters for good; pass --yes to do it, or \
+                     --dry-run to see what it would delete"
+                );
                 return ExitCode::FAILURE;
             }
             match settings_for(config, queue) {
@@ -334,10 +341,16 @@ pub(super) fn command(command: DlqCommand) -> ExitCode {
 /// Requeue and purge act on everything only when told so.
 fn refuse_everything(filter: &Filter, all: bool, verb: &str) -> anyhow::Result<()> {
     if filter.is_empty() && !all {
-        bail!("refusing to {verb} every dead letter: name message ids, narrow with --reason, --status, --since, --until or --grep, or pass --all");
+        bail!(
+            "refusing to {verb} every dead letter: name message ids, narrow with --reason, \
+             --status, --since, --until or --grep, or pass --all"
+        );
     }
     if !filter.is_empty() && all {
-        bail!("--all and a filter contradict each other: drop --all to {verb} only what the filter selects");
+        bail!(
+            "--all and a filter contradict each other: drop --all to {verb} only what the filter \
+             selects"
+        );
     }
     Ok(())
 }

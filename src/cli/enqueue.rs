@@ -25,7 +25,10 @@ pub(super) async fn enqueue(
 ) -> anyhow::Result<usize> {
     let payload = match payload {
         Some(text) => Some(serde_json::from_str::<serde_json::Value>(text).with_context(|| {
-            format!("--payload is not valid JSON: {text:?}; quote it for the shell, e.g. --payload '{{\"k\":1}}'")
+            format!(
+                "--payload is not valid JSON: {text:?}; quote it for the shell, \
+                 e.g. --payload '{{\"k\":1}}'"
+            )
         })?),
         None => None,
     };
@@ -56,7 +59,8 @@ pub(super) async fn enqueue(
         let acked = queue::wait_replicas(&mut conn, &keys, replicas.count, replicas.timeout_ms).await?;
         if acked < u64::from(replicas.count) {
             bail!(
-                "enqueued {n} message(s) on the master, but only {acked} of {} replica(s) acknowledged them within {} ms; they could be lost in a failover until replicated",
+                "enqueued {n} message(s) on the master, but only {acked} of {} replica(s) \
+                 acknowledged them within {} ms; they could be lost in a failover until replicated",
                 replicas.count,
                 replicas.timeout_ms
             );

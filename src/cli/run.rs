@@ -53,7 +53,11 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
         Err(code) => return code,
     };
     if let Some(tls) = &tls {
-        info!(subject = %tls.subject, expires = %crate::tls::rfc3339(tls.not_after), "Client certificate loaded");
+        info!(
+            subject = %tls.subject,
+            expires = %crate::tls::rfc3339(tls.not_after),
+            "Client certificate loaded"
+        );
     }
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
@@ -67,14 +71,18 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
                 stop: worker.stopped(),
             },
         )
-            .await
-            .map_err(|crate::admin::PortError { addr, source }| RunError::AdminPort { addr, source })?;
+        .await
+        .map_err(|crate::admin::PortError { addr, source }| RunError::AdminPort { addr, source })?;
         tokio::spawn(async move {
             let signal = crate::shutdown::requested().await;
             info!(signal, "Shutdown requested; draining");
             shutdown.cancel();
             let again = crate::shutdown::requested().await;
-            warn!(signal = again, "Second stop request: exiting now; unfinished messages stay in processing and return to the queue at the next start");
+            warn!(
+                signal = again,
+                "Second stop request: exiting now; unfinished messages stay in processing and \
+                 return to the queue at the next start"
+            );
             std::process::exit(1);
         });
         worker.run().await

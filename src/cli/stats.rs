@@ -33,7 +33,14 @@ async fn stats(settings: &RedisSettings) -> anyhow::Result<serde_json::Value> {
         "next_retry_in_seconds": snapshot.next_retry_in_ms.map(|ms| ms as f64 / 1000.0),
         "dead": snapshot.dead_total,
         "dead_by_reason": by_reason,
-        "workers": snapshot.workers.iter().map(|(w, age)| serde_json::json!({"worker_id": w, "heartbeat_age_seconds": *age as f64 / 1000.0})).collect::<Vec<_>>(),
+        "workers": snapshot
+            .workers
+            .iter()
+            .map(|(w, age)| serde_json::json!({
+                "worker_id": w,
+                "heartbeat_age_seconds": *age as f64 / 1000.0
+            }))
+            .collect::<Vec<_>>(),
     }))
 }
 

@@ -236,7 +236,10 @@ impl Client {
         }
         match arrived {
             Some(answer) => {
-                tracing::debug!(status = %answer.status, "main server's answer stalled after its head");
+                tracing::debug!(
+                    status = %answer.status,
+                    "main server's answer stalled after its head"
+                );
                 Ok(answer)
             }
             None => Err(Elapsed::error("the request", limit)),

@@ -97,8 +97,8 @@ pub struct Outgoing<'a> {
 
 /// Writes `request` as HTTP/1.1, head and body together, for one write. Header names and
 /// values come from `http`'s types, which refuse CR, LF and NUL, or are a `traceparent`'s hex
-/// digits and dashes, so nothing in them can end a line early. A Host, Content-Length or Transfer-Encoding among `headers` is left out: the
-/// request states its own.
+/// digits and dashes, so nothing in them can end a line early. A Host, Content-Length or
+/// Transfer-Encoding among `headers` is left out: the request states its own.
 pub(crate) fn encode(out: &mut Vec<u8>, request: &Outgoing<'_>, host: &HeaderValue) {
     let Outgoing {
         method,
@@ -1112,7 +1112,8 @@ mod tests {
 
     #[test]
     fn interim_answers_are_skipped_and_only_errors_keep_headers() {
-        let text = "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n";
+        let text = "HTTP/1.1 100 Continue\r\n\r\n\
+                    HTTP/1.1 503 Busy\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n";
         let Ok(Some((used, Parsed::Interim))) = head(text) else {
             panic!("an interim answer first");
         };
@@ -1239,7 +1240,8 @@ mod tests {
     #[test]
     fn a_folded_header_reads_as_one_line_with_a_space() {
         let busy = final_head(
-            "HTTP/1.1 503 Busy\r\nRetry-After:\r\n 7\r\nX-Why: over\r\n \t loaded \r\nContent-Length: 0\r\n\r\n",
+            "HTTP/1.1 503 Busy\r\nRetry-After:\r\n 7\r\nX-Why: over\r\n \t loaded \r\n\
+             Content-Length: 0\r\n\r\n",
         );
         assert_eq!(busy.headers.get("retry-after").map(|v| v.as_bytes()), Some(&b"7"[..]));
         assert_eq!(

@@ -321,10 +321,10 @@ fn outcome(answer: Answer) -> Result<(), DeliveryError> {
     if status == StatusCode::MISDIRECTED_REQUEST {
         // Asked twice, on two connections (`Client` sends a 421 once more): not the moment.
         text = format!(
-            "misdirected request, again on a new connection: the server does not serve MAIN_SERVER_URL's host \
-             name on its TLS connections, a misconfiguration; use a host name its certificate and virtual host \
-             answer to (servers that choose their client-certificate policy by SNI need a host name, not an IP \
-             address); it said: {text}"
+            "misdirected request, again on a new connection: the server does not serve \
+             MAIN_SERVER_URL's host name on its TLS connections, a misconfiguration; use a host \
+             name its certificate and virtual host answer to (servers that choose their \
+             client-certificate policy by SNI need a host name, not an IP address); it said: {text}"
         );
     }
     if !complete {

@@ -163,7 +163,8 @@ async fn drive(
         let done = (delivered + dead) * 30 / total.max(1);
         let bar: String = (0..30).map(|i| if i < done { '#' } else { '.' }).collect();
         let line = format!(
-            "  [{bar}] delivered {delivered:>7}/{total}  retrying {retrying:>5}  dead {dead:>4}  {rate:>8.0} msg/s "
+            "  [{bar}] delivered {delivered:>7}/{total}  retrying {retrying:>5}  dead {dead:>4}  \
+             {rate:>8.0} msg/s "
         );
         if terminal {
             print!("\r{line}");
@@ -214,9 +215,10 @@ async fn find_or_start_redis(url: Option<&str>, dir: &Path) -> anyhow::Result<(S
             }
         }
     }
-    let own = RedisServer::start(dir, &["--appendonly", "no"])
-        .await
-        .context("No Redis answered and none could be started; install redis-server or set REDIS_URL")?;
+    let own = RedisServer::start(dir, &["--appendonly", "no"]).await.context(
+        "No Redis answered and none could be started; \
+         install redis-server or set REDIS_URL",
+    )?;
     let port = own.port;
     println!("no Redis answered at {url}; started a private redis-server on port {port}");
     Ok(("127.0.0.1".into(), port, Some(own)))

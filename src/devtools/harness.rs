@@ -79,7 +79,10 @@ impl RedisServer {
             .stderr(Stdio::null())
             .kill_on_drop(true)
             .spawn()
-            .context("redis-server could not be started; install it (Debian: apt-get install redis-server)")?;
+            .context(
+                "redis-server could not be started; install it \
+                 (Debian: apt-get install redis-server)",
+            )?;
         let mut lines = BufReader::new(child.stdout.take().context("redis-server output")?).lines();
         let ready = async {
             while let Ok(Some(line)) = lines.next_line().await {
@@ -176,7 +179,10 @@ impl Cluster {
             .stdin(Stdio::null())
             .output()
             .await
-            .context("redis-cli could not be started; install it (Debian: apt-get install redis-tools)")?;
+            .context(
+                "redis-cli could not be started; install it \
+                 (Debian: apt-get install redis-tools)",
+            )?;
         if !create.status.success() {
             bail!(
                 "redis-cli --cluster create failed: {}",

@@ -323,7 +323,8 @@ mod tests {
         let record = dead_letter(b"x", DeadReason::Malformed("invalid_json"), "e", "w", None);
         let at = dead_at(&record).expect("dead_at");
         let expected = format!(
-            "{{\"dead_at\":\"{at}\",\"error\":\"e\",\"reason\":\"invalid_json\",\"size\":1,\"worker_id\":\"w\"}}\nx"
+            "{{\"dead_at\":\"{at}\",\"error\":\"e\",\"reason\":\"invalid_json\",\
+             \"size\":1,\"worker_id\":\"w\"}}\nx"
         );
         assert_eq!(String::from_utf8_lossy(&record), expected);
     }

@@ -374,8 +374,10 @@ mod tests {
 
     #[test]
     fn retried_copy_changes_only_the_attempt_count() {
-        let original =
-            format!("{{ \"message_id\" : \"m\\u0041\",\"attempt_count\": 7 , \"x\": 1.50e3, \"y\":\"\\n\", \"traceparent\":\"{TP}\" }}");
+        let original = format!(
+            "{{ \"message_id\" : \"m\\u0041\",\"attempt_count\": 7 , \"x\": 1.50e3, \
+             \"y\":\"\\n\", \"traceparent\":\"{TP}\" }}"
+        );
         let e = parse(&original);
         assert_eq!(e.message_id(), "mA");
         let again = String::from_utf8(e.with_attempt_count(8)).unwrap();

@@ -90,7 +90,8 @@ impl LineFormat {
         json_string_into(&mut message, &fields.message);
         writeln!(
             writer,
-            "{{\"ts\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"level\":\"{level}\",\"worker_id\":{},\"message\":{}{}}}",
+            "{{\"ts\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:03}Z\",\"level\":\"{level}\",\
+             \"worker_id\":{},\"message\":{}{}}}",
             now.year(),
             now.month(),
             now.day(),
@@ -485,7 +486,14 @@ mod tests {
         tracing::subscriber::with_default(subscriber, || {
             let error = "main server answered HTTP 503: \"busy\"\nsecond line";
             let id = "m-1";
-            tracing::warn!(message_id = id, trace_id = %"4bf92f3577b34da6a3ce929d0e0e4736", attempt = 3u32, retry_in = ?Duration::from_millis(1500), error, "Delivery failed; will retry");
+            tracing::warn!(
+                message_id = id,
+                trace_id = %"4bf92f3577b34da6a3ce929d0e0e4736",
+                attempt = 3u32,
+                retry_in = ?Duration::from_millis(1500),
+                error,
+                "Delivery failed; will retry"
+            );
             tracing::error!(
                 reason = "rejected",
                 count = 7u64,
@@ -547,7 +555,8 @@ mod tests {
                 " - worker - WARNING - [w-\"1\"] - Delivery failed; will retry message_id=m-1 \
                  trace_id=4bf92f3577b34da6a3ce929d0e0e4736 attempt=3 retry_in=1.5s \
                  error=\"main server answered HTTP 503: \\\"busy\\\"\\nsecond line\"",
-                " - worker - ERROR - [w-\"1\"] - 7 more messages moved (rejected) reason=rejected count=7 ok=false rate=0.25 delta=-2",
+                " - worker - ERROR - [w-\"1\"] - 7 more messages moved (rejected) reason=rejected \
+                 count=7 ok=false rate=0.25 delta=-2",
                 " - worker - INFO - [w-\"1\"] - Shutdown requested; draining",
             ]
         );

@@ -141,13 +141,33 @@ impl Due {
         } = self;
         match kind {
             Repeat::Retry => {
-                warn!(cause, count, latest_message_id = %message_id, latest_error = %error, "Delivery failed {count} more times ({cause}) since the last report; each will be retried")
+                warn!(
+                    cause,
+                    count,
+                    latest_message_id = %message_id,
+                    latest_error = %error,
+                    "Delivery failed {count} more times ({cause}) since the last report; each will \
+                     be retried"
+                )
             }
             Repeat::DeadLetter => {
-                error!(reason = cause, count, latest_message_id = %message_id, latest_error = %error, "{count} more messages moved to the dead-letter list ({cause}) since the last report")
+                error!(
+                    reason = cause,
+                    count,
+                    latest_message_id = %message_id,
+                    latest_error = %error,
+                    "{count} more messages moved to the dead-letter list ({cause}) since the last \
+                     report"
+                )
             }
             Repeat::Invalid => {
-                warn!(reason = cause, count, latest_error = %error, "{count} more invalid messages moved to the dead-letter list ({cause}) since the last report")
+                warn!(
+                    reason = cause,
+                    count,
+                    latest_error = %error,
+                    "{count} more invalid messages moved to the dead-letter list ({cause}) since \
+                     the last report"
+                )
             }
         }
     }

@@ -231,7 +231,12 @@ impl Claimer {
             self.shared.metrics.dead(q.index(), label);
             let id = if id.is_empty() { "(not read)" } else { id.as_str() };
             self.shared.repeat(Repeat::Invalid, label, id, &error, || {
-                warn!(message_id = id, reason = label, error = %error, "Invalid message moved to the dead-letter list without being read");
+                warn!(
+                    message_id = id,
+                    reason = label,
+                    error = %error,
+                    "Invalid message moved to the dead-letter list without being read"
+                );
             });
         }
     }
@@ -241,7 +246,8 @@ impl Claimer {
     fn poisoned(&self, q: QueueId, ids: &[String]) {
         let label = "poisoned";
         let error = format!(
-            "returned to the queue more than {} times by workers that died holding it (worker.max_reclaims)",
+            "returned to the queue more than {} times by workers that died holding it \
+             (worker.max_reclaims)",
             self.max_reclaims
         );
         for id in ids {
@@ -251,7 +257,8 @@ impl Claimer {
                 queue = self.shared.queue(q).name(),
                 reason = label,
                 error = %error,
-                "A message that workers kept dying on was moved to the dead-letter list; `courier dlq show` has it"
+                "A message that workers kept dying on was moved to the dead-letter list; \
+                 `courier dlq show` has it"
             );
         }
     }

@@ -24,7 +24,11 @@ pub(super) async fn drain(
     crate::service::stopping();
     shared.health.set_draining();
     deliveries.close();
-    info!(in_flight = deliveries.len(), grace = ?grace, "Stopping: no new claims; finishing in-flight deliveries");
+    info!(
+        in_flight = deliveries.len(),
+        grace = ?grace,
+        "Stopping: no new claims; finishing in-flight deliveries"
+    );
     if tokio::time::timeout(grace, deliveries.wait()).await.is_err() {
         warn!(
             in_flight = deliveries.len(),
@@ -50,7 +54,8 @@ pub(super) async fn drain(
         Err(e) => {
             error!(
                 error = %e,
-                "Could not return unfinished messages; they stay in processing until a worker with this id starts or a live worker reaps this one"
+                "Could not return unfinished messages; they stay in processing until a worker with \
+                 this id starts or a live worker reaps this one"
             );
             false
         }
@@ -59,7 +64,11 @@ pub(super) async fn drain(
     if returned {
         for (_, queue) in shared.queues() {
             if let Err(e) = queue.deregister().await {
-                warn!(queue = queue.name(), error = %e, "Could not remove this worker from the live set; it will be reaped");
+                warn!(
+                    queue = queue.name(),
+                    error = %e,
+                    "Could not remove this worker from the live set; it will be reaped"
+                );
             }
         }
     }

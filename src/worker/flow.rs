@@ -191,12 +191,17 @@ impl Flow {
                 from = transition.from.as_str(),
                 status,
                 next_probe_in = ?transition.next_probe_in.unwrap_or_default(),
-                "Main server rejecting every delivery with HTTP {status}, across different messages: a server fault (a bad deploy, a certificate or route mix-up?), not each message's. Circuit open: no new deliveries, nothing dead-lettered for {status} until a probe gets another answer. /ready answers 503 until then"
+                "Main server rejecting every delivery with HTTP {status}, across different \
+                 messages: a server fault (a bad deploy, a certificate or route mix-up?), not each \
+                 message's. Circuit open: no new deliveries, nothing dead-lettered for {status} \
+                 until a probe gets another answer. /ready answers 503 until then"
             ),
             (State::Open, _) => warn!(
                 from = transition.from.as_str(),
                 next_probe_in = ?transition.next_probe_in.unwrap_or_default(),
-                "Main server failing: circuit open. No new deliveries; messages it fails now go back to the queue without using an attempt. /ready answers 503 until it answers again"
+                "Main server failing: circuit open. No new deliveries; messages it fails now go \
+                 back to the queue without using an attempt. /ready answers 503 until it answers \
+                 again"
             ),
             (State::HalfOpen, _) => info!("Circuit half-open: probing the main server with one delivery"),
             (State::Closed, _) => info!("Main server answering again: circuit closed, full concurrency"),

@@ -50,7 +50,11 @@ pub(super) async fn heartbeat(
             }
             Err(e) if sentinels_answer => {
                 sentinels_answer = false;
-                warn!(error = %one_line(&e), "Cannot ask the sentinels where the master is; heartbeating to the master as it was");
+                warn!(
+                    error = %one_line(&e),
+                    "Cannot ask the sentinels where the master is; heartbeating to the master as \
+                     it was"
+                );
             }
             _ => {}
         }
@@ -96,7 +100,8 @@ pub(super) async fn heartbeat(
                 ));
                 if !kept && !shared.id_taken.swap(true, std::sync::atomic::Ordering::AcqRel) {
                     error!(
-                        "Another process has taken worker id {}; stopping. Give each process its own WORKER_ID",
+                        "Another process has taken worker id {}; stopping. Give each process its \
+                         own WORKER_ID",
                         shared.worker_id
                     );
                     shutdown.cancel();
@@ -119,7 +124,13 @@ async fn reap(shared: &Shared, queue: &Queue, watch: &mut Watch) -> Result<(usiz
     for (id, heartbeat) in look.dead {
         if let Some(moved) = queue.reap(&id, &heartbeat).await? {
             shared.metrics.reaped(moved);
-            warn!(queue = queue.name(), reaped = %id, count = moved, "Reaped a dead worker (its heartbeat did not change for WORKER_DEAD_AFTER): its claimed messages are back at the front of the queue");
+            warn!(
+                queue = queue.name(),
+                reaped = %id,
+                count = moved,
+                "Reaped a dead worker (its heartbeat did not change for WORKER_DEAD_AFTER): its \
+                 claimed messages are back at the front of the queue"
+            );
         }
     }
     Ok((look.live, workers))

@@ -62,7 +62,11 @@ pub enum RunError {
     #[error("main_server: the HTTP client cannot be built")]
     MainServer(#[source] crate::delivery::DeliveryError),
     /// The admin port (`admin::open`) could not listen.
-    #[error("metrics.port (WORKER_METRICS_PORT) = {}: pick a free port or set WORKER_METRICS_ENABLED=false; cannot listen on {addr}", addr.port())]
+    #[error(
+        "metrics.port (WORKER_METRICS_PORT) = {}: pick a free port or set \
+         WORKER_METRICS_ENABLED=false; cannot listen on {addr}",
+        addr.port()
+    )]
     AdminPort {
         addr: SocketAddr,
         #[source]
@@ -70,13 +74,25 @@ pub enum RunError {
     },
     #[error("redis: the connection settings are not usable")]
     RedisSettings(#[source] queue::QueueError),
-    #[error("redis.username and redis.password (REDIS_USERNAME, REDIS_PASSWORD, or the user in REDIS_URL): Redis refused the credentials; set the right user and password")]
+    #[error(
+        "redis.username and redis.password (REDIS_USERNAME, REDIS_PASSWORD, or the user in \
+         REDIS_URL): Redis refused the credentials; set the right user and password"
+    )]
     RedisAuth(#[source] queue::QueueError),
-    #[error("redis: server version {version} is too old; courier needs Redis 6.2 or newer (LMOVE, BLMOVE)")]
+    #[error(
+        "redis: server version {version} is too old; courier needs Redis 6.2 or newer \
+         (LMOVE, BLMOVE)"
+    )]
     RedisVersion { version: String },
-    #[error("redis.username (REDIS_USERNAME) = {user}: Redis's ACL denies this user {missing}; grant them (README, \"The Redis courier runs on\", has the list for each topology)")]
+    #[error(
+        "redis.username (REDIS_USERNAME) = {user}: Redis's ACL denies this user {missing}; grant \
+         them (README, \"The Redis courier runs on\", has the list for each topology)"
+    )]
     RedisPermissions { user: String, missing: String },
-    #[error("worker.id (WORKER_ID) = {worker_id}: already in use by a live worker, {holder}; give each process its own WORKER_ID")]
+    #[error(
+        "worker.id (WORKER_ID) = {worker_id}: already in use by a live worker, {holder}; give each \
+         process its own WORKER_ID"
+    )]
     IdInUse { worker_id: String, holder: queue::Holder },
     /// Another process took this worker's id while it ran (exit 75); it stopped and drained.
     #[error("another process has taken worker id {worker_id}; give each process its own WORKER_ID")]

@@ -130,7 +130,11 @@ impl Delivery {
             (Err(e), Kind::Delivered) => {
                 // The operator counts this status as delivered (MAIN_SERVER_OUTCOMES).
                 shared.metrics.delivered(q.index(), attempt.elapsed);
-                debug!(message_id = id, error = %crate::telemetry::one_line(e), "Counted as delivered (MAIN_SERVER_OUTCOMES)");
+                debug!(
+                    message_id = id,
+                    error = %crate::telemetry::one_line(e),
+                    "Counted as delivered (MAIN_SERVER_OUTCOMES)"
+                );
                 ("", String::new())
             }
             (Err(e), _) => {

@@ -66,7 +66,10 @@ pub(super) async fn reload_redis_tls(connector: Connector, reload: Arc<Notify>, 
         match connector.reload_tls().await {
             Ok(()) => info!("Reloaded the TLS files for Redis; reconnected with them"),
             Err(e) => {
-                error!(error = %one_line(&e), "Refused the new TLS files for Redis; still using the previous ones")
+                error!(
+                    error = %one_line(&e),
+                    "Refused the new TLS files for Redis; still using the previous ones"
+                )
             }
         }
     }
@@ -116,9 +119,16 @@ pub(super) async fn watch_tls(
                 metrics.set_cert_expiry(tls.not_after);
                 not_after = tls.not_after;
                 warned = None;
-                info!(subject = %tls.subject, expires = %crate::tls::rfc3339(tls.not_after), "Reloaded the TLS files; new connections use them");
+                info!(
+                    subject = %tls.subject,
+                    expires = %crate::tls::rfc3339(tls.not_after),
+                    "Reloaded the TLS files; new connections use them"
+                );
             }
-            Err(e) => error!(error = %e, "Refused the new TLS files; still using the previous ones"),
+            Err(e) => error!(
+                error = %e,
+                "Refused the new TLS files; still using the previous ones"
+            ),
         }
     }
 }

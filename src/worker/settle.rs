@@ -57,7 +57,11 @@ impl Settler {
         }
         let error = malformed.to_string();
         shared.repeat(Repeat::Invalid, reason.label(), "(invalid)", &error, || {
-            warn!(reason = reason.label(), error = %error, "Invalid message moved to the dead-letter list");
+            warn!(
+                reason = reason.label(),
+                error = %error,
+                "Invalid message moved to the dead-letter list"
+            );
         });
     }
 
@@ -78,7 +82,11 @@ impl Settler {
         match settle {
             Settle::Ack => {
                 self.settle(|| self.acks[q.index()].ack(envelope.raw())).await;
-                debug!(message_id = id, trace_id = %trace_id, "Message {id} delivered successfully");
+                debug!(
+                    message_id = id,
+                    trace_id = %trace_id,
+                    "Message {id} delivered successfully"
+                );
             }
             Settle::Retry { delay, failures } => {
                 let retried = envelope.retried(failures);
@@ -86,7 +94,15 @@ impl Settler {
                     self.shared.metrics.retried(q.index());
                 }
                 self.shared.repeat(Repeat::Retry, cause, id, error, || {
-                    warn!(message_id = id, trace_id = %trace_id, attempt = failures, max_attempts = self.policy.max_attempts, retry_in = ?delay, error, "Delivery failed; will retry");
+                    warn!(
+                        message_id = id,
+                        trace_id = %trace_id,
+                        attempt = failures,
+                        max_attempts = self.policy.max_attempts,
+                        retry_in = ?delay,
+                        error,
+                        "Delivery failed; will retry"
+                    );
                 });
                 self.report(envelope, Status::Queued, failures, error.to_string());
             }
@@ -140,7 +156,8 @@ impl Settler {
             message_id = id.as_deref().unwrap_or("(unreadable)"),
             reason = reason.label(),
             error = %error,
-            "A delivery task failed unexpectedly; message moved to the dead-letter list. Please report this as a bug"
+            "A delivery task failed unexpectedly; message moved to the dead-letter list. Please \
+             report this as a bug"
         );
     }
 
@@ -152,12 +169,16 @@ impl Settler {
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Result<bool, QueueError>>,
     {
-        let refused = "Redis refused to record an outcome; the message stays in processing, and the next sweep (within 10 s) returns it to the queue";
+        let refused = "Redis refused to record an outcome; the message stays in processing, \
+                       and the next sweep (within 10 s) returns it to the queue";
         let found = until_answered(&self.shared.health, None, refused, op)
             .await
             .unwrap_or(false);
         if !found {
-            debug!("Message was not settled here: no longer in this worker's processing list, or Redis refused");
+            debug!(
+                "Message was not settled here: no longer in this worker's processing list, or \
+                 Redis refused"
+            );
         }
         found
     }

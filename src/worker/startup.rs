@@ -83,7 +83,11 @@ async fn permissions(queues: &[Queue], redis: &RedisSettings) -> Result<(), RunE
             missing: missing.join("; "),
         }),
         queue::acl::Permissions::Unknown { reason } => {
-            warn!(reason, "Could not check the Redis user's permissions; README, \"The Redis courier runs on\", lists what courier needs");
+            warn!(
+                reason,
+                "Could not check the Redis user's permissions; README, \
+                 \"The Redis courier runs on\", lists what courier needs"
+            );
             Ok(())
         }
     }
@@ -175,7 +179,11 @@ async fn take_id(
             Err(holder) => holder,
         };
         if holder.on_this_machine() && !process_alive(holder.pid) {
-            info!(holder = %holder, "Taking over worker id {} from a process that no longer runs", worker.id);
+            info!(
+                holder = %holder,
+                "Taking over worker id {} from a process that no longer runs",
+                worker.id
+            );
             dead_holder = Some(holder.token);
             continue;
         }
@@ -183,7 +191,12 @@ async fn take_id(
         match &watched {
             Some((token, beat, since)) if *token == holder.token && *beat == holder.heartbeat => {
                 if now.saturating_duration_since(*since) >= worker.dead_after {
-                    info!(holder = %holder, "Taking over worker id {}: its holder has not heartbeated for {:?}", worker.id, worker.dead_after);
+                    info!(
+                        holder = %holder,
+                        "Taking over worker id {}: its holder has not heartbeated for {:?}",
+                        worker.id,
+                        worker.dead_after
+                    );
                     silent = Some(holder.heartbeat);
                     continue;
                 }
@@ -196,7 +209,13 @@ async fn take_id(
                 });
             }
             None => {
-                warn!(holder = %holder, "Worker id {} is held by another process; waiting up to {:?} for it to go quiet", worker.id, worker.dead_after);
+                warn!(
+                    holder = %holder,
+                    "Worker id {} is held by another process; waiting up to {:?} for it to go \
+                     quiet",
+                    worker.id,
+                    worker.dead_after
+                );
                 watched = Some((holder.token.clone(), holder.heartbeat.clone(), now));
             }
         }

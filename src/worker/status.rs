@@ -133,7 +133,10 @@ pub(super) async fn report_statuses(
                     error,
                     trace,
                 } = &update.report;
-                let taken = match deliverer.update_status(message_id, *status, *attempt_count, error, trace).await {
+                let taken = match deliverer
+                    .update_status(message_id, *status, *attempt_count, error, trace)
+                    .await
+                {
                     Ok(()) => {
                         metrics.status_update("ok");
                         true
@@ -142,7 +145,13 @@ pub(super) async fn report_statuses(
                         metrics.status_update("failed");
                         // Counted in worker_status_updates_total{result="failed"}; during an outage
                         // every failed delivery brings one, so they stay out of the normal log.
-                        debug!(message_id = %message_id, trace_id = %trace.trace_id, status = status.as_str(), error = %e, "Status update failed; the message itself is safe");
+                        debug!(
+                            message_id = %message_id,
+                            trace_id = %trace.trace_id,
+                            status = status.as_str(),
+                            error = %e,
+                            "Status update failed; the message itself is safe"
+                        );
                         // Any answer but a failure is final.
                         !not_taken(&e)
                     }

@@ -144,13 +144,17 @@ pub(super) async fn sweeper(shared: Arc<Shared>, stop: CancellationToken) {
                     warn!(
                         queue = queue.name(),
                         count = n,
-                        "Returned messages no task of this worker held from its processing list to the queue"
+                        "Returned messages no task of this worker held from its processing list to \
+                         the queue"
                     );
                 }
                 Err(e) if e.is_unavailable() => {
                     debug!(error = %e, "Sweep failed; Redis is unreachable");
                 }
-                Err(e) => warn!(error = %e, "Redis refused the sweep of this worker's processing list"),
+                Err(e) => warn!(
+                    error = %e,
+                    "Redis refused the sweep of this worker's processing list"
+                ),
             }
         }
         tokio::select! {
