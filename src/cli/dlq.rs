@@ -196,11 +196,9 @@ async fn act(
         for id in &outcome.ids {
             println!("  {}", printable(id, 64));
         }
-        if outcome.matched > outcome.ids.len() as u64 {
-            println!(
-                "  ... and {} without an id or not listed",
-                outcome.matched - outcome.ids.len() as u64
-            );
+        let listed = u64::try_from(outcome.ids.len()).unwrap_or(u64::MAX);
+        if outcome.matched > listed {
+            println!("  ... and {} without an id or not listed", outcome.matched - listed);
         }
     } else {
         let done = match action {
