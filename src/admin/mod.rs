@@ -111,6 +111,18 @@ pub struct Served {
     pub stop: CancellationToken,
 }
 
+impl Served {
+    /// All of that from a running worker, which itself knows nothing of the admin port.
+    pub fn of(worker: &crate::worker::Worker) -> Served {
+        Served {
+            metrics: worker.metrics(),
+            health: worker.health(),
+            queues: worker.queues(),
+            stop: worker.stopped(),
+        }
+    }
+}
+
 /// Opens the admin port when `settings.metrics.enabled` and serves a worker on it until
 /// `served.stop`; returns where it listens.
 pub async fn open(settings: &crate::config::Settings, served: Served) -> Result<Option<SocketAddr>, PortError> {

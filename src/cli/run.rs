@@ -62,17 +62,9 @@ pub(super) fn run(config: Option<PathBuf>, instance: Option<u32>) -> ExitCode {
     let result = runtime.block_on(async {
         let shutdown = CancellationToken::new();
         let worker = Worker::start(settings, tls, shutdown.clone()).await?;
-        crate::admin::open(
-            worker.settings(),
-            crate::admin::Served {
-                metrics: worker.metrics(),
-                health: worker.health(),
-                queues: worker.queues(),
-                stop: worker.stopped(),
-            },
-        )
-        .await
-        .map_err(|crate::admin::PortError { addr, source }| RunError::AdminPort { addr, source })?;
+        crate::admin::open(worker.settings(), crate::admin::Served::of(&worker))
+            .await
+            .map_err(|crate::admin::PortError { addr, source }| RunError::AdminPort { addr, source })?;
         tokio::spawn(async move {
             let signal = crate::shutdown::requested().await;
             info!(signal, "Shutdown requested; draining");

@@ -125,18 +125,10 @@ async fn drive(
 
     let shutdown = CancellationToken::new();
     let worker = Worker::start(settings, Some(tls), shutdown.clone()).await?;
-    let metrics_url = crate::admin::open(
-        worker.settings(),
-        crate::admin::Served {
-            metrics: worker.metrics(),
-            health: worker.health(),
-            queues: worker.queues(),
-            stop: worker.stopped(),
-        },
-    )
-    .await
-    .map_err(|e| anyhow::anyhow!("cannot listen on {}: {}", e.addr, e.source))?
-    .map(|a| format!("http://127.0.0.1:{}/metrics", a.port()));
+    let metrics_url = crate::admin::open(worker.settings(), crate::admin::Served::of(&worker))
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {}: {}", e.addr, e.source))?
+        .map(|a| format!("http://127.0.0.1:{}/metrics", a.port()));
     if let Some(url) = &metrics_url {
         println!("worker metrics while it runs: {url}");
     }

@@ -190,17 +190,9 @@ pub async fn start_worker(vars: &HashMap<String, String>) -> InProcess {
     let worker = Worker::start(settings, Some(tls), shutdown.clone())
         .await
         .expect("worker starts");
-    let admin = courier::admin::open(
-        worker.settings(),
-        courier::admin::Served {
-            metrics: worker.metrics(),
-            health: worker.health(),
-            queues: worker.queues(),
-            stop: worker.stopped(),
-        },
-    )
-    .await
-    .expect("admin port opens");
+    let admin = courier::admin::open(worker.settings(), courier::admin::Served::of(&worker))
+        .await
+        .expect("admin port opens");
     InProcess {
         shutdown,
         admin,
